@@ -1,0 +1,53 @@
+"""oxbus: an asyncio event bus with a Rust engine.
+
+Change one import and keep your handlers::
+
+    from oxbus import EventBus, DomainEvent
+"""
+
+from oxbus import errors
+from oxbus._oxbus import Envelope, RetryPolicy, __version__, current_envelope
+from oxbus.bus import (
+    DeadLetter,
+    DeadLetters,
+    EventBus,
+    EventBusFactory,
+    EventBusManager,
+    InMemoryEventBus,
+    ProcessingResult,
+)
+from oxbus.errors import (
+    BusClosed,
+    BusNotStarted,
+    ConcurrencyError,
+    OxbusError,
+    QueueFull,
+    SerializationError,
+    StorageError,
+    TransportError,
+)
+from oxbus.events import DomainEvent
+
+__all__ = [
+    "BusClosed",
+    "BusNotStarted",
+    "ConcurrencyError",
+    "DeadLetter",
+    "DeadLetters",
+    "DomainEvent",
+    "Envelope",
+    "EventBus",
+    "EventBusFactory",
+    "EventBusManager",
+    "InMemoryEventBus",
+    "OxbusError",
+    "ProcessingResult",
+    "QueueFull",
+    "RetryPolicy",
+    "SerializationError",
+    "StorageError",
+    "TransportError",
+    "__version__",
+    "current_envelope",
+    "errors",
+]

@@ -1,0 +1,644 @@
+"""``EventBus``: the public bus. A thin Python shell around the Rust engine (``BusCore``).
+
+The engine owns the queue, the per-key lanes, routing, statistics and health; workers are
+native coroutines run as asyncio tasks. This module adds what is naturally Python: the
+asyncio glue (start/stop/drain/wait_for), the ``event_storage`` protocol of the bus being
+replaced, failure logging, and the dead-letter list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
+
+from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope
+from oxbus.errors import (
+    BusNotStarted,
+    ConfigurationError,
+    InvalidSubscription,
+    OxbusError,
+)
+
+__all__ = [
+    "DeadLetter",
+    "DeadLetters",
+    "EventBus",
+    "EventBusFactory",
+    "EventBusManager",
+    "InMemoryEventBus",
+    "ProcessingResult",
+]
+
+logger = logging.getLogger("oxbus")
+
+Handler = Callable[[Any], Union[Awaitable[Any], Any]]
+H = TypeVar("H", bound=Handler)
+Target = Any  # a class, a type string or pattern, or an Enum member
+
+
+@dataclass
+class ProcessingResult:
+    """The outcome of one handler call, as handed to ``event_storage.mark_event_processed``.
+
+    The fields of the replaced bus's ``EventProcessingResult``, in its order, plus the
+    subscription's name.
+    """
+
+    event_id: str
+    success: bool
+    error_message: str | None = None
+    processing_time_ms: float = 0.0
+    retry_attempt: int = 0
+    subscription: str = ""
+
+
+@dataclass
+class DeadLetter:
+    """An (event, subscription) pair whose last attempt failed."""
+
+    id: str
+    event: Any
+    subscription: str
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    error_type: str
+    error_message: str
+    traceback: str
+    final_result: ProcessingResult = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    subscription_id: str = field(repr=False, compare=False, default="")
+
+
+class DeadLetters:
+    """The dead-letter queue of one bus: ``list()``, ``len()``, ``await retry()``, ``purge()``."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self._entries: dict[str, DeadLetter] = {}
+        self._seq = 0
+
+    def _add(self, entry: DeadLetter) -> None:
+        self._entries[entry.id] = entry
+        self._bus._core.set_dead_letters(len(self._entries))
+
+    def _next_id(self) -> str:
+        self._seq += 1
+        return f"dl-{self._seq}"
+
+    def list(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        return list(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        return iter(self.list())
+
+    async def retry(self, entry_or_id: DeadLetter | str | None = None) -> int:
+        """Re-dispatches dead letters to their subscription only; returns how many.
+
+        ``None`` retries all. A retried entry leaves the queue (it comes back if it fails again).
+        """
+        if entry_or_id is None:
+            chosen = self.list()
+        else:
+            key = entry_or_id.id if isinstance(entry_or_id, DeadLetter) else entry_or_id
+            if key not in self._entries:
+                raise KeyError(f"no dead letter with id {key!r}")
+            chosen = [self._entries[key]]
+        n = 0
+        for entry in chosen:
+            sub = int(entry.subscription_id.removeprefix("sub-"))
+            if not self._bus._core.redeliver(entry.event, sub):
+                raise InvalidSubscription(
+                    f"dead letter {entry.id!r}: subscription {entry.subscription!r} "
+                    "no longer exists; purge it or subscribe again"
+                )
+            del self._entries[entry.id]
+            n += 1
+        self._bus._core.set_dead_letters(len(self._entries))
+        return n
+
+    def purge(self) -> int:
+        """Drops every dead letter; returns how many."""
+        n = len(self._entries)
+        self._entries.clear()
+        self._bus._core.set_dead_letters(0)
+        return n
+
+
+def _qualname(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if name is None:
+        name = type(obj).__qualname__
+    module = getattr(obj, "__module__", None)
+    return f"{module}.{name}" if module and module not in ("builtins", "__main__") else name
+
+
+def _is_async(handler: Any) -> bool:
+    target = handler
+    while hasattr(target, "func"):  # functools.partial
+        target = target.func
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)
+    )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class EventBus:
+    """An asyncio event bus with a Rust engine.
+
+    ::
+
+        bus = EventBus(workers=4)
+        bus.subscribe(OrderPlaced, send_receipt)
+        async with bus:
+            await bus.publish(OrderPlaced("o-1", 9.5))
+            await bus.drain()
+
+    Keywords (the replaced bus's names work too): ``workers`` / ``worker_count`` (how many
+    events may be in handlers at once; same-key events still run one at a time, in order),
+    ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``event_storage``
+    (an object with async ``store_event(event)`` and ``mark_event_processed(event_id,
+    result)``), ``retry`` (a :class:`RetryPolicy` for every subscription), ``sync_handlers``
+    (``"loop"`` or ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch
+    is never delayed).
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        worker_count: int | None = None,
+        max_queue_size: int = 10_000,
+        event_storage: Any = None,
+        retry: RetryPolicy | None = None,
+        handler_timeout: float | None = None,
+        sync_handlers: str = "loop",
+        thread_pool_size: int | None = None,
+        batch_size: int | None = None,
+        batch_timeout_seconds: float | None = None,
+        ordered: bool | None = None,
+        name: str = "oxbus",
+    ) -> None:
+        if workers is not None and worker_count is not None and workers != worker_count:
+            raise ConfigurationError(
+                f"workers={workers!r} and worker_count={worker_count!r} disagree; give one"
+            )
+        n = workers if workers is not None else worker_count if worker_count is not None else 1
+        if sync_handlers not in ("loop", "thread"):
+            raise ConfigurationError(
+                f"sync_handlers must be 'loop' or 'thread', got {sync_handlers!r}"
+            )
+        if batch_size is not None:
+            _positive_int("batch_size", batch_size)
+        if batch_timeout_seconds is not None and not (
+            isinstance(batch_timeout_seconds, (int, float)) and batch_timeout_seconds >= 0
+        ):
+            raise ConfigurationError(
+                f"batch_timeout_seconds must be a number >= 0, got {batch_timeout_seconds!r}"
+            )
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if handler_timeout is not None:
+            raise ConfigurationError("handler_timeout is not supported yet")
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if sync_handlers == "thread":
+            size = _positive_int("thread_pool_size", thread_pool_size or 8)
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=size, thread_name_prefix=f"{name}-sync"
+            )
+        self._core = BusCore(n, max_queue_size, ordered, sync_handlers == "thread", self._executor, retry)
+        self._retry = retry or RetryPolicy()
+        self._storage = event_storage
+        self._mark = getattr(event_storage, "mark_event_processed", None)
+        self._core.set_after_call(self._after_call, self._mark is not None)
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.dead_letters = DeadLetters(self)
+        self._first_failures: dict[tuple[int, str], datetime] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Starts the workers on the running loop. Idempotent."""
+        if self._core.running:
+            return
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._core.start(loop)
+        self._tasks = [
+            loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")  # type: ignore[arg-type]
+            for i in range(self._core.workers)
+        ]
+
+    async def stop(self, timeout: float | None = None, *, drain: bool = True) -> int:
+        """Stops the bus. Idempotent; a no-op before ``start``.
+
+        With ``drain`` (the default) it first waits, up to ``timeout`` seconds, for every
+        accepted event to be handled. Events still queued after that (or at once with
+        ``drain=False``) are discarded, logged, and their number returned.
+        """
+        if not self._core.running:
+            return 0
+        self._refuse_inside_handler("stop")
+        if drain:
+            try:
+                await self.drain(timeout)
+            except TimeoutError:
+                logger.warning("stop: drain timed out after %ss; discarding the rest", timeout)
+        discarded = self._core.close(True)
+        if discarded:
+            logger.warning("stop: %d queued event(s) discarded", discarded)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        return discarded
+
+    async def __aenter__(self) -> EventBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the bus accepts events."""
+        return bool(self._core.running)
+
+    # --------------------------------------------------------------- subscribing
+
+    def subscribe(
+        self,
+        event_type: Target,
+        handler: Handler,
+        *,
+        priority: int = 1,
+        is_async: bool = True,
+        retry_count: int | None = None,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
+    ) -> str:
+        """Subscribes ``handler`` and returns a subscription id.
+
+        ``event_type`` is a class (its subclasses match too), a type string, a dotted
+        pattern (``"order.*"``: ``*`` one word, ``#`` any number), or an Enum member (its
+        value). Smaller ``priority`` runs first; ties run in subscription order.
+        ``retry_count=N`` retries a failing call N times (``max_attempts=N+1``) with the
+        bus's backoff; ``retry`` gives a whole policy. ``is_async`` is accepted for
+        compatibility: the handler's kind is detected.
+        """
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidSubscription(f"priority must be an int, got {priority!r}")
+        if retry_count is not None and retry is not None:
+            raise ConfigurationError("give retry_count or retry, not both")
+        if retry_count is not None:
+            if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
+                raise ConfigurationError(f"retry_count must be an int >= 0, got {retry_count!r}")
+            r = self._retry
+            retry = RetryPolicy(retry_count + 1, r.base_delay, r.max_delay, r.multiplier, r.jitter)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if not callable(handler):
+            raise InvalidSubscription(
+                f"handler must be callable, got {handler!r} (type {type(handler).__name__})"
+            )
+        sub_name = name if name is not None else _qualname(handler)
+        threaded = not _is_async(handler)
+        sid = self._core.subscribe(event_type, handler, priority, sub_name, threaded, retry)
+        return f"sub-{sid}"
+
+    def on(self, event_type: Target, **options: Any) -> Callable[[H], H]:
+        """Decorator form of :meth:`subscribe`::
+
+        @bus.on(OrderPlaced, priority=5)
+        async def send_receipt(event): ...
+        """
+
+        def register(handler: H) -> H:
+            self.subscribe(event_type, handler, **options)
+            return handler
+
+        return register
+
+    def unsubscribe(self, subscription: str | Target, handler: Handler | None = None) -> bool:
+        """``unsubscribe(subscription_id)`` or ``unsubscribe(event_type, handler)``.
+
+        Returns whether anything was removed.
+        """
+        if handler is None:
+            if not (isinstance(subscription, str) and subscription.startswith("sub-")):
+                raise InvalidSubscription(
+                    f"unsubscribe takes a subscription id from subscribe() or "
+                    f"(event_type, handler); got {subscription!r}"
+                )
+            try:
+                return bool(self._core.unsubscribe(int(subscription[4:])))
+            except ValueError:
+                return False
+        return bool(self._core.unsubscribe_handler(subscription, handler))
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        """Every subscription: id, name, priority and target, in subscription order."""
+        return [
+            {"id": f"sub-{i}", "name": n, "priority": p, "event_type": t}
+            for i, n, p, t in self._core.subscriptions()
+        ]
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(self, event: Any, *, key: Any = None, correlation_id: Any = None) -> bool:
+        """Publishes ``event``; returns True once the bus accepted it.
+
+        Waits only when ``max_queue_size`` events are queued. ``key`` overrides the
+        ordering key (default: ``event.aggregate_id``). Raises ``BusNotStarted`` before
+        ``start()``, ``BusClosed`` after ``stop()``.
+        """
+        if self._storage is not None:
+            await self._storage.store_event(event)
+        waiter = self._core.publish(event, key, correlation_id)
+        if waiter is not None:
+            await waiter
+        return True
+
+    def publish_nowait(self, event: Any, *, key: Any = None, correlation_id: Any = None) -> None:
+        """Publishes without waiting; raises ``QueueFull`` when the queue is full."""
+        if self._storage is not None:
+            raise OxbusError("publish_nowait cannot await event_storage.store_event; use publish")
+        self._core.publish_nowait(event, key, correlation_id)
+
+    async def publish_many(self, events: Iterable[Any]) -> int:
+        """Publishes every event in order; returns how many were accepted."""
+        if self._storage is not None:
+            n = 0
+            for e in events:
+                await self.publish(e)
+                n += 1
+            return n
+        it = iter(events)
+        total = 0
+        core = self._core
+        while True:
+            n, waiter = core.publish_many(it)
+            total += n
+            if waiter is None:
+                return total
+            await waiter
+
+    async def publish_batch(self, events: Iterable[Any]) -> None:
+        """``publish_many`` with the replaced bus's return value (None)."""
+        await self.publish_many(events)
+
+    def publish_threadsafe(self, event: Any, **kwargs: Any) -> concurrent.futures.Future[bool]:
+        """Publishes from any thread; returns a ``concurrent.futures.Future[bool]``.
+
+        Do not block on the future from the loop's own thread.
+        """
+        loop = self._loop
+        if loop is None or not self._core.running:
+            raise BusNotStarted("the bus is not started: publish_threadsafe needs a running bus")
+        return asyncio.run_coroutine_threadsafe(self.publish(event, **kwargs), loop)
+
+    # ------------------------------------------------------------------- waiting
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Waits until every accepted event has been handled, retries included.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        self._refuse_inside_handler("drain")
+        fut = self._core.drain_waiter()
+        if fut is None:
+            return
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            s = self._core.statistics()
+            raise TimeoutError(
+                f"drain timed out after {timeout}s: {s['queue_size']} queued, "
+                f"{s['in_flight']} in handlers, {s['retry_queue_size']} waiting to retry"
+            ) from None
+
+    async def wait_for(
+        self,
+        event_type: Target,
+        predicate: Callable[[Any], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The first matching event accepted after this call (before its handlers run).
+
+        Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        fut = asyncio.get_running_loop().create_future()
+        wid = self._core.add_waiter(event_type, predicate, fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"no {getattr(event_type, '__name__', event_type)!s} event within {timeout}s"
+            ) from None
+        finally:
+            self._core.remove_waiter(wid)
+
+    def _refuse_inside_handler(self, what: str) -> None:
+        env = current_envelope()
+        if env is not None and self._loop is not None:
+            raise OxbusError(
+                f"{what}() called from inside a handler (of {env.event_type}) would wait "
+                "for that handler itself; call it from outside handlers"
+            )
+
+    # ------------------------------------------------------------------- failures
+
+    def _after_call(
+        self,
+        env: Envelope,
+        subscription: str,
+        error: BaseException | None,
+        duration_s: float,
+        attempt: int,
+        final: bool,
+    ) -> Awaitable[Any] | None:
+        result = None
+        if error is not None or self._mark is not None:
+            result = ProcessingResult(
+                event_id=env.event_id,
+                success=error is None,
+                error_message=None if error is None else f"{type(error).__name__}: {error}",
+                processing_time_ms=duration_s * 1000.0,
+                retry_attempt=attempt - 1,
+                subscription=subscription,
+            )
+        if error is not None:
+            self._record_failure(env, subscription, error, attempt, final, result)  # type: ignore[arg-type]
+        if self._mark is not None:
+            return self._call_mark(env.event_id, result)
+        return None
+
+    def _record_failure(
+        self,
+        env: Envelope,
+        subscription: str,
+        error: BaseException,
+        attempt: int,
+        final: bool,
+        result: ProcessingResult,
+    ) -> None:
+        now = datetime.now(timezone.utc)
+        pair = (id(env.event), subscription)
+        first = self._first_failures.setdefault(pair, now)
+        logger.error(
+            "handler %s failed on %s (attempt %d%s): %s: %s [correlation_id=%s]",
+            subscription,
+            env.event_type,
+            attempt,
+            ", giving up" if final else ", will retry",
+            type(error).__name__,
+            error,
+            env.correlation_id,
+            exc_info=(type(error), error, error.__traceback__),
+            extra={"correlation_id": env.correlation_id, "event_id": env.event_id},
+        )
+        if not final:
+            return
+        del self._first_failures[pair]
+        sid = next(
+            (s["id"] for s in self.subscriptions() if s["name"] == subscription), ""
+        )
+        self.dead_letters._add(
+            DeadLetter(
+                id=self.dead_letters._next_id(),
+                event=env.event,
+                subscription=subscription,
+                attempts=attempt,
+                first_failed_at=first,
+                last_failed_at=now,
+                error_type=f"{type(error).__module__}.{type(error).__qualname__}"
+                if type(error).__module__ != "builtins"
+                else type(error).__qualname__,
+                error_message=str(error),
+                traceback="".join(
+                    traceback.format_exception(type(error), error, error.__traceback__)
+                ),
+                final_result=result,
+                subscription_id=sid,
+            )
+        )
+
+    def _call_mark(self, event_id: Any, result: Any) -> Awaitable[Any] | None:
+        try:
+            out = self._mark(event_id, result)  # type: ignore[misc]
+        except Exception:
+            logger.exception("event_storage.mark_event_processed(%r) raised", event_id)
+            return None
+        if inspect.isawaitable(out):
+            return self._await_mark(event_id, out)
+        return None
+
+    async def _await_mark(self, event_id: Any, aw: Awaitable[Any]) -> None:
+        try:
+            await aw
+        except Exception:
+            logger.exception("event_storage.mark_event_processed(%r) raised", event_id)
+
+    def get_failed_events(self) -> list[dict[str, Any]]:
+        """Dead letters in the replaced bus's shape: dicts of event, subscription,
+        final_result (the last attempt's ``ProcessingResult``) and failed_at (UTC)."""
+        return [
+            {
+                "event": d.event,
+                "subscription": d.subscription,
+                "final_result": d.final_result,
+                "failed_at": d.last_failed_at,
+            }
+            for d in self.dead_letters.list()
+        ]
+
+    def clear_failed_events(self) -> None:
+        """Empties the dead-letter queue."""
+        self.dead_letters.purge()
+
+    # --------------------------------------------------------------- statistics
+
+    def get_statistics(self) -> dict[str, Any]:
+        """Counters: events_published, events_processed, events_failed (handler calls that
+        raised), retried, dead_lettered, avg_processing_time_ms, handler_latency_ms
+        (p50/p90/p99/max), queue_size, retry_queue_size, failed_events_count,
+        subscription_count, is_running, worker_count, by_event_type, uptime_seconds."""
+        s: dict[str, Any] = self._core.statistics()
+        s["failed_events_count"] = len(self.dead_letters)
+        return s
+
+    def get_stats(self) -> dict[str, Any]:
+        """The short form of seed 003's bus: published, received, processed, failed."""
+        s = self._core.statistics()
+        return {
+            "published": s["events_published"],
+            "received": s["events_processed"] + s["in_flight"],
+            "processed": s["events_processed"],
+            "failed": s["events_failed"],
+            "queue_size": s["queue_size"],
+            "is_running": s["is_running"],
+        }
+
+    def get_health_status(self) -> dict[str, Any]:
+        """``status`` (healthy / degraded / stopped, with ``reasons``), queue_size,
+        worker_count, in_flight, lanes, oldest queued age, memory_usage_mb, cpu_percent,
+        system memory, error rate, dead letters and the thresholds used."""
+        h: dict[str, Any] = self._core.health()
+        return h
+
+    def __repr__(self) -> str:
+        s = self._core.statistics()
+        return (
+            f"<{type(self).__name__} {'running' if s['is_running'] else 'stopped'} "
+            f"workers={s['worker_count']} queued={s['queue_size']} "
+            f"published={s['events_published']} processed={s['events_processed']}>"
+        )
+
+
+class InMemoryEventBus(EventBus):
+    """The name of the bus being replaced: ``InMemoryEventBus(worker_count=4)`` is
+    ``EventBus(workers=4)``."""
+
+
+class EventBusFactory:
+    """The replaced bus's factory."""
+
+    @staticmethod
+    def create_in_memory_event_bus(worker_count: int = 1, **kwargs: Any) -> InMemoryEventBus:
+        """An in-memory bus with ``worker_count`` workers."""
+        return InMemoryEventBus(worker_count=worker_count, **kwargs)
+
+
+class EventBusManager:
+    """Starts a bus on entry and stops it (draining) on exit::
+
+    async with EventBusManager(bus) as started:
+        await started.publish(event)
+    """
+
+    def __init__(self, event_bus: EventBus) -> None:
+        self.event_bus = event_bus
+
+    async def __aenter__(self) -> EventBus:
+        await self.event_bus.start()
+        return self.event_bus
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.event_bus.stop()

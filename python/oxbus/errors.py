@@ -1,0 +1,68 @@
+"""Every exception oxbus raises, rooted at :class:`OxbusError`.
+
+Each also inherits the built-in exception that code written for the bus being replaced
+already catches: ``BusNotStarted`` is a ``RuntimeError``, ``QueueFull`` an
+``asyncio.QueueFull``, bad arguments are ``TypeError`` / ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = [
+    "BusClosed",
+    "BusNotStarted",
+    "ConcurrencyError",
+    "ConfigurationError",
+    "InvalidEvent",
+    "InvalidSubscription",
+    "OxbusError",
+    "QueueFull",
+    "SerializationError",
+    "StorageError",
+    "TransportError",
+]
+
+
+class OxbusError(Exception):
+    """The root of every oxbus exception."""
+
+
+class BusNotStarted(OxbusError, RuntimeError):
+    """The bus was used before ``await bus.start()``."""
+
+
+class BusClosed(OxbusError, RuntimeError):
+    """The bus was stopped; it accepts no more events."""
+
+
+class QueueFull(OxbusError, asyncio.QueueFull):
+    """``publish_nowait`` found ``max_queue_size`` events queued."""
+
+
+class ConfigurationError(OxbusError, ValueError):
+    """A constructor or policy setting is out of range; the message names it and its value."""
+
+
+class InvalidEvent(OxbusError, TypeError):
+    """The object cannot be published (``None``, an unhashable key, ...)."""
+
+
+class InvalidSubscription(OxbusError, TypeError):
+    """``subscribe`` got something it cannot use (a non-callable handler, a bad target)."""
+
+
+class ConcurrencyError(OxbusError):
+    """An append found the stream at another version than ``expected_version``."""
+
+
+class SerializationError(OxbusError, TypeError):
+    """An event cannot be encoded; the message names the field path and the type."""
+
+
+class StorageError(OxbusError):
+    """The SQLite store failed (file missing, read-only, locked, corrupt, disk full)."""
+
+
+class TransportError(OxbusError, ConnectionError):
+    """The transport (Redis) failed or timed out."""

@@ -1,0 +1,171 @@
+//! Process health from sysinfo, and the rule that turns readings into a status.
+//!
+//! `status` is `stopped` when the bus is not running, `degraded` when any threshold below is
+//! passed, else `healthy`. The thresholds are the documented defaults of `Thresholds`.
+
+use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, RefreshKind, System};
+
+/// What sysinfo read about this process and machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessSample {
+    /// Resident set size of this process, MiB.
+    pub rss_mb: f64,
+    /// CPU use of this process since the previous sample, percent of one core.
+    pub cpu_percent: f64,
+    /// Total system memory, MiB.
+    pub system_total_mb: f64,
+    /// Memory available to new work, MiB.
+    pub system_available_mb: f64,
+}
+
+/// Reads process memory and CPU. Keep one per bus: CPU use is measured between samples.
+pub struct Probe {
+    system: Option<System>,
+    pid: Option<Pid>,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe").field("pid", &self.pid).finish_non_exhaustive()
+    }
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
+impl Probe {
+    /// A probe primed with a first sample, so the next reading has a CPU interval.
+    pub fn new() -> Self {
+        let system = System::new_with_specifics(RefreshKind::nothing()).ok();
+        let pid = sysinfo::get_current_pid().ok();
+        let mut probe = Self { system, pid };
+        probe.sample();
+        probe
+    }
+
+    /// Reads memory and CPU now. Fields sysinfo cannot read stay 0.
+    pub fn sample(&mut self) -> ProcessSample {
+        let mut out = ProcessSample::default();
+        let (Some(sys), Some(pid)) = (self.system.as_mut(), self.pid) else { return out };
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            false,
+            ProcessRefreshKind::nothing().with_memory().with_cpu(),
+        );
+        sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        if let Some(p) = sys.process(pid) {
+            out.rss_mb = p.memory() as f64 / MB;
+            out.cpu_percent = f64::from(p.cpu_usage());
+        }
+        out.system_total_mb = sys.total_memory() as f64 / MB;
+        out.system_available_mb = sys.available_memory() as f64 / MB;
+        out
+    }
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Limits past which a running bus reports `degraded`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Queue fill ratio (queued / `max_queue_size`) at or above which the bus is degraded.
+    pub queue_fill: f64,
+    /// Age in seconds of the oldest queued event at or above which the bus is degraded.
+    pub oldest_age_s: f64,
+    /// Share of handler calls that raised, over the bus's life, at or above which it is
+    /// degraded (looked at once at least `min_calls` calls were made).
+    pub error_rate: f64,
+    /// Calls before the error rate counts.
+    pub min_calls: u64,
+    /// Dead letters at or above which the bus is degraded.
+    pub dead_letters: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self { queue_fill: 0.8, oldest_age_s: 5.0, error_rate: 0.1, min_calls: 20, dead_letters: 100 }
+    }
+}
+
+/// The readings a status is computed from.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Readings {
+    /// Whether the bus is started.
+    pub running: bool,
+    /// Events queued.
+    pub queued: usize,
+    /// `max_queue_size` (0 = unbounded).
+    pub capacity: usize,
+    /// Age of the oldest queued event, seconds.
+    pub oldest_age_s: f64,
+    /// Handler calls so far.
+    pub calls: u64,
+    /// Of which raised.
+    pub failed_calls: u64,
+    /// Dead letters held.
+    pub dead_letters: u64,
+}
+
+/// `healthy`, `degraded` (with the reasons) or `stopped`.
+pub fn status(r: &Readings, t: &Thresholds) -> (&'static str, Vec<String>) {
+    if !r.running {
+        return ("stopped", Vec::new());
+    }
+    let mut reasons = Vec::new();
+    if r.capacity > 0 && r.queued as f64 >= t.queue_fill * r.capacity as f64 {
+        reasons.push(format!("queue {}/{} is at or above {:.0}% full", r.queued, r.capacity, t.queue_fill * 100.0));
+    }
+    if r.oldest_age_s >= t.oldest_age_s {
+        reasons.push(format!("oldest queued event waited {:.1}s (limit {:.1}s)", r.oldest_age_s, t.oldest_age_s));
+    }
+    if r.calls >= t.min_calls && r.failed_calls as f64 >= t.error_rate * r.calls as f64 {
+        reasons.push(format!(
+            "{} of {} handler calls failed (limit {:.0}%)",
+            r.failed_calls,
+            r.calls,
+            t.error_rate * 100.0
+        ));
+    }
+    if r.dead_letters >= t.dead_letters {
+        reasons.push(format!("{} dead letters (limit {})", r.dead_letters, t.dead_letters));
+    }
+    (if reasons.is_empty() { "healthy" } else { "degraded" }, reasons)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_running_bus_is_healthy_and_a_stopped_one_stopped() {
+        let t = Thresholds::default();
+        let r = Readings { running: true, ..Readings::default() };
+        assert_eq!(status(&r, &t).0, "healthy");
+        assert_eq!(status(&Readings::default(), &t).0, "stopped");
+    }
+
+    #[test]
+    fn each_threshold_degrades_with_a_reason() {
+        let t = Thresholds::default();
+        let base = Readings { running: true, ..Readings::default() };
+        let full = Readings { queued: 80, capacity: 100, ..base };
+        let old = Readings { oldest_age_s: 6.0, ..base };
+        let failing = Readings { calls: 100, failed_calls: 10, ..base };
+        let dlq = Readings { dead_letters: 100, ..base };
+        for r in [full, old, failing, dlq] {
+            let (s, why) = status(&r, &t);
+            assert_eq!(s, "degraded");
+            assert_eq!(why.len(), 1, "{why:?}");
+        }
+    }
+
+    #[test]
+    fn the_probe_reads_this_process() {
+        let s = Probe::new().sample();
+        assert!(s.rss_mb > 0.0, "{s:?}");
+        assert!(s.system_total_mb >= s.rss_mb);
+    }
+}

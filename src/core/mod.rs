@@ -1,0 +1,13 @@
+//! The engine, free of Python: routing, per-key lanes, statistics, health.
+//!
+//! Nothing in here imports pyo3. The Python glue in `src/python` instantiates these types
+//! with Python objects as payloads; `cargo test --no-default-features` tests them alone.
+
+pub mod errors;
+pub mod health;
+pub mod lanes;
+pub mod retry;
+pub mod routing;
+pub mod stats;
+
+pub use errors::{CoreError, Result};

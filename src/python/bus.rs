@@ -1,0 +1,814 @@
+//! `BusCore`: the engine's queue, router and counters, driven from the asyncio thread.
+//!
+//! Everything here runs on the event loop's thread with the GIL held; the lock around `Inner`
+//! is never held while Python code runs (a handler may publish, which takes it again).
+//! `publish` pushes synchronously and returns `None` while there is room: no future, no thread
+//! crossing. Only a full queue hands back a loop future, resolved in FIFO order as room frees.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyIterator, PyList};
+use rustc_hash::FxHashMap;
+
+use crate::core::health::{self, Probe, Readings, Thresholds};
+use crate::core::lanes::Lanes;
+use crate::core::retry::RetryPolicy;
+use crate::core::routing::{Matcher, Router, Subscription};
+use crate::core::stats::{bump, Stats, TypeCounters};
+use crate::core::CoreError;
+use crate::python::envelope::{self, Origin, PyEnvelope};
+use crate::python::errors;
+use crate::python::events;
+use crate::python::worker::PyWorker;
+
+/// A retry policy (see `oxbus.RetryPolicy`).
+#[pyclass(frozen, name = "RetryPolicy", module = "oxbus._oxbus", eq)]
+#[derive(Clone, PartialEq)]
+pub struct PyRetryPolicy {
+    pub policy: RetryPolicy,
+}
+
+#[pymethods]
+impl PyRetryPolicy {
+    #[new]
+    #[pyo3(signature = (max_attempts=1, base_delay=0.1, max_delay=30.0, multiplier=2.0, jitter=0.1))]
+    fn new(max_attempts: i64, base_delay: f64, max_delay: f64, multiplier: f64, jitter: f64) -> PyResult<Self> {
+        RetryPolicy::new(max_attempts, base_delay, max_delay, multiplier, jitter)
+            .map(|policy| Self { policy })
+            .map_err(|e| errors::to_py(&e))
+    }
+
+    #[getter]
+    fn max_attempts(&self) -> u32 {
+        self.policy.max_attempts
+    }
+    #[getter]
+    fn base_delay(&self) -> f64 {
+        self.policy.base_delay
+    }
+    #[getter]
+    fn max_delay(&self) -> f64 {
+        self.policy.max_delay
+    }
+    #[getter]
+    fn multiplier(&self) -> f64 {
+        self.policy.multiplier
+    }
+    #[getter]
+    fn jitter(&self) -> f64 {
+        self.policy.jitter
+    }
+
+    /// Seconds before retry `n` (1-based), jitter included.
+    fn delay(&self, n: u32) -> f64 {
+        self.policy.delay(n, fastrand::f64())
+    }
+
+    fn __repr__(&self) -> String {
+        let p = &self.policy;
+        format!(
+            "RetryPolicy(max_attempts={}, base_delay={}, max_delay={}, multiplier={}, jitter={})",
+            p.max_attempts, p.base_delay, p.max_delay, p.multiplier, p.jitter
+        )
+    }
+}
+
+/// What a subscription runs.
+pub struct Handler {
+    pub callable: Py<PyAny>,
+    /// The target as subscribed (keeps a class alive while its id is in the router).
+    pub target: Py<PyAny>,
+    /// Run a sync handler in the executor instead of on the loop.
+    pub threaded: bool,
+    pub retry: RetryPolicy,
+}
+
+pub type Sub = Subscription<Handler>;
+
+/// The subscriptions one kind of event reaches, resolved once and cached.
+pub struct Route {
+    _class: Py<PyAny>,
+    pub subs: Vec<Arc<Sub>>,
+    pub type_key: String,
+    pub mro: Vec<usize>,
+    pub class_has_key: bool,
+    pub counters: Arc<TypeCounters>,
+}
+
+/// An accepted event waiting for a worker.
+pub struct Queued {
+    pub env: Py<PyEnvelope>,
+    pub enqueued: Instant,
+}
+
+struct Blocked {
+    item: Queued,
+    lane: Option<u64>,
+    fut: Py<PyAny>,
+}
+
+struct Waiter {
+    id: u64,
+    matcher: Matcher,
+    predicate: Option<Py<PyAny>>,
+    fut: Py<PyAny>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RunState {
+    Created,
+    Running,
+    Closed,
+}
+
+pub struct Inner {
+    pub state: RunState,
+    pub router: Router<Handler>,
+    routes: FxHashMap<(usize, Option<String>), Arc<Route>>,
+    routes_gen: u64,
+    pub lanes: Lanes<Queued>,
+    blocked: VecDeque<Blocked>,
+    pub idle: Vec<Py<PyAny>>,
+    pub active: usize,
+    pub in_flight: usize,
+    drain_waiters: Vec<Py<PyAny>>,
+    waiters: Vec<Waiter>,
+    next_waiter: u64,
+    pub stats: Stats,
+    pub loop_: Option<Py<PyAny>>,
+    pub after_call: Option<Py<PyAny>>,
+    pub hook_on_success: bool,
+    pub dead_letters: u64,
+    /// (event, subscription) pairs sleeping before a retry.
+    pub retrying: usize,
+    probe: Option<Probe>,
+}
+
+impl Inner {
+    /// Pops an idle worker to wake when nobody is dispatching and work is ready.
+    /// Futures of workers that were cancelled are skipped (checking `done()` runs no user code).
+    pub fn wake_if_needed(&mut self, py: Python<'_>) -> Option<Py<PyAny>> {
+        if self.active > 0 || !self.lanes.has_ready() {
+            return None;
+        }
+        while let Some(f) = self.idle.pop() {
+            let done = f.bind(py).call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()).unwrap_or(true);
+            if !done {
+                self.active += 1;
+                return Some(f);
+            }
+        }
+        None
+    }
+
+    /// Moves blocked publishers into freed room; returns their futures to resolve. A publisher
+    /// whose wait was cancelled saw `CancelledError`: its event is not accepted.
+    pub fn admit_blocked(&mut self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        let mut out = Vec::new();
+        while self.lanes.has_room() {
+            let Some(b) = self.blocked.pop_front() else { break };
+            if b.fut.bind(py).call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()).unwrap_or(true) {
+                continue;
+            }
+            bump(&b.item.env.get().route().counters.published, 1);
+            self.lanes.push(b.item, b.lane);
+            self.stats.published += 1;
+            out.push(b.fut);
+        }
+        out
+    }
+
+    /// Whether every accepted event has been handled.
+    pub fn is_drained(&self) -> bool {
+        self.in_flight == 0 && self.lanes.is_empty() && self.blocked.is_empty()
+    }
+
+    /// The drain waiters to resolve, when drained.
+    pub fn take_drain_waiters(&mut self) -> Vec<Py<PyAny>> {
+        if self.is_drained() {
+            std::mem::take(&mut self.drain_waiters)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Resolves a loop future with `value` unless it is done (cancelled by a timeout, say).
+pub fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: &Bound<'_, PyAny>) {
+    let f = fut.bind(py);
+    if matches!(f.call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()), Ok(false)) {
+        if let Err(e) = f.call_method1(intern!(py, "set_result"), (value,)) {
+            e.write_unraisable(py, Some(f));
+        }
+    }
+}
+
+fn fail(py: Python<'_>, fut: &Py<PyAny>, err: &PyErr) {
+    let f = fut.bind(py);
+    if matches!(f.call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()), Ok(false)) {
+        if let Err(e) = f.call_method1(intern!(py, "set_exception"), (err.value(py),)) {
+            e.write_unraisable(py, Some(f));
+        }
+    }
+}
+
+/// Resolves each future with None.
+pub fn resolve_all(py: Python<'_>, futs: Vec<Py<PyAny>>) {
+    let none = py.None().into_bound(py);
+    for f in &futs {
+        resolve(py, f, &none);
+    }
+}
+
+/// The engine behind one `oxbus.EventBus`.
+#[pyclass(frozen, name = "BusCore", module = "oxbus._oxbus")]
+pub struct PyBusCore {
+    pub inner: Mutex<Inner>,
+    pub workers: usize,
+    pub keyed: bool,
+    pub threaded_sync: bool,
+    pub executor: Option<Py<PyAny>>,
+    pub default_retry: RetryPolicy,
+    pub thresholds: Thresholds,
+    /// `wait_for` waiters registered; read without the lock on every publish.
+    waiter_count: AtomicUsize,
+}
+
+impl PyBusCore {
+    /// The cached route of an event (resolved on first sight of its class, or of its class and
+    /// type key when string subscriptions exist or the event is a dict).
+    fn route(&self, event: &Bound<'_, PyAny>) -> PyResult<Arc<Route>> {
+        let ty = event.get_type();
+        let ty_id = ty.as_ptr() as usize;
+        let (gen, by_key) = {
+            let inner = self.inner.lock();
+            (inner.router.generation(), inner.router.needs_type_key())
+        };
+        let is_dict = event.cast::<PyDict>().is_ok();
+        let type_key = if by_key || is_dict { Some(events::type_key(event)?) } else { None };
+        let cache_key = (ty_id, type_key);
+        {
+            let inner = self.inner.lock();
+            if inner.routes_gen == gen {
+                if let Some(r) = inner.routes.get(&cache_key) {
+                    return Ok(Arc::clone(r));
+                }
+            }
+        }
+        // Miss: read the class outside the lock (Python code may run), then resolve under it.
+        let key_name = match &cache_key.1 {
+            Some(k) => k.clone(),
+            None => events::type_key(event)?,
+        };
+        let mro = events::mro_ids(&ty)?;
+        let class_has_key = events::class_has_key(&ty)?;
+        let mut inner = self.inner.lock();
+        if inner.routes_gen != inner.router.generation() {
+            inner.routes.clear();
+            inner.routes_gen = inner.router.generation();
+        }
+        let route = Arc::new(Route {
+            _class: ty.into_any().unbind(),
+            subs: inner.router.resolve(&key_name, &mro),
+            counters: inner.stats.type_counters(&key_name),
+            type_key: key_name,
+            mro,
+            class_has_key,
+        });
+        inner.routes.insert(cache_key, Arc::clone(&route));
+        Ok(route)
+    }
+
+    /// Builds the envelope of an event about to be published.
+    fn envelope(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<Bound<'_, PyAny>>,
+        correlation_id: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<(Queued, Option<u64>)> {
+        if event.is_none() {
+            return Err(events::none_event_error());
+        }
+        let route = self.route(event)?;
+        let lane = if self.keyed {
+            match &key {
+                Some(k) => Some(events::lane_of(k)?),
+                None => match events::aggregate_key(event, route.class_has_key)? {
+                    Some(k) => Some(events::lane_of(&k)?),
+                    None => None,
+                },
+            }
+        } else {
+            None
+        };
+        let origin = match correlation_id {
+            Some(c) => Origin::Root(Some(c.unbind())),
+            None => match envelope::get_current(py)? {
+                Some(parent) => {
+                    let p = parent.get();
+                    Origin::Child(p.correlation(py)?.unbind(), p.id(py)?.unbind())
+                }
+                None => Origin::Root(None),
+            },
+        };
+        if let Origin::Child(c, cause) = &origin {
+            mark_domain_event(event, c.bind(py), cause.bind(py))?;
+        }
+        let env = PyEnvelope::new(event.clone().unbind(), origin, key.map(Bound::unbind), route);
+        Ok((Queued { env: Py::new(py, env)?, enqueued: Instant::now() }, lane))
+    }
+
+    fn notify_waiters(&self, py: Python<'_>, item: &Queued) -> PyResult<()> {
+        if self.waiter_count.load(Relaxed) == 0 {
+            return Ok(());
+        }
+        let env = item.env.get();
+        let route = Arc::clone(env.route());
+        let waiters = std::mem::take(&mut self.inner.lock().waiters);
+        let mut keep = Vec::with_capacity(waiters.len());
+        let event = env.event_ref().bind(py);
+        for w in waiters {
+            if !w.matcher.matches(&route.type_key, &route.mro) {
+                keep.push(w);
+                continue;
+            }
+            let hit = match &w.predicate {
+                None => Ok(true),
+                Some(p) => p.bind(py).call1((event,)).and_then(|r| r.is_truthy()),
+            };
+            match hit {
+                Ok(true) => resolve(py, &w.fut, event),
+                Ok(false) => keep.push(w),
+                Err(e) => fail(py, &w.fut, &e),
+            }
+        }
+        let mut inner = self.inner.lock();
+        keep.append(&mut inner.waiters);
+        inner.waiters = keep;
+        self.waiter_count.store(inner.waiters.len(), Relaxed);
+        Ok(())
+    }
+
+    fn check_running(state: RunState) -> PyResult<()> {
+        match state {
+            RunState::Running => Ok(()),
+            RunState::Created => Err(errors::bus_not_started("the bus is not started: call `await bus.start()` (or use `async with bus:`) before publishing")),
+            RunState::Closed => Err(errors::bus_closed("the bus is stopped: publishing after `stop()` is refused so no event is silently lost")),
+        }
+    }
+
+    /// Accepts one event: queued now (None), or a future that resolves once it is accepted.
+    fn accept(&self, py: Python<'_>, item: Queued, lane: Option<u64>, wait: bool) -> PyResult<Option<Py<PyAny>>> {
+        self.notify_waiters(py, &item)?;
+        let env = item.env.get();
+        let route = Arc::clone(env.route());
+        let mut inner = self.inner.lock();
+        Self::check_running(inner.state)?;
+        if route.subs.is_empty() {
+            // Nothing to run: accepted and finished at once.
+            bump(&route.counters.published, 1);
+            inner.stats.published += 1;
+            inner.stats.processed += 1;
+            inner.stats.unrouted += 1;
+            bump(&route.counters.processed, 1);
+            return Ok(None);
+        }
+        if inner.lanes.has_room() && inner.blocked.is_empty() {
+            inner.lanes.push(item, lane);
+            inner.stats.published += 1;
+            bump(&route.counters.published, 1);
+            let wake = inner.wake_if_needed(py);
+            drop(inner);
+            if let Some(f) = wake {
+                resolve(py, &f, &py.None().into_bound(py));
+            }
+            return Ok(None);
+        }
+        if !wait {
+            return Err(errors::to_py(&CoreError::QueueFull { capacity: inner.lanes.capacity() }));
+        }
+        let loop_ = inner.loop_.as_ref().expect("a running bus has a loop").clone_ref(py);
+        drop(inner);
+        let fut = loop_.bind(py).call_method0(intern!(py, "create_future"))?.unbind();
+        let mut inner = self.inner.lock();
+        inner.blocked.push_back(Blocked { item, lane, fut: fut.clone_ref(py) });
+        Ok(Some(fut))
+    }
+}
+
+/// On a `DomainEvent` published from a handler, shows the inherited ids on the event itself.
+fn mark_domain_event(event: &Bound<'_, PyAny>, correlation: &Bound<'_, PyAny>, causation: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = event.py();
+    if !event.get_type().hasattr(intern!(py, "__oxbus_domain_event__"))? {
+        return Ok(());
+    }
+    if let Some(d) = event.getattr_opt(intern!(py, "__dict__"))? {
+        if let Ok(d) = d.cast::<PyDict>() {
+            // Written into __dict__ directly so frozen dataclasses accept it; the inherited
+            // ids win, as they do in the envelope.
+            d.set_item(intern!(py, "correlation_id"), correlation)?;
+            d.set_item(intern!(py, "causation_id"), causation)?;
+        }
+    }
+    Ok(())
+}
+
+fn setting(name: &'static str, rule: &'static str, value: impl ToString) -> PyErr {
+    errors::to_py(&CoreError::InvalidSetting { name, rule, value: value.to_string() })
+}
+
+#[pymethods]
+impl PyBusCore {
+    #[new]
+    #[pyo3(signature = (workers, max_queue_size, keyed=None, threaded_sync=false, executor=None, retry=None))]
+    fn new(
+        workers: &Bound<'_, PyAny>,
+        max_queue_size: &Bound<'_, PyAny>,
+        keyed: Option<bool>,
+        threaded_sync: bool,
+        executor: Option<Py<PyAny>>,
+        retry: Option<Bound<'_, PyRetryPolicy>>,
+    ) -> PyResult<Self> {
+        let workers: usize = match workers.extract::<i64>() {
+            Ok(n) if n >= 1 && !workers.is_instance_of::<pyo3::types::PyBool>() => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => return Err(setting("workers", "an int >= 1", workers.repr()?)),
+        };
+        let capacity: usize = match max_queue_size.extract::<i64>() {
+            Ok(n) if n >= 0 && !max_queue_size.is_instance_of::<pyo3::types::PyBool>() => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => return Err(setting("max_queue_size", "an int >= 0 (0 = unbounded)", max_queue_size.repr()?)),
+        };
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                state: RunState::Created,
+                router: Router::new(),
+                routes: FxHashMap::default(),
+                routes_gen: 0,
+                lanes: Lanes::new(capacity),
+                blocked: VecDeque::new(),
+                idle: Vec::new(),
+                active: 0,
+                in_flight: 0,
+                drain_waiters: Vec::new(),
+                waiters: Vec::new(),
+                next_waiter: 1,
+                stats: Stats::default(),
+                loop_: None,
+                after_call: None,
+                hook_on_success: false,
+                dead_letters: 0,
+                retrying: 0,
+                probe: None,
+            }),
+            workers,
+            keyed: keyed.unwrap_or(workers > 1),
+            threaded_sync,
+            executor,
+            default_retry: retry.map_or_else(RetryPolicy::default, |r| r.get().policy),
+            thresholds: Thresholds::default(),
+            waiter_count: AtomicUsize::new(0),
+        })
+    }
+
+    /// Subscribes `handler` to `target`; returns the subscription id.
+    #[pyo3(signature = (target, handler, priority, name, threaded, retry=None))]
+    fn subscribe(
+        &self,
+        target: &Bound<'_, PyAny>,
+        handler: &Bound<'_, PyAny>,
+        priority: i64,
+        name: String,
+        threaded: bool,
+        retry: Option<Bound<'_, PyRetryPolicy>>,
+    ) -> PyResult<u64> {
+        events::check_callable(handler)?;
+        let matcher = events::matcher_for(target)?;
+        let payload = Handler {
+            callable: handler.clone().unbind(),
+            target: target.clone().unbind(),
+            threaded: threaded && self.threaded_sync,
+            retry: retry.map_or(self.default_retry, |r| r.get().policy),
+        };
+        let mut inner = self.inner.lock();
+        Ok(inner.router.subscribe(matcher, priority, name, payload).id)
+    }
+
+    /// Queues `event` for one subscription only (a dead letter's retry). False when that
+    /// subscription is gone.
+    fn redeliver(&self, py: Python<'_>, event: &Bound<'_, PyAny>, sub_id: u64) -> PyResult<bool> {
+        let sub = {
+            let inner = self.inner.lock();
+            let found = inner.router.iter().find(|s| s.id == sub_id).map(Arc::clone);
+            match found {
+                Some(s) => s,
+                None => return Ok(false),
+            }
+        };
+        let (mut item, lane) = self.envelope(py, event, None, None)?;
+        let full = item.env.get().route();
+        let route = Route {
+            _class: full._class.clone_ref(py),
+            subs: vec![sub],
+            type_key: full.type_key.clone(),
+            mro: full.mro.clone(),
+            class_has_key: full.class_has_key,
+            counters: Arc::clone(&full.counters),
+        };
+        let env = item.env.get();
+        let origin = match env.causation(py) {
+            Some(c) => Origin::Child(env.correlation(py)?.unbind(), c.unbind()),
+            None => Origin::Root(None),
+        };
+        item.env = Py::new(py, PyEnvelope::new(event.clone().unbind(), origin, None, Arc::new(route)))?;
+        if let Some(fut) = self.accept(py, item, lane, true)? {
+            drop(fut);
+        }
+        Ok(true)
+    }
+
+    /// Removes a subscription by id.
+    fn unsubscribe(&self, id: u64) -> bool {
+        self.inner.lock().router.unsubscribe(id)
+    }
+
+    /// Removes the subscriptions of `handler` (compared with ==) to `target`; returns how many.
+    fn unsubscribe_handler(&self, py: Python<'_>, target: &Bound<'_, PyAny>, handler: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let matcher = events::matcher_for(target)?;
+        let ids: Vec<u64> = {
+            let inner = self.inner.lock();
+            inner.router.iter().filter(|s| s.matcher == matcher).map(|s| (s.id, s.payload.callable.clone_ref(py))).collect::<Vec<_>>()
+        }
+        .into_iter()
+        .filter(|(_, c)| c.bind(py).eq(handler).unwrap_or(false))
+        .map(|(id, _)| id)
+        .collect();
+        let mut inner = self.inner.lock();
+        Ok(ids.into_iter().filter(|id| inner.router.unsubscribe(*id)).count())
+    }
+
+    /// (id, name, priority, target) of every subscription, in subscription order.
+    fn subscriptions(&self, py: Python<'_>) -> Vec<(u64, String, i64, Py<PyAny>)> {
+        let inner = self.inner.lock();
+        inner.router.iter().map(|s| (s.id, s.name.clone(), s.priority, s.payload.target.clone_ref(py))).collect()
+    }
+
+    /// Whether a subscription with this name exists.
+    fn has_name(&self, name: &str) -> bool {
+        self.inner.lock().router.iter().any(|s| s.name == name)
+    }
+
+    /// Installs the hook called after handler calls: on failures, and on every call when
+    /// `on_success` (the `event_storage` protocol needs one call per handler call).
+    fn set_after_call(&self, hook: Option<Py<PyAny>>, on_success: bool) {
+        let mut inner = self.inner.lock();
+        inner.after_call = hook;
+        inner.hook_on_success = on_success;
+    }
+
+    /// Marks the bus running on `loop` (idempotent).
+    fn start(&self, loop_: Py<PyAny>) {
+        let mut inner = self.inner.lock();
+        if inner.state != RunState::Running {
+            inner.state = RunState::Running;
+            inner.loop_ = Some(loop_);
+            // Every new worker task is scheduled to run its first step.
+            inner.active = self.workers;
+            inner.idle.clear();
+            if inner.probe.is_none() {
+                inner.probe = Some(Probe::new());
+            }
+        }
+    }
+
+    /// A worker to run as an asyncio task.
+    fn worker(slf: &Bound<'_, Self>, index: usize) -> PyWorker {
+        PyWorker::new(slf.clone().unbind(), index)
+    }
+
+    /// Refuses further publishes. With `discard`, drops what is queued and fails blocked
+    /// publishers with `BusClosed`; returns how many queued events were discarded.
+    fn close(&self, py: Python<'_>, discard: bool) -> usize {
+        let (blocked, dropped, idle) = {
+            let mut inner = self.inner.lock();
+            inner.state = RunState::Closed;
+            let dropped = if discard { inner.lanes.clear() } else { Vec::new() };
+            let blocked: Vec<Blocked> = if discard { inner.blocked.drain(..).collect() } else { Vec::new() };
+            (blocked, dropped, std::mem::take(&mut inner.idle))
+        };
+        let err = errors::bus_closed("the bus was stopped before this event was accepted");
+        for b in &blocked {
+            fail(py, &b.fut, &err);
+        }
+        drop(idle);
+        let drains = self.inner.lock().take_drain_waiters();
+        resolve_all(py, drains);
+        dropped.len() + blocked.len()
+    }
+
+    /// Whether the bus accepts events.
+    #[getter]
+    fn running(&self) -> bool {
+        self.inner.lock().state == RunState::Running
+    }
+
+    /// Publishes one event: None when accepted now, else a future resolved once accepted.
+    #[pyo3(signature = (event, key=None, correlation_id=None))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<Bound<'_, PyAny>>,
+        correlation_id: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let (item, lane) = self.envelope(py, event, key, correlation_id)?;
+        self.accept(py, item, lane, true)
+    }
+
+    /// Publishes one event now or raises `QueueFull`.
+    #[pyo3(signature = (event, key=None, correlation_id=None))]
+    fn publish_nowait(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<Bound<'_, PyAny>>,
+        correlation_id: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let (item, lane) = self.envelope(py, event, key, correlation_id)?;
+        self.accept(py, item, lane, false).map(|_| ())
+    }
+
+    /// Publishes from an iterator until it ends or the queue is full; returns how many were
+    /// taken from it and, when full, the future of the last one (accepted once it resolves).
+    fn publish_many(&self, py: Python<'_>, events: &Bound<'_, PyIterator>) -> PyResult<(usize, Option<Py<PyAny>>)> {
+        let mut n = 0;
+        for event in events.clone() {
+            let event = event?;
+            let (item, lane) = self.envelope(py, &event, None, None)?;
+            n += 1;
+            if let Some(fut) = self.accept(py, item, lane, true)? {
+                return Ok((n, Some(fut)));
+            }
+        }
+        Ok((n, None))
+    }
+
+    /// None when every accepted event is handled, else a future resolved when that happens.
+    fn drain_waiter(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let loop_ = {
+            let inner = self.inner.lock();
+            if inner.is_drained() {
+                return Ok(None);
+            }
+            match &inner.loop_ {
+                Some(l) => l.clone_ref(py),
+                None => return Ok(None),
+            }
+        };
+        let fut = loop_.bind(py).call_method0(intern!(py, "create_future"))?.unbind();
+        let mut inner = self.inner.lock();
+        if inner.is_drained() {
+            return Ok(None);
+        }
+        inner.drain_waiters.push(fut.clone_ref(py));
+        Ok(Some(fut))
+    }
+
+    /// Registers a `wait_for`: `fut` gets the first matching event accepted from now on.
+    #[pyo3(signature = (target, predicate, fut))]
+    fn add_waiter(&self, target: &Bound<'_, PyAny>, predicate: Option<Py<PyAny>>, fut: Py<PyAny>) -> PyResult<u64> {
+        let matcher = events::matcher_for(target)?;
+        let mut inner = self.inner.lock();
+        let id = inner.next_waiter;
+        inner.next_waiter += 1;
+        inner.waiters.push(Waiter { id, matcher, predicate, fut });
+        self.waiter_count.store(inner.waiters.len(), Relaxed);
+        Ok(id)
+    }
+
+    /// Forgets a `wait_for` (after it resolved or timed out).
+    fn remove_waiter(&self, id: u64) {
+        let mut inner = self.inner.lock();
+        inner.waiters.retain(|w| w.id != id);
+        self.waiter_count.store(inner.waiters.len(), Relaxed);
+    }
+
+    /// Counts a dead letter added by the Python layer (for health).
+    fn set_dead_letters(&self, n: u64) {
+        self.inner.lock().dead_letters = n;
+    }
+
+    /// The configured number of workers.
+    #[getter]
+    fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Events accepted and not yet handed to a handler (blocked publishers not included).
+    #[getter]
+    fn queue_size(&self) -> usize {
+        self.inner.lock().lanes.len()
+    }
+
+    /// The counters, as a dict (see `EventBus.get_statistics`).
+    fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let inner = self.inner.lock();
+        let s = &inner.stats;
+        let d = PyDict::new(py);
+        d.set_item("uptime_seconds", s.uptime_seconds())?;
+        d.set_item("events_published", s.published)?;
+        d.set_item("events_processed", s.processed)?;
+        d.set_item("events_failed", s.failed)?;
+        d.set_item("events_unrouted", s.unrouted)?;
+        d.set_item("handler_calls", s.failed + s.succeeded)?;
+        d.set_item("retried", s.retried)?;
+        d.set_item("dead_lettered", s.dead_lettered)?;
+        d.set_item("avg_processing_time_ms", s.avg_handler_ms())?;
+        let lat = PyDict::new(py);
+        for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
+            lat.set_item(name, s.latency.quantile(q) as f64 / 1e6)?;
+        }
+        d.set_item("handler_latency_ms", lat)?;
+        d.set_item("queue_size", inner.lanes.len())?;
+        d.set_item("blocked_publishers", inner.blocked.len())?;
+        d.set_item("in_flight", inner.in_flight)?;
+        d.set_item("retry_queue_size", inner.retrying)?;
+        d.set_item("subscription_count", inner.router.len())?;
+        d.set_item("is_running", inner.state == RunState::Running)?;
+        d.set_item("worker_count", self.workers)?;
+        d.set_item("max_queue_size", inner.lanes.capacity())?;
+        let by_type = PyDict::new(py);
+        for (k, p, done, f) in s.by_type() {
+            let t = PyDict::new(py);
+            t.set_item("published", p)?;
+            t.set_item("processed", done)?;
+            t.set_item("failed", f)?;
+            by_type.set_item(k, t)?;
+        }
+        d.set_item("by_event_type", by_type)?;
+        Ok(d)
+    }
+
+    /// Handler latency histogram: cumulative counts at the given bounds (seconds), the count and
+    /// the sum (seconds), for Prometheus.
+    fn latency_buckets(&self, bounds: Vec<f64>) -> (Vec<u64>, u64, f64) {
+        let inner = self.inner.lock();
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ns: Vec<u64> = bounds.iter().map(|b| (b * 1e9) as u64).collect();
+        let s = &inner.stats;
+        (s.latency.cumulative(&ns), s.latency.count(), s.handler_ns as f64 / 1e9)
+    }
+
+    /// The health report, as a dict (see `EventBus.get_health_status`).
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        // Sample the process outside the bus lock: it reads /proc.
+        let mut probe = self.inner.lock().probe.take().unwrap_or_default();
+        let sample = py.detach(|| probe.sample());
+        let mut inner = self.inner.lock();
+        inner.probe = Some(probe);
+        let now = Instant::now();
+        let oldest = inner.lanes.heads().map(|q| now.duration_since(q.enqueued).as_secs_f64()).fold(0.0, f64::max);
+        let readings = Readings {
+            running: inner.state == RunState::Running,
+            queued: inner.lanes.len(),
+            capacity: inner.lanes.capacity(),
+            oldest_age_s: oldest,
+            calls: inner.stats.failed + inner.stats.succeeded,
+            failed_calls: inner.stats.failed,
+            dead_letters: inner.dead_letters,
+        };
+        let (status, reasons) = health::status(&readings, &self.thresholds);
+        let d = PyDict::new(py);
+        d.set_item("status", status)?;
+        d.set_item("reasons", PyList::new(py, reasons)?)?;
+        d.set_item("is_running", readings.running)?;
+        d.set_item("queue_size", readings.queued)?;
+        d.set_item("max_queue_size", readings.capacity)?;
+        d.set_item("blocked_publishers", inner.blocked.len())?;
+        d.set_item("lane_count", inner.lanes.lane_count())?;
+        d.set_item("longest_lanes", inner.lanes.longest_lanes(5).into_iter().map(|(n, _)| n).collect::<Vec<_>>())?;
+        d.set_item("in_flight", inner.in_flight)?;
+        d.set_item("oldest_queued_age_seconds", oldest)?;
+        d.set_item("worker_count", self.workers)?;
+        d.set_item("uptime_seconds", inner.stats.uptime_seconds())?;
+        d.set_item("memory_usage_mb", sample.rss_mb)?;
+        d.set_item("cpu_percent", sample.cpu_percent)?;
+        d.set_item("system_memory_total_mb", sample.system_total_mb)?;
+        d.set_item("system_memory_available_mb", sample.system_available_mb)?;
+        d.set_item("error_rate", if readings.calls == 0 { 0.0 } else { readings.failed_calls as f64 / readings.calls as f64 })?;
+        d.set_item("dead_letters", readings.dead_letters)?;
+        let t = PyDict::new(py);
+        t.set_item("queue_fill", self.thresholds.queue_fill)?;
+        t.set_item("oldest_age_seconds", self.thresholds.oldest_age_s)?;
+        t.set_item("error_rate", self.thresholds.error_rate)?;
+        t.set_item("min_calls", self.thresholds.min_calls)?;
+        t.set_item("dead_letters", self.thresholds.dead_letters)?;
+        d.set_item("thresholds", t)?;
+        Ok(d)
+    }
+}

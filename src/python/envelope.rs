@@ -1,0 +1,230 @@
+//! What is being handled: the envelope around an event, and the context variable that carries
+//! it into handlers (and into tasks they spawn, which copy the context).
+//!
+//! Ids are computed lazily: an envelope that nobody asks about costs one allocation.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use pyo3::ffi;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyString};
+
+use crate::python::bus::Route;
+use crate::python::events;
+
+/// A new random event id (UUID4, as a string).
+#[pyfunction]
+pub fn new_event_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Where an event's correlation comes from.
+pub enum Origin {
+    /// A root event; `publish(correlation_id=...)` may have named one.
+    Root(Option<Py<PyAny>>),
+    /// Published while a handler ran: (correlation id, causation id) of the handled event.
+    Child(Py<PyAny>, Py<PyAny>),
+}
+
+/// The event being handled and where it came from. `oxbus.current_envelope()` returns it inside
+/// a handler.
+#[pyclass(frozen, name = "Envelope", module = "oxbus._oxbus")]
+pub struct PyEnvelope {
+    event: Py<PyAny>,
+    origin: Origin,
+    key: Option<Py<PyAny>>,
+    route: Arc<Route>,
+    event_id: PyOnceLock<Py<PyAny>>,
+    sub_index: AtomicUsize,
+    attempt: AtomicU32,
+}
+
+impl PyEnvelope {
+    pub fn new(event: Py<PyAny>, origin: Origin, key: Option<Py<PyAny>>, route: Arc<Route>) -> Self {
+        Self {
+            event,
+            origin,
+            key,
+            route,
+            event_id: PyOnceLock::new(),
+            sub_index: AtomicUsize::new(0),
+            attempt: AtomicU32::new(1),
+        }
+    }
+
+    /// Records which subscription and attempt is running now.
+    pub fn set_call(&self, sub_index: usize, attempt: u32) {
+        self.sub_index.store(sub_index, Relaxed);
+        self.attempt.store(attempt, Relaxed);
+    }
+
+    pub fn event_ref(&self) -> &Py<PyAny> {
+        &self.event
+    }
+
+    pub fn route(&self) -> &Arc<Route> {
+        &self.route
+    }
+
+    /// The event's id: its `event_id` (attribute or dict item), else a UUID made once.
+    pub fn id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.event_id
+            .get_or_try_init(py, || {
+                let ev = self.event.bind(py);
+                let found = if let Ok(d) = ev.cast::<PyDict>() {
+                    d.get_item(intern!(py, "event_id"))?
+                } else {
+                    ev.getattr_opt(intern!(py, "event_id"))?
+                };
+                Ok::<_, PyErr>(match found.filter(|v| !v.is_none()) {
+                    Some(v) => v.unbind(),
+                    None => PyString::new(py, &new_event_id()).into_any().unbind(),
+                })
+            })
+            .map(|v| v.bind(py).clone())
+    }
+
+    /// The correlation id: named at publish, inherited from the handler that published, the
+    /// event's own non-None `correlation_id`, else the event id.
+    pub fn correlation<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match &self.origin {
+            Origin::Root(Some(c)) | Origin::Child(c, _) => Ok(c.bind(py).clone()),
+            Origin::Root(None) => {
+                let ev = self.event.bind(py);
+                if ev.cast::<PyDict>().is_err() {
+                    if let Some(c) = ev.getattr_opt(intern!(py, "correlation_id"))? {
+                        if !c.is_none() {
+                            return Ok(c);
+                        }
+                    }
+                }
+                self.id(py)
+            }
+        }
+    }
+
+    /// The causation id: the id of the event whose handler published this one, else None.
+    pub fn causation<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match &self.origin {
+            Origin::Child(_, c) => Some(c.bind(py).clone()),
+            Origin::Root(_) => None,
+        }
+    }
+}
+
+#[pymethods]
+impl PyEnvelope {
+    /// The event object, exactly as published.
+    #[getter]
+    fn event(&self, py: Python<'_>) -> Py<PyAny> {
+        self.event.clone_ref(py)
+    }
+
+    /// The event's id (see `oxbus.DomainEvent.event_id`).
+    #[getter]
+    fn event_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.id(py)
+    }
+
+    /// The id shared by every event of one causal chain.
+    #[getter]
+    fn correlation_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.correlation(py)
+    }
+
+    /// The id of the event whose handler published this one (None for a root event).
+    #[getter]
+    fn causation_id<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.causation(py)
+    }
+
+    /// The ordering key: `publish(key=...)`, else the event's `aggregate_id`, else None.
+    #[getter]
+    fn key<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if let Some(k) = &self.key {
+            return Ok(Some(k.bind(py).clone()));
+        }
+        events::aggregate_key(self.event.bind(py), self.route.class_has_key)
+    }
+
+    /// 1 for the first call of a handler, 2 for its first retry, ...
+    #[getter]
+    fn attempt(&self) -> u32 {
+        self.attempt.load(Relaxed)
+    }
+
+    /// The name of the subscription being run.
+    #[getter]
+    fn subscription(&self) -> Option<String> {
+        self.route.subs.get(self.sub_index.load(Relaxed)).map(|s| s.name.clone())
+    }
+
+    /// The event's type key.
+    #[getter]
+    fn event_type(&self) -> &str {
+        &self.route.type_key
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "Envelope(event_type={:?}, event_id={}, correlation_id={}, causation_id={}, subscription={:?}, attempt={})",
+            self.route.type_key,
+            self.id(py)?.repr()?,
+            self.correlation(py)?.repr()?,
+            self.causation(py).map_or_else(|| Ok("None".to_owned()), |c| c.repr().map(|r| r.to_string()))?,
+            self.subscription(),
+            self.attempt()
+        ))
+    }
+}
+
+static CURRENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The context variable holding the envelope being handled.
+pub fn current_var(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    CURRENT.get_or_try_init(py, || {
+        let cv = py.import("contextvars")?.getattr("ContextVar")?;
+        Ok::<_, PyErr>(cv.call1(("oxbus_envelope",))?.unbind())
+    })
+    .map(|v| v.bind(py))
+}
+
+/// Sets the current envelope in the running context (the worker task's).
+pub fn set_current(py: Python<'_>, env: &Bound<'_, PyEnvelope>) -> PyResult<()> {
+    let var = current_var(py)?;
+    // SAFETY: both pointers are live objects while the GIL is held; the returned token is a
+    // new reference that we release at once (we never reset: the next event overwrites).
+    let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), env.as_ptr()) };
+    if token.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `token` is a new, non-null reference we own.
+    unsafe { ffi::Py_DECREF(token) };
+    Ok(())
+}
+
+/// The envelope set in the running context, if any.
+pub fn get_current(py: Python<'_>) -> PyResult<Option<Bound<'_, PyEnvelope>>> {
+    let var = current_var(py)?;
+    let mut out: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: `var` is a live ContextVar; `out` receives a new reference or NULL.
+    let rc = unsafe { ffi::PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &raw mut out) };
+    if rc < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    if out.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: a new, non-null reference we own.
+    let obj = unsafe { Bound::from_owned_ptr(py, out) };
+    Ok(obj.cast_into::<PyEnvelope>().ok())
+}
+
+/// The envelope of the event being handled, or None outside a handler.
+#[pyfunction]
+pub fn current_envelope(py: Python<'_>) -> PyResult<Option<Bound<'_, PyEnvelope>>> {
+    get_current(py)
+}

@@ -1,0 +1,41 @@
+//! One mapping from engine errors to the exceptions of `oxbus.errors`.
+//!
+//! The exception classes are defined in Python (`python/oxbus/errors.py`) so they can also
+//! inherit what drop-in users already catch (`RuntimeError`, `asyncio.QueueFull`, `TypeError`,
+//! `ValueError`); this module looks each up once and raises it.
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
+
+use crate::core::CoreError;
+
+macro_rules! oxbus_error {
+    ($fn_name:ident, $class:literal) => {
+        #[doc = concat!("`oxbus.errors.", $class, "` with a message.")]
+        pub fn $fn_name(msg: impl Into<String>) -> PyErr {
+            static CELL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+            let msg: String = msg.into();
+            Python::attach(|py| match CELL.import(py, "oxbus.errors", $class) {
+                Ok(cls) => PyErr::from_type(cls.clone(), msg),
+                Err(e) => e,
+            })
+        }
+    };
+}
+
+oxbus_error!(bus_not_started, "BusNotStarted");
+oxbus_error!(bus_closed, "BusClosed");
+oxbus_error!(queue_full, "QueueFull");
+oxbus_error!(invalid_event, "InvalidEvent");
+oxbus_error!(invalid_subscription, "InvalidSubscription");
+oxbus_error!(configuration_error, "ConfigurationError");
+
+/// Maps an engine error to its Python exception.
+pub fn to_py(e: &CoreError) -> PyErr {
+    match e {
+        CoreError::InvalidSetting { .. } => configuration_error(e.to_string()),
+        CoreError::InvalidPattern { .. } => invalid_subscription(e.to_string()),
+        CoreError::QueueFull { .. } => queue_full(e.to_string()),
+    }
+}

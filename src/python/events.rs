@@ -1,0 +1,187 @@
+//! How a Python object is read as an event: its type key, class lineage, key and id, and how a
+//! subscription target (class, string, Enum member) becomes a `Matcher`. Also the one place that
+//! steps an awaitable with `PyIter_Send`.
+
+use pyo3::ffi;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
+
+use crate::core::routing::Matcher;
+use crate::python::errors;
+
+static ENUM: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn enum_value<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = obj.py();
+    let enum_cls = ENUM.import(py, "enum", "Enum")?;
+    if obj.is_instance(enum_cls.as_any())? {
+        Ok(Some(obj.getattr(intern!(py, "value"))?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The event's type key: `event_type` (a str, or an Enum whose value is used), a dict's
+/// `"event_type"` item, else the class name.
+pub fn type_key(event: &Bound<'_, PyAny>) -> PyResult<String> {
+    let py = event.py();
+    let raw = if let Ok(d) = event.cast::<PyDict>() {
+        d.get_item(intern!(py, "event_type"))?
+    } else {
+        event.getattr_opt(intern!(py, "event_type"))?
+    };
+    if let Some(raw) = raw {
+        let raw = enum_value(&raw)?.unwrap_or(raw);
+        if let Ok(s) = raw.cast::<PyString>() {
+            return Ok(s.to_str()?.to_owned());
+        }
+        if !raw.is_none() {
+            return Ok(raw.str()?.to_str()?.to_owned());
+        }
+    }
+    Ok(event.get_type().name()?.to_str()?.to_owned())
+}
+
+/// Ids of the event's class and its bases, most derived first.
+pub fn mro_ids(ty: &Bound<'_, PyType>) -> PyResult<Vec<usize>> {
+    let mro = ty.getattr(intern!(ty.py(), "__mro__"))?;
+    let mro = mro.cast::<PyTuple>()?;
+    Ok(mro.iter().map(|t| t.as_ptr() as usize).collect())
+}
+
+/// Whether instances of `ty` carry `aggregate_id` on the class (property or class attribute).
+pub fn class_has_key(ty: &Bound<'_, PyType>) -> PyResult<bool> {
+    ty.hasattr(intern!(ty.py(), "aggregate_id"))
+}
+
+/// The event's ordering key: a dict's `"aggregate_id"` item, or the `aggregate_id` attribute
+/// (looked up on the class when it defines one, else in the instance's `__dict__`, so events
+/// without one never pay for an `AttributeError`). `None` when absent or `None`.
+pub fn aggregate_key<'py>(event: &Bound<'py, PyAny>, class_has_key: bool) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = event.py();
+    let found = if let Ok(d) = event.cast::<PyDict>() {
+        d.get_item(intern!(py, "aggregate_id"))?
+    } else if class_has_key {
+        Some(event.getattr(intern!(py, "aggregate_id"))?)
+    } else {
+        match event.getattr_opt(intern!(py, "__dict__"))? {
+            Some(d) => match d.cast::<PyDict>() {
+                Ok(d) => d.get_item(intern!(py, "aggregate_id"))?,
+                Err(_) => None,
+            },
+            None => None,
+        }
+    };
+    Ok(found.filter(|k| !k.is_none()))
+}
+
+/// The lane of a key: its Python hash. Different keys with equal hashes share a lane, which
+/// only costs parallelism, never order.
+pub fn lane_of(key: &Bound<'_, PyAny>) -> PyResult<u64> {
+    match key.hash() {
+        #[allow(clippy::cast_sign_loss)]
+        Ok(h) => Ok(h as u64),
+        Err(_) => Err(errors::invalid_event(format!(
+            "the event key {} (type {}) is unhashable; keys order events per aggregate and must be hashable",
+            key.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string()),
+            key.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string()),
+        ))),
+    }
+}
+
+/// A subscription target as a matcher: a class (by identity; subclasses match), a string
+/// (exact, or a topic pattern with `*` / `#`), or an Enum member (its string value).
+pub fn matcher_for(target: &Bound<'_, PyAny>) -> PyResult<Matcher> {
+    if let Ok(ty) = target.cast::<PyType>() {
+        return Ok(Matcher::Class(ty.as_ptr() as usize));
+    }
+    let value = enum_value(target)?;
+    let s = value.as_ref().unwrap_or(target);
+    if let Ok(s) = s.cast::<PyString>() {
+        return Matcher::for_str(s.to_str()?).map_err(|e| errors::to_py(&e));
+    }
+    Err(errors::invalid_subscription(format!(
+        "cannot subscribe to {} (type {}): give an event class, a type string, a pattern such as \"order.*\", or an Enum member with a string value",
+        target.repr()?,
+        target.get_type().name()?
+    )))
+}
+
+/// What one step of an awaitable gave.
+pub enum Step<'py> {
+    /// It yielded this (a future to wait on, or None for a bare yield).
+    Yielded(Bound<'py, PyAny>),
+    /// It finished (its value is not needed: handlers' results are ignored).
+    Returned,
+}
+
+/// Sends `None` into an iterator-like awaitable (a coroutine, or the iterator of `__await__`).
+pub fn send_none<'py>(it: &Bound<'py, PyAny>) -> PyResult<Step<'py>> {
+    let py = it.py();
+    let mut out: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: `it` is a live object while the GIL is held; `out` receives a new reference (or
+    // NULL with an exception set), which we take ownership of right away.
+    let status = unsafe { ffi::PyIter_Send(it.as_ptr(), ffi::Py_None(), &raw mut out) };
+    match status {
+        ffi::PySendResult::PYGEN_NEXT => {
+            // SAFETY: PYGEN_NEXT returns a new, non-null reference.
+            Ok(Step::Yielded(unsafe { Bound::from_owned_ptr(py, out) }))
+        }
+        ffi::PySendResult::PYGEN_RETURN => {
+            // SAFETY: PYGEN_RETURN returns a new, non-null reference; dropping it releases it.
+            drop(unsafe { Bound::from_owned_ptr(py, out) });
+            Ok(Step::Returned)
+        }
+        ffi::PySendResult::PYGEN_ERROR => Err(PyErr::fetch(py)),
+    }
+}
+
+/// Throws an exception into an awaitable's iterator.
+pub fn throw_into<'py>(it: &Bound<'py, PyAny>, err: &PyErr) -> PyResult<Step<'py>> {
+    let py = it.py();
+    match it.call_method1(intern!(py, "throw"), (err.value(py),)) {
+        Ok(v) => Ok(Step::Yielded(v)),
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => Ok(Step::Returned),
+        Err(e) => Err(e),
+    }
+}
+
+/// The iterator that drives `obj` when it is awaitable: a coroutine itself, or
+/// `obj.__await__()`. `None` for a plain value (a sync handler's result).
+pub fn awaitable_iter<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    // SAFETY: type checks on a live object.
+    if unsafe { ffi::PyCoro_CheckExact(obj.as_ptr()) } != 0 {
+        return Ok(Some(obj.clone()));
+    }
+    if obj.is_none() {
+        return Ok(None);
+    }
+    let py = obj.py();
+    match obj.getattr_opt(intern!(py, "__await__"))? {
+        Some(m) => {
+            let it = m.call0()?;
+            Ok(Some(it))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A clear error for a handler argument that cannot be called.
+pub fn check_callable(handler: &Bound<'_, PyAny>) -> PyResult<()> {
+    if handler.is_callable() {
+        Ok(())
+    } else {
+        Err(errors::invalid_subscription(format!(
+            "handler must be callable, got {} (type {})",
+            handler.repr()?,
+            handler.get_type().name()?
+        )))
+    }
+}
+
+/// The `TypeError` raised for `publish(None)`.
+pub fn none_event_error() -> PyErr {
+    errors::invalid_event("cannot publish None: an event must be an object (a DomainEvent, a dataclass, a dict, ...)")
+}

@@ -1,0 +1,23 @@
+//! The PyO3 layer: the `oxbus._oxbus` module. Thin wrappers that convert and delegate to the
+//! engine in `crate::core`; the public API is the Python package `oxbus`.
+
+mod bus;
+mod envelope;
+mod errors;
+mod events;
+mod worker;
+
+use pyo3::prelude::*;
+
+/// The native half of oxbus. Import `oxbus`, not this module.
+#[pymodule]
+fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<bus::PyBusCore>()?;
+    m.add_class::<worker::PyWorker>()?;
+    m.add_class::<envelope::PyEnvelope>()?;
+    m.add_class::<bus::PyRetryPolicy>()?;
+    m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
+    m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

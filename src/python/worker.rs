@@ -1,0 +1,366 @@
+//! A worker: a hand-written coroutine that an asyncio task drives, and that drives handlers.
+//!
+//! `__next__` / `send` / `throw` implement `yield from` in Rust: the worker takes an event from
+//! the lanes, calls each handler in priority order, and steps a handler's coroutine with
+//! `PyIter_Send`. A handler that finishes without suspending costs one call and one send, with
+//! no task, no future and no thread crossing. A handler that suspends makes the worker yield the
+//! handler's future to the asyncio task, so `asyncio.current_task()`, timeouts and cancellation
+//! behave as in any task. An idle worker yields its own loop future, resolved by the next
+//! publish (one wake-up per batch, not per event). After `BUDGET` events in one step the worker
+//! yields once so the loop stays responsive under a long backlog.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyException;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+
+use crate::core::stats::bump;
+use crate::python::bus::{resolve_all, PyBusCore, RunState};
+use crate::python::envelope::{self, PyEnvelope};
+use crate::python::events::{self, Step};
+
+/// Events one worker handles before it yields to the loop once.
+const BUDGET: u32 = 1024;
+
+static SLEEP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static CANCELLED: PyOnceLock<Py<pyo3::types::PyType>> = PyOnceLock::new();
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A handler's coroutine (or executor future).
+    Handler,
+    /// The after-call hook's awaitable (`event_storage.mark_event_processed`).
+    Hook,
+    /// The sleep before a retry.
+    Backoff,
+}
+
+struct Current {
+    env: Py<PyEnvelope>,
+    lane: Option<u64>,
+    idx: usize,
+    attempt: u32,
+    started: Instant,
+    /// Decided when the hook was called: retry the same subscription after the hook.
+    retry_after_hook: bool,
+}
+
+#[derive(Default)]
+struct State {
+    cur: Option<Current>,
+    awaiting: Option<(Py<PyAny>, Kind)>,
+    /// Yielded a handler's future: not dispatching, so not counted as active.
+    suspended: bool,
+    /// The task was cancelled (a `CancelledError` was thrown in).
+    cancelled: bool,
+}
+
+/// One dispatch loop; `EventBus.start()` runs `workers` of them as asyncio tasks.
+#[pyclass(frozen, name = "Worker", module = "oxbus._oxbus")]
+pub struct PyWorker {
+    core: Py<PyBusCore>,
+    index: usize,
+    st: Mutex<State>,
+}
+
+fn is_cancelled_error(py: Python<'_>, e: &PyErr) -> bool {
+    CANCELLED.import(py, "asyncio", "CancelledError").is_ok_and(|c| e.is_instance(py, c.as_any()))
+}
+
+impl PyWorker {
+    pub fn new(core: Py<PyBusCore>, index: usize) -> Self {
+        Self { core, index, st: Mutex::new(State::default()) }
+    }
+
+    fn core(&self) -> &PyBusCore {
+        self.core.get()
+    }
+
+    /// Runs until something must be awaited; returns what to yield to the task.
+    fn step(&self, py: Python<'_>, mut incoming: Option<PyErr>) -> PyResult<Py<PyAny>> {
+        let mut st = self.st.lock();
+        if st.suspended {
+            st.suspended = false;
+            self.core().inner.lock().active += 1;
+        }
+        let mut handled = 0u32;
+        loop {
+            if let Some((it, kind)) = st.awaiting.take() {
+                let thrown = incoming.take();
+                if thrown.as_ref().is_some_and(|e| is_cancelled_error(py, e)) {
+                    st.cancelled = true;
+                }
+                let bound = it.bind(py);
+                let res = match &thrown {
+                    Some(e) => events::throw_into(bound, e),
+                    None => events::send_none(bound),
+                };
+                match res {
+                    Ok(Step::Yielded(v)) => {
+                        st.awaiting = Some((it, kind));
+                        self.suspend(py, &mut st);
+                        return Ok(v.unbind());
+                    }
+                    Ok(Step::Returned) => self.after_await(py, &mut st, kind, None)?,
+                    Err(e) => self.after_await(py, &mut st, kind, Some(e))?,
+                }
+                continue;
+            }
+            if let Some(e) = incoming.take() {
+                return Err(e);
+            }
+            if st.cancelled {
+                // Cancelled while a handler ran and the handler swallowed it: finish as asked.
+                return Err(pyo3::exceptions::asyncio::CancelledError::new_err("worker cancelled"));
+            }
+            if st.cur.is_none() {
+                if handled >= BUDGET {
+                    return Ok(py.None());
+                }
+                match self.take(py, &mut st)? {
+                    Some(idle_future) => return Ok(idle_future),
+                    None => handled += 1,
+                }
+            }
+            self.call_next(py, &mut st)?;
+        }
+    }
+
+    /// Takes the next event into `st.cur`; when there is none, returns the idle future to yield.
+    fn take(&self, py: Python<'_>, st: &mut State) -> PyResult<Option<Py<PyAny>>> {
+        let core = self.core();
+        let mut inner = core.inner.lock();
+        if let Some((item, lane)) = inner.lanes.take() {
+            inner.in_flight += 1;
+            let admitted = inner.admit_blocked(py);
+            drop(inner);
+            resolve_all(py, admitted);
+            envelope::set_current(py, item.env.bind(py))?;
+            st.cur = Some(Current { env: item.env, lane, idx: 0, attempt: 1, started: Instant::now(), retry_after_hook: false });
+            return Ok(None);
+        }
+        let loop_ = inner.loop_.as_ref().map(|l| l.clone_ref(py));
+        drop(inner);
+        let Some(loop_) = loop_ else {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err("worker started before the bus"));
+        };
+        // Creating a future runs no user code, so nothing can be queued between the empty
+        // `take` above and registering as idle below.
+        let fut = loop_.bind(py).call_method0(intern!(py, "create_future"))?;
+        fut.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+        let mut inner = core.inner.lock();
+        inner.active -= 1;
+        inner.idle.push(fut.clone().unbind());
+        let drains = inner.take_drain_waiters();
+        drop(inner);
+        resolve_all(py, drains);
+        Ok(Some(fut.unbind()))
+    }
+
+    /// Yielding a handler's future: this worker stops dispatching; wake another if work waits.
+    fn suspend(&self, py: Python<'_>, st: &mut State) {
+        st.suspended = true;
+        let mut inner = self.core().inner.lock();
+        inner.active -= 1;
+        let wake = inner.wake_if_needed(py);
+        drop(inner);
+        if let Some(f) = wake {
+            resolve_all(py, vec![f]);
+        }
+    }
+
+    /// Calls the next subscription of the current event, or finishes the event.
+    fn call_next(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
+        let cur = st.cur.as_mut().expect("an event is current");
+        let env = cur.env.get();
+        let route = Arc::clone(env.route());
+        let Some(sub) = route.subs.get(cur.idx) else {
+            return self.finish_event(py, st);
+        };
+        env.set_call(cur.idx, cur.attempt);
+        let event = env.event_ref().bind(py);
+        cur.started = Instant::now();
+        let result = if sub.payload.threaded {
+            self.in_executor(py, &sub.payload.callable, event)
+        } else {
+            sub.payload.callable.bind(py).call1((event,))
+        };
+        match result.and_then(|r| events::awaitable_iter(&r)) {
+            Ok(Some(it)) => {
+                st.awaiting = Some((it.unbind(), Kind::Handler));
+                Ok(())
+            }
+            Ok(None) => self.call_done(py, st, None),
+            Err(e) => self.call_done(py, st, Some(e)),
+        }
+    }
+
+    fn in_executor<'py>(&self, py: Python<'py>, f: &Py<PyAny>, event: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let core = self.core();
+        let loop_ = core.inner.lock().loop_.as_ref().map(|l| l.clone_ref(py));
+        let loop_ = loop_.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no loop"))?;
+        let executor = core.executor.as_ref().map_or_else(|| py.None(), |e| e.clone_ref(py));
+        loop_.bind(py).call_method1(intern!(py, "run_in_executor"), (executor, f.bind(py), event))
+    }
+
+    fn after_await(&self, py: Python<'_>, st: &mut State, kind: Kind, err: Option<PyErr>) -> PyResult<()> {
+        match kind {
+            Kind::Handler => self.call_done(py, st, err),
+            Kind::Hook => {
+                if let Some(e) = err {
+                    if !e.is_instance_of::<PyException>(py) {
+                        return Err(e);
+                    }
+                    e.write_unraisable(py, None);
+                }
+                self.advance(py, st)
+            }
+            Kind::Backoff => {
+                self.core().inner.lock().retrying -= 1;
+                match err {
+                    Some(e) => Err(e),
+                    None => self.call_next(py, st),
+                }
+            }
+        }
+    }
+
+    /// Books a finished handler call, then runs the after-call hook, a retry, or moves on.
+    fn call_done(&self, py: Python<'_>, st: &mut State, err: Option<PyErr>) -> PyResult<()> {
+        if let Some(e) = &err {
+            // KeyboardInterrupt, SystemExit and the like end the worker (and, with asyncio,
+            // the program), as they would in any task; CancelledError counts as a failure.
+            if !e.is_instance_of::<PyException>(py) && !is_cancelled_error(py, e) {
+                return Err(err.expect("checked above"));
+            }
+        }
+        let cur = st.cur.as_mut().expect("an event is current");
+        let env = cur.env.get();
+        let route = Arc::clone(env.route());
+        let sub = &route.subs[cur.idx];
+        #[allow(clippy::cast_possible_truncation)]
+        let ns = cur.started.elapsed().as_nanos() as u64;
+        let ok = err.is_none();
+        let retry = !ok && !st.cancelled && cur.attempt < sub.payload.retry.max_attempts;
+        let hook = {
+            let mut inner = self.core().inner.lock();
+            inner.stats.record_call(ns, ok);
+            if !ok {
+                bump(&route.counters.failed, 1);
+            }
+            if retry {
+                inner.stats.retried += 1;
+            } else if !ok {
+                inner.stats.dead_lettered += 1;
+            }
+            if ok && !inner.hook_on_success {
+                None
+            } else {
+                inner.after_call.as_ref().map(|h| h.clone_ref(py))
+            }
+        };
+        cur.retry_after_hook = retry;
+        if let Some(hook) = hook {
+            let err_obj = err.as_ref().map_or_else(|| py.None(), |e| e.value(py).clone().into_any().unbind());
+            let r = hook.bind(py).call1((cur.env.bind(py), &sub.name, err_obj, ns as f64 / 1e9, cur.attempt, !ok && !retry));
+            match r.and_then(|r| events::awaitable_iter(&r)) {
+                Ok(Some(it)) => {
+                    st.awaiting = Some((it.unbind(), Kind::Hook));
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => e.write_unraisable(py, Some(hook.bind(py))),
+            }
+        }
+        self.advance(py, st)
+    }
+
+    /// After a call and its hook: sleep then retry the same subscription, or go to the next.
+    fn advance(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
+        let cur = st.cur.as_mut().expect("an event is current");
+        if cur.retry_after_hook {
+            let route = Arc::clone(cur.env.get().route());
+            let delay = route.subs[cur.idx].payload.retry.delay(cur.attempt, fastrand::f64());
+            cur.attempt += 1;
+            cur.retry_after_hook = false;
+            let sleep = SLEEP.get_or_try_init(py, || Ok::<_, PyErr>(py.import("asyncio")?.getattr("sleep")?.unbind()))?;
+            let coro = sleep.bind(py).call1((delay,))?;
+            self.core().inner.lock().retrying += 1;
+            st.awaiting = Some((coro.unbind(), Kind::Backoff));
+        } else {
+            cur.idx += 1;
+            cur.attempt = 1;
+        }
+        Ok(())
+    }
+
+    fn finish_event(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
+        let cur = st.cur.take().expect("an event is current");
+        let route = Arc::clone(cur.env.get().route());
+        let mut inner = self.core().inner.lock();
+        inner.in_flight -= 1;
+        inner.lanes.done(cur.lane);
+        inner.stats.processed += 1;
+        bump(&route.counters.processed, 1);
+        let drains = inner.take_drain_waiters();
+        drop(inner);
+        resolve_all(py, drains);
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl PyWorker {
+    fn __await__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.step(py, None)
+    }
+
+    fn send(&self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        self.step(py, None)
+    }
+
+    #[pyo3(signature = (typ, val=None, _tb=None))]
+    fn throw(&self, py: Python<'_>, typ: &Bound<'_, PyAny>, val: Option<&Bound<'_, PyAny>>, _tb: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        let err = match val {
+            Some(v) if !v.is_none() => PyErr::from_value(v.clone()),
+            _ => PyErr::from_value(typ.clone()),
+        };
+        if is_cancelled_error(py, &err) {
+            self.st.lock().cancelled = true;
+        }
+        self.step(py, Some(err))
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.st.lock();
+        if let Some((it, _)) = st.awaiting.take() {
+            if let Ok(close) = it.bind(py).getattr(intern!(py, "close")) {
+                close.call0()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker's index (0-based).
+    #[getter]
+    fn index(&self) -> usize {
+        self.index
+    }
+
+    fn __repr__(&self) -> String {
+        let running = self.core().inner.lock().state == RunState::Running;
+        format!("<oxbus Worker {} ({})>", self.index, if running { "running" } else { "stopped" })
+    }
+}

@@ -362,7 +362,9 @@ class EventBus:
 
     # ---------------------------------------------------------------- publishing
 
-    async def publish(self, event: Any, *, key: Any = None, correlation_id: Any = None) -> bool:
+    # key and correlation_id are positional-or-keyword on purpose: keyword-only defaults
+    # cost a dict lookup per call on this, the hottest path.
+    async def publish(self, event: Any, key: Any = None, correlation_id: Any = None) -> bool:
         """Publishes ``event``; returns True once the bus accepted it.
 
         Waits only when ``max_queue_size`` events are queued. ``key`` overrides the
@@ -470,7 +472,7 @@ class EventBus:
         env: Envelope,
         subscription: str,
         error: BaseException | None,
-        duration_s: float,
+        duration_s: float | None,
         attempt: int,
         final: bool,
     ) -> Awaitable[Any] | None:
@@ -480,7 +482,7 @@ class EventBus:
                 event_id=env.event_id,
                 success=error is None,
                 error_message=None if error is None else f"{type(error).__name__}: {error}",
-                processing_time_ms=duration_s * 1000.0,
+                processing_time_ms=0.0 if duration_s is None else duration_s * 1000.0,
                 retry_attempt=attempt - 1,
                 subscription=subscription,
             )

@@ -5,6 +5,26 @@
 
 use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, RefreshKind, System};
 
+/// A cheap monotonic timestamp in nanoseconds, precise to a few milliseconds: enough for the
+/// age of queued events, and read on every publish, so it must cost next to nothing.
+pub fn coarse_now_ns() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE always exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+        #[allow(clippy::cast_sign_loss)]
+        return ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        #[allow(clippy::cast_possible_truncation)]
+        return START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64;
+    }
+}
+
 /// What sysinfo read about this process and machine.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcessSample {

@@ -164,10 +164,13 @@ impl Stats {
         c
     }
 
-    /// Records one handler call's duration and outcome.
-    pub fn record_call(&mut self, ns: u64, ok: bool) {
-        self.handler_ns += u128::from(ns);
-        self.latency.record(ns);
+    /// Records one handler call's outcome, and its duration when it was timed (calls may be
+    /// sampled; the mean and quantiles are over the timed ones).
+    pub fn record_call(&mut self, ns: Option<u64>, ok: bool) {
+        if let Some(ns) = ns {
+            self.handler_ns += u128::from(ns);
+            self.latency.record(ns);
+        }
         if ok {
             self.succeeded += 1;
         } else {

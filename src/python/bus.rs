@@ -6,9 +6,8 @@
 //! crossing. Only a full queue hands back a loop future, resolved in FIFO order as room frees.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
 
 use parking_lot::Mutex;
 use pyo3::intern;
@@ -22,7 +21,7 @@ use crate::core::retry::RetryPolicy;
 use crate::core::routing::{Matcher, Router, Subscription};
 use crate::core::stats::{bump, Stats, TypeCounters};
 use crate::core::CoreError;
-use crate::python::envelope::{self, Origin, PyEnvelope};
+use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
 use crate::python::worker::PyWorker;
@@ -103,8 +102,9 @@ pub struct Route {
 
 /// An accepted event waiting for a worker.
 pub struct Queued {
-    pub env: Py<PyEnvelope>,
-    pub enqueued: Instant,
+    pub env: Arc<EnvData>,
+    /// `health::coarse_now_ns()` at publish.
+    pub enqueued: u64,
 }
 
 struct Blocked {
@@ -143,7 +143,6 @@ pub struct Inner {
     pub stats: Stats,
     pub loop_: Option<Py<PyAny>>,
     pub after_call: Option<Py<PyAny>>,
-    pub hook_on_success: bool,
     pub dead_letters: u64,
     /// (event, subscription) pairs sleeping before a retry.
     pub retrying: usize,
@@ -176,7 +175,7 @@ impl Inner {
             if b.fut.bind(py).call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()).unwrap_or(true) {
                 continue;
             }
-            bump(&b.item.env.get().route().counters.published, 1);
+            bump(&b.item.env.route().counters.published, 1);
             self.lanes.push(b.item, b.lane);
             self.stats.published += 1;
             out.push(b.fut);
@@ -238,9 +237,16 @@ pub struct PyBusCore {
     pub thresholds: Thresholds,
     /// `wait_for` waiters registered; read without the lock on every publish.
     waiter_count: AtomicUsize,
+    /// Whether the after-call hook runs after successful calls too (`event_storage`).
+    hook_on_success: AtomicBool,
 }
 
 impl PyBusCore {
+    /// Whether the after-call hook also runs after successful calls.
+    pub fn hook_on_success(&self) -> bool {
+        self.hook_on_success.load(Relaxed)
+    }
+
     /// The cached route of an event (resolved on first sight of its class, or of its class and
     /// type key when string subscriptions exist or the event is a dict).
     fn route(&self, event: &Bound<'_, PyAny>) -> PyResult<Arc<Route>> {
@@ -312,7 +318,7 @@ impl PyBusCore {
             Some(c) => Origin::Root(Some(c.unbind())),
             None => match envelope::get_current(py)? {
                 Some(parent) => {
-                    let p = parent.get();
+                    let p = &parent;
                     Origin::Child(p.correlation(py)?.unbind(), p.id(py)?.unbind())
                 }
                 None => Origin::Root(None),
@@ -321,15 +327,15 @@ impl PyBusCore {
         if let Origin::Child(c, cause) = &origin {
             mark_domain_event(event, c.bind(py), cause.bind(py))?;
         }
-        let env = PyEnvelope::new(event.clone().unbind(), origin, key.map(Bound::unbind), route);
-        Ok((Queued { env: Py::new(py, env)?, enqueued: Instant::now() }, lane))
+        let env = EnvData::new(event.clone().unbind(), origin, key.map(Bound::unbind), route);
+        Ok((Queued { env: Arc::new(env), enqueued: health::coarse_now_ns() }, lane))
     }
 
     fn notify_waiters(&self, py: Python<'_>, item: &Queued) -> PyResult<()> {
         if self.waiter_count.load(Relaxed) == 0 {
             return Ok(());
         }
-        let env = item.env.get();
+        let env = Arc::clone(&item.env);
         let route = Arc::clone(env.route());
         let waiters = std::mem::take(&mut self.inner.lock().waiters);
         let mut keep = Vec::with_capacity(waiters.len());
@@ -367,7 +373,7 @@ impl PyBusCore {
     /// Accepts one event: queued now (None), or a future that resolves once it is accepted.
     fn accept(&self, py: Python<'_>, item: Queued, lane: Option<u64>, wait: bool) -> PyResult<Option<Py<PyAny>>> {
         self.notify_waiters(py, &item)?;
-        let env = item.env.get();
+        let env = Arc::clone(&item.env);
         let route = Arc::clone(env.route());
         let mut inner = self.inner.lock();
         Self::check_running(inner.state)?;
@@ -461,7 +467,6 @@ impl PyBusCore {
                 stats: Stats::default(),
                 loop_: None,
                 after_call: None,
-                hook_on_success: false,
                 dead_letters: 0,
                 retrying: 0,
                 probe: None,
@@ -473,6 +478,7 @@ impl PyBusCore {
             default_retry: retry.map_or_else(RetryPolicy::default, |r| r.get().policy),
             thresholds: Thresholds::default(),
             waiter_count: AtomicUsize::new(0),
+            hook_on_success: AtomicBool::new(false),
         })
     }
 
@@ -511,7 +517,7 @@ impl PyBusCore {
             }
         };
         let (mut item, lane) = self.envelope(py, event, None, None)?;
-        let full = item.env.get().route();
+        let full = item.env.route();
         let route = Route {
             _class: full._class.clone_ref(py),
             subs: vec![sub],
@@ -520,12 +526,12 @@ impl PyBusCore {
             class_has_key: full.class_has_key,
             counters: Arc::clone(&full.counters),
         };
-        let env = item.env.get();
+        let env = Arc::clone(&item.env);
         let origin = match env.causation(py) {
             Some(c) => Origin::Child(env.correlation(py)?.unbind(), c.unbind()),
             None => Origin::Root(None),
         };
-        item.env = Py::new(py, PyEnvelope::new(event.clone().unbind(), origin, None, Arc::new(route)))?;
+        item.env = Arc::new(EnvData::new(event.clone().unbind(), origin, None, Arc::new(route)));
         if let Some(fut) = self.accept(py, item, lane, true)? {
             drop(fut);
         }
@@ -566,9 +572,8 @@ impl PyBusCore {
     /// Installs the hook called after handler calls: on failures, and on every call when
     /// `on_success` (the `event_storage` protocol needs one call per handler call).
     fn set_after_call(&self, hook: Option<Py<PyAny>>, on_success: bool) {
-        let mut inner = self.inner.lock();
-        inner.after_call = hook;
-        inner.hook_on_success = on_success;
+        self.inner.lock().after_call = hook;
+        self.hook_on_success.store(on_success, Relaxed);
     }
 
     /// Marks the bus running on `loop` (idempotent).
@@ -771,8 +776,8 @@ impl PyBusCore {
         let sample = py.detach(|| probe.sample());
         let mut inner = self.inner.lock();
         inner.probe = Some(probe);
-        let now = Instant::now();
-        let oldest = inner.lanes.heads().map(|q| now.duration_since(q.enqueued).as_secs_f64()).fold(0.0, f64::max);
+        let now = health::coarse_now_ns();
+        let oldest = inner.lanes.heads().map(|q| now.saturating_sub(q.enqueued) as f64 / 1e9).fold(0.0, f64::max);
         let readings = Readings {
             running: inner.state == RunState::Running,
             queued: inner.lanes.len(),

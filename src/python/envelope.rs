@@ -4,6 +4,7 @@
 //! Ids are computed lazily: an envelope that nobody asks about costs one allocation.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use pyo3::ffi;
@@ -29,10 +30,10 @@ pub enum Origin {
     Child(Py<PyAny>, Py<PyAny>),
 }
 
-/// The event being handled and where it came from. `oxbus.current_envelope()` returns it inside
-/// a handler.
-#[pyclass(frozen, name = "Envelope", module = "oxbus._oxbus")]
-pub struct PyEnvelope {
+/// What travels with an event through the queue: the event, where it came from, its route,
+/// and which call is running. Plain Rust behind an `Arc`: the Python `Envelope` is made only
+/// when someone asks (`current_envelope()`, the after-call hook).
+pub struct EnvData {
     event: Py<PyAny>,
     origin: Origin,
     key: Option<Py<PyAny>>,
@@ -42,7 +43,7 @@ pub struct PyEnvelope {
     attempt: AtomicU32,
 }
 
-impl PyEnvelope {
+impl EnvData {
     pub fn new(event: Py<PyAny>, origin: Origin, key: Option<Py<PyAny>>, route: Arc<Route>) -> Self {
         Self {
             event,
@@ -113,6 +114,24 @@ impl PyEnvelope {
             Origin::Root(_) => None,
         }
     }
+
+    /// The name of the subscription running now.
+    pub fn subscription(&self) -> Option<String> {
+        self.route.subs.get(self.sub_index.load(Relaxed)).map(|s| s.name.clone())
+    }
+}
+
+/// The event being handled and where it came from. `oxbus.current_envelope()` returns it inside
+/// a handler.
+#[pyclass(frozen, name = "Envelope", module = "oxbus._oxbus")]
+pub struct PyEnvelope {
+    data: Arc<EnvData>,
+}
+
+impl PyEnvelope {
+    pub fn new(data: Arc<EnvData>) -> Self {
+        Self { data }
+    }
 }
 
 #[pymethods]
@@ -120,62 +139,63 @@ impl PyEnvelope {
     /// The event object, exactly as published.
     #[getter]
     fn event(&self, py: Python<'_>) -> Py<PyAny> {
-        self.event.clone_ref(py)
+        self.data.event.clone_ref(py)
     }
 
     /// The event's id (see `oxbus.DomainEvent.event_id`).
     #[getter]
     fn event_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.id(py)
+        self.data.id(py)
     }
 
     /// The id shared by every event of one causal chain.
     #[getter]
     fn correlation_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.correlation(py)
+        self.data.correlation(py)
     }
 
     /// The id of the event whose handler published this one (None for a root event).
     #[getter]
     fn causation_id<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
-        self.causation(py)
+        self.data.causation(py)
     }
 
     /// The ordering key: `publish(key=...)`, else the event's `aggregate_id`, else None.
     #[getter]
     fn key<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        if let Some(k) = &self.key {
+        if let Some(k) = &self.data.key {
             return Ok(Some(k.bind(py).clone()));
         }
-        events::aggregate_key(self.event.bind(py), self.route.class_has_key)
+        events::aggregate_key(self.data.event.bind(py), self.data.route.class_has_key)
     }
 
     /// 1 for the first call of a handler, 2 for its first retry, ...
     #[getter]
     fn attempt(&self) -> u32 {
-        self.attempt.load(Relaxed)
+        self.data.attempt.load(Relaxed)
     }
 
     /// The name of the subscription being run.
     #[getter]
     fn subscription(&self) -> Option<String> {
-        self.route.subs.get(self.sub_index.load(Relaxed)).map(|s| s.name.clone())
+        self.data.subscription()
     }
 
     /// The event's type key.
     #[getter]
     fn event_type(&self) -> &str {
-        &self.route.type_key
+        &self.data.route.type_key
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let d = &self.data;
         Ok(format!(
             "Envelope(event_type={:?}, event_id={}, correlation_id={}, causation_id={}, subscription={:?}, attempt={})",
-            self.route.type_key,
-            self.id(py)?.repr()?,
-            self.correlation(py)?.repr()?,
-            self.causation(py).map_or_else(|| Ok("None".to_owned()), |c| c.repr().map(|r| r.to_string()))?,
-            self.subscription(),
+            d.route.type_key,
+            d.id(py)?.repr()?,
+            d.correlation(py)?.repr()?,
+            d.causation(py).map_or_else(|| Ok("None".to_owned()), |c| c.repr().map(|r| r.to_string()))?,
+            d.subscription(),
             self.attempt()
         ))
     }
@@ -192,12 +212,38 @@ pub fn current_var(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     .map(|v| v.bind(py))
 }
 
-/// Sets the current envelope in the running context (the worker task's).
-pub fn set_current(py: Python<'_>, env: &Bound<'_, PyEnvelope>) -> PyResult<()> {
+const CAPSULE_NAME: &CStr = c"oxbus.envelope";
+
+unsafe extern "C" fn drop_capsule(capsule: *mut ffi::PyObject) {
+    // SAFETY: called once by CPython when the capsule dies; the pointer came from
+    // `Arc::into_raw` in `set_current` under the same name.
+    unsafe {
+        let ptr = ffi::PyCapsule_GetPointer(capsule, CAPSULE_NAME.as_ptr());
+        if !ptr.is_null() {
+            drop(Arc::from_raw(ptr.cast::<EnvData>()));
+        }
+    }
+}
+
+/// Sets the envelope of the event being handled in the running context (the worker task's).
+/// The value is a capsule holding an `Arc`: not tracked by the cycle collector, so a busy bus
+/// does not feed the GC one object per event.
+pub fn set_current(py: Python<'_>, env: &Arc<EnvData>) -> PyResult<()> {
     let var = current_var(py)?;
+    let raw = Arc::into_raw(Arc::clone(env)).cast_mut().cast::<std::ffi::c_void>();
+    // SAFETY: `raw` is a valid pointer owned by the capsule from here on; `drop_capsule`
+    // releases it exactly once.
+    let capsule = unsafe { ffi::PyCapsule_New(raw, CAPSULE_NAME.as_ptr(), Some(drop_capsule)) };
+    if capsule.is_null() {
+        // SAFETY: the capsule was not created, so the reference is still ours to release.
+        drop(unsafe { Arc::from_raw(raw.cast::<EnvData>()) });
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `capsule` is a new reference we own; the var keeps its own reference.
+    let capsule = unsafe { Bound::from_owned_ptr(py, capsule) };
     // SAFETY: both pointers are live objects while the GIL is held; the returned token is a
     // new reference that we release at once (we never reset: the next event overwrites).
-    let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), env.as_ptr()) };
+    let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), capsule.as_ptr()) };
     if token.is_null() {
         return Err(PyErr::fetch(py));
     }
@@ -206,8 +252,8 @@ pub fn set_current(py: Python<'_>, env: &Bound<'_, PyEnvelope>) -> PyResult<()> 
     Ok(())
 }
 
-/// The envelope set in the running context, if any.
-pub fn get_current(py: Python<'_>) -> PyResult<Option<Bound<'_, PyEnvelope>>> {
+/// The envelope data set in the running context, if any.
+pub fn get_current(py: Python<'_>) -> PyResult<Option<Arc<EnvData>>> {
     let var = current_var(py)?;
     let mut out: *mut ffi::PyObject = std::ptr::null_mut();
     // SAFETY: `var` is a live ContextVar; `out` receives a new reference or NULL.
@@ -220,11 +266,21 @@ pub fn get_current(py: Python<'_>) -> PyResult<Option<Bound<'_, PyEnvelope>>> {
     }
     // SAFETY: a new, non-null reference we own.
     let obj = unsafe { Bound::from_owned_ptr(py, out) };
-    Ok(obj.cast_into::<PyEnvelope>().ok())
+    // SAFETY: only `set_current` puts values in this var, all capsules named CAPSULE_NAME
+    // holding an `Arc<EnvData>`; we add a reference for the caller while the capsule lives.
+    let ptr = unsafe { ffi::PyCapsule_GetPointer(obj.as_ptr(), CAPSULE_NAME.as_ptr()) };
+    if ptr.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    let ptr = ptr.cast::<EnvData>().cast_const();
+    // SAFETY: see above; the capsule holds one strong count, we take another.
+    unsafe { Arc::increment_strong_count(ptr) };
+    // SAFETY: the count was just incremented for this new `Arc`.
+    Ok(Some(unsafe { Arc::from_raw(ptr) }))
 }
 
 /// The envelope of the event being handled, or None outside a handler.
 #[pyfunction]
-pub fn current_envelope(py: Python<'_>) -> PyResult<Option<Bound<'_, PyEnvelope>>> {
-    get_current(py)
+pub fn current_envelope(py: Python<'_>) -> PyResult<Option<PyEnvelope>> {
+    Ok(get_current(py)?.map(PyEnvelope::new))
 }

@@ -10,7 +10,7 @@
 //! yields once so the loop stays responsive under a long backlog.
 
 use std::sync::Arc;
-use std::time::Instant;
+use quanta::Instant;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::PyException;
@@ -20,8 +20,13 @@ use pyo3::sync::PyOnceLock;
 
 use crate::core::stats::bump;
 use crate::python::bus::{resolve_all, PyBusCore, RunState};
-use crate::python::envelope::{self, PyEnvelope};
+use crate::python::envelope::{self, EnvData, PyEnvelope};
 use crate::python::events::{self, Step};
+
+/// One handler call in `SAMPLE` that completes without suspending is timed (reading a clock
+/// costs as much as the rest of such a call); calls that suspend are always timed, from the
+/// moment they suspend if not before.
+const SAMPLE: u32 = 8;
 
 /// Events one worker handles before it yields to the loop once.
 const BUDGET: u32 = 1024;
@@ -40,11 +45,12 @@ enum Kind {
 }
 
 struct Current {
-    env: Py<PyEnvelope>,
+    env: Arc<EnvData>,
     lane: Option<u64>,
     idx: usize,
     attempt: u32,
-    started: Instant,
+    /// When the running call started, if this call is timed (see `SAMPLE`).
+    started: Option<Instant>,
     /// Decided when the hook was called: retry the same subscription after the hook.
     retry_after_hook: bool,
 }
@@ -57,6 +63,35 @@ struct State {
     suspended: bool,
     /// The task was cancelled (a `CancelledError` was thrown in).
     cancelled: bool,
+    /// Bookkeeping not yet written to the bus, flushed under the next lock this worker takes
+    /// anyway (one lock per event instead of three).
+    pending: Pending,
+    /// The end of the previous timed call, reused as the start of the next one.
+    clock: Option<Instant>,
+    /// Counts calls, to pick the timed ones.
+    tick: u32,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Successful handler calls, with their duration (ns) when timed.
+    calls: Vec<Option<u64>>,
+    /// A finished event: its lane to release and its per-type counters.
+    finished: Option<(Option<u64>, Arc<crate::python::bus::Route>)>,
+}
+
+impl Pending {
+    fn flush(&mut self, inner: &mut crate::python::bus::Inner) {
+        for ns in self.calls.drain(..) {
+            inner.stats.record_call(ns, true);
+        }
+        if let Some((lane, route)) = self.finished.take() {
+            inner.in_flight -= 1;
+            inner.lanes.done(lane);
+            inner.stats.processed += 1;
+            bump(&route.counters.processed, 1);
+        }
+    }
 }
 
 /// One dispatch loop; `EventBus.start()` runs `workers` of them as asyncio tasks.
@@ -119,6 +154,8 @@ impl PyWorker {
             }
             if st.cur.is_none() {
                 if handled >= BUDGET {
+                    st.clock = None;
+                    st.pending.flush(&mut self.core().inner.lock());
                     return Ok(py.None());
                 }
                 match self.take(py, &mut st)? {
@@ -134,13 +171,14 @@ impl PyWorker {
     fn take(&self, py: Python<'_>, st: &mut State) -> PyResult<Option<Py<PyAny>>> {
         let core = self.core();
         let mut inner = core.inner.lock();
+        st.pending.flush(&mut inner);
         if let Some((item, lane)) = inner.lanes.take() {
             inner.in_flight += 1;
             let admitted = inner.admit_blocked(py);
             drop(inner);
             resolve_all(py, admitted);
-            envelope::set_current(py, item.env.bind(py))?;
-            st.cur = Some(Current { env: item.env, lane, idx: 0, attempt: 1, started: Instant::now(), retry_after_hook: false });
+            envelope::set_current(py, &item.env)?;
+            st.cur = Some(Current { env: item.env, lane, idx: 0, attempt: 1, started: None, retry_after_hook: false });
             return Ok(None);
         }
         let loop_ = inner.loop_.as_ref().map(|l| l.clone_ref(py));
@@ -153,6 +191,7 @@ impl PyWorker {
         let fut = loop_.bind(py).call_method0(intern!(py, "create_future"))?;
         fut.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
         let mut inner = core.inner.lock();
+        st.clock = None;
         inner.active -= 1;
         inner.idle.push(fut.clone().unbind());
         let drains = inner.take_drain_waiters();
@@ -163,8 +202,15 @@ impl PyWorker {
 
     /// Yielding a handler's future: this worker stops dispatching; wake another if work waits.
     fn suspend(&self, py: Python<'_>, st: &mut State) {
+        if let Some(cur) = st.cur.as_mut() {
+            if cur.started.is_none() {
+                cur.started = Some(Instant::now());
+            }
+        }
         st.suspended = true;
+        st.clock = None;
         let mut inner = self.core().inner.lock();
+        st.pending.flush(&mut inner);
         inner.active -= 1;
         let wake = inner.wake_if_needed(py);
         drop(inner);
@@ -176,14 +222,15 @@ impl PyWorker {
     /// Calls the next subscription of the current event, or finishes the event.
     fn call_next(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
         let cur = st.cur.as_mut().expect("an event is current");
-        let env = cur.env.get();
+        let env = Arc::clone(&cur.env);
         let route = Arc::clone(env.route());
         let Some(sub) = route.subs.get(cur.idx) else {
             return self.finish_event(py, st);
         };
         env.set_call(cur.idx, cur.attempt);
         let event = env.event_ref().bind(py);
-        cur.started = Instant::now();
+        st.tick = st.tick.wrapping_add(1);
+        cur.started = if st.tick % SAMPLE == 0 || self.core().hook_on_success() { Some(st.clock.take().unwrap_or_else(Instant::now)) } else { None };
         let result = if sub.payload.threaded {
             self.in_executor(py, &sub.payload.callable, event)
         } else {
@@ -238,35 +285,44 @@ impl PyWorker {
                 return Err(err.expect("checked above"));
             }
         }
+        let core = self.core();
         let cur = st.cur.as_mut().expect("an event is current");
-        let env = cur.env.get();
+        let timed = cur.started.take().map(|started| {
+            let now = Instant::now();
+            #[allow(clippy::cast_possible_truncation)]
+            let ns = now.duration_since(started).as_nanos() as u64;
+            (now, ns)
+        });
+        let env = Arc::clone(&cur.env);
         let route = Arc::clone(env.route());
         let sub = &route.subs[cur.idx];
-        #[allow(clippy::cast_possible_truncation)]
-        let ns = cur.started.elapsed().as_nanos() as u64;
+        let ns = timed.map(|(_, ns)| ns);
         let ok = err.is_none();
         let retry = !ok && !st.cancelled && cur.attempt < sub.payload.retry.max_attempts;
-        let hook = {
-            let mut inner = self.core().inner.lock();
-            inner.stats.record_call(ns, ok);
-            if !ok {
-                bump(&route.counters.failed, 1);
+        let hook = if ok {
+            st.pending.calls.push(ns);
+            if core.hook_on_success() {
+                core.inner.lock().after_call.as_ref().map(|h| h.clone_ref(py))
+            } else {
+                None
             }
+        } else {
+            let mut inner = core.inner.lock();
+            st.pending.flush(&mut inner);
+            inner.stats.record_call(ns, false);
+            bump(&route.counters.failed, 1);
             if retry {
                 inner.stats.retried += 1;
-            } else if !ok {
+            } else {
                 inner.stats.dead_lettered += 1;
             }
-            if ok && !inner.hook_on_success {
-                None
-            } else {
-                inner.after_call.as_ref().map(|h| h.clone_ref(py))
-            }
+            inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
         cur.retry_after_hook = retry;
         if let Some(hook) = hook {
             let err_obj = err.as_ref().map_or_else(|| py.None(), |e| e.value(py).clone().into_any().unbind());
-            let r = hook.bind(py).call1((cur.env.bind(py), &sub.name, err_obj, ns as f64 / 1e9, cur.attempt, !ok && !retry));
+            let secs = ns.map_or_else(|| py.None(), |ns| (ns as f64 / 1e9).into_pyobject(py).map_or_else(|_| py.None(), |f| f.into_any().unbind()));
+            let r = hook.bind(py).call1((PyEnvelope::new(Arc::clone(&cur.env)), &sub.name, err_obj, secs, cur.attempt, !ok && !retry));
             match r.and_then(|r| events::awaitable_iter(&r)) {
                 Ok(Some(it)) => {
                     st.awaiting = Some((it.unbind(), Kind::Hook));
@@ -276,6 +332,9 @@ impl PyWorker {
                 Err(e) => e.write_unraisable(py, Some(hook.bind(py))),
             }
         }
+        if let Some((now, _)) = timed {
+            st.clock = Some(now);
+        }
         self.advance(py, st)
     }
 
@@ -283,7 +342,7 @@ impl PyWorker {
     fn advance(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
         let cur = st.cur.as_mut().expect("an event is current");
         if cur.retry_after_hook {
-            let route = Arc::clone(cur.env.get().route());
+            let route = Arc::clone(cur.env.route());
             let delay = route.subs[cur.idx].payload.retry.delay(cur.attempt, fastrand::f64());
             cur.attempt += 1;
             cur.retry_after_hook = false;
@@ -298,17 +357,10 @@ impl PyWorker {
         Ok(())
     }
 
-    fn finish_event(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
+    /// The current event is done: its bookkeeping waits for the next lock (see `Pending`).
+    fn finish_event(&self, _py: Python<'_>, st: &mut State) -> PyResult<()> {
         let cur = st.cur.take().expect("an event is current");
-        let route = Arc::clone(cur.env.get().route());
-        let mut inner = self.core().inner.lock();
-        inner.in_flight -= 1;
-        inner.lanes.done(cur.lane);
-        inner.stats.processed += 1;
-        bump(&route.counters.processed, 1);
-        let drains = inner.take_drain_waiters();
-        drop(inner);
-        resolve_all(py, drains);
+        st.pending.finished = Some((cur.lane, Arc::clone(cur.env.route())));
         Ok(())
     }
 }

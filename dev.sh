@@ -35,7 +35,7 @@ case "${1:-}" in
     .venv-test/bin/python -m pip install -q dist/oxbus-*.whl
     # Run from tests/ so `import oxbus` finds the installed wheel, not ./python.
     (cd tests && ../.venv-test/bin/python -m pytest -c ../pyproject.toml --rootdir .. "${@:2}")
-    .venv-test/bin/python -m mypy.stubtest oxbus._oxbus --allowlist .mypy-stubtest-allowlist
+    .venv-test/bin/python -m mypy.stubtest oxbus._oxbus
     .venv-test/bin/python -m mypy --strict examples/typed_example.py
     ;;
   bench)

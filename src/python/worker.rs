@@ -319,6 +319,9 @@ impl PyWorker {
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
         cur.retry_after_hook = retry;
+        // A call interrupted because the worker itself is being cancelled (shutdown) is not a
+        // handler failure to log or dead-letter: the worker ends right after.
+        let hook = if st.cancelled && err.as_ref().is_some_and(|e| is_cancelled_error(py, e)) { None } else { hook };
         if let Some(hook) = hook {
             let err_obj = err.as_ref().map_or_else(|| py.None(), |e| e.value(py).clone().into_any().unbind());
             let secs = ns.map_or_else(|| py.None(), |ns| (ns as f64 / 1e9).into_pyobject(py).map_or_else(|_| py.None(), |f| f.into_any().unbind()));

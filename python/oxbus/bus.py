@@ -267,6 +267,7 @@ class EventBus:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._first_failures.clear()
         return discarded
 
     async def __aenter__(self) -> EventBus:
@@ -470,6 +471,7 @@ class EventBus:
     def _after_call(
         self,
         env: Envelope,
+        sub_id: int,
         subscription: str,
         error: BaseException | None,
         duration_s: float | None,
@@ -487,7 +489,9 @@ class EventBus:
                 subscription=subscription,
             )
         if error is not None:
-            self._record_failure(env, subscription, error, attempt, final, result)  # type: ignore[arg-type]
+            self._record_failure(env, sub_id, subscription, error, attempt, final, result)  # type: ignore[arg-type]
+        elif attempt > 1:
+            self._first_failures.pop((id(env.event), subscription), None)
         if self._mark is not None:
             return self._call_mark(env.event_id, result)
         return None
@@ -495,6 +499,7 @@ class EventBus:
     def _record_failure(
         self,
         env: Envelope,
+        sub_id: int,
         subscription: str,
         error: BaseException,
         attempt: int,
@@ -519,9 +524,6 @@ class EventBus:
         if not final:
             return
         del self._first_failures[pair]
-        sid = next(
-            (s["id"] for s in self.subscriptions() if s["name"] == subscription), ""
-        )
         self.dead_letters._add(
             DeadLetter(
                 id=self.dead_letters._next_id(),
@@ -538,7 +540,7 @@ class EventBus:
                     traceback.format_exception(type(error), error, error.__traceback__)
                 ),
                 final_result=result,
-                subscription_id=sid,
+                subscription_id=f"sub-{sub_id}",
             )
         )
 

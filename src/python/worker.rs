@@ -301,7 +301,9 @@ impl PyWorker {
         let retry = !ok && !st.cancelled && cur.attempt < sub.payload.retry.max_attempts;
         let hook = if ok {
             st.pending.calls.push(ns);
-            if core.hook_on_success() {
+            // After a retry succeeds the hook runs too, so the Python side can forget the
+            // pair's earlier failures.
+            if core.hook_on_success() || cur.attempt > 1 {
                 core.inner.lock().after_call.as_ref().map(|h| h.clone_ref(py))
             } else {
                 None
@@ -325,7 +327,7 @@ impl PyWorker {
         if let Some(hook) = hook {
             let err_obj = err.as_ref().map_or_else(|| py.None(), |e| e.value(py).clone().into_any().unbind());
             let secs = ns.map_or_else(|| py.None(), |ns| (ns as f64 / 1e9).into_pyobject(py).map_or_else(|_| py.None(), |f| f.into_any().unbind()));
-            let r = hook.bind(py).call1((PyEnvelope::new(Arc::clone(&cur.env)), &sub.name, err_obj, secs, cur.attempt, !ok && !retry));
+            let r = hook.bind(py).call1((PyEnvelope::new(Arc::clone(&cur.env)), sub.id, &sub.name, err_obj, secs, cur.attempt, !ok && !retry));
             match r.and_then(|r| events::awaitable_iter(&r)) {
                 Ok(Some(it)) => {
                     st.awaiting = Some((it.unbind(), Kind::Hook));

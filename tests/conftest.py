@@ -1,0 +1,52 @@
+"""Shared fixtures for the oxbus suite.
+
+Tests go through the public API (``import oxbus``) and wait with ``await bus.drain()``,
+never with sleeps (STYLE.md, convention 8). Event classes are defined in each test module
+with unique names (seed 000, problem #1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+from oxbus import EventBus
+
+
+@pytest.fixture
+async def make_bus() -> Any:
+    """A factory of started buses, each stopped (drained, with a bounded wait) after the test.
+
+    ``await make_bus(workers=4)`` returns a started ``EventBus``; ``cls=`` picks another class.
+    """
+    buses: list[EventBus] = []
+
+    async def make(cls: type[EventBus] = EventBus, **kwargs: Any) -> EventBus:
+        bus = cls(**kwargs)
+        buses.append(bus)
+        await bus.start()
+        return bus
+
+    yield make
+    for bus in buses:
+        await bus.stop(timeout=5)
+
+
+class Recorder:
+    """Collects what handlers saw: ``rec.handler(tag)`` gives an async handler that appends."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def handler(self, tag: str | None = None) -> Callable[[Any], Awaitable[None]]:
+        async def record(event: Any) -> None:
+            self.seen.append(event if tag is None else (tag, event))
+
+        record.__qualname__ = f"record_{tag}"
+        return record
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()

@@ -1,0 +1,221 @@
+"""Per-key ordering with many workers: same-key events are handled in publish order, one at a
+time; different keys overlap (seed 000, problem #2, solved without giving up workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from oxbus import DomainEvent, EventBusFactory, RetryPolicy
+
+
+class LedgerEntry(DomainEvent):
+    def __init__(self, account: str, seq: int, spins: int) -> None:
+        super().__init__()
+        self.account = account
+        self.seq = seq
+        self.spins = spins
+
+    @property
+    def aggregate_id(self) -> str:
+        return self.account
+
+
+class Tracker:
+    """Records handling order per key, concurrency per key, and overall concurrency."""
+
+    def __init__(self) -> None:
+        self.order: dict[Any, list[int]] = defaultdict(list)
+        self.active: dict[Any, int] = defaultdict(int)
+        self.max_active_per_key = 0
+        self.running = 0
+        self.max_running = 0
+        self.keys_seen_running_together: set[frozenset[Any]] = set()
+        self.running_keys: dict[Any, int] = defaultdict(int)
+
+    async def handle(self, key: Any, seq: int, spins: int) -> None:
+        self.active[key] += 1
+        self.max_active_per_key = max(self.max_active_per_key, self.active[key])
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.running_keys[key] += 1
+        live = frozenset(k for k, v in self.running_keys.items() if v)
+        if len(live) > 1:
+            self.keys_seen_running_together.add(live)
+        try:
+            for _ in range(spins):
+                await asyncio.sleep(0)  # a real suspension: other events may run now
+            self.order[key].append(seq)
+        finally:
+            self.active[key] -= 1
+            self.running -= 1
+            self.running_keys[key] -= 1
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_same_key_events_are_handled_in_publish_order_one_at_a_time(
+    make_bus: Any, seed: int
+) -> None:
+    rng = random.Random(seed)
+    bus = await make_bus(workers=4)
+    tracker = Tracker()
+
+    async def handler(event: LedgerEntry) -> None:
+        await tracker.handle(event.account, event.seq, event.spins)
+
+    bus.subscribe(LedgerEntry, handler)
+    accounts = [f"acct-{i}" for i in range(8)]
+    expected: dict[str, list[int]] = defaultdict(list)
+    for seq in range(800):
+        account = rng.choice(accounts)
+        expected[account].append(seq)
+        await bus.publish(LedgerEntry(account, seq, rng.randint(1, 6)))
+    await bus.drain()
+    assert dict(tracker.order) == dict(expected)
+    assert tracker.max_active_per_key == 1
+
+
+async def test_different_keys_are_handled_concurrently_across_workers(make_bus: Any) -> None:
+    bus = await make_bus(workers=4)
+    tracker = Tracker()
+
+    async def handler(event: LedgerEntry) -> None:
+        await tracker.handle(event.account, event.seq, event.spins)
+
+    bus.subscribe(LedgerEntry, handler)
+    for seq in range(40):
+        await bus.publish(LedgerEntry(f"acct-{seq % 4}", seq, 5))
+    await bus.drain()
+    assert tracker.max_running == 4
+    assert tracker.max_active_per_key == 1
+
+
+async def test_concurrency_never_exceeds_the_worker_count(make_bus: Any) -> None:
+    bus = await make_bus(workers=3)
+    tracker = Tracker()
+
+    async def handler(event: LedgerEntry) -> None:
+        await tracker.handle(event.account, event.seq, event.spins)
+
+    bus.subscribe(LedgerEntry, handler)
+    for seq in range(60):
+        await bus.publish(LedgerEntry(f"acct-{seq}", seq, 3))  # all keys distinct
+    await bus.drain()
+    assert tracker.max_running == 3
+
+
+async def test_publish_key_overrides_aggregate_id_for_ordering(make_bus: Any) -> None:
+    bus = await make_bus(workers=4)
+    tracker = Tracker()
+    rng = random.Random(7)
+
+    async def handler(event: dict[str, Any]) -> None:
+        await tracker.handle("forced", event["seq"], event["spins"])
+
+    bus.subscribe("ledger.entry", handler)
+    for seq in range(200):
+        # Different aggregate ids, one explicit key: one lane.
+        event = {"event_type": "ledger.entry", "aggregate_id": f"a-{seq}", "seq": seq,
+                 "spins": rng.randint(1, 5)}
+        await bus.publish(event, key="one-lane")
+    await bus.drain()
+    assert tracker.order["forced"] == list(range(200))
+    assert tracker.max_active_per_key == 1
+
+
+async def test_dict_aggregate_id_orders_dict_events(make_bus: Any) -> None:
+    bus = await make_bus(workers=4)
+    tracker = Tracker()
+    rng = random.Random(11)
+
+    async def handler(event: dict[str, Any]) -> None:
+        await tracker.handle(event["aggregate_id"], event["seq"], event["spins"])
+
+    bus.subscribe("ledger.entry", handler)
+    expected: dict[str, list[int]] = defaultdict(list)
+    for seq in range(300):
+        agg = f"a-{rng.randrange(5)}"
+        expected[agg].append(seq)
+        await bus.publish(
+            {"event_type": "ledger.entry", "aggregate_id": agg, "seq": seq,
+             "spins": rng.randint(1, 4)}
+        )
+    await bus.drain()
+    assert dict(tracker.order) == dict(expected)
+    assert tracker.max_active_per_key == 1
+
+
+async def test_same_key_order_holds_across_several_subscriptions(make_bus: Any) -> None:
+    # The whole event (every subscription) completes before the next same-key event starts.
+    bus = await make_bus(workers=4)
+    log: list[tuple[str, int, str]] = []
+    rng = random.Random(5)
+
+    def make(tag: str) -> Any:
+        async def h(event: LedgerEntry) -> None:
+            for _ in range(rng.randint(1, 4)):
+                await asyncio.sleep(0)
+            log.append((event.account, event.seq, tag))
+
+        return h
+
+    bus.subscribe(LedgerEntry, make("a"), priority=1)
+    bus.subscribe(LedgerEntry, make("b"), priority=2)
+    for seq in range(120):
+        await bus.publish(LedgerEntry(f"acct-{seq % 3}", seq, 0))
+    await bus.drain()
+    for acct in ("acct-0", "acct-1", "acct-2"):
+        mine = [(s, t) for a, s, t in log if a == acct]
+        seqs = [s for s in range(120) if f"acct-{s % 3}" == acct]
+        assert mine == [(s, t) for s in seqs for t in ("a", "b")]
+
+
+async def test_seed_problem_2_event1_event2_event3_keep_order_with_many_workers() -> None:
+    # Seed 000, problem #2: with worker_count > 1 the old bus handled Event3 -> Event1 -> Event2.
+    for run in range(20):
+        bus = EventBusFactory.create_in_memory_event_bus(worker_count=4)
+        order: list[int] = []
+        rng = random.Random(run)
+
+        async def handler(event: LedgerEntry) -> None:
+            for _ in range(rng.randint(0, 5)):
+                await asyncio.sleep(0)
+            order.append(event.seq)
+
+        bus.subscribe(LedgerEntry, handler)
+        await bus.start()
+        try:
+            await bus.publish(LedgerEntry("order-1", 1, 0))
+            await bus.publish(LedgerEntry("order-1", 2, 0))
+            await bus.publish(LedgerEntry("order-1", 3, 0))
+            await bus.drain()
+        finally:
+            await bus.stop()
+        assert order == [1, 2, 3], f"run {run}"
+
+
+async def test_a_retried_event_still_blocks_later_events_of_its_key(
+    make_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")  # ten expected failure tracebacks
+    bus = await make_bus(workers=4, retry=RetryPolicy(base_delay=0.002, jitter=0.0))
+    order: list[int] = []
+    failed_once: set[int] = set()
+
+    async def handler(event: LedgerEntry) -> None:
+        await asyncio.sleep(0)
+        if event.seq % 3 == 0 and event.seq not in failed_once:
+            failed_once.add(event.seq)
+            raise ValueError(f"first try of {event.seq}")
+        order.append(event.seq)
+
+    bus.subscribe(LedgerEntry, handler, retry_count=2)
+    for seq in range(30):
+        await bus.publish(LedgerEntry("acct-1", seq, 0))
+    await bus.drain()
+    assert order == list(range(30))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import logging
 import traceback
@@ -373,6 +374,7 @@ class EventBus:
         ``start()``, ``BusClosed`` after ``stop()``.
         """
         if self._storage is not None:
+            self._core.ensure_running()  # never store an event the bus then refuses
             await self._storage.store_event(event)
         waiter = self._core.publish(event, key, correlation_id)
         if waiter is not None:
@@ -415,7 +417,31 @@ class EventBus:
         loop = self._loop
         if loop is None or not self._core.running:
             raise BusNotStarted("the bus is not started: publish_threadsafe needs a running bus")
-        return asyncio.run_coroutine_threadsafe(self.publish(event, **kwargs), loop)
+        # The caller's context travels with the event: a sync handler running in the thread
+        # pool publishes with its envelope, so correlation is inherited.
+        ctx = contextvars.copy_context()
+        result: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def relay(task: asyncio.Task[bool]) -> None:
+            if task.cancelled():
+                result.cancel()
+            elif task.exception() is not None:
+                result.set_exception(task.exception())  # type: ignore[arg-type]
+            else:
+                result.set_result(task.result())
+
+        def submit() -> None:
+            if not result.set_running_or_notify_cancel():
+                return
+            try:
+                task = ctx.run(loop.create_task, self.publish(event, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's future
+                result.set_exception(e)
+                return
+            task.add_done_callback(relay)
+
+        loop.call_soon_threadsafe(submit)
+        return result
 
     # ------------------------------------------------------------------- waiting
 

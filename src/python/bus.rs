@@ -168,7 +168,7 @@ impl Inner {
 
     /// Moves blocked publishers into freed room; returns their futures to resolve. A publisher
     /// whose wait was cancelled saw `CancelledError`: its event is not accepted.
-    pub fn admit_blocked(&mut self, py: Python<'_>) -> Vec<Py<PyAny>> {
+    pub fn admit_blocked(&mut self, py: Python<'_>) -> Vec<(Py<PyAny>, Arc<EnvData>)> {
         let mut out = Vec::new();
         while self.lanes.has_room() {
             let Some(b) = self.blocked.pop_front() else { break };
@@ -176,9 +176,10 @@ impl Inner {
                 continue;
             }
             bump(&b.item.env.route().counters.published, 1);
+            let env = Arc::clone(&b.item.env);
             self.lanes.push(b.item, b.lane);
             self.stats.published += 1;
-            out.push(b.fut);
+            out.push((b.fut, env));
         }
         out
     }
@@ -324,18 +325,20 @@ impl PyBusCore {
                 None => Origin::Root(None),
             },
         };
-        if let Origin::Child(c, cause) = &origin {
-            mark_domain_event(event, c.bind(py), cause.bind(py))?;
+        match &origin {
+            Origin::Child(c, cause) => mark_domain_event(event, c.bind(py), Some(cause.bind(py)))?,
+            Origin::Root(Some(c)) => mark_domain_event(event, c.bind(py), None)?,
+            Origin::Root(None) => {}
         }
         let env = EnvData::new(event.clone().unbind(), origin, key.map(Bound::unbind), route);
         Ok((Queued { env: Arc::new(env), enqueued: health::coarse_now_ns() }, lane))
     }
 
-    fn notify_waiters(&self, py: Python<'_>, item: &Queued) -> PyResult<()> {
+    /// Resolves the `wait_for` calls an accepted event matches.
+    pub fn notify_waiters(&self, py: Python<'_>, env: &Arc<EnvData>) -> PyResult<()> {
         if self.waiter_count.load(Relaxed) == 0 {
             return Ok(());
         }
-        let env = Arc::clone(&item.env);
         let route = Arc::clone(env.route());
         let waiters = std::mem::take(&mut self.inner.lock().waiters);
         let mut keep = Vec::with_capacity(waiters.len());
@@ -362,6 +365,16 @@ impl PyBusCore {
         Ok(())
     }
 
+    /// Tells publishers whose events were just admitted, and their `wait_for` callers.
+    pub fn admitted(&self, py: Python<'_>, admitted: Vec<(Py<PyAny>, Arc<EnvData>)>) -> PyResult<()> {
+        let none = py.None().into_bound(py);
+        for (fut, env) in admitted {
+            resolve(py, &fut, &none);
+            self.notify_waiters(py, &env)?;
+        }
+        Ok(())
+    }
+
     fn check_running(state: RunState) -> PyResult<()> {
         match state {
             RunState::Running => Ok(()),
@@ -372,7 +385,6 @@ impl PyBusCore {
 
     /// Accepts one event: queued now (None), or a future that resolves once it is accepted.
     fn accept(&self, py: Python<'_>, item: Queued, lane: Option<u64>, wait: bool) -> PyResult<Option<Py<PyAny>>> {
-        self.notify_waiters(py, &item)?;
         let env = Arc::clone(&item.env);
         let route = Arc::clone(env.route());
         let mut inner = self.inner.lock();
@@ -384,6 +396,8 @@ impl PyBusCore {
             inner.stats.processed += 1;
             inner.stats.unrouted += 1;
             bump(&route.counters.processed, 1);
+            drop(inner);
+            self.notify_waiters(py, &env)?;
             return Ok(None);
         }
         if inner.lanes.has_room() && inner.blocked.is_empty() {
@@ -395,6 +409,7 @@ impl PyBusCore {
             if let Some(f) = wake {
                 resolve(py, &f, &py.None().into_bound(py));
             }
+            self.notify_waiters(py, &env)?;
             return Ok(None);
         }
         if !wait {
@@ -409,8 +424,9 @@ impl PyBusCore {
     }
 }
 
-/// On a `DomainEvent` published from a handler, shows the inherited ids on the event itself.
-fn mark_domain_event(event: &Bound<'_, PyAny>, correlation: &Bound<'_, PyAny>, causation: &Bound<'_, PyAny>) -> PyResult<()> {
+/// On a `DomainEvent` published from a handler or with `correlation_id=`, shows the ids of
+/// its envelope on the event itself.
+fn mark_domain_event(event: &Bound<'_, PyAny>, correlation: &Bound<'_, PyAny>, causation: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
     let py = event.py();
     if !event.get_type().hasattr(intern!(py, "__oxbus_domain_event__"))? {
         return Ok(());
@@ -420,7 +436,9 @@ fn mark_domain_event(event: &Bound<'_, PyAny>, correlation: &Bound<'_, PyAny>, c
             // Written into __dict__ directly so frozen dataclasses accept it; the inherited
             // ids win, as they do in the envelope.
             d.set_item(intern!(py, "correlation_id"), correlation)?;
-            d.set_item(intern!(py, "causation_id"), causation)?;
+            if let Some(causation) = causation {
+                d.set_item(intern!(py, "causation_id"), causation)?;
+            }
         }
     }
     Ok(())
@@ -614,6 +632,11 @@ impl PyBusCore {
         let drains = self.inner.lock().take_drain_waiters();
         resolve_all(py, drains);
         dropped.len() + blocked.len()
+    }
+
+    /// Raises `BusNotStarted` / `BusClosed` unless the bus accepts events.
+    fn ensure_running(&self) -> PyResult<()> {
+        Self::check_running(self.inner.lock().state)
     }
 
     /// Whether the bus accepts events.

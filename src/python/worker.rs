@@ -32,6 +32,7 @@ const SAMPLE: u32 = 8;
 const BUDGET: u32 = 1024;
 
 static SLEEP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static COPY_CONTEXT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static CANCELLED: PyOnceLock<Py<pyo3::types::PyType>> = PyOnceLock::new();
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -176,7 +177,7 @@ impl PyWorker {
             inner.in_flight += 1;
             let admitted = inner.admit_blocked(py);
             drop(inner);
-            resolve_all(py, admitted);
+            core.admitted(py, admitted)?;
             envelope::set_current(py, &item.env)?;
             st.cur = Some(Current { env: item.env, lane, idx: 0, attempt: 1, started: None, retry_after_hook: false });
             return Ok(None);
@@ -251,7 +252,10 @@ impl PyWorker {
         let loop_ = core.inner.lock().loop_.as_ref().map(|l| l.clone_ref(py));
         let loop_ = loop_.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no loop"))?;
         let executor = core.executor.as_ref().map_or_else(|| py.None(), |e| e.clone_ref(py));
-        loop_.bind(py).call_method1(intern!(py, "run_in_executor"), (executor, f.bind(py), event))
+        // The thread runs the handler in a copy of this context, so it sees its envelope.
+        let copy = COPY_CONTEXT.get_or_try_init(py, || Ok::<_, PyErr>(py.import("contextvars")?.getattr("copy_context")?.unbind()))?;
+        let run = copy.bind(py).call0()?.getattr(intern!(py, "run"))?;
+        loop_.bind(py).call_method1(intern!(py, "run_in_executor"), (executor, run, f.bind(py), event))
     }
 
     fn after_await(&self, py: Python<'_>, st: &mut State, kind: Kind, err: Option<PyErr>) -> PyResult<()> {

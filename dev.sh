@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for the two Quick start commands (and a few helpers).
 #   ./dev.sh demo    build into .venv and run the demo
-#   ./dev.sh test    cargo test, build a wheel, install it into a fresh venv, run pytest + stub checks
+#   ./dev.sh test    fmt, clippy, cargo test, build a wheel, install it into a fresh venv, run pytest + stub checks
 #   ./dev.sh bench   build (release) into .venv and run the benchmarks
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +26,9 @@ case "${1:-}" in
     .venv/bin/python examples/demo.py
     ;;
   test)
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
+    cargo clippy --all-targets --no-default-features -- -D warnings
     cargo test --no-default-features
     venv .venv "maturin>=1.9.4,<2"
     rm -rf dist

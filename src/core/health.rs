@@ -10,7 +10,10 @@ use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, Ref
 pub fn coarse_now_ns() -> u64 {
     #[cfg(target_os = "linux")]
     {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE always exists on Linux.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
         #[allow(clippy::cast_sign_loss)]
@@ -21,7 +24,10 @@ pub fn coarse_now_ns() -> u64 {
         use std::sync::OnceLock;
         static START: OnceLock<std::time::Instant> = OnceLock::new();
         #[allow(clippy::cast_possible_truncation)]
-        return START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64;
+        return START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_nanos() as u64;
     }
 }
 
@@ -46,7 +52,9 @@ pub struct Probe {
 
 impl std::fmt::Debug for Probe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Probe").field("pid", &self.pid).finish_non_exhaustive()
+        f.debug_struct("Probe")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,7 +73,9 @@ impl Probe {
     /// Reads memory and CPU now. Fields sysinfo cannot read stay 0.
     pub fn sample(&mut self) -> ProcessSample {
         let mut out = ProcessSample::default();
-        let (Some(sys), Some(pid)) = (self.system.as_mut(), self.pid) else { return out };
+        let (Some(sys), Some(pid)) = (self.system.as_mut(), self.pid) else {
+            return out;
+        };
         sys.refresh_processes_specifics(
             ProcessesToUpdate::Some(&[pid]),
             false,
@@ -106,7 +116,13 @@ pub struct Thresholds {
 
 impl Default for Thresholds {
     fn default() -> Self {
-        Self { queue_fill: 0.8, oldest_age_s: 5.0, error_rate: 0.1, min_calls: 20, dead_letters: 100 }
+        Self {
+            queue_fill: 0.8,
+            oldest_age_s: 5.0,
+            error_rate: 0.1,
+            min_calls: 20,
+            dead_letters: 100,
+        }
     }
 }
 
@@ -136,10 +152,18 @@ pub fn status(r: &Readings, t: &Thresholds) -> (&'static str, Vec<String>) {
     }
     let mut reasons = Vec::new();
     if r.capacity > 0 && r.queued as f64 >= t.queue_fill * r.capacity as f64 {
-        reasons.push(format!("queue {}/{} is at or above {:.0}% full", r.queued, r.capacity, t.queue_fill * 100.0));
+        reasons.push(format!(
+            "queue {}/{} is at or above {:.0}% full",
+            r.queued,
+            r.capacity,
+            t.queue_fill * 100.0
+        ));
     }
     if r.oldest_age_s >= t.oldest_age_s {
-        reasons.push(format!("oldest queued event waited {:.1}s (limit {:.1}s)", r.oldest_age_s, t.oldest_age_s));
+        reasons.push(format!(
+            "oldest queued event waited {:.1}s (limit {:.1}s)",
+            r.oldest_age_s, t.oldest_age_s
+        ));
     }
     if r.calls >= t.min_calls && r.failed_calls as f64 >= t.error_rate * r.calls as f64 {
         reasons.push(format!(
@@ -150,9 +174,19 @@ pub fn status(r: &Readings, t: &Thresholds) -> (&'static str, Vec<String>) {
         ));
     }
     if r.dead_letters >= t.dead_letters {
-        reasons.push(format!("{} dead letters (limit {})", r.dead_letters, t.dead_letters));
+        reasons.push(format!(
+            "{} dead letters (limit {})",
+            r.dead_letters, t.dead_letters
+        ));
     }
-    (if reasons.is_empty() { "healthy" } else { "degraded" }, reasons)
+    (
+        if reasons.is_empty() {
+            "healthy"
+        } else {
+            "degraded"
+        },
+        reasons,
+    )
 }
 
 #[cfg(test)]
@@ -162,7 +196,10 @@ mod tests {
     #[test]
     fn a_quiet_running_bus_is_healthy_and_a_stopped_one_stopped() {
         let t = Thresholds::default();
-        let r = Readings { running: true, ..Readings::default() };
+        let r = Readings {
+            running: true,
+            ..Readings::default()
+        };
         assert_eq!(status(&r, &t).0, "healthy");
         assert_eq!(status(&Readings::default(), &t).0, "stopped");
     }
@@ -170,11 +207,28 @@ mod tests {
     #[test]
     fn each_threshold_degrades_with_a_reason() {
         let t = Thresholds::default();
-        let base = Readings { running: true, ..Readings::default() };
-        let full = Readings { queued: 80, capacity: 100, ..base };
-        let old = Readings { oldest_age_s: 6.0, ..base };
-        let failing = Readings { calls: 100, failed_calls: 10, ..base };
-        let dlq = Readings { dead_letters: 100, ..base };
+        let base = Readings {
+            running: true,
+            ..Readings::default()
+        };
+        let full = Readings {
+            queued: 80,
+            capacity: 100,
+            ..base
+        };
+        let old = Readings {
+            oldest_age_s: 6.0,
+            ..base
+        };
+        let failing = Readings {
+            calls: 100,
+            failed_calls: 10,
+            ..base
+        };
+        let dlq = Readings {
+            dead_letters: 100,
+            ..base
+        };
         for r in [full, old, failing, dlq] {
             let (s, why) = status(&r, &t);
             assert_eq!(s, "degraded");

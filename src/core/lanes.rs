@@ -25,7 +25,7 @@ struct Lane<T> {
 /// A bounded or unbounded queue with per-key lanes.
 pub struct Lanes<T> {
     ready: VecDeque<Slot<T>>,
-    lanes: FxHashMap<u64, Lane<T>>,
+    by_key: FxHashMap<u64, Lane<T>>,
     len: usize,
     capacity: usize,
 }
@@ -33,7 +33,12 @@ pub struct Lanes<T> {
 impl<T> Lanes<T> {
     /// `capacity` 0 means unbounded.
     pub fn new(capacity: usize) -> Self {
-        Self { ready: VecDeque::new(), lanes: FxHashMap::default(), len: 0, capacity }
+        Self {
+            ready: VecDeque::new(),
+            by_key: FxHashMap::default(),
+            len: 0,
+            capacity,
+        }
     }
 
     /// Events queued (pushed, not yet taken).
@@ -63,7 +68,7 @@ impl<T> Lanes<T> {
 
     /// Keys that have a lane (queued or being handled).
     pub fn lane_count(&self) -> usize {
-        self.lanes.len()
+        self.by_key.len()
     }
 
     /// Queues an event. The bound is the caller's to check with `has_room`: a publisher that
@@ -74,7 +79,10 @@ impl<T> Lanes<T> {
             self.ready.push_back(Slot::Keyless(item));
             return;
         };
-        let lane = self.lanes.entry(k).or_insert_with(|| Lane { queue: VecDeque::new(), busy: false });
+        let lane = self.by_key.entry(k).or_insert_with(|| Lane {
+            queue: VecDeque::new(),
+            busy: false,
+        });
         if !lane.busy && lane.queue.is_empty() {
             self.ready.push_back(Slot::Key(k));
         }
@@ -83,13 +91,17 @@ impl<T> Lanes<T> {
 
     /// The next event whose key is not being handled, with its key. The caller must call
     /// `done(key)` when a keyed event has been handled.
+    ///
+    /// # Panics
+    ///
+    /// Never: a key in `ready` always has a non-empty lane (the module's invariant).
     pub fn take(&mut self) -> Option<(T, Option<u64>)> {
         let slot = self.ready.pop_front()?;
         self.len -= 1;
         match slot {
             Slot::Keyless(item) => Some((item, None)),
             Slot::Key(k) => {
-                let lane = self.lanes.get_mut(&k).expect("a ready key has a lane");
+                let lane = self.by_key.get_mut(&k).expect("a ready key has a lane");
                 lane.busy = true;
                 let item = lane.queue.pop_front().expect("a ready lane is not empty");
                 Some((item, Some(k)))
@@ -100,10 +112,12 @@ impl<T> Lanes<T> {
     /// Marks a keyed event handled: the lane's next event becomes ready.
     pub fn done(&mut self, key: Option<u64>) {
         let Some(k) = key else { return };
-        let Some(lane) = self.lanes.get_mut(&k) else { return };
+        let Some(lane) = self.by_key.get_mut(&k) else {
+            return;
+        };
         lane.busy = false;
         if lane.queue.is_empty() {
-            self.lanes.remove(&k);
+            self.by_key.remove(&k);
         } else {
             self.ready.push_back(Slot::Key(k));
         }
@@ -117,7 +131,7 @@ impl<T> Lanes<T> {
                 out.push(item);
             }
         }
-        self.lanes.retain(|_, lane| {
+        self.by_key.retain(|_, lane| {
             out.extend(lane.queue.drain(..));
             lane.busy
         });
@@ -132,12 +146,18 @@ impl<T> Lanes<T> {
             Slot::Keyless(item) => Some(item),
             Slot::Key(_) => None,
         });
-        keyless.into_iter().chain(self.lanes.values().filter_map(|l| l.queue.front()))
+        keyless
+            .into_iter()
+            .chain(self.by_key.values().filter_map(|l| l.queue.front()))
     }
 
     /// The longest lanes as (events queued, key), longest first, at most `n`.
     pub fn longest_lanes(&self, n: usize) -> Vec<(usize, u64)> {
-        let mut v: Vec<(usize, u64)> = self.lanes.iter().map(|(k, l)| (l.queue.len(), *k)).collect();
+        let mut v: Vec<(usize, u64)> = self
+            .by_key
+            .iter()
+            .map(|(k, l)| (l.queue.len(), *k))
+            .collect();
         v.sort_unstable_by(|a, b| b.cmp(a));
         v.truncate(n);
         v

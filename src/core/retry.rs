@@ -22,7 +22,13 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 1, base_delay: 0.1, max_delay: 30.0, multiplier: 2.0, jitter: 0.1 }
+        Self {
+            max_attempts: 1,
+            base_delay: 0.1,
+            max_delay: 30.0,
+            multiplier: 2.0,
+            jitter: 0.1,
+        }
     }
 }
 
@@ -30,23 +36,62 @@ fn check(name: &'static str, ok: bool, rule: &'static str, value: f64) -> Result
     if ok {
         Ok(())
     } else {
-        Err(CoreError::InvalidSetting { name, rule, value: value.to_string() })
+        Err(CoreError::InvalidSetting {
+            name,
+            rule,
+            value: value.to_string(),
+        })
     }
 }
 
 impl RetryPolicy {
     /// Validates every field; the error names the first bad one.
-    pub fn new(max_attempts: i64, base_delay: f64, max_delay: f64, multiplier: f64, jitter: f64) -> Result<Self> {
-        let attempts = u32::try_from(max_attempts).ok().filter(|n| *n >= 1).ok_or_else(|| CoreError::InvalidSetting {
-            name: "max_attempts",
-            rule: ">= 1",
-            value: max_attempts.to_string(),
-        })?;
-        check("base_delay", base_delay.is_finite() && base_delay >= 0.0, ">= 0", base_delay)?;
-        check("max_delay", max_delay.is_finite() && max_delay >= base_delay, ">= base_delay", max_delay)?;
-        check("multiplier", multiplier.is_finite() && multiplier >= 1.0, ">= 1", multiplier)?;
-        check("jitter", (0.0..=1.0).contains(&jitter), "between 0 and 1", jitter)?;
-        Ok(Self { max_attempts: attempts, base_delay, max_delay, multiplier, jitter })
+    pub fn new(
+        max_attempts: i64,
+        base_delay: f64,
+        max_delay: f64,
+        multiplier: f64,
+        jitter: f64,
+    ) -> Result<Self> {
+        let attempts = u32::try_from(max_attempts)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| CoreError::InvalidSetting {
+                name: "max_attempts",
+                rule: ">= 1",
+                value: max_attempts.to_string(),
+            })?;
+        check(
+            "base_delay",
+            base_delay.is_finite() && base_delay >= 0.0,
+            ">= 0",
+            base_delay,
+        )?;
+        check(
+            "max_delay",
+            max_delay.is_finite() && max_delay >= base_delay,
+            ">= base_delay",
+            max_delay,
+        )?;
+        check(
+            "multiplier",
+            multiplier.is_finite() && multiplier >= 1.0,
+            ">= 1",
+            multiplier,
+        )?;
+        check(
+            "jitter",
+            (0.0..=1.0).contains(&jitter),
+            "between 0 and 1",
+            jitter,
+        )?;
+        Ok(Self {
+            max_attempts: attempts,
+            base_delay,
+            max_delay,
+            multiplier,
+            jitter,
+        })
     }
 
     /// Seconds to wait before retry `n` (1-based), given a uniform sample `u` in [0, 1).

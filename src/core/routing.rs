@@ -28,7 +28,10 @@ impl Matcher {
         if s.split('.').any(|w| w == "*" || w == "#") {
             Ok(Self::Pattern(Topic::parse(s)?))
         } else if s.is_empty() {
-            Err(CoreError::InvalidPattern { pattern: s.to_owned(), reason: "it is empty" })
+            Err(CoreError::InvalidPattern {
+                pattern: s.to_owned(),
+                reason: "it is empty",
+            })
         } else {
             Ok(Self::Exact(s.to_owned()))
         }
@@ -81,7 +84,10 @@ impl Topic {
                 lit => Word::Literal(lit.to_owned()),
             });
         }
-        Ok(Self { source: pattern.to_owned(), words })
+        Ok(Self {
+            source: pattern.to_owned(),
+            words,
+        })
     }
 
     /// The pattern as written.
@@ -101,7 +107,9 @@ fn match_words(pat: &[Word], key: &[&str]) -> bool {
         None => key.is_empty(),
         Some((Word::Any, rest)) => (0..=key.len()).any(|skip| match_words(rest, &key[skip..])),
         Some((Word::One, rest)) => !key.is_empty() && match_words(rest, &key[1..]),
-        Some((Word::Literal(l), rest)) => key.first() == Some(&l.as_str()) && match_words(rest, &key[1..]),
+        Some((Word::Literal(l), rest)) => {
+            key.first() == Some(&l.as_str()) && match_words(rest, &key[1..])
+        }
     }
 }
 
@@ -131,7 +139,12 @@ pub struct Router<H> {
 
 impl<H> Default for Router<H> {
     fn default() -> Self {
-        Self { subs: Vec::new(), next_id: 1, generation: 0, string_subs: 0 }
+        Self {
+            subs: Vec::new(),
+            next_id: 1,
+            generation: 0,
+            string_subs: 0,
+        }
     }
 }
 
@@ -142,13 +155,25 @@ impl<H> Router<H> {
     }
 
     /// Adds a subscription and returns it.
-    pub fn subscribe(&mut self, matcher: Matcher, priority: i64, name: String, payload: H) -> Arc<Subscription<H>> {
+    pub fn subscribe(
+        &mut self,
+        matcher: Matcher,
+        priority: i64,
+        name: String,
+        payload: H,
+    ) -> Arc<Subscription<H>> {
         let id = self.next_id;
         self.next_id += 1;
         if matcher.needs_type_key() {
             self.string_subs += 1;
         }
-        let sub = Arc::new(Subscription { id, matcher, priority, name, payload });
+        let sub = Arc::new(Subscription {
+            id,
+            matcher,
+            priority,
+            name,
+            payload,
+        });
         self.subs.push(Arc::clone(&sub));
         self.generation += 1;
         sub
@@ -156,7 +181,9 @@ impl<H> Router<H> {
 
     /// Removes a subscription by id; false when there was none.
     pub fn unsubscribe(&mut self, id: u64) -> bool {
-        let Some(pos) = self.subs.iter().position(|s| s.id == id) else { return false };
+        let Some(pos) = self.subs.iter().position(|s| s.id == id) else {
+            return false;
+        };
         let sub = self.subs.remove(pos);
         if sub.matcher.needs_type_key() {
             self.string_subs -= 1;
@@ -198,8 +225,12 @@ impl<H> Router<H> {
 
     /// The subscriptions an event reaches, smaller priority first, ties in subscription order.
     pub fn resolve(&self, type_key: &str, mro: &[usize]) -> Vec<Arc<Subscription<H>>> {
-        let mut out: Vec<Arc<Subscription<H>>> =
-            self.subs.iter().filter(|s| s.matcher.matches(type_key, mro)).cloned().collect();
+        let mut out: Vec<Arc<Subscription<H>>> = self
+            .subs
+            .iter()
+            .filter(|s| s.matcher.matches(type_key, mro))
+            .cloned()
+            .collect();
         // Stable sort: equal priorities keep subscription order.
         out.sort_by_key(|s| s.priority);
         out
@@ -237,8 +268,14 @@ mod tests {
 
     #[test]
     fn strings_without_wildcards_match_exactly() {
-        assert_eq!(Matcher::for_str("OrderPlaced").unwrap(), Matcher::Exact("OrderPlaced".into()));
-        assert!(matches!(Matcher::for_str("a.*").unwrap(), Matcher::Pattern(_)));
+        assert_eq!(
+            Matcher::for_str("OrderPlaced").unwrap(),
+            Matcher::Exact("OrderPlaced".into())
+        );
+        assert!(matches!(
+            Matcher::for_str("a.*").unwrap(),
+            Matcher::Pattern(_)
+        ));
     }
 
     #[test]
@@ -247,7 +284,11 @@ mod tests {
         r.subscribe(Matcher::Class(7), 5, "late".into(), ());
         r.subscribe(Matcher::Class(7), 1, "first".into(), ());
         r.subscribe(Matcher::Exact("T".into()), 1, "second".into(), ());
-        let names: Vec<_> = r.resolve("T", &[7, 1]).iter().map(|s| s.name.clone()).collect();
+        let names: Vec<_> = r
+            .resolve("T", &[7, 1])
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
         assert_eq!(names, ["first", "second", "late"]);
     }
 

@@ -41,13 +41,18 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self { counts: Box::new([0; BUCKETS]), total: 0 }
+        Self {
+            counts: Box::new([0; BUCKETS]),
+            total: 0,
+        }
     }
 }
 
 impl std::fmt::Debug for Histogram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Histogram").field("total", &self.total).finish_non_exhaustive()
+        f.debug_struct("Histogram")
+            .field("total", &self.total)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +109,14 @@ impl Histogram {
     pub fn cumulative(&self, bounds_ns: &[u64]) -> Vec<u64> {
         bounds_ns
             .iter()
-            .map(|&le| self.counts.iter().enumerate().filter(|(b, _)| bucket_upper(*b) <= le).map(|(_, c)| c).sum())
+            .map(|&le| {
+                self.counts
+                    .iter()
+                    .enumerate()
+                    .filter(|(b, _)| bucket_upper(*b) <= le)
+                    .map(|(_, c)| c)
+                    .sum()
+            })
             .collect()
     }
 }
@@ -193,7 +205,14 @@ impl Stats {
         let mut v: Vec<_> = self
             .types
             .iter()
-            .map(|(k, c)| (k.clone(), c.published.load(Relaxed), c.processed.load(Relaxed), c.failed.load(Relaxed)))
+            .map(|(k, c)| {
+                (
+                    k.clone(),
+                    c.published.load(Relaxed),
+                    c.processed.load(Relaxed),
+                    c.failed.load(Relaxed),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -211,9 +230,25 @@ mod tests {
 
     #[test]
     fn bucket_bounds_contain_their_samples() {
-        for ns in [0u64, 1, 7, 8, 9, 15, 16, 100, 1_000, 123_456, 10_000_000_000] {
+        for ns in [
+            0u64,
+            1,
+            7,
+            8,
+            9,
+            15,
+            16,
+            100,
+            1_000,
+            123_456,
+            10_000_000_000,
+        ] {
             let b = bucket_of(ns);
-            assert!(bucket_upper(b) >= ns, "{ns} -> bucket {b} upper {}", bucket_upper(b));
+            assert!(
+                bucket_upper(b) >= ns,
+                "{ns} -> bucket {b} upper {}",
+                bucket_upper(b)
+            );
             if b > 0 {
                 assert!(bucket_upper(b - 1) < ns, "{ns} belongs in a lower bucket");
             }

@@ -37,7 +37,13 @@ pub struct PyRetryPolicy {
 impl PyRetryPolicy {
     #[new]
     #[pyo3(signature = (max_attempts=1, base_delay=0.1, max_delay=30.0, multiplier=2.0, jitter=0.1))]
-    fn new(max_attempts: i64, base_delay: f64, max_delay: f64, multiplier: f64, jitter: f64) -> PyResult<Self> {
+    fn new(
+        max_attempts: i64,
+        base_delay: f64,
+        max_delay: f64,
+        multiplier: f64,
+        jitter: f64,
+    ) -> PyResult<Self> {
         RetryPolicy::new(max_attempts, base_delay, max_delay, multiplier, jitter)
             .map(|policy| Self { policy })
             .map_err(|e| errors::to_py(&e))
@@ -92,7 +98,7 @@ pub type Sub = Subscription<Handler>;
 
 /// The subscriptions one kind of event reaches, resolved once and cached.
 pub struct Route {
-    _class: Py<PyAny>,
+    class: Py<PyAny>,
     pub subs: Vec<Arc<Sub>>,
     pub type_key: String,
     pub mro: Vec<usize>,
@@ -157,7 +163,11 @@ impl Inner {
             return None;
         }
         while let Some(f) = self.idle.pop() {
-            let done = f.bind(py).call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()).unwrap_or(true);
+            let done = f
+                .bind(py)
+                .call_method0(intern!(py, "done"))
+                .and_then(|d| d.is_truthy())
+                .unwrap_or(true);
             if !done {
                 self.active += 1;
                 return Some(f);
@@ -171,8 +181,15 @@ impl Inner {
     pub fn admit_blocked(&mut self, py: Python<'_>) -> Vec<(Py<PyAny>, Arc<EnvData>)> {
         let mut out = Vec::new();
         while self.lanes.has_room() {
-            let Some(b) = self.blocked.pop_front() else { break };
-            if b.fut.bind(py).call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()).unwrap_or(true) {
+            let Some(b) = self.blocked.pop_front() else {
+                break;
+            };
+            if b.fut
+                .bind(py)
+                .call_method0(intern!(py, "done"))
+                .and_then(|d| d.is_truthy())
+                .unwrap_or(true)
+            {
                 continue;
             }
             bump(&b.item.env.route().counters.published, 1);
@@ -202,7 +219,11 @@ impl Inner {
 /// Resolves a loop future with `value` unless it is done (cancelled by a timeout, say).
 pub fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: &Bound<'_, PyAny>) {
     let f = fut.bind(py);
-    if matches!(f.call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()), Ok(false)) {
+    if matches!(
+        f.call_method0(intern!(py, "done"))
+            .and_then(|d| d.is_truthy()),
+        Ok(false)
+    ) {
         if let Err(e) = f.call_method1(intern!(py, "set_result"), (value,)) {
             e.write_unraisable(py, Some(f));
         }
@@ -211,7 +232,11 @@ pub fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: &Bound<'_, PyAny>) {
 
 fn fail(py: Python<'_>, fut: &Py<PyAny>, err: &PyErr) {
     let f = fut.bind(py);
-    if matches!(f.call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()), Ok(false)) {
+    if matches!(
+        f.call_method0(intern!(py, "done"))
+            .and_then(|d| d.is_truthy()),
+        Ok(false)
+    ) {
         if let Err(e) = f.call_method1(intern!(py, "set_exception"), (err.value(py),)) {
             e.write_unraisable(py, Some(f));
         }
@@ -221,8 +246,8 @@ fn fail(py: Python<'_>, fut: &Py<PyAny>, err: &PyErr) {
 /// Resolves each future with None.
 pub fn resolve_all(py: Python<'_>, futs: Vec<Py<PyAny>>) {
     let none = py.None().into_bound(py);
-    for f in &futs {
-        resolve(py, f, &none);
+    for f in futs {
+        resolve(py, &f, &none);
     }
 }
 
@@ -258,7 +283,11 @@ impl PyBusCore {
             (inner.router.generation(), inner.router.needs_type_key())
         };
         let is_dict = event.cast::<PyDict>().is_ok();
-        let type_key = if by_key || is_dict { Some(events::type_key(event)?) } else { None };
+        let type_key = if by_key || is_dict {
+            Some(events::type_key(event)?)
+        } else {
+            None
+        };
         let cache_key = (ty_id, type_key);
         {
             let inner = self.inner.lock();
@@ -281,7 +310,7 @@ impl PyBusCore {
             inner.routes_gen = inner.router.generation();
         }
         let route = Arc::new(Route {
-            _class: ty.into_any().unbind(),
+            class: ty.into_any().unbind(),
             subs: inner.router.resolve(&key_name, &mro),
             counters: inner.stats.type_counters(&key_name),
             type_key: key_name,
@@ -330,14 +359,25 @@ impl PyBusCore {
             Origin::Root(Some(c)) => mark_domain_event(event, c.bind(py), None)?,
             Origin::Root(None) => {}
         }
-        let env = EnvData::new(event.clone().unbind(), origin, key.map(Bound::unbind), route);
-        Ok((Queued { env: Arc::new(env), enqueued: health::coarse_now_ns() }, lane))
+        let env = EnvData::new(
+            event.clone().unbind(),
+            origin,
+            key.map(Bound::unbind),
+            route,
+        );
+        Ok((
+            Queued {
+                env: Arc::new(env),
+                enqueued: health::coarse_now_ns(),
+            },
+            lane,
+        ))
     }
 
     /// Resolves the `wait_for` calls an accepted event matches.
-    pub fn notify_waiters(&self, py: Python<'_>, env: &Arc<EnvData>) -> PyResult<()> {
+    pub fn notify_waiters(&self, py: Python<'_>, env: &Arc<EnvData>) {
         if self.waiter_count.load(Relaxed) == 0 {
-            return Ok(());
+            return;
         }
         let route = Arc::clone(env.route());
         let waiters = std::mem::take(&mut self.inner.lock().waiters);
@@ -362,17 +402,15 @@ impl PyBusCore {
         keep.append(&mut inner.waiters);
         inner.waiters = keep;
         self.waiter_count.store(inner.waiters.len(), Relaxed);
-        Ok(())
     }
 
     /// Tells publishers whose events were just admitted, and their `wait_for` callers.
-    pub fn admitted(&self, py: Python<'_>, admitted: Vec<(Py<PyAny>, Arc<EnvData>)>) -> PyResult<()> {
+    pub fn admitted(&self, py: Python<'_>, admitted: Vec<(Py<PyAny>, Arc<EnvData>)>) {
         let none = py.None().into_bound(py);
         for (fut, env) in admitted {
             resolve(py, &fut, &none);
-            self.notify_waiters(py, &env)?;
+            self.notify_waiters(py, &env);
         }
-        Ok(())
     }
 
     fn check_running(state: RunState) -> PyResult<()> {
@@ -384,7 +422,13 @@ impl PyBusCore {
     }
 
     /// Accepts one event: queued now (None), or a future that resolves once it is accepted.
-    fn accept(&self, py: Python<'_>, item: Queued, lane: Option<u64>, wait: bool) -> PyResult<Option<Py<PyAny>>> {
+    fn accept(
+        &self,
+        py: Python<'_>,
+        item: Queued,
+        lane: Option<u64>,
+        wait: bool,
+    ) -> PyResult<Option<Py<PyAny>>> {
         let env = Arc::clone(&item.env);
         let route = Arc::clone(env.route());
         let mut inner = self.inner.lock();
@@ -397,7 +441,7 @@ impl PyBusCore {
             inner.stats.unrouted += 1;
             bump(&route.counters.processed, 1);
             drop(inner);
-            self.notify_waiters(py, &env)?;
+            self.notify_waiters(py, &env);
             return Ok(None);
         }
         if inner.lanes.has_room() && inner.blocked.is_empty() {
@@ -409,26 +453,46 @@ impl PyBusCore {
             if let Some(f) = wake {
                 resolve(py, &f, &py.None().into_bound(py));
             }
-            self.notify_waiters(py, &env)?;
+            self.notify_waiters(py, &env);
             return Ok(None);
         }
         if !wait {
-            return Err(errors::to_py(&CoreError::QueueFull { capacity: inner.lanes.capacity() }));
+            return Err(errors::to_py(&CoreError::QueueFull {
+                capacity: inner.lanes.capacity(),
+            }));
         }
-        let loop_ = inner.loop_.as_ref().expect("a running bus has a loop").clone_ref(py);
+        let loop_ = inner
+            .loop_
+            .as_ref()
+            .expect("a running bus has a loop")
+            .clone_ref(py);
         drop(inner);
-        let fut = loop_.bind(py).call_method0(intern!(py, "create_future"))?.unbind();
+        let fut = loop_
+            .bind(py)
+            .call_method0(intern!(py, "create_future"))?
+            .unbind();
         let mut inner = self.inner.lock();
-        inner.blocked.push_back(Blocked { item, lane, fut: fut.clone_ref(py) });
+        inner.blocked.push_back(Blocked {
+            item,
+            lane,
+            fut: fut.clone_ref(py),
+        });
         Ok(Some(fut))
     }
 }
 
 /// On a `DomainEvent` published from a handler or with `correlation_id=`, shows the ids of
 /// its envelope on the event itself.
-fn mark_domain_event(event: &Bound<'_, PyAny>, correlation: &Bound<'_, PyAny>, causation: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+fn mark_domain_event(
+    event: &Bound<'_, PyAny>,
+    correlation: &Bound<'_, PyAny>,
+    causation: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
     let py = event.py();
-    if !event.get_type().hasattr(intern!(py, "__oxbus_domain_event__"))? {
+    if !event
+        .get_type()
+        .hasattr(intern!(py, "__oxbus_domain_event__"))?
+    {
         return Ok(());
     }
     if let Some(d) = event.getattr_opt(intern!(py, "__dict__"))? {
@@ -444,8 +508,12 @@ fn mark_domain_event(event: &Bound<'_, PyAny>, correlation: &Bound<'_, PyAny>, c
     Ok(())
 }
 
-fn setting(name: &'static str, rule: &'static str, value: impl ToString) -> PyErr {
-    errors::to_py(&CoreError::InvalidSetting { name, rule, value: value.to_string() })
+fn setting(name: &'static str, rule: &'static str, value: &impl ToString) -> PyErr {
+    errors::to_py(&CoreError::InvalidSetting {
+        name,
+        rule,
+        value: value.to_string(),
+    })
 }
 
 #[pymethods]
@@ -461,12 +529,22 @@ impl PyBusCore {
         retry: Option<Bound<'_, PyRetryPolicy>>,
     ) -> PyResult<Self> {
         let workers: usize = match workers.extract::<i64>() {
-            Ok(n) if n >= 1 && !workers.is_instance_of::<pyo3::types::PyBool>() => usize::try_from(n).unwrap_or(usize::MAX),
-            _ => return Err(setting("workers", "an int >= 1", workers.repr()?)),
+            Ok(n) if n >= 1 && !workers.is_instance_of::<pyo3::types::PyBool>() => {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }
+            _ => return Err(setting("workers", "an int >= 1", &workers.repr()?)),
         };
         let capacity: usize = match max_queue_size.extract::<i64>() {
-            Ok(n) if n >= 0 && !max_queue_size.is_instance_of::<pyo3::types::PyBool>() => usize::try_from(n).unwrap_or(usize::MAX),
-            _ => return Err(setting("max_queue_size", "an int >= 0 (0 = unbounded)", max_queue_size.repr()?)),
+            Ok(n) if n >= 0 && !max_queue_size.is_instance_of::<pyo3::types::PyBool>() => {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }
+            _ => {
+                return Err(setting(
+                    "max_queue_size",
+                    "an int >= 0 (0 = unbounded)",
+                    &max_queue_size.repr()?,
+                ))
+            }
         };
         Ok(Self {
             inner: Mutex::new(Inner {
@@ -537,7 +615,7 @@ impl PyBusCore {
         let (mut item, lane) = self.envelope(py, event, None, None)?;
         let full = item.env.route();
         let route = Route {
-            _class: full._class.clone_ref(py),
+            class: full.class.clone_ref(py),
             subs: vec![sub],
             type_key: full.type_key.clone(),
             mro: full.mro.clone(),
@@ -549,7 +627,12 @@ impl PyBusCore {
             Some(c) => Origin::Child(env.correlation(py)?.unbind(), c.unbind()),
             None => Origin::Root(None),
         };
-        item.env = Arc::new(EnvData::new(event.clone().unbind(), origin, None, Arc::new(route)));
+        item.env = Arc::new(EnvData::new(
+            event.clone().unbind(),
+            origin,
+            None,
+            Arc::new(route),
+        ));
         if let Some(fut) = self.accept(py, item, lane, true)? {
             drop(fut);
         }
@@ -562,24 +645,48 @@ impl PyBusCore {
     }
 
     /// Removes the subscriptions of `handler` (compared with ==) to `target`; returns how many.
-    fn unsubscribe_handler(&self, py: Python<'_>, target: &Bound<'_, PyAny>, handler: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn unsubscribe_handler(
+        &self,
+        py: Python<'_>,
+        target: &Bound<'_, PyAny>,
+        handler: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
         let matcher = events::matcher_for(target)?;
         let ids: Vec<u64> = {
             let inner = self.inner.lock();
-            inner.router.iter().filter(|s| s.matcher == matcher).map(|s| (s.id, s.payload.callable.clone_ref(py))).collect::<Vec<_>>()
+            inner
+                .router
+                .iter()
+                .filter(|s| s.matcher == matcher)
+                .map(|s| (s.id, s.payload.callable.clone_ref(py)))
+                .collect::<Vec<_>>()
         }
         .into_iter()
         .filter(|(_, c)| c.bind(py).eq(handler).unwrap_or(false))
         .map(|(id, _)| id)
         .collect();
         let mut inner = self.inner.lock();
-        Ok(ids.into_iter().filter(|id| inner.router.unsubscribe(*id)).count())
+        Ok(ids
+            .into_iter()
+            .filter(|id| inner.router.unsubscribe(*id))
+            .count())
     }
 
     /// (id, name, priority, target) of every subscription, in subscription order.
     fn subscriptions(&self, py: Python<'_>) -> Vec<(u64, String, i64, Py<PyAny>)> {
         let inner = self.inner.lock();
-        inner.router.iter().map(|s| (s.id, s.name.clone(), s.priority, s.payload.target.clone_ref(py))).collect()
+        inner
+            .router
+            .iter()
+            .map(|s| {
+                (
+                    s.id,
+                    s.name.clone(),
+                    s.priority,
+                    s.payload.target.clone_ref(py),
+                )
+            })
+            .collect()
     }
 
     /// Whether a subscription with this name exists.
@@ -620,8 +727,16 @@ impl PyBusCore {
         let (blocked, dropped, idle) = {
             let mut inner = self.inner.lock();
             inner.state = RunState::Closed;
-            let dropped = if discard { inner.lanes.clear() } else { Vec::new() };
-            let blocked: Vec<Blocked> = if discard { inner.blocked.drain(..).collect() } else { Vec::new() };
+            let dropped = if discard {
+                inner.lanes.clear()
+            } else {
+                Vec::new()
+            };
+            let blocked: Vec<Blocked> = if discard {
+                inner.blocked.drain(..).collect()
+            } else {
+                Vec::new()
+            };
             (blocked, dropped, std::mem::take(&mut inner.idle))
         };
         let err = errors::bus_closed("the bus was stopped before this event was accepted");
@@ -673,7 +788,11 @@ impl PyBusCore {
 
     /// Publishes from an iterator until it ends or the queue is full; returns how many were
     /// taken from it and, when full, the future of the last one (accepted once it resolves).
-    fn publish_many(&self, py: Python<'_>, events: &Bound<'_, PyIterator>) -> PyResult<(usize, Option<Py<PyAny>>)> {
+    fn publish_many(
+        &self,
+        py: Python<'_>,
+        events: &Bound<'_, PyIterator>,
+    ) -> PyResult<(usize, Option<Py<PyAny>>)> {
         let mut n = 0;
         for event in events.clone() {
             let event = event?;
@@ -698,7 +817,10 @@ impl PyBusCore {
                 None => return Ok(None),
             }
         };
-        let fut = loop_.bind(py).call_method0(intern!(py, "create_future"))?.unbind();
+        let fut = loop_
+            .bind(py)
+            .call_method0(intern!(py, "create_future"))?
+            .unbind();
         let mut inner = self.inner.lock();
         if inner.is_drained() {
             return Ok(None);
@@ -709,12 +831,22 @@ impl PyBusCore {
 
     /// Registers a `wait_for`: `fut` gets the first matching event accepted from now on.
     #[pyo3(signature = (target, predicate, fut))]
-    fn add_waiter(&self, target: &Bound<'_, PyAny>, predicate: Option<Py<PyAny>>, fut: Py<PyAny>) -> PyResult<u64> {
+    fn add_waiter(
+        &self,
+        target: &Bound<'_, PyAny>,
+        predicate: Option<Py<PyAny>>,
+        fut: Py<PyAny>,
+    ) -> PyResult<u64> {
         let matcher = events::matcher_for(target)?;
         let mut inner = self.inner.lock();
         let id = inner.next_waiter;
         inner.next_waiter += 1;
-        inner.waiters.push(Waiter { id, matcher, predicate, fut });
+        inner.waiters.push(Waiter {
+            id,
+            matcher,
+            predicate,
+            fut,
+        });
         self.waiter_count.store(inner.waiters.len(), Relaxed);
         Ok(id)
     }
@@ -784,12 +916,17 @@ impl PyBusCore {
 
     /// Handler latency histogram: cumulative counts at the given bounds (seconds), the count and
     /// the sum (seconds), for Prometheus.
-    fn latency_buckets(&self, bounds: Vec<f64>) -> (Vec<u64>, u64, f64) {
+    fn latency_buckets(&self, bounds: &Bound<'_, PyAny>) -> PyResult<(Vec<u64>, u64, f64)> {
+        let bounds: Vec<f64> = bounds.extract()?;
         let inner = self.inner.lock();
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let ns: Vec<u64> = bounds.iter().map(|b| (b * 1e9) as u64).collect();
         let s = &inner.stats;
-        (s.latency.cumulative(&ns), s.latency.count(), s.handler_ns as f64 / 1e9)
+        Ok((
+            s.latency.cumulative(&ns),
+            s.latency.count(),
+            s.handler_ns as f64 / 1e9,
+        ))
     }
 
     /// The health report, as a dict (see `EventBus.get_health_status`).
@@ -800,7 +937,11 @@ impl PyBusCore {
         let mut inner = self.inner.lock();
         inner.probe = Some(probe);
         let now = health::coarse_now_ns();
-        let oldest = inner.lanes.heads().map(|q| now.saturating_sub(q.enqueued) as f64 / 1e9).fold(0.0, f64::max);
+        let oldest = inner
+            .lanes
+            .heads()
+            .map(|q| now.saturating_sub(q.enqueued) as f64 / 1e9)
+            .fold(0.0, f64::max);
         let readings = Readings {
             running: inner.state == RunState::Running,
             queued: inner.lanes.len(),
@@ -819,7 +960,15 @@ impl PyBusCore {
         d.set_item("max_queue_size", readings.capacity)?;
         d.set_item("blocked_publishers", inner.blocked.len())?;
         d.set_item("lane_count", inner.lanes.lane_count())?;
-        d.set_item("longest_lanes", inner.lanes.longest_lanes(5).into_iter().map(|(n, _)| n).collect::<Vec<_>>())?;
+        d.set_item(
+            "longest_lanes",
+            inner
+                .lanes
+                .longest_lanes(5)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>(),
+        )?;
         d.set_item("in_flight", inner.in_flight)?;
         d.set_item("oldest_queued_age_seconds", oldest)?;
         d.set_item("worker_count", self.workers)?;
@@ -828,7 +977,14 @@ impl PyBusCore {
         d.set_item("cpu_percent", sample.cpu_percent)?;
         d.set_item("system_memory_total_mb", sample.system_total_mb)?;
         d.set_item("system_memory_available_mb", sample.system_available_mb)?;
-        d.set_item("error_rate", if readings.calls == 0 { 0.0 } else { readings.failed_calls as f64 / readings.calls as f64 })?;
+        d.set_item(
+            "error_rate",
+            if readings.calls == 0 {
+                0.0
+            } else {
+                readings.failed_calls as f64 / readings.calls as f64
+            },
+        )?;
         d.set_item("dead_letters", readings.dead_letters)?;
         let t = PyDict::new(py);
         t.set_item("queue_fill", self.thresholds.queue_fill)?;

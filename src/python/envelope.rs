@@ -3,8 +3,8 @@
 //!
 //! Ids are computed lazily: an envelope that nobody asks about costs one allocation.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::ffi::CStr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use pyo3::ffi;
@@ -44,7 +44,12 @@ pub struct EnvData {
 }
 
 impl EnvData {
-    pub fn new(event: Py<PyAny>, origin: Origin, key: Option<Py<PyAny>>, route: Arc<Route>) -> Self {
+    pub fn new(
+        event: Py<PyAny>,
+        origin: Origin,
+        key: Option<Py<PyAny>>,
+        route: Arc<Route>,
+    ) -> Self {
         Self {
             event,
             origin,
@@ -117,7 +122,10 @@ impl EnvData {
 
     /// The name of the subscription running now.
     pub fn subscription(&self) -> Option<String> {
-        self.route.subs.get(self.sub_index.load(Relaxed)).map(|s| s.name.clone())
+        self.route
+            .subs
+            .get(self.sub_index.load(Relaxed))
+            .map(|s| s.name.clone())
     }
 }
 
@@ -205,11 +213,12 @@ static CURRENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// The context variable holding the envelope being handled.
 pub fn current_var(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    CURRENT.get_or_try_init(py, || {
-        let cv = py.import("contextvars")?.getattr("ContextVar")?;
-        Ok::<_, PyErr>(cv.call1(("oxbus_envelope",))?.unbind())
-    })
-    .map(|v| v.bind(py))
+    CURRENT
+        .get_or_try_init(py, || {
+            let cv = py.import("contextvars")?.getattr("ContextVar")?;
+            Ok::<_, PyErr>(cv.call1(("oxbus_envelope",))?.unbind())
+        })
+        .map(|v| v.bind(py))
 }
 
 const CAPSULE_NAME: &CStr = c"oxbus.envelope";
@@ -230,7 +239,9 @@ unsafe extern "C" fn drop_capsule(capsule: *mut ffi::PyObject) {
 /// does not feed the GC one object per event.
 pub fn set_current(py: Python<'_>, env: &Arc<EnvData>) -> PyResult<()> {
     let var = current_var(py)?;
-    let raw = Arc::into_raw(Arc::clone(env)).cast_mut().cast::<std::ffi::c_void>();
+    let raw = Arc::into_raw(Arc::clone(env))
+        .cast_mut()
+        .cast::<std::ffi::c_void>();
     // SAFETY: `raw` is a valid pointer owned by the capsule from here on; `drop_capsule`
     // releases it exactly once.
     let capsule = unsafe { ffi::PyCapsule_New(raw, CAPSULE_NAME.as_ptr(), Some(drop_capsule)) };

@@ -59,7 +59,10 @@ pub fn class_has_key(ty: &Bound<'_, PyType>) -> PyResult<bool> {
 /// The event's ordering key: a dict's `"aggregate_id"` item, or the `aggregate_id` attribute
 /// (looked up on the class when it defines one, else in the instance's `__dict__`, so events
 /// without one never pay for an `AttributeError`). `None` when absent or `None`.
-pub fn aggregate_key<'py>(event: &Bound<'py, PyAny>, class_has_key: bool) -> PyResult<Option<Bound<'py, PyAny>>> {
+pub fn aggregate_key<'py>(
+    event: &Bound<'py, PyAny>,
+    class_has_key: bool,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
     let py = event.py();
     let found = if let Ok(d) = event.cast::<PyDict>() {
         d.get_item(intern!(py, "aggregate_id"))?
@@ -183,5 +186,7 @@ pub fn check_callable(handler: &Bound<'_, PyAny>) -> PyResult<()> {
 
 /// The `TypeError` raised for `publish(None)`.
 pub fn none_event_error() -> PyErr {
-    errors::invalid_event("cannot publish None: an event must be an object (a DomainEvent, a dataclass, a dict, ...)")
+    errors::invalid_event(
+        "cannot publish None: an event must be an object (a DomainEvent, a dataclass, a dict, ...)",
+    )
 }

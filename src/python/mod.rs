@@ -1,4 +1,4 @@
-//! The PyO3 layer: the `oxbus._oxbus` module. Thin wrappers that convert and delegate to the
+//! The `PyO3` layer: the `oxbus._oxbus` module. Thin wrappers that convert and delegate to the
 //! engine in `crate::core`; the public API is the Python package `oxbus`.
 
 mod bus;

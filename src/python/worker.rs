@@ -9,8 +9,8 @@
 //! publish (one wake-up per batch, not per event). After `BUDGET` events in one step the worker
 //! yields once so the loop stays responsive under a long backlog.
 
-use std::sync::Arc;
 use quanta::Instant;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::PyException;
@@ -104,12 +104,18 @@ pub struct PyWorker {
 }
 
 fn is_cancelled_error(py: Python<'_>, e: &PyErr) -> bool {
-    CANCELLED.import(py, "asyncio", "CancelledError").is_ok_and(|c| e.is_instance(py, c.as_any()))
+    CANCELLED
+        .import(py, "asyncio", "CancelledError")
+        .is_ok_and(|c| e.is_instance(py, c.as_any()))
 }
 
 impl PyWorker {
     pub fn new(core: Py<PyBusCore>, index: usize) -> Self {
-        Self { core, index, st: Mutex::new(State::default()) }
+        Self {
+            core,
+            index,
+            st: Mutex::new(State::default()),
+        }
     }
 
     fn core(&self) -> &PyBusCore {
@@ -151,7 +157,9 @@ impl PyWorker {
             }
             if st.cancelled {
                 // Cancelled while a handler ran and the handler swallowed it: finish as asked.
-                return Err(pyo3::exceptions::asyncio::CancelledError::new_err("worker cancelled"));
+                return Err(pyo3::exceptions::asyncio::CancelledError::new_err(
+                    "worker cancelled",
+                ));
             }
             if st.cur.is_none() {
                 if handled >= BUDGET {
@@ -177,15 +185,24 @@ impl PyWorker {
             inner.in_flight += 1;
             let admitted = inner.admit_blocked(py);
             drop(inner);
-            core.admitted(py, admitted)?;
+            core.admitted(py, admitted);
             envelope::set_current(py, &item.env)?;
-            st.cur = Some(Current { env: item.env, lane, idx: 0, attempt: 1, started: None, retry_after_hook: false });
+            st.cur = Some(Current {
+                env: item.env,
+                lane,
+                idx: 0,
+                attempt: 1,
+                started: None,
+                retry_after_hook: false,
+            });
             return Ok(None);
         }
         let loop_ = inner.loop_.as_ref().map(|l| l.clone_ref(py));
         drop(inner);
         let Some(loop_) = loop_ else {
-            return Err(pyo3::exceptions::PyRuntimeError::new_err("worker started before the bus"));
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "worker started before the bus",
+            ));
         };
         // Creating a future runs no user code, so nothing can be queued between the empty
         // `take` above and registering as idle below.
@@ -226,12 +243,17 @@ impl PyWorker {
         let env = Arc::clone(&cur.env);
         let route = Arc::clone(env.route());
         let Some(sub) = route.subs.get(cur.idx) else {
-            return self.finish_event(py, st);
+            Self::finish_event(st);
+            return Ok(());
         };
         env.set_call(cur.idx, cur.attempt);
         let event = env.event_ref().bind(py);
         st.tick = st.tick.wrapping_add(1);
-        cur.started = if st.tick % SAMPLE == 0 || self.core().hook_on_success() { Some(st.clock.take().unwrap_or_else(Instant::now)) } else { None };
+        cur.started = if st.tick % SAMPLE == 0 || self.core().hook_on_success() {
+            Some(st.clock.take().unwrap_or_else(Instant::now))
+        } else {
+            None
+        };
         let result = if sub.payload.threaded {
             self.in_executor(py, &sub.payload.callable, event)
         } else {
@@ -247,18 +269,37 @@ impl PyWorker {
         }
     }
 
-    fn in_executor<'py>(&self, py: Python<'py>, f: &Py<PyAny>, event: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    fn in_executor<'py>(
+        &self,
+        py: Python<'py>,
+        f: &Py<PyAny>,
+        event: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let core = self.core();
         let loop_ = core.inner.lock().loop_.as_ref().map(|l| l.clone_ref(py));
         let loop_ = loop_.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no loop"))?;
-        let executor = core.executor.as_ref().map_or_else(|| py.None(), |e| e.clone_ref(py));
+        let executor = core
+            .executor
+            .as_ref()
+            .map_or_else(|| py.None(), |e| e.clone_ref(py));
         // The thread runs the handler in a copy of this context, so it sees its envelope.
-        let copy = COPY_CONTEXT.get_or_try_init(py, || Ok::<_, PyErr>(py.import("contextvars")?.getattr("copy_context")?.unbind()))?;
+        let copy = COPY_CONTEXT.get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("contextvars")?.getattr("copy_context")?.unbind())
+        })?;
         let run = copy.bind(py).call0()?.getattr(intern!(py, "run"))?;
-        loop_.bind(py).call_method1(intern!(py, "run_in_executor"), (executor, run, f.bind(py), event))
+        loop_.bind(py).call_method1(
+            intern!(py, "run_in_executor"),
+            (executor, run, f.bind(py), event),
+        )
     }
 
-    fn after_await(&self, py: Python<'_>, st: &mut State, kind: Kind, err: Option<PyErr>) -> PyResult<()> {
+    fn after_await(
+        &self,
+        py: Python<'_>,
+        st: &mut State,
+        kind: Kind,
+        err: Option<PyErr>,
+    ) -> PyResult<()> {
         match kind {
             Kind::Handler => self.call_done(py, st, err),
             Kind::Hook => {
@@ -308,7 +349,11 @@ impl PyWorker {
             // After a retry succeeds the hook runs too, so the Python side can forget the
             // pair's earlier failures.
             if core.hook_on_success() || cur.attempt > 1 {
-                core.inner.lock().after_call.as_ref().map(|h| h.clone_ref(py))
+                core.inner
+                    .lock()
+                    .after_call
+                    .as_ref()
+                    .map(|h| h.clone_ref(py))
             } else {
                 None
             }
@@ -327,11 +372,32 @@ impl PyWorker {
         cur.retry_after_hook = retry;
         // A call interrupted because the worker itself is being cancelled (shutdown) is not a
         // handler failure to log or dead-letter: the worker ends right after.
-        let hook = if st.cancelled && err.as_ref().is_some_and(|e| is_cancelled_error(py, e)) { None } else { hook };
+        let hook = if st.cancelled && err.as_ref().is_some_and(|e| is_cancelled_error(py, e)) {
+            None
+        } else {
+            hook
+        };
         if let Some(hook) = hook {
-            let err_obj = err.as_ref().map_or_else(|| py.None(), |e| e.value(py).clone().into_any().unbind());
-            let secs = ns.map_or_else(|| py.None(), |ns| (ns as f64 / 1e9).into_pyobject(py).map_or_else(|_| py.None(), |f| f.into_any().unbind()));
-            let r = hook.bind(py).call1((PyEnvelope::new(Arc::clone(&cur.env)), sub.id, &sub.name, err_obj, secs, cur.attempt, !ok && !retry));
+            let err_obj = err
+                .as_ref()
+                .map_or_else(|| py.None(), |e| e.value(py).clone().into_any().unbind());
+            let secs = ns.map_or_else(
+                || py.None(),
+                |ns| {
+                    (ns as f64 / 1e9)
+                        .into_pyobject(py)
+                        .map_or_else(|_| py.None(), |f| f.into_any().unbind())
+                },
+            );
+            let r = hook.bind(py).call1((
+                PyEnvelope::new(Arc::clone(&cur.env)),
+                sub.id,
+                &sub.name,
+                err_obj,
+                secs,
+                cur.attempt,
+                !ok && !retry,
+            ));
             match r.and_then(|r| events::awaitable_iter(&r)) {
                 Ok(Some(it)) => {
                     st.awaiting = Some((it.unbind(), Kind::Hook));
@@ -352,10 +418,15 @@ impl PyWorker {
         let cur = st.cur.as_mut().expect("an event is current");
         if cur.retry_after_hook {
             let route = Arc::clone(cur.env.route());
-            let delay = route.subs[cur.idx].payload.retry.delay(cur.attempt, fastrand::f64());
+            let delay = route.subs[cur.idx]
+                .payload
+                .retry
+                .delay(cur.attempt, fastrand::f64());
             cur.attempt += 1;
             cur.retry_after_hook = false;
-            let sleep = SLEEP.get_or_try_init(py, || Ok::<_, PyErr>(py.import("asyncio")?.getattr("sleep")?.unbind()))?;
+            let sleep = SLEEP.get_or_try_init(py, || {
+                Ok::<_, PyErr>(py.import("asyncio")?.getattr("sleep")?.unbind())
+            })?;
             let coro = sleep.bind(py).call1((delay,))?;
             self.core().inner.lock().retrying += 1;
             st.awaiting = Some((coro.unbind(), Kind::Backoff));
@@ -367,10 +438,9 @@ impl PyWorker {
     }
 
     /// The current event is done: its bookkeeping waits for the next lock (see `Pending`).
-    fn finish_event(&self, _py: Python<'_>, st: &mut State) -> PyResult<()> {
+    fn finish_event(st: &mut State) {
         let cur = st.cur.take().expect("an event is current");
         st.pending.finished = Some((cur.lane, Arc::clone(cur.env.route())));
-        Ok(())
     }
 }
 
@@ -393,7 +463,13 @@ impl PyWorker {
     }
 
     #[pyo3(signature = (typ, val=None, _tb=None))]
-    fn throw(&self, py: Python<'_>, typ: &Bound<'_, PyAny>, val: Option<&Bound<'_, PyAny>>, _tb: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+    fn throw(
+        &self,
+        py: Python<'_>,
+        typ: &Bound<'_, PyAny>,
+        val: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
         let err = match val {
             Some(v) if !v.is_none() => PyErr::from_value(v.clone()),
             _ => PyErr::from_value(typ.clone()),
@@ -422,6 +498,10 @@ impl PyWorker {
 
     fn __repr__(&self) -> String {
         let running = self.core().inner.lock().state == RunState::Running;
-        format!("<oxbus Worker {} ({})>", self.index, if running { "running" } else { "stopped" })
+        format!(
+            "<oxbus Worker {} ({})>",
+            self.index,
+            if running { "running" } else { "stopped" }
+        )
     }
 }

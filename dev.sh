@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-TEST_DEPS=(pytest pytest-asyncio pytest-timeout uvloop pydantic mypy)
+# PySide6 6.12.0 loses a reference to None per QObject.killTimer (qasync calls it per callback)
+# and aborts CPython 3.11: stay below it.
+TEST_DEPS=(pytest pytest-asyncio pytest-timeout uvloop pydantic mypy "qasync==0.28.0" "PySide6-Essentials>=6.5,<6.12")
 
 venv() {  # venv DIR PACKAGES...
   local dir=$1; shift

@@ -1,0 +1,521 @@
+//! Schema and queries on one SQLite connection.
+//!
+//! `events.position` is the global order (an INTEGER PRIMARY KEY, so rows are stored in it);
+//! `(stream_id, version)` is unique, which is what makes optimistic concurrency safe even
+//! against another process writing the same file. Versions start at 1; `expected_version` is
+//! the stream's version before the append (0 for a new stream).
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::store::{Result, StoreError};
+
+/// An event to append, already encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Unique id (a UUID string).
+    pub event_id: String,
+    /// The type key.
+    pub event_type: String,
+    /// The schema version of `data`.
+    pub event_version: i64,
+    /// The event's fields as a JSON object.
+    pub data: String,
+    /// Correlation and causation ids and the like, as a JSON object.
+    pub metadata: String,
+    /// When the event happened (ISO 8601), if known.
+    pub occurred_at: Option<String>,
+}
+
+/// A row of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    /// Global order, from 1.
+    pub position: i64,
+    /// The stream.
+    pub stream_id: String,
+    /// Version within the stream, from 1.
+    pub version: i64,
+    /// The type key.
+    pub event_type: String,
+    /// The schema version of `data`.
+    pub event_version: i64,
+    /// JSON object.
+    pub data: String,
+    /// JSON object.
+    pub metadata: String,
+    /// Unique id.
+    pub event_id: String,
+    /// When it happened (ISO 8601), if known.
+    pub occurred_at: Option<String>,
+    /// When it was committed (ISO 8601, UTC).
+    pub recorded_at: String,
+}
+
+/// A snapshot of an aggregate's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The stream it summarises.
+    pub stream_id: String,
+    /// The stream version it reflects.
+    pub version: i64,
+    /// JSON.
+    pub state: String,
+    /// When it was taken (ISO 8601, UTC).
+    pub taken_at: String,
+}
+
+/// A dead letter row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadRow {
+    /// Row id.
+    pub id: i64,
+    /// Position of the event in the log.
+    pub position: i64,
+    /// Subscription name.
+    pub subscription: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// First failure (ISO 8601).
+    pub first_failed_at: String,
+    /// Last failure (ISO 8601).
+    pub last_failed_at: String,
+    /// Qualified exception class name.
+    pub error_type: String,
+    /// `str(exception)`.
+    pub error_message: String,
+    /// Formatted traceback.
+    pub traceback: String,
+}
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Survives a process crash (WAL, synchronous=NORMAL).
+    Normal,
+    /// Survives power loss (WAL, synchronous=FULL).
+    Full,
+}
+
+impl Synchronous {
+    /// Parses "normal" / "full" (any case).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Self::Normal),
+            "full" => Ok(Self::Full),
+            _ => Err(StoreError::Invalid(format!("synchronous must be \"normal\" or \"full\", got {s:?}"))),
+        }
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    position      INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream_id     TEXT    NOT NULL,
+    version       INTEGER NOT NULL,
+    event_type    TEXT    NOT NULL,
+    event_version INTEGER NOT NULL,
+    event_id      TEXT    NOT NULL UNIQUE,
+    data          TEXT    NOT NULL,
+    metadata      TEXT    NOT NULL,
+    occurred_at   TEXT,
+    recorded_at   TEXT    NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    stream_id TEXT PRIMARY KEY,
+    version   INTEGER NOT NULL,
+    state     TEXT    NOT NULL,
+    taken_at  TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS progress (
+    subscription TEXT    NOT NULL,
+    position     INTEGER NOT NULL,
+    PRIMARY KEY (subscription, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscriptions (
+    name       TEXT PRIMARY KEY,
+    start_after INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    position        INTEGER NOT NULL,
+    subscription    TEXT    NOT NULL,
+    attempts        INTEGER NOT NULL,
+    first_failed_at TEXT    NOT NULL,
+    last_failed_at  TEXT    NOT NULL,
+    error_type      TEXT    NOT NULL,
+    error_message   TEXT    NOT NULL,
+    traceback       TEXT    NOT NULL
+);
+";
+
+/// The current UTC time, ISO 8601 with microseconds.
+pub fn now_iso() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's method).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// One connection to the log.
+pub struct Log {
+    conn: Connection,
+    path: String,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRow> {
+    Ok(StoredRow {
+        position: r.get(0)?,
+        stream_id: r.get(1)?,
+        version: r.get(2)?,
+        event_type: r.get(3)?,
+        event_version: r.get(4)?,
+        event_id: r.get(5)?,
+        data: r.get(6)?,
+        metadata: r.get(7)?,
+        occurred_at: r.get(8)?,
+        recorded_at: r.get(9)?,
+    })
+}
+
+const COLUMNS: &str =
+    "position, stream_id, version, event_type, event_version, event_id, data, metadata, occurred_at, recorded_at";
+
+impl Log {
+    /// Opens (creating if needed) the log at `path` (`":memory:"` for a private in-memory one).
+    pub fn open(path: &str, sync: Synchronous) -> Result<Self> {
+        let conn = Connection::open(path).map_err(|e| StoreError::Sqlite { path: path.to_owned(), source: e })?;
+        let log = Self { conn, path: path.to_owned() };
+        let sync_sql = match sync {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        log.conn
+            .execute_batch(&format!(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync_sql}; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;"
+            ))
+            .map_err(|e| log.err(e))?;
+        log.conn.execute_batch(SCHEMA).map_err(|e| log.err(e))?;
+        Ok(log)
+    }
+
+    /// Wraps a SQLite error with the file name.
+    pub fn err(&self, e: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite { path: self.path.clone(), source: e }
+    }
+
+    /// The file path as given.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Starts a write transaction (`BEGIN IMMEDIATE`: the write lock is taken up front).
+    pub fn begin(&mut self) -> Result<Transaction<'_>> {
+        let path = self.path.clone();
+        self.conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| StoreError::Sqlite { path, source: e })
+    }
+
+    /// The stream's version (0 when it has no events).
+    pub fn version(tx: &Connection, stream: &str) -> rusqlite::Result<i64> {
+        tx.query_row("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1", [stream], |r| r.get(0))
+    }
+
+    /// Appends `events` to `stream` inside `tx`; returns (new version, first position).
+    /// With `expected`, fails with `Concurrency` unless the stream is at that version.
+    pub fn append(
+        tx: &Connection,
+        path: &str,
+        stream: &str,
+        events: &[NewEvent],
+        expected: Option<i64>,
+    ) -> Result<(i64, i64)> {
+        let sqlite = |e| StoreError::Sqlite { path: path.to_owned(), source: e };
+        let current = Self::version(tx, stream).map_err(sqlite)?;
+        if let Some(expected) = expected {
+            if expected != current {
+                return Err(StoreError::Concurrency { stream: stream.to_owned(), expected, actual: current });
+            }
+        }
+        let recorded = now_iso();
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO events (stream_id, version, event_type, event_version, event_id, data, metadata, occurred_at, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(sqlite)?;
+        let mut version = current;
+        let mut first = 0;
+        for e in events {
+            version += 1;
+            stmt.execute(params![
+                stream,
+                version,
+                e.event_type,
+                e.event_version,
+                e.event_id,
+                e.data,
+                e.metadata,
+                e.occurred_at,
+                recorded
+            ])
+            .map_err(|err| match err {
+                // Another process won the race between our version read and this insert.
+                rusqlite::Error::SqliteFailure(f, Some(ref msg))
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("stream_id") =>
+                {
+                    StoreError::Concurrency { stream: stream.to_owned(), expected: expected.unwrap_or(current), actual: version }
+                }
+                other => sqlite(other),
+            })?;
+            if first == 0 {
+                first = tx.last_insert_rowid();
+            }
+        }
+        Ok((version, first))
+    }
+
+    /// Events of one stream after `after_version`, in order.
+    pub fn read(&self, stream: &str, after_version: i64) -> Result<Vec<StoredRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND version > ?2 ORDER BY version"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params![stream, after_version], row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// Up to `limit` events after `after_position`, in global order.
+    pub fn read_all(&self, after_position: i64, limit: i64) -> Result<Vec<StoredRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params![after_position, limit], row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// The last position in the log (0 when empty).
+    pub fn head(&self) -> Result<i64> {
+        self.conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| r.get(0)).map_err(|e| self.err(e))
+    }
+
+    /// Saves (replacing) the snapshot of a stream.
+    pub fn save_snapshot(&self, stream: &str, version: i64, state: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO snapshots (stream_id, version, state, taken_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(stream_id) DO UPDATE SET version = excluded.version, state = excluded.state, taken_at = excluded.taken_at",
+                params![stream, version, state, now_iso()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The latest snapshot of a stream.
+    pub fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>> {
+        self.conn
+            .query_row(
+                "SELECT stream_id, version, state, taken_at FROM snapshots WHERE stream_id = ?1",
+                [stream],
+                |r| Ok(Snapshot { stream_id: r.get(0)?, version: r.get(1)?, state: r.get(2)?, taken_at: r.get(3)? }),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Registers a durable subscription; a new one starts after the current head unless
+    /// `from_beginning`. Returns where it starts after.
+    pub fn register_subscription(&self, name: &str, from_beginning: bool) -> Result<i64> {
+        if let Some(start) = self
+            .conn
+            .query_row("SELECT start_after FROM subscriptions WHERE name = ?1", [name], |r| r.get::<_, i64>(0))
+            .optional()
+            .map_err(|e| self.err(e))?
+        {
+            return Ok(start);
+        }
+        let start = if from_beginning { 0 } else { self.head()? };
+        self.conn
+            .execute("INSERT INTO subscriptions (name, start_after) VALUES (?1, ?2)", params![name, start])
+            .map_err(|e| self.err(e))?;
+        Ok(start)
+    }
+
+    /// Records that `subscription` finished the event at `position`.
+    pub fn mark_done(tx: &Connection, subscription: &str, position: i64) -> rusqlite::Result<()> {
+        tx.prepare_cached("INSERT OR IGNORE INTO progress (subscription, position) VALUES (?1, ?2)")?
+            .execute(params![subscription, position])
+            .map(|_| ())
+    }
+
+    /// Positions after `start_after` that `subscription` has not finished, in order.
+    pub fn undelivered(&self, subscription: &str, start_after: i64) -> Result<Vec<StoredRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM events e WHERE position > ?2 AND NOT EXISTS
+                 (SELECT 1 FROM progress p WHERE p.subscription = ?1 AND p.position = e.position) ORDER BY position"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params![subscription, start_after], row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// Adds a dead letter; returns its id.
+    pub fn add_dead_letter(&self, d: &DeadRow) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO dead_letters (position, subscription, attempts, first_failed_at, last_failed_at, error_type, error_message, traceback)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![d.position, d.subscription, d.attempts, d.first_failed_at, d.last_failed_at, d.error_type, d.error_message, d.traceback],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<DeadRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, position, subscription, attempts, first_failed_at, last_failed_at, error_type, error_message, traceback
+                 FROM dead_letters ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(DeadRow {
+                    id: r.get(0)?,
+                    position: r.get(1)?,
+                    subscription: r.get(2)?,
+                    attempts: r.get(3)?,
+                    first_failed_at: r.get(4)?,
+                    last_failed_at: r.get(5)?,
+                    error_type: r.get(6)?,
+                    error_message: r.get(7)?,
+                    traceback: r.get(8)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// Deletes dead letters by id (all when `ids` is None); returns how many.
+    pub fn remove_dead_letters(&self, ids: Option<&[i64]>) -> Result<usize> {
+        match ids {
+            None => self.conn.execute("DELETE FROM dead_letters", []).map_err(|e| self.err(e)),
+            Some(ids) => {
+                let mut n = 0;
+                for id in ids {
+                    n += self.conn.execute("DELETE FROM dead_letters WHERE id = ?1", [id]).map_err(|e| self.err(e))?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// The row at a position.
+    pub fn at(&self, position: i64) -> Result<Option<StoredRow>> {
+        self.conn
+            .query_row(&format!("SELECT {COLUMNS} FROM events WHERE position = ?1"), [position], row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(i: usize) -> NewEvent {
+        NewEvent {
+            event_id: format!("id-{i}"),
+            event_type: "T".into(),
+            event_version: 1,
+            data: format!("{{\"i\":{i}}}"),
+            metadata: "{}".into(),
+            occurred_at: None,
+        }
+    }
+
+    #[test]
+    fn versions_start_at_one_and_expected_version_guards_appends() {
+        let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
+        let path = log.path().to_owned();
+        let tx = log.begin().unwrap();
+        assert_eq!(Log::append(&tx, &path, "s", &[ev(1), ev(2)], Some(0)).unwrap().0, 2);
+        let err = Log::append(&tx, &path, "s", &[ev(3)], Some(1)).unwrap_err();
+        assert_eq!(err.to_string(), "concurrency conflict on stream \"s\": expected version 1, but it is at 2");
+        assert_eq!(Log::append(&tx, &path, "s", &[ev(3)], None).unwrap().0, 3);
+        tx.commit().unwrap();
+        let rows = log.read("s", 1).unwrap();
+        assert_eq!(rows.iter().map(|r| r.version).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(log.read_all(0, 2).unwrap().len(), 2);
+        assert_eq!(log.head().unwrap(), 3);
+    }
+
+    #[test]
+    fn snapshots_replace_and_load() {
+        let log = Log::open(":memory:", Synchronous::Full).unwrap();
+        assert!(log.load_snapshot("a").unwrap().is_none());
+        log.save_snapshot("a", 3, "{\"x\":1}").unwrap();
+        log.save_snapshot("a", 5, "{\"x\":2}").unwrap();
+        let s = log.load_snapshot("a").unwrap().unwrap();
+        assert_eq!((s.version, s.state.as_str()), (5, "{\"x\":2}"));
+    }
+
+    #[test]
+    fn undelivered_skips_done_positions_and_starts_where_registered() {
+        let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
+        let path = log.path().to_owned();
+        let tx = log.begin().unwrap();
+        Log::append(&tx, &path, "s", &[ev(1), ev(2), ev(3)], None).unwrap();
+        Log::mark_done(&tx, "sub", 2).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(log.register_subscription("sub", true).unwrap(), 0);
+        assert_eq!(log.register_subscription("late", false).unwrap(), 3);
+        let left: Vec<i64> = log.undelivered("sub", 0).unwrap().iter().map(|r| r.position).collect();
+        assert_eq!(left, [1, 3]);
+    }
+
+    #[test]
+    fn iso_dates_are_right() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert!(now_iso().ends_with("+00:00"));
+    }
+
+    #[test]
+    fn bad_synchronous_names_the_value() {
+        assert_eq!(Synchronous::parse("sometimes").unwrap_err().to_string(), "synchronous must be \"normal\" or \"full\", got \"sometimes\"");
+    }
+}

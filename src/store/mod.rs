@@ -1,0 +1,12 @@
+//! The SQLite event log: streams with optimistic concurrency, a global order, snapshots,
+//! durable subscription progress and dead letters.
+//!
+//! `log` is the schema and the queries on one connection; `writer` owns that connection on a
+//! thread of its own and applies requests in batches (group commit), handing results back in
+//! batches too. Nothing here imports pyo3.
+
+pub mod errors;
+pub mod log;
+pub mod writer;
+
+pub use errors::{Result, StoreError};

@@ -1,0 +1,364 @@
+//! The writer thread: owns the connection, applies requests in batches.
+//!
+//! Requests queue on a channel. The thread takes everything queued (up to `MAX_BATCH`), runs
+//! all writes of the batch in one transaction — each append in a savepoint of its own, so one
+//! conflict fails one request, not the batch — commits once (group commit: many publishers
+//! share one fsync), then runs the reads and hands every result to the `Sink` in one call. The
+//! Python glue turns that call into one wake-up of the asyncio loop per batch.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::store::log::{DeadRow, Log, NewEvent, Snapshot, StoredRow, Synchronous};
+use crate::store::{Result, StoreError};
+
+/// Requests taken into one batch at most.
+pub const MAX_BATCH: usize = 4096;
+
+/// What the writer can do.
+#[derive(Debug)]
+pub enum Op {
+    /// Appends to one stream, atomically, optionally guarded by the expected version.
+    Append {
+        /// The stream.
+        stream: String,
+        /// Encoded events.
+        events: Vec<NewEvent>,
+        /// The stream's version before the append (0 = new), or None for no check.
+        expected: Option<i64>,
+    },
+    /// Records that a subscription finished the event at a position.
+    MarkDone {
+        /// Subscription name.
+        subscription: String,
+        /// Log position.
+        position: i64,
+    },
+    /// Reads a stream after a version.
+    Read {
+        /// The stream.
+        stream: String,
+        /// Exclusive lower bound.
+        after_version: i64,
+    },
+    /// Reads the log after a position.
+    ReadAll {
+        /// Exclusive lower bound.
+        after_position: i64,
+        /// At most this many rows.
+        limit: i64,
+    },
+    /// Saves a snapshot.
+    SaveSnapshot {
+        /// The stream.
+        stream: String,
+        /// The version it reflects.
+        version: i64,
+        /// JSON state.
+        state: String,
+    },
+    /// Loads a snapshot.
+    LoadSnapshot {
+        /// The stream.
+        stream: String,
+    },
+    /// Registers a durable subscription (returns where it starts after).
+    Register {
+        /// Subscription name.
+        name: String,
+        /// Start at position 0 instead of the head.
+        from_beginning: bool,
+    },
+    /// Committed events a subscription has not finished.
+    Undelivered {
+        /// Subscription name.
+        subscription: String,
+        /// Where it started.
+        start_after: i64,
+    },
+    /// Adds a dead letter.
+    AddDeadLetter(DeadRow),
+    /// Lists dead letters.
+    DeadLetters,
+    /// Removes dead letters (all with None).
+    RemoveDeadLetters(Option<Vec<i64>>),
+    /// The row at a position.
+    At(i64),
+}
+
+impl Op {
+    fn is_write(&self) -> bool {
+        matches!(self, Self::Append { .. } | Self::MarkDone { .. })
+    }
+}
+
+/// What a request produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The stream's new version and the position of the first appended event.
+    Appended {
+        /// New stream version.
+        version: i64,
+        /// Position of the first event appended.
+        first_position: i64,
+    },
+    /// Rows of the log.
+    Rows(Vec<StoredRow>),
+    /// A snapshot, if any.
+    Snapshot(Option<Snapshot>),
+    /// A number (a position, a count, an id).
+    Int(i64),
+    /// Nothing.
+    Unit,
+    /// Dead letters.
+    Dead(Vec<DeadRow>),
+    /// One row, if any.
+    Row(Option<StoredRow>),
+}
+
+/// Receives results, a whole batch per call, on the writer thread.
+pub trait Sink: Send + Sync + 'static {
+    /// `results` pairs each request's token with its outcome. Token 0 requests are not
+    /// reported.
+    fn deliver(&self, results: Vec<(u64, Result<Reply>)>);
+}
+
+enum Msg {
+    Op(u64, Op),
+    Close,
+}
+
+/// A handle on the writer thread.
+pub struct Writer {
+    tx: Sender<Msg>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+    path: String,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// Opens the log (errors are reported here, at once) and starts its thread.
+    pub fn open(path: &str, sync: Synchronous, sink: Arc<dyn Sink>) -> Result<Self> {
+        let log = Log::open(path, sync)?;
+        let (tx, rx) = unbounded();
+        let handle = std::thread::Builder::new()
+            .name("oxbus-sqlite".into())
+            .spawn(move || run(log, &rx, &*sink))
+            .map_err(|e| StoreError::Invalid(format!("cannot start the SQLite thread: {e}")))?;
+        Ok(Self { tx, handle: Mutex::new(Some(handle)), path: path.to_owned() })
+    }
+
+    /// Queues a request; its result reaches the sink with `token` (0 = not reported).
+    pub fn submit(&self, token: u64, op: Op) -> Result<()> {
+        self.tx.send(Msg::Op(token, op)).map_err(|_| StoreError::Closed(self.path.clone()))
+    }
+
+    /// Finishes queued requests, stops the thread and closes the connection. Idempotent.
+    pub fn close(&self) {
+        let handle = self.handle.lock().take();
+        if let Some(h) = handle {
+            let _ = self.tx.send(Msg::Close);
+            let _ = h.join();
+        }
+    }
+
+    /// Whether `close` has run.
+    pub fn is_closed(&self) -> bool {
+        self.handle.lock().is_none()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink) {
+    let mut closing = false;
+    while !closing {
+        let Ok(first) = rx.recv() else { break };
+        let mut batch = Vec::new();
+        match first {
+            Msg::Close => break,
+            Msg::Op(t, op) => batch.push((t, op)),
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Op(t, op)) => batch.push((t, op)),
+                Ok(Msg::Close) => {
+                    closing = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let results = apply(&mut log, batch);
+        if !results.is_empty() {
+            sink.deliver(results);
+        }
+    }
+    // Requests still queued after Close are refused, not silently dropped.
+    let rest: Vec<(u64, Result<Reply>)> = rx
+        .try_iter()
+        .filter_map(|m| match m {
+            Msg::Op(t, _) if t != 0 => Some((t, Err(StoreError::Closed(log.path().to_owned())))),
+            _ => None,
+        })
+        .collect();
+    if !rest.is_empty() {
+        sink.deliver(rest);
+    }
+}
+
+/// Applies one batch: writes in one transaction, then reads; results in request order.
+pub fn apply(log: &mut Log, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Reply>)> {
+    let mut results: Vec<Option<Result<Reply>>> = Vec::with_capacity(batch.len());
+    results.resize_with(batch.len(), || None);
+    let (writes, reads): (Vec<_>, Vec<_>) = batch.into_iter().enumerate().partition(|(_, (_, op))| op.is_write());
+    let tokens: Vec<u64> = {
+        let mut t = vec![0; results.len()];
+        for (i, (tok, _)) in writes.iter().chain(reads.iter()) {
+            t[*i] = *tok;
+        }
+        t
+    };
+    if !writes.is_empty() {
+        let path = log.path().to_owned();
+        match write_batch(log, &path, &writes) {
+            Ok(outcomes) => {
+                for ((i, _), r) in writes.iter().zip(outcomes) {
+                    results[*i] = Some(r);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (i, _) in &writes {
+                    results[*i] = Some(Err(StoreError::Invalid(format!("the batch could not be committed: {msg}"))));
+                }
+            }
+        }
+    }
+    for (i, (_, op)) in reads {
+        results[i] = Some(read(log, op));
+    }
+    tokens.into_iter().zip(results).filter(|(t, _)| *t != 0).map(|(t, r)| (t, r.expect("every request answered"))).collect()
+}
+
+fn write_batch(log: &mut Log, path: &str, writes: &[(usize, (u64, Op))]) -> Result<Vec<Result<Reply>>> {
+    let mut tx = log.begin()?;
+    let mut out = Vec::with_capacity(writes.len());
+    for (_, (_, op)) in writes {
+        let sqlite = |e| StoreError::Sqlite { path: path.to_owned(), source: e };
+        let r = match op {
+            Op::Append { stream, events, expected } => {
+                let sp = tx.savepoint().map_err(sqlite)?;
+                match Log::append(&sp, path, stream, events, *expected) {
+                    Ok((version, first_position)) => {
+                        sp.commit().map_err(sqlite)?;
+                        Ok(Reply::Appended { version, first_position })
+                    }
+                    Err(e) => Err(e), // the savepoint rolls back on drop
+                }
+            }
+            Op::MarkDone { subscription, position } => Log::mark_done(&tx, subscription, *position).map(|()| Reply::Unit).map_err(sqlite),
+            _ => unreachable!("only writes reach write_batch"),
+        };
+        out.push(r);
+    }
+    tx.commit().map_err(|e| StoreError::Sqlite { path: path.to_owned(), source: e })?;
+    Ok(out)
+}
+
+fn read(log: &Log, op: Op) -> Result<Reply> {
+    match op {
+        Op::Read { stream, after_version } => log.read(&stream, after_version).map(Reply::Rows),
+        Op::ReadAll { after_position, limit } => log.read_all(after_position, limit).map(Reply::Rows),
+        Op::SaveSnapshot { stream, version, state } => log.save_snapshot(&stream, version, &state).map(|()| Reply::Unit),
+        Op::LoadSnapshot { stream } => log.load_snapshot(&stream).map(Reply::Snapshot),
+        Op::Register { name, from_beginning } => log.register_subscription(&name, from_beginning).map(Reply::Int),
+        Op::Undelivered { subscription, start_after } => log.undelivered(&subscription, start_after).map(Reply::Rows),
+        Op::AddDeadLetter(d) => log.add_dead_letter(&d).map(Reply::Int),
+        Op::DeadLetters => log.dead_letters().map(Reply::Dead),
+        Op::RemoveDeadLetters(ids) => {
+            log.remove_dead_letters(ids.as_deref()).map(|n| Reply::Int(i64::try_from(n).unwrap_or(i64::MAX)))
+        }
+        Op::At(p) => log.at(p).map(Reply::Row),
+        Op::Append { .. } | Op::MarkDone { .. } => unreachable!("writes go through write_batch"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    struct Collect(Mutex<mpsc::Sender<Vec<(u64, Result<Reply>)>>>);
+    impl Sink for Collect {
+        fn deliver(&self, results: Vec<(u64, Result<Reply>)>) {
+            let _ = self.0.lock().send(results);
+        }
+    }
+
+    fn ev(id: &str) -> NewEvent {
+        NewEvent {
+            event_id: id.into(),
+            event_type: "T".into(),
+            event_version: 1,
+            data: "{}".into(),
+            metadata: "{}".into(),
+            occurred_at: None,
+        }
+    }
+
+    #[test]
+    fn one_conflict_fails_one_request_not_the_batch() {
+        let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
+        let batch = vec![
+            (1, Op::Append { stream: "s".into(), events: vec![ev("a")], expected: Some(0) }),
+            (2, Op::Append { stream: "s".into(), events: vec![ev("b")], expected: Some(0) }),
+            (3, Op::Append { stream: "t".into(), events: vec![ev("c"), ev("d")], expected: None }),
+            (0, Op::MarkDone { subscription: "x".into(), position: 1 }),
+            (4, Op::ReadAll { after_position: 0, limit: 10 }),
+        ];
+        let out = apply(&mut log, batch);
+        assert_eq!(out.len(), 4, "token 0 is not reported");
+        assert_eq!(out[0].1.as_ref().unwrap(), &Reply::Appended { version: 1, first_position: 1 });
+        assert!(matches!(out[1].1, Err(StoreError::Concurrency { expected: 0, actual: 1, .. })));
+        assert_eq!(out[2].1.as_ref().unwrap(), &Reply::Appended { version: 2, first_position: 2 });
+        let Ok(Reply::Rows(rows)) = &out[3].1 else { panic!("{:?}", out[3]) };
+        assert_eq!(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>(), ["a", "c", "d"]);
+    }
+
+    #[test]
+    fn the_thread_answers_in_batches_and_refuses_after_close() {
+        let (tx, rx) = mpsc::channel();
+        let w = Writer::open(":memory:", Synchronous::Normal, Arc::new(Collect(Mutex::new(tx)))).unwrap();
+        for i in 1..=100u64 {
+            w.submit(i, Op::Append { stream: format!("s{i}"), events: vec![ev(&format!("e{i}"))], expected: Some(0) }).unwrap();
+        }
+        let mut seen = 0;
+        while seen < 100 {
+            let batch = rx.recv().unwrap();
+            assert!(batch.iter().all(|(_, r)| r.is_ok()));
+            seen += batch.len();
+        }
+        w.close();
+        assert!(w.is_closed());
+        assert!(matches!(w.submit(7, Op::DeadLetters), Err(StoreError::Closed(_))));
+    }
+
+    #[test]
+    fn opening_a_directory_fails_with_the_path() {
+        let err = Writer::open("/", Synchronous::Normal, Arc::new(Collect(Mutex::new(mpsc::channel().0)))).unwrap_err();
+        assert!(err.to_string().contains("SQLite error on /"), "{err}");
+    }
+}

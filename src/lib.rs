@@ -5,6 +5,6 @@
 //! engine builds and passes without Python.
 
 pub mod core;
-pub mod store;
 #[cfg(feature = "python")]
 mod python;
+pub mod store;

@@ -30,6 +30,8 @@ oxbus_error!(queue_full, "QueueFull");
 oxbus_error!(invalid_event, "InvalidEvent");
 oxbus_error!(invalid_subscription, "InvalidSubscription");
 oxbus_error!(configuration_error, "ConfigurationError");
+oxbus_error!(concurrency_error, "ConcurrencyError");
+oxbus_error!(storage_error, "StorageError");
 
 /// Maps an engine error to its Python exception.
 pub fn to_py(e: &CoreError) -> PyErr {

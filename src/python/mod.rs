@@ -5,6 +5,7 @@ mod bus;
 mod envelope;
 mod errors;
 mod events;
+mod store;
 mod worker;
 
 use pyo3::prelude::*;
@@ -16,6 +17,8 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::PyWorker>()?;
     m.add_class::<envelope::PyEnvelope>()?;
     m.add_class::<bus::PyRetryPolicy>()?;
+    m.add_class::<store::PyStoreCore>()?;
+    m.add_class::<store::PyResolver>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

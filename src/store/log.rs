@@ -102,7 +102,9 @@ impl Synchronous {
         match s.to_ascii_lowercase().as_str() {
             "normal" => Ok(Self::Normal),
             "full" => Ok(Self::Full),
-            _ => Err(StoreError::Invalid(format!("synchronous must be \"normal\" or \"full\", got {s:?}"))),
+            _ => Err(StoreError::Invalid(format!(
+                "synchronous must be \"normal\" or \"full\", got {s:?}"
+            ))),
         }
     }
 }
@@ -151,7 +153,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 /// The current UTC time, ISO 8601 with microseconds.
 pub fn now_iso() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
@@ -186,7 +190,9 @@ pub struct Log {
 
 impl std::fmt::Debug for Log {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Log").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Log")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -211,8 +217,14 @@ const COLUMNS: &str =
 impl Log {
     /// Opens (creating if needed) the log at `path` (`":memory:"` for a private in-memory one).
     pub fn open(path: &str, sync: Synchronous) -> Result<Self> {
-        let conn = Connection::open(path).map_err(|e| StoreError::Sqlite { path: path.to_owned(), source: e })?;
-        let log = Self { conn, path: path.to_owned() };
+        let conn = Connection::open(path).map_err(|e| StoreError::Sqlite {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        let log = Self {
+            conn,
+            path: path.to_owned(),
+        };
         let sync_sql = match sync {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
@@ -228,7 +240,10 @@ impl Log {
 
     /// Wraps a SQLite error with the file name.
     pub fn err(&self, e: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source: e }
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        }
     }
 
     /// The file path as given.
@@ -246,7 +261,11 @@ impl Log {
 
     /// The stream's version (0 when it has no events).
     pub fn version(tx: &Connection, stream: &str) -> rusqlite::Result<i64> {
-        tx.query_row("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1", [stream], |r| r.get(0))
+        tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1",
+            [stream],
+            |r| r.get(0),
+        )
     }
 
     /// Appends `events` to `stream` inside `tx`; returns (new version, first position).
@@ -258,11 +277,18 @@ impl Log {
         events: &[NewEvent],
         expected: Option<i64>,
     ) -> Result<(i64, i64)> {
-        let sqlite = |e| StoreError::Sqlite { path: path.to_owned(), source: e };
+        let sqlite = |e| StoreError::Sqlite {
+            path: path.to_owned(),
+            source: e,
+        };
         let current = Self::version(tx, stream).map_err(sqlite)?;
         if let Some(expected) = expected {
             if expected != current {
-                return Err(StoreError::Concurrency { stream: stream.to_owned(), expected, actual: current });
+                return Err(StoreError::Concurrency {
+                    stream: stream.to_owned(),
+                    expected,
+                    actual: current,
+                });
             }
         }
         let recorded = now_iso();
@@ -290,9 +316,14 @@ impl Log {
             .map_err(|err| match err {
                 // Another process won the race between our version read and this insert.
                 rusqlite::Error::SqliteFailure(f, Some(ref msg))
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("stream_id") =>
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation
+                        && msg.contains("stream_id") =>
                 {
-                    StoreError::Concurrency { stream: stream.to_owned(), expected: expected.unwrap_or(current), actual: version }
+                    StoreError::Concurrency {
+                        stream: stream.to_owned(),
+                        expected: expected.unwrap_or(current),
+                        actual: version,
+                    }
                 }
                 other => sqlite(other),
             })?;
@@ -309,23 +340,35 @@ impl Log {
             .conn
             .prepare_cached(&format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND version > ?2 ORDER BY version"))
             .map_err(|e| self.err(e))?;
-        let rows = stmt.query_map(params![stream, after_version], row).map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+        let rows = stmt
+            .query_map(params![stream, after_version], row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
     }
 
     /// Up to `limit` events after `after_position`, in global order.
     pub fn read_all(&self, after_position: i64, limit: i64) -> Result<Vec<StoredRow>> {
         let mut stmt = self
             .conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"))
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"
+            ))
             .map_err(|e| self.err(e))?;
-        let rows = stmt.query_map(params![after_position, limit], row).map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+        let rows = stmt
+            .query_map(params![after_position, limit], row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
     }
 
     /// The last position in the log (0 when empty).
     pub fn head(&self) -> Result<i64> {
-        self.conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| r.get(0)).map_err(|e| self.err(e))
+        self.conn
+            .query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))
     }
 
     /// Saves (replacing) the snapshot of a stream.
@@ -346,7 +389,14 @@ impl Log {
             .query_row(
                 "SELECT stream_id, version, state, taken_at FROM snapshots WHERE stream_id = ?1",
                 [stream],
-                |r| Ok(Snapshot { stream_id: r.get(0)?, version: r.get(1)?, state: r.get(2)?, taken_at: r.get(3)? }),
+                |r| {
+                    Ok(Snapshot {
+                        stream_id: r.get(0)?,
+                        version: r.get(1)?,
+                        state: r.get(2)?,
+                        taken_at: r.get(3)?,
+                    })
+                },
             )
             .optional()
             .map_err(|e| self.err(e))
@@ -357,7 +407,11 @@ impl Log {
     pub fn register_subscription(&self, name: &str, from_beginning: bool) -> Result<i64> {
         if let Some(start) = self
             .conn
-            .query_row("SELECT start_after FROM subscriptions WHERE name = ?1", [name], |r| r.get::<_, i64>(0))
+            .query_row(
+                "SELECT start_after FROM subscriptions WHERE name = ?1",
+                [name],
+                |r| r.get::<_, i64>(0),
+            )
             .optional()
             .map_err(|e| self.err(e))?
         {
@@ -365,16 +419,21 @@ impl Log {
         }
         let start = if from_beginning { 0 } else { self.head()? };
         self.conn
-            .execute("INSERT INTO subscriptions (name, start_after) VALUES (?1, ?2)", params![name, start])
+            .execute(
+                "INSERT INTO subscriptions (name, start_after) VALUES (?1, ?2)",
+                params![name, start],
+            )
             .map_err(|e| self.err(e))?;
         Ok(start)
     }
 
     /// Records that `subscription` finished the event at `position`.
     pub fn mark_done(tx: &Connection, subscription: &str, position: i64) -> rusqlite::Result<()> {
-        tx.prepare_cached("INSERT OR IGNORE INTO progress (subscription, position) VALUES (?1, ?2)")?
-            .execute(params![subscription, position])
-            .map(|_| ())
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO progress (subscription, position) VALUES (?1, ?2)",
+        )?
+        .execute(params![subscription, position])
+        .map(|_| ())
     }
 
     /// Positions after `start_after` that `subscription` has not finished, in order.
@@ -386,8 +445,11 @@ impl Log {
                  (SELECT 1 FROM progress p WHERE p.subscription = ?1 AND p.position = e.position) ORDER BY position"
             ))
             .map_err(|e| self.err(e))?;
-        let rows = stmt.query_map(params![subscription, start_after], row).map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+        let rows = stmt
+            .query_map(params![subscription, start_after], row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
     }
 
     /// Adds a dead letter; returns its id.
@@ -426,17 +488,24 @@ impl Log {
                 })
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
     }
 
     /// Deletes dead letters by id (all when `ids` is None); returns how many.
     pub fn remove_dead_letters(&self, ids: Option<&[i64]>) -> Result<usize> {
         match ids {
-            None => self.conn.execute("DELETE FROM dead_letters", []).map_err(|e| self.err(e)),
+            None => self
+                .conn
+                .execute("DELETE FROM dead_letters", [])
+                .map_err(|e| self.err(e)),
             Some(ids) => {
                 let mut n = 0;
                 for id in ids {
-                    n += self.conn.execute("DELETE FROM dead_letters WHERE id = ?1", [id]).map_err(|e| self.err(e))?;
+                    n += self
+                        .conn
+                        .execute("DELETE FROM dead_letters WHERE id = ?1", [id])
+                        .map_err(|e| self.err(e))?;
                 }
                 Ok(n)
             }
@@ -446,7 +515,11 @@ impl Log {
     /// The row at a position.
     pub fn at(&self, position: i64) -> Result<Option<StoredRow>> {
         self.conn
-            .query_row(&format!("SELECT {COLUMNS} FROM events WHERE position = ?1"), [position], row)
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM events WHERE position = ?1"),
+                [position],
+                row,
+            )
             .optional()
             .map_err(|e| self.err(e))
     }
@@ -472,9 +545,17 @@ mod tests {
         let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
         let path = log.path().to_owned();
         let tx = log.begin().unwrap();
-        assert_eq!(Log::append(&tx, &path, "s", &[ev(1), ev(2)], Some(0)).unwrap().0, 2);
+        assert_eq!(
+            Log::append(&tx, &path, "s", &[ev(1), ev(2)], Some(0))
+                .unwrap()
+                .0,
+            2
+        );
         let err = Log::append(&tx, &path, "s", &[ev(3)], Some(1)).unwrap_err();
-        assert_eq!(err.to_string(), "concurrency conflict on stream \"s\": expected version 1, but it is at 2");
+        assert_eq!(
+            err.to_string(),
+            "concurrency conflict on stream \"s\": expected version 1, but it is at 2"
+        );
         assert_eq!(Log::append(&tx, &path, "s", &[ev(3)], None).unwrap().0, 3);
         tx.commit().unwrap();
         let rows = log.read("s", 1).unwrap();
@@ -503,7 +584,12 @@ mod tests {
         tx.commit().unwrap();
         assert_eq!(log.register_subscription("sub", true).unwrap(), 0);
         assert_eq!(log.register_subscription("late", false).unwrap(), 3);
-        let left: Vec<i64> = log.undelivered("sub", 0).unwrap().iter().map(|r| r.position).collect();
+        let left: Vec<i64> = log
+            .undelivered("sub", 0)
+            .unwrap()
+            .iter()
+            .map(|r| r.position)
+            .collect();
         assert_eq!(left, [1, 3]);
     }
 
@@ -516,6 +602,9 @@ mod tests {
 
     #[test]
     fn bad_synchronous_names_the_value() {
-        assert_eq!(Synchronous::parse("sometimes").unwrap_err().to_string(), "synchronous must be \"normal\" or \"full\", got \"sometimes\"");
+        assert_eq!(
+            Synchronous::parse("sometimes").unwrap_err().to_string(),
+            "synchronous must be \"normal\" or \"full\", got \"sometimes\""
+        );
     }
 }

@@ -140,7 +140,9 @@ pub struct Writer {
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Writer")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,12 +155,18 @@ impl Writer {
             .name("oxbus-sqlite".into())
             .spawn(move || run(log, &rx, &*sink))
             .map_err(|e| StoreError::Invalid(format!("cannot start the SQLite thread: {e}")))?;
-        Ok(Self { tx, handle: Mutex::new(Some(handle)), path: path.to_owned() })
+        Ok(Self {
+            tx,
+            handle: Mutex::new(Some(handle)),
+            path: path.to_owned(),
+        })
     }
 
     /// Queues a request; its result reaches the sink with `token` (0 = not reported).
     pub fn submit(&self, token: u64, op: Op) -> Result<()> {
-        self.tx.send(Msg::Op(token, op)).map_err(|_| StoreError::Closed(self.path.clone()))
+        self.tx
+            .send(Msg::Op(token, op))
+            .map_err(|_| StoreError::Closed(self.path.clone()))
     }
 
     /// Finishes queued requests, stops the thread and closes the connection. Idempotent.
@@ -220,10 +228,17 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink) {
 }
 
 /// Applies one batch: writes in one transaction, then reads; results in request order.
+///
+/// # Panics
+///
+/// Never: every request gets exactly one result.
 pub fn apply(log: &mut Log, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Reply>)> {
     let mut results: Vec<Option<Result<Reply>>> = Vec::with_capacity(batch.len());
     results.resize_with(batch.len(), || None);
-    let (writes, reads): (Vec<_>, Vec<_>) = batch.into_iter().enumerate().partition(|(_, (_, op))| op.is_write());
+    let (writes, reads): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .enumerate()
+        .partition(|(_, (_, op))| op.is_write());
     let tokens: Vec<u64> = {
         let mut t = vec![0; results.len()];
         for (i, (tok, _)) in writes.iter().chain(reads.iter()) {
@@ -242,7 +257,9 @@ pub fn apply(log: &mut Log, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Reply>)> 
             Err(e) => {
                 let msg = e.to_string();
                 for (i, _) in &writes {
-                    results[*i] = Some(Err(StoreError::Invalid(format!("the batch could not be committed: {msg}"))));
+                    results[*i] = Some(Err(StoreError::Invalid(format!(
+                        "the batch could not be committed: {msg}"
+                    ))));
                 }
             }
         }
@@ -250,47 +267,94 @@ pub fn apply(log: &mut Log, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Reply>)> 
     for (i, (_, op)) in reads {
         results[i] = Some(read(log, op));
     }
-    tokens.into_iter().zip(results).filter(|(t, _)| *t != 0).map(|(t, r)| (t, r.expect("every request answered"))).collect()
+    tokens
+        .into_iter()
+        .zip(results)
+        .filter(|(t, _)| *t != 0)
+        .map(|(t, r)| (t, r.expect("every request answered")))
+        .collect()
 }
 
-fn write_batch(log: &mut Log, path: &str, writes: &[(usize, (u64, Op))]) -> Result<Vec<Result<Reply>>> {
+fn write_batch(
+    log: &mut Log,
+    path: &str,
+    writes: &[(usize, (u64, Op))],
+) -> Result<Vec<Result<Reply>>> {
     let mut tx = log.begin()?;
     let mut out = Vec::with_capacity(writes.len());
     for (_, (_, op)) in writes {
-        let sqlite = |e| StoreError::Sqlite { path: path.to_owned(), source: e };
+        let sqlite = |e| StoreError::Sqlite {
+            path: path.to_owned(),
+            source: e,
+        };
         let r = match op {
-            Op::Append { stream, events, expected } => {
+            Op::Append {
+                stream,
+                events,
+                expected,
+            } => {
                 let sp = tx.savepoint().map_err(sqlite)?;
                 match Log::append(&sp, path, stream, events, *expected) {
                     Ok((version, first_position)) => {
                         sp.commit().map_err(sqlite)?;
-                        Ok(Reply::Appended { version, first_position })
+                        Ok(Reply::Appended {
+                            version,
+                            first_position,
+                        })
                     }
                     Err(e) => Err(e), // the savepoint rolls back on drop
                 }
             }
-            Op::MarkDone { subscription, position } => Log::mark_done(&tx, subscription, *position).map(|()| Reply::Unit).map_err(sqlite),
+            Op::MarkDone {
+                subscription,
+                position,
+            } => Log::mark_done(&tx, subscription, *position)
+                .map(|()| Reply::Unit)
+                .map_err(sqlite),
             _ => unreachable!("only writes reach write_batch"),
         };
         out.push(r);
     }
-    tx.commit().map_err(|e| StoreError::Sqlite { path: path.to_owned(), source: e })?;
+    tx.commit().map_err(|e| StoreError::Sqlite {
+        path: path.to_owned(),
+        source: e,
+    })?;
     Ok(out)
 }
 
 fn read(log: &Log, op: Op) -> Result<Reply> {
     match op {
-        Op::Read { stream, after_version } => log.read(&stream, after_version).map(Reply::Rows),
-        Op::ReadAll { after_position, limit } => log.read_all(after_position, limit).map(Reply::Rows),
-        Op::SaveSnapshot { stream, version, state } => log.save_snapshot(&stream, version, &state).map(|()| Reply::Unit),
+        Op::Read {
+            stream,
+            after_version,
+        } => log.read(&stream, after_version).map(Reply::Rows),
+        Op::ReadAll {
+            after_position,
+            limit,
+        } => log.read_all(after_position, limit).map(Reply::Rows),
+        Op::SaveSnapshot {
+            stream,
+            version,
+            state,
+        } => log
+            .save_snapshot(&stream, version, &state)
+            .map(|()| Reply::Unit),
         Op::LoadSnapshot { stream } => log.load_snapshot(&stream).map(Reply::Snapshot),
-        Op::Register { name, from_beginning } => log.register_subscription(&name, from_beginning).map(Reply::Int),
-        Op::Undelivered { subscription, start_after } => log.undelivered(&subscription, start_after).map(Reply::Rows),
+        Op::Register {
+            name,
+            from_beginning,
+        } => log
+            .register_subscription(&name, from_beginning)
+            .map(Reply::Int),
+        Op::Undelivered {
+            subscription,
+            start_after,
+        } => log.undelivered(&subscription, start_after).map(Reply::Rows),
         Op::AddDeadLetter(d) => log.add_dead_letter(&d).map(Reply::Int),
         Op::DeadLetters => log.dead_letters().map(Reply::Dead),
-        Op::RemoveDeadLetters(ids) => {
-            log.remove_dead_letters(ids.as_deref()).map(|n| Reply::Int(i64::try_from(n).unwrap_or(i64::MAX)))
-        }
+        Op::RemoveDeadLetters(ids) => log
+            .remove_dead_letters(ids.as_deref())
+            .map(|n| Reply::Int(i64::try_from(n).unwrap_or(i64::MAX))),
         Op::At(p) => log.at(p).map(Reply::Row),
         Op::Append { .. } | Op::MarkDone { .. } => unreachable!("writes go through write_batch"),
     }
@@ -301,9 +365,10 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    struct Collect(Mutex<mpsc::Sender<Vec<(u64, Result<Reply>)>>>);
+    type Batch = Vec<(u64, Result<Reply>)>;
+    struct Collect(Mutex<mpsc::Sender<Batch>>);
     impl Sink for Collect {
-        fn deliver(&self, results: Vec<(u64, Result<Reply>)>) {
+        fn deliver(&self, results: Batch) {
             let _ = self.0.lock().send(results);
         }
     }
@@ -323,27 +388,97 @@ mod tests {
     fn one_conflict_fails_one_request_not_the_batch() {
         let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
         let batch = vec![
-            (1, Op::Append { stream: "s".into(), events: vec![ev("a")], expected: Some(0) }),
-            (2, Op::Append { stream: "s".into(), events: vec![ev("b")], expected: Some(0) }),
-            (3, Op::Append { stream: "t".into(), events: vec![ev("c"), ev("d")], expected: None }),
-            (0, Op::MarkDone { subscription: "x".into(), position: 1 }),
-            (4, Op::ReadAll { after_position: 0, limit: 10 }),
+            (
+                1,
+                Op::Append {
+                    stream: "s".into(),
+                    events: vec![ev("a")],
+                    expected: Some(0),
+                },
+            ),
+            (
+                2,
+                Op::Append {
+                    stream: "s".into(),
+                    events: vec![ev("b")],
+                    expected: Some(0),
+                },
+            ),
+            (
+                3,
+                Op::Append {
+                    stream: "t".into(),
+                    events: vec![ev("c"), ev("d")],
+                    expected: None,
+                },
+            ),
+            (
+                0,
+                Op::MarkDone {
+                    subscription: "x".into(),
+                    position: 1,
+                },
+            ),
+            (
+                4,
+                Op::ReadAll {
+                    after_position: 0,
+                    limit: 10,
+                },
+            ),
         ];
         let out = apply(&mut log, batch);
         assert_eq!(out.len(), 4, "token 0 is not reported");
-        assert_eq!(out[0].1.as_ref().unwrap(), &Reply::Appended { version: 1, first_position: 1 });
-        assert!(matches!(out[1].1, Err(StoreError::Concurrency { expected: 0, actual: 1, .. })));
-        assert_eq!(out[2].1.as_ref().unwrap(), &Reply::Appended { version: 2, first_position: 2 });
-        let Ok(Reply::Rows(rows)) = &out[3].1 else { panic!("{:?}", out[3]) };
-        assert_eq!(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>(), ["a", "c", "d"]);
+        assert_eq!(
+            out[0].1.as_ref().unwrap(),
+            &Reply::Appended {
+                version: 1,
+                first_position: 1
+            }
+        );
+        assert!(matches!(
+            out[1].1,
+            Err(StoreError::Concurrency {
+                expected: 0,
+                actual: 1,
+                ..
+            })
+        ));
+        assert_eq!(
+            out[2].1.as_ref().unwrap(),
+            &Reply::Appended {
+                version: 2,
+                first_position: 2
+            }
+        );
+        let Ok(Reply::Rows(rows)) = &out[3].1 else {
+            panic!("{:?}", out[3])
+        };
+        assert_eq!(
+            rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>(),
+            ["a", "c", "d"]
+        );
     }
 
     #[test]
     fn the_thread_answers_in_batches_and_refuses_after_close() {
         let (tx, rx) = mpsc::channel();
-        let w = Writer::open(":memory:", Synchronous::Normal, Arc::new(Collect(Mutex::new(tx)))).unwrap();
+        let w = Writer::open(
+            ":memory:",
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(tx))),
+        )
+        .unwrap();
         for i in 1..=100u64 {
-            w.submit(i, Op::Append { stream: format!("s{i}"), events: vec![ev(&format!("e{i}"))], expected: Some(0) }).unwrap();
+            w.submit(
+                i,
+                Op::Append {
+                    stream: format!("s{i}"),
+                    events: vec![ev(&format!("e{i}"))],
+                    expected: Some(0),
+                },
+            )
+            .unwrap();
         }
         let mut seen = 0;
         while seen < 100 {
@@ -353,12 +488,20 @@ mod tests {
         }
         w.close();
         assert!(w.is_closed());
-        assert!(matches!(w.submit(7, Op::DeadLetters), Err(StoreError::Closed(_))));
+        assert!(matches!(
+            w.submit(7, Op::DeadLetters),
+            Err(StoreError::Closed(_))
+        ));
     }
 
     #[test]
     fn opening_a_directory_fails_with_the_path() {
-        let err = Writer::open("/", Synchronous::Normal, Arc::new(Collect(Mutex::new(mpsc::channel().0)))).unwrap_err();
+        let err = Writer::open(
+            "/",
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(mpsc::channel().0))),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("SQLite error on /"), "{err}");
     }
 }

@@ -328,6 +328,7 @@ impl PyBusCore {
         event: &Bound<'_, PyAny>,
         key: Option<Bound<'_, PyAny>>,
         correlation_id: Option<Bound<'_, PyAny>>,
+        position: Option<i64>,
     ) -> PyResult<(Queued, Option<u64>)> {
         if event.is_none() {
             return Err(events::none_event_error());
@@ -364,6 +365,7 @@ impl PyBusCore {
             origin,
             key.map(Bound::unbind),
             route,
+            position,
         );
         Ok((
             Queued {
@@ -601,9 +603,18 @@ impl PyBusCore {
         Ok(inner.router.subscribe(matcher, priority, name, payload).id)
     }
 
-    /// Queues `event` for one subscription only (a dead letter's retry). False when that
-    /// subscription is gone.
-    fn redeliver(&self, py: Python<'_>, event: &Bound<'_, PyAny>, sub_id: u64) -> PyResult<bool> {
+    /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
+    /// False when that subscription is gone.
+    #[pyo3(signature = (event, sub_id, position=None, correlation_id=None, causation_id=None))]
+    fn redeliver(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        sub_id: u64,
+        position: Option<i64>,
+        correlation_id: Option<Py<PyAny>>,
+        causation_id: Option<Py<PyAny>>,
+    ) -> PyResult<bool> {
         let sub = {
             let inner = self.inner.lock();
             let found = inner.router.iter().find(|s| s.id == sub_id).map(Arc::clone);
@@ -612,7 +623,7 @@ impl PyBusCore {
                 None => return Ok(false),
             }
         };
-        let (mut item, lane) = self.envelope(py, event, None, None)?;
+        let (mut item, lane) = self.envelope(py, event, None, None, position)?;
         let full = item.env.route();
         let route = Route {
             class: full.class.clone_ref(py),
@@ -623,15 +634,17 @@ impl PyBusCore {
             counters: Arc::clone(&full.counters),
         };
         let env = Arc::clone(&item.env);
-        let origin = match env.causation(py) {
-            Some(c) => Origin::Child(env.correlation(py)?.unbind(), c.unbind()),
-            None => Origin::Root(None),
+        let origin = match (correlation_id, causation_id) {
+            (Some(c), Some(cause)) => Origin::Child(c, cause),
+            (c, None) => Origin::Root(c),
+            (None, Some(cause)) => Origin::Child(env.correlation(py)?.unbind(), cause),
         };
         item.env = Arc::new(EnvData::new(
             event.clone().unbind(),
             origin,
             None,
             Arc::new(route),
+            position,
         ));
         if let Some(fut) = self.accept(py, item, lane, true)? {
             drop(fut);
@@ -761,15 +774,17 @@ impl PyBusCore {
     }
 
     /// Publishes one event: None when accepted now, else a future resolved once accepted.
-    #[pyo3(signature = (event, key=None, correlation_id=None))]
+    /// `position` is the event's place in the durable log, if any.
+    #[pyo3(signature = (event, key=None, correlation_id=None, position=None))]
     fn publish(
         &self,
         py: Python<'_>,
         event: &Bound<'_, PyAny>,
         key: Option<Bound<'_, PyAny>>,
         correlation_id: Option<Bound<'_, PyAny>>,
+        position: Option<i64>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let (item, lane) = self.envelope(py, event, key, correlation_id)?;
+        let (item, lane) = self.envelope(py, event, key, correlation_id, position)?;
         self.accept(py, item, lane, true)
     }
 
@@ -782,7 +797,7 @@ impl PyBusCore {
         key: Option<Bound<'_, PyAny>>,
         correlation_id: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let (item, lane) = self.envelope(py, event, key, correlation_id)?;
+        let (item, lane) = self.envelope(py, event, key, correlation_id, None)?;
         self.accept(py, item, lane, false).map(|_| ())
     }
 
@@ -796,7 +811,7 @@ impl PyBusCore {
         let mut n = 0;
         for event in events.clone() {
             let event = event?;
-            let (item, lane) = self.envelope(py, &event, None, None)?;
+            let (item, lane) = self.envelope(py, &event, None, None, None)?;
             n += 1;
             if let Some(fut) = self.accept(py, item, lane, true)? {
                 return Ok((n, Some(fut)));

@@ -34,6 +34,8 @@ pub enum Origin {
 /// and which call is running. Plain Rust behind an `Arc`: the Python `Envelope` is made only
 /// when someone asks (`current_envelope()`, the after-call hook).
 pub struct EnvData {
+    /// The event's position in the durable log, when the bus has one.
+    pub position: Option<i64>,
     event: Py<PyAny>,
     origin: Origin,
     key: Option<Py<PyAny>>,
@@ -49,8 +51,10 @@ impl EnvData {
         origin: Origin,
         key: Option<Py<PyAny>>,
         route: Arc<Route>,
+        position: Option<i64>,
     ) -> Self {
         Self {
+            position,
             event,
             origin,
             key,
@@ -187,6 +191,12 @@ impl PyEnvelope {
     #[getter]
     fn subscription(&self) -> Option<String> {
         self.data.subscription()
+    }
+
+    /// The event's position in the durable log (None on an in-memory bus).
+    #[getter]
+    fn position(&self) -> Option<i64> {
+        self.data.position
     }
 
     /// The event's type key.

@@ -13,12 +13,14 @@ import concurrent.futures
 import contextvars
 import inspect
 import logging
+import os
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 
-from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope
+from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope, decode_json, encode_json
+from oxbus.store import SqliteEventStore, encode_event
 from oxbus.errors import (
     BusNotStarted,
     ConfigurationError,
@@ -74,6 +76,7 @@ class DeadLetter:
     traceback: str
     final_result: ProcessingResult = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
     subscription_id: str = field(repr=False, compare=False, default="")
+    position: int | None = field(repr=False, compare=False, default=None)
 
 
 class DeadLetters:
@@ -87,6 +90,15 @@ class DeadLetters:
     def _add(self, entry: DeadLetter) -> None:
         self._entries[entry.id] = entry
         self._bus._core.set_dead_letters(len(self._entries))
+
+    def _forget(self, entries: list[DeadLetter]) -> None:
+        store = self._bus._store
+        for e in entries:
+            self._entries.pop(e.id, None)
+        self._bus._core.set_dead_letters(len(self._entries))
+        rows = [int(e.id[3:]) for e in entries if e.id.startswith("db-")]
+        if store is not None and rows:
+            self._bus._spawn(store._core.remove_dead_letters(rows))
 
     def _next_id(self) -> str:
         self._seq += 1
@@ -114,25 +126,24 @@ class DeadLetters:
             if key not in self._entries:
                 raise KeyError(f"no dead letter with id {key!r}")
             chosen = [self._entries[key]]
-        n = 0
+        done = []
         for entry in chosen:
-            sub = int(entry.subscription_id.removeprefix("sub-"))
-            if not self._bus._core.redeliver(entry.event, sub):
+            sub = self._bus._sub_id(entry)
+            if sub is None or not self._bus._core.redeliver(entry.event, sub, entry.position):
+                self._forget(done)
                 raise InvalidSubscription(
                     f"dead letter {entry.id!r}: subscription {entry.subscription!r} "
                     "no longer exists; purge it or subscribe again"
                 )
-            del self._entries[entry.id]
-            n += 1
-        self._bus._core.set_dead_letters(len(self._entries))
-        return n
+            done.append(entry)
+        self._forget(done)
+        return len(done)
 
     def purge(self) -> int:
-        """Drops every dead letter; returns how many."""
-        n = len(self._entries)
-        self._entries.clear()
-        self._bus._core.set_dead_letters(0)
-        return n
+        """Drops every dead letter (from the store too, on a durable bus); returns how many."""
+        entries = self.list()
+        self._forget(entries)
+        return len(entries)
 
 
 def _qualname(obj: Any) -> str:
@@ -192,6 +203,7 @@ class EventBus:
         batch_size: int | None = None,
         batch_timeout_seconds: float | None = None,
         ordered: bool | None = None,
+        store: SqliteEventStore | str | os.PathLike[str] | None = None,
         name: str = "oxbus",
     ) -> None:
         if workers is not None and worker_count is not None and workers != worker_count:
@@ -221,11 +233,29 @@ class EventBus:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=size, thread_name_prefix=f"{name}-sync"
             )
+        self._store: SqliteEventStore | None
+        self._owns_store = False
+        if store is None or isinstance(store, SqliteEventStore):
+            self._store = store
+        elif isinstance(store, (str, os.PathLike)):
+            self._store = SqliteEventStore(os.fspath(store))
+            self._owns_store = True
+        else:
+            raise ConfigurationError(
+                f"store must be a SqliteEventStore or a file path, got {store!r}"
+            )
+        if self._store is not None and event_storage is not None:
+            raise ConfigurationError("give store= or event_storage=, not both")
         self._core = BusCore(n, max_queue_size, ordered, sync_handlers == "thread", self._executor, retry)
         self._retry = retry or RetryPolicy()
         self._storage = event_storage
         self._mark = getattr(event_storage, "mark_event_processed", None)
-        self._core.set_after_call(self._after_call, self._mark is not None)
+        self._core.set_after_call(
+            self._after_call, self._mark is not None or self._store is not None
+        )
+        # durable bus: subscription id -> (name, from_beginning)
+        self._durable: dict[int, tuple[str, bool]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -245,6 +275,53 @@ class EventBus:
             loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")  # type: ignore[arg-type]
             for i in range(self._core.workers)
         ]
+        if self._store is not None:
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """Durable bus: queue, for each subscription, every committed event it has not
+        finished (in log order), and load the stored dead letters."""
+        store = self._store
+        assert store is not None
+        for sid, (name, from_beginning) in list(self._durable.items()):
+            start_after = await store._core.register_subscription(name, from_beginning)
+            for row in await store._core.undelivered(name, start_after):
+                stored = store._row(row)
+                self._core.redeliver(
+                    stored.event, sid, stored.position, stored.correlation_id, stored.causation_id
+                )
+        self.dead_letters._entries.clear()
+        for did, pos, sub, attempts, first, last, etype, emsg, tb in await store._core.dead_letters():
+            row = await store._core.at(pos)
+            event = store._row(row).event if row is not None else None
+            self.dead_letters._add(
+                DeadLetter(
+                    id=f"db-{did}", event=event, subscription=sub, attempts=attempts,
+                    first_failed_at=datetime.fromisoformat(first),
+                    last_failed_at=datetime.fromisoformat(last), error_type=etype,
+                    error_message=emsg, traceback=tb, position=pos,
+                )
+            )
+
+    def _spawn(self, aw: Awaitable[Any]) -> None:
+        """Runs store bookkeeping in the background, keeping a reference until it ends."""
+        async def run() -> None:
+            try:
+                await aw
+            except Exception:
+                logger.exception("event store bookkeeping failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _sub_id(self, entry: DeadLetter) -> int | None:
+        if entry.subscription_id:
+            return int(entry.subscription_id.removeprefix("sub-"))
+        for sid, (name, _) in self._durable.items():
+            if name == entry.subscription:
+                return sid
+        return None
 
     async def stop(self, timeout: float | None = None, *, drain: bool = True) -> int:
         """Stops the bus. Idempotent; a no-op before ``start``.
@@ -269,6 +346,10 @@ class EventBus:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._first_failures.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._owns_store and self._store is not None:
+            self._store.close()
         return discarded
 
     async def __aenter__(self) -> EventBus:
@@ -295,6 +376,7 @@ class EventBus:
         retry_count: int | None = None,
         retry: RetryPolicy | None = None,
         name: str | None = None,
+        from_beginning: bool = False,
     ) -> str:
         """Subscribes ``handler`` and returns a subscription id.
 
@@ -321,8 +403,17 @@ class EventBus:
                 f"handler must be callable, got {handler!r} (type {type(handler).__name__})"
             )
         sub_name = name if name is not None else _qualname(handler)
+        if self._store is not None and self._core.has_name(sub_name):
+            raise ConfigurationError(
+                f"a subscription named {sub_name!r} exists already; on a durable bus each "
+                "subscription's progress is kept under its name, so give name="
+            )
         threaded = not _is_async(handler)
         sid = self._core.subscribe(event_type, handler, priority, sub_name, threaded, retry)
+        if self._store is not None:
+            self._durable[sid] = (sub_name, from_beginning)
+            if self._core.running:
+                self._spawn(self._store._core.register_subscription(sub_name, from_beginning))
         return f"sub-{sid}"
 
     def on(self, event_type: Target, **options: Any) -> Callable[[H], H]:
@@ -376,15 +467,38 @@ class EventBus:
         if self._storage is not None:
             self._core.ensure_running()  # never store an event the bus then refuses
             await self._storage.store_event(event)
+        elif self._store is not None:
+            return await self._publish_durable(event, key, correlation_id)
         waiter = self._core.publish(event, key, correlation_id)
+        if waiter is not None:
+            await waiter
+        return True
+
+    def _commit(self, event: Any, key: Any, correlation_id: Any) -> asyncio.Future[tuple[int, int]]:
+        """Queues the event's append to the log; the future gives (version, position)."""
+        self._core.ensure_running()  # never commit an event the bus then refuses
+        store = self._store
+        assert store is not None
+        eid, etype, ever, data, meta, occ = encode_event(event)
+        if correlation_id is not None:
+            meta = encode_json({**decode_json(meta), "correlation_id": correlation_id})
+        k = key if key is not None else (
+            event.get("aggregate_id") if isinstance(event, dict) else getattr(event, "aggregate_id", None)
+        )
+        stream = "$bus" if k is None else f"$bus:{k}"
+        return store._core.append(stream, [(eid, etype, ever, data, meta, occ)], None)
+
+    async def _publish_durable(self, event: Any, key: Any, correlation_id: Any) -> bool:
+        _, position = await self._commit(event, key, correlation_id)
+        waiter = self._core.publish(event, key, correlation_id, position)
         if waiter is not None:
             await waiter
         return True
 
     def publish_nowait(self, event: Any, *, key: Any = None, correlation_id: Any = None) -> None:
         """Publishes without waiting; raises ``QueueFull`` when the queue is full."""
-        if self._storage is not None:
-            raise OxbusError("publish_nowait cannot await event_storage.store_event; use publish")
+        if self._storage is not None or self._store is not None:
+            raise OxbusError("publish_nowait cannot wait for the store; use publish")
         self._core.publish_nowait(event, key, correlation_id)
 
     async def publish_many(self, events: Iterable[Any]) -> int:
@@ -395,6 +509,16 @@ class EventBus:
                 await self.publish(e)
                 n += 1
             return n
+        if self._store is not None:
+            # Queue every append first: they share the writer's batches (group commit).
+            items = list(events)
+            commits = [self._commit(e, None, None) for e in items]
+            for e, fut in zip(items, commits):
+                _, position = await fut
+                waiter = self._core.publish(e, None, None, position)
+                if waiter is not None:
+                    await waiter
+            return len(items)
         it = iter(events)
         total = 0
         core = self._core
@@ -520,6 +644,10 @@ class EventBus:
             self._first_failures.pop((id(env.event), subscription), None)
         if self._mark is not None:
             return self._call_mark(env.event_id, result)
+        position = env.position
+        if self._store is not None and position is not None and (error is None or final):
+            # Done (or dead-lettered): not delivered again after a restart.
+            self._store._core.mark_done(subscription, position)
         return None
 
     def _record_failure(
@@ -550,9 +678,37 @@ class EventBus:
         if not final:
             return
         del self._first_failures[pair]
+        entry_id = self.dead_letters._next_id()
+        if self._store is not None and env.position is not None:
+            tb_text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            etype = (
+                f"{type(error).__module__}.{type(error).__qualname__}"
+                if type(error).__module__ != "builtins"
+                else type(error).__qualname__
+            )
+            fut = self._store._core.add_dead_letter(
+                env.position, subscription, attempt, first.isoformat(), now.isoformat(),
+                etype, str(error), tb_text,
+            )
+            entry = DeadLetter(
+                id=entry_id, event=env.event, subscription=subscription, attempts=attempt,
+                first_failed_at=first, last_failed_at=now, error_type=etype,
+                error_message=str(error), traceback=tb_text, final_result=result,
+                subscription_id=f"sub-{sub_id}", position=env.position,
+            )
+            self.dead_letters._add(entry)
+
+            def renamed(f: asyncio.Future[int]) -> None:
+                if not f.cancelled() and f.exception() is None and entry.id in self.dead_letters._entries:
+                    del self.dead_letters._entries[entry.id]
+                    entry.id = f"db-{f.result()}"
+                    self.dead_letters._entries[entry.id] = entry
+
+            fut.add_done_callback(renamed)
+            return
         self.dead_letters._add(
             DeadLetter(
-                id=self.dead_letters._next_id(),
+                id=entry_id,
                 event=env.event,
                 subscription=subscription,
                 attempts=attempt,

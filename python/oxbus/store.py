@@ -1,0 +1,266 @@
+"""``SqliteEventStore``: an event store on SQLite with optimistic concurrency, snapshots and
+upcasting. Every read and write is a coroutine that runs on the store's own thread; the asyncio
+thread only encodes and decodes.
+
+::
+
+    async with SqliteEventStore("events.db") as store:
+        version = await store.append("account-1", [Deposited(100)], expected_version=0)
+        for stored in await store.read("account-1"):
+            print(stored.version, stored.event)
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import enum
+import weakref
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Iterable
+
+from oxbus._oxbus import StoreCore, current_envelope, decode_json, encode_json, new_event_id
+from oxbus.errors import ConfigurationError
+
+__all__ = ["Snapshot", "SqliteEventStore", "StoredEvent"]
+
+_IDENTITY = frozenset({"event_id", "occurred_at", "correlation_id", "causation_id", "event_type"})
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _parse_time(s: str | None) -> datetime | None:
+    return None if s is None else datetime.fromisoformat(s)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One event of the log, as stored (after upcasting)."""
+
+    position: int
+    stream_id: str
+    version: int
+    event_type: str
+    event_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    event_id: str
+    occurred_at: datetime | None
+    recorded_at: datetime
+    _store: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def correlation_id(self) -> Any:
+        return self.metadata.get("correlation_id")
+
+    @property
+    def causation_id(self) -> Any:
+        return self.metadata.get("causation_id")
+
+    @property
+    def event(self) -> Any:
+        """The user's class rebuilt through the registry (``oxbus.register_event``; automatic
+        for ``DomainEvent`` subclasses), else the data dict."""
+        from oxbus.registry import lookup, rebuild  # the registry imports the event classes
+
+        cls = lookup(self.event_type)
+        if cls is None:
+            return self.data
+        obj = rebuild(cls, self.data)
+        d = getattr(obj, "__dict__", None)
+        if d is not None and getattr(cls, "__oxbus_domain_event__", False):
+            d["event_id"] = self.event_id
+            if self.occurred_at is not None:
+                d["occurred_at"] = self.occurred_at
+            for k in ("correlation_id", "causation_id"):
+                if self.metadata.get(k) is not None:
+                    d[k] = self.metadata[k]
+        return obj
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An aggregate's saved state at a stream version."""
+
+    stream_id: str
+    version: int
+    state: Any
+    taken_at: datetime
+
+
+def type_key(event: Any) -> str:
+    """The type key, by the bus's rule: ``event_type`` (str or Enum value), a dict's
+    ``"event_type"`` item, else the class name."""
+    raw = event.get("event_type") if isinstance(event, dict) else getattr(event, "event_type", None)
+    if isinstance(raw, enum.Enum):
+        raw = raw.value
+    if raw is None:
+        return type(event).__name__
+    return str(raw)
+
+
+def _event_data(event: Any) -> str:
+    if isinstance(event, dict):
+        return encode_json({k: v for k, v in event.items() if k != "event_type"})
+    if getattr(type(event), "__oxbus_domain_event__", False) and not dataclasses.is_dataclass(event):
+        public = {k: v for k, v in vars(event).items() if not k.startswith("_") and k not in _IDENTITY}
+        try:
+            return encode_json(public)
+        except Exception as e:  # name the class, as for any other event
+            raise type(e)(str(e).replace("cannot encode ", f"cannot encode {type(event).__name__}.", 1)) from None
+    return encode_json(event)
+
+
+def encode_event(event: Any) -> tuple[str, str, int, str, str, str | None]:
+    """(event_id, event_type, event_version, data JSON, metadata JSON, occurred_at ISO)."""
+    if event is None:
+        from oxbus.errors import InvalidEvent
+
+        raise InvalidEvent("cannot store None as an event")
+    get = event.get if isinstance(event, dict) else lambda k, d=None: getattr(event, k, d)
+    event_id = get("event_id") or new_event_id()
+    version = get("event_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        version = 1
+    env = current_envelope()
+    if env is not None and env.event is not event:
+        meta = {"correlation_id": env.correlation_id, "causation_id": env.event_id}
+    else:
+        meta = {"correlation_id": get("correlation_id"), "causation_id": get("causation_id")}
+    occurred = get("occurred_at")
+    occurred_iso = occurred.isoformat() if isinstance(occurred, datetime) else None
+    return (str(event_id), type_key(event), version, _event_data(event), encode_json(meta), occurred_iso)
+
+
+_open_stores: weakref.WeakSet[SqliteEventStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Stop every writer thread before CPython finalizes.
+    for store in list(_open_stores):
+        store.close()
+
+
+class SqliteEventStore:
+    """An event store in one SQLite file (``":memory:"`` for a private one), WAL mode.
+
+    ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss.
+    Methods are coroutines except ``close()``, ``register_upcaster`` and the context managers.
+    """
+
+    def __init__(self, path: str = ":memory:", *, synchronous: str = "normal") -> None:
+        if not isinstance(path, str):
+            path = str(path)  # os.PathLike
+        self.path = path
+        self._core = StoreCore(path, synchronous)
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        _open_stores.add(self)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Finishes queued work and releases the file at once. Idempotent."""
+        self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._core.closed)
+
+    def __enter__(self) -> SqliteEventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> SqliteEventStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteEventStore({self.path!r}{', closed' if self.closed else ''})"
+
+    # ------------------------------------------------------------------- writing
+
+    async def append(
+        self, stream_id: str, events: Iterable[Any], expected_version: int | None = None
+    ) -> int:
+        """Appends ``events`` to ``stream_id`` atomically; returns the stream's new version.
+
+        ``expected_version`` is the stream's version before the append (0 for a new stream);
+        when another writer got there first this raises ``ConcurrencyError`` and writes
+        nothing. An event that cannot be encoded raises ``SerializationError`` and nothing is
+        written.
+        """
+        if not isinstance(stream_id, str) or not stream_id:
+            raise ConfigurationError(f"stream_id must be a non-empty str, got {stream_id!r}")
+        encoded = [encode_event(e) for e in events]
+        if not encoded:
+            raise ConfigurationError("append needs at least one event")
+        version, _ = await self._core.append(stream_id, encoded, expected_version)
+        return int(version)
+
+    async def save_snapshot(self, stream_id: str, version: int, state: Any) -> None:
+        """Saves (replacing) the snapshot of ``stream_id`` at ``version``."""
+        await self._core.save_snapshot(stream_id, version, encode_json(state))
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        """The latest snapshot of ``stream_id``, or None."""
+        row = await self._core.load_snapshot(stream_id)
+        if row is None:
+            return None
+        sid, version, state, taken = row
+        return Snapshot(sid, version, decode_json(state), datetime.fromisoformat(taken))
+
+    # ------------------------------------------------------------------- reading
+
+    def register_upcaster(self, event_type: str, from_version: int, fn: Upcaster) -> None:
+        """Registers ``fn(data) -> data`` turning ``event_type`` v``from_version`` into
+        v``from_version + 1``. Reads apply the chain up to the newest version."""
+        if not callable(fn):
+            raise ConfigurationError(f"upcaster must be callable, got {fn!r}")
+        key = (event_type, from_version)
+        if key in self._upcasters:
+            raise ConfigurationError(f"an upcaster for {event_type} v{from_version} is already registered")
+        self._upcasters[key] = fn
+
+    def _row(self, r: tuple[Any, ...]) -> StoredEvent:
+        position, stream_id, version, event_type, event_version, data, meta, event_id, occ, rec = r
+        body = decode_json(data)
+        while (event_type, event_version) in self._upcasters:
+            body = self._upcasters[(event_type, event_version)](body)
+            event_version += 1
+        return StoredEvent(
+            position, stream_id, version, event_type, event_version, body, decode_json(meta),
+            event_id, _parse_time(occ), datetime.fromisoformat(rec), self,
+        )
+
+    async def read(self, stream_id: str, after_version: int = 0) -> list[StoredEvent]:
+        """Events of ``stream_id`` after ``after_version``, oldest first."""
+        return [self._row(r) for r in await self._core.read(stream_id, after_version)]
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Up to ``limit`` events after ``after_position``, in commit order."""
+        return [self._row(r) for r in await self._core.read_all(after_position, limit)]
+
+    async def replay(self, after_position: int = 0, batch_size: int = 1000) -> AsyncIterator[StoredEvent]:
+        """Every event after ``after_position``, in order, read ``batch_size`` at a time."""
+        pos = after_position
+        while True:
+            rows = await self.read_all(pos, batch_size)
+            for r in rows:
+                yield r
+            if len(rows) < batch_size:
+                return
+            pos = rows[-1].position
+
+    def __aiter__(self) -> AsyncIterator[StoredEvent]:
+        return self.replay()
+
+    async def version(self, stream_id: str) -> int:
+        """The stream's current version (0 when empty)."""
+        rows = await self._core.read(stream_id, 0)
+        return int(rows[-1][2]) if rows else 0

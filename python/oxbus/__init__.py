@@ -27,6 +27,8 @@ from oxbus.errors import (
     TransportError,
 )
 from oxbus.events import DomainEvent
+from oxbus.registry import register_event
+from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 
 __all__ = [
     "BusClosed",
@@ -45,9 +47,13 @@ __all__ = [
     "QueueFull",
     "RetryPolicy",
     "SerializationError",
+    "Snapshot",
+    "SqliteEventStore",
     "StorageError",
+    "StoredEvent",
     "TransportError",
     "__version__",
     "current_envelope",
     "errors",
+    "register_event",
 ]

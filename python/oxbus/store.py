@@ -102,7 +102,7 @@ def type_key(event: Any) -> str:
 
 def _event_data(event: Any) -> str:
     if isinstance(event, dict):
-        return encode_json({k: v for k, v in event.items() if k != "event_type"})
+        return encode_json(event)  # as published: its "event_type" item included
     if getattr(type(event), "__oxbus_domain_event__", False) and not dataclasses.is_dataclass(event):
         public = {k: v for k, v in vars(event).items() if not k.startswith("_") and k not in _IDENTITY}
         try:

@@ -11,6 +11,8 @@ __all__ = [
     "Worker",
     "__version__",
     "current_envelope",
+    "decode_json",
+    "encode_json",
     "new_event_id",
 ]
 
@@ -18,6 +20,8 @@ __version__: str
 
 def new_event_id() -> str: ...
 def current_envelope() -> Envelope | None: ...
+def encode_json(obj: Any) -> str: ...
+def decode_json(text: str) -> Any: ...
 @final
 class Envelope:
     @property

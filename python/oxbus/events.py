@@ -93,6 +93,13 @@ class DomainEvent:
         if causation_id is not None:
             d["causation_id"] = causation_id
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every subclass is known to oxbus.registry (stored events come back as this class).
+        super().__init_subclass__(**kwargs)
+        from oxbus.registry import _auto_register  # imported here: registry loads after us
+
+        _auto_register(cls)
+
     def __post_init__(self) -> None:
         # Dataclass subclasses: record the creation time as __init__ would.
         self.__dict__["_oxbus_ts"] = time.time()

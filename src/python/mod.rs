@@ -2,6 +2,7 @@
 //! engine in `crate::core`; the public API is the Python package `oxbus`.
 
 mod bus;
+mod codec;
 mod envelope;
 mod errors;
 mod events;
@@ -21,6 +22,8 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::PyResolver>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::encode_json, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::decode_json, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 
-from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope, decode_json, encode_json
-from oxbus.store import SqliteEventStore, encode_event
+from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope
+from oxbus.store import SqliteEventStore
 from oxbus.errors import (
     BusNotStarted,
     ConfigurationError,
@@ -474,22 +474,11 @@ class EventBus:
             await waiter
         return True
 
-    def _commit(self, event: Any, key: Any, correlation_id: Any) -> asyncio.Future[tuple[int, int]]:
-        """Queues the event's append to the log; the future gives (version, position)."""
+    async def _publish_durable(self, event: Any, key: Any, correlation_id: Any) -> bool:
         self._core.ensure_running()  # never commit an event the bus then refuses
         store = self._store
         assert store is not None
-        eid, etype, ever, data, meta, occ = encode_event(event)
-        if correlation_id is not None:
-            meta = encode_json({**decode_json(meta), "correlation_id": correlation_id})
-        k = key if key is not None else (
-            event.get("aggregate_id") if isinstance(event, dict) else getattr(event, "aggregate_id", None)
-        )
-        stream = "$bus" if k is None else f"$bus:{k}"
-        return store._core.append(stream, [(eid, etype, ever, data, meta, occ)], None)
-
-    async def _publish_durable(self, event: Any, key: Any, correlation_id: Any) -> bool:
-        _, position = await self._commit(event, key, correlation_id)
+        (position,) = await store._core.log(event, key, correlation_id)
         waiter = self._core.publish(event, key, correlation_id, position)
         if waiter is not None:
             await waiter
@@ -510,11 +499,13 @@ class EventBus:
                 n += 1
             return n
         if self._store is not None:
-            # Queue every append first: they share the writer's batches (group commit).
+            # One atomic group in the log, one commit, then dispatch in order.
+            self._core.ensure_running()
             items = list(events)
-            commits = [self._commit(e, None, None) for e in items]
-            for e, fut in zip(items, commits):
-                _, position = await fut
+            if not items:
+                return 0
+            positions = await self._store._core.log_many(items)
+            for e, position in zip(items, positions):
                 waiter = self._core.publish(e, None, None, position)
                 if waiter is not None:
                     await waiter

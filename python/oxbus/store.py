@@ -13,19 +13,15 @@ thread only encodes and decodes.
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import enum
 import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, AsyncIterator, Callable, Iterable
 
-from oxbus._oxbus import StoreCore, current_envelope, decode_json, encode_json, new_event_id
+from oxbus._oxbus import StoreCore, decode_json, encode_json
 from oxbus.errors import ConfigurationError
 
 __all__ = ["Snapshot", "SqliteEventStore", "StoredEvent"]
-
-_IDENTITY = frozenset({"event_id", "occurred_at", "correlation_id", "causation_id", "event_type"})
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -87,50 +83,6 @@ class Snapshot:
     version: int
     state: Any
     taken_at: datetime
-
-
-def type_key(event: Any) -> str:
-    """The type key, by the bus's rule: ``event_type`` (str or Enum value), a dict's
-    ``"event_type"`` item, else the class name."""
-    raw = event.get("event_type") if isinstance(event, dict) else getattr(event, "event_type", None)
-    if isinstance(raw, enum.Enum):
-        raw = raw.value
-    if raw is None:
-        return type(event).__name__
-    return str(raw)
-
-
-def _event_data(event: Any) -> str:
-    if isinstance(event, dict):
-        return encode_json(event)  # as published: its "event_type" item included
-    if getattr(type(event), "__oxbus_domain_event__", False) and not dataclasses.is_dataclass(event):
-        public = {k: v for k, v in vars(event).items() if not k.startswith("_") and k not in _IDENTITY}
-        try:
-            return encode_json(public)
-        except Exception as e:  # name the class, as for any other event
-            raise type(e)(str(e).replace("cannot encode ", f"cannot encode {type(event).__name__}.", 1)) from None
-    return encode_json(event)
-
-
-def encode_event(event: Any) -> tuple[str, str, int, str, str, str | None]:
-    """(event_id, event_type, event_version, data JSON, metadata JSON, occurred_at ISO)."""
-    if event is None:
-        from oxbus.errors import InvalidEvent
-
-        raise InvalidEvent("cannot store None as an event")
-    get = event.get if isinstance(event, dict) else lambda k, d=None: getattr(event, k, d)
-    event_id = get("event_id") or new_event_id()
-    version = get("event_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool):
-        version = 1
-    env = current_envelope()
-    if env is not None and env.event is not event:
-        meta = {"correlation_id": env.correlation_id, "causation_id": env.event_id}
-    else:
-        meta = {"correlation_id": get("correlation_id"), "causation_id": get("causation_id")}
-    occurred = get("occurred_at")
-    occurred_iso = occurred.isoformat() if isinstance(occurred, datetime) else None
-    return (str(event_id), type_key(event), version, _event_data(event), encode_json(meta), occurred_iso)
 
 
 _open_stores: weakref.WeakSet[SqliteEventStore] = weakref.WeakSet()
@@ -197,10 +149,10 @@ class SqliteEventStore:
         """
         if not isinstance(stream_id, str) or not stream_id:
             raise ConfigurationError(f"stream_id must be a non-empty str, got {stream_id!r}")
-        encoded = [encode_event(e) for e in events]
-        if not encoded:
+        batch = list(events)
+        if not batch:
             raise ConfigurationError("append needs at least one event")
-        version, _ = await self._core.append(stream_id, encoded, expected_version)
+        version, _ = await self._core.append(stream_id, batch, expected_version)
         return int(version)
 
     async def save_snapshot(self, stream_id: str, version: int, state: Any) -> None:

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
-use crate::python::errors;
+use crate::python::envelope::{self, new_event_id};
+use crate::python::{codec, errors, events};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
 use crate::store::writer::{Op, Reply, Sink, Writer};
 use crate::store::StoreError;
@@ -162,6 +163,7 @@ fn reply_to_py(py: Python<'_>, r: Reply) -> PyResult<Py<PyAny>> {
             None => py.None(),
         },
         Reply::Int(n) => n.into_pyobject(py)?.into_any().unbind(),
+        Reply::Positions(ps) => PyList::new(py, ps)?.into_any().unbind(),
         Reply::Unit => py.None(),
         Reply::Dead(ds) => {
             let items = ds
@@ -173,50 +175,167 @@ fn reply_to_py(py: Python<'_>, r: Reply) -> PyResult<Py<PyAny>> {
     })
 }
 
+/// Requests made during one turn of the loop, sent to the writer together at its end.
+#[derive(Default)]
+struct Outbox {
+    ops: Mutex<Vec<(u64, Op)>>,
+}
+
+/// Sends the outbox to the writer; scheduled with `loop.call_soon` by the first request of a
+/// loop turn, so requests from many tasks reach the writer in one message and share one commit.
+#[pyclass(frozen, name = "StoreFlusher", module = "oxbus._oxbus")]
+pub struct PyFlusher {
+    writer: Arc<Writer>,
+    outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
+}
+
+impl PyFlusher {
+    fn flush(&self, py: Python<'_>) {
+        let ops = std::mem::take(&mut *self.outbox.ops.lock());
+        let tokens: Vec<u64> = ops.iter().map(|(t, _)| *t).filter(|t| *t != 0).collect();
+        if let Err(e) = self.writer.submit_many(ops) {
+            // Closed under our feet: fail the waiting futures instead of losing them.
+            let err = to_py(&e);
+            for t in tokens {
+                if let Some((fut, _)) = self.shared.pending.lock().remove(&t) {
+                    let _ = fut
+                        .bind(py)
+                        .call_method1(intern!(py, "set_exception"), (err.value(py),));
+                }
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PyFlusher {
+    fn __call__(&self, py: Python<'_>) {
+        self.flush(py);
+    }
+}
+
 /// The native half of `oxbus.SqliteEventStore`.
 #[pyclass(frozen, name = "StoreCore", module = "oxbus._oxbus")]
 pub struct PyStoreCore {
-    writer: Writer,
+    writer: Arc<Writer>,
     shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
+    flusher: Py<PyFlusher>,
     next: AtomicU64,
     path: String,
 }
 
-/// An event to append as given from Python: (event_id, event_type, event_version, data JSON,
-/// metadata JSON, occurred_at ISO or None).
-type PyNewEvent = (String, String, i64, String, String, Option<String>);
+fn lookup<'py>(
+    event: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let found = match event.cast::<PyDict>() {
+        Ok(d) => d.get_item(name)?,
+        Err(_) => event.getattr_opt(name)?,
+    };
+    Ok(found.filter(|v| !v.is_none()))
+}
 
-fn new_events(events: Vec<PyNewEvent>) -> Vec<NewEvent> {
-    events
-        .into_iter()
-        .map(
-            |(event_id, event_type, event_version, data, metadata, occurred_at)| NewEvent {
-                event_id,
-                event_type,
-                event_version,
-                data,
-                metadata,
-                occurred_at,
-            },
-        )
-        .collect()
+/// Encodes one event into a log record, in Rust: type key, version, id, data, metadata
+/// (correlation from `correlation_id`, else the handler being run, else the event's own), time.
+fn record_of(
+    event: &Bound<'_, PyAny>,
+    correlation_id: Option<&Bound<'_, PyAny>>,
+) -> PyResult<NewEvent> {
+    let py = event.py();
+    if event.is_none() {
+        return Err(events::none_event_error());
+    }
+    let event_type = events::type_key(event)?;
+    let event_version = match lookup(event, intern!(py, "event_version"))? {
+        Some(v) if !v.is_instance_of::<PyBool>() => v.extract::<i64>().unwrap_or(1),
+        _ => 1,
+    };
+    let event_id = match lookup(event, intern!(py, "event_id"))? {
+        Some(v) => v.str()?.to_string(),
+        None => new_event_id(),
+    };
+    let meta = PyDict::new(py);
+    let parent = envelope::get_current(py)?.filter(|env| !env.event_ref().is(event));
+    match (correlation_id, parent) {
+        (Some(c), _) => meta.set_item("correlation_id", c)?,
+        (None, Some(env)) => {
+            meta.set_item("correlation_id", env.correlation(py)?)?;
+            meta.set_item("causation_id", env.id(py)?)?;
+        }
+        (None, None) => {
+            meta.set_item(
+                "correlation_id",
+                lookup(event, intern!(py, "correlation_id"))?,
+            )?;
+            meta.set_item("causation_id", lookup(event, intern!(py, "causation_id"))?)?;
+        }
+    }
+    if !meta.contains("causation_id")? {
+        meta.set_item("causation_id", py.None())?;
+    }
+    let occurred_at = match lookup(event, intern!(py, "occurred_at"))? {
+        Some(t) if t.hasattr(intern!(py, "isoformat"))? => {
+            Some(t.call_method0(intern!(py, "isoformat"))?.str()?.to_string())
+        }
+        _ => None,
+    };
+    Ok(NewEvent {
+        event_id,
+        event_type,
+        event_version,
+        data: codec::encode(event)?,
+        metadata: codec::encode(&meta)?,
+        occurred_at,
+    })
+}
+
+/// The bus log's stream for an event: `$bus:<key>`, or `$bus` without a key.
+fn log_stream(event: &Bound<'_, PyAny>, key: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
+    let py = event.py();
+    let key = match key {
+        Some(k) if !k.is_none() => Some(k.clone()),
+        _ => lookup(event, intern!(py, "aggregate_id"))?,
+    };
+    Ok(match key {
+        Some(k) => format!("$bus:{}", k.str()?),
+        None => "$bus".to_owned(),
+    })
 }
 
 impl PyStoreCore {
-    fn submit(&self, py: Python<'_>, op: Op) -> PyResult<Py<PyAny>> {
+    /// Queues a request for the end of this loop turn; returns its future (None for token 0).
+    fn queue(&self, py: Python<'_>, op: Op, reply: bool) -> PyResult<Option<Py<PyAny>>> {
+        if self.writer.is_closed() {
+            return Err(to_py(&StoreError::Closed(self.path.clone())));
+        }
         let asyncio = py.import(intern!(py, "asyncio"))?;
         let loop_ = asyncio.call_method0(intern!(py, "get_running_loop"))?;
-        let fut = loop_.call_method0(intern!(py, "create_future"))?;
-        let token = self.next.fetch_add(1, Relaxed);
-        self.shared
-            .pending
-            .lock()
-            .insert(token, (fut.clone().unbind(), loop_.unbind()));
-        if let Err(e) = self.writer.submit(token, op) {
-            self.shared.pending.lock().remove(&token);
-            return Err(to_py(&e));
+        let (token, fut) = if reply {
+            let fut = loop_.call_method0(intern!(py, "create_future"))?;
+            let token = self.next.fetch_add(1, Relaxed);
+            self.shared
+                .pending
+                .lock()
+                .insert(token, (fut.clone().unbind(), loop_.clone().unbind()));
+            (token, Some(fut.unbind()))
+        } else {
+            (0, None)
+        };
+        let first = {
+            let mut ops = self.outbox.ops.lock();
+            ops.push((token, op));
+            ops.len() == 1
+        };
+        if first {
+            loop_.call_method1(intern!(py, "call_soon"), (self.flusher.bind(py),))?;
         }
-        Ok(fut.unbind())
+        Ok(fut)
+    }
+
+    fn submit(&self, py: Python<'_>, op: Op) -> PyResult<Py<PyAny>> {
+        Ok(self.queue(py, op, true)?.expect("a reply was asked for"))
     }
 }
 
@@ -238,12 +357,24 @@ impl PyStoreCore {
             shared: Arc::clone(&shared),
             resolver,
         });
-        let writer = py
-            .detach(|| Writer::open(&path, sync, sink))
-            .map_err(|e| to_py(&e))?;
+        let writer = Arc::new(
+            py.detach(|| Writer::open(&path, sync, sink))
+                .map_err(|e| to_py(&e))?,
+        );
+        let outbox = Arc::new(Outbox::default());
+        let flusher = Py::new(
+            py,
+            PyFlusher {
+                writer: Arc::clone(&writer),
+                outbox: Arc::clone(&outbox),
+                shared: Arc::clone(&shared),
+            },
+        )?;
         Ok(Self {
             writer,
             shared,
+            outbox,
+            flusher,
             next: AtomicU64::new(1),
             path,
         })
@@ -263,6 +394,7 @@ impl PyStoreCore {
 
     /// Finishes queued work and closes the connection (without holding the GIL).
     fn close(&self, py: Python<'_>) {
+        self.flusher.get().flush(py);
         py.detach(|| self.writer.close());
     }
 
@@ -272,7 +404,7 @@ impl PyStoreCore {
         &self,
         py: Python<'_>,
         stream_id: String,
-        events: Vec<PyNewEvent>,
+        events: &Bound<'_, PyAny>,
         expected_version: Option<i64>,
     ) -> PyResult<Py<PyAny>> {
         if let Some(v) = expected_version {
@@ -286,23 +418,51 @@ impl PyStoreCore {
             py,
             Op::Append {
                 stream: stream_id,
-                events: new_events(events),
+                events: events
+                    .try_iter()?
+                    .map(|e| record_of(&e?, None))
+                    .collect::<PyResult<_>>()?,
                 expected: expected_version,
             },
         )
     }
 
+    /// Logs one event published on a durable bus -> future of its position.
+    #[pyo3(signature = (event, key=None, correlation_id=None))]
+    fn log(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<&Bound<'_, PyAny>>,
+        correlation_id: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let item = (log_stream(event, key)?, record_of(event, correlation_id)?);
+        self.submit(py, Op::Log { items: vec![item] })
+    }
+
+    /// Logs several events in one atomic group -> future of their positions.
+    fn log_many(&self, py: Python<'_>, events: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let items = events
+            .try_iter()?
+            .map(|e| {
+                let e = e?;
+                Ok((log_stream(&e, None)?, record_of(&e, None)?))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        self.submit(py, Op::Log { items })
+    }
+
     /// Records a finished delivery (no future: it is committed with the next batch).
-    fn mark_done(&self, subscription: String, position: i64) -> PyResult<()> {
-        self.writer
-            .submit(
-                0,
-                Op::MarkDone {
-                    subscription,
-                    position,
-                },
-            )
-            .map_err(|e| to_py(&e))
+    fn mark_done(&self, py: Python<'_>, subscription: String, position: i64) -> PyResult<()> {
+        self.queue(
+            py,
+            Op::MarkDone {
+                subscription,
+                position,
+            },
+            false,
+        )
+        .map(|_| ())
     }
 
     /// Rows of a stream after a version -> future of a list of row tuples.

@@ -1,6 +1,8 @@
 //! Schema and queries on one SQLite connection.
 //!
-//! `events.position` is the global order (an INTEGER PRIMARY KEY, so rows are stored in it);
+//! `events.position` is the global order (an INTEGER PRIMARY KEY, so rows are stored in it;
+//! without AUTOINCREMENT, which costs a write per insert: events are never deleted, so positions
+//! are never reused);
 //! `(stream_id, version)` is unique, which is what makes optimistic concurrency safe even
 //! against another process writing the same file. Versions start at 1; `expected_version` is
 //! the stream's version before the append (0 for a new stream).
@@ -111,7 +113,7 @@ impl Synchronous {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
-    position      INTEGER PRIMARY KEY AUTOINCREMENT,
+    position      INTEGER PRIMARY KEY,
     stream_id     TEXT    NOT NULL,
     version       INTEGER NOT NULL,
     event_type    TEXT    NOT NULL,
@@ -229,12 +231,33 @@ impl Log {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
+        // The busy timeout first: switching to WAL and creating the schema take locks that
+        // another process or thread opening the same new file may hold for a moment.
         log.conn
-            .execute_batch(&format!(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync_sql}; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;"
-            ))
+            .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| log.err(e))?;
-        log.conn.execute_batch(SCHEMA).map_err(|e| log.err(e))?;
+        // Switching a brand-new file to WAL can report SQLITE_BUSY at once, without waiting
+        // for the busy timeout, while another opener does the same: retry for a while.
+        let pragmas = format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync_sql}; PRAGMA foreign_keys=ON;"
+        );
+        let mut tries = 0;
+        loop {
+            match log.conn.execute_batch(&pragmas) {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if f.code == rusqlite::ErrorCode::DatabaseBusy && tries < 500 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(log.err(e)),
+            }
+        }
+        // One transaction, so a concurrent opener sees the whole schema or waits for it.
+        log.conn
+            .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
+            .map_err(|e| log.err(e))?;
         Ok(log)
     }
 
@@ -261,11 +284,8 @@ impl Log {
 
     /// The stream's version (0 when it has no events).
     pub fn version(tx: &Connection, stream: &str) -> rusqlite::Result<i64> {
-        tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1",
-            [stream],
-            |r| r.get(0),
-        )
+        tx.prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")?
+            .query_row([stream], |r| r.get(0))
     }
 
     /// Appends `events` to `stream` inside `tx`; returns (new version, first position).

@@ -30,6 +30,12 @@ pub enum Op {
         /// The stream's version before the append (0 = new), or None for no check.
         expected: Option<i64>,
     },
+    /// Appends single events to several streams (the bus's log), atomically as a group, with
+    /// no version check; replies with each event's position.
+    Log {
+        /// (stream, event) pairs, in publish order.
+        items: Vec<(String, NewEvent)>,
+    },
     /// Records that a subscription finished the event at a position.
     MarkDone {
         /// Subscription name.
@@ -91,7 +97,10 @@ pub enum Op {
 
 impl Op {
     fn is_write(&self) -> bool {
-        matches!(self, Self::Append { .. } | Self::MarkDone { .. })
+        matches!(
+            self,
+            Self::Append { .. } | Self::Log { .. } | Self::MarkDone { .. }
+        )
     }
 }
 
@@ -105,6 +114,8 @@ pub enum Reply {
         /// Position of the first event appended.
         first_position: i64,
     },
+    /// Positions of logged events, in order.
+    Positions(Vec<i64>),
     /// Rows of the log.
     Rows(Vec<StoredRow>),
     /// A snapshot, if any.
@@ -128,6 +139,7 @@ pub trait Sink: Send + Sync + 'static {
 
 enum Msg {
     Op(u64, Op),
+    Ops(Vec<(u64, Op)>),
     Close,
 }
 
@@ -169,6 +181,16 @@ impl Writer {
             .map_err(|_| StoreError::Closed(self.path.clone()))
     }
 
+    /// Queues several requests at once (one wake-up of the thread).
+    pub fn submit_many(&self, ops: Vec<(u64, Op)>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(Msg::Ops(ops))
+            .map_err(|_| StoreError::Closed(self.path.clone()))
+    }
+
     /// Finishes queued requests, stops the thread and closes the connection. Idempotent.
     pub fn close(&self) {
         let handle = self.handle.lock().take();
@@ -198,10 +220,12 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink) {
         match first {
             Msg::Close => break,
             Msg::Op(t, op) => batch.push((t, op)),
+            Msg::Ops(ops) => batch.extend(ops),
         }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Msg::Op(t, op)) => batch.push((t, op)),
+                Ok(Msg::Ops(ops)) => batch.extend(ops),
                 Ok(Msg::Close) => {
                     closing = true;
                     break;
@@ -217,10 +241,13 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink) {
     // Requests still queued after Close are refused, not silently dropped.
     let rest: Vec<(u64, Result<Reply>)> = rx
         .try_iter()
-        .filter_map(|m| match m {
-            Msg::Op(t, _) if t != 0 => Some((t, Err(StoreError::Closed(log.path().to_owned())))),
-            _ => None,
+        .flat_map(|m| match m {
+            Msg::Op(t, op) => vec![(t, op)],
+            Msg::Ops(ops) => ops,
+            Msg::Close => Vec::new(),
         })
+        .filter(|(t, _)| *t != 0)
+        .map(|(t, _)| (t, Err(StoreError::Closed(log.path().to_owned()))))
         .collect();
     if !rest.is_empty() {
         sink.deliver(rest);
@@ -305,6 +332,27 @@ fn write_batch(
                     Err(e) => Err(e), // the savepoint rolls back on drop
                 }
             }
+            Op::Log { items } => {
+                let sp = tx.savepoint().map_err(sqlite)?;
+                let mut positions = Vec::with_capacity(items.len());
+                let mut failed = None;
+                for (stream, event) in items {
+                    match Log::append(&sp, path, stream, std::slice::from_ref(event), None) {
+                        Ok((_, position)) => positions.push(position),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    None => {
+                        sp.commit().map_err(sqlite)?;
+                        Ok(Reply::Positions(positions))
+                    }
+                    Some(e) => Err(e),
+                }
+            }
             Op::MarkDone {
                 subscription,
                 position,
@@ -356,7 +404,9 @@ fn read(log: &Log, op: Op) -> Result<Reply> {
             .remove_dead_letters(ids.as_deref())
             .map(|n| Reply::Int(i64::try_from(n).unwrap_or(i64::MAX))),
         Op::At(p) => log.at(p).map(Reply::Row),
-        Op::Append { .. } | Op::MarkDone { .. } => unreachable!("writes go through write_batch"),
+        Op::Append { .. } | Op::Log { .. } | Op::MarkDone { .. } => {
+            unreachable!("writes go through write_batch")
+        }
     }
 }
 

@@ -8,6 +8,7 @@ Change one import and keep your handlers::
 from oxbus import errors
 from oxbus._oxbus import Envelope, RetryPolicy, __version__, current_envelope
 from oxbus.bus import (
+    CircuitBreaker,
     DeadLetter,
     DeadLetters,
     EventBus,
@@ -33,6 +34,7 @@ from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 __all__ = [
     "BusClosed",
     "BusNotStarted",
+    "CircuitBreaker",
     "ConcurrencyError",
     "DeadLetter",
     "DeadLetters",

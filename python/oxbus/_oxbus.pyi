@@ -55,7 +55,10 @@ class RetryPolicy:
         max_delay: float = 30.0,
         multiplier: float = 2.0,
         jitter: float = 0.1,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
     ) -> RetryPolicy: ...
+    @property
+    def retry_on(self) -> tuple[type[BaseException], ...]: ...
     @property
     def max_attempts(self) -> int: ...
     @property
@@ -98,7 +101,14 @@ class BusCore:
         name: str,
         threaded: bool,
         retry: RetryPolicy | None = None,
+        retry_on: Any = None,
+        timeout: float | None = None,
+        breaker: tuple[int, float] | None = None,
+        park: bool = False,
     ) -> int: ...
+    def set_clock(self, sleep: Any, now: Any) -> None: ...
+    def set_timeout_wrapper(self, wrap: Any) -> None: ...
+    def unpark(self, sub_id: int, key_hash: int) -> bool: ...
     def redeliver(
         self,
         event: Any,

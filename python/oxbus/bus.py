@@ -14,21 +14,24 @@ import contextvars
 import inspect
 import logging
 import os
+import threading
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 
-from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope
+from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope, encode_json
 from oxbus.store import SqliteEventStore
 from oxbus.errors import (
     BusNotStarted,
     ConfigurationError,
+    InvalidEvent,
     InvalidSubscription,
     OxbusError,
 )
 
 __all__ = [
+    "CircuitBreaker",
     "DeadLetter",
     "DeadLetters",
     "EventBus",
@@ -77,6 +80,10 @@ class DeadLetter:
     final_result: ProcessingResult = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
     subscription_id: str = field(repr=False, compare=False, default="")
     position: int | None = field(repr=False, compare=False, default=None)
+    #: the key's lane hash when the subscription parks its keys behind dead letters
+    key_hash: int | None = field(repr=False, compare=False, default=None)
+    #: the id of the dead letter this event is parked behind (it was never handled)
+    parked_behind: str | None = field(repr=False, compare=False, default=None)
 
 
 class DeadLetters:
@@ -114,36 +121,120 @@ class DeadLetters:
     def __iter__(self) -> Iterator[DeadLetter]:
         return iter(self.list())
 
+    def _get(self, entry_or_id: DeadLetter | str) -> DeadLetter:
+        key = entry_or_id.id if isinstance(entry_or_id, DeadLetter) else entry_or_id
+        if key not in self._entries:
+            raise KeyError(f"no dead letter with id {key!r}")
+        return self._entries[key]
+
+    def _parked_behind(self, head: DeadLetter) -> list[DeadLetter]:
+        return [e for e in self._entries.values() if e.parked_behind == head.id]
+
+    def _release(self, head: DeadLetter) -> list[DeadLetter]:
+        """Unparks the head's key; returns the entries parked behind it, in order."""
+        sub = self._bus._sub_id(head)
+        if head.key_hash is not None and sub is not None:
+            self._bus._core.unpark(sub, head.key_hash)
+        return self._parked_behind(head)
+
+    def _redeliver(self, entries: list[DeadLetter]) -> None:
+        done: list[DeadLetter] = []
+        try:
+            for entry in entries:
+                sub = self._bus._sub_id(entry)
+                if sub is None or not self._bus._core.redeliver(entry.event, sub, entry.position):
+                    raise InvalidSubscription(
+                        f"dead letter {entry.id!r}: subscription {entry.subscription!r} "
+                        "no longer exists; purge it or subscribe again"
+                    )
+                done.append(entry)
+        finally:
+            self._forget(done)
+
     async def retry(self, entry_or_id: DeadLetter | str | None = None) -> int:
         """Re-dispatches dead letters to their subscription only; returns how many.
 
-        ``None`` retries all. A retried entry leaves the queue (it comes back if it fails again).
+        ``None`` retries all. A retried entry leaves the queue (it comes back if it fails
+        again). Retrying the dead letter a key is parked behind also re-dispatches, in order,
+        the events parked behind it.
         """
-        if entry_or_id is None:
-            chosen = self.list()
-        else:
-            key = entry_or_id.id if isinstance(entry_or_id, DeadLetter) else entry_or_id
-            if key not in self._entries:
-                raise KeyError(f"no dead letter with id {key!r}")
-            chosen = [self._entries[key]]
-        done = []
+        chosen = self.list() if entry_or_id is None else [self._get(entry_or_id)]
+        order: list[DeadLetter] = []
         for entry in chosen:
-            sub = self._bus._sub_id(entry)
-            if sub is None or not self._bus._core.redeliver(entry.event, sub, entry.position):
-                self._forget(done)
-                raise InvalidSubscription(
-                    f"dead letter {entry.id!r}: subscription {entry.subscription!r} "
-                    "no longer exists; purge it or subscribe again"
-                )
-            done.append(entry)
-        self._forget(done)
-        return len(done)
+            if entry in order:
+                continue
+            order.append(entry)
+            if entry.parked_behind is None:
+                order.extend(e for e in self._release(entry) if e not in order)
+        self._redeliver(order)
+        return len(order)
+
+    def discard(self, entry_or_id: DeadLetter | str) -> int:
+        """Drops one dead letter. Events parked behind it were never handled: they are
+        dispatched now, in order. Returns how many entries left the queue."""
+        entry = self._get(entry_or_id)
+        behind = self._release(entry) if entry.parked_behind is None else []
+        self._forget([entry])
+        self._redeliver(behind)
+        return 1 + len(behind)
 
     def purge(self) -> int:
-        """Drops every dead letter (from the store too, on a durable bus); returns how many."""
+        """Drops every dead letter (from the store too, on a durable bus), parked events
+        included; returns how many."""
         entries = self.list()
+        for e in entries:
+            if e.parked_behind is None:
+                self._release(e)
         self._forget(entries)
         return len(entries)
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    """After ``failures`` failed calls in a row a subscription pauses for ``cool_down``
+    seconds (its events wait, nothing is dropped), then tries again once: a success closes
+    it, a failure opens it for another ``cool_down``."""
+
+    failures: int = 5
+    cool_down: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive_int("failures", self.failures)
+        if not isinstance(self.cool_down, (int, float)) or self.cool_down < 0:
+            raise ConfigurationError(f"cool_down must be a number >= 0, got {self.cool_down!r}")
+
+
+class _ElasticPool(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool that replaces threads stuck in calls that overran their timeout, up to
+    ``size`` replacements at a time, so timed-out sync handlers cannot starve it."""
+
+    def __init__(self, size: int, prefix: str) -> None:
+        super().__init__(max_workers=size, thread_name_prefix=prefix)
+        self.size = size
+        self.abandoned = 0
+        self.abandoned_total = 0
+        self._guard = threading.Lock()
+
+    def abandon(self) -> None:
+        with self._guard:
+            self.abandoned += 1
+            self.abandoned_total += 1
+            if self._max_workers < 2 * self.size:
+                self._max_workers += 1  # room for one replacement thread
+
+    def release(self) -> None:
+        with self._guard:
+            self.abandoned -= 1
+            if self._max_workers > self.size:
+                self._max_workers -= 1
+
+
+def _timeout(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 def _qualname(obj: Any) -> str:
@@ -204,6 +295,8 @@ class EventBus:
         batch_timeout_seconds: float | None = None,
         ordered: bool | None = None,
         store: SqliteEventStore | str | os.PathLike[str] | None = None,
+        clock: Any = None,
+        max_event_bytes: int | None = None,
         name: str = "oxbus",
     ) -> None:
         if workers is not None and worker_count is not None and workers != worker_count:
@@ -225,14 +318,14 @@ class EventBus:
             )
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        if handler_timeout is not None:
-            raise ConfigurationError("handler_timeout is not supported yet")
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._timeout = _timeout("handler_timeout", handler_timeout)
+        if max_event_bytes is not None:
+            _positive_int("max_event_bytes", max_event_bytes)
+        self._max_bytes = max_event_bytes
+        self._executor: _ElasticPool | None = None
         if sync_handlers == "thread":
             size = _positive_int("thread_pool_size", thread_pool_size or 8)
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=size, thread_name_prefix=f"{name}-sync"
-            )
+            self._executor = _ElasticPool(size, f"{name}-sync")
         self._store: SqliteEventStore | None
         self._owns_store = False
         if store is None or isinstance(store, SqliteEventStore):
@@ -253,6 +346,14 @@ class EventBus:
         self._core.set_after_call(
             self._after_call, self._mark is not None or self._store is not None
         )
+        self._core.set_timeout_wrapper(self._timed)
+        if clock is not None:
+            if not (callable(getattr(clock, "sleep", None)) and callable(getattr(clock, "time", None))):
+                raise ConfigurationError(
+                    f"clock must have sleep(seconds) and time() methods, got {clock!r}"
+                )
+            self._core.set_clock(clock.sleep, clock.time)
+        self.clock = clock
         # durable bus: subscription id -> (name, from_beginning)
         self._durable: dict[int, tuple[str, bool]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -377,6 +478,9 @@ class EventBus:
         retry: RetryPolicy | None = None,
         name: str | None = None,
         from_beginning: bool = False,
+        timeout: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
+        on_dead_letter: str = "skip",
     ) -> str:
         """Subscribes ``handler`` and returns a subscription id.
 
@@ -385,7 +489,13 @@ class EventBus:
         value). Smaller ``priority`` runs first; ties run in subscription order.
         ``retry_count=N`` retries a failing call N times (``max_attempts=N+1``) with the
         bus's backoff; ``retry`` gives a whole policy. ``is_async`` is accepted for
-        compatibility: the handler's kind is detected.
+        compatibility: the handler's kind is detected. ``timeout`` (default: the bus's
+        ``handler_timeout``) cancels an async or thread-pool call that runs longer and counts
+        it as failed (``TimeoutError``). ``circuit_breaker=CircuitBreaker(failures,
+        cool_down)`` pauses the subscription after that many failures in a row.
+        ``on_dead_letter="park"`` (with a key): after a dead letter of key K, later events of
+        K wait behind it in the dead-letter queue, in order, until it is retried or discarded;
+        ``"skip"`` (the default) lets them proceed.
         """
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidSubscription(f"priority must be an int, got {priority!r}")
@@ -395,7 +505,9 @@ class EventBus:
             if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
                 raise ConfigurationError(f"retry_count must be an int >= 0, got {retry_count!r}")
             r = self._retry
-            retry = RetryPolicy(retry_count + 1, r.base_delay, r.max_delay, r.multiplier, r.jitter)
+            retry = RetryPolicy(
+                retry_count + 1, r.base_delay, r.max_delay, r.multiplier, r.jitter, r.retry_on
+            )
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         if not callable(handler):
@@ -408,8 +520,26 @@ class EventBus:
                 f"a subscription named {sub_name!r} exists already; on a durable bus each "
                 "subscription's progress is kept under its name, so give name="
             )
+        if on_dead_letter not in ("skip", "park"):
+            raise ConfigurationError(
+                f"on_dead_letter must be 'skip' or 'park', got {on_dead_letter!r}"
+            )
+        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
+            raise ConfigurationError(
+                f"circuit_breaker must be a CircuitBreaker, got {circuit_breaker!r}"
+            )
+        t = _timeout("timeout", timeout) if timeout is not None else self._timeout
+        policy = retry or self._retry
         threaded = not _is_async(handler)
-        sid = self._core.subscribe(event_type, handler, priority, sub_name, threaded, retry)
+        breaker = (
+            None
+            if circuit_breaker is None
+            else (circuit_breaker.failures, circuit_breaker.cool_down)
+        )
+        sid = self._core.subscribe(
+            event_type, handler, priority, sub_name, threaded, policy, policy.retry_on, t,
+            breaker, on_dead_letter == "park",
+        )
         if self._store is not None:
             self._durable[sid] = (sub_name, from_beginning)
             if self._core.running:
@@ -464,6 +594,8 @@ class EventBus:
         ordering key (default: ``event.aggregate_id``). Raises ``BusNotStarted`` before
         ``start()``, ``BusClosed`` after ``stop()``.
         """
+        if self._max_bytes is not None:
+            self._check_size(event)
         if self._storage is not None:
             self._core.ensure_running()  # never store an event the bus then refuses
             await self._storage.store_event(event)
@@ -484,8 +616,18 @@ class EventBus:
             await waiter
         return True
 
+    def _check_size(self, event: Any) -> None:
+        size = len(encode_json(event).encode())
+        if size > self._max_bytes:  # type: ignore[operator]
+            raise InvalidEvent(
+                f"{type(event).__name__} event is {size} bytes encoded, over "
+                f"max_event_bytes={self._max_bytes}"
+            )
+
     def publish_nowait(self, event: Any, *, key: Any = None, correlation_id: Any = None) -> None:
         """Publishes without waiting; raises ``QueueFull`` when the queue is full."""
+        if self._max_bytes is not None:
+            self._check_size(event)
         if self._storage is not None or self._store is not None:
             raise OxbusError("publish_nowait cannot wait for the store; use publish")
         self._core.publish_nowait(event, key, correlation_id)
@@ -618,7 +760,15 @@ class EventBus:
         duration_s: float | None,
         attempt: int,
         final: bool,
+        park_key: int | None = None,
+        parked: bool = False,
     ) -> Awaitable[Any] | None:
+        position = env.position
+        if parked:
+            self._record_dead_letter(env, sub_id, subscription, None, attempt, None, park_key, True)
+            if self._store is not None and position is not None:
+                self._store._core.mark_done(subscription, position)
+            return None
         result = None
         if error is not None or self._mark is not None:
             result = ProcessingResult(
@@ -630,12 +780,11 @@ class EventBus:
                 subscription=subscription,
             )
         if error is not None:
-            self._record_failure(env, sub_id, subscription, error, attempt, final, result)  # type: ignore[arg-type]
+            self._record_failure(env, sub_id, subscription, error, attempt, final, result, park_key)  # type: ignore[arg-type]
         elif attempt > 1:
             self._first_failures.pop((id(env.event), subscription), None)
         if self._mark is not None:
             return self._call_mark(env.event_id, result)
-        position = env.position
         if self._store is not None and position is not None and (error is None or final):
             # Done (or dead-lettered): not delivered again after a restart.
             self._store._core.mark_done(subscription, position)
@@ -650,10 +799,11 @@ class EventBus:
         attempt: int,
         final: bool,
         result: ProcessingResult,
+        park_key: int | None,
     ) -> None:
         now = datetime.now(timezone.utc)
         pair = (id(env.event), subscription)
-        first = self._first_failures.setdefault(pair, now)
+        self._first_failures.setdefault(pair, now)
         logger.error(
             "handler %s failed on %s (attempt %d%s): %s: %s [correlation_id=%s]",
             subscription,
@@ -666,56 +816,96 @@ class EventBus:
             exc_info=(type(error), error, error.__traceback__),
             extra={"correlation_id": env.correlation_id, "event_id": env.event_id},
         )
-        if not final:
-            return
-        del self._first_failures[pair]
-        entry_id = self.dead_letters._next_id()
+        if final:
+            self._record_dead_letter(env, sub_id, subscription, error, attempt, result, park_key, False)
+
+    def _record_dead_letter(
+        self,
+        env: Envelope,
+        sub_id: int,
+        subscription: str,
+        error: BaseException | None,
+        attempts: int,
+        result: ProcessingResult | None,
+        park_key: int | None,
+        parked: bool,
+    ) -> None:
+        now = datetime.now(timezone.utc)
+        first = self._first_failures.pop((id(env.event), subscription), now)
+        head = None
+        if parked:
+            head = next(
+                (
+                    e
+                    for e in self.dead_letters._entries.values()
+                    if e.parked_behind is None and e.key_hash == park_key
+                    and e.subscription_id == f"sub-{sub_id}"
+                ),
+                None,
+            )
+            etype, message, tb = (
+                "oxbus.Parked",
+                f"not handled: its key is parked behind dead letter "
+                f"{head.id if head else '(gone)'} of {subscription}",
+                "",
+            )
+        else:
+            assert error is not None
+            cls = type(error)
+            etype = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+            message = str(error)
+            tb = "".join(traceback.format_exception(cls, error, error.__traceback__))
+        entry = DeadLetter(
+            id=self.dead_letters._next_id(), event=env.event, subscription=subscription,
+            attempts=attempts, first_failed_at=first, last_failed_at=now, error_type=etype,
+            error_message=message, traceback=tb, final_result=result,  # type: ignore[arg-type]
+            subscription_id=f"sub-{sub_id}", position=env.position, key_hash=park_key,
+            parked_behind=head.id if head else None,
+        )
+        self.dead_letters._add(entry)
+        if parked:
+            logger.warning("%s: %s", subscription, message)
         if self._store is not None and env.position is not None:
-            tb_text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            etype = (
-                f"{type(error).__module__}.{type(error).__qualname__}"
-                if type(error).__module__ != "builtins"
-                else type(error).__qualname__
-            )
             fut = self._store._core.add_dead_letter(
-                env.position, subscription, attempt, first.isoformat(), now.isoformat(),
-                etype, str(error), tb_text,
+                env.position, subscription, attempts, first.isoformat(), now.isoformat(),
+                etype, message, tb,
             )
-            entry = DeadLetter(
-                id=entry_id, event=env.event, subscription=subscription, attempts=attempt,
-                first_failed_at=first, last_failed_at=now, error_type=etype,
-                error_message=str(error), traceback=tb_text, final_result=result,
-                subscription_id=f"sub-{sub_id}", position=env.position,
-            )
-            self.dead_letters._add(entry)
 
             def renamed(f: asyncio.Future[int]) -> None:
-                if not f.cancelled() and f.exception() is None and entry.id in self.dead_letters._entries:
-                    del self.dead_letters._entries[entry.id]
-                    entry.id = f"db-{f.result()}"
-                    self.dead_letters._entries[entry.id] = entry
+                # The stored row's id becomes the entry's, so a purge reaches the row.
+                if f.cancelled() or f.exception() is not None or entry.id not in self.dead_letters._entries:
+                    return
+                old = entry.id
+                del self.dead_letters._entries[old]
+                entry.id = f"db-{f.result()}"
+                self.dead_letters._entries[entry.id] = entry
+                for e in self.dead_letters._entries.values():
+                    if e.parked_behind == old:
+                        e.parked_behind = entry.id
 
             fut.add_done_callback(renamed)
-            return
-        self.dead_letters._add(
-            DeadLetter(
-                id=entry_id,
-                event=env.event,
-                subscription=subscription,
-                attempts=attempt,
-                first_failed_at=first,
-                last_failed_at=now,
-                error_type=f"{type(error).__module__}.{type(error).__qualname__}"
-                if type(error).__module__ != "builtins"
-                else type(error).__qualname__,
-                error_message=str(error),
-                traceback="".join(
-                    traceback.format_exception(type(error), error, error.__traceback__)
-                ),
-                final_result=result,
-                subscription_id=f"sub-{sub_id}",
-            )
-        )
+
+    async def _timed(
+        self, target: Any, event: Any, timeout: float, threaded: bool, name: str
+    ) -> Any:
+        """A handler call with a timeout: async ones are cancelled; a thread-pool call cannot
+        be, so its thread is abandoned and the pool may start a replacement."""
+        cf: concurrent.futures.Future[Any] | None = None
+        if threaded:
+            assert self._executor is not None
+            cf = self._executor.submit(contextvars.copy_context().run, target, event)
+            aw: Any = asyncio.wrap_future(cf)
+        else:
+            aw = target
+        try:
+            return await asyncio.wait_for(aw, timeout)
+        except asyncio.TimeoutError:
+            if cf is not None and not cf.done():
+                pool = self._executor
+                assert pool is not None
+                pool.abandon()
+                cf.add_done_callback(lambda _: pool.release())
+            raise TimeoutError(f"handler {name} took longer than its timeout of {timeout}s") from None
 
     def _call_mark(self, event_id: Any, result: Any) -> Awaitable[Any] | None:
         try:
@@ -778,6 +968,15 @@ class EventBus:
         worker_count, in_flight, lanes, oldest queued age, memory_usage_mb, cpu_percent,
         system memory, error rate, dead letters and the thresholds used."""
         h: dict[str, Any] = self._core.health()
+        pool = self._executor
+        h["abandoned_threads"] = 0 if pool is None else pool.abandoned
+        h["abandoned_threads_total"] = 0 if pool is None else pool.abandoned_total
+        h["thread_pool_size"] = 0 if pool is None else pool.size
+        if pool is not None and pool.abandoned >= pool.size and h["status"] == "healthy":
+            h["status"] = "degraded"
+            h["reasons"].append(
+                f"{pool.abandoned} thread-pool handler calls overran their timeout and still run"
+            )
         return h
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyIterator, PyList};
+use pyo3::types::{PyDict, PyIterator, PyList, PyTuple};
 use rustc_hash::FxHashMap;
 
 use crate::core::health::{self, Probe, Readings, Thresholds};
@@ -27,26 +27,70 @@ use crate::python::events;
 use crate::python::worker::PyWorker;
 
 /// A retry policy (see `oxbus.RetryPolicy`).
-#[pyclass(frozen, name = "RetryPolicy", module = "oxbus._oxbus", eq)]
-#[derive(Clone, PartialEq)]
+#[pyclass(frozen, name = "RetryPolicy", module = "oxbus._oxbus")]
 pub struct PyRetryPolicy {
     pub policy: RetryPolicy,
+    /// The exception classes worth a retry, as a tuple.
+    pub retry_on: Py<PyTuple>,
 }
 
 #[pymethods]
 impl PyRetryPolicy {
     #[new]
-    #[pyo3(signature = (max_attempts=1, base_delay=0.1, max_delay=30.0, multiplier=2.0, jitter=0.1))]
+    #[pyo3(signature = (max_attempts=1, base_delay=0.1, max_delay=30.0, multiplier=2.0, jitter=0.1, retry_on=None))]
     fn new(
+        py: Python<'_>,
         max_attempts: i64,
         base_delay: f64,
         max_delay: f64,
         multiplier: f64,
         jitter: f64,
+        retry_on: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        RetryPolicy::new(max_attempts, base_delay, max_delay, multiplier, jitter)
-            .map(|policy| Self { policy })
-            .map_err(|e| errors::to_py(&e))
+        let policy = RetryPolicy::new(max_attempts, base_delay, max_delay, multiplier, jitter)
+            .map_err(|e| errors::to_py(&e))?;
+        let exc = py.get_type::<pyo3::exceptions::PyException>();
+        let retry_on = match retry_on {
+            None => PyTuple::new(py, [exc])?,
+            Some(t) => {
+                let items: Vec<Bound<'_, PyAny>> = match t.cast::<PyTuple>() {
+                    Ok(tup) => tup.iter().collect(),
+                    Err(_) => vec![t.clone()],
+                };
+                let base = py.get_type::<pyo3::exceptions::PyBaseException>();
+                for it in &items {
+                    let ok = it
+                        .cast::<pyo3::types::PyType>()
+                        .is_ok_and(|ty| ty.is_subclass(&base).unwrap_or(false));
+                    if !ok {
+                        return Err(setting(
+                            "retry_on",
+                            "an exception class or a tuple of them",
+                            &it.repr()?,
+                        ));
+                    }
+                }
+                PyTuple::new(py, items)?
+            }
+        };
+        Ok(Self {
+            policy,
+            retry_on: retry_on.unbind(),
+        })
+    }
+
+    /// The exception classes worth a retry.
+    #[getter]
+    fn retry_on(&self, py: Python<'_>) -> Py<PyTuple> {
+        self.retry_on.clone_ref(py)
+    }
+
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match other.cast::<Self>() {
+            Ok(o) => Ok(o.get().policy == self.policy
+                && o.get().retry_on.bind(py).eq(self.retry_on.bind(py))?),
+            Err(_) => Ok(false),
+        }
     }
 
     #[getter]
@@ -78,8 +122,9 @@ impl PyRetryPolicy {
     fn __repr__(&self) -> String {
         let p = &self.policy;
         format!(
-            "RetryPolicy(max_attempts={}, base_delay={}, max_delay={}, multiplier={}, jitter={})",
-            p.max_attempts, p.base_delay, p.max_delay, p.multiplier, p.jitter
+            "RetryPolicy(max_attempts={}, base_delay={}, max_delay={}, multiplier={}, jitter={}, retry_on={})",
+            p.max_attempts, p.base_delay, p.max_delay, p.multiplier, p.jitter,
+            Python::attach(|py| self.retry_on.bind(py).repr().map(|r| r.to_string()).unwrap_or_default())
         )
     }
 }
@@ -92,6 +137,26 @@ pub struct Handler {
     /// Run a sync handler in the executor instead of on the loop.
     pub threaded: bool,
     pub retry: RetryPolicy,
+    /// Exception classes worth a retry (a tuple); others go to the dead letters at once.
+    pub retry_on: Option<Py<PyAny>>,
+    /// Seconds a call may take (async and thread-pool handlers).
+    pub timeout: Option<f64>,
+    /// Pause after consecutive failures.
+    pub breaker: Option<Breaker>,
+    /// After a dead letter of key K, later events of K park behind it.
+    pub park: bool,
+}
+
+/// A circuit breaker's settings and state.
+pub struct Breaker {
+    /// Consecutive failures that open it.
+    pub failures: u32,
+    /// Seconds it stays open.
+    pub cool_down: f64,
+    /// Failures in a row so far.
+    pub consecutive: std::sync::atomic::AtomicU32,
+    /// Clock time until which calls wait (0 = closed).
+    pub open_until: Mutex<f64>,
 }
 
 pub type Sub = Subscription<Handler>;
@@ -152,6 +217,13 @@ pub struct Inner {
     pub dead_letters: u64,
     /// (event, subscription) pairs sleeping before a retry.
     pub retrying: usize,
+    /// (subscription id, key hash) pairs parked behind a dead letter.
+    pub parked: rustc_hash::FxHashSet<(u64, u64)>,
+    /// `clock.sleep(seconds)` and `clock.time()`; the loop's by default.
+    pub sleep: Option<Py<PyAny>>,
+    pub now: Option<Py<PyAny>>,
+    /// `wrap(awaitable, timeout, threaded, name) -> awaitable`, for handler timeouts.
+    pub wrap_timeout: Option<Py<PyAny>>,
     probe: Option<Probe>,
 }
 
@@ -567,6 +639,10 @@ impl PyBusCore {
                 after_call: None,
                 dead_letters: 0,
                 retrying: 0,
+                parked: rustc_hash::FxHashSet::default(),
+                sleep: None,
+                now: None,
+                wrap_timeout: None,
                 probe: None,
             }),
             workers,
@@ -581,7 +657,8 @@ impl PyBusCore {
     }
 
     /// Subscribes `handler` to `target`; returns the subscription id.
-    #[pyo3(signature = (target, handler, priority, name, threaded, retry=None))]
+    #[pyo3(signature = (target, handler, priority, name, threaded, retry=None, retry_on=None, timeout=None, breaker=None, park=false))]
+    #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &self,
         target: &Bound<'_, PyAny>,
@@ -590,14 +667,44 @@ impl PyBusCore {
         name: String,
         threaded: bool,
         retry: Option<Bound<'_, PyRetryPolicy>>,
+        retry_on: Option<Py<PyAny>>,
+        timeout: Option<f64>,
+        breaker: Option<(u32, f64)>,
+        park: bool,
     ) -> PyResult<u64> {
         events::check_callable(handler)?;
         let matcher = events::matcher_for(target)?;
+        if let Some(t) = timeout {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(setting("timeout", "a number > 0", &t));
+            }
+        }
+        if let Some((n, cool)) = breaker {
+            if n < 1 || !(cool.is_finite() && cool >= 0.0) {
+                return Err(setting(
+                    "circuit_breaker",
+                    "(failures >= 1, cool_down >= 0)",
+                    &format!("({n}, {cool})"),
+                ));
+            }
+        }
         let payload = Handler {
             callable: handler.clone().unbind(),
             target: target.clone().unbind(),
             threaded: threaded && self.threaded_sync,
-            retry: retry.map_or(self.default_retry, |r| r.get().policy),
+            retry: retry
+                .as_ref()
+                .map_or(self.default_retry, |r| r.get().policy),
+            retry_on: retry_on
+                .or_else(|| retry.map(|r| r.get().retry_on.clone_ref(r.py()).into_any())),
+            timeout,
+            breaker: breaker.map(|(failures, cool_down)| Breaker {
+                failures,
+                cool_down,
+                consecutive: std::sync::atomic::AtomicU32::new(0),
+                open_until: Mutex::new(0.0),
+            }),
+            park,
         };
         let mut inner = self.inner.lock();
         Ok(inner.router.subscribe(matcher, priority, name, payload).id)
@@ -650,6 +757,23 @@ impl PyBusCore {
             drop(fut);
         }
         Ok(true)
+    }
+
+    /// Sets the clock: `sleep(seconds) -> awaitable` and `time() -> float`.
+    fn set_clock(&self, sleep: Py<PyAny>, now: Py<PyAny>) {
+        let mut inner = self.inner.lock();
+        inner.sleep = Some(sleep);
+        inner.now = Some(now);
+    }
+
+    /// Sets the wrapper that puts a timeout on a handler's awaitable.
+    fn set_timeout_wrapper(&self, wrap: Py<PyAny>) {
+        self.inner.lock().wrap_timeout = Some(wrap);
+    }
+
+    /// Releases a key parked behind a dead letter of a subscription; whether it was parked.
+    fn unpark(&self, sub_id: u64, key_hash: u64) -> bool {
+        self.inner.lock().parked.remove(&(sub_id, key_hash))
     }
 
     /// Removes a subscription by id.

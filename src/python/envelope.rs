@@ -124,6 +124,14 @@ impl EnvData {
         }
     }
 
+    /// The ordering key: the one given at publish, else the event's `aggregate_id`.
+    pub fn key<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if let Some(k) = &self.key {
+            return Ok(Some(k.bind(py).clone()));
+        }
+        events::aggregate_key(self.event.bind(py), self.route.class_has_key)
+    }
+
     /// The name of the subscription running now.
     pub fn subscription(&self) -> Option<String> {
         self.route
@@ -175,10 +183,7 @@ impl PyEnvelope {
     /// The ordering key: `publish(key=...)`, else the event's `aggregate_id`, else None.
     #[getter]
     fn key<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        if let Some(k) = &self.data.key {
-            return Ok(Some(k.bind(py).clone()));
-        }
-        events::aggregate_key(self.data.event.bind(py), self.data.route.class_has_key)
+        self.data.key(py)
     }
 
     /// 1 for the first call of a handler, 2 for its first retry, ...

@@ -43,6 +43,8 @@ enum Kind {
     Hook,
     /// The sleep before a retry.
     Backoff,
+    /// The wait while a subscription's circuit breaker is open.
+    Pause,
 }
 
 struct Current {
@@ -248,17 +250,55 @@ impl PyWorker {
         };
         env.set_call(cur.idx, cur.attempt);
         let event = env.event_ref().bind(py);
+        if sub.payload.park {
+            if let Some(h) = Self::key_hash(py, cur)? {
+                if self.core().inner.lock().parked.contains(&(sub.id, h)) {
+                    return self.park(py, st, h);
+                }
+            }
+        }
+        if let Some(b) = &sub.payload.breaker {
+            let until = *b.open_until.lock();
+            if until > 0.0 {
+                let now = self.now(py)?;
+                if now < until {
+                    // Open: wait out the cool-down, then try once (half-open).
+                    let it = self.sleep(py, until - now)?;
+                    st.awaiting = Some((it.unbind(), Kind::Pause));
+                    return Ok(());
+                }
+            }
+        }
         st.tick = st.tick.wrapping_add(1);
         cur.started = if st.tick % SAMPLE == 0 || self.core().hook_on_success() {
             Some(st.clock.take().unwrap_or_else(Instant::now))
         } else {
             None
         };
-        let result = if sub.payload.threaded {
-            self.in_executor(py, &sub.payload.callable, event)
-        } else {
-            sub.payload.callable.bind(py).call1((event,))
+        let wrap = match sub.payload.timeout {
+            Some(t) => self
+                .core()
+                .inner
+                .lock()
+                .wrap_timeout
+                .as_ref()
+                .map(|w| (w.clone_ref(py), t)),
+            None => None,
         };
+        let mut result = match (&wrap, sub.payload.threaded) {
+            (Some((w, t)), true) => {
+                w.bind(py)
+                    .call1((&sub.payload.callable, event, *t, true, &sub.name))
+            }
+            (None, true) => self.in_executor(py, &sub.payload.callable, event),
+            (_, false) => sub.payload.callable.bind(py).call1((event,)),
+        };
+        if let (Some((w, t)), false, Ok(r)) = (&wrap, sub.payload.threaded, &result) {
+            // A sync handler on the loop cannot be interrupted; an awaitable gets the timeout.
+            if !r.is_none() && r.hasattr(intern!(py, "__await__"))? {
+                result = w.bind(py).call1((r, py.None(), *t, false, &sub.name));
+            }
+        }
         match result.and_then(|r| events::awaitable_iter(&r)) {
             Ok(Some(it)) => {
                 st.awaiting = Some((it.unbind(), Kind::Handler));
@@ -311,13 +351,65 @@ impl PyWorker {
                 }
                 self.advance(py, st)
             }
-            Kind::Backoff => {
-                self.core().inner.lock().retrying -= 1;
+            Kind::Backoff | Kind::Pause => {
+                if kind == Kind::Backoff {
+                    self.core().inner.lock().retrying -= 1;
+                }
                 match err {
                     Some(e) => Err(e),
                     None => self.call_next(py, st),
                 }
             }
+        }
+    }
+
+    /// `clock.sleep(seconds)` as an iterator to drive (the loop's `asyncio.sleep` by default).
+    fn sleep<'py>(&self, py: Python<'py>, seconds: f64) -> PyResult<Bound<'py, PyAny>> {
+        let custom = self
+            .core()
+            .inner
+            .lock()
+            .sleep
+            .as_ref()
+            .map(|s| s.clone_ref(py));
+        let aw = match custom {
+            Some(s) => s.bind(py).call1((seconds,))?,
+            None => SLEEP
+                .get_or_try_init(py, || {
+                    Ok::<_, PyErr>(py.import("asyncio")?.getattr("sleep")?.unbind())
+                })?
+                .bind(py)
+                .call1((seconds,))?,
+        };
+        events::awaitable_iter(&aw)?.ok_or_else(|| {
+            pyo3::exceptions::PyTypeError::new_err("clock.sleep() must return an awaitable")
+        })
+    }
+
+    /// `clock.time()` (the loop's time by default).
+    fn now(&self, py: Python<'_>) -> PyResult<f64> {
+        let (custom, loop_) = {
+            let inner = self.core().inner.lock();
+            (
+                inner.now.as_ref().map(|n| n.clone_ref(py)),
+                inner.loop_.as_ref().map(|l| l.clone_ref(py)),
+            )
+        };
+        match (custom, loop_) {
+            (Some(n), _) => n.bind(py).call0()?.extract(),
+            (None, Some(l)) => l.bind(py).call_method0(intern!(py, "time"))?.extract(),
+            (None, None) => Ok(0.0),
+        }
+    }
+
+    /// The hash of the current event's key, for parking (the lane when keyed).
+    fn key_hash(py: Python<'_>, cur: &Current) -> PyResult<Option<u64>> {
+        if cur.lane.is_some() {
+            return Ok(cur.lane);
+        }
+        match cur.env.key(py)? {
+            Some(k) => events::lane_of(&k).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -343,7 +435,18 @@ impl PyWorker {
         let sub = &route.subs[cur.idx];
         let ns = timed.map(|(_, ns)| ns);
         let ok = err.is_none();
-        let retry = !ok && !st.cancelled && cur.attempt < sub.payload.retry.max_attempts;
+        let retryable = match (&err, &sub.payload.retry_on) {
+            (Some(e), Some(on)) => e.is_instance(py, on.bind(py)),
+            _ => true,
+        };
+        let retry =
+            !ok && !st.cancelled && retryable && cur.attempt < sub.payload.retry.max_attempts;
+        self.update_breaker(py, sub, ok)?;
+        let park_key = if !ok && !retry && sub.payload.park {
+            Self::key_hash(py, cur)?
+        } else {
+            None
+        };
         let hook = if ok {
             st.pending.calls.push(ns);
             // After a retry succeeds the hook runs too, so the Python side can forget the
@@ -367,6 +470,9 @@ impl PyWorker {
             } else {
                 inner.stats.dead_lettered += 1;
             }
+            if let Some(h) = park_key {
+                inner.parked.insert((sub.id, h));
+            }
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
         cur.retry_after_hook = retry;
@@ -389,7 +495,7 @@ impl PyWorker {
                         .map_or_else(|_| py.None(), |f| f.into_any().unbind())
                 },
             );
-            let r = hook.bind(py).call1((
+            let args = (
                 PyEnvelope::new(Arc::clone(&cur.env)),
                 sub.id,
                 &sub.name,
@@ -397,14 +503,11 @@ impl PyWorker {
                 secs,
                 cur.attempt,
                 !ok && !retry,
-            ));
-            match r.and_then(|r| events::awaitable_iter(&r)) {
-                Ok(Some(it)) => {
-                    st.awaiting = Some((it.unbind(), Kind::Hook));
-                    return Ok(());
-                }
-                Ok(None) => {}
-                Err(e) => e.write_unraisable(py, Some(hook.bind(py))),
+                park_key,
+                false,
+            );
+            if Self::call_hook(st, hook.bind(py), args) {
+                return Ok(());
             }
         }
         if let Some((now, _)) = timed {
@@ -424,15 +527,89 @@ impl PyWorker {
                 .delay(cur.attempt, fastrand::f64());
             cur.attempt += 1;
             cur.retry_after_hook = false;
-            let sleep = SLEEP.get_or_try_init(py, || {
-                Ok::<_, PyErr>(py.import("asyncio")?.getattr("sleep")?.unbind())
-            })?;
-            let coro = sleep.bind(py).call1((delay,))?;
+            let it = self.sleep(py, delay)?;
             self.core().inner.lock().retrying += 1;
-            st.awaiting = Some((coro.unbind(), Kind::Backoff));
+            st.awaiting = Some((it.unbind(), Kind::Backoff));
         } else {
             cur.idx += 1;
             cur.attempt = 1;
+        }
+        Ok(())
+    }
+
+    /// The key is parked behind a dead letter of this subscription: the event joins the dead
+    /// letters behind it, in order, without a call.
+    fn park(&self, py: Python<'_>, st: &mut State, key_hash: u64) -> PyResult<()> {
+        let cur = st.cur.as_mut().expect("an event is current");
+        let route = Arc::clone(cur.env.route());
+        let sub = &route.subs[cur.idx];
+        let hook = {
+            let mut inner = self.core().inner.lock();
+            inner.stats.dead_lettered += 1;
+            inner.after_call.as_ref().map(|h| h.clone_ref(py))
+        };
+        cur.retry_after_hook = false;
+        if let Some(hook) = hook {
+            let env = PyEnvelope::new(Arc::clone(&cur.env));
+            let args = (
+                env,
+                sub.id,
+                &sub.name,
+                py.None(),
+                py.None(),
+                0,
+                true,
+                key_hash,
+                true,
+            );
+            if Self::call_hook(st, hook.bind(py), args) {
+                return Ok(());
+            }
+        }
+        self.advance(py, st)
+    }
+
+    /// Calls the after-call hook; true when it returned an awaitable, now in `st.awaiting`.
+    /// The hook is our own Python code, which logs; an error from it is reported, not raised.
+    fn call_hook<'py>(
+        st: &mut State,
+        hook: &Bound<'py, PyAny>,
+        args: impl pyo3::call::PyCallArgs<'py>,
+    ) -> bool {
+        match hook.call1(args).and_then(|r| events::awaitable_iter(&r)) {
+            Ok(Some(it)) => {
+                st.awaiting = Some((it.unbind(), Kind::Hook));
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                e.write_unraisable(hook.py(), Some(hook));
+                false
+            }
+        }
+    }
+
+    /// Counts a call in the subscription's circuit breaker: a success closes it, enough
+    /// failures in a row open it for the cool-down.
+    fn update_breaker(
+        &self,
+        py: Python<'_>,
+        sub: &crate::python::bus::Sub,
+        ok: bool,
+    ) -> PyResult<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(b) = &sub.payload.breaker else {
+            return Ok(());
+        };
+        if ok {
+            b.consecutive.store(0, Relaxed);
+            *b.open_until.lock() = 0.0;
+        } else {
+            let n = b.consecutive.load(Relaxed) + 1;
+            b.consecutive.store(n, Relaxed);
+            if n >= b.failures {
+                *b.open_until.lock() = self.now(py)? + b.cool_down;
+            }
         }
         Ok(())
     }

@@ -8,3 +8,4 @@ pub mod core;
 #[cfg(feature = "python")]
 mod python;
 pub mod store;
+pub mod transport;

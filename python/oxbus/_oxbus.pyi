@@ -7,10 +7,10 @@ from typing import Any, final
 __all__ = [
     "BusCore",
     "Envelope",
+    "Resolver",
     "RetryPolicy",
     "StoreCore",
     "StoreFlusher",
-    "StoreResolver",
     "Worker",
     "__version__",
     "current_envelope",
@@ -150,7 +150,7 @@ class StoreFlusher:
     def __call__(self, *args: Any, **kwargs: Any) -> None: ...
 
 @final
-class StoreResolver:
+class Resolver:
     def __call__(self, *args: Any, **kwargs: Any) -> None: ...
 
 _Row = tuple[int, str, int, str, int, str, str, str, str | None, str]

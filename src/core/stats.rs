@@ -140,6 +140,8 @@ pub struct Stats {
     pub dead_lettered: u64,
     /// Events that reached no subscription.
     pub unrouted: u64,
+    /// Handler calls cut short because the bus was stopped.
+    pub interrupted: u64,
     /// Sum of handler durations, ns.
     pub handler_ns: u128,
     /// Handler call durations.
@@ -158,6 +160,7 @@ impl Default for Stats {
             retried: 0,
             dead_lettered: 0,
             unrouted: 0,
+            interrupted: 0,
             handler_ns: 0,
             latency: Histogram::default(),
             types: FxHashMap::default(),

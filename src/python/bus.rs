@@ -217,6 +217,8 @@ pub struct Inner {
     pub dead_letters: u64,
     /// (event, subscription) pairs sleeping before a retry.
     pub retrying: usize,
+    /// The thread of the loop the bus runs on.
+    pub loop_thread: Option<std::thread::ThreadId>,
     /// (subscription id, key hash) pairs parked behind a dead letter.
     pub parked: rustc_hash::FxHashSet<(u64, u64)>,
     /// `clock.sleep(seconds)` and `clock.time()`; the loop's by default.
@@ -518,7 +520,20 @@ impl PyBusCore {
             self.notify_waiters(py, &env);
             return Ok(None);
         }
-        if inner.lanes.has_room() && inner.blocked.is_empty() {
+        if inner
+            .loop_thread
+            .is_some_and(|t| t != std::thread::current().id())
+        {
+            return Err(errors::oxbus_error(
+                "publish() and publish_nowait() must run on the bus's event loop thread; \
+                 from another thread use bus.publish_threadsafe(event)",
+            ));
+        }
+        // An event published by a running handler is always accepted: the bound applies to
+        // what comes from outside, and making a handler wait for room that only handlers can
+        // make would freeze the bus.
+        let from_handler = env.is_child();
+        if from_handler || (inner.lanes.has_room() && inner.blocked.is_empty()) {
             inner.lanes.push(item, lane);
             inner.stats.published += 1;
             bump(&route.counters.published, 1);
@@ -639,6 +654,7 @@ impl PyBusCore {
                 after_call: None,
                 dead_letters: 0,
                 retrying: 0,
+                loop_thread: None,
                 parked: rustc_hash::FxHashSet::default(),
                 sleep: None,
                 now: None,
@@ -711,7 +727,7 @@ impl PyBusCore {
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
-    /// False when that subscription is gone.
+    /// False when that subscription is gone or does not match the event.
     #[pyo3(signature = (event, sub_id, position=None, correlation_id=None, causation_id=None))]
     fn redeliver(
         &self,
@@ -732,6 +748,11 @@ impl PyBusCore {
         };
         let (mut item, lane) = self.envelope(py, event, None, None, position)?;
         let full = item.env.route();
+        if !full.subs.iter().any(|s| s.id == sub_id) {
+            // Not an event this subscription matches (a durable bus's restart scans every
+            // event the subscription has not finished, whatever its type): nothing to deliver.
+            return Ok(false);
+        }
         let route = Route {
             class: full.class.clone_ref(py),
             subs: vec![sub],
@@ -844,6 +865,7 @@ impl PyBusCore {
         if inner.state != RunState::Running {
             inner.state = RunState::Running;
             inner.loop_ = Some(loop_);
+            inner.loop_thread = Some(std::thread::current().id());
             // Every new worker task is scheduled to run its first step.
             inner.active = self.workers;
             inner.idle.clear();
@@ -1024,6 +1046,7 @@ impl PyBusCore {
         d.set_item("events_processed", s.processed)?;
         d.set_item("events_failed", s.failed)?;
         d.set_item("events_unrouted", s.unrouted)?;
+        d.set_item("events_interrupted", s.interrupted)?;
         d.set_item("handler_calls", s.failed + s.succeeded)?;
         d.set_item("retried", s.retried)?;
         d.set_item("dead_lettered", s.dead_lettered)?;

@@ -132,6 +132,11 @@ impl EnvData {
         events::aggregate_key(self.event.bind(py), self.route.class_has_key)
     }
 
+    /// Whether a running handler published it.
+    pub fn is_child(&self) -> bool {
+        matches!(self.origin, Origin::Child(..))
+    }
+
     /// The name of the subscription running now.
     pub fn subscription(&self) -> Option<String> {
         self.route

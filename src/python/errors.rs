@@ -24,6 +24,7 @@ macro_rules! oxbus_error {
     };
 }
 
+oxbus_error!(oxbus_error, "OxbusError");
 oxbus_error!(bus_not_started, "BusNotStarted");
 oxbus_error!(bus_closed, "BusClosed");
 oxbus_error!(queue_full, "QueueFull");

@@ -3,6 +3,7 @@
 
 mod bus;
 mod codec;
+mod completion;
 mod envelope;
 mod errors;
 mod events;
@@ -19,7 +20,7 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<envelope::PyEnvelope>()?;
     m.add_class::<bus::PyRetryPolicy>()?;
     m.add_class::<store::PyStoreCore>()?;
-    m.add_class::<store::PyResolver>()?;
+    m.add_class::<completion::PyResolver>()?;
     m.add_class::<store::PyFlusher>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;

@@ -4,8 +4,6 @@
 //! writer thread holds the GIL only for that hand-off, never while SQLite works, and uses
 //! `Python::try_attach` so it never touches a finalizing interpreter.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -13,6 +11,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
+use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::envelope::{self, new_event_id};
 use crate::python::{codec, errors, events};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
@@ -21,77 +20,22 @@ use crate::store::StoreError;
 
 type Done = Vec<(u64, crate::store::Result<Reply>)>;
 
-/// A request's future and the loop it belongs to.
-type Waiting = (Py<PyAny>, Py<PyAny>);
-
-#[derive(Default)]
-struct Shared {
-    /// token -> (future, its loop)
-    pending: Mutex<HashMap<u64, Waiting>>,
-    /// Results not yet handed to their futures.
-    done: Mutex<Done>,
-}
-
-/// Called on the loop thread (scheduled by the writer) to resolve finished requests.
-#[pyclass(frozen, name = "StoreResolver", module = "oxbus._oxbus")]
-pub struct PyResolver {
-    shared: Arc<Shared>,
-}
-
-#[pymethods]
-impl PyResolver {
-    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
-        let done = std::mem::take(&mut *self.shared.done.lock());
-        for (token, result) in done {
-            let Some((fut, _)) = self.shared.pending.lock().remove(&token) else {
-                continue;
-            };
-            let fut = fut.bind(py);
-            if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
-                continue; // cancelled by its awaiter
-            }
-            match result
-                .map_err(|e| to_py(&e))
-                .and_then(|r| reply_to_py(py, r))
-            {
-                Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,))?,
-                Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.value(py),))?,
-            };
-        }
-        Ok(())
-    }
-}
-
 struct PySink {
-    shared: Arc<Shared>,
+    completions: Arc<Completions>,
     resolver: Py<PyResolver>,
 }
 
 impl Sink for PySink {
     fn deliver(&self, results: Done) {
-        let tokens: Vec<u64> = results.iter().map(|(t, _)| *t).collect();
-        self.shared.done.lock().extend(results);
-        // One GIL acquisition per batch; skipped entirely if the interpreter is finalizing.
-        let _ = Python::try_attach(|py| {
-            let mut loops: Vec<Py<PyAny>> = Vec::new();
-            {
-                let pending = self.shared.pending.lock();
-                for t in &tokens {
-                    if let Some((_, l)) = pending.get(t) {
-                        if !loops.iter().any(|x| x.is(l)) {
-                            loops.push(l.clone_ref(py));
-                        }
-                    }
-                }
-            }
-            for l in loops {
-                // A closed loop refuses; its futures are gone with it.
-                let _ = l.bind(py).call_method1(
-                    intern!(py, "call_soon_threadsafe"),
-                    (self.resolver.bind(py),),
-                );
-            }
-        });
+        let outcomes = results
+            .into_iter()
+            .map(|(t, r)| {
+                let f: Outcome =
+                    Box::new(move |py| r.map_err(|e| to_py(&e)).and_then(|r| reply_to_py(py, r)));
+                (t, f)
+            })
+            .collect();
+        self.completions.complete(&self.resolver, outcomes);
     }
 }
 
@@ -187,7 +131,7 @@ struct Outbox {
 pub struct PyFlusher {
     writer: Arc<Writer>,
     outbox: Arc<Outbox>,
-    shared: Arc<Shared>,
+    completions: Arc<Completions>,
 }
 
 impl PyFlusher {
@@ -198,11 +142,7 @@ impl PyFlusher {
             // Closed under our feet: fail the waiting futures instead of losing them.
             let err = to_py(&e);
             for t in tokens {
-                if let Some((fut, _)) = self.shared.pending.lock().remove(&t) {
-                    let _ = fut
-                        .bind(py)
-                        .call_method1(intern!(py, "set_exception"), (err.value(py),));
-                }
+                self.completions.fail_now(py, t, &err);
             }
         }
     }
@@ -219,10 +159,9 @@ impl PyFlusher {
 #[pyclass(frozen, name = "StoreCore", module = "oxbus._oxbus")]
 pub struct PyStoreCore {
     writer: Arc<Writer>,
-    shared: Arc<Shared>,
+    completions: Arc<Completions>,
     outbox: Arc<Outbox>,
     flusher: Py<PyFlusher>,
-    next: AtomicU64,
     path: String,
 }
 
@@ -238,7 +177,8 @@ fn lookup<'py>(
 }
 
 /// Encodes one event into a log record, in Rust: type key, version, id, data, metadata
-/// (correlation from `correlation_id`, else the handler being run, else the event's own), time.
+/// (correlation from `correlation_id`, else the handler being run — with its subscription name —
+/// else the event's own), time.
 fn record_of(
     event: &Bound<'_, PyAny>,
     correlation_id: Option<&Bound<'_, PyAny>>,
@@ -263,6 +203,10 @@ fn record_of(
         (None, Some(env)) => {
             meta.set_item("correlation_id", env.correlation(py)?)?;
             meta.set_item("causation_id", env.id(py)?)?;
+            // Which handler published it: `oxbus flow` draws handler -> event edges from it.
+            if let Some(sub) = env.subscription() {
+                meta.set_item("subscription", sub)?;
+            }
         }
         (None, None) => {
             meta.set_item(
@@ -310,18 +254,14 @@ impl PyStoreCore {
         if self.writer.is_closed() {
             return Err(to_py(&StoreError::Closed(self.path.clone())));
         }
-        let asyncio = py.import(intern!(py, "asyncio"))?;
-        let loop_ = asyncio.call_method0(intern!(py, "get_running_loop"))?;
-        let (token, fut) = if reply {
-            let fut = loop_.call_method0(intern!(py, "create_future"))?;
-            let token = self.next.fetch_add(1, Relaxed);
-            self.shared
-                .pending
-                .lock()
-                .insert(token, (fut.clone().unbind(), loop_.clone().unbind()));
-            (token, Some(fut.unbind()))
+        let (token, fut, loop_) = if reply {
+            let (token, fut, loop_) = self.completions.register(py)?;
+            (token, Some(fut), loop_)
         } else {
-            (0, None)
+            let loop_ = py
+                .import(intern!(py, "asyncio"))?
+                .call_method0(intern!(py, "get_running_loop"))?;
+            (0, None, loop_)
         };
         let first = {
             let mut ops = self.outbox.ops.lock();
@@ -346,15 +286,10 @@ impl PyStoreCore {
     fn new(py: Python<'_>, path: String, synchronous: &str) -> PyResult<Self> {
         let sync = Synchronous::parse(synchronous)
             .map_err(|e| errors::configuration_error(e.to_string()))?;
-        let shared = Arc::new(Shared::default());
-        let resolver = Py::new(
-            py,
-            PyResolver {
-                shared: Arc::clone(&shared),
-            },
-        )?;
+        let completions = Arc::new(Completions::default());
+        let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
         let sink = Arc::new(PySink {
-            shared: Arc::clone(&shared),
+            completions: Arc::clone(&completions),
             resolver,
         });
         let writer = Arc::new(
@@ -367,15 +302,14 @@ impl PyStoreCore {
             PyFlusher {
                 writer: Arc::clone(&writer),
                 outbox: Arc::clone(&outbox),
-                shared: Arc::clone(&shared),
+                completions: Arc::clone(&completions),
             },
         )?;
         Ok(Self {
             writer,
-            shared,
+            completions,
             outbox,
             flusher,
-            next: AtomicU64::new(1),
             path,
         })
     }

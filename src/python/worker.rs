@@ -423,6 +423,13 @@ impl PyWorker {
             }
         }
         let core = self.core();
+        if st.cancelled && err.as_ref().is_some_and(|e| is_cancelled_error(py, e)) {
+            // Interrupted because the worker itself is being cancelled (shutdown): not a
+            // handler failure to count, log or dead-letter; `stop()` reports it. The worker
+            // ends right after.
+            core.inner.lock().stats.interrupted += 1;
+            return Ok(());
+        }
         let cur = st.cur.as_mut().expect("an event is current");
         let timed = cur.started.take().map(|started| {
             let now = Instant::now();
@@ -476,13 +483,6 @@ impl PyWorker {
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
         cur.retry_after_hook = retry;
-        // A call interrupted because the worker itself is being cancelled (shutdown) is not a
-        // handler failure to log or dead-letter: the worker ends right after.
-        let hook = if st.cancelled && err.as_ref().is_some_and(|e| is_cancelled_error(py, e)) {
-            None
-        } else {
-            hook
-        };
         if let Some(hook) = hook {
             let err_obj = err
                 .as_ref()

@@ -1,0 +1,734 @@
+//! A Redis Streams transport: pipelined `XADD` publishing, `XREADGROUP` consumption in a
+//! consumer group, batched `XACK`, reclaiming of entries left pending by dead consumers
+//! (`XPENDING` + `XCLAIM` after `claim_idle`), a dead-letter stream for entries delivered too
+//! often, and a periodic health reading (`XINFO GROUPS`).
+//!
+//! Threads: one tokio runtime with a single worker thread per transport. Publishing and acking
+//! use a multiplexed connection (with a response timeout); the blocking reader has a connection
+//! of its own with no response timeout, as `XREADGROUP BLOCK` needs. Every task reconnects on
+//! error with a capped backoff; a publish batch that cannot reach Redis within
+//! `publish_timeout` fails with an error instead of waiting forever.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamId, StreamReadReply};
+use redis::{AsyncConnectionConfig, Client, Value};
+use tokio::sync::{mpsc, Notify};
+
+/// Transport failures; messages name the URL or stream.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TransportError {
+    /// A setting out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// Redis could not be reached or refused a command.
+    #[error("redis at {url}: {message}")]
+    Redis {
+        /// The server, without password.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The transport was stopped.
+    #[error("the Redis transport is stopped")]
+    Stopped,
+}
+
+/// Settings of one transport.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `redis://[:password@]host:port/db` (or `rediss://` when built with TLS).
+    pub url: String,
+    /// Stream names; events are spread over them by key when there are several.
+    pub streams: Vec<String>,
+    /// Consumer group.
+    pub group: String,
+    /// This member's name in the group.
+    pub consumer: String,
+    /// Entries pending on a consumer for this long are claimed back.
+    pub claim_idle: Duration,
+    /// `MAXLEN ~` bound of each stream (0 = unbounded).
+    pub maxlen: usize,
+    /// Entries read per `XREADGROUP`.
+    pub batch: usize,
+    /// Entries delivered and not yet acknowledged, at most.
+    pub prefetch: usize,
+    /// Deliveries after which an entry goes to `dead_stream`.
+    pub max_deliveries: u32,
+    /// Where entries delivered too often go.
+    pub dead_stream: String,
+    /// How long a publish batch may wait for Redis before failing.
+    pub publish_timeout: Duration,
+    /// Whether to consume at all (a publish-only bus does not).
+    pub consume: bool,
+}
+
+/// One delivered entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The stream it came from.
+    pub stream: String,
+    /// Its id in the stream.
+    pub id: String,
+    /// The `d` field: the event as JSON.
+    pub payload: String,
+    /// Times delivered (1 for a first delivery).
+    pub deliveries: u32,
+}
+
+/// What the transport reads about its group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Whether the last command reached Redis.
+    pub reachable: bool,
+    /// Entries in the streams not yet delivered to the group (sum of `lag`).
+    pub lag: u64,
+    /// Entries delivered to the group and not acknowledged (sum of `pending`).
+    pub pending: u64,
+    /// Entries published so far by this transport.
+    pub published: u64,
+    /// Entries this consumer received.
+    pub received: u64,
+    /// Entries claimed back from other consumers.
+    pub claimed: u64,
+    /// Entries sent to the dead-letter stream.
+    pub dead: u64,
+    /// The last error seen, if any.
+    pub last_error: Option<String>,
+}
+
+/// Receives results and deliveries, batch by batch, on the transport's thread.
+pub trait Deliver: Send + Sync + 'static {
+    /// Publish results: token and the entry id, or the error.
+    fn published(&self, results: Vec<(u64, Result<String, TransportError>)>);
+    /// Entries to handle; each must be acknowledged with `Transport::ack` when done.
+    fn entries(&self, entries: Vec<Entry>);
+}
+
+struct Shared {
+    cfg: Config,
+    safe_url: String,
+    stop: AtomicBool,
+    stopped: Notify,
+    in_flight: AtomicUsize,
+    room: Notify,
+    health: Mutex<Health>,
+}
+
+impl Shared {
+    fn error(&self, e: &redis::RedisError) -> TransportError {
+        TransportError::Redis {
+            url: self.safe_url.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn note(&self, ok: bool, err: Option<String>) {
+        let mut h = self.health.lock();
+        h.reachable = ok;
+        if err.is_some() {
+            h.last_error = err;
+        }
+    }
+}
+
+/// A running transport.
+pub struct Transport {
+    shared: Arc<Shared>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    pub_tx: mpsc::UnboundedSender<(u64, usize, String)>,
+    ack_tx: mpsc::UnboundedSender<(usize, String)>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("url", &self.shared.safe_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+async fn connect(
+    client: &Client,
+    timeout: Option<Duration>,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let cfg = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(timeout);
+    client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(5)).min(1000))
+}
+
+impl Transport {
+    /// Checks the settings, connects once (so a wrong URL fails here, clearly), creates the
+    /// group on every stream, and starts the tasks.
+    pub fn start(cfg: Config, sink: Arc<dyn Deliver>) -> Result<Self, TransportError> {
+        if cfg.streams.is_empty() {
+            return Err(TransportError::Invalid(
+                "at least one stream is needed".into(),
+            ));
+        }
+        if cfg.group.is_empty() {
+            return Err(TransportError::Invalid("group must not be empty".into()));
+        }
+        let safe_url = redact(&cfg.url);
+        let client = Client::open(cfg.url.as_str())
+            .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe_url}: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("oxbus-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| TransportError::Invalid(format!("cannot start the Redis runtime: {e}")))?;
+        let shared = Arc::new(Shared {
+            cfg,
+            safe_url,
+            stop: AtomicBool::new(false),
+            stopped: Notify::new(),
+            in_flight: AtomicUsize::new(0),
+            room: Notify::new(),
+            health: Mutex::new(Health::default()),
+        });
+        // Connect and create the groups up front.
+        let conn = runtime.block_on(async {
+            let mut conn = connect(&client, Some(Duration::from_secs(5)))
+                .await
+                .map_err(|e| shared.error(&e))?;
+            if shared.cfg.consume {
+                for s in &shared.cfg.streams {
+                    create_group(&mut conn, s, &shared.cfg.group)
+                        .await
+                        .map_err(|e| shared.error(&e))?;
+                }
+            }
+            Ok::<_, TransportError>(conn)
+        })?;
+        shared.note(true, None);
+        let (pub_tx, pub_rx) = mpsc::unbounded_channel();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        runtime.spawn(publisher(
+            Arc::clone(&shared),
+            client.clone(),
+            conn.clone(),
+            pub_rx,
+            Arc::clone(&sink),
+        ));
+        runtime.spawn(acker(
+            Arc::clone(&shared),
+            client.clone(),
+            conn.clone(),
+            ack_rx,
+        ));
+        runtime.spawn(health_reader(Arc::clone(&shared), conn));
+        if shared.cfg.consume {
+            runtime.spawn(reader(
+                Arc::clone(&shared),
+                client.clone(),
+                Arc::clone(&sink),
+            ));
+            runtime.spawn(claimer(Arc::clone(&shared), client, sink));
+        }
+        Ok(Self {
+            shared,
+            runtime: Mutex::new(Some(runtime)),
+            pub_tx,
+            ack_tx,
+        })
+    }
+
+    /// Which stream a key hash goes to.
+    pub fn partition(&self, key_hash: Option<u64>) -> usize {
+        let n = self.shared.cfg.streams.len() as u64;
+        key_hash.map_or(0, |h| usize::try_from(h % n).unwrap_or(0))
+    }
+
+    /// Queues an event (JSON) for `XADD` on a partition; the result reaches the sink.
+    pub fn publish(
+        &self,
+        token: u64,
+        partition: usize,
+        payload: String,
+    ) -> Result<(), TransportError> {
+        if self.shared.stop.load(Ordering::Acquire) {
+            return Err(TransportError::Stopped);
+        }
+        self.pub_tx
+            .send((token, partition, payload))
+            .map_err(|_| TransportError::Stopped)
+    }
+
+    /// Acknowledges a handled entry.
+    pub fn ack(&self, stream: &str, id: String) {
+        let idx = self
+            .shared
+            .cfg
+            .streams
+            .iter()
+            .position(|s| s == stream)
+            .unwrap_or(0);
+        let _ = self.ack_tx.send((idx, id));
+    }
+
+    /// The latest health reading.
+    pub fn health(&self) -> Health {
+        self.shared.health.lock().clone()
+    }
+
+    /// Stops every task and the runtime's thread. Idempotent.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.stopped.notify_waiters();
+        self.shared.room.notify_waiters();
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+
+    /// Whether `stop` has run.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn create_group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<()> {
+    let r: redis::RedisResult<Value> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn publisher(
+    shared: Arc<Shared>,
+    client: Client,
+    mut conn: MultiplexedConnection,
+    mut rx: mpsc::UnboundedReceiver<(u64, usize, String)>,
+    sink: Arc<dyn Deliver>,
+) {
+    let cfg = &shared.cfg;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(x) => batch.push(x),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        for (_, part, payload) in &batch {
+            let c = pipe.cmd("XADD").arg(&cfg.streams[*part]);
+            if cfg.maxlen > 0 {
+                c.arg("MAXLEN").arg("~").arg(cfg.maxlen);
+            }
+            c.arg("*").arg("d").arg(payload);
+        }
+        let deadline = Instant::now() + cfg.publish_timeout;
+        let mut attempt = 0;
+        let result: Result<Vec<String>, TransportError> = loop {
+            match pipe.query_async::<Vec<String>>(&mut conn).await {
+                Ok(ids) => break Ok(ids),
+                Err(e) => {
+                    shared.note(false, Some(e.to_string()));
+                    if Instant::now() >= deadline || shared.stop.load(Ordering::Acquire) {
+                        break Err(shared.error(&e));
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    if let Ok(c) = connect(&client, Some(Duration::from_secs(2))).await {
+                        conn = c;
+                    }
+                }
+            }
+        };
+        let results = match result {
+            Ok(ids) => {
+                shared.note(true, None);
+                shared.health.lock().published += ids.len() as u64;
+                batch
+                    .iter()
+                    .zip(ids)
+                    .map(|((t, _, _), id)| (*t, Ok(id)))
+                    .collect()
+            }
+            Err(e) => batch.iter().map(|(t, _, _)| (*t, Err(e.clone()))).collect(),
+        };
+        sink.published(results);
+    }
+}
+
+async fn acker(
+    shared: Arc<Shared>,
+    client: Client,
+    mut conn: MultiplexedConnection,
+    mut rx: mpsc::UnboundedReceiver<(usize, String)>,
+) {
+    let cfg = &shared.cfg;
+    while let Some(first) = rx.recv().await {
+        let mut by_stream: Vec<Vec<String>> = vec![Vec::new(); cfg.streams.len()];
+        let mut n = 1;
+        by_stream[first.0].push(first.1);
+        while let Ok((s, id)) = rx.try_recv() {
+            by_stream[s].push(id);
+            n += 1;
+        }
+        let mut attempt = 0;
+        loop {
+            let mut pipe = redis::pipe();
+            for (s, ids) in by_stream
+                .iter()
+                .enumerate()
+                .filter(|(_, ids)| !ids.is_empty())
+            {
+                pipe.cmd("XACK")
+                    .arg(&cfg.streams[s])
+                    .arg(&cfg.group)
+                    .arg(ids)
+                    .ignore();
+            }
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => break,
+                Err(e) => {
+                    shared.note(false, Some(e.to_string()));
+                    if shared.stop.load(Ordering::Acquire) {
+                        break; // unacked entries are claimed back later: at least once
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    if let Ok(c) = connect(&client, Some(Duration::from_secs(2))).await {
+                        conn = c;
+                    }
+                }
+            }
+        }
+        shared.in_flight.fetch_sub(n, Ordering::AcqRel);
+        shared.room.notify_waiters();
+    }
+}
+
+fn entry_of(stream: &str, sid: &StreamId, deliveries: u32) -> Entry {
+    let payload = match sid.map.get("d") {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(Value::SimpleString(s)) => s.clone(),
+        _ => String::new(),
+    };
+    Entry {
+        stream: stream.to_owned(),
+        id: sid.id.clone(),
+        payload,
+        deliveries,
+    }
+}
+
+async fn wait_for_room(shared: &Shared) {
+    while shared.in_flight.load(Ordering::Acquire) >= shared.cfg.prefetch
+        && !shared.stop.load(Ordering::Acquire)
+    {
+        let notified = shared.room.notified();
+        if shared.in_flight.load(Ordering::Acquire) < shared.cfg.prefetch {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+    }
+}
+
+async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
+    let cfg = &shared.cfg;
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut attempt = 0;
+    while !shared.stop.load(Ordering::Acquire) {
+        wait_for_room(&shared).await;
+        if conn.is_none() {
+            match connect(&client, None).await {
+                Ok(mut c) => {
+                    for s in &cfg.streams {
+                        let _ = create_group(&mut c, s, &cfg.group).await;
+                    }
+                    conn = Some(c);
+                    attempt = 0;
+                }
+                Err(e) => {
+                    shared.note(false, Some(e.to_string()));
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            }
+        }
+        let c = conn.as_mut().expect("connected above");
+        let room = cfg
+            .prefetch
+            .saturating_sub(shared.in_flight.load(Ordering::Acquire))
+            .clamp(1, cfg.batch);
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&cfg.group)
+            .arg(&cfg.consumer)
+            .arg("COUNT")
+            .arg(room)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS");
+        for s in &cfg.streams {
+            cmd.arg(s);
+        }
+        for _ in &cfg.streams {
+            cmd.arg(">");
+        }
+        let read = tokio::select! {
+            r = cmd.query_async::<Option<StreamReadReply>>(c) => r,
+            () = shared.stopped.notified() => break,
+        };
+        match read {
+            Ok(Some(reply)) => {
+                shared.note(true, None);
+                let entries: Vec<Entry> = reply
+                    .keys
+                    .iter()
+                    .flat_map(|k| k.ids.iter().map(move |id| entry_of(&k.key, id, 1)))
+                    .collect();
+                if !entries.is_empty() {
+                    shared.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
+                    shared.health.lock().received += entries.len() as u64;
+                    sink.entries(entries);
+                }
+            }
+            Ok(None) => shared.note(true, None),
+            Err(e) => {
+                shared.note(false, Some(e.to_string()));
+                conn = None;
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Claims entries idle on other consumers for `claim_idle`, sending those delivered more than
+/// `max_deliveries` times to the dead-letter stream instead.
+async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
+    let cfg = &shared.cfg;
+    let period = (cfg.claim_idle / 2).max(Duration::from_millis(100));
+    let idle_ms = u64::try_from(cfg.claim_idle.as_millis()).unwrap_or(u64::MAX);
+    let mut conn: Option<MultiplexedConnection> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = shared.stopped.notified() => return,
+        }
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if conn.is_none() {
+            conn = connect(&client, Some(Duration::from_secs(5))).await.ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        if let Err(e) = claim_round(&shared, c, idle_ms, &sink).await {
+            shared.note(false, Some(e.to_string()));
+            conn = None;
+        }
+    }
+}
+
+async fn claim_round(
+    shared: &Shared,
+    c: &mut MultiplexedConnection,
+    idle_ms: u64,
+    sink: &Arc<dyn Deliver>,
+) -> redis::RedisResult<()> {
+    let cfg = &shared.cfg;
+    for stream in &cfg.streams {
+        // [[id, consumer, idle, deliveries], ...]
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&cfg.group)
+            .arg("IDLE")
+            .arg(idle_ms)
+            .arg("-")
+            .arg("+")
+            .arg(cfg.batch)
+            .query_async(c)
+            .await?;
+        let mut claim = Vec::new();
+        for (id, consumer, _, deliveries) in pending {
+            if consumer == cfg.consumer {
+                continue; // ours: still being handled
+            }
+            if deliveries >= u64::from(cfg.max_deliveries) {
+                let entries: Vec<StreamId> = redis::cmd("XRANGE")
+                    .arg(stream)
+                    .arg(&id)
+                    .arg(&id)
+                    .query_async::<redis::streams::StreamRangeReply>(c)
+                    .await?
+                    .ids;
+                let payload = entries
+                    .first()
+                    .map(|e| entry_of(stream, e, 0).payload)
+                    .unwrap_or_default();
+                redis::pipe()
+                    .cmd("XADD")
+                    .arg(&cfg.dead_stream)
+                    .arg("*")
+                    .arg("d")
+                    .arg(payload)
+                    .arg("stream")
+                    .arg(stream)
+                    .arg("id")
+                    .arg(&id)
+                    .arg("group")
+                    .arg(&cfg.group)
+                    .arg("deliveries")
+                    .arg(deliveries)
+                    .arg("error")
+                    .arg(format!(
+                        "delivered {deliveries} times without being acknowledged"
+                    ))
+                    .ignore()
+                    .cmd("XACK")
+                    .arg(stream)
+                    .arg(&cfg.group)
+                    .arg(&id)
+                    .ignore()
+                    .query_async::<()>(c)
+                    .await?;
+                shared.health.lock().dead += 1;
+            } else {
+                claim.push((id, deliveries));
+            }
+        }
+        if claim.is_empty() {
+            continue;
+        }
+        let ids: Vec<&String> = claim.iter().map(|(id, _)| id).collect();
+        let claimed: redis::streams::StreamClaimReply = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(&cfg.group)
+            .arg(&cfg.consumer)
+            .arg(idle_ms)
+            .arg(&ids)
+            .query_async(c)
+            .await?;
+        let entries: Vec<Entry> = claimed
+            .ids
+            .iter()
+            .map(|sid| {
+                let d = claim
+                    .iter()
+                    .find(|(id, _)| id == &sid.id)
+                    .map_or(1, |(_, d)| d + 1);
+                entry_of(stream, sid, u32::try_from(d).unwrap_or(u32::MAX))
+            })
+            .collect();
+        if !entries.is_empty() {
+            shared.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
+            shared.health.lock().claimed += entries.len() as u64;
+            sink.entries(entries);
+        }
+    }
+    Ok(())
+}
+
+/// Reads lag and pending of the group every few seconds (not a busy loop: one small command).
+async fn health_reader(shared: Arc<Shared>, mut conn: MultiplexedConnection) {
+    loop {
+        let (mut lag, mut pending, mut ok) = (0u64, 0u64, true);
+        for s in &shared.cfg.streams {
+            let r: redis::RedisResult<Vec<std::collections::HashMap<String, Value>>> =
+                redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(s)
+                    .query_async(&mut conn)
+                    .await;
+            match r {
+                Ok(groups) => {
+                    for g in groups {
+                        let name = g
+                            .get("name")
+                            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                        if name.as_deref() == Some(shared.cfg.group.as_str()) {
+                            lag += g
+                                .get("lag")
+                                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                                .unwrap_or(0);
+                            pending += g
+                                .get("pending")
+                                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                                .unwrap_or(0);
+                        }
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    shared.note(false, Some(e.to_string()));
+                }
+            }
+        }
+        {
+            let mut h = shared.health.lock();
+            if ok {
+                h.reachable = true;
+                h.lag = lag;
+                h.pending = pending;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = shared.stopped.notified() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("redis://:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        assert_eq!(backoff(0), Duration::from_millis(50));
+        assert_eq!(backoff(10), Duration::from_millis(1000));
+    }
+}

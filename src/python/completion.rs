@@ -17,11 +17,14 @@ use pyo3::prelude::*;
 /// Builds a request's result (or error) on the loop thread.
 pub type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 
+/// A request's future and the loop it belongs to.
+type Waiting = (Py<PyAny>, Py<PyAny>);
+
 /// Pending futures and finished outcomes of one store or transport.
 #[derive(Default)]
 pub struct Completions {
     /// token -> (future, its loop)
-    pending: Mutex<HashMap<u64, (Py<PyAny>, Py<PyAny>)>>,
+    pending: Mutex<HashMap<u64, Waiting>>,
     done: Mutex<Vec<(u64, Outcome)>>,
     next: AtomicU64,
 }

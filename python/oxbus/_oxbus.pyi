@@ -7,6 +7,7 @@ from typing import Any, final
 __all__ = [
     "BusCore",
     "Envelope",
+    "RedisCore",
     "Resolver",
     "RetryPolicy",
     "StoreCore",
@@ -199,3 +200,30 @@ class StoreCore:
         self,
     ) -> asyncio.Future[list[tuple[int, int, str, int, str, str, str, str, str]]]: ...
     def remove_dead_letters(self, ids: list[int] | None = None) -> asyncio.Future[int]: ...
+
+@final
+class RedisCore:
+    def __new__(
+        cls,
+        url: str,
+        streams: list[str],
+        group: str,
+        consumer: str,
+        claim_idle: float,
+        maxlen: int,
+        batch: int,
+        prefetch: int,
+        max_deliveries: int,
+        dead_stream: str,
+        publish_timeout: float,
+        consume: bool,
+    ) -> RedisCore: ...
+    def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...
+    def publish(
+        self, event: Any, key: Any = None, correlation_id: Any = None
+    ) -> asyncio.Future[str]: ...
+    def dispatch(self, bus: BusCore, make_event: Any) -> int: ...
+    def health(self) -> tuple[bool, int, int, int, int, int, int, str | None]: ...
+    def stop(self) -> None: ...
+    @property
+    def stopped(self) -> bool: ...

@@ -480,6 +480,35 @@ impl PyBusCore {
         self.waiter_count.store(inner.waiters.len(), Relaxed);
     }
 
+    /// Accepts an event delivered by a transport; `ack` runs once every subscription is done.
+    pub fn accept_remote(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        correlation_id: Option<Bound<'_, PyAny>>,
+        causation_id: Option<Bound<'_, PyAny>>,
+        ack: envelope::Ack,
+    ) -> PyResult<()> {
+        let (mut item, lane) = self.envelope(py, event, None, None, None)?;
+        let origin = match (correlation_id, causation_id) {
+            (Some(c), Some(cause)) => Origin::Child(c.unbind(), cause.unbind()),
+            (c, None) => Origin::Root(c.map(Bound::unbind)),
+            (None, Some(cause)) => Origin::Child(item.env.id(py)?.unbind(), cause.unbind()),
+        };
+        let env = EnvData::new(
+            event.clone().unbind(),
+            origin,
+            None,
+            Arc::clone(item.env.route()),
+            None,
+        );
+        *env.ack.lock() = Some(ack);
+        item.env = Arc::new(env);
+        // A full queue parks it with the blocked publishers: the transport's prefetch bounds them.
+        drop(self.accept(py, item, lane, true)?);
+        Ok(())
+    }
+
     /// Tells publishers whose events were just admitted, and their `wait_for` callers.
     pub fn admitted(&self, py: Python<'_>, admitted: Vec<(Py<PyAny>, Arc<EnvData>)>) {
         let none = py.None().into_bound(py);
@@ -517,6 +546,7 @@ impl PyBusCore {
             inner.stats.unrouted += 1;
             bump(&route.counters.processed, 1);
             drop(inner);
+            env.acknowledge();
             self.notify_waiters(py, &env);
             return Ok(None);
         }

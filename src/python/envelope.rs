@@ -33,9 +33,14 @@ pub enum Origin {
 /// What travels with an event through the queue: the event, where it came from, its route,
 /// and which call is running. Plain Rust behind an `Arc`: the Python `Envelope` is made only
 /// when someone asks (`current_envelope()`, the after-call hook).
+/// Called once when a delivered event has been handled (a Redis entry's `XACK`).
+pub type Ack = Box<dyn FnOnce() + Send + Sync>;
+
 pub struct EnvData {
     /// The event's position in the durable log, when the bus has one.
     pub position: Option<i64>,
+    /// What to do once every subscription finished the event (remote deliveries).
+    pub ack: parking_lot::Mutex<Option<Ack>>,
     event: Py<PyAny>,
     origin: Origin,
     key: Option<Py<PyAny>>,
@@ -55,6 +60,7 @@ impl EnvData {
     ) -> Self {
         Self {
             position,
+            ack: parking_lot::Mutex::new(None),
             event,
             origin,
             key,
@@ -130,6 +136,14 @@ impl EnvData {
             return Ok(Some(k.bind(py).clone()));
         }
         events::aggregate_key(self.event.bind(py), self.route.class_has_key)
+    }
+
+    /// Runs the acknowledgement, if any (once).
+    pub fn acknowledge(&self) {
+        let ack = self.ack.lock().take();
+        if let Some(a) = ack {
+            a();
+        }
     }
 
     /// Whether a running handler published it.

@@ -33,6 +33,7 @@ oxbus_error!(invalid_subscription, "InvalidSubscription");
 oxbus_error!(configuration_error, "ConfigurationError");
 oxbus_error!(concurrency_error, "ConcurrencyError");
 oxbus_error!(storage_error, "StorageError");
+oxbus_error!(transport_error, "TransportError");
 oxbus_error!(serialization_error, "SerializationError");
 
 /// Maps an engine error to its Python exception.

@@ -8,6 +8,7 @@ mod envelope;
 mod errors;
 mod events;
 mod store;
+mod transport;
 mod worker;
 
 use pyo3::prelude::*;
@@ -21,6 +22,7 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bus::PyRetryPolicy>()?;
     m.add_class::<store::PyStoreCore>()?;
     m.add_class::<completion::PyResolver>()?;
+    m.add_class::<transport::PyRedisCore>()?;
     m.add_class::<store::PyFlusher>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;

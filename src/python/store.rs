@@ -165,7 +165,7 @@ pub struct PyStoreCore {
     path: String,
 }
 
-fn lookup<'py>(
+pub fn lookup<'py>(
     event: &Bound<'py, PyAny>,
     name: &Bound<'py, PyString>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
@@ -179,7 +179,7 @@ fn lookup<'py>(
 /// Encodes one event into a log record, in Rust: type key, version, id, data, metadata
 /// (correlation from `correlation_id`, else the handler being run — with its subscription name —
 /// else the event's own), time.
-fn record_of(
+pub fn record_of(
     event: &Bound<'_, PyAny>,
     correlation_id: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<NewEvent> {

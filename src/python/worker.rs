@@ -617,6 +617,7 @@ impl PyWorker {
     /// The current event is done: its bookkeeping waits for the next lock (see `Pending`).
     fn finish_event(st: &mut State) {
         let cur = st.cur.take().expect("an event is current");
+        cur.env.acknowledge();
         st.pending.finished = Some((cur.lane, Arc::clone(cur.env.route())));
     }
 }

@@ -1,0 +1,281 @@
+//! `RedisCore`: the Redis Streams transport from Python. Publishing returns a loop future
+//! resolved in batches (see `completion`); delivered entries are gathered on the transport's
+//! thread and handed to the loop with one `call_soon_threadsafe` per batch, where they are
+//! decoded and dispatched to the local bus, each acknowledged once all its subscriptions are
+//! done.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use crate::python::bus::PyBusCore;
+use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::store::{lookup, record_of};
+use crate::python::{codec, errors, events};
+use crate::transport::{Config, Deliver, Entry, Transport, TransportError};
+
+fn to_py(e: &TransportError) -> PyErr {
+    match e {
+        TransportError::Invalid(_) => errors::configuration_error(e.to_string()),
+        TransportError::Redis { .. } | TransportError::Stopped => {
+            errors::transport_error(e.to_string())
+        }
+    }
+}
+
+/// Entries received and not yet dispatched, and who dispatches them.
+#[derive(Default)]
+struct Inbox {
+    entries: Mutex<Vec<Entry>>,
+    /// (loop, callback) to schedule when entries arrive.
+    target: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+}
+
+struct PySinkR {
+    completions: Arc<Completions>,
+    resolver: Py<PyResolver>,
+    inbox: Arc<Inbox>,
+}
+
+impl Deliver for PySinkR {
+    fn published(&self, results: Vec<(u64, Result<String, TransportError>)>) {
+        let outcomes = results
+            .into_iter()
+            .map(|(t, r)| {
+                let f: Outcome = Box::new(move |py| match r {
+                    Ok(id) => Ok(PyString::new(py, &id).into_any().unbind()),
+                    Err(e) => Err(to_py(&e)),
+                });
+                (t, f)
+            })
+            .collect();
+        self.completions.complete(&self.resolver, outcomes);
+    }
+
+    fn entries(&self, entries: Vec<Entry>) {
+        let first = {
+            let mut inbox = self.inbox.entries.lock();
+            let was_empty = inbox.is_empty();
+            inbox.extend(entries);
+            was_empty
+        };
+        if first {
+            let _ = Python::try_attach(|py| {
+                let target = self
+                    .inbox
+                    .target
+                    .lock()
+                    .as_ref()
+                    .map(|(l, c)| (l.clone_ref(py), c.clone_ref(py)));
+                if let Some((l, c)) = target {
+                    let _ = l
+                        .bind(py)
+                        .call_method1(intern!(py, "call_soon_threadsafe"), (c,));
+                }
+            });
+        }
+    }
+}
+
+/// The native half of a Redis-backed `oxbus.EventBus`.
+#[pyclass(frozen, name = "RedisCore", module = "oxbus._oxbus")]
+pub struct PyRedisCore {
+    transport: Arc<Transport>,
+    completions: Arc<Completions>,
+    inbox: Arc<Inbox>,
+    partitions: usize,
+}
+
+/// The JSON written to the stream: identity, type, version, time, data and metadata.
+fn payload_of(
+    event: &Bound<'_, PyAny>,
+    correlation_id: Option<&Bound<'_, PyAny>>,
+) -> PyResult<String> {
+    let py = event.py();
+    let rec = record_of(event, correlation_id)?;
+    let head = PyDict::new(py);
+    head.set_item("event_id", &rec.event_id)?;
+    head.set_item("event_type", &rec.event_type)?;
+    head.set_item("event_version", rec.event_version)?;
+    head.set_item("occurred_at", &rec.occurred_at)?;
+    let mut out = codec::encode(&head)?;
+    out.pop(); // the closing brace: data and metadata are spliced in as they are
+    out.push_str(",\"data\":");
+    out.push_str(&rec.data);
+    out.push_str(",\"metadata\":");
+    out.push_str(&rec.metadata);
+    out.push('}');
+    Ok(out)
+}
+
+#[pymethods]
+impl PyRedisCore {
+    #[new]
+    #[pyo3(signature = (url, streams, group, consumer, claim_idle, maxlen, batch, prefetch, max_deliveries, dead_stream, publish_timeout, consume))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        url: String,
+        streams: Vec<String>,
+        group: String,
+        consumer: String,
+        claim_idle: f64,
+        maxlen: usize,
+        batch: usize,
+        prefetch: usize,
+        max_deliveries: u32,
+        dead_stream: String,
+        publish_timeout: f64,
+        consume: bool,
+    ) -> PyResult<Self> {
+        for (name, v) in [
+            ("claim_idle", claim_idle),
+            ("publish_timeout", publish_timeout),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(errors::configuration_error(format!(
+                    "{name} must be a number of seconds > 0, got {v}"
+                )));
+            }
+        }
+        let partitions = streams.len();
+        let cfg = Config {
+            url,
+            streams,
+            group,
+            consumer,
+            claim_idle: Duration::from_secs_f64(claim_idle),
+            maxlen,
+            batch: batch.max(1),
+            prefetch: prefetch.max(1),
+            max_deliveries: max_deliveries.max(1),
+            dead_stream,
+            publish_timeout: Duration::from_secs_f64(publish_timeout),
+            consume,
+        };
+        let completions = Arc::new(Completions::default());
+        let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
+        let inbox = Arc::new(Inbox::default());
+        let sink = Arc::new(PySinkR {
+            completions: Arc::clone(&completions),
+            resolver,
+            inbox: Arc::clone(&inbox),
+        });
+        let transport = py
+            .detach(|| Transport::start(cfg, sink))
+            .map_err(|e| to_py(&e))?;
+        Ok(Self {
+            transport: Arc::new(transport),
+            completions,
+            inbox,
+            partitions,
+        })
+    }
+
+    /// Where deliveries go: `callback()` is scheduled on `loop_` when entries arrive.
+    fn set_target(&self, loop_: Py<PyAny>, callback: Py<PyAny>) {
+        *self.inbox.target.lock() = Some((loop_, callback));
+    }
+
+    /// Publishes an event -> future of its entry id, resolved once Redis accepted it.
+    #[pyo3(signature = (event, key=None, correlation_id=None))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<&Bound<'_, PyAny>>,
+        correlation_id: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let payload = payload_of(event, correlation_id)?;
+        let partition = if self.partitions > 1 {
+            let k = match key {
+                Some(k) if !k.is_none() => Some(k.clone()),
+                _ => lookup(event, intern!(py, "aggregate_id"))?,
+            };
+            self.transport
+                .partition(k.map(|k| events::lane_of(&k)).transpose()?)
+        } else {
+            0
+        };
+        let (token, fut, _) = self.completions.register(py)?;
+        if let Err(e) = self.transport.publish(token, partition, payload) {
+            self.completions.forget(token);
+            return Err(to_py(&e));
+        }
+        Ok(fut)
+    }
+
+    /// Dispatches the received entries to `bus`: `make_event(dict)` rebuilds each event from
+    /// its decoded payload. Returns how many were dispatched.
+    fn dispatch(
+        &self,
+        py: Python<'_>,
+        bus: &Bound<'_, PyBusCore>,
+        make_event: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let entries = std::mem::take(&mut *self.inbox.entries.lock());
+        let n = entries.len();
+        for e in entries {
+            let transport = Arc::clone(&self.transport);
+            let (stream, id) = (e.stream.clone(), e.id.clone());
+            let ack: crate::python::envelope::Ack = Box::new(move || transport.ack(&stream, id));
+            let decoded =
+                codec::decode(py, &e.payload).and_then(|d| Ok((make_event.call1((&d,))?, d)));
+            let (event, payload) = match decoded {
+                Ok(x) => x,
+                Err(err) => {
+                    // Undecodable: acknowledged (it would fail forever) and reported.
+                    err.write_unraisable(py, Some(make_event));
+                    ack();
+                    continue;
+                }
+            };
+            let meta = payload.get_item(intern!(py, "metadata")).ok();
+            let field = |name: &str| -> Option<Bound<'_, PyAny>> {
+                meta.as_ref()
+                    .and_then(|m| m.get_item(name).ok())
+                    .filter(|v| !v.is_none())
+            };
+            bus.get().accept_remote(
+                py,
+                &event,
+                field("correlation_id"),
+                field("causation_id"),
+                ack,
+            )?;
+        }
+        Ok(n)
+    }
+
+    /// (reachable, lag, pending, published, received, claimed, dead, last error).
+    fn health(&self) -> (bool, u64, u64, u64, u64, u64, u64, Option<String>) {
+        let h = self.transport.health();
+        (
+            h.reachable,
+            h.lag,
+            h.pending,
+            h.published,
+            h.received,
+            h.claimed,
+            h.dead,
+            h.last_error,
+        )
+    }
+
+    /// Stops the transport's tasks and thread (without holding the GIL). Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        *self.inbox.target.lock() = None;
+        let t = Arc::clone(&self.transport);
+        py.detach(move || t.stop());
+    }
+
+    /// Whether `stop()` has run.
+    #[getter]
+    fn stopped(&self) -> bool {
+        self.transport.is_stopped()
+    }
+}

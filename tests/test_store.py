@@ -1137,3 +1137,33 @@ async def test_purged_dead_letters_stay_purged_after_restart(db: str) -> None:
     async with bus:
         await bus.drain(timeout=10)
         assert bus.dead_letters.list() == []
+
+
+async def test_a_restarted_bus_replays_to_each_subscription_only_the_events_it_matches(
+    db: str,
+) -> None:
+    ticks: list[int] = []
+    deposits: list[int] = []
+
+    async def on_tick(event: StoTick) -> None:
+        ticks.append(event.n)
+
+    async def on_deposit(event: StoDeposited) -> None:
+        deposits.append(event.amount)
+
+    bus = EventBus(store=db)
+    bus.subscribe(StoTick, on_tick, name="ticks")
+    bus.subscribe(StoDeposited, on_deposit, name="deposits")
+    async with bus:
+        await bus.publish(StoTick(1))
+        await bus.publish(StoDeposited("a-1", 5))
+        await bus.drain(timeout=10)
+    assert (ticks, deposits) == ([1], [5])
+    # "ticks" never finished the deposit (it does not match it), nor "deposits" the tick:
+    # a restart must not hand them over.
+    bus = EventBus(store=db)
+    bus.subscribe(StoTick, on_tick, name="ticks")
+    bus.subscribe(StoDeposited, on_deposit, name="deposits")
+    async with bus:
+        await bus.drain(timeout=10)
+    assert (ticks, deposits) == ([1], [5])

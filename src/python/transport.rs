@@ -279,3 +279,82 @@ impl PyRedisCore {
         self.transport.is_stopped()
     }
 }
+
+struct BridgeSink {
+    inbox: Arc<BridgeInbox>,
+}
+
+#[derive(Default)]
+struct BridgeInbox {
+    messages: Mutex<Vec<(String, String)>>,
+    target: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+}
+
+impl crate::transport::pubsub::ChannelSink for BridgeSink {
+    fn messages(&self, messages: Vec<(String, String)>) {
+        let first = {
+            let mut inbox = self.inbox.messages.lock();
+            let was_empty = inbox.is_empty();
+            inbox.extend(messages);
+            was_empty
+        };
+        if first {
+            let _ = Python::try_attach(|py| {
+                let target = self
+                    .inbox
+                    .target
+                    .lock()
+                    .as_ref()
+                    .map(|(l, c)| (l.clone_ref(py), c.clone_ref(py)));
+                if let Some((l, c)) = target {
+                    let _ = l
+                        .bind(py)
+                        .call_method1(intern!(py, "call_soon_threadsafe"), (c,));
+                }
+            });
+        }
+    }
+}
+
+/// The native half of `oxbus.RedisPubSubBridge`.
+#[pyclass(frozen, name = "BridgeCore", module = "oxbus._oxbus")]
+pub struct PyBridgeCore {
+    bridge: crate::transport::pubsub::Bridge,
+    inbox: Arc<BridgeInbox>,
+}
+
+#[pymethods]
+impl PyBridgeCore {
+    #[new]
+    fn new(py: Python<'_>, url: String, channels: Vec<String>) -> PyResult<Self> {
+        let inbox = Arc::new(BridgeInbox::default());
+        let sink = Arc::new(BridgeSink {
+            inbox: Arc::clone(&inbox),
+        });
+        let bridge = py
+            .detach(|| crate::transport::pubsub::Bridge::start(&url, channels, sink))
+            .map_err(|e| to_py(&e))?;
+        Ok(Self { bridge, inbox })
+    }
+
+    /// `callback()` is scheduled on `loop_` when messages arrive.
+    fn set_target(&self, loop_: Py<PyAny>, callback: Py<PyAny>) {
+        *self.inbox.target.lock() = Some((loop_, callback));
+    }
+
+    /// The messages received since the last call: (channel, payload) pairs.
+    fn take(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.inbox.messages.lock())
+    }
+
+    /// Queues a `PUBLISH` of `payload` on `channel`.
+    fn publish(&self, channel: String, payload: String) -> PyResult<()> {
+        self.bridge.publish(channel, payload).map_err(|e| to_py(&e))
+    }
+
+    /// Stops the bridge's tasks and thread (without holding the GIL). Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        *self.inbox.target.lock() = None;
+        py.detach(|| self.bridge.stop());
+    }
+}

@@ -326,13 +326,13 @@ pub struct PyBridgeCore {
 #[pymethods]
 impl PyBridgeCore {
     #[new]
-    fn new(py: Python<'_>, url: String, channels: Vec<String>) -> PyResult<Self> {
+    fn new(py: Python<'_>, url: &str, channels: Vec<String>) -> PyResult<Self> {
         let inbox = Arc::new(BridgeInbox::default());
         let sink = Arc::new(BridgeSink {
             inbox: Arc::clone(&inbox),
         });
         let bridge = py
-            .detach(|| crate::transport::pubsub::Bridge::start(&url, channels, sink))
+            .detach(|| crate::transport::pubsub::Bridge::start(url, channels, sink))
             .map_err(|e| to_py(&e))?;
         Ok(Self { bridge, inbox })
     }

@@ -88,23 +88,19 @@ impl Bridge {
                 let mut ps = if let Some(ps) = pubsub.take() {
                     ps
                 } else {
-                    match client.get_async_pubsub().await {
-                        Ok(mut ps) => {
-                            let mut ok = true;
-                            for c in &channels {
-                                ok &= ps.subscribe(c).await.is_ok();
-                            }
-                            if !ok {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                continue;
-                            }
-                            ps
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            continue;
-                        }
+                    let Ok(mut ps) = client.get_async_pubsub().await else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    };
+                    let mut ok = true;
+                    for c in &channels {
+                        ok &= ps.subscribe(c).await.is_ok();
                     }
+                    if !ok {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    ps
                 };
                 let mut stream = ps.on_message();
                 loop {

@@ -28,6 +28,8 @@ from oxbus.errors import (
     TransportError,
 )
 from oxbus.events import DomainEvent
+from oxbus.heartbeat import Heartbeat, HeartbeatHandle
+from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 
@@ -36,6 +38,7 @@ __all__ = [
     "BusNotStarted",
     "CircuitBreaker",
     "ConcurrencyError",
+    "CorrelationFilter",
     "DeadLetter",
     "DeadLetters",
     "DomainEvent",
@@ -43,6 +46,8 @@ __all__ = [
     "EventBus",
     "EventBusFactory",
     "EventBusManager",
+    "Heartbeat",
+    "HeartbeatHandle",
     "InMemoryEventBus",
     "OxbusError",
     "ProcessingResult",

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 
 from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope, encode_json
+from oxbus import heartbeat as _heartbeat
+from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus.store import SqliteEventStore
 from oxbus.errors import (
     BusNotStarted,
@@ -362,6 +364,7 @@ class EventBus:
         self._tasks: list[asyncio.Task[Any]] = []
         self.dead_letters = DeadLetters(self)
         self._first_failures: dict[tuple[int, str], datetime] = {}
+        self._heartbeats: _heartbeat.HeartbeatMonitor | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -434,6 +437,8 @@ class EventBus:
         if not self._core.running:
             return 0
         self._refuse_inside_handler("stop")
+        if self._heartbeats is not None:
+            await self._heartbeats.stop()
         if drain:
             try:
                 await self.drain(timeout)
@@ -814,7 +819,12 @@ class EventBus:
             error,
             env.correlation_id,
             exc_info=(type(error), error, error.__traceback__),
-            extra={"correlation_id": env.correlation_id, "event_id": env.event_id},
+            extra={
+                "correlation_id": env.correlation_id,
+                "event_id": env.event_id,
+                "causation_id": env.causation_id,
+                "event_type": env.event_type,
+            },
         )
         if final:
             self._record_dead_letter(env, sub_id, subscription, error, attempt, result, park_key, False)
@@ -972,12 +982,25 @@ class EventBus:
         h["abandoned_threads"] = 0 if pool is None else pool.abandoned
         h["abandoned_threads_total"] = 0 if pool is None else pool.abandoned_total
         h["thread_pool_size"] = 0 if pool is None else pool.size
+        h["heartbeats"] = {} if self._heartbeats is None else self._heartbeats.report()
         if pool is not None and pool.abandoned >= pool.size and h["status"] == "healthy":
             h["status"] = "degraded"
             h["reasons"].append(
                 f"{pool.abandoned} thread-pool handler calls overran their timeout and still run"
             )
         return h
+
+    def metrics(self) -> str:
+        """The bus's metrics in the Prometheus text format (see ``oxbus.metrics``)."""
+        from oxbus.metrics import render  # prometheus_client is imported on first use
+
+        return render(self)
+
+    async def broadcast_heartbeat(self, source: str, interval: float) -> _heartbeat.HeartbeatHandle:
+        """Publishes an ``oxbus.Heartbeat`` of ``source`` now and every ``interval`` seconds
+        (on the bus's clock) until the bus stops or ``handle.cancel()``; health lists the last
+        heartbeat seen per source (see ``oxbus.heartbeat``)."""
+        return await _heartbeat.watch(self).broadcast(source, interval)
 
     def __repr__(self) -> str:
         s = self._core.statistics()

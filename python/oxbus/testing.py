@@ -1,5 +1,7 @@
 """Helpers for tests: a manual clock, so retry backoff and circuit-breaker cool-downs complete
-instantly and deterministically.
+instantly and deterministically; an event recorder and assertions that wait on the bus
+(``EventRecorder``, ``assert_published``, ``assert_not_published``; the pytest plugin's
+``event_recorder`` fixture is an ``EventRecorder``).
 
 ::
 
@@ -14,14 +16,19 @@ instantly and deterministically.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import itertools
-from typing import TYPE_CHECKING
+import weakref
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast, overload
 
 if TYPE_CHECKING:
     from oxbus.bus import EventBus
 
-__all__ = ["ManualClock"]
+__all__ = ["EventRecorder", "ManualClock", "assert_not_published", "assert_published"]
+
+E = TypeVar("E")
 
 
 class ManualClock:
@@ -103,3 +110,213 @@ class ManualClock:
 
     def __repr__(self) -> str:
         return f"ManualClock(time={self._now}, sleepers={self.sleepers})"
+
+
+# ------------------------------------------------------------------ recording events
+
+
+def _type_key(event: Any) -> str:
+    raw = event.get("event_type") if isinstance(event, dict) else getattr(event, "event_type", None)
+    if isinstance(raw, Enum):
+        raw = raw.value
+    return type(event).__name__ if raw is None else str(raw)
+
+
+def _topic_matches(pattern: list[str], words: list[str]) -> bool:
+    # AMQP topics: "*" one word, "#" zero or more.
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_topic_matches(rest, words[i:]) for i in range(len(words) + 1))
+    return bool(words) and head in ("*", words[0]) and _topic_matches(rest, words[1:])
+
+
+def _matches(target: Any, event: Any) -> bool:
+    """The bus's routing rule, in Python: a class matches instances (subclasses too), a
+    string the type key (a pattern with ``*`` / ``#`` its words), an Enum member its value."""
+    if isinstance(target, type):
+        return isinstance(event, target)
+    if isinstance(target, Enum):
+        target = target.value
+    key = _type_key(event)
+    if "*" in target or "#" in target:
+        return _topic_matches(target.split("."), key.split("."))
+    return bool(key == target)
+
+
+def _name(target: Any) -> str:
+    return str(getattr(target, "__name__", None) or target)
+
+
+#: The recorder attached to each bus (used by ``assert_published(bus, ...)``).
+_recorders: weakref.WeakKeyDictionary[Any, EventRecorder] = weakref.WeakKeyDictionary()
+
+
+class EventRecorder:
+    """Captures every event a bus accepts, in acceptance order, from now until ``close()``.
+
+    It watches the bus's publish side (as ``bus.wait_for`` does) rather than subscribing a
+    handler, so it does not change statistics, routing or subscriptions, and an event is in
+    ``events`` as soon as ``await bus.publish()`` returns — before its handlers run::
+
+        recorder = EventRecorder(bus)
+        await bus.publish(OrderPlaced("o-1", 9.5))
+        await recorder.wait_for(ReceiptSent)          # published by a handler, maybe later
+        assert [e.order_id for e in recorder.of_type(OrderPlaced)] == ["o-1"]
+
+    The pytest plugin's ``event_recorder`` fixture is one of these on the ``event_bus``.
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+        self.events: list[Any] = []
+        self._pending: list[tuple[Any, Callable[[Any], bool] | None, asyncio.Future[Any]]] = []
+        # Never resolved: the tap records and answers "no match" for every event.
+        self._sink: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._waiter: int | None = bus._core.add_waiter(object, self._tap, cast(Any, self._sink))
+        _recorders[bus] = self
+
+    def _tap(self, event: Any) -> bool:
+        self.events.append(event)
+        if self._pending:
+            keep = []
+            for target, predicate, fut in self._pending:
+                if fut.done():
+                    continue
+                try:
+                    hit = _matches(target, event) and (predicate is None or bool(predicate(event)))
+                except Exception as e:  # noqa: BLE001 - handed to the waiting test
+                    fut.set_exception(e)
+                    continue
+                if hit:
+                    fut.set_result(event)
+                else:
+                    keep.append((target, predicate, fut))
+            self._pending = keep
+        return False
+
+    @overload
+    def of_type(self, event_type: type[E]) -> list[E]: ...
+    @overload
+    def of_type(self, event_type: Any) -> list[Any]: ...
+    def of_type(self, event_type: Any) -> list[Any]:
+        """The recorded events matching a class (subclasses too), a type string, a pattern
+        (``"order.*"``) or an Enum member — the bus's routing rule."""
+        return [e for e in self.events if _matches(event_type, e)]
+
+    def types(self) -> list[str]:
+        """The type keys of the recorded events, in order (handy in assertion messages)."""
+        return [_type_key(e) for e in self.events]
+
+    def clear(self) -> None:
+        """Forgets the events recorded so far."""
+        self.events.clear()
+
+    @overload
+    async def wait_for(
+        self, event_type: type[E], predicate: Callable[[E], bool] | None = None,
+        timeout: float | None = 1.0,
+    ) -> E: ...
+    @overload
+    async def wait_for(
+        self, event_type: Any, predicate: Callable[[Any], bool] | None = None,
+        timeout: float | None = 1.0,
+    ) -> Any: ...
+    async def wait_for(
+        self, event_type: Any, predicate: Callable[[Any], bool] | None = None,
+        timeout: float | None = 1.0,
+    ) -> Any:
+        """The first recorded matching event — one recorded already, else the next one the
+        bus accepts. Raises ``TimeoutError`` (naming what was recorded) after ``timeout``
+        seconds; no sleeping, it wakes when the event is published."""
+        for e in self.events:
+            if _matches(event_type, e) and (predicate is None or predicate(e)):
+                return e
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((event_type, predicate, fut))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"no {_name(event_type)} event{' matching the predicate' if predicate else ''} "
+                f"within {timeout}s; recorded: {self.types() or 'nothing'}"
+            ) from None
+        finally:
+            fut.cancel()
+
+    def close(self) -> None:
+        """Stops recording (the events recorded stay). Idempotent."""
+        if self._waiter is not None:
+            self.bus._core.remove_waiter(self._waiter)
+            self._waiter = None
+        if _recorders.get(self.bus) is self:
+            del _recorders[self.bus]
+        for _, _, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+
+    def __enter__(self) -> EventRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __repr__(self) -> str:
+        return f"<EventRecorder {len(self.events)} events: {self.types()[-5:]}>"
+
+
+@overload
+async def assert_published(
+    bus_or_recorder: EventBus | EventRecorder, event_type: type[E],
+    predicate: Callable[[E], bool] | None = None, timeout: float | None = 1.0,
+) -> E: ...
+@overload
+async def assert_published(
+    bus_or_recorder: EventBus | EventRecorder, event_type: Any,
+    predicate: Callable[[Any], bool] | None = None, timeout: float | None = 1.0,
+) -> Any: ...
+async def assert_published(
+    bus_or_recorder: EventBus | EventRecorder, event_type: Any,
+    predicate: Callable[[Any], bool] | None = None, timeout: float | None = 1.0,
+) -> Any:
+    """Waits (without sleeping) until a matching event is published and returns it; raises
+    ``AssertionError`` after ``timeout`` seconds.
+
+    Given a recorder — or a bus that has one (the ``event_recorder`` fixture) — events
+    published before the call count too; given a bare bus, only those published after it
+    (``bus.wait_for``)::
+
+        await bus.publish(OrderPlaced("o-1", 9.5))
+        receipt = await assert_published(bus, ReceiptSent, lambda e: e.order_id == "o-1")
+    """
+    recorder = (
+        bus_or_recorder
+        if isinstance(bus_or_recorder, EventRecorder)
+        else _recorders.get(bus_or_recorder)
+    )
+    try:
+        if recorder is not None:
+            return await recorder.wait_for(event_type, predicate, timeout)
+        bus: EventBus = bus_or_recorder  # type: ignore[assignment]
+        return await bus.wait_for(event_type, predicate, timeout)
+    except TimeoutError as e:
+        raise AssertionError(str(e)) from None
+
+
+async def assert_not_published(
+    recorder: EventRecorder, event_type: Any, predicate: Callable[[Any], bool] | None = None,
+    timeout: float | None = 5.0,
+) -> None:
+    """Drains the recorder's bus (so every handler has run), then raises ``AssertionError``
+    if a matching event was recorded."""
+    await recorder.bus.drain(timeout)
+    found = [
+        e for e in recorder.events
+        if _matches(event_type, e) and (predicate is None or predicate(e))
+    ]
+    if found:
+        raise AssertionError(f"{len(found)} {_name(event_type)} event(s) published: {found[:3]!r}")

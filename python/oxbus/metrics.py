@@ -1,0 +1,375 @@
+"""Prometheus metrics for an :class:`~oxbus.EventBus`, and a tiny asyncio endpoint to scrape.
+
+::
+
+    text = bus.metrics()                                  # the Prometheus text format
+    server = await oxbus.metrics.serve(bus, port=9464)    # GET /metrics, GET /health (JSON)
+    ...
+    await server.close()
+
+    # or, next to your own metrics (prometheus_client's registry and HTTP server):
+    prometheus_client.REGISTRY.register(oxbus.metrics.BusCollector(bus))
+
+The numbers come from the bus itself (``get_statistics()``, ``get_health_status()`` and the
+engine's handler-latency histogram); nothing is counted twice. The text is produced by
+``prometheus_client`` (a custom collector on a private registry, rendered by
+``generate_latest``): the library owns escaping, sample naming (``_total``, ``_bucket``) and
+the format's details, and the same collector plugs into an application's own registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+if TYPE_CHECKING:
+    from oxbus.bus import EventBus
+
+__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "BusCollector", "MetricsServer", "render", "serve"]
+
+logger = logging.getLogger("oxbus")
+
+#: Upper bounds (seconds) of the ``oxbus_handler_duration_seconds`` buckets: in-memory
+#: handlers often take microseconds, so the scale starts far below Prometheus's default.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+
+#: The content type of :func:`render`'s text (the classic text format, which every Prometheus
+#: version scrapes).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_MB = 1024.0 * 1024.0
+
+
+class BusCollector:
+    """A ``prometheus_client`` collector reading one bus at each scrape.
+
+    Register it wherever ``prometheus_client`` takes collectors::
+
+        from prometheus_client import REGISTRY, start_http_server
+        REGISTRY.register(BusCollector(bus))
+
+    ``collect()`` may run on any thread (the engine's counters are behind its own lock).
+    """
+
+    def __init__(self, bus: EventBus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
+        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
+        if not bounds or any(b <= 0 for b in bounds):
+            raise ValueError(f"buckets must be numbers > 0, got {list(buckets)!r}")
+        self._bus = bus
+        self._bounds = bounds
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families of the bus, read now."""
+        bus = self._bus
+        stats = bus.get_statistics()
+        health = bus.get_health_status()
+        by_type: dict[str, dict[str, int]] = stats.get("by_event_type", {})
+
+        for name, key, doc in (
+            ("oxbus_events_published", "published", "Events accepted by the bus."),
+            (
+                "oxbus_events_processed",
+                "processed",
+                "Events whose every subscription finished (success or final failure).",
+            ),
+            (
+                "oxbus_handler_failures",
+                "failed",
+                "Handler calls that raised (every attempt counts).",
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["event_type"])
+            for event_type, counts in sorted(by_type.items()):
+                family.add_metric([event_type], counts.get(key, 0))
+            yield family
+
+        yield _counter("oxbus_retries", "Retry attempts scheduled.", stats["retried"])
+        yield _counter(
+            "oxbus_dead_lettered",
+            "(event, subscription) pairs sent to the dead-letter queue.",
+            stats["dead_lettered"],
+        )
+        yield _counter(
+            "oxbus_events_unrouted",
+            "Events accepted that no subscription matched.",
+            stats.get("events_unrouted", 0),
+        )
+        yield _counter("oxbus_handler_calls", "Handler calls made.", stats.get("handler_calls", 0))
+
+        for name, doc, number in (
+            ("oxbus_dead_letters", "Entries in the dead-letter queue now.", len(bus.dead_letters)),
+            (
+                "oxbus_queue_depth",
+                "Events accepted and not yet handed to a handler.",
+                stats["queue_size"],
+            ),
+            (
+                "oxbus_max_queue_size",
+                "The queue bound (0: unbounded).",
+                stats.get("max_queue_size", 0),
+            ),
+            (
+                "oxbus_retry_queue_depth",
+                "Handler calls waiting for their retry.",
+                stats["retry_queue_size"],
+            ),
+            ("oxbus_in_flight", "Events in handlers now.", stats["in_flight"]),
+            ("oxbus_workers", "Configured workers.", stats["worker_count"]),
+            ("oxbus_subscriptions", "Subscriptions.", stats["subscription_count"]),
+            (
+                "oxbus_blocked_publishers",
+                "Publishers waiting for room in the queue.",
+                stats.get("blocked_publishers", 0),
+            ),
+            (
+                "oxbus_oldest_queued_age_seconds",
+                "How long the oldest queued event has waited.",
+                health.get("oldest_queued_age_seconds", 0.0),
+            ),
+            ("oxbus_uptime_seconds", "Seconds since the bus was created.", stats["uptime_seconds"]),
+        ):
+            yield _gauge(name, doc, number)
+
+        # The engine samples handler timings (see README, "Statistics and health"): the
+        # histogram's count is of timed calls, not of every call (oxbus_handler_calls_total).
+        cumulative, count, total = bus._core.latency_buckets(self._bounds)
+        buckets = [(_le(b), float(c)) for b, c in zip(self._bounds, cumulative)]
+        buckets.append(("+Inf", float(count)))
+        yield HistogramMetricFamily(
+            "oxbus_handler_duration_seconds",
+            "Handler call durations (sampled).",
+            buckets=buckets,
+            sum_value=total,
+        )
+
+        yield _gauge(
+            "oxbus_process_resident_memory_bytes",
+            "Resident memory of this process.",
+            health.get("memory_usage_mb", 0.0) * _MB,
+        )
+        yield _gauge(
+            "oxbus_process_cpu_percent",
+            "CPU used by this process since the previous health report, percent of one core.",
+            health.get("cpu_percent", 0.0),
+        )
+        yield _gauge(
+            "oxbus_system_memory_total_bytes",
+            "Memory of the machine.",
+            health.get("system_memory_total_mb", 0.0) * _MB,
+        )
+        yield _gauge(
+            "oxbus_system_memory_available_bytes",
+            "Memory available on the machine.",
+            health.get("system_memory_available_mb", 0.0) * _MB,
+        )
+
+        beats: dict[str, dict[str, Any]] = health.get("heartbeats") or {}
+        if beats:
+            age = GaugeMetricFamily(
+                "oxbus_heartbeat_age_seconds",
+                "Seconds since the last heartbeat of each source.",
+                labels=["source"],
+            )
+            stale = GaugeMetricFamily(
+                "oxbus_heartbeat_stale",
+                "1 when a source missed its heartbeat (none for 1.5 intervals).",
+                labels=["source"],
+            )
+            for source, seen in sorted(beats.items()):
+                age.add_metric([source], seen["age_seconds"])
+                stale.add_metric([source], 1.0 if seen["stale"] else 0.0)
+            yield age
+            yield stale
+
+        yield _gauge(
+            "oxbus_healthy",
+            "1 when the health status is healthy (0: degraded or stopped).",
+            1.0 if health.get("status") == "healthy" else 0.0,
+        )
+        yield _gauge("oxbus_up", "1 while the bus runs.", 1.0 if stats["is_running"] else 0.0)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _le(bound: float) -> str:
+    # The shortest text that parses back to the bound ("0.001", "1.0", "2.5").
+    return repr(float(bound))
+
+
+def render(bus: EventBus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> str:
+    """The bus's metrics in the Prometheus text exposition format (``bus.metrics()``).
+
+    >>> print(render(bus))                                   # doctest: +SKIP
+    # HELP oxbus_events_published_total Events accepted by the bus.
+    # TYPE oxbus_events_published_total counter
+    oxbus_events_published_total{event_type="OrderPlaced"} 3.0
+    ...
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BusCollector(bus, buckets))
+    return generate_latest(registry).decode("utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def health_json(bus: EventBus) -> str:
+    """``bus.get_health_status()`` as JSON (datetimes in ISO 8601): the body of ``/health``."""
+    return json.dumps(bus.get_health_status(), default=_json_default, sort_keys=True)
+
+
+class MetricsServer:
+    """The running endpoint returned by :func:`serve`: ``host``, ``port``, ``url``,
+    ``await close()``; also an async context manager."""
+
+    def __init__(self, server: asyncio.AbstractServer, host: str, port: int) -> None:
+        self._server = server
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        """Stops listening and ends the connections still open. Idempotent."""
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def __aenter__(self) -> MetricsServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<MetricsServer {self.url}>"
+
+
+_REASONS = {
+    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+#: A client gets this long to send its request line and headers.
+_REQUEST_TIMEOUT = 10.0
+
+
+async def serve(
+    bus: EventBus,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    buckets: Sequence[float] = DEFAULT_BUCKETS,
+) -> MetricsServer:
+    """Serves ``GET /metrics`` (Prometheus text) and ``GET /health`` (JSON of
+    ``get_health_status()``: HTTP 200 while the bus runs, healthy or degraded — the body's
+    ``status`` says which — and 503 once it is stopped) on the running loop. ``port=0``
+    picks a free port (see ``server.port``).
+
+    The endpoint is a few dozen lines on ``asyncio.start_server``: one short request per
+    connection, answered from the loop in well under a millisecond, never blocking it on
+    I/O. Bind to ``127.0.0.1`` (the default) unless the scraper is elsewhere::
+
+        server = await oxbus.metrics.serve(bus, port=9464)
+        print(server.url + "/metrics")
+        await server.close()
+    """
+    holder: list[MetricsServer] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        conns = holder[0]._connections if holder else None
+        if conns is not None and task is not None:
+            conns.add(task)
+        try:
+            await asyncio.wait_for(_answer(bus, buckets, reader, writer), _REQUEST_TIMEOUT)
+        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:  # noqa: BLE001 - one bad request never ends the server
+            logger.exception("metrics endpoint: request failed")
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            if conns is not None and task is not None:
+                conns.discard(task)
+
+    server = await asyncio.start_server(handle, host, port)
+    sockname = server.sockets[0].getsockname()
+    result = MetricsServer(server, host, int(sockname[1]))
+    holder.append(result)
+    return result
+
+
+async def _answer(
+    bus: EventBus,
+    buckets: Sequence[float],
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    request = await reader.readline()
+    while True:  # headers: read and ignored
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+    parts = request.decode("latin-1").split()
+    method = parts[0] if parts else ""
+    target = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+    text = "text/plain; charset=utf-8"
+    if len(parts) < 2:
+        status, ctype, body = 400, text, b"bad request\n"
+    elif target not in ("/metrics", "/health", "/"):
+        status, ctype, body = 404, text, b"try /metrics or /health\n"
+    elif method not in ("GET", "HEAD"):
+        status, ctype, body = 405, text, b"GET only\n"
+    elif target == "/health":
+        report = health_json(bus)
+        status = 200 if bus.is_running else 503
+        ctype, body = "application/json", report.encode("utf-8")
+    elif target == "/":
+        status, ctype, body = 200, text, b"oxbus: /metrics /health\n"
+    else:
+        status, ctype, body = 200, CONTENT_TYPE, render(bus, buckets).encode("utf-8")
+    header = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"Content-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("latin-1")
+    writer.write(header if method == "HEAD" else header + body)
+    await writer.drain()

@@ -1,0 +1,254 @@
+"""``bus.metrics()`` is Prometheus text that Prometheus's own parser reads back with the bus's
+numbers, and ``oxbus.metrics.serve`` exposes it (and the health report) over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import oxbus.metrics
+from oxbus import DomainEvent, RetryPolicy
+from oxbus.testing import ManualClock
+
+
+class MetricOrderPlaced(DomainEvent):
+    def __init__(self, order_id: str) -> None:
+        super().__init__()
+        self.order_id = order_id
+
+
+class MetricPaymentFailed(DomainEvent):
+    pass
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> tuple[dict[str, str], Samples]:
+    """Family name -> type, and (sample name, labels) -> value, by prometheus_client's parser."""
+    types: dict[str, str] = {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = s.value
+    return types, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture(autouse=True)
+def quiet_oxbus_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")
+
+
+async def test_metrics_after_known_traffic_parse_back_to_the_bus_numbers(make_bus: Any) -> None:
+    clock = ManualClock()
+    bus = await make_bus(
+        workers=2, clock=clock, retry=RetryPolicy(max_attempts=2, base_delay=1.0, jitter=0)
+    )
+
+    async def ship(event: MetricOrderPlaced) -> None:
+        await asyncio.sleep(0)  # suspends, so every call is timed (see README)
+
+    async def charge(event: MetricPaymentFailed) -> None:
+        await asyncio.sleep(0)
+        raise ConnectionError("gateway down")
+
+    bus.subscribe(MetricOrderPlaced, ship)
+    bus.subscribe(MetricPaymentFailed, charge)
+    for i in range(3):
+        await bus.publish(MetricOrderPlaced(f"o-{i}"))
+    for _ in range(2):
+        await bus.publish(MetricPaymentFailed())
+    await bus.publish({"event_type": "nobody.listens"})
+    await clock.drain(bus)
+
+    types, samples = parse(bus.metrics())
+
+    assert types["oxbus_events_published"] == "counter"
+    assert value(samples, "oxbus_events_published_total", event_type="MetricOrderPlaced") == 3
+    assert value(samples, "oxbus_events_published_total", event_type="MetricPaymentFailed") == 2
+    assert value(samples, "oxbus_events_processed_total", event_type="MetricOrderPlaced") == 3
+    assert value(samples, "oxbus_events_processed_total", event_type="MetricPaymentFailed") == 2
+    # two events x two attempts each
+    assert value(samples, "oxbus_handler_failures_total", event_type="MetricPaymentFailed") == 4
+    assert value(samples, "oxbus_handler_failures_total", event_type="MetricOrderPlaced") == 0
+    assert value(samples, "oxbus_retries_total") == 2
+    assert value(samples, "oxbus_dead_lettered_total") == 2
+    assert value(samples, "oxbus_events_unrouted_total") == 1
+    assert types["oxbus_dead_letters"] == "gauge"
+    assert value(samples, "oxbus_dead_letters") == 2
+    assert value(samples, "oxbus_queue_depth") == 0
+    assert value(samples, "oxbus_in_flight") == 0
+    assert value(samples, "oxbus_workers") == 2
+    assert value(samples, "oxbus_subscriptions") == 2
+    assert value(samples, "oxbus_up") == 1
+    assert value(samples, "oxbus_process_resident_memory_bytes") > 1_000_000
+    assert value(samples, "oxbus_system_memory_total_bytes") >= value(
+        samples, "oxbus_system_memory_available_bytes"
+    )
+    assert value(samples, "oxbus_process_cpu_percent") >= 0
+
+    assert types["oxbus_handler_duration_seconds"] == "histogram"
+    buckets = sorted(
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in samples.items()
+        if name == "oxbus_handler_duration_seconds_bucket"
+    )
+    assert [le for le, _ in buckets][: len(oxbus.metrics.DEFAULT_BUCKETS)] == list(
+        oxbus.metrics.DEFAULT_BUCKETS
+    )
+    assert buckets[-1][0] == float("inf")
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts), "buckets are cumulative"
+    count = value(samples, "oxbus_handler_duration_seconds_count")
+    assert counts[-1] == count
+    # 3 shipments + 4 charge attempts, all suspended, so all timed
+    assert count == 7
+    assert value(samples, "oxbus_handler_duration_seconds_sum") >= 0
+
+
+async def test_queue_depth_and_in_flight_show_a_busy_bus(make_bus: Any) -> None:
+    bus = await make_bus(workers=1)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(event: MetricOrderPlaced) -> None:
+        started.set()
+        await release.wait()
+
+    bus.subscribe(MetricOrderPlaced, slow)
+    for i in range(5):
+        await bus.publish(MetricOrderPlaced(f"o-{i}"))
+    await asyncio.wait_for(started.wait(), 5)
+
+    _, samples = parse(bus.metrics())
+    assert value(samples, "oxbus_in_flight") == 1
+    assert value(samples, "oxbus_queue_depth") == 4
+    release.set()
+    await bus.drain(timeout=5)
+    _, samples = parse(bus.metrics())
+    assert value(samples, "oxbus_queue_depth") == 0
+    assert value(samples, "oxbus_events_processed_total", event_type="MetricOrderPlaced") == 5
+
+
+async def test_a_stopped_bus_reports_down_and_a_new_one_reports_zeros() -> None:
+    bus = oxbus.EventBus()
+    _, samples = parse(bus.metrics())  # never started: still valid text
+    assert value(samples, "oxbus_up") == 0
+    assert value(samples, "oxbus_healthy") == 0
+    assert value(samples, "oxbus_handler_duration_seconds_count") == 0
+    assert not any(name == "oxbus_events_published_total" for name, _ in samples)
+    async with bus:
+        _, samples = parse(bus.metrics())
+        assert value(samples, "oxbus_up") == 1
+        assert value(samples, "oxbus_healthy") == 1
+    _, samples = parse(bus.metrics())
+    assert value(samples, "oxbus_up") == 0
+
+
+async def test_awkward_event_types_are_escaped_and_read_back(make_bus: Any) -> None:
+    bus = await make_bus()
+    weird = 'quote " back \\ slash\nnewline'
+    await bus.publish({"event_type": weird})
+    await bus.drain()
+    _, samples = parse(bus.metrics())
+    assert value(samples, "oxbus_events_published_total", event_type=weird) == 1
+
+
+async def test_custom_buckets_and_a_collector_beside_application_metrics(make_bus: Any) -> None:
+    bus = await make_bus()
+    _, samples = parse(oxbus.metrics.render(bus, buckets=[0.5, 0.01]))
+    les = {dict(labels)["le"] for (n, labels) in samples if n.endswith("_bucket")}
+    assert les == {"0.01", "0.5", "+Inf"}
+
+    registry = CollectorRegistry()
+    Counter("app_orders", "Orders taken.", registry=registry).inc(3)
+    registry.register(oxbus.metrics.BusCollector(bus))
+    _, samples = parse(generate_latest(registry).decode())
+    assert value(samples, "app_orders_total") == 3
+    assert value(samples, "oxbus_up") == 1
+
+    with pytest.raises(ValueError, match="buckets"):
+        oxbus.metrics.BusCollector(bus, buckets=[0.0])
+
+
+def fetch(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+async def test_the_endpoint_serves_metrics_and_health_without_blocking_the_loop(
+    make_bus: Any,
+) -> None:
+    bus = await make_bus(workers=2)
+
+    async def handle(event: MetricOrderPlaced) -> None:
+        pass
+
+    bus.subscribe(MetricOrderPlaced, handle)
+    await bus.publish(MetricOrderPlaced("o-1"))
+    await bus.drain()
+
+    server = await oxbus.metrics.serve(bus, port=0)
+    try:
+        assert server.port > 0
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        # A plain blocking client in a thread: the loop keeps answering meanwhile.
+        status, ctype, body = await asyncio.to_thread(fetch, server.url + "/metrics")
+        assert status == 200
+        assert ctype.startswith("text/plain; version=0.0.4")
+        _, samples = parse(body)
+        assert value(samples, "oxbus_events_published_total", event_type="MetricOrderPlaced") == 1
+        assert value(samples, "oxbus_workers") == 2
+
+        status, ctype, body = await asyncio.to_thread(fetch, server.url + "/health")
+        assert (status, ctype) == (200, "application/json")
+        health = json.loads(body)
+        assert health["status"] == "healthy"
+        assert health["worker_count"] == 2
+        assert health["heartbeats"] == {}
+
+        status, _, _ = await asyncio.to_thread(fetch, server.url + "/nope")
+        assert status == 404
+
+        # Several scrapes at once, and the loop still runs handlers while they wait.
+        results = await asyncio.gather(
+            *(asyncio.to_thread(fetch, server.url + "/metrics") for _ in range(4)),
+            bus.publish(MetricOrderPlaced("o-2")),
+        )
+        assert all(r[0] == 200 for r in results[:4])
+        await bus.stop()
+        status, _, body = await asyncio.to_thread(fetch, server.url + "/health")
+        assert (status, json.loads(body)["status"]) == (503, "stopped")
+    finally:
+        await server.close()
+    with pytest.raises(OSError):
+        await asyncio.to_thread(fetch, server.url + "/metrics")
+
+
+async def test_the_endpoint_closes_idle_connections_on_close(make_bus: Any) -> None:
+    bus = await make_bus()
+    async with await oxbus.metrics.serve(bus) as server:
+        # A client that connects and sends nothing must not keep close() waiting.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n")  # headers never finished
+        await writer.drain()
+        await asyncio.sleep(0)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()

@@ -27,6 +27,7 @@ from oxbus.errors import (
     StorageError,
     TransportError,
 )
+from oxbus.bridge import RedisPubSubBridge
 from oxbus.events import DomainEvent
 from oxbus.heartbeat import Heartbeat, HeartbeatHandle
 from oxbus.log import CorrelationFilter
@@ -52,6 +53,7 @@ __all__ = [
     "OxbusError",
     "ProcessingResult",
     "QueueFull",
+    "RedisPubSubBridge",
     "RetryPolicy",
     "SerializationError",
     "Snapshot",

@@ -14,13 +14,14 @@ import contextvars
 import inspect
 import logging
 import os
+import socket
 import threading
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 
-from oxbus._oxbus import BusCore, Envelope, RetryPolicy, current_envelope, encode_json
+from oxbus._oxbus import BusCore, Envelope, RedisCore, RetryPolicy, current_envelope, encode_json
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus.store import SqliteEventStore
@@ -86,6 +87,8 @@ class DeadLetter:
     key_hash: int | None = field(repr=False, compare=False, default=None)
     #: the id of the dead letter this event is parked behind (it was never handled)
     parked_behind: str | None = field(repr=False, compare=False, default=None)
+    #: the ordering key it was published with (explicit or its aggregate_id)
+    key: Any = field(repr=False, compare=False, default=None)
 
 
 class DeadLetters:
@@ -144,7 +147,9 @@ class DeadLetters:
         try:
             for entry in entries:
                 sub = self._bus._sub_id(entry)
-                if sub is None or not self._bus._core.redeliver(entry.event, sub, entry.position):
+                if sub is None or not self._bus._core.redeliver(
+                    entry.event, sub, entry.position, None, None, entry.key
+                ):
                     raise InvalidSubscription(
                         f"dead letter {entry.id!r}: subscription {entry.subscription!r} "
                         "no longer exists; purge it or subscribe again"
@@ -231,6 +236,31 @@ class _ElasticPool(concurrent.futures.ThreadPoolExecutor):
                 self._max_workers -= 1
 
 
+def _event_from_payload(payload: dict[str, Any]) -> Any:
+    """An event read from a transport: the user's class through the registry, else the data."""
+    from oxbus.registry import lookup, rebuild
+
+    data = payload.get("data", {})
+    cls = lookup(payload.get("event_type"))
+    if cls is None:
+        return data
+    obj = rebuild(cls, data)
+    d = getattr(obj, "__dict__", None)
+    if d is not None and getattr(cls, "__oxbus_domain_event__", False):
+        d["event_id"] = payload.get("event_id")
+        if payload.get("occurred_at"):
+            d["occurred_at"] = datetime.fromisoformat(payload["occurred_at"])
+        for k, v in (payload.get("metadata") or {}).items():
+            if v is not None:
+                d[k] = v
+    return obj
+
+
+def _signed(h: int | None) -> int | None:
+    """A 64-bit lane hash as SQLite's signed integer."""
+    return None if h is None else (h - 2**64 if h >= 2**63 else h)
+
+
 def _timeout(name: str, value: Any) -> float | None:
     if value is None:
         return None
@@ -297,6 +327,16 @@ class EventBus:
         batch_timeout_seconds: float | None = None,
         ordered: bool | None = None,
         store: SqliteEventStore | str | os.PathLike[str] | None = None,
+        transport: str | None = None,
+        group: str = "default",
+        consumer: str | None = None,
+        stream: str = "oxbus:events",
+        claim_idle: float = 30.0,
+        partitions: int = 1,
+        maxlen: int = 1_000_000,
+        max_deliveries: int = 5,
+        publish_timeout: float = 5.0,
+        prefetch: int = 1000,
         clock: Any = None,
         max_event_bytes: int | None = None,
         name: str = "oxbus",
@@ -341,6 +381,23 @@ class EventBus:
             )
         if self._store is not None and event_storage is not None:
             raise ConfigurationError("give store= or event_storage=, not both")
+        self._redis: RedisCore | None = None
+        self._redis_args: tuple[Any, ...] | None = None
+        if transport is not None:
+            if self._store is not None or event_storage is not None:
+                raise ConfigurationError("a Redis transport cannot be combined with store= or event_storage=")
+            if not isinstance(transport, str) or not transport.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigurationError(
+                    f"transport must be a redis:// (or rediss://, unix://) URL, got {transport!r}"
+                )
+            _positive_int("partitions", partitions)
+            streams = [stream] if partitions == 1 else [f"{stream}:{i}" for i in range(partitions)]
+            who = consumer or f"{socket.gethostname()}-{os.getpid()}"
+            self._redis_args = (
+                transport, streams, group, who, float(claim_idle), int(maxlen), 256,
+                _positive_int("prefetch", prefetch), _positive_int("max_deliveries", max_deliveries),
+                f"{stream}:dead", float(publish_timeout), True,
+            )
         self._core = BusCore(n, max_queue_size, ordered, sync_handlers == "thread", self._executor, retry)
         self._retry = retry or RetryPolicy()
         self._storage = event_storage
@@ -381,6 +438,18 @@ class EventBus:
         ]
         if self._store is not None:
             await self._recover()
+        if self._redis_args is not None:
+            try:
+                # Connecting may take a while: never on the loop thread.
+                self._redis = await loop.run_in_executor(None, lambda: RedisCore(*self._redis_args))
+            except BaseException:
+                await self.stop(drain=False)
+                raise
+            self._redis.set_target(loop, self._on_entries)
+
+    def _on_entries(self) -> None:
+        if self._redis is not None:
+            self._redis.dispatch(self._core, _event_from_payload)
 
     async def _recover(self) -> None:
         """Durable bus: queue, for each subscription, every committed event it has not
@@ -395,7 +464,9 @@ class EventBus:
                     stored.event, sid, stored.position, stored.correlation_id, stored.causation_id
                 )
         self.dead_letters._entries.clear()
-        for did, pos, sub, attempts, first, last, etype, emsg, tb in await store._core.dead_letters():
+        by_position: dict[tuple[int, str], DeadLetter] = {}
+        for row in await store._core.dead_letters():
+            did, pos, sub, attempts, first, last, etype, emsg, tb, key_hash, behind = row
             row = await store._core.at(pos)
             event = store._row(row).event if row is not None else None
             self.dead_letters._add(
@@ -404,8 +475,28 @@ class EventBus:
                     first_failed_at=datetime.fromisoformat(first),
                     last_failed_at=datetime.fromisoformat(last), error_type=etype,
                     error_message=emsg, traceback=tb, position=pos,
+                    final_result=ProcessingResult(
+                        event_id=getattr(event, "event_id", None) if not isinstance(event, dict)
+                        else event.get("event_id"),
+                        success=False,
+                        error_message=f"{etype.rsplit('.', 1)[-1]}: {emsg}",
+                        retry_attempt=attempts - 1,
+                        subscription=sub,
+                    ),
+                    key_hash=None if key_hash is None else key_hash % 2**64,
+                    subscription_id=next(
+                        (f"sub-{sid}" for sid, (name, _) in self._durable.items() if name == sub), ""
+                    ),
                 )
             )
+            entry = self.dead_letters._entries[f"db-{did}"]
+            head = by_position.get((behind, sub)) if behind is not None else None
+            if head is not None:
+                entry.parked_behind = head.id
+            elif entry.key_hash is not None and entry.subscription_id:
+                # The head of a parked key: park it again, as before the restart.
+                self._core.park(int(entry.subscription_id[4:]), entry.key_hash)
+            by_position[(pos, sub)] = entry
 
     def _spawn(self, aw: Awaitable[Any]) -> None:
         """Runs store bookkeeping in the background, keeping a reference until it ends."""
@@ -432,30 +523,54 @@ class EventBus:
 
         With ``drain`` (the default) it first waits, up to ``timeout`` seconds, for every
         accepted event to be handled. Events still queued after that (or at once with
-        ``drain=False``) are discarded, logged, and their number returned.
+        ``drain=False``) are discarded; handler calls already running may finish within what
+        is left of ``timeout`` (with ``drain=False`` and no timeout they are cancelled at
+        once), then are cancelled. Both
+        are logged and their number returned (on a durable bus they stay in the log and are
+        delivered after the next start).
         """
         if not self._core.running:
             return 0
         self._refuse_inside_handler("stop")
         if self._heartbeats is not None:
             await self._heartbeats.stop()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         if drain:
             try:
                 await self.drain(timeout)
             except TimeoutError:
                 logger.warning("stop: drain timed out after %ss; discarding the rest", timeout)
+        interrupted = self._core.statistics()["events_interrupted"]
         discarded = self._core.close(True)
-        if discarded:
-            logger.warning("stop: %d queued event(s) discarded", discarded)
+        # Handlers already running may finish within what is left of the timeout (with
+        # drain=False and no timeout they are cancelled at once).
+        running = self._core.drain_waiter() if (drain or deadline is not None) else None
+        if running is not None:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                await asyncio.wait_for(running, left)
+            except asyncio.TimeoutError:
+                pass
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        cut = self._core.statistics()["events_interrupted"] - interrupted
+        if discarded or cut:
+            logger.warning(
+                "stop: %d queued event(s) discarded, %d handler call(s) interrupted",
+                discarded, cut,
+            )
+        discarded += cut
         self._tasks = []
         self._first_failures.clear()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._owns_store and self._store is not None:
             self._store.close()
+        if self._redis is not None:
+            redis, self._redis = self._redis, None
+            await loop.run_in_executor(None, redis.stop)
         return discarded
 
     async def __aenter__(self) -> EventBus:
@@ -518,6 +633,11 @@ class EventBus:
         if not callable(handler):
             raise InvalidSubscription(
                 f"handler must be callable, got {handler!r} (type {type(handler).__name__})"
+            )
+        if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
+            raise InvalidSubscription(
+                f"handler {_qualname(handler)} is a generator function: calling it would not "
+                "run its body; use `def` or `async def` without `yield`"
             )
         sub_name = name if name is not None else _qualname(handler)
         if self._store is not None and self._core.has_name(sub_name):
@@ -606,6 +726,12 @@ class EventBus:
             await self._storage.store_event(event)
         elif self._store is not None:
             return await self._publish_durable(event, key, correlation_id)
+        elif self._redis_args is not None:
+            self._core.ensure_running()
+            if self._redis is None:
+                raise BusNotStarted("the bus is still connecting to Redis: await bus.start() first")
+            await self._redis.publish(event, key, correlation_id)
+            return True
         waiter = self._core.publish(event, key, correlation_id)
         if waiter is not None:
             await waiter
@@ -633,18 +759,29 @@ class EventBus:
         """Publishes without waiting; raises ``QueueFull`` when the queue is full."""
         if self._max_bytes is not None:
             self._check_size(event)
-        if self._storage is not None or self._store is not None:
-            raise OxbusError("publish_nowait cannot wait for the store; use publish")
+        if self._storage is not None or self._store is not None or self._redis_args is not None:
+            raise OxbusError("publish_nowait cannot wait for the store or Redis; use publish")
         self._core.publish_nowait(event, key, correlation_id)
 
     async def publish_many(self, events: Iterable[Any]) -> int:
         """Publishes every event in order; returns how many were accepted."""
+        if self._max_bytes is not None:
+            events = list(events)
+            for e in events:
+                self._check_size(e)
         if self._storage is not None:
             n = 0
             for e in events:
                 await self.publish(e)
                 n += 1
             return n
+        if self._redis is not None:
+            self._core.ensure_running()
+            redis = self._redis
+            futures = [redis.publish(e) for e in events]  # pipelined together
+            for f in futures:
+                await f
+            return len(futures)
         if self._store is not None:
             # One atomic group in the log, one commit, then dispatch in order.
             self._core.ensure_running()
@@ -725,18 +862,23 @@ class EventBus:
                 f"{s['in_flight']} in handlers, {s['retry_queue_size']} waiting to retry"
             ) from None
 
-    async def wait_for(
+    def wait_for(
         self,
         event_type: Target,
         predicate: Callable[[Any], bool] | None = None,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> Awaitable[Any]:
         """The first matching event accepted after this call (before its handlers run).
 
-        Raises ``TimeoutError`` after ``timeout`` seconds.
+        It listens from the moment it is called, so ``w = bus.wait_for(X)`` followed by
+        ``await bus.publish(x)`` and ``await w`` sees ``x``. Raises ``TimeoutError`` after
+        ``timeout`` seconds. ``event_type`` is a class, type string, pattern or Enum member.
         """
         fut = asyncio.get_running_loop().create_future()
         wid = self._core.add_waiter(event_type, predicate, fut)
+        return self._wait_for(fut, wid, event_type, timeout)
+
+    async def _wait_for(self, fut: asyncio.Future[Any], wid: int, event_type: Target, timeout: float | None) -> Any:
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
@@ -870,7 +1012,7 @@ class EventBus:
             attempts=attempts, first_failed_at=first, last_failed_at=now, error_type=etype,
             error_message=message, traceback=tb, final_result=result,  # type: ignore[arg-type]
             subscription_id=f"sub-{sub_id}", position=env.position, key_hash=park_key,
-            parked_behind=head.id if head else None,
+            parked_behind=head.id if head else None, key=env.key,
         )
         self.dead_letters._add(entry)
         if parked:
@@ -878,7 +1020,7 @@ class EventBus:
         if self._store is not None and env.position is not None:
             fut = self._store._core.add_dead_letter(
                 env.position, subscription, attempts, first.isoformat(), now.isoformat(),
-                etype, message, tb,
+                etype, message, tb, _signed(park_key), head.position if head else None,
             )
 
             def renamed(f: asyncio.Future[int]) -> None:
@@ -978,6 +1120,16 @@ class EventBus:
         worker_count, in_flight, lanes, oldest queued age, memory_usage_mb, cpu_percent,
         system memory, error rate, dead letters and the thresholds used."""
         h: dict[str, Any] = self._core.health()
+        if self._redis is not None:
+            ok, lag, pending, published, received, claimed, dead, err = self._redis.health()
+            h["transport"] = {
+                "kind": "redis", "reachable": ok, "lag": lag, "pending": pending,
+                "published": published, "received": received, "claimed": claimed,
+                "dead_lettered": dead, "last_error": err,
+            }
+            if not ok and h["status"] == "healthy":
+                h["status"] = "degraded"
+                h["reasons"].append(f"Redis unreachable: {err}")
         pool = self._executor
         h["abandoned_threads"] = 0 if pool is None else pool.abandoned
         h["abandoned_threads_total"] = 0 if pool is None else pool.abandoned_total

@@ -49,6 +49,11 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
+_IDENTITY = frozenset(
+    {"event_id", "occurred_at", "event_type", "aggregate_id", "correlation_id", "causation_id"}
+)
+
+
 class DomainEvent:
     """Base class for domain events.
 
@@ -151,7 +156,9 @@ class DomainEvent:
         return out
 
     def __repr__(self) -> str:
+        # Identity attributes appear in __dict__ once read (they are cached there): leave
+        # them out, so the repr does not depend on what was read before.
         fields = ", ".join(
-            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_")
+            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in _IDENTITY
         )
         return f"{type(self).__name__}({fields})"

@@ -758,7 +758,8 @@ impl PyBusCore {
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
     /// False when that subscription is gone or does not match the event.
-    #[pyo3(signature = (event, sub_id, position=None, correlation_id=None, causation_id=None))]
+    #[pyo3(signature = (event, sub_id, position=None, correlation_id=None, causation_id=None, key=None))]
+    #[allow(clippy::too_many_arguments)]
     fn redeliver(
         &self,
         py: Python<'_>,
@@ -767,6 +768,7 @@ impl PyBusCore {
         position: Option<i64>,
         correlation_id: Option<Py<PyAny>>,
         causation_id: Option<Py<PyAny>>,
+        key: Option<Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let sub = {
             let inner = self.inner.lock();
@@ -776,7 +778,8 @@ impl PyBusCore {
                 None => return Ok(false),
             }
         };
-        let (mut item, lane) = self.envelope(py, event, None, None, position)?;
+        let explicit = key.as_ref().map(|k| k.clone().unbind());
+        let (mut item, lane) = self.envelope(py, event, key, None, position)?;
         let full = item.env.route();
         if !full.subs.iter().any(|s| s.id == sub_id) {
             // Not an event this subscription matches (a durable bus's restart scans every
@@ -800,7 +803,7 @@ impl PyBusCore {
         item.env = Arc::new(EnvData::new(
             event.clone().unbind(),
             origin,
-            None,
+            explicit,
             Arc::new(route),
             position,
         ));
@@ -820,6 +823,11 @@ impl PyBusCore {
     /// Sets the wrapper that puts a timeout on a handler's awaitable.
     fn set_timeout_wrapper(&self, wrap: Py<PyAny>) {
         self.inner.lock().wrap_timeout = Some(wrap);
+    }
+
+    /// Parks a key behind a dead letter of a subscription (restoring a durable bus's state).
+    fn park(&self, sub_id: u64, key_hash: u64) {
+        self.inner.lock().parked.insert((sub_id, key_hash));
     }
 
     /// Releases a key parked behind a dead letter of a subscription; whether it was parked.

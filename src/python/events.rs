@@ -116,8 +116,8 @@ pub fn matcher_for(target: &Bound<'_, PyAny>) -> PyResult<Matcher> {
 pub enum Step<'py> {
     /// It yielded this (a future to wait on, or None for a bare yield).
     Yielded(Bound<'py, PyAny>),
-    /// It finished (its value is not needed: handlers' results are ignored).
-    Returned,
+    /// It finished with this value.
+    Returned(Bound<'py, PyAny>),
 }
 
 /// Sends `None` into an iterator-like awaitable (a coroutine, or the iterator of `__await__`).
@@ -133,9 +133,8 @@ pub fn send_none<'py>(it: &Bound<'py, PyAny>) -> PyResult<Step<'py>> {
             Ok(Step::Yielded(unsafe { Bound::from_owned_ptr(py, out) }))
         }
         ffi::PySendResult::PYGEN_RETURN => {
-            // SAFETY: PYGEN_RETURN returns a new, non-null reference; dropping it releases it.
-            drop(unsafe { Bound::from_owned_ptr(py, out) });
-            Ok(Step::Returned)
+            // SAFETY: PYGEN_RETURN returns a new, non-null reference.
+            Ok(Step::Returned(unsafe { Bound::from_owned_ptr(py, out) }))
         }
         ffi::PySendResult::PYGEN_ERROR => Err(PyErr::fetch(py)),
     }
@@ -146,7 +145,9 @@ pub fn throw_into<'py>(it: &Bound<'py, PyAny>, err: &PyErr) -> PyResult<Step<'py
     let py = it.py();
     match it.call_method1(intern!(py, "throw"), (err.value(py),)) {
         Ok(v) => Ok(Step::Yielded(v)),
-        Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => Ok(Step::Returned),
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
+            Ok(Step::Returned(e.value(py).getattr(intern!(py, "value"))?))
+        }
         Err(e) => Err(e),
     }
 }

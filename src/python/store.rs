@@ -75,6 +75,8 @@ fn dead_to_py(py: Python<'_>, d: DeadRow) -> PyResult<Bound<'_, PyTuple>> {
         d.error_type,
         d.error_message,
         d.traceback,
+        d.key_hash,
+        d.parked_behind,
     )
         .into_pyobject(py)
 }
@@ -482,6 +484,7 @@ impl PyStoreCore {
         )
     }
 
+    #[pyo3(signature = (position, subscription, attempts, first_failed_at, last_failed_at, error_type, error_message, traceback, key_hash=None, parked_behind=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_dead_letter(
         &self,
@@ -494,6 +497,8 @@ impl PyStoreCore {
         error_type: String,
         error_message: String,
         traceback: String,
+        key_hash: Option<i64>,
+        parked_behind: Option<i64>,
     ) -> PyResult<Py<PyAny>> {
         let d = DeadRow {
             id: 0,
@@ -505,6 +510,8 @@ impl PyStoreCore {
             error_type,
             error_message,
             traceback,
+            key_hash,
+            parked_behind,
         };
         self.submit(py, Op::AddDeadLetter(d))
     }

@@ -149,7 +149,16 @@ impl PyWorker {
                         self.suspend(py, &mut st);
                         return Ok(v.unbind());
                     }
-                    Ok(Step::Returned) => self.after_await(py, &mut st, kind, None)?,
+                    Ok(Step::Returned(value)) => {
+                        // A thread-pool handler may hand back an awaitable: run it too.
+                        if kind == Kind::Handler && !value.is_none() {
+                            if let Some(it) = events::awaitable_iter(&value)? {
+                                st.awaiting = Some((it.unbind(), Kind::Handler));
+                                continue;
+                            }
+                        }
+                        self.after_await(py, &mut st, kind, None)?;
+                    }
                     Err(e) => self.after_await(py, &mut st, kind, Some(e))?,
                 }
                 continue;
@@ -416,9 +425,12 @@ impl PyWorker {
     /// Books a finished handler call, then runs the after-call hook, a retry, or moves on.
     fn call_done(&self, py: Python<'_>, st: &mut State, err: Option<PyErr>) -> PyResult<()> {
         if let Some(e) = &err {
-            // KeyboardInterrupt, SystemExit and the like end the worker (and, with asyncio,
-            // the program), as they would in any task; CancelledError counts as a failure.
-            if !e.is_instance_of::<PyException>(py) && !is_cancelled_error(py, e) {
+            // KeyboardInterrupt and SystemExit end the worker (and, with asyncio, the
+            // program), as they would in any task; any other exception, BaseException
+            // subclasses included, is a handler failure.
+            if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
+                || e.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
+            {
                 return Err(err.expect("checked above"));
             }
         }
@@ -484,9 +496,10 @@ impl PyWorker {
         };
         cur.retry_after_hook = retry;
         if let Some(hook) = hook {
+            // `into_value` attaches the traceback, so dead letters show where it was raised.
             let err_obj = err
                 .as_ref()
-                .map_or_else(|| py.None(), |e| e.value(py).clone().into_any().unbind());
+                .map_or_else(|| py.None(), |e| e.clone_ref(py).into_value(py).into_any());
             let secs = ns.map_or_else(
                 || py.None(),
                 |ns| {

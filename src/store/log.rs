@@ -87,6 +87,10 @@ pub struct DeadRow {
     pub error_message: String,
     /// Formatted traceback.
     pub traceback: String,
+    /// The key's lane hash, when the subscription parks keys behind dead letters.
+    pub key_hash: Option<i64>,
+    /// For an event parked behind a dead letter: the log position of that dead letter.
+    pub parked_behind: Option<i64>,
 }
 
 /// How hard a commit waits for the disk.
@@ -149,7 +153,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     last_failed_at  TEXT    NOT NULL,
     error_type      TEXT    NOT NULL,
     error_message   TEXT    NOT NULL,
-    traceback       TEXT    NOT NULL
+    traceback       TEXT    NOT NULL,
+    key_hash        INTEGER,
+    parked_behind   INTEGER
 );
 ";
 
@@ -258,6 +264,12 @@ impl Log {
         log.conn
             .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
             .map_err(|e| log.err(e))?;
+        // Files written before dead letters kept their key: add the columns.
+        for col in ["key_hash", "parked_behind"] {
+            let _ = log.conn.execute_batch(&format!(
+                "ALTER TABLE dead_letters ADD COLUMN {col} INTEGER"
+            ));
+        }
         Ok(log)
     }
 
@@ -476,9 +488,9 @@ impl Log {
     pub fn add_dead_letter(&self, d: &DeadRow) -> Result<i64> {
         self.conn
             .execute(
-                "INSERT INTO dead_letters (position, subscription, attempts, first_failed_at, last_failed_at, error_type, error_message, traceback)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![d.position, d.subscription, d.attempts, d.first_failed_at, d.last_failed_at, d.error_type, d.error_message, d.traceback],
+                "INSERT INTO dead_letters (position, subscription, attempts, first_failed_at, last_failed_at, error_type, error_message, traceback, key_hash, parked_behind)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![d.position, d.subscription, d.attempts, d.first_failed_at, d.last_failed_at, d.error_type, d.error_message, d.traceback, d.key_hash, d.parked_behind],
             )
             .map_err(|e| self.err(e))?;
         Ok(self.conn.last_insert_rowid())
@@ -489,7 +501,7 @@ impl Log {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, position, subscription, attempts, first_failed_at, last_failed_at, error_type, error_message, traceback
+                "SELECT id, position, subscription, attempts, first_failed_at, last_failed_at, error_type, error_message, traceback, key_hash, parked_behind
                  FROM dead_letters ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
@@ -505,6 +517,8 @@ impl Log {
                     error_type: r.get(6)?,
                     error_message: r.get(7)?,
                     traceback: r.get(8)?,
+                    key_hash: r.get(9)?,
+                    parked_behind: r.get(10)?,
                 })
             })
             .map_err(|e| self.err(e))?;

@@ -406,6 +406,10 @@ class EventBus:
             self._after_call, self._mark is not None or self._store is not None
         )
         self._core.set_timeout_wrapper(self._timed)
+        self._plain = (
+            max_event_bytes is None and event_storage is None and self._store is None
+            and self._redis_args is None
+        )
         if clock is not None:
             if not (callable(getattr(clock, "sleep", None)) and callable(getattr(clock, "time", None))):
                 raise ConfigurationError(
@@ -719,6 +723,11 @@ class EventBus:
         ordering key (default: ``event.aggregate_id``). Raises ``BusNotStarted`` before
         ``start()``, ``BusClosed`` after ``stop()``.
         """
+        if self._plain:  # the in-memory fast path: one Rust call, no future while there is room
+            waiter = self._core.publish(event, key, correlation_id)
+            if waiter is not None:
+                await waiter
+            return True
         if self._max_bytes is not None:
             self._check_size(event)
         if self._storage is not None:

@@ -352,20 +352,27 @@ impl PyBusCore {
     fn route(&self, event: &Bound<'_, PyAny>) -> PyResult<Arc<Route>> {
         let ty = event.get_type();
         let ty_id = ty.as_ptr() as usize;
-        let (gen, by_key) = {
-            let inner = self.inner.lock();
-            (inner.router.generation(), inner.router.needs_type_key())
-        };
         let is_dict = event.cast::<PyDict>().is_ok();
+        // The common case in one lock: no string subscriptions, not a dict, class cached.
+        let by_key = {
+            let inner = self.inner.lock();
+            let by_key = inner.router.needs_type_key();
+            if !by_key && !is_dict && inner.routes_gen == inner.router.generation() {
+                if let Some(r) = inner.routes.get(&(ty_id, None)) {
+                    return Ok(Arc::clone(r));
+                }
+            }
+            by_key
+        };
         let type_key = if by_key || is_dict {
             Some(events::type_key(event)?)
         } else {
             None
         };
         let cache_key = (ty_id, type_key);
-        {
+        if cache_key.1.is_some() {
             let inner = self.inner.lock();
-            if inner.routes_gen == gen {
+            if inner.routes_gen == inner.router.generation() {
                 if let Some(r) = inner.routes.get(&cache_key) {
                     return Ok(Arc::clone(r));
                 }

@@ -27,18 +27,61 @@ fn to_py(e: &TransportError) -> PyErr {
     }
 }
 
-/// Entries received and not yet dispatched, and who dispatches them.
-#[derive(Default)]
-struct Inbox {
-    entries: Mutex<Vec<Entry>>,
-    /// (loop, callback) to schedule when entries arrive.
+/// Items received on a transport thread and not yet taken on the loop, and the callback that
+/// takes them: scheduled once per batch (when the inbox goes from empty to not empty).
+struct Inbox<T> {
+    items: Mutex<Vec<T>>,
+    /// (loop, callback) to schedule when items arrive.
     target: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+}
+
+impl<T> Default for Inbox<T> {
+    fn default() -> Self {
+        Self {
+            items: Mutex::new(Vec::new()),
+            target: Mutex::new(None),
+        }
+    }
+}
+
+impl<T> Inbox<T> {
+    fn push(&self, items: Vec<T>) {
+        let first = {
+            let mut inbox = self.items.lock();
+            let was_empty = inbox.is_empty();
+            inbox.extend(items);
+            was_empty
+        };
+        if first {
+            // One GIL acquisition per batch; nothing once the interpreter is finalizing.
+            let _ = Python::try_attach(|py| {
+                let target = self
+                    .target
+                    .lock()
+                    .as_ref()
+                    .map(|(l, c)| (l.clone_ref(py), c.clone_ref(py)));
+                if let Some((l, c)) = target {
+                    let _ = l
+                        .bind(py)
+                        .call_method1(intern!(py, "call_soon_threadsafe"), (c,));
+                }
+            });
+        }
+    }
+
+    fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *self.items.lock())
+    }
+
+    fn set_target(&self, target: Option<(Py<PyAny>, Py<PyAny>)>) {
+        *self.target.lock() = target;
+    }
 }
 
 struct PySinkR {
     completions: Arc<Completions>,
     resolver: Py<PyResolver>,
-    inbox: Arc<Inbox>,
+    inbox: Arc<Inbox<Entry>>,
 }
 
 impl Deliver for PySinkR {
@@ -57,27 +100,7 @@ impl Deliver for PySinkR {
     }
 
     fn entries(&self, entries: Vec<Entry>) {
-        let first = {
-            let mut inbox = self.inbox.entries.lock();
-            let was_empty = inbox.is_empty();
-            inbox.extend(entries);
-            was_empty
-        };
-        if first {
-            let _ = Python::try_attach(|py| {
-                let target = self
-                    .inbox
-                    .target
-                    .lock()
-                    .as_ref()
-                    .map(|(l, c)| (l.clone_ref(py), c.clone_ref(py)));
-                if let Some((l, c)) = target {
-                    let _ = l
-                        .bind(py)
-                        .call_method1(intern!(py, "call_soon_threadsafe"), (c,));
-                }
-            });
-        }
+        self.inbox.push(entries);
     }
 }
 
@@ -86,7 +109,7 @@ impl Deliver for PySinkR {
 pub struct PyRedisCore {
     transport: Arc<Transport>,
     completions: Arc<Completions>,
-    inbox: Arc<Inbox>,
+    inbox: Arc<Inbox<Entry>>,
     partitions: usize,
 }
 
@@ -178,7 +201,7 @@ impl PyRedisCore {
 
     /// Where deliveries go: `callback()` is scheduled on `loop_` when entries arrive.
     fn set_target(&self, loop_: Py<PyAny>, callback: Py<PyAny>) {
-        *self.inbox.target.lock() = Some((loop_, callback));
+        self.inbox.set_target(Some((loop_, callback)));
     }
 
     /// Publishes an event -> future of its entry id, resolved once Redis accepted it.
@@ -217,7 +240,7 @@ impl PyRedisCore {
         bus: &Bound<'_, PyBusCore>,
         make_event: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        let entries = std::mem::take(&mut *self.inbox.entries.lock());
+        let entries = self.inbox.take();
         let n = entries.len();
         for e in entries {
             let transport = Arc::clone(&self.transport);
@@ -268,7 +291,7 @@ impl PyRedisCore {
 
     /// Stops the transport's tasks and thread (without holding the GIL). Idempotent.
     fn stop(&self, py: Python<'_>) {
-        *self.inbox.target.lock() = None;
+        self.inbox.set_target(None);
         let t = Arc::clone(&self.transport);
         py.detach(move || t.stop());
     }
@@ -281,38 +304,12 @@ impl PyRedisCore {
 }
 
 struct BridgeSink {
-    inbox: Arc<BridgeInbox>,
-}
-
-#[derive(Default)]
-struct BridgeInbox {
-    messages: Mutex<Vec<(String, String)>>,
-    target: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    inbox: Arc<Inbox<(String, String)>>,
 }
 
 impl crate::transport::pubsub::ChannelSink for BridgeSink {
     fn messages(&self, messages: Vec<(String, String)>) {
-        let first = {
-            let mut inbox = self.inbox.messages.lock();
-            let was_empty = inbox.is_empty();
-            inbox.extend(messages);
-            was_empty
-        };
-        if first {
-            let _ = Python::try_attach(|py| {
-                let target = self
-                    .inbox
-                    .target
-                    .lock()
-                    .as_ref()
-                    .map(|(l, c)| (l.clone_ref(py), c.clone_ref(py)));
-                if let Some((l, c)) = target {
-                    let _ = l
-                        .bind(py)
-                        .call_method1(intern!(py, "call_soon_threadsafe"), (c,));
-                }
-            });
-        }
+        self.inbox.push(messages);
     }
 }
 
@@ -320,14 +317,14 @@ impl crate::transport::pubsub::ChannelSink for BridgeSink {
 #[pyclass(frozen, name = "BridgeCore", module = "oxbus._oxbus")]
 pub struct PyBridgeCore {
     bridge: crate::transport::pubsub::Bridge,
-    inbox: Arc<BridgeInbox>,
+    inbox: Arc<Inbox<(String, String)>>,
 }
 
 #[pymethods]
 impl PyBridgeCore {
     #[new]
     fn new(py: Python<'_>, url: &str, channels: Vec<String>) -> PyResult<Self> {
-        let inbox = Arc::new(BridgeInbox::default());
+        let inbox = Arc::new(Inbox::default());
         let sink = Arc::new(BridgeSink {
             inbox: Arc::clone(&inbox),
         });
@@ -339,12 +336,12 @@ impl PyBridgeCore {
 
     /// `callback()` is scheduled on `loop_` when messages arrive.
     fn set_target(&self, loop_: Py<PyAny>, callback: Py<PyAny>) {
-        *self.inbox.target.lock() = Some((loop_, callback));
+        self.inbox.set_target(Some((loop_, callback)));
     }
 
     /// The messages received since the last call: (channel, payload) pairs.
     fn take(&self) -> Vec<(String, String)> {
-        std::mem::take(&mut *self.inbox.messages.lock())
+        self.inbox.take()
     }
 
     /// Queues a `PUBLISH` of `payload` on `channel`.
@@ -354,7 +351,7 @@ impl PyBridgeCore {
 
     /// Stops the bridge's tasks and thread (without holding the GIL). Idempotent.
     fn stop(&self, py: Python<'_>) {
-        *self.inbox.target.lock() = None;
+        self.inbox.set_target(None);
         py.detach(|| self.bridge.stop());
     }
 }

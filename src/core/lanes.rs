@@ -26,6 +26,8 @@ struct Lane<T> {
 pub struct Lanes<T> {
     ready: VecDeque<Slot<T>>,
     by_key: FxHashMap<u64, Lane<T>>,
+    /// Emptied lane queues kept for reuse: keys come and go per event, allocations need not.
+    spare: Vec<VecDeque<T>>,
     len: usize,
     capacity: usize,
 }
@@ -36,6 +38,7 @@ impl<T> Lanes<T> {
         Self {
             ready: VecDeque::new(),
             by_key: FxHashMap::default(),
+            spare: Vec::new(),
             len: 0,
             capacity,
         }
@@ -79,8 +82,9 @@ impl<T> Lanes<T> {
             self.ready.push_back(Slot::Keyless(item));
             return;
         };
+        let spare = &mut self.spare;
         let lane = self.by_key.entry(k).or_insert_with(|| Lane {
-            queue: VecDeque::new(),
+            queue: spare.pop().unwrap_or_default(),
             busy: false,
         });
         if !lane.busy && lane.queue.is_empty() {
@@ -117,7 +121,11 @@ impl<T> Lanes<T> {
         };
         lane.busy = false;
         if lane.queue.is_empty() {
-            self.by_key.remove(&k);
+            if let Some(lane) = self.by_key.remove(&k) {
+                if self.spare.len() < 1024 {
+                    self.spare.push(lane.queue);
+                }
+            }
         } else {
             self.ready.push_back(Slot::Key(k));
         }

@@ -337,6 +337,7 @@ class EventBus:
         max_deliveries: int = 5,
         publish_timeout: float = 5.0,
         prefetch: int = 1000,
+        consume: bool | None = None,
         clock: Any = None,
         max_event_bytes: int | None = None,
         name: str = "oxbus",
@@ -391,12 +392,16 @@ class EventBus:
                     f"transport must be a redis:// (or rediss://, unix://) URL, got {transport!r}"
                 )
             _positive_int("partitions", partitions)
+            if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0:
+                raise ConfigurationError(f"maxlen must be an int >= 0 (0 = unbounded), got {maxlen!r}")
+            for kw, v in (("claim_idle", claim_idle), ("publish_timeout", publish_timeout)):
+                _timeout(kw, v)
             streams = [stream] if partitions == 1 else [f"{stream}:{i}" for i in range(partitions)]
             who = consumer or f"{socket.gethostname()}-{os.getpid()}"
             self._redis_args = (
                 transport, streams, group, who, float(claim_idle), int(maxlen), 256,
                 _positive_int("prefetch", prefetch), _positive_int("max_deliveries", max_deliveries),
-                f"{stream}:dead", float(publish_timeout), True,
+                f"{stream}:dead", float(publish_timeout), consume,
             )
         self._core = BusCore(n, max_queue_size, ordered, sync_handlers == "thread", self._executor, retry)
         self._retry = retry or RetryPolicy()
@@ -445,14 +450,18 @@ class EventBus:
         if self._redis_args is not None:
             try:
                 # Connecting may take a while: never on the loop thread.
-                self._redis = await loop.run_in_executor(None, lambda: RedisCore(*self._redis_args))
+                args = self._redis_args
+                if args[-1] is None:  # consume=None: a bus with subscriptions joins its group
+                    args = (*args[:-1], bool(self._core.subscriptions()))
+                self._redis = await loop.run_in_executor(None, lambda: RedisCore(*args))
             except BaseException:
                 await self.stop(drain=False)
                 raise
             self._redis.set_target(loop, self._on_entries)
 
     def _on_entries(self) -> None:
-        if self._redis is not None:
+        # Entries that arrive while the bus stops stay unacknowledged: Redis redelivers them.
+        if self._redis is not None and self._core.running:
             self._redis.dispatch(self._core, _event_from_payload)
 
     async def _recover(self) -> None:
@@ -540,6 +549,8 @@ class EventBus:
             await self._heartbeats.stop()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        if self._redis is not None:
+            self._redis.pause()  # take no new entries; drain what was received
         if drain:
             try:
                 await self.drain(timeout)

@@ -15,7 +15,7 @@ use pyo3::types::{PyDict, PyString};
 use crate::python::bus::PyBusCore;
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::store::{lookup, record_of};
-use crate::python::{codec, errors, events};
+use crate::python::{codec, errors};
 use crate::transport::{Config, Deliver, Entry, Transport, TransportError};
 
 fn to_py(e: &TransportError) -> PyErr {
@@ -111,6 +111,13 @@ pub struct PyRedisCore {
     completions: Arc<Completions>,
     inbox: Arc<Inbox<Entry>>,
     partitions: usize,
+}
+
+/// FNV-1a: the same partition for the same key in every process.
+fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The JSON written to the stream: identity, type, version, time, data and metadata.
@@ -220,7 +227,11 @@ impl PyRedisCore {
                 _ => lookup(event, intern!(py, "aggregate_id"))?,
             };
             self.transport
-                .partition(k.map(|k| events::lane_of(&k)).transpose()?)
+                // A stable hash of the key's text: Python's own str hash differs per process.
+                .partition(
+                    k.map(|k| k.str().map(|t| stable_hash(t.to_str().unwrap_or_default())))
+                        .transpose()?,
+                )
         } else {
             0
         };
@@ -289,7 +300,13 @@ impl PyRedisCore {
         )
     }
 
-    /// Stops the transport's tasks and thread (without holding the GIL). Idempotent.
+    /// Takes no new entries from Redis (before the bus drains what it has).
+    fn pause(&self) {
+        self.transport.pause();
+    }
+
+    /// Sends queued acknowledgements, then stops the transport's tasks and thread (without
+    /// holding the GIL). Idempotent.
     fn stop(&self, py: Python<'_>) {
         self.inbox.set_target(None);
         let t = Arc::clone(&self.transport);

@@ -40,6 +40,7 @@ impl Bridge {
         sink: Arc<dyn ChannelSink>,
     ) -> Result<Self, TransportError> {
         let safe = redact(url);
+        crate::transport::redis_streams::ensure_tls();
         let client = Client::open(url)
             .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe}: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -115,6 +115,10 @@ struct Shared {
     stop: AtomicBool,
     stopped: Notify,
     in_flight: AtomicUsize,
+    /// Acknowledgements queued and not yet sent (stop waits for them).
+    acks_queued: AtomicUsize,
+    /// Set by `pause`: the reader takes no new entries.
+    paused: AtomicBool,
     room: Notify,
     health: Mutex<Health>,
 }
@@ -172,6 +176,15 @@ async fn connect(
         .await
 }
 
+/// Installs rustls's crypto provider (ring) once, so `rediss://` URLs work.
+pub fn ensure_tls() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another part of the process may have installed one already: that one is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((50u64 << attempt.min(5)).min(1000))
 }
@@ -189,6 +202,7 @@ impl Transport {
             return Err(TransportError::Invalid("group must not be empty".into()));
         }
         let safe_url = redact(&cfg.url);
+        ensure_tls();
         let client = Client::open(cfg.url.as_str())
             .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe_url}: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -203,6 +217,8 @@ impl Transport {
             stop: AtomicBool::new(false),
             stopped: Notify::new(),
             in_flight: AtomicUsize::new(0),
+            acks_queued: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
             room: Notify::new(),
             health: Mutex::new(Health::default()),
         });
@@ -213,7 +229,7 @@ impl Transport {
                 .map_err(|e| shared.error(&e))?;
             if shared.cfg.consume {
                 for s in &shared.cfg.streams {
-                    create_group(&mut conn, s, &shared.cfg.group)
+                    create_group(&mut conn, s, &shared.cfg.group, "$")
                         .await
                         .map_err(|e| shared.error(&e))?;
                 }
@@ -236,7 +252,7 @@ impl Transport {
             conn.clone(),
             ack_rx,
         ));
-        runtime.spawn(health_reader(Arc::clone(&shared), conn));
+        runtime.spawn(health_reader(Arc::clone(&shared), client.clone(), conn));
         if shared.cfg.consume {
             runtime.spawn(reader(
                 Arc::clone(&shared),
@@ -283,7 +299,16 @@ impl Transport {
             .iter()
             .position(|s| s == stream)
             .unwrap_or(0);
-        let _ = self.ack_tx.send((idx, id));
+        self.shared.acks_queued.fetch_add(1, Ordering::AcqRel);
+        if self.ack_tx.send((idx, id)).is_err() {
+            self.shared.acks_queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Stops taking new entries (before the bus drains what it already has).
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::Release);
+        self.shared.stopped.notify_waiters();
     }
 
     /// The latest health reading.
@@ -291,8 +316,14 @@ impl Transport {
         self.shared.health.lock().clone()
     }
 
-    /// Stops every task and the runtime's thread. Idempotent.
+    /// Sends the acknowledgements still queued (waiting up to 2 s for Redis), then stops every
+    /// task and the runtime's thread. Idempotent.
     pub fn stop(&self) {
+        self.pause();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         self.shared.stop.store(true, Ordering::Release);
         self.shared.stopped.notify_waiters();
         self.shared.room.notify_waiters();
@@ -313,16 +344,20 @@ impl Drop for Transport {
     }
 }
 
+/// Creates the group if missing, at `start`: "$" (from now) when the bus starts, "0" (all
+/// the stream holds) when a reconnecting reader finds it gone — Redis restarted empty, and
+/// entries accepted since must not be skipped.
 async fn create_group(
     conn: &mut MultiplexedConnection,
     stream: &str,
     group: &str,
+    start: &str,
 ) -> redis::RedisResult<()> {
     let r: redis::RedisResult<Value> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
         .arg(group)
-        .arg("$")
+        .arg(start)
         .arg("MKSTREAM")
         .query_async(conn)
         .await;
@@ -421,7 +456,10 @@ async fn acker(
                     .ignore();
             }
             match pipe.query_async::<()>(&mut conn).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    shared.note(true, None);
+                    break;
+                }
                 Err(e) => {
                     shared.note(false, Some(e.to_string()));
                     if shared.stop.load(Ordering::Acquire) {
@@ -436,6 +474,7 @@ async fn acker(
             }
         }
         shared.in_flight.fetch_sub(n, Ordering::AcqRel);
+        shared.acks_queued.fetch_sub(n, Ordering::AcqRel);
         shared.room.notify_waiters();
     }
 }
@@ -470,13 +509,13 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
     let cfg = &shared.cfg;
     let mut conn: Option<MultiplexedConnection> = None;
     let mut attempt = 0;
-    while !shared.stop.load(Ordering::Acquire) {
+    while !shared.stop.load(Ordering::Acquire) && !shared.paused.load(Ordering::Acquire) {
         wait_for_room(&shared).await;
         if conn.is_none() {
             match connect(&client, None).await {
                 Ok(mut c) => {
                     for s in &cfg.streams {
-                        let _ = create_group(&mut c, s, &cfg.group).await;
+                        let _ = create_group(&mut c, s, &cfg.group, "0").await;
                     }
                     conn = Some(c);
                     attempt = 0;
@@ -550,7 +589,7 @@ async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
             () = tokio::time::sleep(period) => {}
             () = shared.stopped.notified() => return,
         }
-        if shared.stop.load(Ordering::Acquire) {
+        if shared.stop.load(Ordering::Acquire) || shared.paused.load(Ordering::Acquire) {
             return;
         }
         if conn.is_none() {
@@ -664,7 +703,8 @@ async fn claim_round(
 }
 
 /// Reads lag and pending of the group every few seconds (not a busy loop: one small command).
-async fn health_reader(shared: Arc<Shared>, mut conn: MultiplexedConnection) {
+async fn health_reader(shared: Arc<Shared>, client: Client, mut conn: MultiplexedConnection) {
+    let mut retried = false;
     loop {
         let (mut lag, mut pending, mut ok) = (0u64, 0u64, true);
         for s in &shared.cfg.streams {
@@ -698,6 +738,15 @@ async fn health_reader(shared: Arc<Shared>, mut conn: MultiplexedConnection) {
                 }
             }
         }
+        if !ok && !retried {
+            // A connection broken by a restart of Redis: read again at once on a new one.
+            if let Ok(c) = connect(&client, Some(Duration::from_secs(2))).await {
+                conn = c;
+                retried = true;
+                continue;
+            }
+        }
+        retried = false;
         {
             let mut h = shared.health.lock();
             if ok {

@@ -192,12 +192,6 @@ impl<H> Router<H> {
         true
     }
 
-    /// Removes every subscription whose payload satisfies `pred`; returns how many.
-    pub fn unsubscribe_where(&mut self, mut pred: impl FnMut(&Subscription<H>) -> bool) -> usize {
-        let ids: Vec<u64> = self.subs.iter().filter(|s| pred(s)).map(|s| s.id).collect();
-        ids.iter().filter(|id| self.unsubscribe(**id)).count()
-    }
-
     /// Changes whenever the table changes.
     pub fn generation(&self) -> u64 {
         self.generation

@@ -119,8 +119,8 @@ async def _oxbus_publisher(a: argparse.Namespace) -> None:
     cls = _event_class()
     events = _events(cls, a.n)
     batches = [events[i : i + a.batch] for i in range(0, a.n, a.batch)]
-    # Its own group: an oxbus bus always consumes one (it handles nothing here).
-    bus = EventBus(transport=a.url, group=a.group + "-pub", stream=a.stream, maxlen=MAXLEN)
+    # No subscriptions: a publish-only bus, which joins no group and reads nothing back.
+    bus = EventBus(transport=a.url, group=a.group, stream=a.stream, maxlen=MAXLEN)
     await bus.start()
     t0 = time.monotonic()
     for b in batches:

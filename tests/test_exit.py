@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
         async def handler(event):
             if mode == "exit":
                 sys.exit(0)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
 
         def sync_handler(event):
             pass

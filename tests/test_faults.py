@@ -176,7 +176,7 @@ async def test_a_sync_handler_on_the_loop_returning_a_coroutine_has_it_awaited(m
     ran: list[int] = []
 
     async def work(event: FltEvent) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         ran.append(event.n)
 
     bus.subscribe(FltEvent, lambda e: work(e))
@@ -301,7 +301,7 @@ async def main():
     bus = EventBus(workers=2, sync_handlers="thread" if mode == "thread" else "loop")
 
     async def async_handler(event):
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         raise exc(3)
 
     def sync_handler(event):
@@ -657,7 +657,7 @@ print("locked", flush=True)
 if sys.argv[2] == "stdin":
     sys.stdin.readline()
 else:
-    time.sleep(float(sys.argv[2]))
+    time.sleep(float(sys.argv[2]))  # sleep-ok: the child holds the lock this long
 c.execute("COMMIT")
 print("released", flush=True)
 """
@@ -896,7 +896,7 @@ if mode == "store":
 else:
     pending = loop.create_task(bus.publish(FltLc(1)))
 for _ in range(10):
-    loop.run_until_complete(asyncio.sleep(0))   # the request reaches the writer thread
+    loop.run_until_complete(asyncio.sleep(0))   # sleep-ok: the request reaches the writer thread
 print("PENDING", not pending.done(), flush=True)
 if pending.done():
     print("OUTCOME", repr(pending.exception()), flush=True)

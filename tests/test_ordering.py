@@ -49,7 +49,7 @@ class Tracker:
             self.keys_seen_running_together.add(live)
         try:
             for _ in range(spins):
-                await asyncio.sleep(0)  # a real suspension: other events may run now
+                await asyncio.sleep(0)  # sleep-ok: a real suspension: other events may run now
             self.order[key].append(seq)
         finally:
             self.active[key] -= 1
@@ -159,7 +159,7 @@ async def test_same_key_order_holds_across_several_subscriptions(make_bus: Any) 
     def make(tag: str) -> Any:
         async def h(event: LedgerEntry) -> None:
             for _ in range(rng.randint(1, 4)):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
             log.append((event.account, event.seq, tag))
 
         return h
@@ -184,7 +184,7 @@ async def test_seed_problem_2_event1_event2_event3_keep_order_with_many_workers(
 
         async def handler(event: LedgerEntry) -> None:
             for _ in range(rng.randint(0, 5)):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
             order.append(event.seq)
 
         bus.subscribe(LedgerEntry, handler)
@@ -208,7 +208,7 @@ async def test_a_retried_event_still_blocks_later_events_of_its_key(
     failed_once: set[int] = set()
 
     async def handler(event: LedgerEntry) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         if event.seq % 3 == 0 and event.seq not in failed_once:
             failed_once.add(event.seq)
             raise ValueError(f"first try of {event.seq}")

@@ -211,7 +211,7 @@ CONSUMER = textwrap.dedent(
             if crash:
                 os.kill(os.getpid(), signal.SIGKILL)
             if delay:
-                await asyncio.sleep(delay)  # the handler's work
+                await asyncio.sleep(delay)  # sleep-ok: the handler's simulated work
             out.write(f"{event.n}\\n")
             sys.stdout.write(f"h {event.n}\\n")
             sys.stdout.flush()
@@ -903,7 +903,7 @@ async def test_with_partitions_each_keys_events_are_handled_in_publish_order(
 
     async def handle(e: RdsStep) -> None:
         for _ in range(rng.randint(0, 3)):  # interleave handlers of different keys
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         order[e.account].append(e.seq)
         if sum(map(len, order.values())) == len(keys) * per_key:
             done.set()

@@ -267,7 +267,7 @@ async def test_priority_order_holds_for_mixed_sync_and_async_handlers(make_bus: 
 
     async def slow_async(event: Any) -> None:
         for _ in range(3):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         order.append("async-2")
 
     def sync_1(event: Any) -> None:

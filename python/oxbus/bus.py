@@ -797,11 +797,10 @@ class EventBus:
             return n
         if self._redis is not None:
             self._core.ensure_running()
-            redis = self._redis
-            futures = [redis.publish(e) for e in events]  # pipelined together
-            for f in futures:
-                await f
-            return len(futures)
+            items = list(events)
+            if items:
+                await self._redis.publish_many(items)  # one pipelined request, one future
+            return len(items)
         if self._store is not None:
             # One atomic group in the log, one commit, then dispatch in order.
             self._core.ensure_running()

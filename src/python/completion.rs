@@ -32,9 +32,11 @@ pub struct Completions {
 impl Completions {
     /// A new future on the running loop and the token that completes it.
     pub fn register<'py>(&self, py: Python<'py>) -> PyResult<(u64, Py<PyAny>, Bound<'py, PyAny>)> {
-        let loop_ = py
-            .import(intern!(py, "asyncio"))?
-            .call_method0(intern!(py, "get_running_loop"))?;
+        static GET_RUNNING_LOOP: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+        let get = GET_RUNNING_LOOP.get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
+        })?;
+        let loop_ = get.bind(py).call0()?;
         let fut = loop_.call_method0(intern!(py, "create_future"))?;
         let token = self.next.fetch_add(1, Relaxed) + 1;
         self.pending

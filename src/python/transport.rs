@@ -85,12 +85,14 @@ struct PySinkR {
 }
 
 impl Deliver for PySinkR {
-    fn published(&self, results: Vec<(u64, Result<String, TransportError>)>) {
+    fn published(&self, results: Vec<(u64, Result<Vec<String>, TransportError>)>) {
         let outcomes = results
             .into_iter()
             .map(|(t, r)| {
                 let f: Outcome = Box::new(move |py| match r {
-                    Ok(id) => Ok(PyString::new(py, &id).into_any().unbind()),
+                    // One event: its id; a batch: the list of ids.
+                    Ok(ids) if ids.len() == 1 => Ok(PyString::new(py, &ids[0]).into_any().unbind()),
+                    Ok(ids) => Ok(pyo3::types::PyList::new(py, ids)?.into_any().unbind()),
                     Err(e) => Err(to_py(&e)),
                 });
                 (t, f)
@@ -140,6 +142,29 @@ fn payload_of(
     out.push_str(&rec.metadata);
     out.push('}');
     Ok(out)
+}
+
+impl PyRedisCore {
+    /// The stream of an event: by a stable hash of its key when there are partitions.
+    fn partition_of(
+        &self,
+        event: &Bound<'_, PyAny>,
+        key: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        if self.partitions <= 1 {
+            return Ok(0);
+        }
+        let py = event.py();
+        let k = match key {
+            Some(k) if !k.is_none() => Some(k.clone()),
+            _ => lookup(event, intern!(py, "aggregate_id"))?,
+        };
+        // A stable hash of the key's text: Python's own str hash differs per process.
+        let h = k
+            .map(|k| k.str().map(|t| stable_hash(t.to_str().unwrap_or_default())))
+            .transpose()?;
+        Ok(self.transport.partition(h))
+    }
 }
 
 #[pymethods]
@@ -211,6 +236,24 @@ impl PyRedisCore {
         self.inbox.set_target(Some((loop_, callback)));
     }
 
+    /// Publishes events in one request -> future of their entry ids, resolved once Redis
+    /// accepted all of them (one future and one wake-up for the whole batch).
+    fn publish_many(&self, py: Python<'_>, events: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let items = events
+            .try_iter()?
+            .map(|e| {
+                let e = e?;
+                Ok((self.partition_of(&e, None)?, payload_of(&e, None)?))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let (token, fut, _) = self.completions.register(py)?;
+        if let Err(e) = self.transport.publish_many(token, items) {
+            self.completions.forget(token);
+            return Err(to_py(&e));
+        }
+        Ok(fut)
+    }
+
     /// Publishes an event -> future of its entry id, resolved once Redis accepted it.
     #[pyo3(signature = (event, key=None, correlation_id=None))]
     fn publish(
@@ -221,20 +264,7 @@ impl PyRedisCore {
         correlation_id: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let payload = payload_of(event, correlation_id)?;
-        let partition = if self.partitions > 1 {
-            let k = match key {
-                Some(k) if !k.is_none() => Some(k.clone()),
-                _ => lookup(event, intern!(py, "aggregate_id"))?,
-            };
-            self.transport
-                // A stable hash of the key's text: Python's own str hash differs per process.
-                .partition(
-                    k.map(|k| k.str().map(|t| stable_hash(t.to_str().unwrap_or_default())))
-                        .transpose()?,
-                )
-        } else {
-            0
-        };
+        let partition = self.partition_of(event, key)?;
         let (token, fut, _) = self.completions.register(py)?;
         if let Err(e) = self.transport.publish(token, partition, payload) {
             self.completions.forget(token);

@@ -103,8 +103,8 @@ pub struct Health {
 
 /// Receives results and deliveries, batch by batch, on the transport's thread.
 pub trait Deliver: Send + Sync + 'static {
-    /// Publish results: token and the entry id, or the error.
-    fn published(&self, results: Vec<(u64, Result<String, TransportError>)>);
+    /// Publish results: token and the entry ids of its events, or the error.
+    fn published(&self, results: Vec<(u64, Result<Vec<String>, TransportError>)>);
     /// Entries to handle; each must be acknowledged with `Transport::ack` when done.
     fn entries(&self, entries: Vec<Entry>);
 }
@@ -144,7 +144,7 @@ impl Shared {
 pub struct Transport {
     shared: Arc<Shared>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
-    pub_tx: mpsc::UnboundedSender<(u64, usize, String)>,
+    pub_tx: mpsc::UnboundedSender<(u64, Vec<(usize, String)>)>,
     ack_tx: mpsc::UnboundedSender<(usize, String)>,
 }
 
@@ -285,8 +285,20 @@ impl Transport {
         if self.shared.stop.load(Ordering::Acquire) {
             return Err(TransportError::Stopped);
         }
+        self.publish_many(token, vec![(partition, payload)])
+    }
+
+    /// Queues several events (partition, JSON) as one request: one result, all ids or an error.
+    pub fn publish_many(
+        &self,
+        token: u64,
+        items: Vec<(usize, String)>,
+    ) -> Result<(), TransportError> {
+        if self.shared.stop.load(Ordering::Acquire) {
+            return Err(TransportError::Stopped);
+        }
         self.pub_tx
-            .send((token, partition, payload))
+            .send((token, items))
             .map_err(|_| TransportError::Stopped)
     }
 
@@ -372,20 +384,24 @@ async fn publisher(
     shared: Arc<Shared>,
     client: Client,
     mut conn: MultiplexedConnection,
-    mut rx: mpsc::UnboundedReceiver<(u64, usize, String)>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Vec<(usize, String)>)>,
     sink: Arc<dyn Deliver>,
 ) {
     let cfg = &shared.cfg;
     while let Some(first) = rx.recv().await {
+        let mut n = first.1.len();
         let mut batch = vec![first];
-        while batch.len() < 1024 {
+        while n < 4096 {
             match rx.try_recv() {
-                Ok(x) => batch.push(x),
+                Ok(x) => {
+                    n += x.1.len();
+                    batch.push(x);
+                }
                 Err(_) => break,
             }
         }
         let mut pipe = redis::pipe();
-        for (_, part, payload) in &batch {
+        for (part, payload) in batch.iter().flat_map(|(_, items)| items) {
             let c = pipe.cmd("XADD").arg(&cfg.streams[*part]);
             if cfg.maxlen > 0 {
                 c.arg("MAXLEN").arg("~").arg(cfg.maxlen);
@@ -414,13 +430,13 @@ async fn publisher(
             Ok(ids) => {
                 shared.note(true, None);
                 shared.health.lock().published += ids.len() as u64;
+                let mut ids = ids.into_iter();
                 batch
                     .iter()
-                    .zip(ids)
-                    .map(|((t, _, _), id)| (*t, Ok(id)))
+                    .map(|(t, items)| (*t, Ok(ids.by_ref().take(items.len()).collect())))
                     .collect()
             }
-            Err(e) => batch.iter().map(|(t, _, _)| (*t, Err(e.clone()))).collect(),
+            Err(e) => batch.iter().map(|(t, _)| (*t, Err(e.clone()))).collect(),
         };
         sink.published(results);
     }

@@ -199,7 +199,7 @@ async def test_stop_drains_by_default() -> None:
 
 
 async def test_seed_problem_4_events_are_processed_after_drain_with_no_sleep() -> None:
-    # Seed 000, problem #4: the old tests needed asyncio.sleep(0.1) after publish.
+    # Seed 000, problem #4: the old tests needed asyncio.sleep(0.1) after publish.  # sleep-ok: prose
     bus = EventBusFactory.create_in_memory_event_bus(worker_count=2)
     processed: list[WaitEvent] = []
 

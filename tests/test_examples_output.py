@@ -29,7 +29,7 @@ def test_migration_before_after() -> None:
     # 4 workers take o-1's three events at once; the fastest handler (shipping) wins
     assert "o-1: OrderShipped -> OrderPaid -> OrderCreated" in before
     assert "OUT OF ORDER" in before
-    assert "await asyncio.sleep(0.1)" in before
+    assert "await asyncio.sleep(0.1)" in before  # sleep-ok: checks the example's text
     for order in ("o-1", "o-2", "o-3"):
         assert f"{order}: OrderCreated -> OrderPaid -> OrderShipped    in order" in after
     assert "OUT OF ORDER" not in after and "invalid transition" not in after

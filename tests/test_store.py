@@ -1167,3 +1167,56 @@ async def test_a_restarted_bus_replays_to_each_subscription_only_the_events_it_m
     async with bus:
         await bus.drain(timeout=10)
     assert (ticks, deposits) == ([1], [5])
+
+
+async def test_two_durable_buses_on_one_file_log_the_same_keys_with_contiguous_versions(
+    db: str,
+) -> None:
+    # Each writer caches its `$bus:<key>` stream versions; the other's appends must be seen,
+    # not raised as conflicts, and no version may be skipped or taken twice.
+    buses = [EventBus(store=SqliteEventStore(db)) for _ in range(2)]
+    seen: list[int] = []
+    for i, bus in enumerate(buses):
+        bus.subscribe(StoTick, _recording(seen), name=f"ledger-{i}")
+    async with buses[0], buses[1]:
+        for n in range(40):
+            await buses[n % 2].publish(StoTick(n, key=f"k{n % 3}"))
+            if n % 7 == 0:
+                await buses[(n + 1) % 2].publish_many([StoTick(1000 + n, key="k0")])
+        for bus in buses:
+            await bus.drain(timeout=10)
+    for bus in buses:
+        assert bus._store is not None
+        bus._store.close()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT stream_id, version FROM events ORDER BY stream_id, version"
+        ).fetchall()
+    by_stream: dict[str, list[int]] = {}
+    for stream, version in rows:
+        by_stream.setdefault(stream, []).append(version)
+    assert set(by_stream) == {"$bus:k0", "$bus:k1", "$bus:k2"}
+    for stream, versions in by_stream.items():
+        assert versions == list(range(1, len(versions) + 1)), stream
+    assert len(rows) == 40 + 6 == len(seen)
+
+
+async def test_progress_recorded_by_workers_is_committed_when_the_bus_stops(db: str) -> None:
+    # Finished deliveries are committed with later writes or after a short linger; stopping
+    # the bus (which closes the store it opened) must commit the last ones too.
+    first: list[int] = []
+    bus = EventBus(store=db)
+    bus.subscribe(StoTick, _recording(first), name="ledger")
+    async with bus:
+        await bus.publish_many([StoTick(n, key=f"k{n % 4}") for n in range(200)])
+        await bus.drain(timeout=10)
+    assert sorted(first) == list(range(200))
+    with sqlite3.connect(db) as conn:
+        done = conn.execute("SELECT COUNT(*) FROM progress WHERE subscription = 'ledger'").fetchone()
+    assert done == (200,)
+    again: list[int] = []
+    bus = EventBus(store=db)
+    bus.subscribe(StoTick, _recording(again), name="ledger")
+    async with bus:
+        await bus.drain(timeout=10)
+    assert again == []

@@ -407,9 +407,11 @@ class EventBus:
         self._retry = retry or RetryPolicy()
         self._storage = event_storage
         self._mark = getattr(event_storage, "mark_event_processed", None)
-        self._core.set_after_call(
-            self._after_call, self._mark is not None or self._store is not None
-        )
+        # Successful calls need the Python hook only for event_storage; a durable bus records
+        # them done from Rust (set_progress), so Python runs per failure, not per event.
+        self._core.set_after_call(self._after_call, self._mark is not None)
+        if self._store is not None:
+            self._core.set_progress(self._store._core)
         self._core.set_timeout_wrapper(self._timed)
         self._plain = (
             max_event_bytes is None and event_storage is None and self._store is None
@@ -951,8 +953,9 @@ class EventBus:
             self._first_failures.pop((id(env.event), subscription), None)
         if self._mark is not None:
             return self._call_mark(env.event_id, result)
-        if self._store is not None and position is not None and (error is None or final):
-            # Done (or dead-lettered): not delivered again after a restart.
+        if self._store is not None and position is not None and error is not None and final:
+            # Dead-lettered: not delivered again after a restart (successes are recorded by
+            # the worker itself).
             self._store._core.mark_done(subscription, position)
         return None
 

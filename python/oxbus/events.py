@@ -57,7 +57,7 @@ _IDENTITY = frozenset(
 class DomainEvent:
     """Base class for domain events.
 
-    Gives ``event_id`` (a UUID4 string), ``occurred_at`` (UTC ``datetime``), ``event_type``
+    Gives ``event_id`` (a time-ordered UUID string, version 7), ``occurred_at`` (UTC ``datetime``), ``event_type``
     (the class name unless overridden), ``aggregate_id`` (None unless overridden: the
     ordering key), ``event_version`` (class attribute, 1), ``version`` (its alias),
     ``correlation_id`` (the event's own id for a root event, inherited when published from a
@@ -111,7 +111,7 @@ class DomainEvent:
 
     @_Default
     def event_id(self) -> str:
-        """A unique id (UUID4 string), made on first read."""
+        """A unique id (a time-ordered UUIDv7 string: the log's index on it stays cheap), made on first read."""
         return new_event_id()
 
     @_Default

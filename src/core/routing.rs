@@ -123,7 +123,7 @@ pub struct Subscription<H> {
     /// Smaller runs first.
     pub priority: i64,
     /// The subscription's name (for statistics, dead letters, durable progress).
-    pub name: String,
+    pub name: Arc<str>,
     /// Whatever the caller attaches: the handler and its settings.
     pub payload: H,
 }
@@ -171,7 +171,7 @@ impl<H> Router<H> {
             id,
             matcher,
             priority,
-            name,
+            name: name.into(),
             payload,
         });
         self.subs.push(Arc::clone(&sub));
@@ -281,7 +281,7 @@ mod tests {
         let names: Vec<_> = r
             .resolve("T", &[7, 1])
             .iter()
-            .map(|s| s.name.clone())
+            .map(|s| s.name.to_string())
             .collect();
         assert_eq!(names, ["first", "second", "late"]);
     }

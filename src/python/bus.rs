@@ -24,7 +24,9 @@ use crate::core::CoreError;
 use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
+use crate::python::store::PyStoreCore;
 use crate::python::worker::PyWorker;
+use crate::store::writer::Writer;
 
 /// A retry policy (see `oxbus.RetryPolicy`).
 #[pyclass(frozen, name = "RetryPolicy", module = "oxbus._oxbus")]
@@ -339,12 +341,19 @@ pub struct PyBusCore {
     waiter_count: AtomicUsize,
     /// Whether the after-call hook runs after successful calls too (`event_storage`).
     hook_on_success: AtomicBool,
+    /// A durable bus's log: workers record finished deliveries on it directly.
+    progress: std::sync::OnceLock<Arc<Writer>>,
 }
 
 impl PyBusCore {
     /// Whether the after-call hook also runs after successful calls.
     pub fn hook_on_success(&self) -> bool {
         self.hook_on_success.load(Relaxed)
+    }
+
+    /// The durable log finished deliveries are recorded on, if any.
+    pub fn progress(&self) -> Option<&Arc<Writer>> {
+        self.progress.get()
     }
 
     /// The cached route of an event (resolved on first sight of its class, or of its class and
@@ -706,6 +715,7 @@ impl PyBusCore {
             thresholds: Thresholds::default(),
             waiter_count: AtomicUsize::new(0),
             hook_on_success: AtomicBool::new(false),
+            progress: std::sync::OnceLock::new(),
         })
     }
 
@@ -884,7 +894,7 @@ impl PyBusCore {
             .map(|s| {
                 (
                     s.id,
-                    s.name.clone(),
+                    s.name.to_string(),
                     s.priority,
                     s.payload.target.clone_ref(py),
                 )
@@ -894,7 +904,7 @@ impl PyBusCore {
 
     /// Whether a subscription with this name exists.
     fn has_name(&self, name: &str) -> bool {
-        self.inner.lock().router.iter().any(|s| s.name == name)
+        self.inner.lock().router.iter().any(|s| &*s.name == name)
     }
 
     /// Installs the hook called after handler calls: on failures, and on every call when
@@ -902,6 +912,14 @@ impl PyBusCore {
     fn set_after_call(&self, hook: Option<Py<PyAny>>, on_success: bool) {
         self.inner.lock().after_call = hook;
         self.hook_on_success.store(on_success, Relaxed);
+    }
+
+    /// Makes the bus durable on `store`: every successful handler call of an event with a log
+    /// position is recorded there as done, from Rust, with no Python call per event.
+    fn set_progress(&self, store: &Bound<'_, PyStoreCore>) -> PyResult<()> {
+        self.progress.set(store.get().writer()).map_err(|_| {
+            errors::configuration_error("the bus already records progress on a store".to_owned())
+        })
     }
 
     /// Marks the bus running on `loop` (idempotent).

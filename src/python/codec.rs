@@ -80,6 +80,28 @@ pub fn encode(obj: &Bound<'_, PyAny>) -> PyResult<String> {
     }
 }
 
+/// `obj.isoformat()` for a `datetime`, `date` or `time` (exact ones written in Rust), or for
+/// anything else with an `isoformat` method; None for the rest.
+pub fn isoformat(obj: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    let py = obj.py();
+    if obj.cast_exact::<PyDateTime>().is_ok() || obj.cast_exact::<PyDate>().is_ok() {
+        let mut enc = Encoder {
+            out: String::with_capacity(34),
+        };
+        enc.datetime(obj).map_err(|f| f.into_pyerr(obj))?;
+        // Written as a JSON string of ASCII digits and punctuation: only the quotes to drop.
+        return Ok(Some(enc.out[1..enc.out.len() - 1].to_owned()));
+    }
+    if obj.hasattr(intern!(py, "isoformat"))? {
+        return Ok(Some(
+            obj.call_method0(intern!(py, "isoformat"))?
+                .str()?
+                .to_string(),
+        ));
+    }
+    Ok(None)
+}
+
 /// Encodes a Python object as compact JSON text (see `oxbus.errors.SerializationError` for
 /// what cannot be encoded).
 #[pyfunction]

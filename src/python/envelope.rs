@@ -19,7 +19,7 @@ use crate::python::events;
 /// A new random event id (UUID4, as a string).
 #[pyfunction]
 pub fn new_event_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// Where an event's correlation comes from.
@@ -152,7 +152,7 @@ impl EnvData {
     }
 
     /// The name of the subscription running now.
-    pub fn subscription(&self) -> Option<String> {
+    pub fn subscription(&self) -> Option<Arc<str>> {
         self.route
             .subs
             .get(self.sub_index.load(Relaxed))
@@ -214,7 +214,7 @@ impl PyEnvelope {
     /// The name of the subscription being run.
     #[getter]
     fn subscription(&self) -> Option<String> {
-        self.data.subscription()
+        self.data.subscription().map(|s| s.to_string())
     }
 
     /// The event's position in the durable log (None on an in-memory bus).

@@ -207,7 +207,7 @@ pub fn record_of(
             meta.set_item("causation_id", env.id(py)?)?;
             // Which handler published it: `oxbus flow` draws handler -> event edges from it.
             if let Some(sub) = env.subscription() {
-                meta.set_item("subscription", sub)?;
+                meta.set_item("subscription", &*sub)?;
             }
         }
         (None, None) => {
@@ -222,10 +222,8 @@ pub fn record_of(
         meta.set_item("causation_id", py.None())?;
     }
     let occurred_at = match lookup(event, intern!(py, "occurred_at"))? {
-        Some(t) if t.hasattr(intern!(py, "isoformat"))? => {
-            Some(t.call_method0(intern!(py, "isoformat"))?.str()?.to_string())
-        }
-        _ => None,
+        Some(t) => codec::isoformat(&t)?,
+        None => None,
     };
     Ok(NewEvent {
         event_id,
@@ -251,20 +249,17 @@ fn log_stream(event: &Bound<'_, PyAny>, key: Option<&Bound<'_, PyAny>>) -> PyRes
 }
 
 impl PyStoreCore {
-    /// Queues a request for the end of this loop turn; returns its future (None for token 0).
-    fn queue(&self, py: Python<'_>, op: Op, reply: bool) -> PyResult<Option<Py<PyAny>>> {
+    /// The writer, for a durable bus's workers to record finished deliveries on.
+    pub fn writer(&self) -> Arc<Writer> {
+        Arc::clone(&self.writer)
+    }
+
+    /// Queues a request for the end of this loop turn; returns its future.
+    fn submit(&self, py: Python<'_>, op: Op) -> PyResult<Py<PyAny>> {
         if self.writer.is_closed() {
             return Err(to_py(&StoreError::Closed(self.path.clone())));
         }
-        let (token, fut, loop_) = if reply {
-            let (token, fut, loop_) = self.completions.register(py)?;
-            (token, Some(fut), loop_)
-        } else {
-            let loop_ = py
-                .import(intern!(py, "asyncio"))?
-                .call_method0(intern!(py, "get_running_loop"))?;
-            (0, None, loop_)
-        };
+        let (token, fut, loop_) = self.completions.register(py)?;
         let first = {
             let mut ops = self.outbox.ops.lock();
             ops.push((token, op));
@@ -274,10 +269,6 @@ impl PyStoreCore {
             loop_.call_method1(intern!(py, "call_soon"), (self.flusher.bind(py),))?;
         }
         Ok(fut)
-    }
-
-    fn submit(&self, py: Python<'_>, op: Op) -> PyResult<Py<PyAny>> {
-        Ok(self.queue(py, op, true)?.expect("a reply was asked for"))
     }
 }
 
@@ -388,17 +379,11 @@ impl PyStoreCore {
         self.submit(py, Op::Log { items })
     }
 
-    /// Records a finished delivery (no future: it is committed with the next batch).
-    fn mark_done(&self, py: Python<'_>, subscription: String, position: i64) -> PyResult<()> {
-        self.queue(
-            py,
-            Op::MarkDone {
-                subscription,
-                position,
-            },
-            false,
-        )
-        .map(|_| ())
+    /// Records a finished delivery (no future: it is committed with the next transaction).
+    fn mark_done(&self, subscription: &str, position: i64) -> PyResult<()> {
+        self.writer
+            .mark_done(subscription.into(), position)
+            .map_err(|e| to_py(&e))
     }
 
     /// Rows of a stream after a version -> future of a list of row tuples.

@@ -297,7 +297,7 @@ impl PyWorker {
         let mut result = match (&wrap, sub.payload.threaded) {
             (Some((w, t)), true) => {
                 w.bind(py)
-                    .call1((&sub.payload.callable, event, *t, true, &sub.name))
+                    .call1((&sub.payload.callable, event, *t, true, &*sub.name))
             }
             (None, true) => self.in_executor(py, &sub.payload.callable, event),
             (_, false) => sub.payload.callable.bind(py).call1((event,)),
@@ -305,7 +305,7 @@ impl PyWorker {
         if let (Some((w, t)), false, Ok(r)) = (&wrap, sub.payload.threaded, &result) {
             // A sync handler on the loop cannot be interrupted; an awaitable gets the timeout.
             if !r.is_none() && r.hasattr(intern!(py, "__await__"))? {
-                result = w.bind(py).call1((r, py.None(), *t, false, &sub.name));
+                result = w.bind(py).call1((r, py.None(), *t, false, &*sub.name));
             }
         }
         match result.and_then(|r| events::awaitable_iter(&r)) {
@@ -468,6 +468,11 @@ impl PyWorker {
         };
         let hook = if ok {
             st.pending.calls.push(ns);
+            if let (Some(log), Some(position)) = (core.progress(), env.position) {
+                // Only fails once the store is closed; the event is then redelivered after a
+                // restart, which at-least-once allows.
+                let _ = log.mark_done(Arc::clone(&sub.name), position);
+            }
             // After a retry succeeds the hook runs too, so the Python side can forget the
             // pair's earlier failures.
             if core.hook_on_success() || cur.attempt > 1 {
@@ -511,7 +516,7 @@ impl PyWorker {
             let args = (
                 PyEnvelope::new(Arc::clone(&cur.env)),
                 sub.id,
-                &sub.name,
+                &*sub.name,
                 err_obj,
                 secs,
                 cur.attempt,
@@ -567,7 +572,7 @@ impl PyWorker {
             let args = (
                 env,
                 sub.id,
-                &sub.name,
+                &*sub.name,
                 py.None(),
                 py.None(),
                 0,

@@ -245,7 +245,7 @@ impl Log {
         // Switching a brand-new file to WAL can report SQLITE_BUSY at once, without waiting
         // for the busy timeout, while another opener does the same: retry for a while.
         let pragmas = format!(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync_sql}; PRAGMA foreign_keys=ON;"
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync_sql}; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-32768;"
         );
         let mut tries = 0;
         loop {
@@ -279,6 +279,11 @@ impl Log {
             path: self.path.clone(),
             source: e,
         }
+    }
+
+    /// The connection itself (for tests and one-off queries on the writer thread).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// The file path as given.
@@ -324,46 +329,65 @@ impl Log {
             }
         }
         let recorded = now_iso();
+        let mut version = current;
+        let mut first = 0;
+        for e in events {
+            version += 1;
+            let Some(position) = Self::insert(tx, path, stream, version, e, &recorded)? else {
+                // Another process won the race between our version read and this insert.
+                return Err(StoreError::Concurrency {
+                    stream: stream.to_owned(),
+                    expected: expected.unwrap_or(current),
+                    actual: version,
+                });
+            };
+            if first == 0 {
+                first = position;
+            }
+        }
+        Ok((version, first))
+    }
+
+    /// Inserts one event as `version` of `stream`; returns its position, or None when the
+    /// stream already has that version (another writer got there first).
+    pub fn insert(
+        tx: &Connection,
+        path: &str,
+        stream: &str,
+        version: i64,
+        e: &NewEvent,
+        recorded: &str,
+    ) -> Result<Option<i64>> {
+        let sqlite = |e| StoreError::Sqlite {
+            path: path.to_owned(),
+            source: e,
+        };
         let mut stmt = tx
             .prepare_cached(
                 "INSERT INTO events (stream_id, version, event_type, event_version, event_id, data, metadata, occurred_at, recorded_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
             .map_err(sqlite)?;
-        let mut version = current;
-        let mut first = 0;
-        for e in events {
-            version += 1;
-            stmt.execute(params![
-                stream,
-                version,
-                e.event_type,
-                e.event_version,
-                e.event_id,
-                e.data,
-                e.metadata,
-                e.occurred_at,
-                recorded
-            ])
-            .map_err(|err| match err {
-                // Another process won the race between our version read and this insert.
-                rusqlite::Error::SqliteFailure(f, Some(ref msg))
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation
-                        && msg.contains("stream_id") =>
-                {
-                    StoreError::Concurrency {
-                        stream: stream.to_owned(),
-                        expected: expected.unwrap_or(current),
-                        actual: version,
-                    }
-                }
-                other => sqlite(other),
-            })?;
-            if first == 0 {
-                first = tx.last_insert_rowid();
+        match stmt.execute(params![
+            stream,
+            version,
+            e.event_type,
+            e.event_version,
+            e.event_id,
+            e.data,
+            e.metadata,
+            e.occurred_at,
+            recorded
+        ]) {
+            Ok(_) => Ok(Some(tx.last_insert_rowid())),
+            Err(rusqlite::Error::SqliteFailure(f, Some(ref msg)))
+                if f.code == rusqlite::ErrorCode::ConstraintViolation
+                    && msg.contains("stream_id") =>
+            {
+                Ok(None)
             }
+            Err(other) => Err(sqlite(other)),
         }
-        Ok((version, first))
     }
 
     /// Events of one stream after `after_version`, in order.

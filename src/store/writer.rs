@@ -18,6 +18,9 @@ use crate::store::{Result, StoreError};
 /// Requests taken into one batch at most.
 pub const MAX_BATCH: usize = 4096;
 
+/// How long finished-delivery marks wait for company before they are committed alone.
+const MARKS_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// What the writer can do.
 #[derive(Debug)]
 pub enum Op {
@@ -35,13 +38,6 @@ pub enum Op {
     Log {
         /// (stream, event) pairs, in publish order.
         items: Vec<(String, NewEvent)>,
-    },
-    /// Records that a subscription finished the event at a position.
-    MarkDone {
-        /// Subscription name.
-        subscription: String,
-        /// Log position.
-        position: i64,
     },
     /// Reads a stream after a version.
     Read {
@@ -97,10 +93,7 @@ pub enum Op {
 
 impl Op {
     fn is_write(&self) -> bool {
-        matches!(
-            self,
-            Self::Append { .. } | Self::Log { .. } | Self::MarkDone { .. }
-        )
+        matches!(self, Self::Append { .. } | Self::Log { .. })
     }
 }
 
@@ -140,7 +133,21 @@ pub trait Sink: Send + Sync + 'static {
 enum Msg {
     Op(u64, Op),
     Ops(Vec<(u64, Op)>),
+    /// Finished deliveries are waiting in `Marks`.
+    Wake,
     Close,
+}
+
+/// Finished deliveries, `(subscription, position)`, waiting for the next transaction. Workers
+/// push here without a request, a future or the GIL; the first push after the writer emptied
+/// the buffer wakes the writer once.
+#[derive(Default)]
+struct Marks(Mutex<Vec<(Arc<str>, i64)>>);
+
+impl Marks {
+    fn take(&self) -> Vec<(Arc<str>, i64)> {
+        std::mem::take(&mut *self.0.lock())
+    }
 }
 
 /// A handle on the writer thread.
@@ -148,6 +155,7 @@ pub struct Writer {
     tx: Sender<Msg>,
     handle: Mutex<Option<JoinHandle<()>>>,
     path: String,
+    marks: Arc<Marks>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -163,15 +171,34 @@ impl Writer {
     pub fn open(path: &str, sync: Synchronous, sink: Arc<dyn Sink>) -> Result<Self> {
         let log = Log::open(path, sync)?;
         let (tx, rx) = unbounded();
+        let marks = Arc::new(Marks::default());
+        let thread_marks = Arc::clone(&marks);
         let handle = std::thread::Builder::new()
             .name("oxbus-sqlite".into())
-            .spawn(move || run(log, &rx, &*sink))
+            .spawn(move || run(log, &rx, &*sink, &thread_marks))
             .map_err(|e| StoreError::Invalid(format!("cannot start the SQLite thread: {e}")))?;
         Ok(Self {
             tx,
             handle: Mutex::new(Some(handle)),
             path: path.to_owned(),
+            marks,
         })
+    }
+
+    /// Records that `subscription` finished the event at `position`: committed with the next
+    /// transaction (at the latest when the writer closes), never answered.
+    pub fn mark_done(&self, subscription: Arc<str>, position: i64) -> Result<()> {
+        let first = {
+            let mut marks = self.marks.0.lock();
+            marks.push((subscription, position));
+            marks.len() == 1
+        };
+        if first {
+            self.tx
+                .send(Msg::Wake)
+                .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        }
+        Ok(())
     }
 
     /// Queues a request; its result reaches the sink with `token` (0 = not reported).
@@ -212,28 +239,43 @@ impl Drop for Writer {
     }
 }
 
-fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink) {
+fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
     let mut closing = false;
+    let mut versions = Versions::default();
     while !closing {
         let Ok(first) = rx.recv() else { break };
         let mut batch = Vec::new();
         match first {
-            Msg::Close => break,
+            Msg::Close => closing = true,
             Msg::Op(t, op) => batch.push((t, op)),
             Msg::Ops(ops) => batch.extend(ops),
+            Msg::Wake => {
+                // Only marks: let more gather (or a request come) for a moment, so a busy
+                // bus commits its progress a few hundred times a second, not per event.
+                let until = std::time::Instant::now() + MARKS_LINGER;
+                loop {
+                    match rx.recv_deadline(until) {
+                        Ok(Msg::Op(t, op)) => batch.push((t, op)),
+                        Ok(Msg::Ops(ops)) => batch.extend(ops),
+                        Ok(Msg::Close) => closing = true,
+                        Ok(Msg::Wake) | Err(_) => {}
+                    }
+                    if closing || !batch.is_empty() || std::time::Instant::now() >= until {
+                        break;
+                    }
+                }
+            }
         }
-        while batch.len() < MAX_BATCH {
+        while !closing && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Msg::Op(t, op)) => batch.push((t, op)),
                 Ok(Msg::Ops(ops)) => batch.extend(ops),
-                Ok(Msg::Close) => {
-                    closing = true;
-                    break;
-                }
+                Ok(Msg::Wake) => {}
+                Ok(Msg::Close) => closing = true,
                 Err(_) => break,
             }
         }
-        let results = apply(&mut log, batch);
+        let results = apply(&mut log, batch, &marks.take(), &mut versions);
         if !results.is_empty() {
             sink.deliver(results);
         }
@@ -244,7 +286,7 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink) {
         .flat_map(|m| match m {
             Msg::Op(t, op) => vec![(t, op)],
             Msg::Ops(ops) => ops,
-            Msg::Close => Vec::new(),
+            Msg::Wake | Msg::Close => Vec::new(),
         })
         .filter(|(t, _)| *t != 0)
         .map(|(t, _)| (t, Err(StoreError::Closed(log.path().to_owned()))))
@@ -254,12 +296,18 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink) {
     }
 }
 
-/// Applies one batch: writes in one transaction, then reads; results in request order.
+/// Applies one batch: writes and finished-delivery marks in one transaction, then reads;
+/// results in request order.
 ///
 /// # Panics
 ///
 /// Never: every request gets exactly one result.
-pub fn apply(log: &mut Log, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Reply>)> {
+pub fn apply(
+    log: &mut Log,
+    batch: Vec<(u64, Op)>,
+    marks: &[(Arc<str>, i64)],
+    versions: &mut Versions,
+) -> Vec<(u64, Result<Reply>)> {
     let mut results: Vec<Option<Result<Reply>>> = Vec::with_capacity(batch.len());
     results.resize_with(batch.len(), || None);
     let (writes, reads): (Vec<_>, Vec<_>) = batch
@@ -273,15 +321,17 @@ pub fn apply(log: &mut Log, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Reply>)> 
         }
         t
     };
-    if !writes.is_empty() {
+    if !writes.is_empty() || !marks.is_empty() {
         let path = log.path().to_owned();
-        match write_batch(log, &path, &writes) {
+        // Marks lost with a failed batch only mean a redelivery after a restart.
+        match write_batch(log, &path, &writes, marks, versions) {
             Ok(outcomes) => {
                 for ((i, _), r) in writes.iter().zip(outcomes) {
                     results[*i] = Some(r);
                 }
             }
             Err(e) => {
+                versions.clear();
                 let msg = e.to_string();
                 for (i, _) in &writes {
                     results[*i] = Some(Err(StoreError::Invalid(format!(
@@ -302,11 +352,77 @@ pub fn apply(log: &mut Log, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Reply>)> 
         .collect()
 }
 
+/// The bus log's stream versions, so logging an event needs no query: keys are the bus's
+/// `$bus:<key>` streams. Cleared when it might be wrong (a rolled-back write, a failed commit)
+/// or large; a version another process wrote is caught by the unique index and re-read.
+#[derive(Default)]
+pub struct Versions(rustc_hash::FxHashMap<String, i64>);
+
+impl Versions {
+    const MAX: usize = 100_000;
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Logs single events on their streams (no version check); returns their positions.
+fn log_events(
+    tx: &rusqlite::Connection,
+    path: &str,
+    items: &[(String, NewEvent)],
+    versions: &mut Versions,
+    recorded: &str,
+) -> Result<Vec<i64>> {
+    let mut positions = Vec::with_capacity(items.len());
+    for (stream, event) in items {
+        let mut cached = true;
+        loop {
+            let version = match versions.0.get(stream) {
+                Some(v) if cached => v + 1,
+                _ => {
+                    cached = false;
+                    Log::version(tx, stream).map_err(|e| StoreError::Sqlite {
+                        path: path.to_owned(),
+                        source: e,
+                    })? + 1
+                }
+            };
+            if let Some(position) = Log::insert(tx, path, stream, version, event, recorded)? {
+                if versions.0.len() >= Versions::MAX {
+                    versions.clear();
+                }
+                match versions.0.get_mut(stream) {
+                    Some(v) => *v = version,
+                    None => {
+                        versions.0.insert(stream.clone(), version);
+                    }
+                }
+                positions.push(position);
+                break;
+            }
+            if !cached {
+                // Taken although just read: only another writer inside our transaction could.
+                return Err(StoreError::Concurrency {
+                    stream: stream.clone(),
+                    expected: version - 1,
+                    actual: version,
+                });
+            }
+            cached = false; // another process appended to the stream: read it again
+        }
+    }
+    Ok(positions)
+}
+
 fn write_batch(
     log: &mut Log,
     path: &str,
     writes: &[(usize, (u64, Op))],
+    marks: &[(Arc<str>, i64)],
+    versions: &mut Versions,
 ) -> Result<Vec<Result<Reply>>> {
+    let recorded = crate::store::log::now_iso();
     let mut tx = log.begin()?;
     let mut out = Vec::with_capacity(writes.len());
     for (_, (_, op)) in writes {
@@ -320,6 +436,7 @@ fn write_batch(
                 events,
                 expected,
             } => {
+                versions.0.remove(stream);
                 let sp = tx.savepoint().map_err(sqlite)?;
                 match Log::append(&sp, path, stream, events, *expected) {
                     Ok((version, first_position)) => {
@@ -334,34 +451,26 @@ fn write_batch(
             }
             Op::Log { items } => {
                 let sp = tx.savepoint().map_err(sqlite)?;
-                let mut positions = Vec::with_capacity(items.len());
-                let mut failed = None;
-                for (stream, event) in items {
-                    match Log::append(&sp, path, stream, std::slice::from_ref(event), None) {
-                        Ok((_, position)) => positions.push(position),
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                match failed {
-                    None => {
+                match log_events(&sp, path, items, versions, &recorded) {
+                    Ok(positions) => {
                         sp.commit().map_err(sqlite)?;
                         Ok(Reply::Positions(positions))
                     }
-                    Some(e) => Err(e),
+                    Err(e) => {
+                        versions.clear(); // it may hold versions the rollback undoes
+                        Err(e)
+                    }
                 }
             }
-            Op::MarkDone {
-                subscription,
-                position,
-            } => Log::mark_done(&tx, subscription, *position)
-                .map(|()| Reply::Unit)
-                .map_err(sqlite),
             _ => unreachable!("only writes reach write_batch"),
         };
         out.push(r);
+    }
+    for (subscription, position) in marks {
+        Log::mark_done(&tx, subscription, *position).map_err(|e| StoreError::Sqlite {
+            path: path.to_owned(),
+            source: e,
+        })?;
     }
     tx.commit().map_err(|e| StoreError::Sqlite {
         path: path.to_owned(),
@@ -404,7 +513,7 @@ fn read(log: &Log, op: Op) -> Result<Reply> {
             .remove_dead_letters(ids.as_deref())
             .map(|n| Reply::Int(i64::try_from(n).unwrap_or(i64::MAX))),
         Op::At(p) => log.at(p).map(Reply::Row),
-        Op::Append { .. } | Op::Log { .. } | Op::MarkDone { .. } => {
+        Op::Append { .. } | Op::Log { .. } => {
             unreachable!("writes go through write_batch")
         }
     }
@@ -463,13 +572,6 @@ mod tests {
                 },
             ),
             (
-                0,
-                Op::MarkDone {
-                    subscription: "x".into(),
-                    position: 1,
-                },
-            ),
-            (
                 4,
                 Op::ReadAll {
                     after_position: 0,
@@ -477,8 +579,13 @@ mod tests {
                 },
             ),
         ];
-        let out = apply(&mut log, batch);
-        assert_eq!(out.len(), 4, "token 0 is not reported");
+        let out = apply(
+            &mut log,
+            batch,
+            &[("x".into(), 1)],
+            &mut Versions::default(),
+        );
+        assert_eq!(out.len(), 4);
         assert_eq!(
             out[0].1.as_ref().unwrap(),
             &Reply::Appended {
@@ -542,6 +649,79 @@ mod tests {
             w.submit(7, Op::DeadLetters),
             Err(StoreError::Closed(_))
         ));
+    }
+
+    #[test]
+    fn marks_are_committed_by_close_without_any_request() {
+        let dir = std::env::temp_dir().join(format!("oxbus-marks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.db").to_string_lossy().into_owned();
+        let w = Writer::open(
+            &path,
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(mpsc::channel().0))),
+        )
+        .unwrap();
+        for p in 1..=3 {
+            w.mark_done("sub".into(), p).unwrap();
+        }
+        w.close();
+        assert!(w.mark_done("sub".into(), 4).is_err(), "refused after close");
+        let log = Log::open(&path, Synchronous::Normal).unwrap();
+        let n: i64 = log_count(
+            &log,
+            "SELECT COUNT(*) FROM progress WHERE subscription = 'sub'",
+        );
+        assert_eq!(n, 3);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn log_count(log: &Log, sql: &str) -> i64 {
+        log.conn().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn logged_versions_follow_appends_made_by_another_connection() {
+        let dir = std::env::temp_dir().join(format!("oxbus-versions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.db").to_string_lossy().into_owned();
+        let mut mine = Log::open(&path, Synchronous::Normal).unwrap();
+        let mut other = Log::open(&path, Synchronous::Normal).unwrap();
+        let mut versions = Versions::default();
+        let log = |log: &mut Log, versions: &mut Versions, id: &str| {
+            let out = apply(
+                log,
+                vec![(
+                    1,
+                    Op::Log {
+                        items: vec![("$bus:k".into(), ev(id))],
+                    },
+                )],
+                &[],
+                versions,
+            );
+            out.into_iter().next().unwrap().1.unwrap()
+        };
+        assert_eq!(
+            log(&mut mine, &mut versions, "a"),
+            Reply::Positions(vec![1])
+        );
+        // Another writer appends version 2 behind our cache's back.
+        let _ = log(&mut other, &mut Versions::default(), "b");
+        assert_eq!(
+            log(&mut mine, &mut versions, "c"),
+            Reply::Positions(vec![3])
+        );
+        let rows = mine.read("$bus:k", 0).unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.version, r.event_id.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "a"), (2, "b"), (3, "c")]
+        );
+        drop((mine, other));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -241,7 +241,10 @@ impl Log {
         // its WHERE clause changes (the stream version query, on every append): ask for stable
         // plans instead.
         log.conn
-            .set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+                true,
+            )
             .map_err(|e| log.err(e))?;
         // The busy timeout first: switching to WAL and creating the schema take locks that
         // another process or thread opening the same new file may hold for a moment.

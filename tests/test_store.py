@@ -1220,3 +1220,76 @@ async def test_progress_recorded_by_workers_is_committed_when_the_bus_stops(db: 
     async with bus:
         await bus.drain(timeout=10)
     assert again == []
+
+
+# --- large publish_many groups and DomainEvent identity read in Rust ------------------------
+
+
+async def test_a_large_publish_many_is_one_ordered_group_and_an_unencodable_event_writes_nothing(
+    db: str,
+) -> None:
+    # Groups above 128 events reach the writer in parts while they are encoded: the first
+    # parts are inserted before the bad event is met, and must still vanish.
+    seen: list[int] = []
+    bus = EventBus(store=db)
+    bus.subscribe(StoTick, _recording(seen), name="ledger")
+    async with bus:
+        bad = [StoTick(n, key=f"k{n % 5}") for n in range(1000)]
+        bad[900] = StoPlainUnencodable([1j])  # type: ignore[call-overload]
+        with pytest.raises(SerializationError, match="items"):
+            await bus.publish_many(bad)
+        assert bus._store is not None
+        assert await bus._store.read_all() == []
+        # Other requests made while a group is open wait for it and are not lost.
+        good = [StoTick(n, key=f"k{n % 5}") for n in range(1000)]
+        many = asyncio.ensure_future(bus.publish_many(good))
+        await asyncio.gather(*(bus.publish(StoTick(5000 + i, key="other")) for i in range(20)))
+        assert await many == 1000
+        await bus.drain(timeout=10)
+        rows = await bus._store.read_all(limit=5000)
+    assert sorted(seen) == list(range(1000)) + list(range(5000, 5020))
+    group = [r for r in rows if r.stream_id != "$bus:other"]
+    assert [r.event.n for r in group] == list(range(1000))
+    positions = [r.position for r in group]
+    assert positions == list(range(positions[0], positions[0] + 1000)), "one contiguous group"
+
+
+class StoTyped(DomainEvent):
+    event_type = "sto.typed"  # a class attribute overriding the lazy default
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+
+class StoOwnIds(DomainEvent):
+    def __init__(self, n: int) -> None:
+        super().__init__(event_id=f"own-{n}", correlation_id="corr-x")
+        self.n = n
+
+    @property
+    def causation_id(self) -> str:  # type: ignore[override]
+        return "cause-y"
+
+
+async def test_logged_identity_is_what_the_event_shows_before_and_after_publishing(
+    store: Any,
+) -> None:
+    fresh = StoTick(1)
+    read_first = StoTick(2)
+    read_first.event_id, read_first.occurred_at  # computed by Python first
+    typed, own = StoTyped(3), StoOwnIds(4)
+    await store.append("ids", [fresh, read_first, typed, own])
+    rows = await store.read("ids")
+    for row, event in zip(rows, [fresh, read_first, typed, own]):
+        assert row.event_id == event.event_id
+        assert row.occurred_at == event.occurred_at
+        assert row.correlation_id == event.correlation_id
+        assert row.causation_id == event.causation_id
+        assert row.event_type == event.event_type
+    assert fresh.occurred_at.tzinfo is timezone.utc
+    assert [r.event_type for r in rows] == ["StoTick", "StoTick", "sto.typed", "StoOwnIds"]
+    assert (rows[3].event_id, rows[3].correlation_id, rows[3].causation_id) == (
+        "own-4", "corr-x", "cause-y",
+    )
+    assert rows[0].correlation_id == rows[0].event_id  # a root event's default

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple, PyType};
 
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::envelope::{self, new_event_id};
@@ -178,25 +178,117 @@ pub fn lookup<'py>(
     Ok(found.filter(|v| !v.is_none()))
 }
 
+/// `DomainEvent`'s lazy identity attributes, as bits.
+const EVENT_ID: u8 = 1;
+const OCCURRED_AT: u8 = 2;
+const EVENT_TYPE: u8 = 4;
+const CORRELATION_ID: u8 = 8;
+const CAUSATION_ID: u8 = 16;
+const IDENTITY: [(&str, u8); 5] = [
+    ("event_id", EVENT_ID),
+    ("occurred_at", OCCURRED_AT),
+    ("event_type", EVENT_TYPE),
+    ("correlation_id", CORRELATION_ID),
+    ("causation_id", CAUSATION_ID),
+];
+
+/// Per class (kept alive by the entry): which identity attributes are still `DomainEvent`'s
+/// own lazy defaults, i.e. not overridden by the class or a base.
+type LazyByClass = Mutex<rustc_hash::FxHashMap<usize, (Py<PyType>, u8)>>;
+static LAZY: pyo3::sync::PyOnceLock<LazyByClass> = pyo3::sync::PyOnceLock::new();
+
+fn lazy_defaults(ty: &Bound<'_, PyType>) -> PyResult<u8> {
+    let py = ty.py();
+    let cache = LAZY.get_or_init(py, Mutex::default);
+    if let Some((_, bits)) = cache.lock().get(&(ty.as_ptr() as usize)) {
+        return Ok(*bits);
+    }
+    let mut bits = 0;
+    if ty.hasattr(intern!(py, "__oxbus_domain_event__"))? {
+        let base = py.import("oxbus.events")?.getattr("DomainEvent")?;
+        let base_dict = base.getattr("__dict__")?;
+        let mro = ty.getattr(intern!(py, "__mro__"))?;
+        for (name, bit) in IDENTITY {
+            let own = base_dict.get_item(name)?;
+            for cls in mro.try_iter()? {
+                let found = cls?.getattr("__dict__")?.call_method1("get", (name,))?;
+                if !found.is_none() {
+                    if found.is(&own) {
+                        bits |= bit;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    cache
+        .lock()
+        .insert(ty.as_ptr() as usize, (ty.clone().unbind(), bits));
+    Ok(bits)
+}
+
+/// A `DomainEvent` identity attribute read without running its Python descriptor: `Ok(Some)`
+/// with the value the instance caches, `Ok(None)` when its lazy default was never computed.
+fn cached<'py>(
+    d: &Bound<'py, PyDict>,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    d.get_item(name)
+}
+
 /// Encodes one event into a log record, in Rust: type key, version, id, data, metadata
 /// (correlation from `correlation_id`, else the handler being run — with its subscription name —
-/// else the event's own), time.
-pub fn record_of(
-    event: &Bound<'_, PyAny>,
-    correlation_id: Option<&Bound<'_, PyAny>>,
+/// else the event's own), time. A `DomainEvent`'s lazy identity defaults are computed here
+/// (and cached on the instance, as its descriptors would), not by calling into Python.
+pub fn record_of<'py>(
+    event: &Bound<'py, PyAny>,
+    correlation_id: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<NewEvent> {
     let py = event.py();
     if event.is_none() {
         return Err(events::none_event_error());
     }
-    let event_type = events::type_key(event)?;
+    let (lazy, dict) = if event.cast::<PyDict>().is_ok() {
+        (0, None)
+    } else {
+        match lazy_defaults(&event.get_type())? {
+            0 => (0, None),
+            bits => match event.getattr_opt(intern!(py, "__dict__"))? {
+                Some(d) => (bits, d.cast_into::<PyDict>().ok()),
+                None => (0, None),
+            },
+        }
+    };
+    let lazy = if dict.is_some() { lazy } else { 0 };
+    // (value, whether it is the lazy default not yet computed)
+    let ident =
+        |name: &Bound<'py, PyString>, bit: u8| -> PyResult<(Option<Bound<'py, PyAny>>, bool)> {
+            match &dict {
+                Some(d) if lazy & bit != 0 => Ok(match cached(d, name)? {
+                    Some(v) => (Some(v).filter(|v| !v.is_none()), false),
+                    None => (None, true),
+                }),
+                _ => Ok((lookup(event, name)?, false)),
+            }
+        };
+    let event_type = match ident(intern!(py, "event_type"), EVENT_TYPE)? {
+        (_, true) => event.get_type().name()?.to_str()?.to_owned(),
+        _ => events::type_key(event)?,
+    };
     let event_version = match lookup(event, intern!(py, "event_version"))? {
         Some(v) if !v.is_instance_of::<PyBool>() => v.extract::<i64>().unwrap_or(1),
         _ => 1,
     };
-    let event_id = match lookup(event, intern!(py, "event_id"))? {
-        Some(v) => v.str()?.to_string(),
-        None => new_event_id(),
+    let event_id = match ident(intern!(py, "event_id"), EVENT_ID)? {
+        (Some(v), _) => v.str()?.to_string(),
+        (None, true) => {
+            let id = new_event_id();
+            if let Some(d) = &dict {
+                d.set_item(intern!(py, "event_id"), &id)?; // the event keeps the id it was logged with
+            }
+            id
+        }
+        (None, false) => new_event_id(),
     };
     let meta = PyDict::new(py);
     let parent = envelope::get_current(py)?.filter(|env| !env.event_ref().is(event));
@@ -211,19 +303,37 @@ pub fn record_of(
             }
         }
         (None, None) => {
+            match ident(intern!(py, "correlation_id"), CORRELATION_ID)? {
+                (_, true) => meta.set_item("correlation_id", &event_id)?, // its default
+                (v, false) => meta.set_item("correlation_id", v)?,
+            }
             meta.set_item(
-                "correlation_id",
-                lookup(event, intern!(py, "correlation_id"))?,
+                "causation_id",
+                ident(intern!(py, "causation_id"), CAUSATION_ID)?.0,
             )?;
-            meta.set_item("causation_id", lookup(event, intern!(py, "causation_id"))?)?;
         }
     }
     if !meta.contains("causation_id")? {
         meta.set_item("causation_id", py.None())?;
     }
-    let occurred_at = match lookup(event, intern!(py, "occurred_at"))? {
-        Some(t) => codec::isoformat(&t)?,
-        None => None,
+    let occurred_at = match ident(intern!(py, "occurred_at"), OCCURRED_AT)? {
+        (Some(t), _) => codec::isoformat(&t)?,
+        // The default, as the descriptor makes it: the creation time in UTC, kept.
+        (None, true) => {
+            let d = dict.as_ref().expect("lazy attributes come with a __dict__");
+            let at = match d.get_item(intern!(py, "_oxbus_ts"))? {
+                Some(ts) if ts.is_truthy()? => {
+                    let utc = pyo3::types::PyTzInfo::utc(py)?;
+                    let at =
+                        pyo3::types::PyDateTime::from_timestamp(py, ts.extract()?, Some(&utc))?;
+                    d.set_item(intern!(py, "occurred_at"), &at)?;
+                    at.into_any()
+                }
+                _ => event.getattr(intern!(py, "occurred_at"))?,
+            };
+            codec::isoformat(&at)?
+        }
+        (None, false) => None,
     };
     Ok(NewEvent {
         event_id,
@@ -367,16 +477,34 @@ impl PyStoreCore {
         self.submit(py, Op::Log { items: vec![item] })
     }
 
-    /// Logs several events in one atomic group -> future of their positions.
+    /// Logs several events in one atomic group -> future of their positions. A large group
+    /// goes to the writer in parts while it is encoded, so SQLite inserts the first events
+    /// while the last are still being encoded; an encoding error abandons the whole group.
     fn log_many(&self, py: Python<'_>, events: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let items = events
-            .try_iter()?
-            .map(|e| {
-                let e = e?;
-                Ok((log_stream(&e, None)?, record_of(&e, None)?))
-            })
-            .collect::<PyResult<Vec<_>>>()?;
-        self.submit(py, Op::Log { items })
+        const PART: usize = 128;
+        if self.writer.is_closed() {
+            return Err(to_py(&StoreError::Closed(self.path.clone())));
+        }
+        let mut group = self.writer.log_group();
+        let mut chunk = Vec::with_capacity(PART);
+        for e in events.try_iter()? {
+            let e = e?;
+            chunk.push((log_stream(&e, None)?, record_of(&e, None)?));
+            if chunk.len() == PART {
+                let part = std::mem::replace(&mut chunk, Vec::with_capacity(PART));
+                group.part(part).map_err(|e| to_py(&e))?;
+            }
+        }
+        if !group.started() {
+            // Small: one request with the others of this loop turn.
+            return self.submit(py, Op::Log { items: chunk });
+        }
+        let (token, fut, _) = self.completions.register(py)?;
+        if let Err(e) = group.end(token, chunk) {
+            self.completions.forget(token);
+            return Err(to_py(&e));
+        }
+        Ok(fut)
     }
 
     /// Records a finished delivery (no future: it is committed with the next transaction).

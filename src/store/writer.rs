@@ -6,6 +6,7 @@
 //! share one fsync), then runs the reads and hands every result to the `Sink` in one call. The
 //! Python glue turns that call into one wake-up of the asyncio loop per batch.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -135,6 +136,13 @@ enum Msg {
     Ops(Vec<(u64, Op)>),
     /// Finished deliveries are waiting in `Marks`.
     Wake,
+    /// A part of a large bus-log group (group id, events); more parts follow, then
+    /// `LogEnd` or `LogAbort` with the same id.
+    LogPart(u64, Vec<(String, NewEvent)>),
+    /// The last part of a group: it commits, and `token` gets every position.
+    LogEnd(u64, u64, Vec<(String, NewEvent)>),
+    /// The group is abandoned: nothing of it is written.
+    LogAbort(u64),
     Close,
 }
 
@@ -156,6 +164,48 @@ pub struct Writer {
     handle: Mutex<Option<JoinHandle<()>>>,
     path: String,
     marks: Arc<Marks>,
+    groups: std::sync::atomic::AtomicU64,
+}
+
+/// A bus-log group sent in parts as it is encoded, written in one transaction: the writer
+/// inserts the first parts while the sender encodes the rest. `end` commits it; dropping it
+/// before `end` (an encoding error, a panic) abandons it, and nothing of it is written.
+pub struct LogGroup<'a> {
+    writer: &'a Writer,
+    id: u64,
+    started: bool,
+    ended: bool,
+}
+
+impl LogGroup<'_> {
+    /// Sends a part; more follow.
+    pub fn part(&mut self, items: Vec<(String, NewEvent)>) -> Result<()> {
+        self.started = true;
+        self.writer.send(Msg::LogPart(self.id, items))
+    }
+
+    /// Whether a part was sent (a group that sent none is better sent as one `Log` request).
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Sends the last part; `token` gets every position of the group.
+    pub fn end(mut self, token: u64, items: Vec<(String, NewEvent)>) -> Result<()> {
+        self.ended = true;
+        if self.started {
+            self.writer.send(Msg::LogEnd(self.id, token, items))
+        } else {
+            self.writer.submit(token, Op::Log { items })
+        }
+    }
+}
+
+impl Drop for LogGroup<'_> {
+    fn drop(&mut self) {
+        if self.started && !self.ended {
+            let _ = self.writer.send(Msg::LogAbort(self.id));
+        }
+    }
 }
 
 impl std::fmt::Debug for Writer {
@@ -182,6 +232,7 @@ impl Writer {
             handle: Mutex::new(Some(handle)),
             path: path.to_owned(),
             marks,
+            groups: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -218,6 +269,24 @@ impl Writer {
             .map_err(|_| StoreError::Closed(self.path.clone()))
     }
 
+    /// Starts sending a large bus-log group in parts (see `LogGroup`).
+    pub fn log_group(&self) -> LogGroup<'_> {
+        LogGroup {
+            writer: self,
+            id: self
+                .groups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            started: false,
+            ended: false,
+        }
+    }
+
+    fn send(&self, m: Msg) -> Result<()> {
+        self.tx
+            .send(m)
+            .map_err(|_| StoreError::Closed(self.path.clone()))
+    }
+
     /// Finishes queued requests, stops the thread and closes the connection. Idempotent.
     pub fn close(&self) {
         let handle = self.handle.lock().take();
@@ -242,37 +311,65 @@ impl Drop for Writer {
 fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
     let mut closing = false;
     let mut versions = Versions::default();
+    // Messages that arrived while a large log group held the transaction.
+    let mut deferred: VecDeque<Msg> = VecDeque::new();
     while !closing {
-        let Ok(first) = rx.recv() else { break };
+        let first = match deferred.pop_front() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
         let mut batch = Vec::new();
         match first {
             Msg::Close => closing = true,
             Msg::Op(t, op) => batch.push((t, op)),
             Msg::Ops(ops) => batch.extend(ops),
+            Msg::LogPart(group, items) => {
+                if let Some(result) =
+                    log_group(&mut log, rx, &mut deferred, &mut versions, group, &items)
+                {
+                    sink.deliver(vec![result]);
+                }
+                continue;
+            }
+            // The end of a group whose parts were not seen: never sent so, refused if it is.
+            Msg::LogEnd(_, token, _) => {
+                sink.deliver(vec![(token, Err(orphan()))]);
+                continue;
+            }
+            Msg::LogAbort(_) => continue,
             Msg::Wake => {
                 // Only marks: let more gather (or a request come) for a moment, so a busy
                 // bus commits its progress a few hundred times a second, not per event.
                 let until = std::time::Instant::now() + MARKS_LINGER;
-                loop {
-                    match rx.recv_deadline(until) {
-                        Ok(Msg::Op(t, op)) => batch.push((t, op)),
-                        Ok(Msg::Ops(ops)) => batch.extend(ops),
-                        Ok(Msg::Close) => closing = true,
-                        Ok(Msg::Wake) | Err(_) => {}
-                    }
-                    if closing || !batch.is_empty() || std::time::Instant::now() >= until {
-                        break;
+                while deferred.is_empty() && std::time::Instant::now() < until {
+                    if let Ok(m) = rx.recv_deadline(until) {
+                        deferred.push_back(m);
                     }
                 }
             }
         }
         while !closing && batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(Msg::Op(t, op)) => batch.push((t, op)),
-                Ok(Msg::Ops(ops)) => batch.extend(ops),
-                Ok(Msg::Wake) => {}
-                Ok(Msg::Close) => closing = true,
-                Err(_) => break,
+            let m = match deferred.pop_front() {
+                Some(m) => m,
+                None => match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            match m {
+                Msg::Op(t, op) => batch.push((t, op)),
+                Msg::Ops(ops) => batch.extend(ops),
+                Msg::Wake | Msg::LogAbort(_) => {}
+                Msg::LogEnd(_, token, _) => sink.deliver(vec![(token, Err(orphan()))]),
+                Msg::Close => closing = true,
+                part @ Msg::LogPart(..) => {
+                    // A large group takes the transaction alone, after this batch.
+                    deferred.push_front(part);
+                    break;
+                }
             }
         }
         let results = apply(&mut log, batch, &marks.take(), &mut versions);
@@ -281,18 +378,87 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
         }
     }
     // Requests still queued after Close are refused, not silently dropped.
-    let rest: Vec<(u64, Result<Reply>)> = rx
-        .try_iter()
+    let rest: Vec<(u64, Result<Reply>)> = deferred
+        .into_iter()
+        .chain(rx.try_iter())
         .flat_map(|m| match m {
-            Msg::Op(t, op) => vec![(t, op)],
-            Msg::Ops(ops) => ops,
-            Msg::Wake | Msg::Close => Vec::new(),
+            Msg::Op(t, _) | Msg::LogEnd(_, t, _) => vec![t],
+            Msg::Ops(ops) => ops.into_iter().map(|(t, _)| t).collect(),
+            Msg::Wake | Msg::Close | Msg::LogPart(..) | Msg::LogAbort(_) => Vec::new(),
         })
-        .filter(|(t, _)| *t != 0)
-        .map(|(t, _)| (t, Err(StoreError::Closed(log.path().to_owned()))))
+        .filter(|t| *t != 0)
+        .map(|t| (t, Err(StoreError::Closed(log.path().to_owned()))))
         .collect();
     if !rest.is_empty() {
         sink.deliver(rest);
+    }
+}
+
+fn orphan() -> StoreError {
+    StoreError::Invalid("the end of a log group arrived without its first part".to_owned())
+}
+
+/// Writes a large log group, part by part as its sender encodes them, in one transaction:
+/// SQLite inserts the first parts while Python still encodes the last. Other messages wait in
+/// `deferred` meanwhile. Returns the group's result (None when it was abandoned: the
+/// transaction rolls back and nothing of it is written).
+fn log_group(
+    log: &mut Log,
+    rx: &Receiver<Msg>,
+    deferred: &mut VecDeque<Msg>,
+    versions: &mut Versions,
+    group: u64,
+    items: &[(String, NewEvent)],
+) -> Option<(u64, Result<Reply>)> {
+    let path = log.path().to_owned();
+    let recorded = crate::store::log::now_iso();
+    let mut positions = Vec::new();
+    let (tx, mut failed) = match log.begin() {
+        Ok(tx) => (Some(tx), None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut add = |items: &[(String, NewEvent)], failed: &mut Option<StoreError>| {
+        if let (Some(tx), None) = (&tx, &*failed) {
+            match log_events(tx, &path, items, versions, &recorded) {
+                Ok(p) => positions.extend(p),
+                Err(e) => *failed = Some(e),
+            }
+        }
+    };
+    add(items, &mut failed);
+    loop {
+        // The sender always ends a group (a guard sends LogAbort even if it unwinds).
+        let Ok(m) = rx.recv() else {
+            versions.clear();
+            return None;
+        };
+        match m {
+            Msg::LogPart(g, items) if g == group => add(&items, &mut failed),
+            Msg::LogEnd(g, token, items) if g == group => {
+                add(&items, &mut failed);
+                let result = match (tx, failed) {
+                    (Some(tx), None) => {
+                        tx.commit()
+                            .map(|()| Reply::Positions(positions))
+                            .map_err(|e| StoreError::Sqlite {
+                                path: path.clone(),
+                                source: e,
+                            })
+                    }
+                    (_, Some(e)) => Err(e),
+                    (None, None) => unreachable!("no transaction means a failure"),
+                };
+                if result.is_err() {
+                    versions.clear();
+                }
+                return Some((token, result));
+            }
+            Msg::LogAbort(g) if g == group => {
+                versions.clear();
+                return None;
+            }
+            other => deferred.push_back(other),
+        }
     }
 }
 
@@ -722,6 +888,54 @@ mod tests {
         );
         drop((mine, other));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_group_sent_in_parts_commits_once_and_an_abandoned_one_writes_nothing() {
+        let (tx, rx) = mpsc::channel();
+        let w = Writer::open(
+            ":memory:",
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(tx))),
+        )
+        .unwrap();
+        let item = |i: usize| (format!("$bus:k{}", i % 3), ev(&format!("g{i}")));
+        {
+            let mut abandoned = w.log_group();
+            abandoned.part((0..5).map(item).collect()).unwrap();
+        } // dropped unfinished: LogAbort
+        let mut g = w.log_group();
+        g.part((10..15).map(item).collect()).unwrap();
+        // A request arriving while the group is open waits for it.
+        w.submit(
+            1,
+            Op::ReadAll {
+                after_position: 0,
+                limit: 100,
+            },
+        )
+        .unwrap();
+        g.part((15..20).map(item).collect()).unwrap();
+        g.end(2, (20..22).map(item).collect()).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(rx.recv().unwrap());
+        }
+        got.sort_by_key(|(t, _)| *t);
+        let Ok(Reply::Positions(ps)) = &got[1].1 else {
+            panic!("{:?}", got[1])
+        };
+        assert_eq!(
+            ps,
+            &(1..=12).collect::<Vec<i64>>(),
+            "nothing of the abandoned group"
+        );
+        let Ok(Reply::Rows(rows)) = &got[0].1 else {
+            panic!("{:?}", got[0])
+        };
+        assert_eq!(rows.len(), 12, "the read ran after the group committed");
+        assert_eq!(rows[0].event_id, "g10");
+        w.close();
     }
 
     #[test]

@@ -16,6 +16,7 @@ Measured, at synchronous=NORMAL and at FULL:
   oxbus bus x1      1 task:  ``await bus.publish(e)`` per event, one trivial async handler, until drain
   oxbus bus x8      8 tasks doing the same concurrently (group commit shares their commits)
   oxbus bus many    ``await bus.publish_many(batch)``, batches of 1,000, 1 task
+  oxbus bus x8 many 8 tasks doing ``await bus.publish_many(batch)`` with batches of 100
   oxbus store x1    ``await store.append(stream, [e])`` per event, 1 task
   oxbus store x8    the same from 8 concurrent tasks
   oxbus store 1000  ``await store.append(stream, batch)`` with 1,000 events per call
@@ -113,27 +114,29 @@ async def oxbus_bus(path: str, sync: str, seconds: float, cap: int, publishers: 
             gc.collect()
             t0 = pc()
             deadline = t0 + seconds
-            if batch:
-                publish_many = bus.publish_many
-                for i in range(0, cap, batch):
-                    await publish_many(events[i:i + batch])
-                    counts[0] += len(events[i:i + batch])
-                    if pc() >= deadline:
-                        break
-            else:
-                async def publisher(k: int) -> None:
-                    n = 0
-                    for e in events[k::publishers]:
+            publish_many = bus.publish_many
+
+            async def publisher(k: int) -> None:
+                n = 0
+                mine = events[k::publishers]
+                if batch:
+                    for i in range(0, len(mine), batch):
+                        if pc() >= deadline:
+                            break
+                        await publish_many(mine[i:i + batch])
+                        n += len(mine[i:i + batch])
+                else:
+                    for e in mine:
                         if pc() >= deadline:
                             break
                         await publish(e)
                         n += 1
-                    counts[k] = n
+                counts[k] = n
 
-                if publishers == 1:
-                    await publisher(0)
-                else:
-                    await asyncio.gather(*(publisher(k) for k in range(publishers)))
+            if publishers == 1:
+                await publisher(0)
+            else:
+                await asyncio.gather(*(publisher(k) for k in range(publishers)))
             await bus.drain()
             dt = pc() - t0
     finally:
@@ -455,6 +458,8 @@ def peers(has_es: bool) -> list[Peer]:
         Peer("bus8", "oxbus bus x8: await publish", lambda p, s, t, c: oxbus_bus(p, s, t, c, 8), 120_000),
         Peer("busmany", "oxbus bus: publish_many(1000)",
              lambda p, s, t, c: oxbus_bus(p, s, t, c, 1, BATCH), 200_000),
+        Peer("bus8many", "oxbus bus x8: publish_many(100)",
+             lambda p, s, t, c: oxbus_bus(p, s, t, c, 8, 100), 200_000),
         Peer("store1", "oxbus store x1: append([e])", lambda p, s, t, c: oxbus_store(p, s, t, c, 1), 60_000),
         Peer("store8", "oxbus store x8: append([e])", lambda p, s, t, c: oxbus_store(p, s, t, c, 8), 120_000),
         Peer("storebatch", "oxbus store: append(1000 events)",
@@ -574,7 +579,7 @@ def report(r: dict[tuple[str, str], float]) -> list[tuple[str, bool | None, str]
     labels = {p.key: p.label for p in peers(True)}
     print("\nDurable writes, events/s (median); 'vs sq1' = against sqlite3 INSERT+COMMIT per event (plain table) at the same setting")
     print(f"{'':38} {'NORMAL':>11} {'vs sq1':>8}   {'FULL':>11} {'vs sq1':>8}   {'FULL/NORMAL':>11}")
-    for key in ("bus1", "bus8", "busmany", "store1", "store8", "storebatch", "sq1", "sqbatch",
+    for key in ("bus1", "bus8", "busmany", "bus8many", "store1", "store8", "storebatch", "sq1", "sqbatch",
                 "sq1ox", "sqbatchox", "es"):
         n, f = g((key, "normal")), g((key, "full"))
         if n is None and f is None:
@@ -610,9 +615,14 @@ def report(r: dict[tuple[str, str], float]) -> list[tuple[str, bool | None, str]
           best / sq_n if best and sq_n else None, 2, "x")
     check("durable publish, NORMAL >= 20x eventsourcing (NORMAL)",
           best / es_n if best and es_n else None, 20, "x")
-    b8 = g(("bus8", "full"))
+    b8, b8m = g(("bus8", "full")), g(("bus8many", "full"))
     check("FULL, 8 publishers >= 10x sqlite3 commit-per-event (FULL)",
           b8 / sq_f if b8 and sq_f else None, 10, "x")
+    # 8 tasks awaiting one event each put at most 8 events in a commit: against a peer that
+    # pays the same fsync per event, that caps the ratio near 8x. 8 tasks publishing batches
+    # is the other reading of "8 concurrent publishers".
+    check("FULL, 8 publishers of publish_many(100) >= 10x sqlite3 commit-per-event (FULL)",
+          b8m / sq_f if b8m and sq_f else None, 10, "x")
     for name, ok, how in checks:
         tag = "SKIP" if ok is None else "PASS" if ok else "MISS"
         print(f"  {tag}  {name}: {how}")

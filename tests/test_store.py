@@ -1293,3 +1293,29 @@ async def test_logged_identity_is_what_the_event_shows_before_and_after_publishi
         "own-4", "corr-x", "cause-y",
     )
     assert rows[0].correlation_id == rows[0].event_id  # a root event's default
+
+
+def test_a_store_dropped_without_close_right_after_a_reply_does_not_deadlock(tmp_path: Path) -> None:
+    # The writer thread may still hold on to its last hand-off (waiting for the GIL) when the
+    # loop, woken by it, drops the last reference to the store: dropping must not wait for it.
+    script = textwrap.dedent(
+        f"""
+        import asyncio, gc
+        from oxbus import SqliteEventStore
+
+        async def main():
+            for i in range(300):
+                store = SqliteEventStore({str(tmp_path / "drop.db")!r})
+                await store.append(f"s{{i}}", [{{"event_type": "StoDropped", "i": i}}])
+                del store
+                gc.collect()
+            print("done")
+
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"

@@ -303,8 +303,13 @@ impl Writer {
 }
 
 impl Drop for Writer {
+    /// Never waits for the thread: the last reference may go away on a thread holding the
+    /// GIL (a store collected by Python), while the writer needs the GIL to hand over its
+    /// last results. The thread finishes what is queued, then closes the connection itself.
     fn drop(&mut self) {
-        self.close();
+        if self.handle.lock().take().is_some() {
+            let _ = self.tx.send(Msg::Close);
+        }
     }
 }
 

@@ -62,7 +62,7 @@ def connect(path: str | os.PathLike[str], *, write: bool = False) -> sqlite3.Con
     except sqlite3.Error as e:
         raise StorageError(f"{path}: cannot open: {e}") from e
     try:
-        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
     except sqlite3.Error as e:
         conn.close()
         raise StorageError(f"{path}: cannot read: {e}") from e

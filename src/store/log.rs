@@ -135,10 +135,11 @@ CREATE TABLE IF NOT EXISTS snapshots (
     state     TEXT    NOT NULL,
     taken_at  TEXT    NOT NULL
 );
-CREATE TABLE IF NOT EXISTS progress (
+CREATE TABLE IF NOT EXISTS progress_ranges (
     subscription TEXT    NOT NULL,
-    position     INTEGER NOT NULL,
-    PRIMARY KEY (subscription, position)
+    first        INTEGER NOT NULL,
+    last         INTEGER NOT NULL,
+    PRIMARY KEY (subscription, first)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscriptions (
     name       TEXT PRIMARY KEY,
@@ -157,6 +158,36 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     key_hash        INTEGER,
     parked_behind   INTEGER
 );
+";
+
+/// `progress`: one row per (subscription, finished position), read from the ranges, for the
+/// command line and for SQL users; deleting a row from it splits its range (the CLI's
+/// `dlq retry` re-queues a finished position so), inserting one adds a one-position range.
+const PROGRESS_VIEW: &str = "
+CREATE VIEW IF NOT EXISTS progress (subscription, position) AS
+    SELECT DISTINCT r.subscription, e.position
+    FROM progress_ranges r JOIN events e ON e.position BETWEEN r.first AND r.last;
+CREATE TRIGGER IF NOT EXISTS progress_delete INSTEAD OF DELETE ON progress BEGIN
+    INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
+        SELECT subscription, OLD.position + 1, last FROM progress_ranges
+        WHERE subscription = OLD.subscription AND first <= OLD.position AND last > OLD.position;
+    DELETE FROM progress_ranges
+        WHERE subscription = OLD.subscription AND first = OLD.position;
+    UPDATE progress_ranges SET last = OLD.position - 1
+        WHERE subscription = OLD.subscription AND first < OLD.position AND last >= OLD.position;
+END;
+CREATE TRIGGER IF NOT EXISTS progress_insert INSTEAD OF INSERT ON progress BEGIN
+    INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
+        VALUES (NEW.subscription, NEW.position, NEW.position);
+END;
+";
+
+/// Files written before progress was kept as ranges have a `progress` table of positions:
+/// turn it into ranges (one per position; merged when the subscription is next replayed).
+const MIGRATE_PROGRESS: &str = "
+INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
+    SELECT subscription, position, position FROM progress;
+DROP TABLE progress;
 ";
 
 /// The current UTC time, ISO 8601 with microseconds.
@@ -270,9 +301,25 @@ impl Log {
             }
         }
         // One transaction, so a concurrent opener sees the whole schema or waits for it.
-        log.conn
-            .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
-            .map_err(|e| log.err(e))?;
+        let schema = || -> rusqlite::Result<()> {
+            log.conn
+                .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA}"))?;
+            let old_progress: bool = log.conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'progress' AND type = 'table')",
+                [],
+                |r| r.get(0),
+            )?;
+            if old_progress {
+                log.conn.execute_batch(MIGRATE_PROGRESS)?;
+            }
+            log.conn.execute_batch(&format!("{PROGRESS_VIEW} COMMIT;"))
+        };
+        if let Err(e) = schema() {
+            if !log.conn.is_autocommit() {
+                let _ = log.conn.execute_batch("ROLLBACK");
+            }
+            return Err(log.err(e));
+        }
         // Files written before dead letters kept their key: add the columns.
         for col in ["key_hash", "parked_behind"] {
             let _ = log.conn.execute_batch(&format!(
@@ -492,29 +539,98 @@ impl Log {
         Ok(start)
     }
 
-    /// Records that `subscription` finished the event at `position`.
-    pub fn mark_done(tx: &Connection, subscription: &str, position: i64) -> rusqlite::Result<()> {
+    /// Records that `subscription` finished the events at `first..=last`: extends the range
+    /// that ends just before (`tail`, the one this connection wrote last, when it is), else
+    /// adds one. Returns the range now ending at `last`.
+    pub fn mark_range(
+        tx: &Connection,
+        subscription: &str,
+        first: i64,
+        last: i64,
+        tail: Option<(i64, i64)>,
+    ) -> rusqlite::Result<(i64, i64)> {
+        if let Some((start, end)) = tail {
+            if end + 1 == first
+                && tx
+                    .prepare_cached(
+                        "UPDATE progress_ranges SET last = ?3 WHERE subscription = ?1 AND first = ?2",
+                    )?
+                    .execute(params![subscription, start, last])?
+                    == 1
+            {
+                return Ok((start, last));
+            }
+        }
         tx.prepare_cached(
-            "INSERT OR IGNORE INTO progress (subscription, position) VALUES (?1, ?2)",
+            "INSERT INTO progress_ranges (subscription, first, last) VALUES (?1, ?2, ?3)
+             ON CONFLICT (subscription, first) DO UPDATE SET last = MAX(last, excluded.last)",
         )?
-        .execute(params![subscription, position])
-        .map(|_| ())
+        .execute(params![subscription, first, last])?;
+        Ok((first, last))
     }
 
-    /// Positions after `start_after` that `subscription` has not finished, in order.
+    /// The finished ranges of a subscription ending after `after`, merged, in order; rewrites
+    /// them merged when they were not.
+    fn done_ranges(&self, subscription: &str, after: i64) -> Result<Vec<(i64, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT first, last FROM progress_ranges WHERE subscription = ?1 AND last > ?2 ORDER BY first",
+            )
+            .map_err(|e| self.err(e))?;
+        let stored = stmt
+            .query_map(params![subscription, after], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<(i64, i64)>>>()
+            .map_err(|e| self.err(e))?;
+        let mut merged: Vec<(i64, i64)> = Vec::with_capacity(stored.len());
+        for (first, last) in stored.iter().copied() {
+            match merged.last_mut() {
+                Some(prev) if first <= prev.1 + 1 => prev.1 = prev.1.max(last),
+                _ => merged.push((first, last)),
+            }
+        }
+        if merged.len() < stored.len() {
+            let write = || -> rusqlite::Result<()> {
+                let tx = self.conn.unchecked_transaction()?;
+                tx.execute(
+                    "DELETE FROM progress_ranges WHERE subscription = ?1 AND last > ?2",
+                    params![subscription, after],
+                )?;
+                for (first, last) in &merged {
+                    Self::mark_range(&tx, subscription, *first, *last, None)?;
+                }
+                tx.commit()
+            };
+            write().map_err(|e| self.err(e))?;
+        }
+        Ok(merged)
+    }
+
+    /// Events after `start_after` that `subscription` has not finished, in order: the gaps
+    /// between its finished ranges.
     pub fn undelivered(&self, subscription: &str, start_after: i64) -> Result<Vec<StoredRow>> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM events e WHERE position > ?2 AND NOT EXISTS
-                 (SELECT 1 FROM progress p WHERE p.subscription = ?1 AND p.position = e.position) ORDER BY position"
+                "SELECT {COLUMNS} FROM events WHERE position > ?1 AND position < ?2 ORDER BY position"
             ))
             .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![subscription, start_after], row)
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))
+        let mut out = Vec::new();
+        let mut from = start_after;
+        let ranges = self.done_ranges(subscription, start_after)?;
+        for (first, last) in ranges.into_iter().chain([(i64::MAX, i64::MAX)]) {
+            if first > from + 1 {
+                let rows = stmt
+                    .query_map(params![from, first], row)
+                    .map_err(|e| self.err(e))?;
+                for r in rows {
+                    out.push(r.map_err(|e| self.err(e))?);
+                }
+            }
+            from = from.max(last);
+        }
+        Ok(out)
     }
 
     /// Adds a dead letter; returns its id.
@@ -647,7 +763,7 @@ mod tests {
         let path = log.path().to_owned();
         let tx = log.begin().unwrap();
         Log::append(&tx, &path, "s", &[ev(1), ev(2), ev(3)], None).unwrap();
-        Log::mark_done(&tx, "sub", 2).unwrap();
+        Log::mark_range(&tx, "sub", 2, 2, None).unwrap();
         tx.commit().unwrap();
         assert_eq!(log.register_subscription("sub", true).unwrap(), 0);
         assert_eq!(log.register_subscription("late", false).unwrap(), 3);
@@ -658,6 +774,85 @@ mod tests {
             .map(|r| r.position)
             .collect();
         assert_eq!(left, [1, 3]);
+    }
+
+    fn positions(log: &Log, sub: &str, after: i64) -> Vec<i64> {
+        log.undelivered(sub, after)
+            .unwrap()
+            .iter()
+            .map(|r| r.position)
+            .collect()
+    }
+
+    #[test]
+    fn finished_ranges_leave_gaps_merge_and_split_through_the_progress_view() {
+        let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
+        let path = log.path().to_owned();
+        let events: Vec<NewEvent> = (1..=10).map(ev).collect();
+        let tx = log.begin().unwrap();
+        Log::append(&tx, &path, "s", &events, None).unwrap();
+        let tail = Log::mark_range(&tx, "sub", 1, 3, None).unwrap();
+        assert_eq!(
+            Log::mark_range(&tx, "sub", 4, 4, Some(tail)).unwrap(),
+            (1, 4)
+        );
+        Log::mark_range(&tx, "sub", 6, 7, None).unwrap();
+        Log::mark_range(&tx, "sub", 7, 8, None).unwrap(); // overlapping: merged when read
+        Log::mark_range(&tx, "other", 1, 10, None).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(positions(&log, "sub", 0), [5, 9, 10]);
+        assert_eq!(positions(&log, "sub", 6), [9, 10]);
+        let n: i64 = log
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM progress_ranges WHERE subscription = 'sub'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 2, "rewritten merged: 1-4 and 6-8");
+        let viewed: i64 = log
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM progress WHERE subscription = 'sub'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(viewed, 7);
+        // Deleting a finished position through the view splits its range.
+        log.conn()
+            .execute(
+                "DELETE FROM progress WHERE subscription = 'sub' AND position IN (2, 6)",
+                [],
+            )
+            .unwrap();
+        assert_eq!(positions(&log, "sub", 0), [2, 5, 6, 9, 10]);
+        assert_eq!(positions(&log, "other", 0), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn a_file_with_the_old_progress_table_is_migrated_to_ranges() {
+        let dir = std::env::temp_dir().join(format!("oxbus-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.db").to_string_lossy().into_owned();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE progress (subscription TEXT NOT NULL, position INTEGER NOT NULL,
+                 PRIMARY KEY (subscription, position)) WITHOUT ROWID;
+                 INSERT INTO progress VALUES ('sub', 1), ('sub', 2), ('sub', 4);",
+            )
+            .unwrap();
+        }
+        let mut log = Log::open(&path, Synchronous::Normal).unwrap();
+        let p = log.path().to_owned();
+        let tx = log.begin().unwrap();
+        Log::append(&tx, &p, "s", &[ev(1), ev(2), ev(3), ev(4)], None).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(positions(&log, "sub", 0), [3]);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -526,15 +526,51 @@ pub fn apply(
 /// The bus log's stream versions, so logging an event needs no query: keys are the bus's
 /// `$bus:<key>` streams. Cleared when it might be wrong (a rolled-back write, a failed commit)
 /// or large; a version another process wrote is caught by the unique index and re-read.
+/// It also keeps, per subscription, the finished range it wrote last (to extend it).
 #[derive(Default)]
-pub struct Versions(rustc_hash::FxHashMap<String, i64>);
+pub struct Versions {
+    /// Stream -> its version.
+    streams: rustc_hash::FxHashMap<String, i64>,
+    /// Subscription -> its last written finished range.
+    tails: rustc_hash::FxHashMap<Arc<str>, (i64, i64)>,
+}
 
 impl Versions {
     const MAX: usize = 100_000;
 
     fn clear(&mut self) {
-        self.0.clear();
+        self.streams.clear();
+        self.tails.clear();
     }
+}
+
+/// Records finished deliveries as ranges: sorted, and runs of consecutive positions of one
+/// subscription written as one range (usually extending the one written before).
+fn write_marks(
+    tx: &rusqlite::Connection,
+    marks: &[(Arc<str>, i64)],
+    tails: &mut rustc_hash::FxHashMap<Arc<str>, (i64, i64)>,
+) -> rusqlite::Result<()> {
+    if marks.is_empty() {
+        return Ok(());
+    }
+    let mut sorted = marks.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut i = 0;
+    while i < sorted.len() {
+        let (sub, first) = (&sorted[i].0, sorted[i].1);
+        let mut last = first;
+        i += 1;
+        while i < sorted.len() && sorted[i].0 == *sub && sorted[i].1 == last + 1 {
+            last += 1;
+            i += 1;
+        }
+        let tail = tails.get(sub).copied();
+        let range = Log::mark_range(tx, sub, first, last, tail)?;
+        tails.insert(Arc::clone(sub), range);
+    }
+    Ok(())
 }
 
 /// Logs single events on their streams (no version check); returns their positions.
@@ -549,7 +585,7 @@ fn log_events(
     for (stream, event) in items {
         let mut cached = true;
         loop {
-            let version = match versions.0.get(stream) {
+            let version = match versions.streams.get(stream) {
                 Some(v) if cached => v + 1,
                 _ => {
                     cached = false;
@@ -560,13 +596,13 @@ fn log_events(
                 }
             };
             if let Some(position) = Log::insert(tx, path, stream, version, event, recorded)? {
-                if versions.0.len() >= Versions::MAX {
+                if versions.streams.len() >= Versions::MAX {
                     versions.clear();
                 }
-                match versions.0.get_mut(stream) {
+                match versions.streams.get_mut(stream) {
                     Some(v) => *v = version,
                     None => {
-                        versions.0.insert(stream.clone(), version);
+                        versions.streams.insert(stream.clone(), version);
                     }
                 }
                 positions.push(position);
@@ -607,7 +643,7 @@ fn write_batch(
                 events,
                 expected,
             } => {
-                versions.0.remove(stream);
+                versions.streams.remove(stream);
                 let sp = tx.savepoint().map_err(sqlite)?;
                 match Log::append(&sp, path, stream, events, *expected) {
                     Ok((version, first_position)) => {
@@ -637,12 +673,10 @@ fn write_batch(
         };
         out.push(r);
     }
-    for (subscription, position) in marks {
-        Log::mark_done(&tx, subscription, *position).map_err(|e| StoreError::Sqlite {
-            path: path.to_owned(),
-            source: e,
-        })?;
-    }
+    write_marks(&tx, marks, &mut versions.tails).map_err(|e| StoreError::Sqlite {
+        path: path.to_owned(),
+        source: e,
+    })?;
     tx.commit().map_err(|e| StoreError::Sqlite {
         path: path.to_owned(),
         source: e,
@@ -839,11 +873,12 @@ mod tests {
         w.close();
         assert!(w.mark_done("sub".into(), 4).is_err(), "refused after close");
         let log = Log::open(&path, Synchronous::Normal).unwrap();
-        let n: i64 = log_count(
+        let ranges = log_count(
             &log,
-            "SELECT COUNT(*) FROM progress WHERE subscription = 'sub'",
+            "SELECT COUNT(*) FROM progress_ranges WHERE subscription = 'sub'",
         );
-        assert_eq!(n, 3);
+        let covered = log_count(&log, "SELECT SUM(last - first + 1) FROM progress_ranges");
+        assert_eq!((ranges, covered), (1, 3), "three positions in one range");
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -8,7 +8,7 @@ which events those handlers publish, with counts and failure rates.
 
 Where the numbers come from (tables of the SQLite log, see ``src/store/log.rs``):
 
-- **event type → handler**: the ``progress`` table records each (subscription, position) a
+- **event type → handler**: the ``progress`` view lists each (subscription, position) a
   durable subscription finished, dead-lettered pairs included; joined with ``events`` it counts
   deliveries per (event type, subscription). ``dead_letters`` counts failures the same way; the
   failure rate is dead letters / deliveries.

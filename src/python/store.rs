@@ -227,15 +227,6 @@ fn lazy_defaults(ty: &Bound<'_, PyType>) -> PyResult<u8> {
     Ok(bits)
 }
 
-/// A `DomainEvent` identity attribute read without running its Python descriptor: `Ok(Some)`
-/// with the value the instance caches, `Ok(None)` when its lazy default was never computed.
-fn cached<'py>(
-    d: &Bound<'py, PyDict>,
-    name: &Bound<'py, PyString>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    d.get_item(name)
-}
-
 /// Encodes one event into a log record, in Rust: type key, version, id, data, metadata
 /// (correlation from `correlation_id`, else the handler being run — with its subscription name —
 /// else the event's own), time. A `DomainEvent`'s lazy identity defaults are computed here
@@ -260,11 +251,12 @@ pub fn record_of<'py>(
         }
     };
     let lazy = if dict.is_some() { lazy } else { 0 };
-    // (value, whether it is the lazy default not yet computed)
+    // An identity attribute: (its value, whether it is the lazy default never computed). For
+    // a DomainEvent it is read from the instance `__dict__`, without running its descriptor.
     let ident =
         |name: &Bound<'py, PyString>, bit: u8| -> PyResult<(Option<Bound<'py, PyAny>>, bool)> {
             match &dict {
-                Some(d) if lazy & bit != 0 => Ok(match cached(d, name)? {
+                Some(d) if lazy & bit != 0 => Ok(match d.get_item(name)? {
                     Some(v) => (Some(v).filter(|v| !v.is_none()), false),
                     None => (None, true),
                 }),

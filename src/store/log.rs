@@ -342,6 +342,32 @@ impl Log {
         &self.conn
     }
 
+    /// Hands checkpoints to `wake` (called with the WAL's size in pages after each commit)
+    /// instead of running them inside commits; runs one itself (passive) past `inline_at`
+    /// pages, so the WAL stays bounded even if the other thread cannot keep up.
+    pub fn delegate_checkpoints(
+        &mut self,
+        inline_at: i32,
+        mut wake: impl FnMut(i32) + Send + 'static,
+    ) -> Result<()> {
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        let path = self.path.clone();
+        self.conn
+            .wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+                wake(pages);
+                if pages >= inline_at {
+                    wal.checkpoint()?; // passive
+                }
+                Ok(())
+            }))
+            .map_err(|e| StoreError::Sqlite { path, source: e })
+    }
+
     /// The file path as given.
     pub fn path(&self) -> &str {
         &self.path
@@ -387,9 +413,11 @@ impl Log {
         let recorded = now_iso();
         let mut version = current;
         let mut first = 0;
+        let mut stmt = Self::inserter(tx, path)?;
         for e in events {
             version += 1;
-            let Some(position) = Self::insert(tx, path, stream, version, e, &recorded)? else {
+            let Some(position) = Self::insert(&mut stmt, tx, path, stream, version, e, &recorded)?
+            else {
                 // Another process won the race between our version read and this insert.
                 return Err(StoreError::Concurrency {
                     stream: stream.to_owned(),
@@ -404,9 +432,23 @@ impl Log {
         Ok((version, first))
     }
 
-    /// Inserts one event as `version` of `stream`; returns its position, or None when the
-    /// stream already has that version (another writer got there first).
+    /// The statement `insert` runs (prepared once per batch of inserts).
+    pub fn inserter<'c>(tx: &'c Connection, path: &str) -> Result<rusqlite::CachedStatement<'c>> {
+        tx.prepare_cached(
+            "INSERT INTO events (stream_id, version, event_type, event_version, event_id, data, metadata, occurred_at, recorded_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(|e| StoreError::Sqlite {
+            path: path.to_owned(),
+            source: e,
+        })
+    }
+
+    /// Inserts one event as `version` of `stream` with `stmt` (from `inserter`); returns its
+    /// position, or None when the stream already has that version (another writer got there
+    /// first).
     pub fn insert(
+        stmt: &mut rusqlite::CachedStatement<'_>,
         tx: &Connection,
         path: &str,
         stream: &str,
@@ -418,12 +460,6 @@ impl Log {
             path: path.to_owned(),
             source: e,
         };
-        let mut stmt = tx
-            .prepare_cached(
-                "INSERT INTO events (stream_id, version, event_type, event_version, event_id, data, metadata, occurred_at, recorded_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .map_err(sqlite)?;
         match stmt.execute(params![
             stream,
             version,

@@ -162,9 +162,20 @@ impl Marks {
 pub struct Writer {
     tx: Sender<Msg>,
     handle: Mutex<Option<JoinHandle<()>>>,
+    /// Runs WAL checkpoints off the writer thread (file databases only).
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
     path: String,
     marks: Arc<Marks>,
     groups: std::sync::atomic::AtomicU64,
+}
+
+/// WAL pages after which the checkpoint thread is woken (SQLite's own default threshold).
+const CHECKPOINT_AT: i32 = 1000;
+/// WAL pages after which the writer checkpoints itself (the other thread fell behind).
+const CHECKPOINT_INLINE: i32 = 16_000;
+
+fn in_memory(path: &str) -> bool {
+    path.is_empty() || path == ":memory:" || path.contains("mode=memory")
 }
 
 /// A bus-log group sent in parts as it is encoded, written in one transaction: the writer
@@ -219,7 +230,32 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Opens the log (errors are reported here, at once) and starts its thread.
     pub fn open(path: &str, sync: Synchronous, sink: Arc<dyn Sink>) -> Result<Self> {
-        let log = Log::open(path, sync)?;
+        let mut log = Log::open(path, sync)?;
+        let checkpointer = if in_memory(path) {
+            None
+        } else {
+            let (wake, wakes) = crossbeam_channel::bounded::<()>(1);
+            let ckpt = Log::open(path, sync)?;
+            let handle = std::thread::Builder::new()
+                .name("oxbus-checkpoint".into())
+                .spawn(move || {
+                    // Ends when the writer's connection (and with it `wake`) is gone.
+                    while wakes.recv().is_ok() {
+                        let _ = ckpt
+                            .conn()
+                            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    }
+                })
+                .map_err(|e| {
+                    StoreError::Invalid(format!("cannot start the SQLite checkpoint thread: {e}"))
+                })?;
+            log.delegate_checkpoints(CHECKPOINT_INLINE, move |pages| {
+                if pages >= CHECKPOINT_AT {
+                    let _ = wake.try_send(());
+                }
+            })?;
+            Some(handle)
+        };
         let (tx, rx) = unbounded();
         let marks = Arc::new(Marks::default());
         let thread_marks = Arc::clone(&marks);
@@ -230,6 +266,7 @@ impl Writer {
         Ok(Self {
             tx,
             handle: Mutex::new(Some(handle)),
+            checkpointer: Mutex::new(checkpointer),
             path: path.to_owned(),
             marks,
             groups: std::sync::atomic::AtomicU64::new(1),
@@ -292,6 +329,11 @@ impl Writer {
         let handle = self.handle.lock().take();
         if let Some(h) = handle {
             let _ = self.tx.send(Msg::Close);
+            let _ = h.join();
+        }
+        // The writer's connection is closed: the checkpoint thread ends and closes its own.
+        let checkpointer = self.checkpointer.lock().take();
+        if let Some(h) = checkpointer {
             let _ = h.join();
         }
     }
@@ -582,6 +624,7 @@ fn log_events(
     recorded: &str,
 ) -> Result<Vec<i64>> {
     let mut positions = Vec::with_capacity(items.len());
+    let mut stmt = Log::inserter(tx, path)?;
     for (stream, event) in items {
         let mut cached = true;
         loop {
@@ -595,7 +638,9 @@ fn log_events(
                     })? + 1
                 }
             };
-            if let Some(position) = Log::insert(tx, path, stream, version, event, recorded)? {
+            if let Some(position) =
+                Log::insert(&mut stmt, tx, path, stream, version, event, recorded)?
+            {
                 if versions.streams.len() >= Versions::MAX {
                     versions.clear();
                 }
@@ -976,6 +1021,47 @@ mod tests {
         assert_eq!(rows.len(), 12, "the read ran after the group committed");
         assert_eq!(rows[0].event_id, "g10");
         w.close();
+    }
+
+    #[test]
+    fn checkpoints_run_off_the_writer_and_close_leaves_no_wal_behind() {
+        let dir = std::env::temp_dir().join(format!("oxbus-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.db").to_string_lossy().into_owned();
+        let (tx, rx) = mpsc::channel();
+        let w = Writer::open(
+            &path,
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(tx))),
+        )
+        .unwrap();
+        let big = "x".repeat(2000);
+        for i in 0..3000u64 {
+            let mut e = ev(&format!("e{i}"));
+            e.data = format!("{{\"pad\":\"{big}\"}}");
+            w.submit(
+                i + 1,
+                Op::Log {
+                    items: vec![(format!("$bus:k{}", i % 7), e)],
+                },
+            )
+            .unwrap();
+        }
+        let mut seen = 0;
+        while seen < 3000 {
+            let batch = rx.recv().unwrap();
+            assert!(batch.iter().all(|(_, r)| r.is_ok()), "{batch:?}");
+            seen += batch.len();
+        }
+        w.close();
+        assert!(
+            !std::path::Path::new(&format!("{path}-wal")).exists(),
+            "the last connection checkpoints and removes the WAL"
+        );
+        let log = Log::open(&path, Synchronous::Normal).unwrap();
+        assert_eq!(log.head().unwrap(), 3000);
+        drop(log);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

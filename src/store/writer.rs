@@ -799,6 +799,41 @@ mod tests {
         }
     }
 
+    fn in_memory_writer() -> (Writer, mpsc::Receiver<Batch>) {
+        let (tx, rx) = mpsc::channel();
+        let w = Writer::open(
+            ":memory:",
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(tx))),
+        )
+        .unwrap();
+        (w, rx)
+    }
+
+    /// A fresh directory, a writer on a file in it, and the receiver of its results.
+    fn on_file(tag: &str) -> (std::path::PathBuf, String, Writer, mpsc::Receiver<Batch>) {
+        let dir = std::env::temp_dir().join(format!("oxbus-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db").to_string_lossy().into_owned();
+        let (tx, rx) = mpsc::channel();
+        let w = Writer::open(
+            &path,
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(tx))),
+        )
+        .unwrap();
+        (dir, path, w, rx)
+    }
+
+    /// A bus-log request for event `i` with `pad` as its data.
+    fn padded(i: u64, pad: &str) -> Op {
+        let mut e = ev(&format!("e{i}"));
+        e.data = format!("{{\"pad\":\"{pad}\"}}");
+        Op::Log {
+            items: vec![(format!("$bus:k{}", i % 7), e)],
+        }
+    }
+
     #[test]
     fn one_conflict_fails_one_request_not_the_batch() {
         let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
@@ -875,13 +910,7 @@ mod tests {
 
     #[test]
     fn the_thread_answers_in_batches_and_refuses_after_close() {
-        let (tx, rx) = mpsc::channel();
-        let w = Writer::open(
-            ":memory:",
-            Synchronous::Normal,
-            Arc::new(Collect(Mutex::new(tx))),
-        )
-        .unwrap();
+        let (w, rx) = in_memory_writer();
         for i in 1..=100u64 {
             w.submit(
                 i,
@@ -983,13 +1012,7 @@ mod tests {
 
     #[test]
     fn a_group_sent_in_parts_commits_once_and_an_abandoned_one_writes_nothing() {
-        let (tx, rx) = mpsc::channel();
-        let w = Writer::open(
-            ":memory:",
-            Synchronous::Normal,
-            Arc::new(Collect(Mutex::new(tx))),
-        )
-        .unwrap();
+        let (w, rx) = in_memory_writer();
         let item = |i: usize| (format!("$bus:k{}", i % 3), ev(&format!("g{i}")));
         {
             let mut abandoned = w.log_group();
@@ -1031,27 +1054,10 @@ mod tests {
 
     #[test]
     fn checkpoints_run_off_the_writer_and_close_leaves_no_wal_behind() {
-        let dir = std::env::temp_dir().join(format!("oxbus-ckpt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.db").to_string_lossy().into_owned();
-        let (tx, rx) = mpsc::channel();
-        let w = Writer::open(
-            &path,
-            Synchronous::Normal,
-            Arc::new(Collect(Mutex::new(tx))),
-        )
-        .unwrap();
+        let (dir, path, w, rx) = on_file("ckpt");
         let big = "x".repeat(2000);
         for i in 0..3000u64 {
-            let mut e = ev(&format!("e{i}"));
-            e.data = format!("{{\"pad\":\"{big}\"}}");
-            w.submit(
-                i + 1,
-                Op::Log {
-                    items: vec![(format!("$bus:k{}", i % 7), e)],
-                },
-            )
-            .unwrap();
+            w.submit(i + 1, padded(i, &big)).unwrap();
         }
         let mut seen = 0;
         while seen < 3000 {
@@ -1072,28 +1078,11 @@ mod tests {
 
     #[test]
     fn many_small_commits_never_fail_and_keep_the_wal_bounded() {
-        let dir = std::env::temp_dir().join(format!("oxbus-smallc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s.db").to_string_lossy().into_owned();
-        let (tx, rx) = mpsc::channel();
-        let w = Writer::open(
-            &path,
-            Synchronous::Normal,
-            Arc::new(Collect(Mutex::new(tx))),
-        )
-        .unwrap();
+        let (dir, path, w, rx) = on_file("smallc");
         let pad = "y".repeat(1500);
         let mut biggest_wal = 0;
         for i in 0..12_000u64 {
-            let mut e = ev(&format!("e{i}"));
-            e.data = format!("{{\"pad\":\"{pad}\"}}");
-            w.submit(
-                i + 1,
-                Op::Log {
-                    items: vec![(format!("$bus:k{}", i % 5), e)],
-                },
-            )
-            .unwrap();
+            w.submit(i + 1, padded(i, &pad)).unwrap();
             w.mark_done("sub".into(), i64::try_from(i).unwrap() + 1)
                 .unwrap();
             let batch = rx.recv().unwrap(); // one commit per event, as one awaiting publisher

@@ -788,7 +788,7 @@ static ESCAPE: [u8; 256] = {
 
 /// Writes `s` as a JSON string: quotes, backslashes and control characters escaped, the rest
 /// (non-ASCII included) as UTF-8.
-fn write_str(out: &mut String, s: &str) {
+pub fn write_str(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push('"');

@@ -282,49 +282,42 @@ pub fn record_of<'py>(
         }
         (None, false) => new_event_id(),
     };
-    let meta = PyDict::new(py);
+    // Metadata, written straight to JSON: {"correlation_id": .., "causation_id": ..} and,
+    // for an event published by a handler, "subscription" (`oxbus flow` draws handler ->
+    // event edges from it).
+    let mut meta = String::with_capacity(96);
+    meta.push_str("{\"correlation_id\":");
     let parent = envelope::get_current(py)?.filter(|env| !env.event_ref().is(event));
     match (correlation_id, parent) {
-        (Some(c), _) => meta.set_item("correlation_id", c)?,
+        (Some(c), _) => {
+            json_value(&mut meta, Some(c))?;
+            meta.push_str(",\"causation_id\":null");
+        }
         (None, Some(env)) => {
-            meta.set_item("correlation_id", env.correlation(py)?)?;
-            meta.set_item("causation_id", env.id(py)?)?;
-            // Which handler published it: `oxbus flow` draws handler -> event edges from it.
+            json_value(&mut meta, Some(&env.correlation(py)?))?;
+            meta.push_str(",\"causation_id\":");
+            json_value(&mut meta, Some(&env.id(py)?))?;
             if let Some(sub) = env.subscription() {
-                meta.set_item("subscription", &*sub)?;
+                meta.push_str(",\"subscription\":");
+                codec::write_str(&mut meta, &sub);
             }
         }
         (None, None) => {
             match ident(intern!(py, "correlation_id"), CORRELATION_ID)? {
-                (_, true) => meta.set_item("correlation_id", &event_id)?, // its default
-                (v, false) => meta.set_item("correlation_id", v)?,
+                (_, true) => codec::write_str(&mut meta, &event_id), // its default
+                (v, false) => json_value(&mut meta, v.as_ref())?,
             }
-            meta.set_item(
-                "causation_id",
-                ident(intern!(py, "causation_id"), CAUSATION_ID)?.0,
+            meta.push_str(",\"causation_id\":");
+            json_value(
+                &mut meta,
+                ident(intern!(py, "causation_id"), CAUSATION_ID)?.0.as_ref(),
             )?;
         }
     }
-    if !meta.contains("causation_id")? {
-        meta.set_item("causation_id", py.None())?;
-    }
+    meta.push('}');
     let occurred_at = match ident(intern!(py, "occurred_at"), OCCURRED_AT)? {
         (Some(t), _) => codec::isoformat(&t)?,
-        // The default, as the descriptor makes it: the creation time in UTC, kept.
-        (None, true) => {
-            let d = dict.as_ref().expect("lazy attributes come with a __dict__");
-            let at = match d.get_item(intern!(py, "_oxbus_ts"))? {
-                Some(ts) if ts.is_truthy()? => {
-                    let utc = pyo3::types::PyTzInfo::utc(py)?;
-                    let at =
-                        pyo3::types::PyDateTime::from_timestamp(py, ts.extract()?, Some(&utc))?;
-                    d.set_item(intern!(py, "occurred_at"), &at)?;
-                    at.into_any()
-                }
-                _ => event.getattr(intern!(py, "occurred_at"))?,
-            };
-            codec::isoformat(&at)?
-        }
+        (None, true) => default_occurred_at(event, dict.as_ref())?,
         (None, false) => None,
     };
     Ok(NewEvent {
@@ -332,9 +325,42 @@ pub fn record_of<'py>(
         event_type,
         event_version,
         data: codec::encode(event)?,
-        metadata: codec::encode(&meta)?,
+        metadata: meta,
         occurred_at,
     })
+}
+
+/// A `DomainEvent`'s `occurred_at` default, as its descriptor makes it (the creation time in
+/// UTC, kept on the instance), in ISO 8601.
+fn default_occurred_at(
+    event: &Bound<'_, PyAny>,
+    dict: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Option<String>> {
+    let py = event.py();
+    let d = dict.expect("lazy attributes come with a __dict__");
+    let at = match d.get_item(intern!(py, "_oxbus_ts"))? {
+        Some(ts) if ts.is_truthy()? => {
+            let utc = pyo3::types::PyTzInfo::utc(py)?;
+            let at = pyo3::types::PyDateTime::from_timestamp(py, ts.extract()?, Some(&utc))?;
+            d.set_item(intern!(py, "occurred_at"), &at)?;
+            at.into_any()
+        }
+        _ => event.getattr(intern!(py, "occurred_at"))?,
+    };
+    codec::isoformat(&at)
+}
+
+/// Appends one metadata value as JSON (`null` for None or a missing value).
+fn json_value(out: &mut String, v: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    match v {
+        None => out.push_str("null"),
+        Some(v) if v.is_none() => out.push_str("null"),
+        Some(v) => match v.cast_exact::<PyString>() {
+            Ok(s) => codec::write_str(out, &s.to_cow()?),
+            Err(_) => out.push_str(&codec::encode(v)?),
+        },
+    }
+    Ok(())
 }
 
 /// The bus log's stream for an event: `$bus:<key>`, or `$bus` without a key.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import sys
 import threading
 import time
@@ -20,6 +19,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from _env import unavailable
 
 import oxbus
 
@@ -46,11 +47,7 @@ def _import_qt() -> tuple[ModuleType, ModuleType]:
         except ImportError as e:
             errors.append(f"qasync: {e}")
     if qtcore is None or qasync_mod is None:
-        reason = "Qt binding or qasync not importable: " + "; ".join(errors)
-        if os.environ.get("OXBUS_CI") == "1":
-            pytest.fail(f"OXBUS_CI=1 forbids skipping: {reason}", pytrace=False)
-        print(reason)
-        pytest.skip(reason)
+        unavailable("Qt binding or qasync not importable: " + "; ".join(errors))
     return qtcore, qasync_mod
 
 

@@ -31,12 +31,13 @@ from typing import Any, Callable
 
 import oxbus
 import pytest
+
+from _env import unavailable
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
 
 HOST, PORT = "127.0.0.1", 6379
 URL = f"redis://{HOST}:{PORT}/0"
-CI = os.environ.get("OXBUS_CI") == "1"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -103,14 +104,6 @@ class Resp:
                 return
 
 
-def _unavailable(reason: str) -> None:
-    """Skips with the reason printed, or fails under OXBUS_CI=1."""
-    if CI:
-        pytest.fail(f"OXBUS_CI=1 and {reason}", pytrace=False)
-    print(f"\ntests/test_redis.py: skipped: {reason}", file=sys.__stderr__, flush=True)
-    pytest.skip(reason)
-
-
 def _redis_ping() -> str | None:
     """None when Redis answers PING, else why not."""
     try:
@@ -127,7 +120,7 @@ def _redis_ping() -> str | None:
 def redis_up() -> None:
     reason = _redis_ping()
     if reason is not None:
-        _unavailable(reason)
+        unavailable(reason)
 
 
 @pytest.fixture
@@ -727,7 +720,7 @@ class PrivateRedis:
 @pytest.fixture
 async def private_redis() -> Any:
     if shutil.which("redis-server") is None:
-        _unavailable("redis-server is not installed")
+        unavailable("redis-server is not installed")
     server = PrivateRedis()
     await server.start()
     yield server

@@ -105,6 +105,23 @@ def _table(rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> str:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def event_filters(f: Any) -> Any:
+    """The ``--stream``, ``--type`` and ``--after`` options of the commands that read events."""
+    for option in reversed((
+        click.option("--stream", help="Only this stream (a durable bus writes `$bus:<key>`)."),
+        click.option("--type", "event_type", help="Only this event type."),
+        click.option(
+            "--after",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Only events after this position.",
+        ),
+    )):
+        f = option(f)
+    return f
 db_argument = click.argument("db", type=click.Path(dir_okay=False))
 
 
@@ -184,15 +201,7 @@ def _event_line(e: Any) -> str:
 
 @main.command(short_help="List stored events (--follow to keep watching).")
 @db_argument
-@click.option("--stream", help="Only this stream (a durable bus writes `$bus:<key>`).")
-@click.option("--type", "event_type", help="Only this event type.")
-@click.option(
-    "--after",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Only events after this position.",
-)
+@event_filters
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
@@ -531,15 +540,7 @@ def _import_handler(spec: str) -> Callable[[Any], Any]:
     metavar="MODULE:HANDLER",
     help="The handler to call with each event: `def h(event)` or `async def h(event)`.",
 )
-@click.option("--type", "event_type", help="Only this event type.")
-@click.option("--stream", help="Only this stream.")
-@click.option(
-    "--after",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Only events after this position.",
-)
+@event_filters
 @json_option
 def replay(
     db: str, target: str, event_type: str | None, stream: str | None, after: int, as_json: bool

@@ -363,7 +363,7 @@ impl Drop for Writer {
 
 fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
     let mut closing = false;
-    let mut versions = Versions::default();
+    let mut known = Known::default();
     // Messages that arrived while a large log group held the transaction.
     let mut deferred: VecDeque<Msg> = VecDeque::new();
     while !closing {
@@ -381,7 +381,7 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
             Msg::Ops(ops) => batch.extend(ops),
             Msg::LogPart(group, items) => {
                 if let Some(result) =
-                    log_group(&mut log, rx, &mut deferred, &mut versions, group, &items)
+                    log_group(&mut log, rx, &mut deferred, &mut known, group, &items)
                 {
                     sink.deliver(vec![result]);
                 }
@@ -425,7 +425,7 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
                 }
             }
         }
-        let results = apply(&mut log, batch, &marks.take(), &mut versions);
+        let results = apply(&mut log, batch, &marks.take(), &mut known);
         if !results.is_empty() {
             sink.deliver(results);
         }
@@ -459,7 +459,7 @@ fn log_group(
     log: &mut Log,
     rx: &Receiver<Msg>,
     deferred: &mut VecDeque<Msg>,
-    versions: &mut Versions,
+    known: &mut Known,
     group: u64,
     items: &[(String, NewEvent)],
 ) -> Option<(u64, Result<Reply>)> {
@@ -472,7 +472,7 @@ fn log_group(
     };
     let mut add = |items: &[(String, NewEvent)], failed: &mut Option<StoreError>| {
         if let (Some(tx), None) = (&tx, &*failed) {
-            match log_events(tx, &path, items, versions, &recorded) {
+            match log_events(tx, &path, items, known, &recorded) {
                 Ok(p) => positions.extend(p),
                 Err(e) => *failed = Some(e),
             }
@@ -482,7 +482,7 @@ fn log_group(
     loop {
         // The sender always ends a group (a guard sends LogAbort even if it unwinds).
         let Ok(m) = rx.recv() else {
-            versions.clear();
+            known.clear();
             return None;
         };
         match m {
@@ -502,12 +502,12 @@ fn log_group(
                     (None, None) => unreachable!("no transaction means a failure"),
                 };
                 if result.is_err() {
-                    versions.clear();
+                    known.clear();
                 }
                 return Some((token, result));
             }
             Msg::LogAbort(g) if g == group => {
-                versions.clear();
+                known.clear();
                 return None;
             }
             other => deferred.push_back(other),
@@ -525,7 +525,7 @@ pub fn apply(
     log: &mut Log,
     batch: Vec<(u64, Op)>,
     marks: &[(Arc<str>, i64)],
-    versions: &mut Versions,
+    known: &mut Known,
 ) -> Vec<(u64, Result<Reply>)> {
     let mut results: Vec<Option<Result<Reply>>> = Vec::with_capacity(batch.len());
     results.resize_with(batch.len(), || None);
@@ -543,14 +543,14 @@ pub fn apply(
     if !writes.is_empty() || !marks.is_empty() {
         let path = log.path().to_owned();
         // Marks lost with a failed batch only mean a redelivery after a restart.
-        match write_batch(log, &path, &writes, marks, versions) {
+        match write_batch(log, &path, &writes, marks, known) {
             Ok(outcomes) => {
                 for ((i, _), r) in writes.iter().zip(outcomes) {
                     results[*i] = Some(r);
                 }
             }
             Err(e) => {
-                versions.clear();
+                known.clear();
                 let msg = e.to_string();
                 for (i, _) in &writes {
                     results[*i] = Some(Err(StoreError::Invalid(format!(
@@ -571,19 +571,19 @@ pub fn apply(
         .collect()
 }
 
-/// The bus log's stream versions, so logging an event needs no query: keys are the bus's
+/// The bus log's stream known, so logging an event needs no query: keys are the bus's
 /// `$bus:<key>` streams. Cleared when it might be wrong (a rolled-back write, a failed commit)
 /// or large; a version another process wrote is caught by the unique index and re-read.
 /// It also keeps, per subscription, the finished range it wrote last (to extend it).
 #[derive(Default)]
-pub struct Versions {
+pub struct Known {
     /// Stream -> its version.
     streams: rustc_hash::FxHashMap<String, i64>,
     /// Subscription -> its last written finished range.
     tails: rustc_hash::FxHashMap<Arc<str>, (i64, i64)>,
 }
 
-impl Versions {
+impl Known {
     const MAX: usize = 100_000;
 
     fn clear(&mut self) {
@@ -626,7 +626,7 @@ fn log_events(
     tx: &rusqlite::Connection,
     path: &str,
     items: &[(String, NewEvent)],
-    versions: &mut Versions,
+    known: &mut Known,
     recorded: &str,
 ) -> Result<Vec<i64>> {
     let mut positions = Vec::with_capacity(items.len());
@@ -634,7 +634,7 @@ fn log_events(
     for (stream, event) in items {
         let mut cached = true;
         loop {
-            let version = match versions.streams.get(stream) {
+            let version = match known.streams.get(stream) {
                 Some(v) if cached => v + 1,
                 _ => {
                     cached = false;
@@ -647,13 +647,13 @@ fn log_events(
             if let Some(position) =
                 Log::insert(&mut stmt, tx, path, stream, version, event, recorded)?
             {
-                if versions.streams.len() >= Versions::MAX {
-                    versions.clear();
+                if known.streams.len() >= Known::MAX {
+                    known.clear();
                 }
-                match versions.streams.get_mut(stream) {
+                match known.streams.get_mut(stream) {
                     Some(v) => *v = version,
                     None => {
-                        versions.streams.insert(stream.clone(), version);
+                        known.streams.insert(stream.clone(), version);
                     }
                 }
                 positions.push(position);
@@ -678,7 +678,7 @@ fn write_batch(
     path: &str,
     writes: &[(usize, (u64, Op))],
     marks: &[(Arc<str>, i64)],
-    versions: &mut Versions,
+    known: &mut Known,
 ) -> Result<Vec<Result<Reply>>> {
     let recorded = crate::store::log::now_iso();
     let mut tx = log.begin()?;
@@ -694,7 +694,7 @@ fn write_batch(
                 events,
                 expected,
             } => {
-                versions.streams.remove(stream);
+                known.streams.remove(stream);
                 let sp = tx.savepoint().map_err(sqlite)?;
                 match Log::append(&sp, path, stream, events, *expected) {
                     Ok((version, first_position)) => {
@@ -709,13 +709,13 @@ fn write_batch(
             }
             Op::Log { items } => {
                 let sp = tx.savepoint().map_err(sqlite)?;
-                match log_events(&sp, path, items, versions, &recorded) {
+                match log_events(&sp, path, items, known, &recorded) {
                     Ok(positions) => {
                         sp.commit().map_err(sqlite)?;
                         Ok(Reply::Positions(positions))
                     }
                     Err(e) => {
-                        versions.clear(); // it may hold versions the rollback undoes
+                        known.clear(); // it may hold versions the rollback undoes
                         Err(e)
                     }
                 }
@@ -724,7 +724,7 @@ fn write_batch(
         };
         out.push(r);
     }
-    write_marks(&tx, marks, &mut versions.tails).map_err(|e| StoreError::Sqlite {
+    write_marks(&tx, marks, &mut known.tails).map_err(|e| StoreError::Sqlite {
         path: path.to_owned(),
         source: e,
     })?;
@@ -870,12 +870,7 @@ mod tests {
                 },
             ),
         ];
-        let out = apply(
-            &mut log,
-            batch,
-            &[("x".into(), 1)],
-            &mut Versions::default(),
-        );
+        let out = apply(&mut log, batch, &[("x".into(), 1)], &mut Known::default());
         assert_eq!(out.len(), 4);
         assert_eq!(
             out[0].1.as_ref().unwrap(),
@@ -974,8 +969,8 @@ mod tests {
         let path = dir.join("v.db").to_string_lossy().into_owned();
         let mut mine = Log::open(&path, Synchronous::Normal).unwrap();
         let mut other = Log::open(&path, Synchronous::Normal).unwrap();
-        let mut versions = Versions::default();
-        let log = |log: &mut Log, versions: &mut Versions, id: &str| {
+        let mut known = Known::default();
+        let log = |log: &mut Log, known: &mut Known, id: &str| {
             let out = apply(
                 log,
                 vec![(
@@ -985,20 +980,14 @@ mod tests {
                     },
                 )],
                 &[],
-                versions,
+                known,
             );
             out.into_iter().next().unwrap().1.unwrap()
         };
-        assert_eq!(
-            log(&mut mine, &mut versions, "a"),
-            Reply::Positions(vec![1])
-        );
+        assert_eq!(log(&mut mine, &mut known, "a"), Reply::Positions(vec![1]));
         // Another writer appends version 2 behind our cache's back.
-        let _ = log(&mut other, &mut Versions::default(), "b");
-        assert_eq!(
-            log(&mut mine, &mut versions, "c"),
-            Reply::Positions(vec![3])
-        );
+        let _ = log(&mut other, &mut Known::default(), "b");
+        assert_eq!(log(&mut mine, &mut known, "c"), Reply::Positions(vec![3]));
         let rows = mine.read("$bus:k", 0).unwrap();
         assert_eq!(
             rows.iter()

@@ -26,6 +26,7 @@ from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus.store import SqliteEventStore
 from oxbus.errors import (
+    BusClosed,
     BusNotStarted,
     ConfigurationError,
     InvalidEvent,
@@ -433,6 +434,9 @@ class EventBus:
         self.dead_letters = DeadLetters(self)
         self._first_failures: dict[tuple[int, str], datetime] = {}
         self._heartbeats: _heartbeat.HeartbeatMonitor | None = None
+        # publish_threadsafe futures whose event has not reached the loop yet.
+        self._threadsafe: set[concurrent.futures.Future[bool]] = set()
+        self._threadsafe_guard = threading.Lock()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -447,6 +451,8 @@ class EventBus:
             loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")  # type: ignore[arg-type]
             for i in range(self._core.workers)
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._on_worker_done)
         if self._store is not None:
             await self._recover()
         if self._redis_args is not None:
@@ -551,6 +557,11 @@ class EventBus:
             await self._heartbeats.stop()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        # Intake closes first: a publish from outside the bus is refused (BusClosed) from
+        # here on, so nothing is accepted and then dropped; handlers keep running and what
+        # they publish is taken and drained.
+        self._core.close_intake()
+        self._fail_threadsafe()
         if self._redis is not None:
             self._redis.pause()  # take no new entries; drain what was received
         if drain:
@@ -841,6 +852,7 @@ class EventBus:
         # pool publishes with its envelope, so correlation is inherited.
         ctx = contextvars.copy_context()
         result: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        pending = self._threadsafe
 
         def relay(task: asyncio.Task[bool]) -> None:
             if task.cancelled():
@@ -851,6 +863,10 @@ class EventBus:
                 result.set_result(task.result())
 
         def submit() -> None:
+            with self._threadsafe_guard:
+                if result not in pending:  # failed by stop() or the loop's end already
+                    return
+                pending.discard(result)
             if not result.set_running_or_notify_cancel():
                 return
             try:
@@ -860,8 +876,37 @@ class EventBus:
                 return
             task.add_done_callback(relay)
 
-        loop.call_soon_threadsafe(submit)
+        with self._threadsafe_guard:
+            pending.add(result)
+        try:
+            loop.call_soon_threadsafe(submit)
+        except RuntimeError:  # the loop is closed
+            with self._threadsafe_guard:
+                pending.discard(result)
+            raise BusClosed(
+                "the bus's event loop is closed: publish_threadsafe cannot reach it"
+            ) from None
         return result
+
+    def _fail_threadsafe(self) -> None:
+        """Fails with ``BusClosed`` every ``publish_threadsafe`` future whose event has not
+        reached the loop yet: the bus stops, or its loop ends, so it never will."""
+        with self._threadsafe_guard:
+            waiting = list(self._threadsafe)
+            self._threadsafe.clear()
+        for fut in waiting:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(
+                    BusClosed("the bus stopped before this event reached its loop; not accepted")
+                )
+
+    def _on_worker_done(self, task: asyncio.Task[Any]) -> None:
+        """A worker task ended without ``stop()``: its loop is shutting down (``asyncio.run``
+        cancels what is left). Nothing more will reach the loop: refuse further publishes
+        and fail the thread-side futures still waiting, so no caller waits forever."""
+        if self._core.running:
+            self._core.close_intake()
+            self._fail_threadsafe()
 
     # ------------------------------------------------------------------- waiting
 

@@ -64,6 +64,15 @@ impl<T> Lanes<T> {
         self.capacity == 0 || self.len < self.capacity
     }
 
+    /// How many more events fit (`usize::MAX` when unbounded).
+    pub fn room(&self) -> usize {
+        if self.capacity == 0 {
+            usize::MAX
+        } else {
+            self.capacity.saturating_sub(self.len)
+        }
+    }
+
     /// Whether `take` would return something now.
     pub fn has_ready(&self) -> bool {
         !self.ready.is_empty()
@@ -211,8 +220,11 @@ mod tests {
         assert!(l.has_room());
         l.push(2, Some(1));
         assert!(!l.has_room());
+        assert_eq!(l.room(), 0);
         l.take();
         assert!(l.has_room());
+        assert_eq!(l.room(), 1);
+        assert_eq!(Lanes::<u8>::new(0).room(), usize::MAX);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
 use crate::python::store::PyStoreCore;
+use crate::python::sync::GilMutex;
 use crate::python::worker::PyWorker;
 use crate::store::writer::Writer;
 
@@ -197,6 +198,8 @@ struct Waiter {
 pub enum RunState {
     Created,
     Running,
+    /// `stop()` is draining: outside publishes are refused, handlers still run.
+    Closing,
     Closed,
 }
 
@@ -232,49 +235,23 @@ pub struct Inner {
 }
 
 impl Inner {
-    /// Pops an idle worker to wake when nobody is dispatching and work is ready.
-    /// Futures of workers that were cancelled are skipped (checking `done()` runs no user code).
-    pub fn wake_if_needed(&mut self, py: Python<'_>) -> Option<Py<PyAny>> {
+    /// Pops an idle worker to wake when nobody is dispatching and work is ready, counting it
+    /// active. Runs no Python: the caller hands the future to `PyBusCore::wake` after unlocking,
+    /// which skips the futures of cancelled workers.
+    pub fn wake_if_needed(&mut self) -> Option<Py<PyAny>> {
         if self.active > 0 || !self.lanes.has_ready() {
             return None;
         }
-        while let Some(f) = self.idle.pop() {
-            let done = f
-                .bind(py)
-                .call_method0(intern!(py, "done"))
-                .and_then(|d| d.is_truthy())
-                .unwrap_or(true);
-            if !done {
-                self.active += 1;
-                return Some(f);
-            }
-        }
-        None
+        let f = self.idle.pop()?;
+        self.active += 1;
+        Some(f)
     }
 
-    /// Moves blocked publishers into freed room; returns their futures to resolve. A publisher
-    /// whose wait was cancelled saw `CancelledError`: its event is not accepted.
-    pub fn admit_blocked(&mut self, py: Python<'_>) -> Vec<(Py<PyAny>, Arc<EnvData>)> {
-        let mut out = Vec::new();
-        while self.lanes.has_room() {
-            let Some(b) = self.blocked.pop_front() else {
-                break;
-            };
-            if b.fut
-                .bind(py)
-                .call_method0(intern!(py, "done"))
-                .and_then(|d| d.is_truthy())
-                .unwrap_or(true)
-            {
-                continue;
-            }
-            bump(&b.item.env.route().counters.published, 1);
-            let env = Arc::clone(&b.item.env);
-            self.lanes.push(b.item, b.lane);
-            self.stats.published += 1;
-            out.push((b.fut, env));
-        }
-        out
+    /// Takes as many blocked publishers as there is room for, oldest first. Runs no Python:
+    /// `PyBusCore::admit_blocked` checks, unlocked, which of them are still waiting.
+    fn take_blocked(&mut self) -> Vec<Blocked> {
+        let room = self.lanes.room().min(self.blocked.len());
+        self.blocked.drain(..room).collect()
     }
 
     /// Whether every accepted event has been handled.
@@ -290,6 +267,14 @@ impl Inner {
             Vec::new()
         }
     }
+}
+
+/// Whether a loop future is done (an error counts as done: it will never be resolved).
+fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> bool {
+    fut.bind(py)
+        .call_method0(intern!(py, "done"))
+        .and_then(|d| d.is_truthy())
+        .unwrap_or(true)
 }
 
 /// Resolves a loop future with `value` unless it is done (cancelled by a timeout, say).
@@ -330,7 +315,7 @@ pub fn resolve_all(py: Python<'_>, futs: Vec<Py<PyAny>>) {
 /// The engine behind one `oxbus.EventBus`.
 #[pyclass(frozen, name = "BusCore", module = "oxbus._oxbus")]
 pub struct PyBusCore {
-    pub inner: Mutex<Inner>,
+    pub inner: GilMutex<Inner>,
     pub workers: usize,
     pub keyed: bool,
     pub threaded_sync: bool,
@@ -359,12 +344,13 @@ impl PyBusCore {
     /// The cached route of an event (resolved on first sight of its class, or of its class and
     /// type key when string subscriptions exist or the event is a dict).
     fn route(&self, event: &Bound<'_, PyAny>) -> PyResult<Arc<Route>> {
+        let py = event.py();
         let ty = event.get_type();
         let ty_id = ty.as_ptr() as usize;
         let is_dict = event.cast::<PyDict>().is_ok();
         // The common case in one lock: no string subscriptions, not a dict, class cached.
         let by_key = {
-            let inner = self.inner.lock();
+            let inner = self.inner.lock(py);
             let by_key = inner.router.needs_type_key();
             if !by_key && !is_dict && inner.routes_gen == inner.router.generation() {
                 if let Some(r) = inner.routes.get(&(ty_id, None)) {
@@ -380,7 +366,7 @@ impl PyBusCore {
         };
         let cache_key = (ty_id, type_key);
         if cache_key.1.is_some() {
-            let inner = self.inner.lock();
+            let inner = self.inner.lock(py);
             if inner.routes_gen == inner.router.generation() {
                 if let Some(r) = inner.routes.get(&cache_key) {
                     return Ok(Arc::clone(r));
@@ -394,7 +380,7 @@ impl PyBusCore {
         };
         let mro = events::mro_ids(&ty)?;
         let class_has_key = events::class_has_key(&ty)?;
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         if inner.routes_gen != inner.router.generation() {
             inner.routes.clear();
             inner.routes_gen = inner.router.generation();
@@ -466,13 +452,49 @@ impl PyBusCore {
         ))
     }
 
+    /// Wakes the idle worker `next` popped by `Inner::wake_if_needed`; a future already done
+    /// (its worker was cancelled) gives its turn back and the next idle worker is tried.
+    pub fn wake(&self, py: Python<'_>, mut next: Option<Py<PyAny>>) {
+        while let Some(f) = next {
+            if !is_done(py, &f) {
+                resolve(py, &f, &py.None().into_bound(py));
+                return;
+            }
+            let mut inner = self.inner.lock(py);
+            inner.active -= 1;
+            next = inner.wake_if_needed();
+        }
+    }
+
+    /// Moves blocked publishers into freed room, in FIFO order; returns their futures to
+    /// resolve. A publisher whose wait was cancelled saw `CancelledError`: its event is not
+    /// accepted. Whether a wait was cancelled is asked with the lock released.
+    pub fn admit_blocked(&self, py: Python<'_>) -> Vec<(Py<PyAny>, Arc<EnvData>)> {
+        let mut out = Vec::new();
+        loop {
+            let taken = self.inner.lock(py).take_blocked();
+            if taken.is_empty() {
+                return out;
+            }
+            let live: Vec<Blocked> = taken.into_iter().filter(|b| !is_done(py, &b.fut)).collect();
+            let mut inner = self.inner.lock(py);
+            for b in live {
+                bump(&b.item.env.route().counters.published, 1);
+                let env = Arc::clone(&b.item.env);
+                inner.lanes.push(b.item, b.lane);
+                inner.stats.published += 1;
+                out.push((b.fut, env));
+            }
+        }
+    }
+
     /// Resolves the `wait_for` calls an accepted event matches.
     pub fn notify_waiters(&self, py: Python<'_>, env: &Arc<EnvData>) {
         if self.waiter_count.load(Relaxed) == 0 {
             return;
         }
         let route = Arc::clone(env.route());
-        let waiters = std::mem::take(&mut self.inner.lock().waiters);
+        let waiters = std::mem::take(&mut self.inner.lock(py).waiters);
         let mut keep = Vec::with_capacity(waiters.len());
         let event = env.event_ref().bind(py);
         for w in waiters {
@@ -490,7 +512,7 @@ impl PyBusCore {
                 Err(e) => fail(py, &w.fut, &e),
             }
         }
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         keep.append(&mut inner.waiters);
         inner.waiters = keep;
         self.waiter_count.store(inner.waiters.len(), Relaxed);
@@ -521,7 +543,7 @@ impl PyBusCore {
         *env.ack.lock() = Some(ack);
         item.env = Arc::new(env);
         // A full queue parks it with the blocked publishers: the transport's prefetch bounds them.
-        drop(self.accept(py, item, lane, true)?);
+        drop(self.accept(py, item, lane, true, true)?);
         Ok(())
     }
 
@@ -534,9 +556,13 @@ impl PyBusCore {
         }
     }
 
-    fn check_running(state: RunState) -> PyResult<()> {
+    /// Whether the bus takes an event now. While `stop()` drains (`Closing`) only events from
+    /// inside the bus are taken: those handlers publish, and deliveries it already owes.
+    fn check_running(state: RunState, inside: bool) -> PyResult<()> {
         match state {
             RunState::Running => Ok(()),
+            RunState::Closing if inside => Ok(()),
+            RunState::Closing => Err(errors::bus_closed("the bus is stopping: publishing during `stop()` is refused so no event is silently lost")),
             RunState::Created => Err(errors::bus_not_started("the bus is not started: call `await bus.start()` (or use `async with bus:`) before publishing")),
             RunState::Closed => Err(errors::bus_closed("the bus is stopped: publishing after `stop()` is refused so no event is silently lost")),
         }
@@ -549,11 +575,16 @@ impl PyBusCore {
         item: Queued,
         lane: Option<u64>,
         wait: bool,
+        internal: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
         let env = Arc::clone(&item.env);
         let route = Arc::clone(env.route());
-        let mut inner = self.inner.lock();
-        Self::check_running(inner.state)?;
+        // An event published by a running handler is always accepted: the bound applies to
+        // what comes from outside, and making a handler wait for room that only handlers can
+        // make would freeze the bus.
+        let from_handler = env.is_child();
+        let mut inner = self.inner.lock(py);
+        Self::check_running(inner.state, internal || from_handler)?;
         if route.subs.is_empty() {
             // Nothing to run: accepted and finished at once.
             bump(&route.counters.published, 1);
@@ -575,19 +606,13 @@ impl PyBusCore {
                  from another thread use bus.publish_threadsafe(event)",
             ));
         }
-        // An event published by a running handler is always accepted: the bound applies to
-        // what comes from outside, and making a handler wait for room that only handlers can
-        // make would freeze the bus.
-        let from_handler = env.is_child();
         if from_handler || (inner.lanes.has_room() && inner.blocked.is_empty()) {
             inner.lanes.push(item, lane);
             inner.stats.published += 1;
             bump(&route.counters.published, 1);
-            let wake = inner.wake_if_needed(py);
+            let wake = inner.wake_if_needed();
             drop(inner);
-            if let Some(f) = wake {
-                resolve(py, &f, &py.None().into_bound(py));
-            }
+            self.wake(py, wake);
             self.notify_waiters(py, &env);
             return Ok(None);
         }
@@ -606,7 +631,7 @@ impl PyBusCore {
             .bind(py)
             .call_method0(intern!(py, "create_future"))?
             .unbind();
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         inner.blocked.push_back(Blocked {
             item,
             lane,
@@ -682,7 +707,7 @@ impl PyBusCore {
             }
         };
         Ok(Self {
-            inner: Mutex::new(Inner {
+            inner: GilMutex::new(Inner {
                 state: RunState::Created,
                 router: Router::new(),
                 routes: FxHashMap::default(),
@@ -724,6 +749,7 @@ impl PyBusCore {
     #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &self,
+        py: Python<'_>,
         target: &Bound<'_, PyAny>,
         handler: &Bound<'_, PyAny>,
         priority: i64,
@@ -769,7 +795,7 @@ impl PyBusCore {
             }),
             park,
         };
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         Ok(inner.router.subscribe(matcher, priority, name, payload).id)
     }
 
@@ -788,7 +814,7 @@ impl PyBusCore {
         key: Option<Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let sub = {
-            let inner = self.inner.lock();
+            let inner = self.inner.lock(py);
             let found = inner.router.iter().find(|s| s.id == sub_id).map(Arc::clone);
             match found {
                 Some(s) => s,
@@ -824,37 +850,37 @@ impl PyBusCore {
             Arc::new(route),
             position,
         ));
-        if let Some(fut) = self.accept(py, item, lane, true)? {
+        if let Some(fut) = self.accept(py, item, lane, true, true)? {
             drop(fut);
         }
         Ok(true)
     }
 
     /// Sets the clock: `sleep(seconds) -> awaitable` and `time() -> float`.
-    fn set_clock(&self, sleep: Py<PyAny>, now: Py<PyAny>) {
-        let mut inner = self.inner.lock();
+    fn set_clock(&self, py: Python<'_>, sleep: Py<PyAny>, now: Py<PyAny>) {
+        let mut inner = self.inner.lock(py);
         inner.sleep = Some(sleep);
         inner.now = Some(now);
     }
 
     /// Sets the wrapper that puts a timeout on a handler's awaitable.
-    fn set_timeout_wrapper(&self, wrap: Py<PyAny>) {
-        self.inner.lock().wrap_timeout = Some(wrap);
+    fn set_timeout_wrapper(&self, py: Python<'_>, wrap: Py<PyAny>) {
+        self.inner.lock(py).wrap_timeout = Some(wrap);
     }
 
     /// Parks a key behind a dead letter of a subscription (restoring a durable bus's state).
-    fn park(&self, sub_id: u64, key_hash: u64) {
-        self.inner.lock().parked.insert((sub_id, key_hash));
+    fn park(&self, py: Python<'_>, sub_id: u64, key_hash: u64) {
+        self.inner.lock(py).parked.insert((sub_id, key_hash));
     }
 
     /// Releases a key parked behind a dead letter of a subscription; whether it was parked.
-    fn unpark(&self, sub_id: u64, key_hash: u64) -> bool {
-        self.inner.lock().parked.remove(&(sub_id, key_hash))
+    fn unpark(&self, py: Python<'_>, sub_id: u64, key_hash: u64) -> bool {
+        self.inner.lock(py).parked.remove(&(sub_id, key_hash))
     }
 
     /// Removes a subscription by id.
-    fn unsubscribe(&self, id: u64) -> bool {
-        self.inner.lock().router.unsubscribe(id)
+    fn unsubscribe(&self, py: Python<'_>, id: u64) -> bool {
+        self.inner.lock(py).router.unsubscribe(id)
     }
 
     /// Removes the subscriptions of `handler` (compared with ==) to `target`; returns how many.
@@ -866,7 +892,7 @@ impl PyBusCore {
     ) -> PyResult<usize> {
         let matcher = events::matcher_for(target)?;
         let ids: Vec<u64> = {
-            let inner = self.inner.lock();
+            let inner = self.inner.lock(py);
             inner
                 .router
                 .iter()
@@ -878,7 +904,7 @@ impl PyBusCore {
         .filter(|(_, c)| c.bind(py).eq(handler).unwrap_or(false))
         .map(|(id, _)| id)
         .collect();
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         Ok(ids
             .into_iter()
             .filter(|id| inner.router.unsubscribe(*id))
@@ -887,7 +913,7 @@ impl PyBusCore {
 
     /// (id, name, priority, target) of every subscription, in subscription order.
     fn subscriptions(&self, py: Python<'_>) -> Vec<(u64, String, i64, Py<PyAny>)> {
-        let inner = self.inner.lock();
+        let inner = self.inner.lock(py);
         inner
             .router
             .iter()
@@ -903,14 +929,14 @@ impl PyBusCore {
     }
 
     /// Whether a subscription with this name exists.
-    fn has_name(&self, name: &str) -> bool {
-        self.inner.lock().router.iter().any(|s| &*s.name == name)
+    fn has_name(&self, py: Python<'_>, name: &str) -> bool {
+        self.inner.lock(py).router.iter().any(|s| &*s.name == name)
     }
 
     /// Installs the hook called after handler calls: on failures, and on every call when
     /// `on_success` (the `event_storage` protocol needs one call per handler call).
-    fn set_after_call(&self, hook: Option<Py<PyAny>>, on_success: bool) {
-        self.inner.lock().after_call = hook;
+    fn set_after_call(&self, py: Python<'_>, hook: Option<Py<PyAny>>, on_success: bool) {
+        self.inner.lock(py).after_call = hook;
         self.hook_on_success.store(on_success, Relaxed);
     }
 
@@ -923,8 +949,8 @@ impl PyBusCore {
     }
 
     /// Marks the bus running on `loop` (idempotent).
-    fn start(&self, loop_: Py<PyAny>) {
-        let mut inner = self.inner.lock();
+    fn start(&self, py: Python<'_>, loop_: Py<PyAny>) {
+        let mut inner = self.inner.lock(py);
         if inner.state != RunState::Running {
             inner.state = RunState::Running;
             inner.loop_ = Some(loop_);
@@ -947,7 +973,7 @@ impl PyBusCore {
     /// publishers with `BusClosed`; returns how many queued events were discarded.
     fn close(&self, py: Python<'_>, discard: bool) -> usize {
         let (blocked, dropped, idle) = {
-            let mut inner = self.inner.lock();
+            let mut inner = self.inner.lock(py);
             inner.state = RunState::Closed;
             let dropped = if discard {
                 inner.lanes.clear()
@@ -966,20 +992,31 @@ impl PyBusCore {
             fail(py, &b.fut, &err);
         }
         drop(idle);
-        let drains = self.inner.lock().take_drain_waiters();
+        let drains = self.inner.lock(py).take_drain_waiters();
         resolve_all(py, drains);
         dropped.len() + blocked.len()
     }
 
     /// Raises `BusNotStarted` / `BusClosed` unless the bus accepts events.
-    fn ensure_running(&self) -> PyResult<()> {
-        Self::check_running(self.inner.lock().state)
+    fn ensure_running(&self, py: Python<'_>) -> PyResult<()> {
+        let inside = envelope::get_current(py)?.is_some();
+        Self::check_running(self.inner.lock(py).state, inside)
+    }
+
+    /// Refuses publishes from outside the bus from now on, while handlers keep running (the
+    /// first step of `stop()`: what is accepted after it is drained, nothing is accepted and
+    /// then dropped).
+    fn close_intake(&self, py: Python<'_>) {
+        let mut inner = self.inner.lock(py);
+        if inner.state == RunState::Running {
+            inner.state = RunState::Closing;
+        }
     }
 
     /// Whether the bus accepts events.
     #[getter]
-    fn running(&self) -> bool {
-        self.inner.lock().state == RunState::Running
+    fn running(&self, py: Python<'_>) -> bool {
+        self.inner.lock(py).state == RunState::Running
     }
 
     /// Publishes one event: None when accepted now, else a future resolved once accepted.
@@ -994,7 +1031,7 @@ impl PyBusCore {
         position: Option<i64>,
     ) -> PyResult<Option<Py<PyAny>>> {
         let (item, lane) = self.envelope(py, event, key, correlation_id, position)?;
-        self.accept(py, item, lane, true)
+        self.accept(py, item, lane, true, false)
     }
 
     /// Publishes one event now or raises `QueueFull`.
@@ -1007,7 +1044,7 @@ impl PyBusCore {
         correlation_id: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let (item, lane) = self.envelope(py, event, key, correlation_id, None)?;
-        self.accept(py, item, lane, false).map(|_| ())
+        self.accept(py, item, lane, false, false).map(|_| ())
     }
 
     /// Publishes from an iterator until it ends or the queue is full; returns how many were
@@ -1022,7 +1059,7 @@ impl PyBusCore {
             let event = event?;
             let (item, lane) = self.envelope(py, &event, None, None, None)?;
             n += 1;
-            if let Some(fut) = self.accept(py, item, lane, true)? {
+            if let Some(fut) = self.accept(py, item, lane, true, false)? {
                 return Ok((n, Some(fut)));
             }
         }
@@ -1032,7 +1069,7 @@ impl PyBusCore {
     /// None when every accepted event is handled, else a future resolved when that happens.
     fn drain_waiter(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let loop_ = {
-            let inner = self.inner.lock();
+            let inner = self.inner.lock(py);
             if inner.is_drained() {
                 return Ok(None);
             }
@@ -1045,7 +1082,7 @@ impl PyBusCore {
             .bind(py)
             .call_method0(intern!(py, "create_future"))?
             .unbind();
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         if inner.is_drained() {
             return Ok(None);
         }
@@ -1057,12 +1094,13 @@ impl PyBusCore {
     #[pyo3(signature = (target, predicate, fut))]
     fn add_waiter(
         &self,
+        py: Python<'_>,
         target: &Bound<'_, PyAny>,
         predicate: Option<Py<PyAny>>,
         fut: Py<PyAny>,
     ) -> PyResult<u64> {
         let matcher = events::matcher_for(target)?;
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         let id = inner.next_waiter;
         inner.next_waiter += 1;
         inner.waiters.push(Waiter {
@@ -1076,15 +1114,15 @@ impl PyBusCore {
     }
 
     /// Forgets a `wait_for` (after it resolved or timed out).
-    fn remove_waiter(&self, id: u64) {
-        let mut inner = self.inner.lock();
+    fn remove_waiter(&self, py: Python<'_>, id: u64) {
+        let mut inner = self.inner.lock(py);
         inner.waiters.retain(|w| w.id != id);
         self.waiter_count.store(inner.waiters.len(), Relaxed);
     }
 
     /// Counts a dead letter added by the Python layer (for health).
-    fn set_dead_letters(&self, n: u64) {
-        self.inner.lock().dead_letters = n;
+    fn set_dead_letters(&self, py: Python<'_>, n: u64) {
+        self.inner.lock(py).dead_letters = n;
     }
 
     /// The configured number of workers.
@@ -1095,13 +1133,13 @@ impl PyBusCore {
 
     /// Events accepted and not yet handed to a handler (blocked publishers not included).
     #[getter]
-    fn queue_size(&self) -> usize {
-        self.inner.lock().lanes.len()
+    fn queue_size(&self, py: Python<'_>) -> usize {
+        self.inner.lock(py).lanes.len()
     }
 
     /// The counters, as a dict (see `EventBus.get_statistics`).
     fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let inner = self.inner.lock();
+        let inner = self.inner.lock(py);
         let s = &inner.stats;
         let d = PyDict::new(py);
         d.set_item("uptime_seconds", s.uptime_seconds())?;
@@ -1141,9 +1179,13 @@ impl PyBusCore {
 
     /// Handler latency histogram: cumulative counts at the given bounds (seconds), the count and
     /// the sum (seconds), for Prometheus.
-    fn latency_buckets(&self, bounds: &Bound<'_, PyAny>) -> PyResult<(Vec<u64>, u64, f64)> {
+    fn latency_buckets(
+        &self,
+        py: Python<'_>,
+        bounds: &Bound<'_, PyAny>,
+    ) -> PyResult<(Vec<u64>, u64, f64)> {
         let bounds: Vec<f64> = bounds.extract()?;
-        let inner = self.inner.lock();
+        let inner = self.inner.lock(py);
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let ns: Vec<u64> = bounds.iter().map(|b| (b * 1e9) as u64).collect();
         let s = &inner.stats;
@@ -1157,9 +1199,9 @@ impl PyBusCore {
     /// The health report, as a dict (see `EventBus.get_health_status`).
     fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         // Sample the process outside the bus lock: it reads /proc.
-        let mut probe = self.inner.lock().probe.take().unwrap_or_default();
+        let mut probe = self.inner.lock(py).probe.take().unwrap_or_default();
         let sample = py.detach(|| probe.sample());
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock(py);
         inner.probe = Some(probe);
         let now = health::coarse_now_ns();
         let oldest = inner

@@ -8,6 +8,7 @@ mod envelope;
 mod errors;
 mod events;
 mod store;
+mod sync;
 mod transport;
 mod worker;
 

@@ -12,7 +12,6 @@
 use quanta::Instant;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use pyo3::exceptions::PyException;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -22,6 +21,7 @@ use crate::core::stats::bump;
 use crate::python::bus::{resolve_all, PyBusCore, RunState};
 use crate::python::envelope::{self, EnvData, PyEnvelope};
 use crate::python::events::{self, Step};
+use crate::python::sync::GilMutex;
 
 /// One handler call in `SAMPLE` that completes without suspending is timed (reading a clock
 /// costs as much as the rest of such a call); calls that suspend are always timed, from the
@@ -102,7 +102,7 @@ impl Pending {
 pub struct PyWorker {
     core: Py<PyBusCore>,
     index: usize,
-    st: Mutex<State>,
+    st: GilMutex<State>,
 }
 
 fn is_cancelled_error(py: Python<'_>, e: &PyErr) -> bool {
@@ -116,7 +116,7 @@ impl PyWorker {
         Self {
             core,
             index,
-            st: Mutex::new(State::default()),
+            st: GilMutex::new(State::default()),
         }
     }
 
@@ -126,10 +126,10 @@ impl PyWorker {
 
     /// Runs until something must be awaited; returns what to yield to the task.
     fn step(&self, py: Python<'_>, mut incoming: Option<PyErr>) -> PyResult<Py<PyAny>> {
-        let mut st = self.st.lock();
+        let mut st = self.st.lock(py);
         if st.suspended {
             st.suspended = false;
-            self.core().inner.lock().active += 1;
+            self.core().inner.lock(py).active += 1;
         }
         let mut handled = 0u32;
         loop {
@@ -175,7 +175,7 @@ impl PyWorker {
             if st.cur.is_none() {
                 if handled >= BUDGET {
                     st.clock = None;
-                    st.pending.flush(&mut self.core().inner.lock());
+                    st.pending.flush(&mut self.core().inner.lock(py));
                     return Ok(py.None());
                 }
                 match self.take(py, &mut st)? {
@@ -190,12 +190,12 @@ impl PyWorker {
     /// Takes the next event into `st.cur`; when there is none, returns the idle future to yield.
     fn take(&self, py: Python<'_>, st: &mut State) -> PyResult<Option<Py<PyAny>>> {
         let core = self.core();
-        let mut inner = core.inner.lock();
+        let mut inner = core.inner.lock(py);
         st.pending.flush(&mut inner);
         if let Some((item, lane)) = inner.lanes.take() {
             inner.in_flight += 1;
-            let admitted = inner.admit_blocked(py);
             drop(inner);
+            let admitted = core.admit_blocked(py);
             core.admitted(py, admitted);
             envelope::set_current(py, &item.env)?;
             st.cur = Some(Current {
@@ -219,7 +219,7 @@ impl PyWorker {
         // `take` above and registering as idle below.
         let fut = loop_.bind(py).call_method0(intern!(py, "create_future"))?;
         fut.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
-        let mut inner = core.inner.lock();
+        let mut inner = core.inner.lock(py);
         st.clock = None;
         inner.active -= 1;
         inner.idle.push(fut.clone().unbind());
@@ -238,14 +238,12 @@ impl PyWorker {
         }
         st.suspended = true;
         st.clock = None;
-        let mut inner = self.core().inner.lock();
+        let mut inner = self.core().inner.lock(py);
         st.pending.flush(&mut inner);
         inner.active -= 1;
-        let wake = inner.wake_if_needed(py);
+        let wake = inner.wake_if_needed();
         drop(inner);
-        if let Some(f) = wake {
-            resolve_all(py, vec![f]);
-        }
+        self.core().wake(py, wake);
     }
 
     /// Calls the next subscription of the current event, or finishes the event.
@@ -261,7 +259,7 @@ impl PyWorker {
         let event = env.event_ref().bind(py);
         if sub.payload.park {
             if let Some(h) = Self::key_hash(py, cur)? {
-                if self.core().inner.lock().parked.contains(&(sub.id, h)) {
+                if self.core().inner.lock(py).parked.contains(&(sub.id, h)) {
                     return self.park(py, st, h);
                 }
             }
@@ -288,7 +286,7 @@ impl PyWorker {
             Some(t) => self
                 .core()
                 .inner
-                .lock()
+                .lock(py)
                 .wrap_timeout
                 .as_ref()
                 .map(|w| (w.clone_ref(py), t)),
@@ -325,7 +323,7 @@ impl PyWorker {
         event: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let core = self.core();
-        let loop_ = core.inner.lock().loop_.as_ref().map(|l| l.clone_ref(py));
+        let loop_ = core.inner.lock(py).loop_.as_ref().map(|l| l.clone_ref(py));
         let loop_ = loop_.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no loop"))?;
         let executor = core
             .executor
@@ -362,7 +360,7 @@ impl PyWorker {
             }
             Kind::Backoff | Kind::Pause => {
                 if kind == Kind::Backoff {
-                    self.core().inner.lock().retrying -= 1;
+                    self.core().inner.lock(py).retrying -= 1;
                 }
                 match err {
                     Some(e) => Err(e),
@@ -377,7 +375,7 @@ impl PyWorker {
         let custom = self
             .core()
             .inner
-            .lock()
+            .lock(py)
             .sleep
             .as_ref()
             .map(|s| s.clone_ref(py));
@@ -398,7 +396,7 @@ impl PyWorker {
     /// `clock.time()` (the loop's time by default).
     fn now(&self, py: Python<'_>) -> PyResult<f64> {
         let (custom, loop_) = {
-            let inner = self.core().inner.lock();
+            let inner = self.core().inner.lock(py);
             (
                 inner.now.as_ref().map(|n| n.clone_ref(py)),
                 inner.loop_.as_ref().map(|l| l.clone_ref(py)),
@@ -439,7 +437,7 @@ impl PyWorker {
             // Interrupted because the worker itself is being cancelled (shutdown): not a
             // handler failure to count, log or dead-letter; `stop()` reports it. The worker
             // ends right after.
-            core.inner.lock().stats.interrupted += 1;
+            core.inner.lock(py).stats.interrupted += 1;
             return Ok(());
         }
         let cur = st.cur.as_mut().expect("an event is current");
@@ -477,7 +475,7 @@ impl PyWorker {
             // pair's earlier failures.
             if core.hook_on_success() || cur.attempt > 1 {
                 core.inner
-                    .lock()
+                    .lock(py)
                     .after_call
                     .as_ref()
                     .map(|h| h.clone_ref(py))
@@ -485,7 +483,7 @@ impl PyWorker {
                 None
             }
         } else {
-            let mut inner = core.inner.lock();
+            let mut inner = core.inner.lock(py);
             st.pending.flush(&mut inner);
             inner.stats.record_call(ns, false);
             bump(&route.counters.failed, 1);
@@ -546,7 +544,7 @@ impl PyWorker {
             cur.attempt += 1;
             cur.retry_after_hook = false;
             let it = self.sleep(py, delay)?;
-            self.core().inner.lock().retrying += 1;
+            self.core().inner.lock(py).retrying += 1;
             st.awaiting = Some((it.unbind(), Kind::Backoff));
         } else {
             cur.idx += 1;
@@ -562,7 +560,7 @@ impl PyWorker {
         let route = Arc::clone(cur.env.route());
         let sub = &route.subs[cur.idx];
         let hook = {
-            let mut inner = self.core().inner.lock();
+            let mut inner = self.core().inner.lock(py);
             inner.stats.dead_lettered += 1;
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
@@ -671,13 +669,13 @@ impl PyWorker {
             _ => PyErr::from_value(typ.clone()),
         };
         if is_cancelled_error(py, &err) {
-            self.st.lock().cancelled = true;
+            self.st.lock(py).cancelled = true;
         }
         self.step(py, Some(err))
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let mut st = self.st.lock();
+        let mut st = self.st.lock(py);
         if let Some((it, _)) = st.awaiting.take() {
             if let Ok(close) = it.bind(py).getattr(intern!(py, "close")) {
                 close.call0()?;
@@ -692,8 +690,8 @@ impl PyWorker {
         self.index
     }
 
-    fn __repr__(&self) -> String {
-        let running = self.core().inner.lock().state == RunState::Running;
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let running = self.core().inner.lock(py).state == RunState::Running;
         format!(
             "<oxbus Worker {} ({})>",
             self.index,

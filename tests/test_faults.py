@@ -362,9 +362,9 @@ async def test_an_unhashable_key_is_refused_and_the_bus_goes_on(make_bus: Any) -
     bus = await make_bus(workers=2)
     seen: list[int] = []
     bus.subscribe(FltEvent, lambda e: seen.append(e.n))
-    with pytest.raises(InvalidEvent, match=r"unhashable.*|.*\[1\].*list") as e:
-        await bus.publish(FltEvent(1), key=[1])
-    assert "[1]" in str(e.value) and "list" in str(e.value)
+    with pytest.raises(InvalidEvent, match=r"unhashable") as e:
+        await bus.publish(FltEvent(1), key=[{}])  # a list is a tuple key; this one holds a dict
+    assert "[{}]" in str(e.value) and "list" in str(e.value)
     with pytest.raises(InvalidEvent, match="dict"):
         await bus.publish(FltEvent(2, key={"a": 1}))  # an unhashable aggregate_id
     with pytest.raises(InvalidEvent):
@@ -379,7 +379,7 @@ async def test_a_bad_event_inside_publish_many_loses_nothing_silently(make_bus: 
     bus = await make_bus(workers=2)
     seen: list[int] = []
     bus.subscribe(FltEvent, lambda e: seen.append(e.n))
-    batch = [FltEvent(1), FltEvent(2), FltEvent(3, key=[1]), FltEvent(4)]
+    batch = [FltEvent(1), FltEvent(2), FltEvent(3, key={1}), FltEvent(4)]
     with pytest.raises(InvalidEvent):
         await bus.publish_many(batch)
     await bus.drain()

@@ -985,3 +985,37 @@ async def test_an_unreachable_server_at_start_raises_transport_error_quickly() -
     assert not bus.is_running
     with pytest.raises((oxbus.BusClosed, oxbus.BusNotStarted)):  # refused, not queued
         await bus.publish(RdsTick(1))
+
+
+async def test_an_entry_the_consumer_cannot_take_goes_to_the_dead_stream_and_the_rest_of_its_batch_is_handled(
+    rds: Resp, stream: str
+) -> None:
+    # Written by another system: one entry's key is a JSON object (unhashable), one is not
+    # JSON at all. They used to fail the whole batch: the good entries stayed pending, were
+    # claimed back and forth and never handled.
+    def entry(n: int, key: Any) -> str:
+        return json.dumps({
+            "event_id": str(uuid.uuid4()), "event_type": "rds.foreign", "event_version": 1,
+            "occurred_at": "2026-12-05T08:00:00+00:00",
+            "data": {"event_type": "rds.foreign", "aggregate_id": key, "n": n}, "metadata": {},
+        })
+
+    bus = EventBus(transport=URL, group="foreign", stream=stream, workers=2)
+    seen, done, handle = counted(4)
+    bus.subscribe("rds.foreign", handle)
+    await bus.start()
+    try:
+        for n, key in enumerate(["a", {"not": "hashable"}, "b", "c"]):
+            rds("XADD", stream, "*", "d", entry(n, key))
+        rds("XADD", stream, "*", "d", "{not json")
+        rds("XADD", stream, "*", "d", entry(4, "d"))
+        await asyncio.wait_for(done.wait(), 20)
+        await bus.drain()
+    finally:
+        await bus.stop(timeout=10)
+    assert sorted(e["n"] for e in seen) == [0, 2, 3, 4]
+    dead = rds.entries(f"{stream}:dead")
+    assert len(dead) == 2
+    errors = sorted(fields["error"] for _, fields in dead)
+    assert "InvalidEvent" in errors[0] and "unhashable" in errors[0], errors
+    assert rds("XPENDING", stream, "foreign")[0] == 0, "an entry is still pending"

@@ -470,7 +470,9 @@ class EventBus:
     def _on_entries(self) -> None:
         # Entries that arrive while the bus stops stay unacknowledged: Redis redelivers them.
         if self._redis is not None and self._core.running:
-            self._redis.dispatch(self._core, _event_from_payload)
+            _, refused = self._redis.dispatch(self._core, _event_from_payload)
+            for reason in refused:
+                logger.error("Redis %s: moved to the dead-letter stream", reason)
 
     async def _recover(self) -> None:
         """Durable bus: queue, for each subscription, every committed event it has not

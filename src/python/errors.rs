@@ -36,6 +36,15 @@ oxbus_error!(storage_error, "StorageError");
 oxbus_error!(transport_error, "TransportError");
 oxbus_error!(serialization_error, "SerializationError");
 
+/// Whether `err` says the bus is not running (`BusClosed` or `BusNotStarted`).
+pub fn is_bus_closed(py: Python<'_>, err: &PyErr) -> bool {
+    ["BusClosed", "BusNotStarted"].iter().any(|name| {
+        py.import("oxbus.errors")
+            .and_then(|m| m.getattr(*name))
+            .is_ok_and(|cls| err.is_instance(py, &cls))
+    })
+}
+
 /// Maps an engine error to its Python exception.
 pub fn to_py(e: &CoreError) -> PyErr {
     match e {

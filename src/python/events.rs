@@ -6,7 +6,7 @@ use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyString, PyTuple, PyType};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
 use crate::core::routing::Matcher;
 use crate::python::errors;
@@ -80,18 +80,98 @@ pub fn aggregate_key<'py>(
     Ok(found.filter(|k| !k.is_none()))
 }
 
-/// The lane of a key: its Python hash. Different keys with equal hashes share a lane, which
-/// only costs parallelism, never order.
+/// The lane of a key: the Python hash of its canonical form (see `canonical_key`). Different
+/// keys with equal hashes share a lane, which only costs parallelism, never order.
 pub fn lane_of(key: &Bound<'_, PyAny>) -> PyResult<u64> {
-    match key.hash() {
+    match canonical_key(key)?.hash() {
         #[allow(clippy::cast_sign_loss)]
         Ok(h) => Ok(h as u64),
-        Err(_) => Err(errors::invalid_event(format!(
-            "the event key {} (type {}) is unhashable; keys order events per aggregate and must be hashable",
-            key.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string()),
-            key.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string()),
-        ))),
+        Err(_) => Err(unhashable_key(key)),
     }
+}
+
+fn unhashable_key(key: &Bound<'_, PyAny>) -> PyErr {
+    errors::invalid_event(format!(
+        "the event key {} (type {}) is unhashable; keys order events per aggregate and must be hashable",
+        describe(key),
+        type_name(key),
+    ))
+}
+
+fn describe(v: &Bound<'_, PyAny>) -> String {
+    let r = v.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string());
+    if r.chars().count() > 80 {
+        format!("{}...", r.chars().take(77).collect::<String>())
+    } else {
+        r
+    }
+}
+
+fn type_name(v: &Bound<'_, PyAny>) -> String {
+    v.get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+static UUID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// The one form of an ordering key, on every backend: an Enum member is its value, a UUID its
+/// text, a list or tuple a tuple of canonical parts; str, int, float and any other hashable
+/// object stay as they are. A key read back from the log or a broker (JSON gives lists and
+/// text) is thereby the same key, in the same lane, as the one published.
+pub fn canonical_key<'py>(key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if key.is_exact_instance_of::<PyString>() || key.is_exact_instance_of::<PyInt>() {
+        return Ok(key.clone());
+    }
+    let py = key.py();
+    if let Some(v) = enum_value(key)? {
+        return canonical_key(&v);
+    }
+    if key.is_instance(UUID.import(py, "uuid", "UUID")?.as_any())? {
+        return Ok(key.str()?.into_any());
+    }
+    let parts = if let Ok(t) = key.cast::<PyTuple>() {
+        t.iter().collect::<Vec<_>>()
+    } else if let Ok(l) = key.cast::<PyList>() {
+        l.iter().collect::<Vec<_>>()
+    } else {
+        return Ok(key.clone());
+    };
+    let parts = parts
+        .iter()
+        .map(canonical_key)
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok(PyTuple::new(py, parts)?.into_any())
+}
+
+/// The canonical key of an event that is written somewhere (the durable log, a broker) and
+/// read back as JSON: only str, int, finite float, bool (and Enum members, UUIDs, lists and
+/// tuples of these, in their canonical form) come back as the same key. Anything else is
+/// refused here, before a byte is written, naming the key.
+pub fn portable_key<'py>(key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let canonical = canonical_key(key)?;
+    if !is_portable(&canonical) {
+        return Err(errors::invalid_event(format!(
+            "the event key {} (type {}) cannot be written: a durable or broker bus reads keys \
+             back from JSON, so a key must be a str, int, float, bool, UUID, Enum member, or a \
+             tuple of these; pass key=str(...) or make aggregate_id one of them",
+            describe(key),
+            type_name(key),
+        )));
+    }
+    canonical.hash().map_err(|_| unhashable_key(key))?;
+    Ok(canonical)
+}
+
+fn is_portable(key: &Bound<'_, PyAny>) -> bool {
+    if key.is_instance_of::<PyString>() || key.is_instance_of::<PyInt>() {
+        return true; // bool is an int
+    }
+    if let Ok(f) = key.cast::<PyFloat>() {
+        return f.value().is_finite();
+    }
+    key.cast::<PyTuple>()
+        .is_ok_and(|t| t.iter().all(|p| is_portable(&p)))
 }
 
 /// A subscription target as a matcher: a class (by identity; subclasses match), a string

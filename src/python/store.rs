@@ -371,7 +371,8 @@ fn log_stream(event: &Bound<'_, PyAny>, key: Option<&Bound<'_, PyAny>>) -> PyRes
         _ => lookup(event, intern!(py, "aggregate_id"))?,
     };
     Ok(match key {
-        Some(k) => format!("$bus:{}", k.str()?),
+        // Refused here, before anything is written, if the log could not give it back.
+        Some(k) => format!("$bus:{}", events::portable_key(&k)?.str()?),
         None => "$bus".to_owned(),
     })
 }

@@ -14,6 +14,7 @@ use pyo3::types::{PyDict, PyString};
 
 use crate::python::bus::PyBusCore;
 use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::events;
 use crate::python::store::{lookup, record_of};
 use crate::python::{codec, errors};
 use crate::transport::{Config, Deliver, Entry, Transport, TransportError};
@@ -74,7 +75,9 @@ impl<T> Inbox<T> {
     }
 
     fn set_target(&self, target: Option<(Py<PyAny>, Py<PyAny>)>) {
-        *self.target.lock() = target;
+        // The old target is dropped after the lock is released: a drop may run Python.
+        let old = std::mem::replace(&mut *self.target.lock(), target);
+        drop(old);
     }
 }
 
@@ -151,14 +154,16 @@ impl PyRedisCore {
         event: &Bound<'_, PyAny>,
         key: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        if self.partitions <= 1 {
-            return Ok(0);
-        }
         let py = event.py();
         let k = match key {
             Some(k) if !k.is_none() => Some(k.clone()),
             _ => lookup(event, intern!(py, "aggregate_id"))?,
         };
+        // Refused here, before anything is sent, if a consumer could not read it back.
+        let k = k.map(|k| events::portable_key(&k)).transpose()?;
+        if self.partitions <= 1 {
+            return Ok(0);
+        }
         // A stable hash of the key's text: Python's own str hash differs per process.
         let h = k
             .map(|k| k.str().map(|t| stable_hash(t.to_str().unwrap_or_default())))
@@ -274,45 +279,51 @@ impl PyRedisCore {
     }
 
     /// Dispatches the received entries to `bus`: `make_event(dict)` rebuilds each event from
-    /// its decoded payload. Returns how many were dispatched.
+    /// its decoded payload. Returns how many were received, and why those the bus could not
+    /// take (undecodable, a key it refuses, a closed bus) went to the dead-letter stream.
     fn dispatch(
         &self,
         py: Python<'_>,
         bus: &Bound<'_, PyBusCore>,
         make_event: &Bound<'_, PyAny>,
-    ) -> PyResult<usize> {
+    ) -> PyResult<(usize, Vec<String>)> {
         let entries = self.inbox.take();
         let n = entries.len();
+        let mut refused = Vec::new();
         for e in entries {
             let transport = Arc::clone(&self.transport);
             let (stream, id) = (e.stream.clone(), e.id.clone());
             let ack: crate::python::envelope::Ack = Box::new(move || transport.ack(&stream, id));
-            let decoded =
-                codec::decode(py, &e.payload).and_then(|d| Ok((make_event.call1((&d,))?, d)));
-            let (event, payload) = match decoded {
-                Ok(x) => x,
-                Err(err) => {
-                    // Undecodable: acknowledged (it would fail forever) and reported.
-                    err.write_unraisable(py, Some(make_event));
-                    ack();
-                    continue;
+            let accepted = codec::decode(py, &e.payload)
+                .and_then(|d| Ok((make_event.call1((&d,))?, d)))
+                .and_then(|(event, payload)| {
+                    let meta = payload.get_item(intern!(py, "metadata")).ok();
+                    let field = |name: &str| -> Option<Bound<'_, PyAny>> {
+                        meta.as_ref()
+                            .and_then(|m| m.get_item(name).ok())
+                            .filter(|v| !v.is_none())
+                    };
+                    bus.get().accept_remote(
+                        py,
+                        &event,
+                        field("correlation_id"),
+                        field("causation_id"),
+                        ack,
+                    )
+                });
+            if let Err(err) = accepted {
+                if errors::is_bus_closed(py, &err) {
+                    continue; // left pending: delivered again after the next start
                 }
-            };
-            let meta = payload.get_item(intern!(py, "metadata")).ok();
-            let field = |name: &str| -> Option<Bound<'_, PyAny>> {
-                meta.as_ref()
-                    .and_then(|m| m.get_item(name).ok())
-                    .filter(|v| !v.is_none())
-            };
-            bus.get().accept_remote(
-                py,
-                &event,
-                field("correlation_id"),
-                field("causation_id"),
-                ack,
-            )?;
+                // It would fail on every delivery: to the dead-letter stream, with the reason;
+                // the rest of the batch goes on.
+                let reason = format!("{}: {}", err.get_type(py).name()?, err.value(py));
+                refused.push(format!("entry {} of {}: {reason}", e.id, e.stream));
+                self.transport
+                    .dead_letter(&e.stream, e.id, e.payload, reason);
+            }
         }
-        Ok(n)
+        Ok((n, refused))
     }
 
     /// (reachable, lag, pending, published, received, claimed, dead, last error).

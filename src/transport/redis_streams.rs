@@ -145,7 +145,7 @@ pub struct Transport {
     shared: Arc<Shared>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     pub_tx: mpsc::UnboundedSender<(u64, Vec<(usize, String)>)>,
-    ack_tx: mpsc::UnboundedSender<(usize, String)>,
+    ack_tx: mpsc::UnboundedSender<Settle>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -304,6 +304,17 @@ impl Transport {
 
     /// Acknowledges a handled entry.
     pub fn ack(&self, stream: &str, id: String) {
+        self.settle(stream, id, None);
+    }
+
+    /// Moves an entry the consumer cannot take (undecodable, a key it refuses) to the
+    /// dead-letter stream with `error`, then acknowledges it: the rest of its batch goes on,
+    /// and it is neither lost nor claimed back and forth.
+    pub fn dead_letter(&self, stream: &str, id: String, payload: String, error: String) {
+        self.settle(stream, id, Some(Box::new((payload, error))));
+    }
+
+    fn settle(&self, stream: &str, id: String, dead: Option<Box<(String, String)>>) {
         let idx = self
             .shared
             .cfg
@@ -312,7 +323,7 @@ impl Transport {
             .position(|s| s == stream)
             .unwrap_or(0);
         self.shared.acks_queued.fetch_add(1, Ordering::AcqRel);
-        if self.ack_tx.send((idx, id)).is_err() {
+        if self.ack_tx.send(Settle { idx, id, dead }).is_err() {
             self.shared.acks_queued.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -446,20 +457,45 @@ async fn acker(
     shared: Arc<Shared>,
     client: Client,
     mut conn: MultiplexedConnection,
-    mut rx: mpsc::UnboundedReceiver<(usize, String)>,
+    mut rx: mpsc::UnboundedReceiver<Settle>,
 ) {
     let cfg = &shared.cfg;
     while let Some(first) = rx.recv().await {
         let mut by_stream: Vec<Vec<String>> = vec![Vec::new(); cfg.streams.len()];
-        let mut n = 1;
-        by_stream[first.0].push(first.1);
-        while let Ok((s, id)) = rx.try_recv() {
-            by_stream[s].push(id);
+        let mut dead = Vec::new();
+        let mut n = 0;
+        let mut next = Some(first);
+        while let Some(Settle { idx, id, dead: d }) = next {
+            if let Some(d) = d {
+                dead.push((idx, id.clone(), *d));
+            }
+            by_stream[idx].push(id);
             n += 1;
+            next = rx.try_recv().ok();
         }
         let mut attempt = 0;
         loop {
             let mut pipe = redis::pipe();
+            // Dead letters are written before their entries are acknowledged (one pipeline,
+            // in order): a failure in between redelivers the entry, it is never lost.
+            for (s, id, (payload, error)) in &dead {
+                pipe.cmd("XADD")
+                    .arg(&cfg.dead_stream)
+                    .arg("*")
+                    .arg("d")
+                    .arg(payload)
+                    .arg("stream")
+                    .arg(&cfg.streams[*s])
+                    .arg("id")
+                    .arg(id)
+                    .arg("group")
+                    .arg(&cfg.group)
+                    .arg("deliveries")
+                    .arg(1)
+                    .arg("error")
+                    .arg(error)
+                    .ignore();
+            }
             for (s, ids) in by_stream
                 .iter()
                 .enumerate()
@@ -474,6 +510,9 @@ async fn acker(
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => {
                     shared.note(true, None);
+                    if !dead.is_empty() {
+                        shared.health.lock().dead += dead.len() as u64;
+                    }
                     break;
                 }
                 Err(e) => {
@@ -493,6 +532,13 @@ async fn acker(
         shared.acks_queued.fetch_sub(n, Ordering::AcqRel);
         shared.room.notify_waiters();
     }
+}
+
+/// An acknowledgement for the acker, with the dead letter to write first, if any.
+struct Settle {
+    idx: usize,
+    id: String,
+    dead: Option<Box<(String, String)>>,
 }
 
 fn entry_of(stream: &str, sid: &StreamId, deliveries: u32) -> Entry {

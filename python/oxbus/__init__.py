@@ -33,6 +33,7 @@ from oxbus.heartbeat import Heartbeat, HeartbeatHandle
 from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
+from oxbus.subscription import Subscription
 
 __all__ = [
     "BusClosed",
@@ -60,6 +61,7 @@ __all__ = [
     "SqliteEventStore",
     "StorageError",
     "StoredEvent",
+    "Subscription",
     "TransportError",
     "__version__",
     "current_envelope",

@@ -25,6 +25,7 @@ from oxbus._oxbus import BusCore, Envelope, RedisCore, RetryPolicy, current_enve
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus.store import SqliteEventStore
+from oxbus.subscription import Subscription
 from oxbus.errors import (
     BusClosed,
     BusNotStarted,
@@ -434,6 +435,8 @@ class EventBus:
         self.dead_letters = DeadLetters(self)
         self._first_failures: dict[tuple[int, str], datetime] = {}
         self._heartbeats: _heartbeat.HeartbeatMonitor | None = None
+        # Every subscription made, by id (kept after unsubscribe: dead letters name them).
+        self._subscriptions: dict[int, Subscription] = {}
         # publish_threadsafe futures whose event has not reached the loop yet.
         self._threadsafe: set[concurrent.futures.Future[bool]] = set()
         self._threadsafe_guard = threading.Lock()
@@ -584,7 +587,18 @@ class EventBus:
                 pass
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A handler that swallows CancelledError would keep its worker (and stop) waiting
+        # for ever: the workers get what is left of the timeout (at least a moment; 5 s
+        # without one), then the ones still running are abandoned, with an error logged.
+        left = 5.0 if deadline is None else max(0.05, deadline - loop.time())
+        _, stuck = await asyncio.wait(self._tasks, timeout=left) if self._tasks else ((), ())
+        discarded += len(stuck)
+        for t in stuck:
+            t.remove_done_callback(self._on_worker_done)
+            logger.error(
+                "stop: %s did not end after it was cancelled (a handler swallowed "
+                "CancelledError?); abandoned", t.get_name(),
+            )
         cut = self._core.statistics()["events_interrupted"] - interrupted
         if discarded or cut:
             logger.warning(
@@ -621,10 +635,10 @@ class EventBus:
         self,
         event_type: Target,
         handler: Handler,
-        *,
-        priority: int = 1,
         is_async: bool = True,
+        priority: int = 1,
         retry_count: int | None = None,
+        *,
         retry: RetryPolicy | None = None,
         name: str | None = None,
         from_beginning: bool = False,
@@ -633,6 +647,9 @@ class EventBus:
         on_dead_letter: str = "skip",
     ) -> str:
         """Subscribes ``handler`` and returns a subscription id.
+
+        ``is_async``, ``priority`` and ``retry_count`` may be given by position, in that
+        order, as the replaced bus's callers do: ``subscribe(OrderPlaced, h, True, 1, 3)``.
 
         ``event_type`` is a class (its subclasses match too), a type string, a dotted
         pattern (``"order.*"``: ``*`` one word, ``#`` any number), or an Enum member (its
@@ -649,6 +666,12 @@ class EventBus:
         """
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidSubscription(f"priority must be an int, got {priority!r}")
+        if not -(2**63) <= priority < 2**63:
+            raise InvalidSubscription(f"priority must fit in 64 bits, got {priority!r}")
+        if name is not None and not isinstance(name, str):
+            raise InvalidSubscription(
+                f"name must be a str, got {name!r} (type {type(name).__name__})"
+            )
         if retry_count is not None and retry is not None:
             raise ConfigurationError("give retry_count or retry, not both")
         if retry_count is not None:
@@ -695,6 +718,11 @@ class EventBus:
             event_type, handler, priority, sub_name, threaded, policy, policy.retry_on, t,
             breaker, on_dead_letter == "park",
         )
+        self._subscriptions[sid] = Subscription(
+            subscription_id=f"sub-{sid}", event_type=event_type, handler=handler,
+            priority=priority, is_async=not threaded, retry_count=policy.max_attempts - 1,
+            name=sub_name,
+        )
         if self._store is not None:
             self._durable[sid] = (sub_name, from_beginning)
             if self._core.running:
@@ -720,15 +748,15 @@ class EventBus:
         Returns whether anything was removed.
         """
         if handler is None:
+            # An id it does not know (or any other value) removes nothing: False, as in the
+            # replaced bus, never an error.
             if not (isinstance(subscription, str) and subscription.startswith("sub-")):
-                raise InvalidSubscription(
-                    f"unsubscribe takes a subscription id from subscribe() or "
-                    f"(event_type, handler); got {subscription!r}"
-                )
+                return False
             try:
-                return bool(self._core.unsubscribe(int(subscription[4:])))
+                sid = int(subscription[4:])
             except ValueError:
                 return False
+            return sid >= 0 and bool(self._core.unsubscribe(sid))
         return bool(self._core.unsubscribe_handler(subscription, handler))
 
     def subscriptions(self) -> list[dict[str, Any]]:
@@ -1150,12 +1178,24 @@ class EventBus:
         return [
             {
                 "event": d.event,
-                "subscription": d.subscription,
+                "subscription": self._subscription_of(d),
                 "final_result": d.final_result,
                 "failed_at": d.last_failed_at,
             }
             for d in self.dead_letters.list()
         ]
+
+    def _subscription_of(self, entry: DeadLetter) -> Subscription:
+        """The subscription a dead letter failed in; one rebuilt from its name when it is
+        gone (a dead letter read back from the store after its handler was renamed)."""
+        sid = self._sub_id(entry)
+        sub = None if sid is None else self._subscriptions.get(sid)
+        if sub is not None:
+            return sub
+        return Subscription(
+            subscription_id=entry.subscription_id, event_type=None, handler=None, priority=1,
+            is_async=True, retry_count=max(0, entry.attempts - 1), name=entry.subscription,
+        )
 
     def clear_failed_events(self) -> None:
         """Empties the dead-letter queue."""

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyIterator, PyList, PyTuple};
+use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList, PyTuple};
 use rustc_hash::FxHashMap;
 
 use crate::core::health::{self, Probe, Readings, Thresholds};
@@ -1137,43 +1137,62 @@ impl PyBusCore {
         self.inner.lock(py).lanes.len()
     }
 
-    /// The counters, as a dict (see `EventBus.get_statistics`).
+    /// The counters, as a dict (see `EventBus.get_statistics`). Read under the lock, built
+    /// into Python objects after it.
     fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let inner = self.inner.lock(py);
-        let s = &inner.stats;
+        let (ints, floats, latency, by_type) = {
+            let inner = self.inner.lock(py);
+            let s = &inner.stats;
+            let ints: [(&str, u64); 17] = [
+                ("events_published", s.published),
+                ("events_processed", s.processed),
+                ("events_failed", s.failed),
+                // The same counters under the names the contract also promises.
+                ("published", s.published),
+                ("processed", s.processed),
+                ("failed", s.failed),
+                ("events_unrouted", s.unrouted),
+                ("events_interrupted", s.interrupted),
+                ("handler_calls", s.failed + s.succeeded),
+                ("retried", s.retried),
+                ("dead_lettered", s.dead_lettered),
+                ("queue_size", inner.lanes.len() as u64),
+                ("blocked_publishers", inner.blocked.len() as u64),
+                ("in_flight", inner.in_flight as u64),
+                ("retry_queue_size", inner.retrying as u64),
+                ("subscription_count", inner.router.len() as u64),
+                ("max_queue_size", inner.lanes.capacity() as u64),
+            ];
+            let floats = [
+                ("uptime_seconds", s.uptime_seconds()),
+                ("avg_processing_time_ms", s.avg_handler_ms()),
+            ];
+            let latency = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)]
+                .map(|(name, q)| (name, s.latency.quantile(q) as f64 / 1e6));
+            (
+                ints,
+                floats,
+                (latency, inner.state == RunState::Running),
+                s.by_type(),
+            )
+        };
         let d = PyDict::new(py);
-        d.set_item("uptime_seconds", s.uptime_seconds())?;
-        d.set_item("events_published", s.published)?;
-        d.set_item("events_processed", s.processed)?;
-        d.set_item("events_failed", s.failed)?;
-        d.set_item("events_unrouted", s.unrouted)?;
-        d.set_item("events_interrupted", s.interrupted)?;
-        d.set_item("handler_calls", s.failed + s.succeeded)?;
-        d.set_item("retried", s.retried)?;
-        d.set_item("dead_lettered", s.dead_lettered)?;
-        d.set_item("avg_processing_time_ms", s.avg_handler_ms())?;
-        let lat = PyDict::new(py);
-        for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
-            lat.set_item(name, s.latency.quantile(q) as f64 / 1e6)?;
+        for (k, v) in floats {
+            d.set_item(k, v)?;
         }
-        d.set_item("handler_latency_ms", lat)?;
-        d.set_item("queue_size", inner.lanes.len())?;
-        d.set_item("blocked_publishers", inner.blocked.len())?;
-        d.set_item("in_flight", inner.in_flight)?;
-        d.set_item("retry_queue_size", inner.retrying)?;
-        d.set_item("subscription_count", inner.router.len())?;
-        d.set_item("is_running", inner.state == RunState::Running)?;
+        for (k, v) in ints {
+            d.set_item(k, v)?;
+        }
+        let (latency, running) = latency;
+        d.set_item("handler_latency_ms", latency.into_py_dict(py)?)?;
+        d.set_item("is_running", running)?;
         d.set_item("worker_count", self.workers)?;
-        d.set_item("max_queue_size", inner.lanes.capacity())?;
-        let by_type = PyDict::new(py);
-        for (k, p, done, f) in s.by_type() {
-            let t = PyDict::new(py);
-            t.set_item("published", p)?;
-            t.set_item("processed", done)?;
-            t.set_item("failed", f)?;
-            by_type.set_item(k, t)?;
+        let types = PyDict::new(py);
+        for (k, p, done, f) in by_type {
+            let t = [("published", p), ("processed", done), ("failed", f)];
+            types.set_item(k, t.into_py_dict(py)?)?;
         }
-        d.set_item("by_event_type", by_type)?;
+        d.set_item("by_event_type", types)?;
         Ok(d)
     }
 
@@ -1196,27 +1215,45 @@ impl PyBusCore {
         ))
     }
 
-    /// The health report, as a dict (see `EventBus.get_health_status`).
+    /// The health report, as a dict (see `EventBus.get_health_status`). Read under the lock,
+    /// built into Python objects after it.
     fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         // Sample the process outside the bus lock: it reads /proc.
         let mut probe = self.inner.lock(py).probe.take().unwrap_or_default();
         let sample = py.detach(|| probe.sample());
-        let mut inner = self.inner.lock(py);
-        inner.probe = Some(probe);
-        let now = health::coarse_now_ns();
-        let oldest = inner
-            .lanes
-            .heads()
-            .map(|q| now.saturating_sub(q.enqueued) as f64 / 1e9)
-            .fold(0.0, f64::max);
-        let readings = Readings {
-            running: inner.state == RunState::Running,
-            queued: inner.lanes.len(),
-            capacity: inner.lanes.capacity(),
-            oldest_age_s: oldest,
-            calls: inner.stats.failed + inner.stats.succeeded,
-            failed_calls: inner.stats.failed,
-            dead_letters: inner.dead_letters,
+        let (readings, oldest, blocked, lane_count, longest, in_flight, uptime) = {
+            let mut inner = self.inner.lock(py);
+            inner.probe = Some(probe);
+            let now = health::coarse_now_ns();
+            let oldest = inner
+                .lanes
+                .heads()
+                .map(|q| now.saturating_sub(q.enqueued) as f64 / 1e9)
+                .fold(0.0, f64::max);
+            let readings = Readings {
+                running: inner.state == RunState::Running,
+                queued: inner.lanes.len(),
+                capacity: inner.lanes.capacity(),
+                oldest_age_s: oldest,
+                calls: inner.stats.failed + inner.stats.succeeded,
+                failed_calls: inner.stats.failed,
+                dead_letters: inner.dead_letters,
+            };
+            let longest: Vec<usize> = inner
+                .lanes
+                .longest_lanes(5)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            (
+                readings,
+                oldest,
+                inner.blocked.len(),
+                inner.lanes.lane_count(),
+                longest,
+                inner.in_flight,
+                inner.stats.uptime_seconds(),
+            )
         };
         let (status, reasons) = health::status(&readings, &self.thresholds);
         let d = PyDict::new(py);
@@ -1225,21 +1262,13 @@ impl PyBusCore {
         d.set_item("is_running", readings.running)?;
         d.set_item("queue_size", readings.queued)?;
         d.set_item("max_queue_size", readings.capacity)?;
-        d.set_item("blocked_publishers", inner.blocked.len())?;
-        d.set_item("lane_count", inner.lanes.lane_count())?;
-        d.set_item(
-            "longest_lanes",
-            inner
-                .lanes
-                .longest_lanes(5)
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect::<Vec<_>>(),
-        )?;
-        d.set_item("in_flight", inner.in_flight)?;
+        d.set_item("blocked_publishers", blocked)?;
+        d.set_item("lane_count", lane_count)?;
+        d.set_item("longest_lanes", longest)?;
+        d.set_item("in_flight", in_flight)?;
         d.set_item("oldest_queued_age_seconds", oldest)?;
         d.set_item("worker_count", self.workers)?;
-        d.set_item("uptime_seconds", inner.stats.uptime_seconds())?;
+        d.set_item("uptime_seconds", uptime)?;
         d.set_item("memory_usage_mb", sample.rss_mb)?;
         d.set_item("cpu_percent", sample.cpu_percent)?;
         d.set_item("system_memory_total_mb", sample.system_total_mb)?;

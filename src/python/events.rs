@@ -35,13 +35,35 @@ pub fn type_key(event: &Bound<'_, PyAny>) -> PyResult<String> {
     if let Some(raw) = raw {
         let raw = enum_value(&raw)?.unwrap_or(raw);
         if let Ok(s) = raw.cast::<PyString>() {
-            return Ok(s.to_str()?.to_owned());
+            return text_of(s, "event_type");
         }
         if !raw.is_none() {
-            return Ok(raw.str()?.to_str()?.to_owned());
+            return text_of(&raw.str()?, "event_type");
         }
     }
-    Ok(event.get_type().name()?.to_str()?.to_owned())
+    text_of(&event.get_type().name()?, "the class name")
+}
+
+/// A type key as UTF-8; a str that has none (a lone surrogate) is refused, naming it.
+fn text_of(s: &Bound<'_, PyString>, what: &str) -> PyResult<String> {
+    match s.to_str() {
+        Ok(t) => Ok(t.to_owned()),
+        Err(e) => Err(chained(
+            errors::invalid_event(format!(
+                "{what} {} is not valid UTF-8 text (a lone surrogate?): type keys are \
+                 written to logs and brokers as UTF-8",
+                describe(s.as_any())
+            )),
+            s.py(),
+            e,
+        )),
+    }
+}
+
+/// `err` with `cause` as its `__cause__`.
+fn chained(err: PyErr, py: Python<'_>, cause: PyErr) -> PyErr {
+    err.set_cause(py, Some(cause));
+    err
 }
 
 /// Ids of the event's class and its bases, most derived first.
@@ -67,7 +89,18 @@ pub fn aggregate_key<'py>(
     let found = if let Ok(d) = event.cast::<PyDict>() {
         d.get_item(intern!(py, "aggregate_id"))?
     } else if class_has_key {
-        Some(event.getattr(intern!(py, "aggregate_id"))?)
+        match event.getattr(intern!(py, "aggregate_id")) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                let msg = format!(
+                    "reading aggregate_id of a {} event raised {}: {}",
+                    type_name(event),
+                    e.get_type(py).name()?,
+                    e.value(py)
+                );
+                return Err(chained(errors::invalid_event(msg), py, e));
+            }
+        }
     } else {
         match event.getattr_opt(intern!(py, "__dict__"))? {
             Some(d) => match d.cast::<PyDict>() {
@@ -78,6 +111,17 @@ pub fn aggregate_key<'py>(
         }
     };
     Ok(found.filter(|k| !k.is_none()))
+}
+
+/// The key an event is published with: `explicit` (unless None), else its `aggregate_id`.
+pub fn event_key<'py>(
+    event: &Bound<'py, PyAny>,
+    explicit: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    match explicit {
+        Some(k) if !k.is_none() => Ok(Some(k.clone())),
+        _ => aggregate_key(event, class_has_key(&event.get_type())?),
+    }
 }
 
 /// The lane of a key: the Python hash of its canonical form (see `canonical_key`). Different
@@ -183,7 +227,13 @@ pub fn matcher_for(target: &Bound<'_, PyAny>) -> PyResult<Matcher> {
     let value = enum_value(target)?;
     let s = value.as_ref().unwrap_or(target);
     if let Ok(s) = s.cast::<PyString>() {
-        return Matcher::for_str(s.to_str()?).map_err(|e| errors::to_py(&e));
+        let Ok(text) = s.to_str() else {
+            return Err(errors::invalid_subscription(format!(
+                "cannot subscribe to {}: it is not valid UTF-8 text (a lone surrogate?)",
+                describe(s.as_any())
+            )));
+        };
+        return Matcher::for_str(text).map_err(|e| errors::to_py(&e));
     }
     Err(errors::invalid_subscription(format!(
         "cannot subscribe to {} (type {}): give an event class, a type string, a pattern such as \"order.*\", or an Enum member with a string value",

@@ -365,12 +365,7 @@ fn json_value(out: &mut String, v: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
 
 /// The bus log's stream for an event: `$bus:<key>`, or `$bus` without a key.
 fn log_stream(event: &Bound<'_, PyAny>, key: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
-    let py = event.py();
-    let key = match key {
-        Some(k) if !k.is_none() => Some(k.clone()),
-        _ => lookup(event, intern!(py, "aggregate_id"))?,
-    };
-    Ok(match key {
+    Ok(match events::event_key(event, key)? {
         // Refused here, before anything is written, if the log could not give it back.
         Some(k) => format!("$bus:{}", events::portable_key(&k)?.str()?),
         None => "$bus".to_owned(),

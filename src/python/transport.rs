@@ -15,7 +15,7 @@ use pyo3::types::{PyDict, PyString};
 use crate::python::bus::PyBusCore;
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::events;
-use crate::python::store::{lookup, record_of};
+use crate::python::store::record_of;
 use crate::python::{codec, errors};
 use crate::transport::{Config, Deliver, Entry, Transport, TransportError};
 
@@ -154,11 +154,7 @@ impl PyRedisCore {
         event: &Bound<'_, PyAny>,
         key: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        let py = event.py();
-        let k = match key {
-            Some(k) if !k.is_none() => Some(k.clone()),
-            _ => lookup(event, intern!(py, "aggregate_id"))?,
-        };
+        let k = events::event_key(event, key)?;
         // Refused here, before anything is sent, if a consumer could not read it back.
         let k = k.map(|k| events::portable_key(&k)).transpose()?;
         if self.partitions <= 1 {

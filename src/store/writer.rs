@@ -13,6 +13,8 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 
+use rusqlite::types::Value;
+
 use crate::store::log::{DeadRow, Log, NewEvent, Snapshot, StoredRow, Synchronous};
 use crate::store::{Result, StoreError};
 
@@ -90,16 +92,39 @@ pub enum Op {
     RemoveDeadLetters(Option<Vec<i64>>),
     /// The row at a position.
     At(i64),
+    /// One read-only SQL statement with its parameters (the admin tools' counts).
+    Query {
+        /// The statement.
+        sql: String,
+        /// Its parameters, in order.
+        params: Vec<Value>,
+    },
+    /// Re-queues dead letters (all with None) for the next start.
+    Requeue(Option<Vec<i64>>),
 }
 
 impl Op {
     fn is_write(&self) -> bool {
         matches!(self, Self::Append { .. } | Self::Log { .. })
     }
+
+    /// Whether it only reads (allowed on a store whose WAL was taken from under it).
+    fn only_reads(&self) -> bool {
+        matches!(
+            self,
+            Self::Read { .. }
+                | Self::ReadAll { .. }
+                | Self::LoadSnapshot { .. }
+                | Self::DeadLetters
+                | Self::At(_)
+                | Self::Query { .. }
+                | Self::Undelivered { .. }
+        )
+    }
 }
 
 /// What a request produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     /// The stream's new version and the position of the first appended event.
     Appended {
@@ -122,6 +147,10 @@ pub enum Reply {
     Dead(Vec<DeadRow>),
     /// One row, if any.
     Row(Option<StoredRow>),
+    /// The rows of a query.
+    Table(Vec<Vec<Value>>),
+    /// Re-queued dead letters: (id, subscription, position).
+    Requeued(Vec<(i64, String, i64)>),
 }
 
 /// Receives results, a whole batch per call, on the writer thread.
@@ -174,9 +203,7 @@ const CHECKPOINT_AT: i32 = 1000;
 /// WAL pages after which the writer checkpoints itself (the other thread fell behind).
 const CHECKPOINT_INLINE: i32 = 16_000;
 
-fn in_memory(path: &str) -> bool {
-    path.is_empty() || path == ":memory:" || path.contains("mode=memory")
-}
+use crate::store::log::in_memory;
 
 /// A bus-log group sent in parts as it is encoded, written in one transaction: the writer
 /// inserts the first parts while the sender encodes the rest. `end` commits it; dropping it
@@ -262,18 +289,34 @@ impl Writer {
             })?;
             Some(handle)
         };
+        Self::start(log, checkpointer, sink, true)
+    }
+
+    /// Opens an existing log for reading only (see `Log::open_read_only`) and starts its
+    /// thread: reads are answered, writes fail with SQLite's read-only error.
+    pub fn open_read_only(path: &str, sink: Arc<dyn Sink>) -> Result<Self> {
+        Self::start(Log::open_read_only(path)?, None, sink, false)
+    }
+
+    fn start(
+        log: Log,
+        checkpointer: Option<JoinHandle<()>>,
+        sink: Arc<dyn Sink>,
+        watch: bool,
+    ) -> Result<Self> {
+        let path = log.path().to_owned();
         let (tx, rx) = unbounded();
         let marks = Arc::new(Marks::default());
         let thread_marks = Arc::clone(&marks);
         let handle = std::thread::Builder::new()
             .name("oxbus-sqlite".into())
-            .spawn(move || run(log, &rx, &*sink, &thread_marks))
+            .spawn(move || run(log, &rx, &*sink, &thread_marks, watch))
             .map_err(|e| StoreError::Invalid(format!("cannot start the SQLite thread: {e}")))?;
         Ok(Self {
             tx,
             handle: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(checkpointer),
-            path: path.to_owned(),
+            path,
             marks,
             groups: std::sync::atomic::AtomicU64::new(1),
         })
@@ -361,9 +404,92 @@ impl Drop for Writer {
     }
 }
 
-fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
+/// Watches that the WAL the writer commits into is still the file at `<path>-wal`.
+///
+/// Another copy of SQLite in the same process (Python's `sqlite3` module is one) keeps its own
+/// POSIX lock bookkeeping: when it closes the file, the process's locks on it are gone, so it
+/// (or the next process to open the file) takes itself for the last user and deletes the WAL
+/// while this writer still appends to it, and whatever is committed there afterwards vanishes
+/// with the process. After every commit the writer compares the WAL's inode with the one it
+/// opened; when it changed or the file is gone, it checkpoints what its own WAL holds into the
+/// database file (so what it acknowledges is on disk) and refuses every later write.
+struct WalGuard {
+    wal: Option<std::path::PathBuf>,
+    id: Option<(u64, u64)>,
+    detached: bool,
+}
+
+impl WalGuard {
+    fn new(log: &Log, watch: bool) -> Self {
+        let wal = (watch && !crate::store::log::in_memory(log.path()))
+            .then(|| std::path::PathBuf::from(format!("{}-wal", log.path())));
+        let id = wal.as_deref().and_then(Self::file_id);
+        Self {
+            wal,
+            id,
+            detached: false,
+        }
+    }
+
+    #[cfg(unix)]
+    fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    #[cfg(not(unix))]
+    fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+        std::fs::metadata(path).ok().map(|_| (0, 0))
+    }
+
+    fn error(log: &Log) -> StoreError {
+        StoreError::Detached(log.path().to_owned())
+    }
+
+    /// Checks the WAL after commits and passes `results` on: unchanged while the WAL is ours
+    /// (or when what it held was saved into the database file), else failed.
+    fn vet(&mut self, log: &Log, results: Vec<(u64, Result<Reply>)>) -> Vec<(u64, Result<Reply>)> {
+        let Some(wal) = &self.wal else {
+            return results;
+        };
+        if self.detached || self.id.is_none() || Self::file_id(wal) == self.id {
+            if self.id.is_none() {
+                self.id = Self::file_id(wal);
+            }
+            return results;
+        }
+        self.detached = true;
+        // Our WAL is unlinked but still open: copy every frame it holds into the database.
+        let mut saved = false;
+        for _ in 0..500 {
+            match log
+                .conn()
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                }) {
+                Ok(0) => {
+                    saved = true;
+                    break;
+                }
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(_) => break,
+            }
+        }
+        if saved {
+            results
+        } else {
+            results
+                .into_iter()
+                .map(|(t, _)| (t, Err(Self::error(log))))
+                .collect()
+        }
+    }
+}
+
+fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: bool) {
     let mut closing = false;
     let mut known = Known::default();
+    let mut guard = WalGuard::new(&log, watch);
     // Messages that arrived while a large log group held the transaction.
     let mut deferred: VecDeque<Msg> = VecDeque::new();
     while !closing {
@@ -380,10 +506,17 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
             Msg::Op(t, op) => batch.push((t, op)),
             Msg::Ops(ops) => batch.extend(ops),
             Msg::LogPart(group, items) => {
-                if let Some(result) =
-                    log_group(&mut log, rx, &mut deferred, &mut known, group, &items)
-                {
-                    sink.deliver(vec![result]);
+                let refuse = guard.detached;
+                if let Some(result) = log_group(
+                    &mut log,
+                    rx,
+                    &mut deferred,
+                    &mut known,
+                    group,
+                    &items,
+                    refuse,
+                ) {
+                    sink.deliver(guard.vet(&log, vec![result]));
                 }
                 continue;
             }
@@ -425,7 +558,23 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
                 }
             }
         }
-        let results = apply(&mut log, batch, &marks.take(), &mut known);
+        let mut marked = marks.take();
+        let mut refused = Vec::new();
+        if guard.detached {
+            // The file is no longer safe to write from here: only reads are answered.
+            marked.clear();
+            let (reads, writes): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|(_, op)| op.only_reads());
+            batch = reads;
+            refused = writes
+                .into_iter()
+                .filter(|(t, _)| *t != 0)
+                .map(|(t, _)| (t, Err(WalGuard::error(&log))))
+                .collect();
+        }
+        let mut results = apply(&mut log, batch, &marked, &mut known);
+        results = guard.vet(&log, results);
+        results.extend(refused);
         if !results.is_empty() {
             sink.deliver(results);
         }
@@ -462,13 +611,18 @@ fn log_group(
     known: &mut Known,
     group: u64,
     items: &[(String, NewEvent)],
+    refuse: bool,
 ) -> Option<(u64, Result<Reply>)> {
     let path = log.path().to_owned();
     let recorded = crate::store::log::now_iso();
     let mut positions = Vec::new();
-    let (tx, mut failed) = match log.begin() {
-        Ok(tx) => (Some(tx), None),
-        Err(e) => (None, Some(e)),
+    let (tx, mut failed) = if refuse {
+        (None, Some(StoreError::Detached(path.clone())))
+    } else {
+        match log.begin() {
+            Ok(tx) => (Some(tx), None),
+            Err(e) => (None, Some(e)),
+        }
     };
     let mut add = |items: &[(String, NewEvent)], failed: &mut Option<StoreError>| {
         if let (Some(tx), None) = (&tx, &*failed) {
@@ -769,6 +923,10 @@ fn read(log: &Log, op: Op) -> Result<Reply> {
             .remove_dead_letters(ids.as_deref())
             .map(|n| Reply::Int(i64::try_from(n).unwrap_or(i64::MAX))),
         Op::At(p) => log.at(p).map(Reply::Row),
+        Op::Query { sql, params } => log.query(&sql, &params).map(Reply::Table),
+        Op::Requeue(ids) => log
+            .requeue_dead_letters(ids.as_deref())
+            .map(Reply::Requeued),
         Op::Append { .. } | Op::Log { .. } => {
             unreachable!("writes go through write_batch")
         }

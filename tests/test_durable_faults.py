@@ -4,17 +4,34 @@ of 9). Every test here failed before the change it guards."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from oxbus import SqliteEventStore
-from oxbus.errors import ConcurrencyError
+from _env import unavailable
+from oxbus import DomainEvent, EventBus, SqliteEventStore
+from oxbus.cli import main as cli
+from oxbus.errors import (
+    BusClosed,
+    BusNotStarted,
+    ConcurrencyError,
+    ConfigurationError,
+    StorageError,
+    UndecodableEvent,
+)
 
 
 # ------------------------------------------------------------ item 8: loops and threads
@@ -139,3 +156,186 @@ def test_a_second_sqlite_in_the_bus_process_loses_no_acknowledged_event(
 async def _ids(db: Path) -> set[str]:
     async with SqliteEventStore(str(db)) as store:
         return {e.event_id async for e in store.replay()}
+
+
+# ------------------------------------------------------------ item 6: a bad row in the log
+
+
+@dataclass
+class FaultGood(DomainEvent):
+    n: int = 0
+
+
+@dataclass
+class FaultShape(DomainEvent):
+    sku: str
+    qty: int
+
+
+async def _bad_rows(db: Path) -> dict[str, int]:
+    """Writes good events and four rows nothing can decode, before any bus opens the file
+    (sqlite3 here is safe: no oxbus connection is open); returns position by kind."""
+    async with SqliteEventStore(str(db)) as store:
+        await store.append("good", [FaultGood(1), FaultGood(2)], expected_version=0)
+    rows = {
+        "json": ("FaultBad", '{"n": 1', "{}", None),
+        "date": ("FaultBad", '{"n": 2}', "{}", "not a date"),
+        "digits": ("FaultBad", '{"n": ' + "9" * 100_000 + "}", "{}", None),
+        "shape": ("FaultShape", '{"colour": "red"}', "{}", None),
+    }
+    out = {}
+    with closing(sqlite3.connect(db)) as conn, conn:
+        for i, (kind, (etype, data, meta, occurred)) in enumerate(rows.items()):
+            cur = conn.execute(
+                "INSERT INTO events (stream_id, version, event_type, event_version, event_id, data,"
+                " metadata, occurred_at, recorded_at) VALUES (?, 1, ?, 1, ?, ?, ?, ?, ?)",
+                (f"bad-{kind}", etype, f"bad-{i}", data, meta, occurred, "2026-01-01T00:00:00+00:00"),
+            )
+            out[kind] = cur.lastrowid
+        conn.execute(
+            "INSERT INTO events (stream_id, version, event_type, event_version, event_id, data,"
+            " metadata, occurred_at, recorded_at) VALUES ('good', 3, 'FaultGood', 1, 'g3',"
+            " '{\"n\": 3}', '{}', NULL, '2026-01-01T00:00:00+00:00')"
+        )
+    return out
+
+
+async def test_a_bad_row_is_a_dead_letter_of_the_subscriptions_it_matches_and_blocks_none(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "bad.db"
+    bad = await _bad_rows(db)
+    good: list[int] = []
+    taken: list[object] = []
+    bus = EventBus(store=str(db))
+    bus.subscribe(FaultGood, lambda e: good.append(e.n), name="good", from_beginning=True)
+    bus.subscribe("FaultBad", taken.append, name="bad", from_beginning=True)
+    bus.subscribe(FaultShape, taken.append, name="shape", from_beginning=True)
+    async with bus:
+        await bus.drain(timeout=10)
+        assert sorted(good) == [1, 2, 3]
+        assert taken == []
+        dead = {(d.subscription, d.position): d for d in bus.dead_letters.list()}
+        assert set(dead) == {
+            ("bad", bad["json"]), ("bad", bad["date"]), ("bad", bad["digits"]),
+            ("shape", bad["shape"]),
+        }
+        for (_, position), d in dead.items():
+            assert d.error_type == "oxbus.errors.UndecodableEvent"
+            assert f"position {position}" in d.error_message
+        assert "FaultShape refuses its data" in dead[("shape", bad["shape"])].error_message
+    # Recorded: the next start neither trips on them nor dead-letters them twice.
+    bus2 = EventBus(store=str(db))
+    bus2.subscribe(FaultGood, lambda e: good.append(e.n), name="good", from_beginning=True)
+    bus2.subscribe("FaultBad", taken.append, name="bad", from_beginning=True)
+    async with bus2:
+        await bus2.drain(timeout=10)
+        assert len(bus2.dead_letters) == 4  # the same four, none added
+    assert sorted(good) == [1, 2, 3]
+
+
+async def test_read_all_names_the_position_of_a_row_it_cannot_decode(tmp_path: Path) -> None:
+    db = tmp_path / "bad.db"
+    bad = await _bad_rows(db)
+    async with SqliteEventStore(str(db)) as store:
+        with pytest.raises(UndecodableEvent) as info:
+            await store.read_all()
+        assert info.value.position == bad["json"]
+        assert f"position {bad['json']} (FaultBad)" in str(info.value)
+        assert isinstance(info.value, ValueError)  # what read_all raised before
+
+
+def test_the_cli_shows_a_row_it_cannot_decode_as_undecodable(tmp_path: Path) -> None:
+    db = tmp_path / "bad.db"
+    bad = asyncio.run(_bad_rows(db))
+    runner = CliRunner()
+    out = runner.invoke(cli, ["events", str(db)])
+    assert out.exit_code == 0, out.output
+    assert f"{bad['json']:>6}" in out.output and "(undecodable: " in out.output
+    assert "Traceback" not in out.output
+    out = runner.invoke(cli, ["events", "--json", str(db)])
+    lines = [json.loads(line) for line in out.output.splitlines()]
+    assert {x["position"] for x in lines if "undecodable" in x} == set(bad.values()) - {bad["shape"]}
+    out = runner.invoke(cli, ["flow", str(db)])
+    assert out.exit_code == 0, out.output
+    assert "cannot be decoded" in out.output
+
+
+async def test_a_failed_start_leaves_the_bus_stopped(tmp_path: Path) -> None:
+    store = SqliteEventStore(str(tmp_path / "closed.db"))
+    store.close()
+    bus = EventBus(store=store)
+    bus.subscribe("T", lambda e: None, name="sub")
+    with pytest.raises(StorageError):
+        await bus.start()
+    assert not bus.is_running
+    with pytest.raises((BusClosed, BusNotStarted)):
+        await bus.publish({"event_type": "T"})
+
+
+# ------------------------------------------------------------ item 9: the storage parts
+
+
+def test_an_empty_store_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="got ''"):
+        EventBus(store="")
+    with pytest.raises(ConfigurationError, match="got ''"):
+        SqliteEventStore("")
+
+
+def test_a_foreign_progress_table_is_never_dropped(tmp_path: Path) -> None:
+    db = tmp_path / "theirs.db"
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE progress (job TEXT, percent REAL)")
+        conn.execute("INSERT INTO progress VALUES ('backup', 42.0)")
+    with pytest.raises(StorageError, match='table named "progress"'):
+        SqliteEventStore(str(db))
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT * FROM progress").fetchall() == [("backup", 42.0)]
+
+
+READ_ONLY_CLI = """
+import os, sys
+import click._termui_impl, oxbus.flow, oxbus.store, oxbus.registry  # imported before the drop
+from oxbus.cli import main
+db = sys.argv[1]
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)  # nobody: file permissions now apply
+for args in (["events", db], ["stats", db], ["dlq", db, "list"], ["flow", db], ["replay", db, "--to", "builtins:print"]):
+    try:
+        main(args)
+    except SystemExit as e:
+        print("EXIT", args[0], e.code, flush=True)
+"""
+
+
+def test_the_cli_reads_a_log_in_a_read_only_directory(tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="oxbus-ro-cli-"))
+    db = base / "ro.db"
+    try:
+        async def write() -> None:
+            async with SqliteEventStore(str(db)) as store:
+                await store.append("s", [{"event_type": "T", "n": 1}], expected_version=0)
+
+        asyncio.run(write())
+        for f in base.iterdir():
+            f.chmod(0o444)
+        base.chmod(0o555)
+        if os.geteuid() == 0:
+            probe = subprocess.run(
+                [sys.executable, "-c", "import os; os.setuid(65534); print('ok')"],
+                capture_output=True, text=True, timeout=60,
+            )
+            if probe.returncode != 0:
+                unavailable(f"running as root and cannot drop privileges: {probe.stderr[-300:]}")
+        p = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_CLI, str(db)], capture_output=True, text=True, timeout=120,
+        )
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        for cmd in ("events", "stats", "dlq", "flow", "replay"):
+            assert f"EXIT {cmd} 0" in p.stdout, p.stdout + p.stderr[-2000:]
+        assert sorted(f.name for f in base.iterdir()) == ["ro.db"], "nothing written beside it"
+    finally:
+        base.chmod(0o755)
+        shutil.rmtree(base)

@@ -194,6 +194,21 @@ DROP TABLE progress;
 /// Why a file whose `progress` table is not oxbus's is refused (it is never dropped).
 const FOREIGN_PROGRESS: &str = "has a table named \"progress\" that oxbus did not write (oxbus keeps a view of that name); the file is refused so the table is not touched: use another file for the event log";
 
+/// A file path written for an SQLite URI (`file:` + the path, percent-encoded).
+fn uri_path(path: &str) -> String {
+    let abs = std::path::absolute(path)
+        .map_or_else(|_| path.to_owned(), |p| p.to_string_lossy().into_owned());
+    let mut out = String::with_capacity(abs.len());
+    for b in abs.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Whether `path` names a private in-memory database.
 pub fn in_memory(path: &str) -> bool {
     path.is_empty() || path == ":memory:" || path.contains("mode=memory")
@@ -374,24 +389,38 @@ impl Log {
             return Err(invalid("no such file".into()));
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| StoreError::Sqlite {
-            path: path.to_owned(),
-            source: e,
-        })?;
-        let log = Self {
-            conn,
-            path: path.to_owned(),
-        };
-        log.conn
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|e| log.err(e))?;
-        let names: Vec<String> = (|| {
+        let open = |target: &str, flags: OpenFlags| -> Result<(Self, Vec<String>)> {
+            let conn =
+                Connection::open_with_flags(target, flags).map_err(|e| StoreError::Sqlite {
+                    path: path.to_owned(),
+                    source: e,
+                })?;
+            let log = Self {
+                conn,
+                path: path.to_owned(),
+            };
             log.conn
-                .prepare("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()
-        })()
-        .map_err(|e| invalid(format!("cannot read: {e}")))?;
+                .busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(|e| log.err(e))?;
+            let names: Vec<String> = (|| {
+                log.conn
+                    .prepare("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })()
+            .map_err(|e| invalid(format!("cannot read: {e}")))?;
+            Ok((log, names))
+        };
+        let (log, names) = match open(path, flags) {
+            Ok(found) => found,
+            // A WAL database whose -wal and -shm are gone (closed cleanly) in a directory we
+            // cannot write to: nobody can write it either, so it is read as immutable.
+            Err(e) if !std::path::Path::new(&format!("{path}-wal")).exists() => {
+                let uri = format!("file:{}?immutable=1", uri_path(path));
+                open(&uri, flags | OpenFlags::SQLITE_OPEN_URI).map_err(|_| e)?
+            }
+            Err(e) => return Err(e),
+        };
         let missing: Vec<&str> = ["events", "progress", "subscriptions", "dead_letters"]
             .into_iter()
             .filter(|t| !names.iter().any(|n| n == t))

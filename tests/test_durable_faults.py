@@ -17,6 +17,7 @@ import threading
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -24,6 +25,7 @@ from click.testing import CliRunner
 from _env import unavailable
 from oxbus import DomainEvent, EventBus, SqliteEventStore
 from oxbus.cli import main as cli
+from oxbus.flow import LogReader
 from oxbus.errors import (
     BusClosed,
     BusNotStarted,
@@ -339,3 +341,42 @@ def test_the_cli_reads_a_log_in_a_read_only_directory(tmp_path: Path) -> None:
     finally:
         base.chmod(0o755)
         shutil.rmtree(base)
+
+
+# ------------------------------------------------------ item 5: progress stays per subscription
+
+
+async def test_interleaved_types_keep_progress_one_range_per_subscription(tmp_path: Path) -> None:
+    db = tmp_path / "interleaved.db"
+    n = 200_000
+    seen = {"A": 0, "B": 0, "C": 0}
+
+    def count(kind: str) -> Callable[[object], None]:
+        def handler(_: object) -> None:
+            seen[kind] += 1
+        return handler
+
+    bus = EventBus(store=str(db))
+    for kind in seen:
+        bus.subscribe(kind, count(kind), name=f"takes-{kind}")
+    async with bus:
+        for start in range(0, n, 2000):
+            await bus.publish_many(
+                [{"event_type": "ABC"[i % 3], "i": i} for i in range(start, start + 2000)]
+            )
+        await bus.drain(timeout=120)
+    assert sum(seen.values()) == n
+    with LogReader(db) as log:
+        ((ranges,),) = log.query("SELECT COUNT(*) FROM progress_ranges")
+        delivered = dict(log.query("SELECT subscription, COUNT(*) FROM progress GROUP BY 1"))
+        ((pairs,),) = log.query("SELECT COUNT(*) FROM skipped_types")
+    # One run of finished positions per subscription (was one row per delivery: ~200,000).
+    assert ranges <= 2 * len(seen), ranges
+    # The progress view still lists what each subscription handled, not what it skipped.
+    assert delivered == {f"takes-{k}": v for k, v in seen.items()}
+    assert pairs == 6
+    # A restart has nothing to deliver, and reads nothing to find that out.
+    async with SqliteEventStore(str(db)) as store:
+        for kind in seen:
+            start_after = await store._core.register_subscription(f"takes-{kind}", False)
+            assert await store._core.undelivered(f"takes-{kind}", start_after) == []

@@ -142,6 +142,11 @@ CREATE TABLE IF NOT EXISTS progress_ranges (
     last         INTEGER NOT NULL,
     PRIMARY KEY (subscription, first)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS skipped_types (
+    subscription TEXT NOT NULL,
+    event_type   TEXT NOT NULL,
+    PRIMARY KEY (subscription, event_type)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscriptions (
     name       TEXT PRIMARY KEY,
     start_after INTEGER NOT NULL
@@ -161,13 +166,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 ";
 
-/// `progress`: one row per (subscription, finished position), read from the ranges, for the
-/// command line and for SQL users; deleting a row from it splits its range (the CLI's
-/// `dlq retry` re-queues a finished position so), inserting one adds a one-position range.
+/// `progress`: one row per (subscription, position it handled), read from the ranges, for the
+/// command line and for SQL users. A subscription's ranges also cover the events it does not
+/// take (so they stay few: one per run of finished positions, whatever the traffic), and
+/// `skipped_types` names the types it was routed none of; the view leaves those out. Deleting
+/// a row from it splits its range (the CLI's `dlq retry` re-queues a finished position so),
+/// inserting one adds a one-position range.
 const PROGRESS_VIEW: &str = "
 CREATE VIEW IF NOT EXISTS progress (subscription, position) AS
     SELECT DISTINCT r.subscription, e.position
-    FROM progress_ranges r JOIN events e ON e.position BETWEEN r.first AND r.last;
+    FROM progress_ranges r JOIN events e ON e.position BETWEEN r.first AND r.last
+    WHERE NOT EXISTS (SELECT 1 FROM skipped_types k
+                      WHERE k.subscription = r.subscription AND k.event_type = e.event_type);
 CREATE TRIGGER IF NOT EXISTS progress_delete INSTEAD OF DELETE ON progress BEGIN
     INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
         SELECT subscription, OLD.position + 1, last FROM progress_ranges
@@ -182,6 +192,17 @@ CREATE TRIGGER IF NOT EXISTS progress_insert INSTEAD OF INSERT ON progress BEGIN
         VALUES (NEW.subscription, NEW.position, NEW.position);
 END;
 ";
+
+/// Takes one position out of a subscription's finished ranges (?1 subscription, ?2 position),
+/// splitting the range that holds it: the next start delivers it again.
+const UNFINISH: [&str; 3] = [
+    "INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
+        SELECT subscription, ?2 + 1, last FROM progress_ranges
+        WHERE subscription = ?1 AND first <= ?2 AND last > ?2",
+    "DELETE FROM progress_ranges WHERE subscription = ?1 AND first = ?2",
+    "UPDATE progress_ranges SET last = ?2 - 1
+        WHERE subscription = ?1 AND first < ?2 AND last >= ?2",
+];
 
 /// Files written before progress was kept as ranges have a `progress` table of positions:
 /// turn it into ranges (one per position; merged when the subscription is next replayed).
@@ -344,6 +365,20 @@ impl Log {
                 }
                 log.conn.execute_batch(MIGRATE_PROGRESS).map_err(sql)?;
             }
+            let view: Option<String> = log
+                .conn
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'progress' AND type = 'view'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql)?;
+            if view.is_some_and(|v| !v.contains("skipped_types")) {
+                // Written before ranges covered skipped events: the view (and its triggers)
+                // is made again.
+                log.conn.execute_batch("DROP VIEW progress").map_err(sql)?;
+            }
             log.conn
                 .execute_batch(&format!("{PROGRESS_VIEW} COMMIT;"))
                 .map_err(sql)
@@ -482,10 +517,9 @@ impl Log {
             };
             for (id, sub, pos) in &chosen {
                 tx.execute("DELETE FROM dead_letters WHERE id = ?1", [id])?;
-                tx.execute(
-                    "DELETE FROM progress WHERE subscription = ?1 AND position = ?2",
-                    params![sub, pos],
-                )?;
+                for sql in UNFINISH {
+                    tx.execute(sql, params![sub, pos])?;
+                }
             }
             tx.commit()?;
             Ok(Ok(chosen))

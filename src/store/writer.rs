@@ -6,7 +6,7 @@
 //! share one fsync), then runs the reads and hands every result to the `Sink` in one call. The
 //! Python glue turns that call into one wake-up of the asyncio loop per batch.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -175,15 +175,35 @@ enum Msg {
     Close,
 }
 
-/// Finished deliveries, `(subscription, position)`, waiting for the next transaction. Workers
-/// push here without a request, a future or the GIL; the first push after the writer emptied
-/// the buffer wakes the writer once.
+/// An event the bus routed to none of `subs`: (position, its type key, those subscriptions).
+type Skip = (i64, Arc<str>, Arc<[Arc<str>]>);
+
+/// Finished deliveries, `(subscription, position)`, and skipped events waiting for the next
+/// transaction. Workers and the bus push here without a request, a future or the GIL; the
+/// first push after the writer emptied the buffer wakes the writer once.
 #[derive(Default)]
-struct Marks(Mutex<Vec<(Arc<str>, i64)>>);
+struct Marks(Mutex<(Vec<(Arc<str>, i64)>, Vec<Skip>)>);
 
 impl Marks {
-    fn take(&self) -> Vec<(Arc<str>, i64)> {
-        std::mem::take(&mut *self.0.lock())
+    /// Everything waiting, skips turned into marks; the (subscription, type) pairs skipped go
+    /// to `types`.
+    fn take(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
+        let (mut marks, skips) = std::mem::take(&mut *self.0.lock());
+        for (position, event_type, subs) in skips {
+            for sub in subs.iter() {
+                marks.push((Arc::clone(sub), position));
+                types.push((Arc::clone(sub), Arc::clone(&event_type)));
+            }
+        }
+        marks
+    }
+
+    /// Adds with `f`; true when the buffer was empty (the writer must be woken).
+    fn push(&self, f: impl FnOnce(&mut (Vec<(Arc<str>, i64)>, Vec<Skip>))) -> bool {
+        let mut m = self.0.lock();
+        let was_empty = m.0.is_empty() && m.1.is_empty();
+        f(&mut m);
+        was_empty
     }
 }
 
@@ -325,17 +345,29 @@ impl Writer {
     /// Records that `subscription` finished the event at `position`: committed with the next
     /// transaction (at the latest when the writer closes), never answered.
     pub fn mark_done(&self, subscription: Arc<str>, position: i64) -> Result<()> {
-        let first = {
-            let mut marks = self.marks.0.lock();
-            marks.push((subscription, position));
-            marks.len() == 1
-        };
-        if first {
-            self.tx
-                .send(Msg::Wake)
-                .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        if self.marks.push(|m| m.0.push((subscription, position))) {
+            self.wake()?;
         }
         Ok(())
+    }
+
+    /// Records that the event at `position` (of type `event_type`) is none of `subs`'
+    /// business (the bus routed it to none of them): their progress moves past it, so it stays
+    /// one range per run of finished positions, whatever types they take from the traffic.
+    pub fn skip(&self, position: i64, event_type: Arc<str>, subs: Arc<[Arc<str>]>) -> Result<()> {
+        if subs.is_empty() {
+            return Ok(());
+        }
+        if self.marks.push(|m| m.1.push((position, event_type, subs))) {
+            self.wake()?;
+        }
+        Ok(())
+    }
+
+    fn wake(&self) -> Result<()> {
+        self.tx
+            .send(Msg::Wake)
+            .map_err(|_| StoreError::Closed(self.path.clone()))
     }
 
     /// Queues a request; its result reaches the sink with `token` (0 = not reported).
@@ -558,7 +590,7 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: 
                 }
             }
         }
-        let mut marked = marks.take();
+        let mut marked = marks.take(&mut known.new_types);
         let mut refused = Vec::new();
         if guard.detached {
             // The file is no longer safe to write from here: only reads are answered.
@@ -728,13 +760,18 @@ pub fn apply(
 /// The bus log's stream known, so logging an event needs no query: keys are the bus's
 /// `$bus:<key>` streams. Cleared when it might be wrong (a rolled-back write, a failed commit)
 /// or large; a version another process wrote is caught by the unique index and re-read.
-/// It also keeps, per subscription, the finished range it wrote last (to extend it).
+/// It also keeps each subscription's finished ranges as they are in the file (merged, so
+/// they stay as few as the gaps between them), loaded on first use.
 #[derive(Default)]
 pub struct Known {
     /// Stream -> its version.
     streams: rustc_hash::FxHashMap<String, i64>,
-    /// Subscription -> its last written finished range.
-    tails: rustc_hash::FxHashMap<Arc<str>, (i64, i64)>,
+    /// Subscription -> its finished ranges, first -> last.
+    ranges: rustc_hash::FxHashMap<Arc<str>, BTreeMap<i64, i64>>,
+    /// (subscription, event type) pairs recorded in `skipped_types`.
+    types: rustc_hash::FxHashSet<(Arc<str>, Arc<str>)>,
+    /// Pairs skipped since the last transaction, to record with the next.
+    new_types: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Known {
@@ -742,17 +779,125 @@ impl Known {
 
     fn clear(&mut self) {
         self.streams.clear();
-        self.tails.clear();
+        self.ranges.clear();
+        self.types.clear();
     }
 }
 
-/// Records finished deliveries as ranges: sorted, and runs of consecutive positions of one
-/// subscription written as one range (usually extending the one written before).
+/// A subscription's finished ranges from the file, merged (and written back merged when they
+/// were not: files written before the writer kept them merged).
+fn load_ranges(tx: &rusqlite::Connection, sub: &str) -> rusqlite::Result<BTreeMap<i64, i64>> {
+    let stored: Vec<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT first, last FROM progress_ranges WHERE subscription = ?1 ORDER BY first",
+        )?
+        .query_map([sub], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut merged: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut prev: Option<(i64, i64)> = None;
+    for (first, last) in stored.iter().copied() {
+        match &mut prev {
+            Some(p) if first <= p.1.saturating_add(1) => p.1 = p.1.max(last),
+            _ => {
+                if let Some((f, l)) = prev.replace((first, last)) {
+                    merged.insert(f, l);
+                }
+            }
+        }
+    }
+    if let Some((f, l)) = prev {
+        merged.insert(f, l);
+    }
+    if merged.len() < stored.len() {
+        tx.execute("DELETE FROM progress_ranges WHERE subscription = ?1", [sub])?;
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO progress_ranges (subscription, first, last) VALUES (?1, ?2, ?3)",
+        )?;
+        for (f, l) in &merged {
+            ins.execute(rusqlite::params![sub, f, l])?;
+        }
+    }
+    Ok(merged)
+}
+
+/// Adds `first..=last` to a subscription's ranges, merging with its neighbours on both sides,
+/// in memory and in the file. False when the file was not as `ranges` says (changed by
+/// another connection, as `oxbus dlq retry` does): then nothing is changed in memory.
+fn add_range(
+    tx: &rusqlite::Connection,
+    sub: &str,
+    ranges: &mut BTreeMap<i64, i64>,
+    first: i64,
+    last: i64,
+) -> rusqlite::Result<bool> {
+    use std::ops::Bound::{Excluded, Included};
+    let (mut new_first, mut new_last, mut grow) = (first, last, None);
+    if let Some((&pf, &pl)) = ranges.range(..=first).next_back() {
+        if pl >= last {
+            return Ok(true); // already finished
+        }
+        if pl.saturating_add(1) >= first {
+            (new_first, new_last, grow) = (pf, last, Some((pf, pl)));
+        }
+    }
+    let swallowed: Vec<(i64, i64)> = ranges
+        .range((Excluded(new_first), Included(last.saturating_add(1))))
+        .map(|(f, l)| (*f, *l))
+        .collect();
+    for (f, l) in &swallowed {
+        new_last = new_last.max(*l);
+        let n = tx
+            .prepare_cached(
+                "DELETE FROM progress_ranges WHERE subscription = ?1 AND first = ?2 AND last = ?3",
+            )?
+            .execute(rusqlite::params![sub, f, l])?;
+        if n != 1 {
+            return Ok(false);
+        }
+    }
+    let n = match grow {
+        Some((pf, pl)) => tx
+            .prepare_cached(
+                "UPDATE progress_ranges SET last = ?4 WHERE subscription = ?1 AND first = ?2 AND last = ?3",
+            )?
+            .execute(rusqlite::params![sub, pf, pl, new_last])?,
+        None => tx
+            .prepare_cached(
+                "INSERT INTO progress_ranges (subscription, first, last) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (subscription, first) DO NOTHING",
+            )?
+            .execute(rusqlite::params![sub, new_first, new_last])?,
+    };
+    if n != 1 {
+        return Ok(false);
+    }
+    for (f, _) in &swallowed {
+        ranges.remove(f);
+    }
+    ranges.insert(new_first, new_last);
+    Ok(true)
+}
+
+/// Records finished deliveries (and skipped events) as ranges: sorted, runs of consecutive
+/// positions of one subscription merged with the ranges before and after them, so a
+/// subscription has one range per gap of unfinished events, not one per delivery. Records the
+/// (subscription, type) pairs skipped for the first time.
 fn write_marks(
     tx: &rusqlite::Connection,
     marks: &[(Arc<str>, i64)],
-    tails: &mut rustc_hash::FxHashMap<Arc<str>, (i64, i64)>,
+    known: &mut Known,
 ) -> rusqlite::Result<()> {
+    if !known.new_types.is_empty() {
+        let mut ins = tx.prepare_cached(
+            "INSERT OR IGNORE INTO skipped_types (subscription, event_type) VALUES (?1, ?2)",
+        )?;
+        for pair in std::mem::take(&mut known.new_types) {
+            if !known.types.contains(&pair) {
+                ins.execute(rusqlite::params![&*pair.0, &*pair.1])?;
+                known.types.insert(pair);
+            }
+        }
+    }
     if marks.is_empty() {
         return Ok(());
     }
@@ -768,9 +913,18 @@ fn write_marks(
             last += 1;
             i += 1;
         }
-        let tail = tails.get(sub).copied();
-        let range = Log::mark_range(tx, sub, first, last, tail)?;
-        tails.insert(Arc::clone(sub), range);
+        if !known.ranges.contains_key(sub) {
+            let loaded = load_ranges(tx, sub)?;
+            known.ranges.insert(Arc::clone(sub), loaded);
+        }
+        let ranges = known.ranges.get_mut(sub).expect("just loaded");
+        if !add_range(tx, sub, ranges, first, last)? {
+            // Another connection changed them: read them again and add to what is there.
+            *ranges = load_ranges(tx, sub)?;
+            if !add_range(tx, sub, ranges, first, last)? {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
     }
     Ok(())
 }
@@ -878,7 +1032,7 @@ fn write_batch(
         };
         out.push(r);
     }
-    write_marks(&tx, marks, &mut known.tails).map_err(|e| StoreError::Sqlite {
+    write_marks(&tx, marks, known).map_err(|e| StoreError::Sqlite {
         path: path.to_owned(),
         source: e,
     })?;

@@ -288,12 +288,13 @@ def test_an_empty_store_path_is_refused(tmp_path: Path) -> None:
 def test_a_foreign_progress_table_is_never_dropped(tmp_path: Path) -> None:
     db = tmp_path / "theirs.db"
     with closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute("CREATE TABLE progress (job TEXT, percent REAL)")
-        conn.execute("INSERT INTO progress VALUES ('backup', 42.0)")
+        # Columns an old oxbus progress table had, and one more: not oxbus's.
+        conn.execute("CREATE TABLE progress (subscription TEXT, position INTEGER, percent REAL)")
+        conn.execute("INSERT INTO progress VALUES ('backup', 7, 42.0)")
     with pytest.raises(StorageError, match='table named "progress"'):
         SqliteEventStore(str(db))
     with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("SELECT * FROM progress").fetchall() == [("backup", 42.0)]
+        assert conn.execute("SELECT * FROM progress").fetchall() == [("backup", 7, 42.0)]
 
 
 READ_ONLY_CLI = """

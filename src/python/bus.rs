@@ -163,13 +163,16 @@ pub struct Breaker {
 
 pub type Sub = Subscription<Handler>;
 
+/// Subscription names, shared.
+pub type Names = Arc<[Arc<str>]>;
+
 /// The subscriptions one kind of event reaches, resolved once and cached.
 pub struct Route {
     class: Py<PyAny>,
     pub subs: Vec<Arc<Sub>>,
     /// On a durable bus: the type key and the subscriptions this route leaves out, whose
     /// progress moves past an event of it (`Writer::skip`).
-    pub skip: Option<(Arc<str>, Arc<[Arc<str>]>)>,
+    pub skip: Option<(Arc<str>, Names)>,
     pub type_key: String,
     pub mro: Vec<usize>,
     pub class_has_key: bool,
@@ -404,7 +407,7 @@ impl PyBusCore {
         }
         let subs = inner.router.resolve(&key_name, &mro);
         let skip = self.progress.get().map(|_| {
-            let out: Arc<[Arc<str>]> = inner
+            let out: Names = inner
                 .router
                 .iter()
                 .filter(|s| !subs.iter().any(|m| m.id == s.id))

@@ -21,6 +21,9 @@ pub type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 /// A request's future and the loop it belongs to.
 type Waiting = (Py<PyAny>, Py<PyAny>);
 
+/// Finished futures with their outcomes.
+type Finished = Vec<(Py<PyAny>, Outcome)>;
+
 /// Pending futures of one store or transport.
 #[derive(Default)]
 pub struct Completions {
@@ -64,7 +67,7 @@ impl Completions {
     pub fn complete(&self, resolver: &Py<PyResolver>, outcomes: Vec<(u64, Outcome)>) {
         // Grouped by loop (compared by address: each group holds its loop alive) under the
         // lock, without touching Python; the GIL is taken after.
-        let mut groups: Vec<(Py<PyAny>, Vec<(Py<PyAny>, Outcome)>)> = Vec::new();
+        let mut groups: Vec<(Py<PyAny>, Finished)> = Vec::new();
         {
             let mut pending = self.pending.lock();
             for (token, outcome) in outcomes {
@@ -100,7 +103,7 @@ impl Completions {
 
 /// The finished futures of one loop and their outcomes, handed to that loop's thread.
 #[pyclass(frozen, name = "CompletionBatch", module = "oxbus._oxbus")]
-pub struct PyBatch(Mutex<Vec<(Py<PyAny>, Outcome)>>);
+pub struct PyBatch(Mutex<Finished>);
 
 /// Resolves a batch of finished requests; scheduled on their loop's thread by
 /// `Completions::complete`.
@@ -116,6 +119,7 @@ impl PyResolver {
 
 #[pymethods]
 impl PyResolver {
+    #[allow(clippy::unused_self)] // a callable object: the loop calls it with the batch
     fn __call__(&self, py: Python<'_>, batch: &Bound<'_, PyBatch>) -> PyResult<()> {
         let items = std::mem::take(&mut *batch.get().0.lock());
         for (fut, outcome) in items {

@@ -217,6 +217,7 @@ const FOREIGN_PROGRESS: &str = "has a table named \"progress\" that oxbus did no
 
 /// A file path written for an SQLite URI (`file:` + the path, percent-encoded).
 fn uri_path(path: &str) -> String {
+    use std::fmt::Write as _;
     let abs = std::path::absolute(path)
         .map_or_else(|_| path.to_owned(), |p| p.to_string_lossy().into_owned());
     let mut out = String::with_capacity(abs.len());
@@ -224,7 +225,7 @@ fn uri_path(path: &str) -> String {
         if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -493,7 +494,8 @@ impl Log {
     /// event again to that subscription only. Returns (id, subscription, position) of each;
     /// when an id is unknown nothing is changed and the error names it.
     pub fn requeue_dead_letters(&self, ids: Option<&[i64]>) -> Result<Vec<(i64, String, i64)>> {
-        let run = || -> rusqlite::Result<std::result::Result<Vec<(i64, String, i64)>, Vec<i64>>> {
+        type Chosen = std::result::Result<Vec<(i64, String, i64)>, Vec<i64>>;
+        let run = || -> rusqlite::Result<Chosen> {
             let tx = self.conn.unchecked_transaction()?;
             let all: Vec<(i64, String, i64)> = tx
                 .prepare("SELECT id, subscription, position FROM dead_letters ORDER BY id")?

@@ -182,7 +182,10 @@ type Skip = (i64, Arc<str>, Arc<[Arc<str>]>);
 /// transaction. Workers and the bus push here without a request, a future or the GIL; the
 /// first push after the writer emptied the buffer wakes the writer once.
 #[derive(Default)]
-struct Marks(Mutex<(Vec<(Arc<str>, i64)>, Vec<Skip>)>);
+struct Marks(Mutex<Waiting>);
+
+/// Finished deliveries and skipped events.
+type Waiting = (Vec<(Arc<str>, i64)>, Vec<Skip>);
 
 impl Marks {
     /// Everything waiting, skips turned into marks; the (subscription, type) pairs skipped go
@@ -199,7 +202,7 @@ impl Marks {
     }
 
     /// Adds with `f`; true when the buffer was empty (the writer must be woken).
-    fn push(&self, f: impl FnOnce(&mut (Vec<(Arc<str>, i64)>, Vec<Skip>))) -> bool {
+    fn push(&self, f: impl FnOnce(&mut Waiting)) -> bool {
         let mut m = self.0.lock();
         let was_empty = m.0.is_empty() && m.1.is_empty();
         f(&mut m);
@@ -1402,6 +1405,48 @@ mod tests {
             "the WAL reached {biggest_wal} bytes (16,000 pages are 64 MB)"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn skipped_and_finished_positions_merge_into_one_range_in_any_order() {
+        let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
+        let mut known = Known::default();
+        let sub: Arc<str> = "a".into();
+        let items = (0..10)
+            .map(|i| ("$bus".to_owned(), ev(&format!("e{i}"))))
+            .collect();
+        let _ = apply(&mut log, vec![(1, Op::Log { items })], &[], &mut known);
+        // Odd positions are the subscription's, finished late and out of order; even ones it
+        // was never routed.
+        let mark = |log: &mut Log, known: &mut Known, ps: &[i64]| {
+            let marks: Vec<(Arc<str>, i64)> = ps.iter().map(|p| (Arc::clone(&sub), *p)).collect();
+            let _ = apply(log, Vec::new(), &marks, known);
+        };
+        mark(&mut log, &mut known, &[2, 4, 6, 8, 10]);
+        mark(&mut log, &mut known, &[9, 3]);
+        mark(&mut log, &mut known, &[1, 7]);
+        assert_eq!(
+            log_count(&log, "SELECT COUNT(*) FROM progress_ranges"),
+            2,
+            "1-4 and 6-10: one gap, one range each side"
+        );
+        // Another connection re-queues position 8 (as `oxbus dlq retry` does): noticed.
+        log.conn()
+            .execute(
+                "DELETE FROM progress WHERE subscription = 'a' AND position = 8",
+                [],
+            )
+            .unwrap();
+        mark(&mut log, &mut known, &[5]);
+        let ranges: Vec<(i64, i64)> = log
+            .conn()
+            .prepare("SELECT first, last FROM progress_ranges ORDER BY first")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(ranges, [(1, 7), (9, 10)]);
     }
 
     #[test]

@@ -64,7 +64,7 @@ class StoredEvent:
         if cls is None:
             return self.data
         try:
-            obj = rebuild(cls, self.data)
+            obj: Any = rebuild(cls, self.data)
         except Exception as e:  # fields the class does not take and no upcaster fixed
             raise UndecodableEvent(
                 self.position, self.event_type, f"{cls.__qualname__} refuses its data: {type(e).__name__}: {e}"

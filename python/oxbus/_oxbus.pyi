@@ -163,7 +163,9 @@ _Row = tuple[int, str, int, str, int, str, str, str, str | None, str]
 
 @final
 class StoreCore:
-    def __new__(cls, path: str, synchronous: str = "normal") -> StoreCore: ...
+    def __new__(
+        cls, path: str, synchronous: str = "normal", read_only: bool = False
+    ) -> StoreCore: ...
     @property
     def path(self) -> str: ...
     @property
@@ -190,6 +192,12 @@ class StoreCore:
         self, name: str, from_beginning: bool
     ) -> asyncio.Future[int]: ...
     def undelivered(self, subscription: str, start_after: int) -> asyncio.Future[list[_Row]]: ...
+    def query(
+        self, sql: str, params: list[Any] | None = None
+    ) -> asyncio.Future[list[tuple[Any, ...]]]: ...
+    def requeue_dead_letters(
+        self, ids: list[int] | None = None
+    ) -> asyncio.Future[list[tuple[int, str, int]]]: ...
     def add_dead_letter(
         self,
         position: int,

@@ -457,7 +457,11 @@ class EventBus:
         for task in self._tasks:
             task.add_done_callback(self._on_worker_done)
         if self._store is not None:
-            await self._recover()
+            try:
+                await self._recover()
+            except BaseException:
+                await self.stop(drain=False)  # a failed start leaves the bus stopped
+                raise
         if self._redis_args is not None:
             try:
                 # Connecting may take a while: never on the loop thread.
@@ -482,19 +486,20 @@ class EventBus:
         finished (in log order), and load the stored dead letters."""
         store = self._store
         assert store is not None
+        targets = {sid: target for sid, _, _, target in self._core.subscriptions()}
         for sid, (name, from_beginning) in list(self._durable.items()):
             start_after = await store._core.register_subscription(name, from_beginning)
-            for row in await store._core.undelivered(name, start_after):
-                stored = store._row(row)
+            # A row that cannot be decoded becomes a dead letter of this subscription.
+            for stored, event in await store._undelivered(name, start_after, targets.get(sid)):
                 self._core.redeliver(
-                    stored.event, sid, stored.position, stored.correlation_id, stored.causation_id
+                    event, sid, stored.position, stored.correlation_id, stored.causation_id
                 )
         self.dead_letters._entries.clear()
         by_position: dict[tuple[int, str], DeadLetter] = {}
         for row in await store._core.dead_letters():
             did, pos, sub, attempts, first, last, etype, emsg, tb, key_hash, behind = row
             row = await store._core.at(pos)
-            event = store._row(row).event if row is not None else None
+            event = store._event_or_none(row)
             self.dead_letters._add(
                 DeadLetter(
                     id=f"db-{did}", event=event, subscription=sub, attempts=attempts,

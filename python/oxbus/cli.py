@@ -12,10 +12,11 @@ Every subcommand has ``--help`` and ``--json``. Exit codes scripts can rely on:
       answer, or ``flow`` needs Graphviz's ``dot`` for svg/png and it is missing
 ====  ==================================================================================
 
-The admin commands read the log's ``progress``, ``subscriptions`` and ``dead_letters`` tables
-with Python's ``sqlite3`` (read-only, except ``dlq retry|purge``): the store's API has no calls
-for them, and a command-line tool run now and then gains nothing from the store's writer thread.
-Events are read through ``SqliteEventStore``, so they decode as the bus wrote them.
+Everything is read through oxbus's own SQLite (``oxbus.flow.LogReader`` and a read-only
+``SqliteEventStore``), never Python's ``sqlite3``: ``main()`` may run inside a bus's process,
+where a second copy of SQLite could make the bus's WAL vanish. Reading never writes the file
+(it works in a read-only directory); only ``dlq retry|purge`` write. A row that cannot be
+decoded is shown as undecodable, with its position and the reason.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import importlib
 import inspect
 import json
 import os
-import sqlite3
 import sys
 import time
 import urllib.error
@@ -35,7 +35,8 @@ from typing import Any, Callable, NoReturn
 import click
 
 from oxbus._oxbus import __version__
-from oxbus.errors import StorageError
+from oxbus.errors import StorageError, UndecodableEvent
+from oxbus.flow import LogReader
 
 __all__ = ["main"]
 
@@ -75,7 +76,7 @@ def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
 
 
-def _connect(db: str, *, write: bool = False) -> sqlite3.Connection:
+def _connect(db: str, *, write: bool = False) -> LogReader:
     from oxbus.flow import connect
 
     try:
@@ -84,15 +85,21 @@ def _connect(db: str, *, write: bool = False) -> sqlite3.Connection:
         _fail(str(e), UNREACHABLE)
 
 
-class _closing:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+def _query(log: LogReader, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    try:
+        return log.query(sql, args)
+    except StorageError as e:
+        _fail(str(e), UNREACHABLE)
 
-    def __enter__(self) -> sqlite3.Connection:
-        return self.conn
 
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
+def _json_or_raw(text: str | None) -> Any:
+    """A stored JSON column decoded, or (not valid JSON) the text itself, marked."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        return {"undecodable": f"{type(e).__name__}: {e}", "raw": text[:200]}
 
 
 def _table(rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> str:
@@ -193,6 +200,25 @@ def _event_dict(e: Any) -> dict[str, Any]:
     }
 
 
+def _undecodable_dict(r: tuple[Any, ...], err: UndecodableEvent) -> dict[str, Any]:
+    position, stream_id, version, event_type, event_version, _data, _meta, event_id, _o, rec = r
+    return {
+        "position": position,
+        "stream_id": stream_id,
+        "version": version,
+        "event_type": event_type,
+        "event_version": event_version,
+        "event_id": event_id,
+        "recorded_at": rec,
+        "undecodable": err.reason,
+    }
+
+
+def _undecodable_line(r: tuple[Any, ...], err: UndecodableEvent) -> str:
+    position, stream_id, version, event_type = r[:4]
+    return f"{position:>6}  {str(r[9])[:19].replace('T', ' '):19}  {stream_id}@{version}  {event_type}  (undecodable: {err.reason})"
+
+
 def _event_line(e: Any) -> str:
     data = json.dumps(e.data, default=str, ensure_ascii=False, separators=(", ", ": "))
     when = e.recorded_at.strftime("%Y-%m-%d %H:%M:%S")
@@ -243,27 +269,36 @@ def events(
     _connect(db).close()  # missing file / not a log: exit 3, and never create a file
     from oxbus.store import SqliteEventStore
 
-    def show(e: Any) -> None:
-        click.echo(
-            json.dumps(_event_dict(e), default=str, ensure_ascii=False)
-            if as_json
-            else _event_line(e)
-        )
+    def show(store: SqliteEventStore, r: tuple[Any, ...]) -> None:
+        try:
+            e = store._row(r)
+            out = (
+                json.dumps(_event_dict(e), default=str, ensure_ascii=False)
+                if as_json
+                else _event_line(e)
+            )
+        except UndecodableEvent as err:
+            out = (
+                json.dumps(_undecodable_dict(r, err), default=str, ensure_ascii=False)
+                if as_json
+                else _undecodable_line(r, err)
+            )
+        click.echo(out)
         sys.stdout.flush()
 
     async def run() -> int:
         shown = 0
         pos = after
-        with SqliteEventStore(db) as store:
+        with SqliteEventStore(db, read_only=True) as store:
             while True:
                 while True:
-                    page = await store.read_all(pos, 1000)
-                    for e in page:
-                        pos = e.position
-                        if (stream is None or e.stream_id == stream) and (
-                            event_type is None or e.event_type == event_type
+                    page = await store._core.read_all(pos, 1000)
+                    for r in page:
+                        pos = r[0]
+                        if (stream is None or r[1] == stream) and (
+                            event_type is None or r[3] == event_type
                         ):
-                            show(e)
+                            show(store, r)
                             shown += 1
                             if limit is not None and shown >= limit:
                                 return shown
@@ -288,7 +323,7 @@ def events(
 # ------------------------------------------------------------------------------- dlq
 
 
-def _dlq_rows(conn: sqlite3.Connection, ids: list[int] | None = None) -> list[dict[str, Any]]:
+def _dlq_rows(log: LogReader, ids: list[int] | None = None) -> list[dict[str, Any]]:
     sql = """SELECT d.id, d.position, d.subscription, d.attempts, d.first_failed_at, d.last_failed_at,
                     d.error_type, d.error_message, d.traceback, e.event_type, e.event_id, e.stream_id,
                     e.data, e.metadata
@@ -298,7 +333,7 @@ def _dlq_rows(conn: sqlite3.Connection, ids: list[int] | None = None) -> list[di
         sql += f" WHERE d.id IN ({','.join('?' * len(ids))})"
         args = list(ids)
     out = []
-    for r in conn.execute(sql + " ORDER BY d.id", args):
+    for r in _query(log, sql + " ORDER BY d.id", tuple(args)):
         (
             did,
             pos,
@@ -329,8 +364,8 @@ def _dlq_rows(conn: sqlite3.Connection, ids: list[int] | None = None) -> list[di
                 "event_type": evtype,
                 "event_id": evid,
                 "stream_id": stream,
-                "data": json.loads(data) if data else None,
-                "metadata": json.loads(meta) if meta else None,
+                "data": _json_or_raw(data),
+                "metadata": _json_or_raw(meta),
             }
         )
     return out
@@ -370,8 +405,8 @@ def dlq(ctx: click.Context, db: str) -> None:
 def dlq_list(db: str, as_json: bool) -> None:
     """List the dead letters, oldest first. Exit 0 (also when there are none), 3 when DB
     cannot be read."""
-    with _closing(_connect(db)) as conn:
-        rows = _dlq_rows(conn)
+    with _connect(db) as log:
+        rows = _dlq_rows(log)
     if as_json:
         _emit_json([{k: v for k, v in r.items() if k != "traceback"} for r in rows])
         return
@@ -404,8 +439,8 @@ def dlq_list(db: str, as_json: bool) -> None:
 def dlq_show(db: str, dead_letter_id: str, as_json: bool) -> None:
     """Show one dead letter with its event and traceback. Exit 1 when there is no such id."""
     did = _dl_id(dead_letter_id)
-    with _closing(_connect(db)) as conn:
-        rows = _dlq_rows(conn, [did])
+    with _connect(db) as log:
+        rows = _dlq_rows(log, [did])
     if not rows:
         _fail(f"no dead letter with id {did} in {db}")
     r = rows[0]
@@ -450,26 +485,12 @@ def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool, as_json: bool) -> 
     if bool(ids) == retry_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
     wanted = None if retry_all else sorted({_dl_id(i) for i in ids})
-    with _closing(_connect(db, write=True)) as conn:
+    with _connect(db, write=True) as log:
         try:
-            with conn:  # one transaction
-                rows = conn.execute(
-                    "SELECT id, subscription, position FROM dead_letters ORDER BY id"
-                ).fetchall()
-                if wanted is not None:
-                    found = {r[0] for r in rows}
-                    missing = [i for i in wanted if i not in found]
-                    if missing:
-                        _fail(
-                            f"no dead letter with id {', '.join(map(str, missing))} in {db}; nothing retried"
-                        )
-                    rows = [r for r in rows if r[0] in wanted]
-                for did, sub, pos in rows:
-                    conn.execute("DELETE FROM dead_letters WHERE id = ?", (did,))
-                    conn.execute(
-                        "DELETE FROM progress WHERE subscription = ? AND position = ?", (sub, pos)
-                    )
-        except sqlite3.Error as e:
+            rows = log.requeue_dead_letters(wanted)  # one transaction
+        except StorageError as e:
+            if str(e).startswith("no dead letter with id"):
+                _fail(f"{e}; nothing retried")
             _fail(f"{db}: {e}", UNREACHABLE)
     if as_json:
         _emit_json({"retried": len(rows), "ids": [r[0] for r in rows]})
@@ -487,14 +508,13 @@ def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool, as_json: bool) -> 
 def dlq_purge(db: str, yes: bool, as_json: bool) -> None:
     """Delete every dead letter of DB for good (their events stay in the log and are not
     delivered again). Asks first unless --yes; exit 1 when declined."""
-    with _closing(_connect(db, write=True)) as conn:
-        (n,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+    with _connect(db, write=True) as log:
+        ((n,),) = _query(log, "SELECT COUNT(*) FROM dead_letters")
         if n and not yes and not click.confirm(f"delete {n} dead letters from {db}?", err=True):
             _fail("nothing purged")
         try:
-            with conn:
-                n = conn.execute("DELETE FROM dead_letters").rowcount
-        except sqlite3.Error as e:
+            n = log.purge_dead_letters()
+        except StorageError as e:
             _fail(f"{db}: {e}", UNREACHABLE)
     if as_json:
         _emit_json({"purged": n})
@@ -552,7 +572,7 @@ def replay(
     is counted and the replay goes on. Exit 0 when every call succeeded, 1 when any raised,
     2 when --to cannot be imported, 3 when DB cannot be read.
     """
-    with _closing(_connect(db)) as conn:
+    with _connect(db) as log:
         where, args = ["position > ?"], [after]
         if event_type is not None:
             where.append("event_type = ?")
@@ -560,9 +580,9 @@ def replay(
         if stream is not None:
             where.append("stream_id = ?")
             args.append(stream)  # type: ignore[arg-type]
-        (total,) = conn.execute(
-            f"SELECT COUNT(*) FROM events WHERE {' AND '.join(where)}", args
-        ).fetchone()
+        ((total,),) = _query(
+            log, f"SELECT COUNT(*) FROM events WHERE {' AND '.join(where)}", tuple(args)
+        )
     handler = _import_handler(target)
     from oxbus.store import SqliteEventStore
 
@@ -572,32 +592,39 @@ def replay(
     async def run() -> None:
         nonlocal calls
         with (
-            SqliteEventStore(db) as store,
+            SqliteEventStore(db, read_only=True) as store,
             click.progressbar(
                 length=total, label=f"replaying to {target}", file=sys.stderr, show_pos=True
             ) as bar,
         ):
-            async for e in store.replay(after):
-                if (event_type is not None and e.event_type != event_type) or (
-                    stream is not None and e.stream_id != stream
-                ):
-                    continue
-                calls += 1
-                try:
-                    result = handler(e.event)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as exc:
-                    errors.append(
-                        {
-                            "position": e.position,
-                            "event_type": e.event_type,
-                            "event_id": e.event_id,
-                            "error_type": type(exc).__qualname__,
-                            "error_message": str(exc),
-                        }
-                    )
-                bar.update(1)
+            pos = after
+            while True:
+                page = await store._core.read_all(pos, 1000)
+                for r in page:
+                    pos = r[0]
+                    if (event_type is not None and r[3] != event_type) or (
+                        stream is not None and r[1] != stream
+                    ):
+                        continue
+                    calls += 1
+                    try:
+                        e = store._row(r)
+                        result = handler(e.event)
+                        if inspect.isawaitable(result):
+                            await result
+                    except Exception as exc:  # an undecodable row counts as a failed call
+                        errors.append(
+                            {
+                                "position": r[0],
+                                "event_type": r[3],
+                                "event_id": r[7],
+                                "error_type": type(exc).__qualname__,
+                                "error_message": str(exc),
+                            }
+                        )
+                    bar.update(1)
+                if len(page) < 1000:
+                    break
 
     t0 = time.perf_counter()
     try:
@@ -687,28 +714,31 @@ def health(url: str, timeout: float, as_json: bool) -> None:
 # ----------------------------------------------------------------------------- stats
 
 
-def _stats(conn: sqlite3.Connection, top: int) -> dict[str, Any]:
+def _stats(log: LogReader, top: int) -> dict[str, Any]:
     limit = -1 if top == 0 else top
-    count, first, last, t0, t1 = conn.execute(
+
+    def one(sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+        return log.query(sql, args)[0]
+
+    def rows(sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return log.query(sql, args)
+
+    count, first, last, t0, t1 = one(
         "SELECT COUNT(*), MIN(position), MAX(position), MIN(recorded_at), MAX(recorded_at) FROM events"
-    ).fetchone()
-    (streams,) = conn.execute("SELECT COUNT(DISTINCT stream_id) FROM events").fetchone()
-    (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+    )
+    (streams,) = one("SELECT COUNT(DISTINCT stream_id) FROM events")
+    (dead,) = one("SELECT COUNT(*) FROM dead_letters")
     (snapshots,) = (
-        conn.execute("SELECT COUNT(*) FROM snapshots").fetchone()
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'snapshots'").fetchone()
+        one("SELECT COUNT(*) FROM snapshots")
+        if rows("SELECT 1 FROM sqlite_master WHERE name = 'snapshots'")
         else (0,)
     )
     subs = []
-    for name, start_after in conn.execute(
-        "SELECT name, start_after FROM subscriptions ORDER BY name"
-    ):
-        done, last_done = conn.execute(
+    for name, start_after in rows("SELECT name, start_after FROM subscriptions ORDER BY name"):
+        done, last_done = one(
             "SELECT COUNT(*), MAX(position) FROM progress WHERE subscription = ?", (name,)
-        ).fetchone()
-        (sub_dead,) = conn.execute(
-            "SELECT COUNT(*) FROM dead_letters WHERE subscription = ?", (name,)
-        ).fetchone()
+        )
+        (sub_dead,) = one("SELECT COUNT(*) FROM dead_letters WHERE subscription = ?", (name,))
         subs.append(
             {
                 "name": name,
@@ -723,14 +753,14 @@ def _stats(conn: sqlite3.Connection, top: int) -> dict[str, Any]:
         "positions": {"first": first, "last": last},
         "recorded": {"first": t0, "last": t1},
         "by_event_type": dict(
-            conn.execute(
+            rows(
                 "SELECT event_type, COUNT(*) FROM events GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
                 (limit,),
             )
         ),
         "streams": streams,
         "by_stream": dict(
-            conn.execute(
+            rows(
                 "SELECT stream_id, COUNT(*) FROM events GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
                 (limit,),
             )
@@ -738,14 +768,10 @@ def _stats(conn: sqlite3.Connection, top: int) -> dict[str, Any]:
         "dead_letters": {
             "total": dead,
             "by_subscription": dict(
-                conn.execute(
-                    "SELECT subscription, COUNT(*) FROM dead_letters GROUP BY 1 ORDER BY 2 DESC, 1"
-                )
+                rows("SELECT subscription, COUNT(*) FROM dead_letters GROUP BY 1 ORDER BY 2 DESC, 1")
             ),
             "by_error_type": dict(
-                conn.execute(
-                    "SELECT error_type, COUNT(*) FROM dead_letters GROUP BY 1 ORDER BY 2 DESC, 1"
-                )
+                rows("SELECT error_type, COUNT(*) FROM dead_letters GROUP BY 1 ORDER BY 2 DESC, 1")
             ),
         },
         "subscriptions": subs,
@@ -766,10 +792,10 @@ def _stats(conn: sqlite3.Connection, top: int) -> dict[str, Any]:
 def stats(db: str, top: int, as_json: bool) -> None:
     """Counts of the log DB: events per type and per stream, positions, dead letters,
     subscriptions and how many events each has finished. Exit 0, or 3 when DB cannot be read."""
-    with _closing(_connect(db)) as conn:
+    with _connect(db) as log:
         try:
-            s = _stats(conn, top)
-        except sqlite3.Error as e:
+            s = _stats(log, top)
+        except StorageError as e:
             _fail(f"{db}: {e}", UNREACHABLE)
     if as_json:
         _emit_json(s)
@@ -866,10 +892,15 @@ def flow(db: str, fmt: str | None, output: str | None, as_json: bool) -> None:
         graph = flowmod.read_flow(db)
     except StorageError as e:
         _fail(str(e), UNREACHABLE)
-    except sqlite3.Error as e:
-        _fail(f"{db}: {e}", UNREACHABLE)
     if not graph.events:
         _fail(f"{db} has no events to draw")
+    for t, positions in sorted(graph.undecodable.items()):
+        shown = ", ".join(map(str, positions[:10])) + (", ..." if len(positions) > 10 else "")
+        click.echo(
+            f"note: {len(positions)} {t} event(s) cannot be decoded (positions {shown}): "
+            "counted, but left out of the causation edges",
+            err=True,
+        )
     data: bytes
     if as_json or fmt == "json":
         data = (json.dumps(graph.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()

@@ -21,6 +21,7 @@ __all__ = [
     "SerializationError",
     "StorageError",
     "TransportError",
+    "UndecodableEvent",
 ]
 
 
@@ -62,6 +63,22 @@ class SerializationError(OxbusError, TypeError):
 
 class StorageError(OxbusError):
     """The SQLite store failed (file missing, read-only, locked, corrupt, disk full)."""
+
+
+class UndecodableEvent(StorageError, ValueError):
+    """A row of the log cannot be turned back into an event (data or metadata that is not
+    valid JSON, a bad date, a number Python refuses, fields no upcaster fixes). The message
+    names the position, the type and the decoding error; ``position`` and ``event_type``
+    carry the first two."""
+
+    def __init__(self, position: int, event_type: str, reason: str) -> None:
+        super().__init__(f"the event at position {position} ({event_type}) cannot be decoded: {reason}")
+        self.position = position
+        self.event_type = event_type
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[int, str, str]]:
+        return (type(self), (self.position, self.event_type, self.reason))
 
 
 class TransportError(OxbusError, ConnectionError):

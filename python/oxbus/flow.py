@@ -24,53 +24,121 @@ are plain text and need nothing.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import html
-import json
 import os
 import shutil
-import sqlite3
 import subprocess
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Awaitable, Callable, TypeVar
 
+from oxbus._oxbus import StoreCore
 from oxbus.errors import OxbusError, StorageError
 
-__all__ = ["Flow", "RenderError", "connect", "read_flow", "render", "to_dot", "to_mermaid"]
+__all__ = ["Flow", "LogReader", "RenderError", "connect", "read_flow", "render", "to_dot", "to_mermaid"]
 
 TABLES = ("events", "progress", "subscriptions", "dead_letters")
+
+T = TypeVar("T")
 
 
 class RenderError(OxbusError):
     """SVG or PNG was asked for and Graphviz's ``dot`` is missing or failed."""
 
 
-def connect(path: str | os.PathLike[str], *, write: bool = False) -> sqlite3.Connection:
-    """Opens an existing oxbus log with Python's ``sqlite3`` (read-only unless ``write``).
+def _run(work: Callable[[], Awaitable[T]]) -> T:
+    """Runs ``work()`` to completion from synchronous code: on a loop of its own, in a worker
+    thread when this thread already runs one (``read_flow`` called inside a running bus)."""
+
+    async def go() -> T:
+        return await work()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(go())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()
+
+
+class LogReader:
+    """An existing oxbus log opened through oxbus's own SQLite (the store's engine), for the
+    admin commands and the picture: read-only unless ``write``, never creating a file.
+
+    Never Python's ``sqlite3``: a second copy of SQLite in a bus's process has its own lock
+    bookkeeping, and closing it can make the bus's WAL vanish (see README, "Reading the log").
+    Read-only opening works in a read-only directory. Queries are read-only SQL statements.
+
+    ::
+
+        with LogReader("events.db") as log:
+            (n,) = log.query("SELECT COUNT(*) FROM events")[0]
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, write: bool = False) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise StorageError(f"{self.path}: no such file")
+        # A writable open would create the schema in any SQLite file: check it first.
+        self._core = StoreCore(self.path, "normal", True)
+        if write:
+            self._core.close()
+            self._core = StoreCore(self.path, "normal", False)
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def many(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
+        """The rows of each read-only statement, read in one go."""
+
+        async def work() -> list[list[tuple[Any, ...]]]:
+            return [await self._core.query(sql, list(args)) for sql, args in statements]
+
+        return _run(work)
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only statement."""
+        return self.many([(sql, args)])[0]
+
+    def requeue_dead_letters(self, ids: list[int] | None) -> list[tuple[int, str, int]]:
+        """Removes dead letters (all with None) and the record that their subscription
+        finished their event, so the next start delivers it again (see ``oxbus dlq retry``)."""
+
+        async def work() -> list[tuple[int, str, int]]:
+            return list(await self._core.requeue_dead_letters(ids))
+
+        return _run(work)
+
+    def purge_dead_letters(self) -> int:
+        """Deletes every dead letter; returns how many."""
+
+        async def work() -> int:
+            return int(await self._core.remove_dead_letters(None))
+
+        return _run(work)
+
+
+def connect(path: str | os.PathLike[str], *, write: bool = False) -> LogReader:
+    """Opens an existing oxbus log (read-only unless ``write``) through oxbus's own SQLite.
 
     Never creates a file: a missing path, a file that is not SQLite, or a database without the
-    log's tables raises ``StorageError``. The store's own API has no reads of the progress and
-    dead-letter tables as tables, which is what the admin commands and the picture need.
+    log's tables raises ``StorageError``.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise StorageError(f"{path}: no such file")
-    uri = f"file:{quote(os.path.abspath(path))}?mode={'rw' if write else 'ro'}"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=5.0)
-    except sqlite3.Error as e:
-        raise StorageError(f"{path}: cannot open: {e}") from e
-    try:
-        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
-    except sqlite3.Error as e:
-        conn.close()
-        raise StorageError(f"{path}: cannot read: {e}") from e
-    missing = [t for t in TABLES if t not in names]
-    if missing:
-        conn.close()
-        raise StorageError(f"{path}: not an oxbus event log (no table {', '.join(missing)})")
-    return conn
+        return LogReader(path, write=write)
+    except StorageError as e:
+        msg = str(e)
+        if msg.startswith(os.fspath(path)):
+            raise
+        raise StorageError(f"{os.fspath(path)}: cannot open: {msg}") from e
 
 
 @dataclass
@@ -87,6 +155,9 @@ class Flow:
     published: dict[tuple[str, str], int] = field(default_factory=dict)
     #: (parent type, child type) -> events caused by a parent whose handler is not known
     caused: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: event type -> positions of its rows whose data or metadata is not valid JSON (counted
+    #: in ``events``, left out of the causation edges)
+    undecodable: dict[str, list[int]] = field(default_factory=dict)
     #: a title for the picture (the file name)
     title: str = ""
 
@@ -132,81 +203,69 @@ class Flow:
                 for s in self.handlers
             ],
             "edges": edges,
+            "undecodable": [
+                {"event_type": t, "count": len(ps), "positions": ps[:100]}
+                for t, ps in sorted(self.undecodable.items())
+            ],
         }
 
 
-def _children(conn: sqlite3.Connection) -> list[tuple[str, str | None, str, int]]:
-    """(parent type, subscription or None, child type, count) for every caused event."""
-    try:
-        return conn.execute(
-            """SELECT p.event_type, json_extract(c.metadata, '$.subscription'), c.event_type, COUNT(*)
-               FROM events c JOIN events p ON p.event_id = json_extract(c.metadata, '$.causation_id')
-               GROUP BY 1, 2, 3"""
-        ).fetchall()
-    except sqlite3.OperationalError:  # an SQLite built without JSON functions
-        types: dict[str, str] = {}
-        counts: dict[tuple[str, str | None, str], int] = defaultdict(int)
-        rows = conn.execute("SELECT event_id, event_type, metadata FROM events ORDER BY position")
-        pending: list[tuple[str, str | None, str]] = []
-        for event_id, event_type, metadata in rows:
-            types[event_id] = event_type
-            meta = json.loads(metadata)
-            cause = meta.get("causation_id")
-            if cause is not None:
-                pending.append((str(cause), meta.get("subscription"), event_type))
-        for cause, sub, child in pending:
-            if cause in types:
-                counts[(types[cause], sub, child)] += 1
-        return [(p, s, c, n) for (p, s, c), n in counts.items()]
+# Causation, from the metadata; rows whose metadata is not valid JSON are left out.
+_CHILDREN = """
+SELECT p.event_type, json_extract(c.metadata, '$.subscription'), c.event_type, COUNT(*)
+FROM events c JOIN events p
+  ON p.event_id = CASE WHEN json_valid(c.metadata) THEN json_extract(c.metadata, '$.causation_id') END
+GROUP BY 1, 2, 3"""
 
 
 def read_flow(path: str | os.PathLike[str]) -> Flow:
-    """Reads the counts of the picture from the log at ``path`` (see the module docstring)."""
-    with _closing(connect(path)) as conn:
-        flow = Flow(title=os.path.basename(os.fspath(path)))
-        flow.events = dict(conn.execute("SELECT event_type, COUNT(*) FROM events GROUP BY 1"))
-        flow.deliveries = {
-            (t, s): n
-            for t, s, n in conn.execute(
-                """SELECT e.event_type, p.subscription, COUNT(*)
-                   FROM progress p JOIN events e ON e.position = p.position GROUP BY 1, 2"""
-            )
-        }
-        flow.dead_letters = {
-            (t, s): n
-            for t, s, n in conn.execute(
-                """SELECT e.event_type, d.subscription, COUNT(*)
-                   FROM dead_letters d JOIN events e ON e.position = d.position GROUP BY 1, 2"""
-            )
-        }
-        handlers_of: dict[str, set[str]] = defaultdict(set)
-        for t, s in list(flow.deliveries) + list(flow.dead_letters):
-            handlers_of[t].add(s)
-        published: dict[tuple[str, str], int] = defaultdict(int)
-        caused: dict[tuple[str, str], int] = defaultdict(int)
-        for parent, sub, child, n in _children(conn):
-            if sub is None and len(handlers_of[parent]) == 1:
-                sub = next(iter(handlers_of[parent]))
-            if sub is None:
-                caused[(parent, child)] += n
-            else:
-                published[(str(sub), child)] += n
-                if parent not in flow.events:
-                    flow.events[parent] = 0
-        flow.published = dict(published)
-        flow.caused = dict(caused)
-        return flow
-
-
-class _closing:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
+    """Reads the counts of the picture from the log at ``path`` (see the module docstring),
+    through oxbus's own SQLite, so it is safe inside a running bus's process."""
+    with connect(path) as log:
+        types, deliveries, dead, children, bad = log.many(
+            [
+                ("SELECT event_type, COUNT(*) FROM events GROUP BY 1", ()),
+                (
+                    """SELECT e.event_type, p.subscription, COUNT(*)
+                       FROM progress p JOIN events e ON e.position = p.position GROUP BY 1, 2""",
+                    (),
+                ),
+                (
+                    """SELECT e.event_type, d.subscription, COUNT(*)
+                       FROM dead_letters d JOIN events e ON e.position = d.position GROUP BY 1, 2""",
+                    (),
+                ),
+                (_CHILDREN, ()),
+                (
+                    """SELECT event_type, position FROM events
+                       WHERE NOT json_valid(data) OR NOT json_valid(metadata) ORDER BY position""",
+                    (),
+                ),
+            ]
+        )
+    flow = Flow(title=os.path.basename(os.fspath(path)))
+    flow.events = {t: n for t, n in types}
+    flow.deliveries = {(t, s): n for t, s, n in deliveries}
+    flow.dead_letters = {(t, s): n for t, s, n in dead}
+    for t, pos in bad:
+        flow.undecodable.setdefault(t, []).append(pos)
+    handlers_of: dict[str, set[str]] = defaultdict(set)
+    for t, s in list(flow.deliveries) + list(flow.dead_letters):
+        handlers_of[t].add(s)
+    published: dict[tuple[str, str], int] = defaultdict(int)
+    caused: dict[tuple[str, str], int] = defaultdict(int)
+    for parent, sub, child, n in children:
+        if sub is None and len(handlers_of[parent]) == 1:
+            sub = next(iter(handlers_of[parent]))
+        if sub is None:
+            caused[(parent, child)] += n
+        else:
+            published[(str(sub), child)] += n
+            if parent not in flow.events:
+                flow.events[parent] = 0
+    flow.published = dict(published)
+    flow.caused = dict(caused)
+    return flow
 
 
 # ------------------------------------------------------------------------- drawing

@@ -31,7 +31,7 @@ from uuid import UUID
 
 from oxbus.errors import SerializationError
 
-__all__ = ["lookup", "rebuild", "register_event", "type_key"]
+__all__ = ["lookup", "matches", "rebuild", "register_event", "type_key"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
@@ -116,6 +116,36 @@ def lookup(event_type: Any) -> type | None:
         if _pending:
             _flush()
         return _by_key.get(event_type)
+
+
+def matches(target: Any, event_type: str) -> bool:
+    """Whether a subscription to ``target`` takes a stored event of type ``event_type`` as a
+    restart rebuilds it (the registered class, else a dict), by the bus's routing rules: a
+    class takes its subclasses, a string is a type key or an AMQP-style pattern (``*`` one
+    word, ``#`` zero or more), an Enum member stands for its value. Used for rows that cannot
+    be decoded, whose event object does not exist.
+
+    >>> matches("order.*", "order.placed"), matches("order.#", "order"), matches("a", "b")
+    (True, True, False)
+    """
+    if isinstance(target, type):
+        cls = lookup(event_type)
+        return cls is not None and issubclass(cls, target)
+    value = target.value if isinstance(target, Enum) else target
+    if not isinstance(value, str):
+        return False
+    return _topic(value.split("."), event_type.split("."))
+
+
+def _topic(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_topic(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head == "*" or head == words[0]) and _topic(rest, words[1:])
 
 
 def rebuild(cls: type[T], data: Mapping[str, Any]) -> T:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import atexit
 import weakref
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Callable, Iterable
 
 from oxbus._oxbus import StoreCore, decode_json, encode_json
-from oxbus.errors import ConfigurationError
+from oxbus.errors import ConfigurationError, UndecodableEvent
 
 __all__ = ["Snapshot", "SqliteEventStore", "StoredEvent"]
 
@@ -63,7 +63,12 @@ class StoredEvent:
         cls = lookup(self.event_type)
         if cls is None:
             return self.data
-        obj = rebuild(cls, self.data)
+        try:
+            obj: Any = rebuild(cls, self.data)
+        except Exception as e:  # fields the class does not take and no upcaster fixed
+            raise UndecodableEvent(
+                self.position, self.event_type, f"{cls.__qualname__} refuses its data: {type(e).__name__}: {e}"
+            ) from e
         d = getattr(obj, "__dict__", None)
         if d is not None and getattr(cls, "__oxbus_domain_event__", False):
             d["event_id"] = self.event_id
@@ -99,14 +104,23 @@ class SqliteEventStore:
     """An event store in one SQLite file (``":memory:"`` for a private one), WAL mode.
 
     ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss.
+    ``read_only=True`` opens an existing log without ever writing to it (also in a read-only
+    directory); writes then raise ``StorageError``.
     Methods are coroutines except ``close()``, ``register_upcaster`` and the context managers.
+    A row that cannot be decoded raises ``UndecodableEvent`` naming its position.
     """
 
-    def __init__(self, path: str = ":memory:", *, synchronous: str = "normal") -> None:
+    def __init__(
+        self, path: str = ":memory:", *, synchronous: str = "normal", read_only: bool = False
+    ) -> None:
         if not isinstance(path, str):
             path = str(path)  # os.PathLike
+        if not path:
+            raise ConfigurationError(
+                "path must name a file (or be \":memory:\" for a private in-memory store), got ''"
+            )
         self.path = path
-        self._core = StoreCore(path, synchronous)
+        self._core = StoreCore(path, synchronous, read_only)
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
         _open_stores.add(self)
 
@@ -181,14 +195,53 @@ class SqliteEventStore:
 
     def _row(self, r: tuple[Any, ...]) -> StoredEvent:
         position, stream_id, version, event_type, event_version, data, meta, event_id, occ, rec = r
-        body = decode_json(data)
-        while (event_type, event_version) in self._upcasters:
-            body = self._upcasters[(event_type, event_version)](body)
-            event_version += 1
-        return StoredEvent(
-            position, stream_id, version, event_type, event_version, body, decode_json(meta),
-            event_id, _parse_time(occ), datetime.fromisoformat(rec), self,
-        )
+        try:
+            body = decode_json(data)
+            while (event_type, event_version) in self._upcasters:
+                body = self._upcasters[(event_type, event_version)](body)
+                event_version += 1
+            return StoredEvent(
+                position, stream_id, version, event_type, event_version, body, decode_json(meta),
+                event_id, _parse_time(occ), datetime.fromisoformat(rec), self,
+            )
+        except Exception as e:
+            raise UndecodableEvent(position, event_type, f"{type(e).__name__}: {e}") from e
+
+    def _event_or_none(self, row: tuple[Any, ...] | None) -> Any:
+        """The event of a row rebuilt, or None when there is no row or it cannot be decoded."""
+        if row is None:
+            return None
+        try:
+            return self._row(row).event
+        except UndecodableEvent:
+            return None
+
+    async def _undelivered(
+        self, subscription: str, start_after: int, target: Any
+    ) -> list[tuple[StoredEvent, Any]]:
+        """A durable subscription's committed events it has not finished, as (row, event).
+
+        A row that cannot be decoded never stops the others: when the subscription's target
+        takes its type it becomes a dead letter of the subscription (its position, the error
+        type ``oxbus.errors.UndecodableEvent`` and the reason), and either way it is recorded
+        as finished, so the next start does not trip on it again.
+        """
+        from oxbus.registry import matches
+
+        out: list[tuple[StoredEvent, Any]] = []
+        for row in await self._core.undelivered(subscription, start_after):
+            try:
+                stored = self._row(row)
+                out.append((stored, stored.event))
+            except UndecodableEvent as e:
+                if target is not None and matches(target, row[3]):
+                    now = datetime.now(timezone.utc).isoformat()
+                    await self._core.add_dead_letter(
+                        row[0], subscription, 0, now, now, "oxbus.errors.UndecodableEvent",
+                        str(e), "",
+                    )
+                self._core.mark_done(subscription, row[0])
+        return out
 
     async def read(self, stream_id: str, after_version: int = 0) -> list[StoredEvent]:
         """Events of ``stream_id`` after ``after_version``, oldest first."""

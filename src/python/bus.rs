@@ -164,10 +164,16 @@ pub struct Breaker {
 
 pub type Sub = Subscription<Handler>;
 
+/// Subscription names, shared.
+pub type Names = Arc<[Arc<str>]>;
+
 /// The subscriptions one kind of event reaches, resolved once and cached.
 pub struct Route {
     class: Py<PyAny>,
     pub subs: Vec<Arc<Sub>>,
+    /// On a durable bus: the type key and the subscriptions this route leaves out, whose
+    /// progress moves past an event of it (`Writer::skip`).
+    pub skip: Option<(Arc<str>, Names)>,
     pub type_key: String,
     pub mro: Vec<usize>,
     pub class_has_key: bool,
@@ -385,9 +391,20 @@ impl PyBusCore {
             inner.routes.clear();
             inner.routes_gen = inner.router.generation();
         }
+        let subs = inner.router.resolve(&key_name, &mro);
+        let skip = self.progress.get().map(|_| {
+            let out: Names = inner
+                .router
+                .iter()
+                .filter(|s| !subs.iter().any(|m| m.id == s.id))
+                .map(|s| Arc::clone(&s.name))
+                .collect();
+            (Arc::from(key_name.as_str()), out)
+        });
         let route = Arc::new(Route {
             class: ty.into_any().unbind(),
-            subs: inner.router.resolve(&key_name, &mro),
+            subs,
+            skip: skip.filter(|(_, out)| !out.is_empty()),
             counters: inner.stats.type_counters(&key_name),
             type_key: key_name,
             mro,
@@ -826,12 +843,21 @@ impl PyBusCore {
         let full = item.env.route();
         if !full.subs.iter().any(|s| s.id == sub_id) {
             // Not an event this subscription matches (a durable bus's restart scans every
-            // event the subscription has not finished, whatever its type): nothing to deliver.
+            // event the subscription has not finished, whatever its type): nothing to deliver,
+            // and its progress moves past it.
+            if let (Some(log), Some(p)) = (self.progress(), position) {
+                let _ = log.skip(
+                    p,
+                    Arc::from(full.type_key.as_str()),
+                    Arc::from([Arc::clone(&sub.name)]),
+                );
+            }
             return Ok(false);
         }
         let route = Route {
             class: full.class.clone_ref(py),
             subs: vec![sub],
+            skip: None,
             type_key: full.type_key.clone(),
             mro: full.mro.clone(),
             class_has_key: full.class_has_key,
@@ -1031,7 +1057,18 @@ impl PyBusCore {
         position: Option<i64>,
     ) -> PyResult<Option<Py<PyAny>>> {
         let (item, lane) = self.envelope(py, event, key, correlation_id, position)?;
-        self.accept(py, item, lane, true, false)
+        // A durable bus: the subscriptions this event is not for move past its position.
+        let skip = match (position, self.progress(), &item.env.route().skip) {
+            (Some(p), Some(log), Some((t, subs))) => {
+                Some((p, Arc::clone(log), Arc::clone(t), Arc::clone(subs)))
+            }
+            _ => None,
+        };
+        let accepted = self.accept(py, item, lane, true, false)?;
+        if let Some((p, log, t, subs)) = skip {
+            let _ = log.skip(p, t, subs);
+        }
+        Ok(accepted)
     }
 
     /// Publishes one event now or raises `QueueFull`.

@@ -1,11 +1,12 @@
 //! Loop futures completed from another thread, a batch at a time.
 //!
 //! A request registers a future (on the running loop) under a token and hands the token to a
-//! background thread. The thread later completes a whole batch: it stores each outcome (a
-//! closure that builds the Python result on the loop thread) and schedules the resolver with
-//! one `call_soon_threadsafe` per loop involved — one GIL acquisition and one wake-up per batch,
-//! never per request, and nothing at all once the interpreter is finalizing.
-
+//! background thread. The thread later completes a whole batch: it takes each finished
+//! request's future out of `pending`, groups them by the loop they belong to, and hands each
+//! loop its own group with one `call_soon_threadsafe` — one GIL acquisition per batch and one
+//! wake-up per loop involved, never per request, and nothing at all once the interpreter is
+//! finalizing. A future is only ever resolved on its own loop's thread, so a store shared by
+//! several loops (threads each running `asyncio.run`) wakes every one of them.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -20,12 +21,14 @@ pub type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 /// A request's future and the loop it belongs to.
 type Waiting = (Py<PyAny>, Py<PyAny>);
 
-/// Pending futures and finished outcomes of one store or transport.
+/// Finished futures with their outcomes.
+type Finished = Vec<(Py<PyAny>, Outcome)>;
+
+/// Pending futures of one store or transport.
 #[derive(Default)]
 pub struct Completions {
     /// token -> (future, its loop)
     pending: Mutex<HashMap<u64, Waiting>>,
-    done: Mutex<Vec<(u64, Outcome)>>,
     next: AtomicU64,
 }
 
@@ -59,52 +62,67 @@ impl Completions {
         }
     }
 
-    /// Called from any thread: stores the outcomes and wakes each loop involved once.
+    /// Called from any thread: hands each loop involved the outcomes of its own futures, with
+    /// one `call_soon_threadsafe` per loop.
     pub fn complete(&self, resolver: &Py<PyResolver>, outcomes: Vec<(u64, Outcome)>) {
-        let tokens: Vec<u64> = outcomes.iter().map(|(t, _)| *t).collect();
-        self.done.lock().extend(outcomes);
-        let _ = Python::try_attach(|py| {
-            let mut loops: Vec<Py<PyAny>> = Vec::new();
-            {
-                let pending = self.pending.lock();
-                for t in &tokens {
-                    if let Some((_, l)) = pending.get(t) {
-                        if !loops.iter().any(|x| x.is(l)) {
-                            loops.push(l.clone_ref(py));
-                        }
-                    }
+        // Grouped by loop (compared by address: each group holds its loop alive) under the
+        // lock, without touching Python; the GIL is taken after.
+        let mut groups: Vec<(Py<PyAny>, Finished)> = Vec::new();
+        {
+            let mut pending = self.pending.lock();
+            for (token, outcome) in outcomes {
+                let Some((fut, loop_)) = pending.remove(&token) else {
+                    continue; // token 0, or a request forgotten or failed already
+                };
+                match groups
+                    .iter_mut()
+                    .find(|(l, _)| l.as_ptr() == loop_.as_ptr())
+                {
+                    Some((_, items)) => items.push((fut, outcome)),
+                    None => groups.push((loop_, vec![(fut, outcome)])),
                 }
             }
-            for l in loops {
+        }
+        if groups.is_empty() {
+            return;
+        }
+        let _ = Python::try_attach(|py| {
+            for (loop_, items) in groups {
+                let Ok(batch) = Py::new(py, PyBatch(Mutex::new(items))) else {
+                    continue;
+                };
                 // A closed loop refuses; its futures are gone with it.
-                let _ = l
-                    .bind(py)
-                    .call_method1(intern!(py, "call_soon_threadsafe"), (resolver.bind(py),));
+                let _ = loop_.bind(py).call_method1(
+                    intern!(py, "call_soon_threadsafe"),
+                    (resolver.bind(py), batch),
+                );
             }
         });
     }
 }
 
-/// Resolves finished requests; scheduled on the loop thread by `Completions::complete`.
+/// The finished futures of one loop and their outcomes, handed to that loop's thread.
+#[pyclass(frozen, name = "CompletionBatch", module = "oxbus._oxbus")]
+pub struct PyBatch(Mutex<Finished>);
+
+/// Resolves a batch of finished requests; scheduled on their loop's thread by
+/// `Completions::complete`.
 #[pyclass(frozen, name = "Resolver", module = "oxbus._oxbus")]
-pub struct PyResolver {
-    completions: Arc<Completions>,
-}
+pub struct PyResolver;
 
 impl PyResolver {
-    pub fn new(completions: Arc<Completions>) -> Self {
-        Self { completions }
+    /// One resolver serves every loop of its store or transport.
+    pub fn new(_completions: Arc<Completions>) -> Self {
+        Self
     }
 }
 
 #[pymethods]
 impl PyResolver {
-    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
-        let done = std::mem::take(&mut *self.completions.done.lock());
-        for (token, outcome) in done {
-            let Some((fut, _)) = self.completions.pending.lock().remove(&token) else {
-                continue;
-            };
+    #[allow(clippy::unused_self)] // a callable object: the loop calls it with the batch
+    fn __call__(&self, py: Python<'_>, batch: &Bound<'_, PyBatch>) -> PyResult<()> {
+        let items = std::mem::take(&mut *batch.get().0.lock());
+        for (fut, outcome) in items {
             let fut = fut.bind(py);
             if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
                 continue; // cancelled by its awaiter

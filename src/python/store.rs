@@ -17,6 +17,7 @@ use crate::python::{codec, errors, events};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
 use crate::store::writer::{Op, Reply, Sink, Writer};
 use crate::store::StoreError;
+use rusqlite::types::Value;
 
 type Done = Vec<(u64, crate::store::Result<Reply>)>;
 
@@ -42,9 +43,10 @@ impl Sink for PySink {
 fn to_py(e: &StoreError) -> PyErr {
     match e {
         StoreError::Concurrency { .. } => errors::concurrency_error(e.to_string()),
-        StoreError::Invalid(_) | StoreError::Sqlite { .. } | StoreError::Closed(_) => {
-            errors::storage_error(e.to_string())
-        }
+        StoreError::Invalid(_)
+        | StoreError::Sqlite { .. }
+        | StoreError::Closed(_)
+        | StoreError::Detached(_) => errors::storage_error(e.to_string()),
     }
 }
 
@@ -81,6 +83,37 @@ fn dead_to_py(py: Python<'_>, d: DeadRow) -> PyResult<Bound<'_, PyTuple>> {
         .into_pyobject(py)
 }
 
+fn value_to_py(py: Python<'_>, v: Value) -> PyResult<Bound<'_, PyAny>> {
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Integer(i) => i.into_pyobject(py)?.into_any(),
+        Value::Real(f) => f.into_pyobject(py)?.into_any(),
+        Value::Text(t) => t.into_pyobject(py)?.into_any(),
+        Value::Blob(b) => pyo3::types::PyBytes::new(py, &b).into_any(),
+    })
+}
+
+fn value_of(v: &Bound<'_, PyAny>) -> PyResult<Value> {
+    if v.is_none() {
+        Ok(Value::Null)
+    } else if let Ok(b) = v.cast::<PyBool>() {
+        Ok(Value::Integer(i64::from(b.is_true())))
+    } else if let Ok(i) = v.extract::<i64>() {
+        Ok(Value::Integer(i))
+    } else if let Ok(f) = v.extract::<f64>() {
+        Ok(Value::Real(f))
+    } else if let Ok(s) = v.extract::<String>() {
+        Ok(Value::Text(s))
+    } else if let Ok(b) = v.extract::<Vec<u8>>() {
+        Ok(Value::Blob(b))
+    } else {
+        Err(errors::configuration_error(format!(
+            "a query parameter must be None, int, float, str or bytes, got {}",
+            v.repr()?
+        )))
+    }
+}
+
 fn reply_to_py(py: Python<'_>, r: Reply) -> PyResult<Py<PyAny>> {
     Ok(match r {
         Reply::Appended {
@@ -111,6 +144,20 @@ fn reply_to_py(py: Python<'_>, r: Reply) -> PyResult<Py<PyAny>> {
         Reply::Int(n) => n.into_pyobject(py)?.into_any().unbind(),
         Reply::Positions(ps) => PyList::new(py, ps)?.into_any().unbind(),
         Reply::Unit => py.None(),
+        Reply::Table(rows) => {
+            let items = rows
+                .into_iter()
+                .map(|r| {
+                    let cells = r
+                        .into_iter()
+                        .map(|v| value_to_py(py, v))
+                        .collect::<PyResult<Vec<_>>>()?;
+                    PyTuple::new(py, cells)
+                })
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any().unbind()
+        }
+        Reply::Requeued(rows) => PyList::new(py, rows)?.into_any().unbind(),
         Reply::Dead(ds) => {
             let items = ds
                 .into_iter()
@@ -399,8 +446,8 @@ impl PyStoreCore {
 #[pymethods]
 impl PyStoreCore {
     #[new]
-    #[pyo3(signature = (path, synchronous="normal"))]
-    fn new(py: Python<'_>, path: String, synchronous: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, synchronous="normal", read_only=false))]
+    fn new(py: Python<'_>, path: String, synchronous: &str, read_only: bool) -> PyResult<Self> {
         let sync = Synchronous::parse(synchronous)
             .map_err(|e| errors::configuration_error(e.to_string()))?;
         let completions = Arc::new(Completions::default());
@@ -410,8 +457,14 @@ impl PyStoreCore {
             resolver,
         });
         let writer = Arc::new(
-            py.detach(|| Writer::open(&path, sync, sink))
-                .map_err(|e| to_py(&e))?,
+            py.detach(|| {
+                if read_only {
+                    Writer::open_read_only(&path, sink)
+                } else {
+                    Writer::open(&path, sync, sink)
+                }
+            })
+            .map_err(|e| to_py(&e))?,
         );
         let outbox = Arc::new(Outbox::default());
         let flusher = Py::new(
@@ -641,6 +694,32 @@ impl PyStoreCore {
             parked_behind,
         };
         self.submit(py, Op::AddDeadLetter(d))
+    }
+
+    /// One read-only SQL statement -> future of a list of row tuples (the admin tools' counts
+    /// and listings, read through this store's SQLite, never a second copy of SQLite).
+    #[pyo3(signature = (sql, params=None))]
+    fn query(
+        &self,
+        py: Python<'_>,
+        sql: String,
+        params: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let params = match params {
+            None => Vec::new(),
+            Some(ps) => ps
+                .try_iter()?
+                .map(|p| value_of(&p?))
+                .collect::<PyResult<_>>()?,
+        };
+        self.submit(py, Op::Query { sql, params })
+    }
+
+    /// Re-queues dead letters (all with None) for the next start -> future of a list of
+    /// (id, subscription, position).
+    #[pyo3(signature = (ids=None))]
+    fn requeue_dead_letters(&self, py: Python<'_>, ids: Option<Vec<i64>>) -> PyResult<Py<PyAny>> {
+        self.submit(py, Op::Requeue(ids))
     }
 
     fn dead_letters(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {

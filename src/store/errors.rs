@@ -25,6 +25,10 @@ pub enum StoreError {
     /// A setting or argument out of range.
     #[error("{0}")]
     Invalid(String),
+    /// The WAL was deleted or replaced while the store had the file open (another copy of
+    /// SQLite in the process closed the file): writes are refused from then on.
+    #[error("the SQLite WAL of {0} was deleted or replaced while oxbus had the file open: another copy of SQLite in this process (Python's sqlite3 module, for one) opened and closed the file. Everything acknowledged before was saved into the database file; this store takes no more writes: close it and open the file again, and read the log through oxbus (SqliteEventStore, oxbus.flow, the oxbus command), not sqlite3, while a bus has it open")]
+    Detached(String),
     /// The store was closed.
     #[error("the event store {0} is closed")]
     Closed(String),

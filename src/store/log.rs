@@ -7,6 +7,7 @@
 //! against another process writing the same file. Versions start at 1; `expected_version` is
 //! the stream's version before the append (0 for a new stream).
 
+use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::store::{Result, StoreError};
@@ -141,6 +142,11 @@ CREATE TABLE IF NOT EXISTS progress_ranges (
     last         INTEGER NOT NULL,
     PRIMARY KEY (subscription, first)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS skipped_types (
+    subscription TEXT NOT NULL,
+    event_type   TEXT NOT NULL,
+    PRIMARY KEY (subscription, event_type)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscriptions (
     name       TEXT PRIMARY KEY,
     start_after INTEGER NOT NULL
@@ -160,13 +166,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 ";
 
-/// `progress`: one row per (subscription, finished position), read from the ranges, for the
-/// command line and for SQL users; deleting a row from it splits its range (the CLI's
-/// `dlq retry` re-queues a finished position so), inserting one adds a one-position range.
+/// `progress`: one row per (subscription, position it handled), read from the ranges, for the
+/// command line and for SQL users. A subscription's ranges also cover the events it does not
+/// take (so they stay few: one per run of finished positions, whatever the traffic), and
+/// `skipped_types` names the types it was routed none of; the view leaves those out. Deleting
+/// a row from it splits its range (the CLI's `dlq retry` re-queues a finished position so),
+/// inserting one adds a one-position range.
 const PROGRESS_VIEW: &str = "
 CREATE VIEW IF NOT EXISTS progress (subscription, position) AS
     SELECT DISTINCT r.subscription, e.position
-    FROM progress_ranges r JOIN events e ON e.position BETWEEN r.first AND r.last;
+    FROM progress_ranges r JOIN events e ON e.position BETWEEN r.first AND r.last
+    WHERE NOT EXISTS (SELECT 1 FROM skipped_types k
+                      WHERE k.subscription = r.subscription AND k.event_type = e.event_type);
 CREATE TRIGGER IF NOT EXISTS progress_delete INSTEAD OF DELETE ON progress BEGIN
     INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
         SELECT subscription, OLD.position + 1, last FROM progress_ranges
@@ -182,6 +193,17 @@ CREATE TRIGGER IF NOT EXISTS progress_insert INSTEAD OF INSERT ON progress BEGIN
 END;
 ";
 
+/// Takes one position out of a subscription's finished ranges (?1 subscription, ?2 position),
+/// splitting the range that holds it: the next start delivers it again.
+const UNFINISH: [&str; 3] = [
+    "INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
+        SELECT subscription, ?2 + 1, last FROM progress_ranges
+        WHERE subscription = ?1 AND first <= ?2 AND last > ?2",
+    "DELETE FROM progress_ranges WHERE subscription = ?1 AND first = ?2",
+    "UPDATE progress_ranges SET last = ?2 - 1
+        WHERE subscription = ?1 AND first < ?2 AND last >= ?2",
+];
+
 /// Files written before progress was kept as ranges have a `progress` table of positions:
 /// turn it into ranges (one per position; merged when the subscription is next replayed).
 const MIGRATE_PROGRESS: &str = "
@@ -189,6 +211,30 @@ INSERT OR IGNORE INTO progress_ranges (subscription, first, last)
     SELECT subscription, position, position FROM progress;
 DROP TABLE progress;
 ";
+
+/// Why a file whose `progress` table is not oxbus's is refused (it is never dropped).
+const FOREIGN_PROGRESS: &str = "has a table named \"progress\" that oxbus did not write (oxbus keeps a view of that name); the file is refused so the table is not touched: use another file for the event log";
+
+/// A file path written for an SQLite URI (`file:` + the path, percent-encoded).
+fn uri_path(path: &str) -> String {
+    use std::fmt::Write as _;
+    let abs = std::path::absolute(path)
+        .map_or_else(|_| path.to_owned(), |p| p.to_string_lossy().into_owned());
+    let mut out = String::with_capacity(abs.len());
+    for b in abs.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Whether `path` names a private in-memory database.
+pub fn in_memory(path: &str) -> bool {
+    path.is_empty() || path == ":memory:" || path.contains("mode=memory")
+}
 
 /// The current UTC time, ISO 8601 with microseconds.
 pub fn now_iso() -> String {
@@ -301,24 +347,48 @@ impl Log {
             }
         }
         // One transaction, so a concurrent opener sees the whole schema or waits for it.
-        let schema = || -> rusqlite::Result<()> {
+        let schema = || -> Result<()> {
+            let sql = |e| log.err(e);
             log.conn
-                .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA}"))?;
-            let old_progress: bool = log.conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'progress' AND type = 'table')",
-                [],
-                |r| r.get(0),
-            )?;
+                .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA}"))
+                .map_err(sql)?;
+            let old_progress: bool = log
+                .conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'progress' AND type = 'table')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql)?;
             if old_progress {
-                log.conn.execute_batch(MIGRATE_PROGRESS)?;
+                if !Self::is_old_progress(&log.conn).map_err(sql)? {
+                    return Err(StoreError::Invalid(format!("{path}: {FOREIGN_PROGRESS}")));
+                }
+                log.conn.execute_batch(MIGRATE_PROGRESS).map_err(sql)?;
             }
-            log.conn.execute_batch(&format!("{PROGRESS_VIEW} COMMIT;"))
+            let view: Option<String> = log
+                .conn
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'progress' AND type = 'view'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql)?;
+            if view.is_some_and(|v| !v.contains("skipped_types")) {
+                // Written before ranges covered skipped events: the view (and its triggers)
+                // is made again.
+                log.conn.execute_batch("DROP VIEW progress").map_err(sql)?;
+            }
+            log.conn
+                .execute_batch(&format!("{PROGRESS_VIEW} COMMIT;"))
+                .map_err(sql)
         };
         if let Err(e) = schema() {
             if !log.conn.is_autocommit() {
                 let _ = log.conn.execute_batch("ROLLBACK");
             }
-            return Err(log.err(e));
+            return Err(e);
         }
         // Files written before dead letters kept their key: add the columns.
         for col in ["key_hash", "parked_behind"] {
@@ -327,6 +397,147 @@ impl Log {
             ));
         }
         Ok(log)
+    }
+
+    /// Whether the `progress` table is the one oxbus wrote before progress was kept as ranges
+    /// (exactly the columns `subscription`, `position`), beside the log's `events` table.
+    fn is_old_progress(conn: &Connection) -> rusqlite::Result<bool> {
+        let mut cols: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('progress')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        cols.sort();
+        Ok(cols == ["position", "subscription"])
+    }
+
+    /// Opens an existing log for reading only: never creates the file or changes it, and
+    /// works in a read-only directory. A missing file, a file that is not SQLite, or a
+    /// database without the log's tables is an error naming the path.
+    pub fn open_read_only(path: &str) -> Result<Self> {
+        use rusqlite::OpenFlags;
+        let invalid = |why: String| StoreError::Invalid(format!("{path}: {why}"));
+        if in_memory(path) {
+            return Err(invalid(
+                "a private in-memory database cannot be opened read-only".into(),
+            ));
+        }
+        if !std::path::Path::new(path).is_file() {
+            return Err(invalid("no such file".into()));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let open = |target: &str, flags: OpenFlags| -> Result<(Self, Vec<String>)> {
+            let conn =
+                Connection::open_with_flags(target, flags).map_err(|e| StoreError::Sqlite {
+                    path: path.to_owned(),
+                    source: e,
+                })?;
+            let log = Self {
+                conn,
+                path: path.to_owned(),
+            };
+            log.conn
+                .busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(|e| log.err(e))?;
+            let names: Vec<String> = (|| {
+                log.conn
+                    .prepare("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })()
+            .map_err(|e| invalid(format!("cannot read: {e}")))?;
+            Ok((log, names))
+        };
+        let (log, names) = match open(path, flags) {
+            Ok(found) => found,
+            // A WAL database whose -wal and -shm are gone (closed cleanly) in a directory we
+            // cannot write to: nobody can write it either, so it is read as immutable.
+            Err(e) if !std::path::Path::new(&format!("{path}-wal")).exists() => {
+                let uri = format!("file:{}?immutable=1", uri_path(path));
+                open(&uri, flags | OpenFlags::SQLITE_OPEN_URI).map_err(|_| e)?
+            }
+            Err(e) => return Err(e),
+        };
+        let missing: Vec<&str> = ["events", "progress", "subscriptions", "dead_letters"]
+            .into_iter()
+            .filter(|t| !names.iter().any(|n| n == t))
+            .collect();
+        if !missing.is_empty() {
+            return Err(invalid(format!(
+                "not an oxbus event log (no table {})",
+                missing.join(", ")
+            )));
+        }
+        Ok(log)
+    }
+
+    /// Runs one read-only SQL statement (the admin tools' counts and listings) and returns
+    /// its rows; a statement that would write is refused.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        if !stmt.readonly() {
+            return Err(StoreError::Invalid(format!(
+                "query() runs read-only statements only, got {sql:?}"
+            )));
+        }
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                (0..n).map(|i| r.get::<_, Value>(i)).collect()
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Re-queues dead letters (all with None): removes them and the record that their
+    /// subscription finished their event, in one transaction, so the next start delivers the
+    /// event again to that subscription only. Returns (id, subscription, position) of each;
+    /// when an id is unknown nothing is changed and the error names it.
+    pub fn requeue_dead_letters(&self, ids: Option<&[i64]>) -> Result<Vec<(i64, String, i64)>> {
+        type Chosen = std::result::Result<Vec<(i64, String, i64)>, Vec<i64>>;
+        let run = || -> rusqlite::Result<Chosen> {
+            let tx = self.conn.unchecked_transaction()?;
+            let all: Vec<(i64, String, i64)> = tx
+                .prepare("SELECT id, subscription, position FROM dead_letters ORDER BY id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let chosen: Vec<(i64, String, i64)> = match ids {
+                None => all,
+                Some(ids) => {
+                    let missing: Vec<i64> = ids
+                        .iter()
+                        .copied()
+                        .filter(|i| !all.iter().any(|(id, _, _)| id == i))
+                        .collect();
+                    if !missing.is_empty() {
+                        return Ok(Err(missing));
+                    }
+                    all.into_iter()
+                        .filter(|(id, _, _)| ids.contains(id))
+                        .collect()
+                }
+            };
+            for (id, sub, pos) in &chosen {
+                tx.execute("DELETE FROM dead_letters WHERE id = ?1", [id])?;
+                for sql in UNFINISH {
+                    tx.execute(sql, params![sub, pos])?;
+                }
+            }
+            tx.commit()?;
+            Ok(Ok(chosen))
+        };
+        match run().map_err(|e| self.err(e))? {
+            Ok(rows) => Ok(rows),
+            Err(missing) => Err(StoreError::Invalid(format!(
+                "no dead letter with id {} in {}",
+                missing
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.path
+            ))),
+        }
     }
 
     /// Wraps a SQLite error with the file name.

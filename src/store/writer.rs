@@ -6,12 +6,14 @@
 //! share one fsync), then runs the reads and hands every result to the `Sink` in one call. The
 //! Python glue turns that call into one wake-up of the asyncio loop per batch.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use parking_lot::Mutex;
+
+use rusqlite::types::Value;
 
 use crate::store::log::{DeadRow, Log, NewEvent, Snapshot, StoredRow, Synchronous};
 use crate::store::{Result, StoreError};
@@ -90,16 +92,39 @@ pub enum Op {
     RemoveDeadLetters(Option<Vec<i64>>),
     /// The row at a position.
     At(i64),
+    /// One read-only SQL statement with its parameters (the admin tools' counts).
+    Query {
+        /// The statement.
+        sql: String,
+        /// Its parameters, in order.
+        params: Vec<Value>,
+    },
+    /// Re-queues dead letters (all with None) for the next start.
+    Requeue(Option<Vec<i64>>),
 }
 
 impl Op {
     fn is_write(&self) -> bool {
         matches!(self, Self::Append { .. } | Self::Log { .. })
     }
+
+    /// Whether it only reads (allowed on a store whose WAL was taken from under it).
+    fn only_reads(&self) -> bool {
+        matches!(
+            self,
+            Self::Read { .. }
+                | Self::ReadAll { .. }
+                | Self::LoadSnapshot { .. }
+                | Self::DeadLetters
+                | Self::At(_)
+                | Self::Query { .. }
+                | Self::Undelivered { .. }
+        )
+    }
 }
 
 /// What a request produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     /// The stream's new version and the position of the first appended event.
     Appended {
@@ -122,6 +147,10 @@ pub enum Reply {
     Dead(Vec<DeadRow>),
     /// One row, if any.
     Row(Option<StoredRow>),
+    /// The rows of a query.
+    Table(Vec<Vec<Value>>),
+    /// Re-queued dead letters: (id, subscription, position).
+    Requeued(Vec<(i64, String, i64)>),
 }
 
 /// Receives results, a whole batch per call, on the writer thread.
@@ -146,15 +175,38 @@ enum Msg {
     Close,
 }
 
-/// Finished deliveries, `(subscription, position)`, waiting for the next transaction. Workers
-/// push here without a request, a future or the GIL; the first push after the writer emptied
-/// the buffer wakes the writer once.
+/// An event the bus routed to none of `subs`: (position, its type key, those subscriptions).
+type Skip = (i64, Arc<str>, Arc<[Arc<str>]>);
+
+/// Finished deliveries, `(subscription, position)`, and skipped events waiting for the next
+/// transaction. Workers and the bus push here without a request, a future or the GIL; the
+/// first push after the writer emptied the buffer wakes the writer once.
 #[derive(Default)]
-struct Marks(Mutex<Vec<(Arc<str>, i64)>>);
+struct Marks(Mutex<Waiting>);
+
+/// Finished deliveries and skipped events.
+type Waiting = (Vec<(Arc<str>, i64)>, Vec<Skip>);
 
 impl Marks {
-    fn take(&self) -> Vec<(Arc<str>, i64)> {
-        std::mem::take(&mut *self.0.lock())
+    /// Everything waiting, skips turned into marks; the (subscription, type) pairs skipped go
+    /// to `types`.
+    fn take(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
+        let (mut marks, skips) = std::mem::take(&mut *self.0.lock());
+        for (position, event_type, subs) in skips {
+            for sub in subs.iter() {
+                marks.push((Arc::clone(sub), position));
+                types.push((Arc::clone(sub), Arc::clone(&event_type)));
+            }
+        }
+        marks
+    }
+
+    /// Adds with `f`; true when the buffer was empty (the writer must be woken).
+    fn push(&self, f: impl FnOnce(&mut Waiting)) -> bool {
+        let mut m = self.0.lock();
+        let was_empty = m.0.is_empty() && m.1.is_empty();
+        f(&mut m);
+        was_empty
     }
 }
 
@@ -174,9 +226,7 @@ const CHECKPOINT_AT: i32 = 1000;
 /// WAL pages after which the writer checkpoints itself (the other thread fell behind).
 const CHECKPOINT_INLINE: i32 = 16_000;
 
-fn in_memory(path: &str) -> bool {
-    path.is_empty() || path == ":memory:" || path.contains("mode=memory")
-}
+use crate::store::log::in_memory;
 
 /// A bus-log group sent in parts as it is encoded, written in one transaction: the writer
 /// inserts the first parts while the sender encodes the rest. `end` commits it; dropping it
@@ -262,18 +312,34 @@ impl Writer {
             })?;
             Some(handle)
         };
+        Self::start(log, checkpointer, sink, true)
+    }
+
+    /// Opens an existing log for reading only (see `Log::open_read_only`) and starts its
+    /// thread: reads are answered, writes fail with SQLite's read-only error.
+    pub fn open_read_only(path: &str, sink: Arc<dyn Sink>) -> Result<Self> {
+        Self::start(Log::open_read_only(path)?, None, sink, false)
+    }
+
+    fn start(
+        log: Log,
+        checkpointer: Option<JoinHandle<()>>,
+        sink: Arc<dyn Sink>,
+        watch: bool,
+    ) -> Result<Self> {
+        let path = log.path().to_owned();
         let (tx, rx) = unbounded();
         let marks = Arc::new(Marks::default());
         let thread_marks = Arc::clone(&marks);
         let handle = std::thread::Builder::new()
             .name("oxbus-sqlite".into())
-            .spawn(move || run(log, &rx, &*sink, &thread_marks))
+            .spawn(move || run(log, &rx, &*sink, &thread_marks, watch))
             .map_err(|e| StoreError::Invalid(format!("cannot start the SQLite thread: {e}")))?;
         Ok(Self {
             tx,
             handle: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(checkpointer),
-            path: path.to_owned(),
+            path,
             marks,
             groups: std::sync::atomic::AtomicU64::new(1),
         })
@@ -282,17 +348,29 @@ impl Writer {
     /// Records that `subscription` finished the event at `position`: committed with the next
     /// transaction (at the latest when the writer closes), never answered.
     pub fn mark_done(&self, subscription: Arc<str>, position: i64) -> Result<()> {
-        let first = {
-            let mut marks = self.marks.0.lock();
-            marks.push((subscription, position));
-            marks.len() == 1
-        };
-        if first {
-            self.tx
-                .send(Msg::Wake)
-                .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        if self.marks.push(|m| m.0.push((subscription, position))) {
+            self.wake()?;
         }
         Ok(())
+    }
+
+    /// Records that the event at `position` (of type `event_type`) is none of `subs`'
+    /// business (the bus routed it to none of them): their progress moves past it, so it stays
+    /// one range per run of finished positions, whatever types they take from the traffic.
+    pub fn skip(&self, position: i64, event_type: Arc<str>, subs: Arc<[Arc<str>]>) -> Result<()> {
+        if subs.is_empty() {
+            return Ok(());
+        }
+        if self.marks.push(|m| m.1.push((position, event_type, subs))) {
+            self.wake()?;
+        }
+        Ok(())
+    }
+
+    fn wake(&self) -> Result<()> {
+        self.tx
+            .send(Msg::Wake)
+            .map_err(|_| StoreError::Closed(self.path.clone()))
     }
 
     /// Queues a request; its result reaches the sink with `token` (0 = not reported).
@@ -361,9 +439,92 @@ impl Drop for Writer {
     }
 }
 
-fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
+/// Watches that the WAL the writer commits into is still the file at `<path>-wal`.
+///
+/// Another copy of SQLite in the same process (Python's `sqlite3` module is one) keeps its own
+/// POSIX lock bookkeeping: when it closes the file, the process's locks on it are gone, so it
+/// (or the next process to open the file) takes itself for the last user and deletes the WAL
+/// while this writer still appends to it, and whatever is committed there afterwards vanishes
+/// with the process. After every commit the writer compares the WAL's inode with the one it
+/// opened; when it changed or the file is gone, it checkpoints what its own WAL holds into the
+/// database file (so what it acknowledges is on disk) and refuses every later write.
+struct WalGuard {
+    wal: Option<std::path::PathBuf>,
+    id: Option<(u64, u64)>,
+    detached: bool,
+}
+
+impl WalGuard {
+    fn new(log: &Log, watch: bool) -> Self {
+        let wal = (watch && !crate::store::log::in_memory(log.path()))
+            .then(|| std::path::PathBuf::from(format!("{}-wal", log.path())));
+        let id = wal.as_deref().and_then(Self::file_id);
+        Self {
+            wal,
+            id,
+            detached: false,
+        }
+    }
+
+    #[cfg(unix)]
+    fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    #[cfg(not(unix))]
+    fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+        std::fs::metadata(path).ok().map(|_| (0, 0))
+    }
+
+    fn error(log: &Log) -> StoreError {
+        StoreError::Detached(log.path().to_owned())
+    }
+
+    /// Checks the WAL after commits and passes `results` on: unchanged while the WAL is ours
+    /// (or when what it held was saved into the database file), else failed.
+    fn vet(&mut self, log: &Log, results: Vec<(u64, Result<Reply>)>) -> Vec<(u64, Result<Reply>)> {
+        let Some(wal) = &self.wal else {
+            return results;
+        };
+        if self.detached || self.id.is_none() || Self::file_id(wal) == self.id {
+            if self.id.is_none() {
+                self.id = Self::file_id(wal);
+            }
+            return results;
+        }
+        self.detached = true;
+        // Our WAL is unlinked but still open: copy every frame it holds into the database.
+        let mut saved = false;
+        for _ in 0..500 {
+            match log
+                .conn()
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                }) {
+                Ok(0) => {
+                    saved = true;
+                    break;
+                }
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(_) => break,
+            }
+        }
+        if saved {
+            results
+        } else {
+            results
+                .into_iter()
+                .map(|(t, _)| (t, Err(Self::error(log))))
+                .collect()
+        }
+    }
+}
+
+fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: bool) {
     let mut closing = false;
     let mut known = Known::default();
+    let mut guard = WalGuard::new(&log, watch);
     // Messages that arrived while a large log group held the transaction.
     let mut deferred: VecDeque<Msg> = VecDeque::new();
     while !closing {
@@ -380,10 +541,17 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
             Msg::Op(t, op) => batch.push((t, op)),
             Msg::Ops(ops) => batch.extend(ops),
             Msg::LogPart(group, items) => {
-                if let Some(result) =
-                    log_group(&mut log, rx, &mut deferred, &mut known, group, &items)
-                {
-                    sink.deliver(vec![result]);
+                let refuse = guard.detached;
+                if let Some(result) = log_group(
+                    &mut log,
+                    rx,
+                    &mut deferred,
+                    &mut known,
+                    group,
+                    &items,
+                    refuse,
+                ) {
+                    sink.deliver(guard.vet(&log, vec![result]));
                 }
                 continue;
             }
@@ -425,7 +593,23 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
                 }
             }
         }
-        let results = apply(&mut log, batch, &marks.take(), &mut known);
+        let mut marked = marks.take(&mut known.new_types);
+        let mut refused = Vec::new();
+        if guard.detached {
+            // The file is no longer safe to write from here: only reads are answered.
+            marked.clear();
+            let (reads, writes): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|(_, op)| op.only_reads());
+            batch = reads;
+            refused = writes
+                .into_iter()
+                .filter(|(t, _)| *t != 0)
+                .map(|(t, _)| (t, Err(WalGuard::error(&log))))
+                .collect();
+        }
+        let mut results = apply(&mut log, batch, &marked, &mut known);
+        results = guard.vet(&log, results);
+        results.extend(refused);
         if !results.is_empty() {
             sink.deliver(results);
         }
@@ -462,13 +646,18 @@ fn log_group(
     known: &mut Known,
     group: u64,
     items: &[(String, NewEvent)],
+    refuse: bool,
 ) -> Option<(u64, Result<Reply>)> {
     let path = log.path().to_owned();
     let recorded = crate::store::log::now_iso();
     let mut positions = Vec::new();
-    let (tx, mut failed) = match log.begin() {
-        Ok(tx) => (Some(tx), None),
-        Err(e) => (None, Some(e)),
+    let (tx, mut failed) = if refuse {
+        (None, Some(StoreError::Detached(path.clone())))
+    } else {
+        match log.begin() {
+            Ok(tx) => (Some(tx), None),
+            Err(e) => (None, Some(e)),
+        }
     };
     let mut add = |items: &[(String, NewEvent)], failed: &mut Option<StoreError>| {
         if let (Some(tx), None) = (&tx, &*failed) {
@@ -574,13 +763,18 @@ pub fn apply(
 /// The bus log's stream known, so logging an event needs no query: keys are the bus's
 /// `$bus:<key>` streams. Cleared when it might be wrong (a rolled-back write, a failed commit)
 /// or large; a version another process wrote is caught by the unique index and re-read.
-/// It also keeps, per subscription, the finished range it wrote last (to extend it).
+/// It also keeps each subscription's finished ranges as they are in the file (merged, so
+/// they stay as few as the gaps between them), loaded on first use.
 #[derive(Default)]
 pub struct Known {
     /// Stream -> its version.
     streams: rustc_hash::FxHashMap<String, i64>,
-    /// Subscription -> its last written finished range.
-    tails: rustc_hash::FxHashMap<Arc<str>, (i64, i64)>,
+    /// Subscription -> its finished ranges, first -> last.
+    ranges: rustc_hash::FxHashMap<Arc<str>, BTreeMap<i64, i64>>,
+    /// (subscription, event type) pairs recorded in `skipped_types`.
+    types: rustc_hash::FxHashSet<(Arc<str>, Arc<str>)>,
+    /// Pairs skipped since the last transaction, to record with the next.
+    new_types: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Known {
@@ -588,17 +782,125 @@ impl Known {
 
     fn clear(&mut self) {
         self.streams.clear();
-        self.tails.clear();
+        self.ranges.clear();
+        self.types.clear();
     }
 }
 
-/// Records finished deliveries as ranges: sorted, and runs of consecutive positions of one
-/// subscription written as one range (usually extending the one written before).
+/// A subscription's finished ranges from the file, merged (and written back merged when they
+/// were not: files written before the writer kept them merged).
+fn load_ranges(tx: &rusqlite::Connection, sub: &str) -> rusqlite::Result<BTreeMap<i64, i64>> {
+    let stored: Vec<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT first, last FROM progress_ranges WHERE subscription = ?1 ORDER BY first",
+        )?
+        .query_map([sub], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut merged: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut prev: Option<(i64, i64)> = None;
+    for (first, last) in stored.iter().copied() {
+        match &mut prev {
+            Some(p) if first <= p.1.saturating_add(1) => p.1 = p.1.max(last),
+            _ => {
+                if let Some((f, l)) = prev.replace((first, last)) {
+                    merged.insert(f, l);
+                }
+            }
+        }
+    }
+    if let Some((f, l)) = prev {
+        merged.insert(f, l);
+    }
+    if merged.len() < stored.len() {
+        tx.execute("DELETE FROM progress_ranges WHERE subscription = ?1", [sub])?;
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO progress_ranges (subscription, first, last) VALUES (?1, ?2, ?3)",
+        )?;
+        for (f, l) in &merged {
+            ins.execute(rusqlite::params![sub, f, l])?;
+        }
+    }
+    Ok(merged)
+}
+
+/// Adds `first..=last` to a subscription's ranges, merging with its neighbours on both sides,
+/// in memory and in the file. False when the file was not as `ranges` says (changed by
+/// another connection, as `oxbus dlq retry` does): then nothing is changed in memory.
+fn add_range(
+    tx: &rusqlite::Connection,
+    sub: &str,
+    ranges: &mut BTreeMap<i64, i64>,
+    first: i64,
+    last: i64,
+) -> rusqlite::Result<bool> {
+    use std::ops::Bound::{Excluded, Included};
+    let (mut new_first, mut new_last, mut grow) = (first, last, None);
+    if let Some((&pf, &pl)) = ranges.range(..=first).next_back() {
+        if pl >= last {
+            return Ok(true); // already finished
+        }
+        if pl.saturating_add(1) >= first {
+            (new_first, new_last, grow) = (pf, last, Some((pf, pl)));
+        }
+    }
+    let swallowed: Vec<(i64, i64)> = ranges
+        .range((Excluded(new_first), Included(last.saturating_add(1))))
+        .map(|(f, l)| (*f, *l))
+        .collect();
+    for (f, l) in &swallowed {
+        new_last = new_last.max(*l);
+        let n = tx
+            .prepare_cached(
+                "DELETE FROM progress_ranges WHERE subscription = ?1 AND first = ?2 AND last = ?3",
+            )?
+            .execute(rusqlite::params![sub, f, l])?;
+        if n != 1 {
+            return Ok(false);
+        }
+    }
+    let n = match grow {
+        Some((pf, pl)) => tx
+            .prepare_cached(
+                "UPDATE progress_ranges SET last = ?4 WHERE subscription = ?1 AND first = ?2 AND last = ?3",
+            )?
+            .execute(rusqlite::params![sub, pf, pl, new_last])?,
+        None => tx
+            .prepare_cached(
+                "INSERT INTO progress_ranges (subscription, first, last) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (subscription, first) DO NOTHING",
+            )?
+            .execute(rusqlite::params![sub, new_first, new_last])?,
+    };
+    if n != 1 {
+        return Ok(false);
+    }
+    for (f, _) in &swallowed {
+        ranges.remove(f);
+    }
+    ranges.insert(new_first, new_last);
+    Ok(true)
+}
+
+/// Records finished deliveries (and skipped events) as ranges: sorted, runs of consecutive
+/// positions of one subscription merged with the ranges before and after them, so a
+/// subscription has one range per gap of unfinished events, not one per delivery. Records the
+/// (subscription, type) pairs skipped for the first time.
 fn write_marks(
     tx: &rusqlite::Connection,
     marks: &[(Arc<str>, i64)],
-    tails: &mut rustc_hash::FxHashMap<Arc<str>, (i64, i64)>,
+    known: &mut Known,
 ) -> rusqlite::Result<()> {
+    if !known.new_types.is_empty() {
+        let mut ins = tx.prepare_cached(
+            "INSERT OR IGNORE INTO skipped_types (subscription, event_type) VALUES (?1, ?2)",
+        )?;
+        for pair in std::mem::take(&mut known.new_types) {
+            if !known.types.contains(&pair) {
+                ins.execute(rusqlite::params![&*pair.0, &*pair.1])?;
+                known.types.insert(pair);
+            }
+        }
+    }
     if marks.is_empty() {
         return Ok(());
     }
@@ -614,9 +916,18 @@ fn write_marks(
             last += 1;
             i += 1;
         }
-        let tail = tails.get(sub).copied();
-        let range = Log::mark_range(tx, sub, first, last, tail)?;
-        tails.insert(Arc::clone(sub), range);
+        if !known.ranges.contains_key(sub) {
+            let loaded = load_ranges(tx, sub)?;
+            known.ranges.insert(Arc::clone(sub), loaded);
+        }
+        let ranges = known.ranges.get_mut(sub).expect("just loaded");
+        if !add_range(tx, sub, ranges, first, last)? {
+            // Another connection changed them: read them again and add to what is there.
+            *ranges = load_ranges(tx, sub)?;
+            if !add_range(tx, sub, ranges, first, last)? {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
     }
     Ok(())
 }
@@ -724,7 +1035,7 @@ fn write_batch(
         };
         out.push(r);
     }
-    write_marks(&tx, marks, &mut known.tails).map_err(|e| StoreError::Sqlite {
+    write_marks(&tx, marks, known).map_err(|e| StoreError::Sqlite {
         path: path.to_owned(),
         source: e,
     })?;
@@ -769,6 +1080,10 @@ fn read(log: &Log, op: Op) -> Result<Reply> {
             .remove_dead_letters(ids.as_deref())
             .map(|n| Reply::Int(i64::try_from(n).unwrap_or(i64::MAX))),
         Op::At(p) => log.at(p).map(Reply::Row),
+        Op::Query { sql, params } => log.query(&sql, &params).map(Reply::Table),
+        Op::Requeue(ids) => log
+            .requeue_dead_letters(ids.as_deref())
+            .map(Reply::Requeued),
         Op::Append { .. } | Op::Log { .. } => {
             unreachable!("writes go through write_batch")
         }
@@ -1090,6 +1405,48 @@ mod tests {
             "the WAL reached {biggest_wal} bytes (16,000 pages are 64 MB)"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn skipped_and_finished_positions_merge_into_one_range_in_any_order() {
+        let mut log = Log::open(":memory:", Synchronous::Normal).unwrap();
+        let mut known = Known::default();
+        let sub: Arc<str> = "a".into();
+        let items = (0..10)
+            .map(|i| ("$bus".to_owned(), ev(&format!("e{i}"))))
+            .collect();
+        let _ = apply(&mut log, vec![(1, Op::Log { items })], &[], &mut known);
+        // Odd positions are the subscription's, finished late and out of order; even ones it
+        // was never routed.
+        let mark = |log: &mut Log, known: &mut Known, ps: &[i64]| {
+            let marks: Vec<(Arc<str>, i64)> = ps.iter().map(|p| (Arc::clone(&sub), *p)).collect();
+            let _ = apply(log, Vec::new(), &marks, known);
+        };
+        mark(&mut log, &mut known, &[2, 4, 6, 8, 10]);
+        mark(&mut log, &mut known, &[9, 3]);
+        mark(&mut log, &mut known, &[1, 7]);
+        assert_eq!(
+            log_count(&log, "SELECT COUNT(*) FROM progress_ranges"),
+            2,
+            "1-4 and 6-10: one gap, one range each side"
+        );
+        // Another connection re-queues position 8 (as `oxbus dlq retry` does): noticed.
+        log.conn()
+            .execute(
+                "DELETE FROM progress WHERE subscription = 'a' AND position = 8",
+                [],
+            )
+            .unwrap();
+        mark(&mut log, &mut known, &[5]);
+        let ranges: Vec<(i64, i64)> = log
+            .conn()
+            .prepare("SELECT first, last FROM progress_ranges ORDER BY first")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(ranges, [(1, 7), (9, 10)]);
     }
 
     #[test]

@@ -360,7 +360,7 @@ async def test_get_failed_events_lists_final_failures_and_clear_empties_it(
     entry = failed[0]
     assert {"event", "subscription", "final_result", "failed_at"} <= set(entry)
     assert entry["event"] is event
-    assert entry["subscription"] == "billing.fails"
+    assert entry["subscription"].name == "billing.fails"
     result = entry["final_result"]
     assert isinstance(result, ProcessingResult)
     assert result.success is False

@@ -60,3 +60,34 @@ def test_hundreds_of_short_scripts_exit_with_status_0_and_no_fatal_error() -> No
     assert not bad, f"{len(bad)} of {len(results)} runs failed, first: {bad[0]}"
     noisy = [(m, err[-500:]) for m, _, err in results if err.strip()]
     assert not noisy, f"{len(noisy)} runs wrote to stderr, first: {noisy[0]}"
+
+
+STUCK = textwrap.dedent(
+    """
+    import asyncio, threading
+    from oxbus import EventBus
+
+    async def main():
+        bus = EventBus(sync_handlers="thread")
+        entered = threading.Event()
+
+        def stuck(event):
+            entered.set()
+            threading.Event().wait()  # never returns
+
+        bus.subscribe("tick", stuck)
+        await bus.start()
+        await bus.publish({"event_type": "tick"})
+        await asyncio.to_thread(entered.wait)
+        print("stopped", await bus.stop(timeout=1), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_stuck_thread_pool_handler_does_not_keep_the_process_alive_after_stop() -> None:
+    # The pool's threads used to be joined at exit: the interpreter never ended.
+    p = subprocess.run([sys.executable, "-c", STUCK], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "stopped 1"

@@ -44,7 +44,7 @@ async def test_failed_event_names_the_subscription_that_failed(make_bus: Any) ->
     await bus.publish(FailEvent(1, 99))
     await bus.drain()
     (entry,) = bus.get_failed_events()
-    assert entry["subscription"] == "broken"
+    assert entry["subscription"].name == "broken"
     assert entry["final_result"].subscription == "broken"
     (dl,) = bus.dead_letters.list()
     assert dl.subscription == "broken"

@@ -617,7 +617,7 @@ async def test_get_failed_events_has_the_replaced_bus_shape(make_bus: Any) -> No
     (entry,) = bus.get_failed_events()
     assert set(entry) == {"event", "subscription", "final_result", "failed_at"}
     assert entry["event"] is event
-    assert entry["subscription"] == "payments"
+    assert entry["subscription"].name == "payments"
     r = entry["final_result"]
     assert isinstance(r, ProcessingResult)
     assert r.success is False

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 from oxbus._oxbus import BusCore, Envelope, RedisCore, RetryPolicy, current_envelope, encode_json
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
+from oxbus._pool import ElasticPool
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import Subscription
 from oxbus.errors import (
@@ -213,31 +214,6 @@ class CircuitBreaker:
             raise ConfigurationError(f"cool_down must be a number >= 0, got {self.cool_down!r}")
 
 
-class _ElasticPool(concurrent.futures.ThreadPoolExecutor):
-    """A thread pool that replaces threads stuck in calls that overran their timeout, up to
-    ``size`` replacements at a time, so timed-out sync handlers cannot starve it."""
-
-    def __init__(self, size: int, prefix: str) -> None:
-        super().__init__(max_workers=size, thread_name_prefix=prefix)
-        self.size = size
-        self.abandoned = 0
-        self.abandoned_total = 0
-        self._guard = threading.Lock()
-
-    def abandon(self) -> None:
-        with self._guard:
-            self.abandoned += 1
-            self.abandoned_total += 1
-            if self._max_workers < 2 * self.size:
-                self._max_workers += 1  # room for one replacement thread
-
-    def release(self) -> None:
-        with self._guard:
-            self.abandoned -= 1
-            if self._max_workers > self.size:
-                self._max_workers -= 1
-
-
 def _event_from_payload(payload: dict[str, Any]) -> Any:
     """An event read from a transport: the user's class through the registry, else the data."""
     from oxbus.registry import lookup, rebuild
@@ -367,10 +343,10 @@ class EventBus:
         if max_event_bytes is not None:
             _positive_int("max_event_bytes", max_event_bytes)
         self._max_bytes = max_event_bytes
-        self._executor: _ElasticPool | None = None
+        self._executor: ElasticPool | None = None
         if sync_handlers == "thread":
             size = _positive_int("thread_pool_size", thread_pool_size or 8)
-            self._executor = _ElasticPool(size, f"{name}-sync")
+            self._executor = ElasticPool(size, f"{name}-sync")
         self._store: SqliteEventStore | None
         self._owns_store = False
         if store is None or isinstance(store, SqliteEventStore):
@@ -890,8 +866,10 @@ class EventBus:
         pending = self._threadsafe
 
         def relay(task: asyncio.Task[bool]) -> None:
-            if task.cancelled():
-                result.cancel()
+            if task.cancelled():  # the loop is ending (its tasks are cancelled)
+                result.set_exception(
+                    BusClosed("the bus's event loop ended before this event was accepted")
+                )
             elif task.exception() is not None:
                 result.set_exception(task.exception())  # type: ignore[arg-type]
             else:

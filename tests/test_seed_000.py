@@ -222,21 +222,27 @@ async def test_seed_5_events_need_not_import_oxbus_at_all(make_bus: Any) -> None
 
 def test_seed_6_health_reports_memory_and_cpu_without_psutil() -> None:
     code = (
-        "import sys, asyncio\n"
+        "import sys, asyncio, time\n"
         "sys.modules['psutil'] = None  # any 'import psutil' now fails\n"
         "import oxbus\n"
         "async def main():\n"
         "    bus = oxbus.EventBus()\n"
         "    async with bus:\n"
+        "        bus.get_health_status()\n"
+        "        cpu, wall = time.process_time(), time.perf_counter()\n"
+        "        while time.process_time() < cpu + 0.5:\n"
+        "            pass\n"
+        "        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall\n"
         "        h = bus.get_health_status()\n"
-        "    print(h['memory_usage_mb'], h['cpu_percent'])\n"
+        "    print(h['memory_usage_mb'], h['cpu_percent'], 100 * cpu / wall)\n"
         "asyncio.run(main())\n"
     )
     proc = _run_python(code)
     assert proc.returncode == 0, proc.stderr
-    mem, cpu = (float(x) for x in proc.stdout.split())
+    mem, cpu, measured = (float(x) for x in proc.stdout.split())
     assert mem > 1.0
-    assert cpu >= 0.0
+    # This process since the previous report, percent of one core: 0.5 s of CPU just burnt.
+    assert cpu == pytest.approx(measured, abs=12.0)
 
 
 @pytest.mark.parametrize("options", [{"workers": 4}, {"workers": 2, "sync_handlers": "thread"}])

@@ -1395,13 +1395,18 @@ async def test_many_cancelled_publishers_leave_consistent_counts() -> None:
         assert len(cancelled) >= 40
         await bus.drain(timeout=10)
         assert len(handled) == len(set(handled))  # nothing twice
-        assert accepted <= set(handled)  # nothing accepted was lost
+        # Nothing accepted was lost. README ("Delivery") also promises that a cancelled publish
+        # was not accepted, i.e. set(handled) == accepted; the bus breaks that when a waiter
+        # that was already given room is cancelled (reported to the lead; the equality is
+        # asserted on branch h-tests-bugs).
+        assert accepted <= set(handled) <= set(tasks)
         s = bus.get_statistics()
         assert s["events_published"] == len(handled) == s["events_processed"]
         assert s["queue_size"] == 0 and s["blocked_publishers"] == 0
         # The bus still works.
         await bus.publish_many(Fi4Job(n) for n in range(1000, 1010))
         await bus.drain(timeout=10)
-        assert handled[-10:] == list(range(1000, 1010)) or set(range(1000, 1010)) <= set(handled)
+        assert len(handled) == s["events_processed"] + 10
+        assert sorted(handled[-10:]) == list(range(1000, 1010))
     finally:
         await bus.stop(timeout=5)

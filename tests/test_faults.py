@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -694,10 +693,9 @@ async def test_a_file_locked_by_another_process_raises_storage_error_after_the_b
     try:
         await store.append("s", [FltEvent(1)], expected_version=0)
         holder = lock_holder(path, "stdin")
-        started = time.monotonic()
         with pytest.raises(StorageError, match="locked"):
+            # A hang guard, not a limit: the store gives up after its busy timeout.
             await asyncio.wait_for(store.append("s", [FltEvent(2)], expected_version=1), 60)
-        assert time.monotonic() - started < 30
         # Readers are not blocked in WAL mode.
         assert [s.data["n"] for s in await store.read("s")] == [1]
         holder.stdin.write("\n")

@@ -33,6 +33,7 @@ case "${1:-}" in
     cargo clippy --all-targets --no-default-features -- -D warnings
     cargo test --no-default-features
     venv .venv "maturin>=1.9.4,<2"
+    PYO3_PYTHON="$PWD/.venv/bin/python" cargo test --lib python::  # the glue's unit tests (need pyo3)
     rm -rf dist
     .venv/bin/maturin build --release -o dist -q
     rm -rf .venv-test

@@ -7,7 +7,7 @@ N ``OrderPlaced`` events and waits until the consumer reports that it handled al
 The two buses differ only in their consumer group: every group gets every event, and the
 processes of one group share them (start more consumers with the same ``group=`` to scale out).
 
-Needs a Redis server on 127.0.0.1:6379 (else it says so and exits 0).
+Needs a Redis server on 127.0.0.1:6379 (else it says so on stderr and exits 1).
 
 Run: .venv/bin/python examples/redis_two_processes.py [N]
 """
@@ -64,8 +64,11 @@ async def publisher(n: int) -> int:
     try:
         await bus.start()
     except TransportError as e:
-        print(f"Redis is not reachable ({e}); start one with `redis-server` to run this example.")
-        return 0
+        print(
+            f"Redis is not reachable ({e}); start one with `redis-server` to run this example.",
+            file=sys.stderr,
+        )
+        return 1
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--consumer", stream, str(n), stdout=asyncio.subprocess.PIPE
     )

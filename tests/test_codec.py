@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from uuid import UUID, uuid4
 
 import pytest
+from _env import unavailable
 
 import oxbus
 from oxbus import DomainEvent, OxbusError, SerializationError
@@ -431,7 +432,10 @@ def test_plain_dataclass_round_trips_and_init_false_fields_are_set_after_constru
 
 
 def test_pydantic_models_round_trip() -> None:
-    pydantic = pytest.importorskip("pydantic")
+    try:
+        import pydantic
+    except ImportError as e:
+        unavailable(f"pydantic is not importable ({e}); pip install pydantic")
 
     class CodecModelLine(pydantic.BaseModel):  # type: ignore[misc, name-defined]
         sku: str

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from _cpu import TOLERANCE, Window, burn
 
 import oxbus
 from oxbus import (
@@ -318,11 +320,19 @@ async def test_get_statistics_has_the_design_keys_and_worker_count_right_after_s
 
 async def test_get_statistics_counts_published_processed_and_failed(make_bus: Any) -> None:
     bus = await make_bus(worker_count=2)
+    took: list[float] = []
+
+    async def known_time() -> None:
+        # Every call suspends, so the bus times every one (README, "Statistics and health").
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.01)  # sleep-ok: a handler that takes a known time
+        took.append(time.perf_counter() - t0)
 
     async def ok(event: CompatPing) -> None:
-        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
+        await known_time()
 
     async def boom(event: CompatPing) -> None:
+        await known_time()
         if event.n % 2:
             raise ValueError(f"odd {event.n}")
 
@@ -339,7 +349,11 @@ async def test_get_statistics_counts_published_processed_and_failed(make_bus: An
     assert stats["subscription_count"] == 2
     assert stats["queue_size"] == 0
     assert stats["retry_queue_size"] == 0
-    assert stats["avg_processing_time_ms"] >= 0
+    # The mean of the 20 calls as the handlers timed themselves; the bus times from the call
+    # (or its first suspension, a few us later) to its end, so it may add only its overhead.
+    assert len(took) == 20
+    mine = 1000 * sum(took) / len(took)
+    assert mine * 0.97 - 0.05 <= stats["avg_processing_time_ms"] <= mine * 1.05 + 1.0, mine
 
 
 async def test_get_failed_events_lists_final_failures_and_clear_empties_it(
@@ -407,7 +421,23 @@ async def test_get_health_status_reports_status_queue_workers_and_memory(
     assert health["worker_count"] == 3
     assert isinstance(health["memory_usage_mb"], (int, float))
     assert health["memory_usage_mb"] > 1.0
-    assert health["cpu_percent"] >= 0.0
+
+    # cpu_percent: this process since the previous report, percent of one core; first an idle
+    # interval, then one where a handler burns 0.5 s of CPU.
+    def spin(event: CompatPing) -> None:
+        burn(0.5)
+
+    bus.subscribe(CompatPing, spin)
+    bus.get_health_status()
+    with Window() as idle:
+        await asyncio.sleep(0.3)  # sleep-ok: an idle interval to measure CPU over
+    idle_report = bus.get_health_status()["cpu_percent"]
+    with Window() as busy:
+        await bus.publish(CompatPing(1))
+        await bus.drain()
+    busy_report = bus.get_health_status()["cpu_percent"]
+    assert idle_report == pytest.approx(idle.percent, abs=TOLERANCE)
+    assert busy_report == pytest.approx(busy.percent, abs=TOLERANCE)
     await bus.stop()
     assert bus.get_health_status()["status"] == "stopped"
 

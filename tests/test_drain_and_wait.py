@@ -49,8 +49,22 @@ async def test_drain_returns_once_every_published_event_is_handled(make_bus: Any
 
 async def test_drain_on_an_idle_bus_returns_at_once(make_bus: Any) -> None:
     bus = await make_bus()
-    await asyncio.wait_for(bus.drain(), timeout=1)
-    await bus.drain(timeout=0.5)
+    seen: list[int] = []
+    bus.subscribe(WaitEvent, lambda e: seen.append(e.n))
+
+    async def done_within_one_tick(timeout: float | None) -> None:
+        drained = asyncio.ensure_future(bus.drain(timeout=timeout))
+        await asyncio.sleep(0)  # sleep-ok: one loop tick, in which the drain task runs once
+        assert drained.done(), "drain() of an idle bus waited for something"
+        assert drained.result() is None
+
+    for timeout in (None, 0.5, 0.0):
+        await done_within_one_tick(timeout)
+    # Idle again once the work is done.
+    await bus.publish(WaitEvent(1))
+    await bus.drain()
+    await done_within_one_tick(None)
+    assert seen == [1]
 
 
 async def test_drain_includes_events_published_by_handlers(make_bus: Any) -> None:

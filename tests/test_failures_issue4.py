@@ -150,15 +150,13 @@ async def test_exponential_backoff_schedule_runs_on_the_manual_clock_instantly(
         raise ConnectionError("still down")
 
     bus.subscribe(Fi4Job, fails)
-    started = time.monotonic()
     await bus.publish(Fi4Job(1))
     await clock.drain(bus)
-    real = time.monotonic() - started
-    # Delays 0.5, 1, 2, then min(3, 4) = 3 and min(3, 8) = 3.
+    # Delays 0.5, 1, 2, then min(3, 4) = 3 and min(3, 8) = 3. The calls saw the manual clock
+    # at each deadline: a backoff slept on the loop's real timers would leave it at 0.0.
     assert [b - a for a, b in zip(times, times[1:])] == [0.5, 1.0, 2.0, 3.0, 3.0]
     assert times == [0.0, 0.5, 1.5, 3.5, 6.5, 9.5]
     assert clock.time() == 9.5
-    assert real < 5.0, f"9.5 s of backoff must not be waited out in real time (took {real:.1f}s)"
     assert bus.dead_letters.list()[0].attempts == 6
 
 
@@ -1395,13 +1393,18 @@ async def test_many_cancelled_publishers_leave_consistent_counts() -> None:
         assert len(cancelled) >= 40
         await bus.drain(timeout=10)
         assert len(handled) == len(set(handled))  # nothing twice
-        assert accepted <= set(handled)  # nothing accepted was lost
+        # Nothing accepted was lost. README ("Delivery") also promises that a cancelled publish
+        # was not accepted, i.e. set(handled) == accepted; the bus breaks that when a waiter
+        # that was already given room is cancelled (reported to the lead; the equality is
+        # asserted on branch h-tests-bugs).
+        assert accepted <= set(handled) <= set(tasks)
         s = bus.get_statistics()
         assert s["events_published"] == len(handled) == s["events_processed"]
         assert s["queue_size"] == 0 and s["blocked_publishers"] == 0
         # The bus still works.
         await bus.publish_many(Fi4Job(n) for n in range(1000, 1010))
         await bus.drain(timeout=10)
-        assert handled[-10:] == list(range(1000, 1010)) or set(range(1000, 1010)) <= set(handled)
+        assert len(handled) == s["events_processed"] + 10
+        assert sorted(handled[-10:]) == list(range(1000, 1010))
     finally:
         await bus.stop(timeout=5)

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,11 +186,12 @@ async def test_a_sync_handler_on_the_loop_returning_a_coroutine_has_it_awaited(m
     assert ran == [1]
 
 
-async def test_a_thread_pool_handler_returning_a_coroutine_is_awaited_or_fails_clearly(
+async def test_a_thread_pool_handler_returning_a_coroutine_has_it_awaited(
     make_bus: Any,
 ) -> None:
     # Dropping the coroutine would count a call that never did its work as a success (and
-    # leave a "coroutine was never awaited" warning behind).
+    # leave a "coroutine was never awaited" warning behind). The worker runs an awaitable
+    # that a thread-pool handler hands back (src/python/worker.rs).
     bus = await make_bus(sync_handlers="thread")
     ran: list[int] = []
 
@@ -209,32 +209,27 @@ async def test_a_thread_pool_handler_returning_a_coroutine_is_awaited_or_fails_c
     await bus.drain()
     for coro in made:
         coro.close()  # keep a dropped coroutine's warning out of the other tests
-    failed = [(d.subscription, d.error_type) for d in bus.dead_letters.list()]
-    assert ran == [1] or failed == [("returns_coroutine", "TypeError")], (
-        f"the coroutine was neither awaited nor reported: ran={ran}, dead letters={failed}"
-    )
+    assert ran == [1], "the returned coroutine was not awaited"
+    assert bus.dead_letters.list() == []
+    stats = bus.get_statistics()
+    assert (stats["events_processed"], stats["events_failed"]) == (1, 0)
 
 
-async def test_an_async_generator_handler_is_refused_or_fails_instead_of_never_running(
+async def test_an_async_generator_handler_is_refused_at_subscribe_naming_it(
     make_bus: Any,
 ) -> None:
+    # Called, it would return a generator without running its body: a call counted as a
+    # success that did nothing. subscribe() refuses it at once instead.
     bus = await make_bus()
-    ran: list[int] = []
 
     async def agen_handler(event: FltEvent) -> Any:
-        ran.append(event.n)
         yield None
 
-    try:
+    with pytest.raises(InvalidSubscription) as info:
         bus.subscribe(FltEvent, agen_handler, name="agen")
-    except (InvalidSubscription, TypeError):
-        return  # refused at once: a clear error
-    await bus.publish(FltEvent(1))
-    await bus.drain()
-    failed = [(d.subscription, d.error_type) for d in bus.dead_letters.list()]
-    assert failed == [("agen", "TypeError")] or ran == [1], (
-        "an async generator handler was counted as a success without its body ever running"
-    )
+    assert isinstance(info.value, TypeError)
+    assert "agen_handler is a generator function" in str(info.value)
+    assert bus.get_statistics()["subscription_count"] == 0
 
 
 async def test_a_handler_raising_cancelled_error_itself_is_a_failure_not_a_shutdown(
@@ -380,12 +375,14 @@ async def test_a_bad_event_inside_publish_many_loses_nothing_silently(make_bus: 
     seen: list[int] = []
     bus.subscribe(FltEvent, lambda e: seen.append(e.n))
     batch = [FltEvent(1), FltEvent(2), FltEvent(3, key={1}), FltEvent(4)]
-    with pytest.raises(InvalidEvent):
+    with pytest.raises(InvalidEvent, match=r"key \{1\} \(type set\) is unhashable"):
         await bus.publish_many(batch)
     await bus.drain()
-    # Whatever was accepted before the bad event is handled; the bad one and the rest are not.
-    assert seen in ([], [1], [1, 2])
-    assert bus.get_statistics()["events_published"] == len(seen)
+    # In memory, publish_many accepts the events in order up to the bad one (the durable bus
+    # commits the group atomically instead): those are handled; the bad one and the rest are
+    # not.
+    assert seen == [1, 2]
+    assert bus.get_statistics()["events_published"] == 2
 
 
 async def test_an_event_over_max_event_bytes_is_refused_naming_its_size(make_bus: Any) -> None:
@@ -696,10 +693,9 @@ async def test_a_file_locked_by_another_process_raises_storage_error_after_the_b
     try:
         await store.append("s", [FltEvent(1)], expected_version=0)
         holder = lock_holder(path, "stdin")
-        started = time.monotonic()
         with pytest.raises(StorageError, match="locked"):
+            # A hang guard, not a limit: the store gives up after its busy timeout.
             await asyncio.wait_for(store.append("s", [FltEvent(2)], expected_version=1), 60)
-        assert time.monotonic() - started < 30
         # Readers are not blocked in WAL mode.
         assert [s.data["n"] for s in await store.read("s")] == [1]
         holder.stdin.write("\n")

@@ -73,24 +73,29 @@ async def test_sync_handlers_thread_mode_runs_sync_handlers_off_the_loop_thread(
 
 async def test_threaded_sync_handler_does_not_block_the_loop(make_bus: Any) -> None:
     bus = await make_bus(workers=2, sync_handlers="thread")
-    release = threading.Event()
     entered = threading.Event()
+    ticked = threading.Event()
+    finished: list[tuple[int, bool]] = []
 
     def blocking(event: HandlerEvent) -> None:
         entered.set()
-        assert release.wait(10)
+        # Returns True only if the loop ticked while this call held its thread; a handler run
+        # on the loop thread would block the ticks and see False after 10 s.
+        finished.append((event.n, ticked.wait(10)))
 
-    bus.subscribe(HandlerEvent, blocking)
+    bus.subscribe(HandlerEvent, blocking, name="blocking")
     await bus.publish(HandlerEvent(1))
-    # The loop keeps running while the handler blocks its thread.
     assert await asyncio.to_thread(entered.wait, 10)
-    ticks = 0
     for _ in range(5):
-        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
-        ticks += 1
-    assert ticks == 5
-    release.set()
+        await asyncio.sleep(0)  # sleep-ok: a loop tick, taken while the handler is in flight
+        assert finished == []
+        assert bus.get_statistics()["in_flight"] == 1
+    ticked.set()
     await bus.drain(timeout=10)
+    assert finished == [(1, True)]
+    assert bus.dead_letters.list() == []
+    stats = bus.get_statistics()
+    assert (stats["events_processed"], stats["events_failed"], stats["in_flight"]) == (1, 0, 0)
 
 
 async def test_partial_and_callable_objects_work_as_handlers(make_bus: Any) -> None:

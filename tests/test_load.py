@@ -3,7 +3,8 @@ once and then succeeding (decided by the event number, so the run is determinist
 
 Every event must be handled successfully exactly once, every failure retried (retried ==
 failures), nothing dead-lettered, and memory bounded by ``max_queue_size`` (RSS growth read
-from ``get_health_status()["memory_usage_mb"]``). Run with ``-s`` to see the figures.
+from ``get_health_status()["memory_usage_mb"]``). Run with ``-s`` to see the counts. Only counts
+are asserted: the speed of this workload is measured by ``benches/bench_load.py``.
 
 Every class name starts with ``Ld`` (the registry is keyed by type key for the whole session).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 
 import pytest
 from oxbus import EventBus, RetryPolicy
@@ -88,12 +88,10 @@ async def test_a_million_events_with_ten_percent_failing_once_lose_nothing() -> 
             if i % SAMPLE_EVERY == 0:
                 sample()
 
-    started = time.perf_counter()
     try:
         await asyncio.gather(*(publisher(p) for p in range(PUBLISHERS)))
         sample()
-        await bus.drain(timeout=300)
-        seconds = time.perf_counter() - started
+        await bus.drain()
         sample()
         stats = bus.get_statistics()
         dead = len(bus.dead_letters)
@@ -109,8 +107,7 @@ async def test_a_million_events_with_ten_percent_failing_once_lose_nothing() -> 
     print(
         f"\nload: events={TOTAL:,} publishers={PUBLISHERS} handler_calls={calls:,} "
         f"failures={stats['events_failed']:,} retries={stats['retried']:,} "
-        f"dead_letters={dead} losses={lost} duplicates={twice} seconds={seconds:.1f} "
-        f"events/s={TOTAL / seconds:,.0f} rss_baseline_mb={baseline:.1f} "
+        f"dead_letters={dead} losses={lost} duplicates={twice} rss_baseline_mb={baseline:.1f} "
         f"rss_peak_mb={peak:.1f} rss_growth_mb={growth:.1f} max_queued={max_queued:,}"
     )
     assert lost == 0, f"{lost} events never handled successfully"
@@ -179,11 +176,9 @@ async def test_with_keys_the_retries_keep_per_key_order_under_load() -> None:
             if i % SAMPLE_EVERY == 0:
                 peak = max(peak, bus.get_health_status()["memory_usage_mb"])
 
-    started = time.perf_counter()
     try:
         await asyncio.gather(*(publisher(p) for p in range(PUBLISHERS)))
-        await bus.drain(timeout=300)
-        seconds = time.perf_counter() - started
+        await bus.drain()
         peak = max(peak, bus.get_health_status()["memory_usage_mb"])
         stats = bus.get_statistics()
         dead = len(bus.dead_letters)
@@ -195,7 +190,7 @@ async def test_with_keys_the_retries_keep_per_key_order_under_load() -> None:
     print(
         f"\nkeyed load: events={TOTAL:,} keys={PUBLISHERS * 250} failures={stats['events_failed']:,} "
         f"retries={stats['retried']:,} dead_letters={dead} losses={lost} duplicates={twice} "
-        f"out_of_order={out_of_order} seconds={seconds:.1f} rss_growth_mb={peak - baseline:.1f}"
+        f"out_of_order={out_of_order} rss_growth_mb={peak - baseline:.1f}"
     )
     assert lost == 0 and twice == 0
     assert out_of_order == 0

@@ -2,6 +2,7 @@
 "memory: bounded by max_queue_size").
 
 The run happens in a fresh interpreter so its peak RSS (``ru_maxrss``) belongs to it alone.
+Only memory and counts are asserted; the time it takes is no part of the promise.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r"""
 import asyncio, json, resource, sys
@@ -82,10 +85,9 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.timeout(900)  # a hang guard for a slow (debug) build, not a time budget
 def test_a_million_events_with_max_queue_size_1000_keep_memory_bounded() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=110
-    )
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["handled"] == 1_005_000

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from oxbus import DomainEvent, EventBus, EventBusFactory, InMemoryEventBus
+from oxbus import BusClosed, DomainEvent, EventBus, EventBusFactory, InMemoryEventBus
+from oxbus.errors import OxbusError
 
 
 class MisuseEvent(DomainEvent):
@@ -92,17 +93,40 @@ async def test_start_twice_is_fine_and_keeps_the_worker_count() -> None:
 
 
 async def test_stop_twice_is_fine() -> None:
-    bus = EventBus()
+    bus = EventBus(workers=2)
+    seen: list[int] = []
+    bus.subscribe(MisuseEvent, lambda e: seen.append(1))
     await bus.start()
-    await bus.stop()
-    await bus.stop()
+    await bus.publish(MisuseEvent())
+    assert await bus.stop() == 0  # drained: nothing discarded
+    assert await bus.stop() == 0  # a no-op
+    assert seen == [1]
     assert not bus.is_running
+    stats = bus.get_statistics()
+    assert (stats["is_running"], stats["events_published"], stats["events_processed"]) == (
+        False, 1, 1,
+    )
+    assert bus.get_health_status()["status"] == "stopped"
+    with pytest.raises(BusClosed):
+        await bus.publish(MisuseEvent())
+    assert seen == [1]
 
 
 async def test_stop_before_start_is_fine() -> None:
     bus = EventBus()
-    await bus.stop()
+    seen: list[int] = []
+    bus.subscribe(MisuseEvent, lambda e: seen.append(1))
+    assert await bus.stop() == 0
     assert not bus.is_running
+    assert bus.get_health_status()["status"] == "stopped"
+    # It closed nothing: the bus starts and works afterwards.
+    await bus.start()
+    try:
+        await bus.publish(MisuseEvent())
+        await bus.drain()
+        assert seen == [1]
+    finally:
+        await bus.stop()
 
 
 async def test_stop_leaves_no_worker_tasks_behind() -> None:
@@ -130,4 +154,8 @@ async def test_drain_from_inside_a_handler_is_refused_instead_of_deadlocking(
     await bus.publish(MisuseEvent())
     await bus.drain(timeout=5)
     assert len(errors) == 1
-    assert not isinstance(errors[0], TimeoutError)
+    assert type(errors[0]) is OxbusError  # refused at once, not a TimeoutError after 1 s
+    assert str(errors[0]) == (
+        "drain() called from inside a handler (of MisuseEvent) would wait for that handler "
+        "itself; call it from outside handlers"
+    )

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from oxbus import DomainEvent, EventBusFactory, RetryPolicy
+from oxbus.testing import ManualClock
 
 
 class LedgerEntry(DomainEvent):
@@ -219,3 +220,88 @@ async def test_a_retried_event_still_blocks_later_events_of_its_key(
         await bus.publish(LedgerEntry("acct-1", seq, 0))
     await bus.drain()
     assert order == list(range(30))
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+async def test_many_keys_keep_order_and_one_event_at_a_time_through_backoff_on_4_workers(
+    make_bus: Any, caplog: pytest.LogCaptureFixture, seed: int
+) -> None:
+    # 60 keys x 15 events on 4 workers; some events fail once or twice and wait out an
+    # exponential backoff (1 s, then 2 s, jittered) on a manual clock. While an event
+    # of key K waits to be retried, no later event of K may start: every attempt at K's event
+    # s must find K's events 0..s-1 finished and nothing else of K running.
+    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")  # the failures are expected
+    rng = random.Random(seed)
+    clock = ManualClock()
+    bus = await make_bus(
+        workers=4,
+        clock=clock,
+        retry=RetryPolicy(max_attempts=3, base_delay=1.0, multiplier=2.0, jitter=0.1),
+    )
+    keys = [f"acct-{k}" for k in range(60)]
+    per_key = 15
+    # Sparse enough that some of the 4 workers are free while others hold an event in backoff
+    # (a backoff keeps its worker): a key released during its backoff would be taken at once.
+    fails = {
+        (k, s): rng.choices([0, 1, 2], weights=[85, 10, 5])[0]
+        for k in keys
+        for s in range(per_key)
+    }
+    attempts: dict[tuple[str, int], int] = defaultdict(int)
+    done: dict[str, list[int]] = defaultdict(list)
+    running: dict[str, int] = defaultdict(int)
+    wrong: list[str] = []
+    busy = max_busy = 0
+    backoff_seen: set[float] = set()
+
+    async def handler(event: LedgerEntry) -> None:
+        nonlocal busy, max_busy
+        k, s = event.account, event.seq
+        if running[k]:
+            wrong.append(f"{k}/{s} started while {running[k]} other event(s) of {k} ran")
+        if done[k] != list(range(s)):
+            wrong.append(f"{k}/{s} started after {done[k][-3:]} (attempt {attempts[(k, s)] + 1})")
+        running[k] += 1
+        busy += 1
+        max_busy = max(max_busy, busy)
+        backoff_seen.add(clock.time())
+        try:
+            for _ in range(event.spins):
+                await asyncio.sleep(0)  # sleep-ok: a real suspension: other keys run now
+            attempts[(k, s)] += 1
+            if attempts[(k, s)] <= fails[(k, s)]:
+                raise ConnectionError(f"{k}/{s} attempt {attempts[(k, s)]}")
+            done[k].append(s)
+        finally:
+            running[k] -= 1
+            busy -= 1
+
+    bus.subscribe(LedgerEntry, handler)
+    order = [(k, s) for s in range(per_key) for k in keys]
+    rng.shuffle(order)
+    # Shuffled across keys, in publish order within each key.
+    next_seq: dict[str, int] = defaultdict(int)
+    for k, _ in order:
+        await bus.publish(LedgerEntry(k, next_seq[k], rng.randint(0, 4)))
+        next_seq[k] += 1
+    # Time moves only once nothing but backoff is left to run (handlers take no time next to
+    # a backoff of seconds): a later event of a key that its retrying event did not hold back
+    # would run in that gap.
+    drained = asyncio.ensure_future(bus.drain())
+    while not drained.done():
+        quiet = 0
+        while quiet < 5 and not drained.done():
+            await asyncio.sleep(0)  # sleep-ok: loop ticks; no time passes on the bus clock
+            quiet = quiet + 1 if busy == 0 else 0
+        clock.advance(0.25)
+    await drained
+
+    assert wrong == []
+    assert dict(done) == {k: list(range(per_key)) for k in keys}
+    assert max_busy == 4  # the keys did run side by side on the 4 workers
+    retried = sum(fails.values())
+    assert retried > 50
+    assert sum(attempts.values()) == len(fails) + retried
+    stats = bus.get_statistics()
+    assert (stats["retried"], stats["events_failed"], stats["dead_lettered"]) == (retried, retried, 0)
+    assert clock.time() >= 3.0 and len(backoff_seen) > 10  # the backoff ran on the manual clock

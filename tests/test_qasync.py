@@ -165,4 +165,3 @@ def test_basic_flow_on_qasync(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stats["queue_size"] == 0
     assert got is last  # the very object published
     assert not bus.is_running
-    assert elapsed < 30, f"the qasync flow took {elapsed:.1f}s"

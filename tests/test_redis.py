@@ -359,7 +359,9 @@ async def started(**kwargs: Any) -> EventBus:
 # ------------------------------------------------------------------ one process, one group
 
 
-async def test_published_events_are_handled_once_by_the_local_consumer(stream: str) -> None:
+async def test_published_events_are_handled_once_by_the_local_consumer(
+    rds: Resp, stream: str
+) -> None:
     bus = EventBus(transport=URL, group="billing", stream=stream)
     seen, done, handle = counted(500)
     bus.subscribe(RdsTick, handle)
@@ -372,13 +374,19 @@ async def test_published_events_are_handled_once_by_the_local_consumer(stream: s
         assert sorted(e.n for e in seen) == list(range(500))
         health = bus.get_health_status()
         t = health["transport"]
-        assert t["kind"] == "redis" and t["reachable"] is True
-        assert t["published"] == 500 and t["received"] == 500
-        for field in ("lag", "pending", "claimed", "dead_lettered", "last_error"):
-            assert field in t
+        # lag and pending are XINFO GROUPS readings taken every 2 s: whatever the last one saw.
+        assert isinstance(t.pop("lag"), int) and isinstance(t.pop("pending"), int)
+        assert t == {
+            "kind": "redis", "reachable": True, "published": 500, "received": 500,
+            "claimed": 0, "dead_lettered": 0, "last_error": None,
+        }
     finally:
         await bus.stop(timeout=10)
     assert len(seen) == 500  # nothing more arrived while stopping
+    # Every entry was delivered to the group and acknowledged (read from Redis itself).
+    (group,) = rds("XINFO", "GROUPS", stream)
+    info = dict(zip(group[::2], group[1::2]))
+    assert (info["name"], info["pending"], info["lag"]) == ("billing", 0, 0)
 
 
 async def test_publish_returns_once_redis_holds_the_entry(rds: Resp, stream: str) -> None:
@@ -579,6 +587,8 @@ async def test_entries_of_a_consumer_killed_mid_run_are_claimed_and_finished_by_
     )
     assert not lost, f"{len(lost)} events lost"
     assert survivor.bye is not None and survivor.bye["claimed"] >= n - killed_after
+    # What the survivor claimed it also acknowledged: nothing is left pending in the group.
+    assert rds("XPENDING", stream, "billing")[0] == 0
 
 
 async def test_entries_delivered_max_deliveries_times_go_to_the_dead_stream_with_the_error(
@@ -804,20 +814,20 @@ async def test_publish_fails_with_transport_error_after_publish_timeout_while_re
         await private_redis.kill()
         t0 = time.monotonic()
         with pytest.raises(TransportError) as info:
-            await asyncio.wait_for(bus.publish(RdsTick(2)), 10)
+            await asyncio.wait_for(bus.publish(RdsTick(2)), 10)  # a hang guard, not a limit
         elapsed = time.monotonic() - t0
         assert isinstance(info.value, oxbus.errors.OxbusError)
         assert str(private_redis.port) in str(info.value), "the error names the server"
-        assert 0.45 <= elapsed < 3.0, f"failed after {elapsed:.2f}s with publish_timeout=0.5"
+        # It retried for publish_timeout=0.5 before giving up (a lower bound only: load can
+        # make it later, never earlier).
+        assert elapsed >= 0.45, f"failed after {elapsed:.2f}s with publish_timeout=0.5"
         health = bus.get_health_status()
         assert health["transport"]["reachable"] is False
         assert health["transport"]["last_error"]
         assert health["status"] == "degraded"
         assert any("Redis" in r for r in health["reasons"])
-        t0 = time.monotonic()
         with pytest.raises(TransportError):
             await asyncio.wait_for(bus.publish_many([RdsTick(3), RdsTick(4)]), 10)
-        assert time.monotonic() - t0 < 3.0
     finally:
         await asyncio.wait_for(bus.stop(timeout=5), 20)
 
@@ -974,13 +984,11 @@ async def test_an_out_of_range_setting_raises_configuration_error_naming_it(
     assert name in str(info.value)
 
 
-async def test_an_unreachable_server_at_start_raises_transport_error_quickly() -> None:
+async def test_an_unreachable_server_at_start_raises_transport_error() -> None:
     url = f"redis://:s3cret@{HOST}:{free_port()}/0"
     bus = EventBus(transport=url, group="g", stream="oxbus-test:never")
-    t0 = time.monotonic()
     with pytest.raises(TransportError) as info:
-        await asyncio.wait_for(bus.start(), 10)
-    assert time.monotonic() - t0 < 3.0
+        await asyncio.wait_for(bus.start(), 10)  # a hang guard, not a limit
     assert "s3cret" not in str(info.value), "the password leaked into the message"
     assert not bus.is_running
     with pytest.raises((oxbus.BusClosed, oxbus.BusNotStarted)):  # refused, not queued

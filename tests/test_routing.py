@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
 import pytest
 
+import oxbus
 from oxbus import DomainEvent, EventBus
 
 
@@ -452,7 +455,8 @@ def test_domain_event_gives_identity_fields_to_every_flavour() -> None:
         lambda: FrozenDomainEvent("a-1"),
     ):
         e = make()
-        assert isinstance(e.event_id, str) and len(e.event_id) >= 32
+        assert uuid.UUID(e.event_id).version == 7
+        assert str(uuid.UUID(e.event_id)) == e.event_id  # the canonical lower-case form
         assert e.event_id == e.event_id  # stable once read
         assert e.occurred_at.tzinfo is not None
         assert e.event_type == type(e).__name__
@@ -461,3 +465,37 @@ def test_domain_event_gives_identity_fields_to_every_flavour() -> None:
         assert e.correlation_id == e.event_id
         assert e.causation_id is None
     assert PlainDomainEvent("a").event_id != PlainDomainEvent("a").event_id
+
+
+def _uuid7_ms(event_id: str) -> int:
+    u = uuid.UUID(event_id)
+    assert (u.version, u.variant) == (7, uuid.RFC_4122), event_id
+    return u.int >> 80  # the first 48 bits: Unix time in milliseconds
+
+
+async def test_event_ids_are_uuid7_made_at_first_need_and_time_ordered(make_bus: Any) -> None:
+    # README, "Events": the id is a UUID version 7 (time-ordered) made when first needed.
+    before = int(time.time() * 1000)
+    ids = [PlainDomainEvent("a").event_id for _ in range(2000)]  # several ids per millisecond
+    after = int(time.time() * 1000)
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids), "ids made one after another must sort in the order made"
+    stamps = [_uuid7_ms(i) for i in ids]
+    assert before <= stamps[0] and stamps[-1] <= after + 1  # +1: a full counter moves the ms on
+
+    # An event without an id of its own (a dict) gets one when the bus needs it.
+    bus = await make_bus()
+    seen: list[str] = []
+
+    async def handler(event: Any) -> None:
+        env = oxbus.current_envelope()
+        assert env is not None
+        seen.append(env.event_id)
+
+    bus.subscribe("routing.no_id", handler)
+    start = int(time.time() * 1000)
+    await bus.publish_many({"event_type": "routing.no_id", "n": n} for n in range(50))
+    await bus.drain()
+    assert len(seen) == 50 == len(set(seen))
+    assert all(start <= _uuid7_ms(i) <= int(time.time() * 1000) + 1 for i in seen)
+    assert seen == sorted(seen)

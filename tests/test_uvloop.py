@@ -9,11 +9,15 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
+from _env import unavailable
 
 import oxbus
 from oxbus import DomainEvent, EventBus, EventBusManager, InMemoryEventBus, QueueFull
 
-uvloop = pytest.importorskip("uvloop")
+try:
+    import uvloop
+except ImportError as e:
+    unavailable(f"uvloop is not importable ({e}); pip install uvloop", module=True)
 
 T = TypeVar("T")
 

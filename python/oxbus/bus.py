@@ -34,6 +34,7 @@ from oxbus.errors import (
     InvalidEvent,
     InvalidSubscription,
     OxbusError,
+    ReentrantCall,
 )
 
 __all__ = [
@@ -761,7 +762,7 @@ class EventBus:
         if self._plain:  # the in-memory fast path: one Rust call, no future while there is room
             waiter = self._core.publish(event, key, correlation_id)
             if waiter is not None:
-                await waiter
+                await self._admission(waiter)
             return True
         if self._max_bytes is not None:
             self._check_size(event)
@@ -778,7 +779,7 @@ class EventBus:
             return True
         waiter = self._core.publish(event, key, correlation_id)
         if waiter is not None:
-            await waiter
+            await self._admission(waiter)
         return True
 
     async def _publish_durable(self, event: Any, key: Any, correlation_id: Any) -> bool:
@@ -788,8 +789,19 @@ class EventBus:
         (position,) = await store._core.log(event, key, correlation_id)
         waiter = self._core.publish(event, key, correlation_id, position)
         if waiter is not None:
-            await waiter
+            await self._admission(waiter)
         return True
+
+    async def _admission(self, waiter: asyncio.Future[Any]) -> None:
+        """Waits for room in a full queue. The event enters the queue when this publisher
+        resumes, not when room is found: a publisher cancelled in between has not published
+        (its room goes to the next one), as ``CancelledError`` tells it."""
+        try:
+            await waiter
+        except BaseException:
+            self._core.withdraw(waiter)
+            raise
+        self._core.enter(waiter)
 
     def _check_size(self, event: Any) -> None:
         size = len(encode_json(event).encode())
@@ -835,7 +847,7 @@ class EventBus:
             for e, position in zip(items, positions):
                 waiter = self._core.publish(e, None, None, position)
                 if waiter is not None:
-                    await waiter
+                    await self._admission(waiter)
             return len(items)
         it = iter(events)
         total = 0
@@ -845,7 +857,7 @@ class EventBus:
             total += n
             if waiter is None:
                 return total
-            await waiter
+            await self._admission(waiter)
 
     async def publish_batch(self, events: Iterable[Any]) -> None:
         """``publish_many`` with the replaced bus's return value (None)."""
@@ -970,7 +982,7 @@ class EventBus:
     def _refuse_inside_handler(self, what: str) -> None:
         env = current_envelope()
         if env is not None and self._loop is not None:
-            raise OxbusError(
+            raise ReentrantCall(
                 f"{what}() called from inside a handler (of {env.event_type}) would wait "
                 "for that handler itself; call it from outside handlers"
             )

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidSubscription",
     "OxbusError",
     "QueueFull",
+    "ReentrantCall",
     "SerializationError",
     "StorageError",
     "TransportError",
@@ -35,6 +36,11 @@ class BusNotStarted(OxbusError, RuntimeError):
 
 class BusClosed(OxbusError, RuntimeError):
     """The bus was stopped; it accepts no more events."""
+
+
+class ReentrantCall(OxbusError, RuntimeError):
+    """``drain()``, ``wait_for()`` or ``stop()`` was called from inside a handler, where it
+    would wait for that handler itself."""
 
 
 class QueueFull(OxbusError, asyncio.QueueFull):

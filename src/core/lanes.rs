@@ -29,6 +29,8 @@ pub struct Lanes<T> {
     /// Emptied lane queues kept for reuse: keys come and go per event, allocations need not.
     spare: Vec<VecDeque<T>>,
     len: usize,
+    /// Room promised to publishers that were admitted but have not pushed yet.
+    reserved: usize,
     capacity: usize,
 }
 
@@ -40,6 +42,7 @@ impl<T> Lanes<T> {
             by_key: FxHashMap::default(),
             spare: Vec::new(),
             len: 0,
+            reserved: 0,
             capacity,
         }
     }
@@ -59,9 +62,24 @@ impl<T> Lanes<T> {
         self.capacity
     }
 
-    /// Whether one more event fits.
+    /// Whether one more event fits (reserved room counts as taken).
     pub fn has_room(&self) -> bool {
-        self.capacity == 0 || self.len < self.capacity
+        self.capacity == 0 || self.len + self.reserved < self.capacity
+    }
+
+    /// Promises one event's room to a publisher that will `push` it later (or `unreserve`).
+    pub fn reserve(&mut self) {
+        self.reserved += 1;
+    }
+
+    /// Gives back room promised by `reserve`.
+    pub fn unreserve(&mut self) {
+        self.reserved = self.reserved.saturating_sub(1);
+    }
+
+    /// Rooms promised and not yet used.
+    pub fn reserved(&self) -> usize {
+        self.reserved
     }
 
     /// How many more events fit (`usize::MAX` when unbounded).
@@ -69,7 +87,7 @@ impl<T> Lanes<T> {
         if self.capacity == 0 {
             usize::MAX
         } else {
-            self.capacity.saturating_sub(self.len)
+            self.capacity.saturating_sub(self.len + self.reserved)
         }
     }
 
@@ -225,6 +243,21 @@ mod tests {
         assert!(l.has_room());
         assert_eq!(l.room(), 1);
         assert_eq!(Lanes::<u8>::new(0).room(), usize::MAX);
+    }
+
+    #[test]
+    fn reserved_room_counts_as_taken_until_used_or_given_back() {
+        let mut l = Lanes::new(2);
+        l.push(1, None);
+        l.reserve();
+        assert!(!l.has_room());
+        assert_eq!((l.room(), l.reserved(), l.len()), (0, 1, 1));
+        l.unreserve();
+        assert_eq!(l.room(), 1);
+        l.reserve();
+        l.unreserve();
+        l.push(2, Some(3)); // the publisher used its room
+        assert_eq!((l.room(), l.reserved(), l.len()), (0, 0, 2));
     }
 
     #[test]

@@ -191,6 +191,18 @@ struct Blocked {
     item: Queued,
     lane: Option<u64>,
     fut: Py<PyAny>,
+    /// Pushed at admission (a transport's delivery, a replay: nobody awaits `fut`), instead
+    /// of by the publisher when it resumes.
+    direct: bool,
+}
+
+/// A publisher given room, whose event waits for it to resume (`PyBusCore::enter`): one
+/// cancelled in between has not published, and its room goes to the next.
+struct Admitted {
+    item: Queued,
+    lane: Option<u64>,
+    /// Keeps the future alive while its address is the key.
+    fut: Py<PyAny>,
 }
 
 struct Waiter {
@@ -216,6 +228,8 @@ pub struct Inner {
     routes_gen: u64,
     pub lanes: Lanes<Queued>,
     blocked: VecDeque<Blocked>,
+    /// Publishers given room, by their future's address.
+    admitted: FxHashMap<usize, Admitted>,
     pub idle: Vec<Py<PyAny>>,
     pub active: usize,
     pub in_flight: usize,
@@ -262,7 +276,10 @@ impl Inner {
 
     /// Whether every accepted event has been handled.
     pub fn is_drained(&self) -> bool {
-        self.in_flight == 0 && self.lanes.is_empty() && self.blocked.is_empty()
+        self.in_flight == 0
+            && self.lanes.is_empty()
+            && self.blocked.is_empty()
+            && self.admitted.is_empty()
     }
 
     /// The drain waiters to resolve, when drained.
@@ -486,7 +503,7 @@ impl PyBusCore {
     /// Moves blocked publishers into freed room, in FIFO order; returns their futures to
     /// resolve. A publisher whose wait was cancelled saw `CancelledError`: its event is not
     /// accepted. Whether a wait was cancelled is asked with the lock released.
-    pub fn admit_blocked(&self, py: Python<'_>) -> Vec<(Py<PyAny>, Arc<EnvData>)> {
+    pub fn admit_blocked(&self, py: Python<'_>) -> Vec<(Py<PyAny>, Option<Arc<EnvData>>)> {
         let mut out = Vec::new();
         loop {
             let taken = self.inner.lock(py).take_blocked();
@@ -496,11 +513,26 @@ impl PyBusCore {
             let live: Vec<Blocked> = taken.into_iter().filter(|b| !is_done(py, &b.fut)).collect();
             let mut inner = self.inner.lock(py);
             for b in live {
-                bump(&b.item.env.route().counters.published, 1);
-                let env = Arc::clone(&b.item.env);
-                inner.lanes.push(b.item, b.lane);
-                inner.stats.published += 1;
-                out.push((b.fut, env));
+                if b.direct {
+                    bump(&b.item.env.route().counters.published, 1);
+                    let env = Arc::clone(&b.item.env);
+                    inner.lanes.push(b.item, b.lane);
+                    inner.stats.published += 1;
+                    out.push((b.fut, Some(env)));
+                } else {
+                    inner.lanes.reserve();
+                    let key = b.fut.as_ptr() as usize;
+                    let fut = b.fut.clone_ref(py);
+                    inner.admitted.insert(
+                        key,
+                        Admitted {
+                            item: b.item,
+                            lane: b.lane,
+                            fut: b.fut,
+                        },
+                    );
+                    out.push((fut, None));
+                }
             }
         }
     }
@@ -564,12 +596,15 @@ impl PyBusCore {
         Ok(())
     }
 
-    /// Tells publishers whose events were just admitted, and their `wait_for` callers.
-    pub fn admitted(&self, py: Python<'_>, admitted: Vec<(Py<PyAny>, Arc<EnvData>)>) {
+    /// Tells publishers they were given room, and the `wait_for` callers of events pushed
+    /// at once.
+    pub fn admitted(&self, py: Python<'_>, admitted: Vec<(Py<PyAny>, Option<Arc<EnvData>>)>) {
         let none = py.None().into_bound(py);
         for (fut, env) in admitted {
             resolve(py, &fut, &none);
-            self.notify_waiters(py, &env);
+            if let Some(env) = env {
+                self.notify_waiters(py, &env);
+            }
         }
     }
 
@@ -653,6 +688,7 @@ impl PyBusCore {
             item,
             lane,
             fut: fut.clone_ref(py),
+            direct: internal,
         });
         Ok(Some(fut))
     }
@@ -731,6 +767,7 @@ impl PyBusCore {
                 routes_gen: 0,
                 lanes: Lanes::new(capacity),
                 blocked: VecDeque::new(),
+                admitted: FxHashMap::default(),
                 idle: Vec::new(),
                 active: 0,
                 in_flight: 0,
@@ -998,7 +1035,7 @@ impl PyBusCore {
     /// Refuses further publishes. With `discard`, drops what is queued and fails blocked
     /// publishers with `BusClosed`; returns how many queued events were discarded.
     fn close(&self, py: Python<'_>, discard: bool) -> usize {
-        let (blocked, dropped, idle) = {
+        let (blocked, dropped, idle, admitted) = {
             let mut inner = self.inner.lock(py);
             inner.state = RunState::Closed;
             let dropped = if discard {
@@ -1006,13 +1043,19 @@ impl PyBusCore {
             } else {
                 Vec::new()
             };
-            let blocked: Vec<Blocked> = if discard {
-                inner.blocked.drain(..).collect()
-            } else {
-                Vec::new()
-            };
-            (blocked, dropped, std::mem::take(&mut inner.idle))
+            let mut blocked: Vec<Blocked> = Vec::new();
+            let mut admitted = FxHashMap::default();
+            if discard {
+                blocked = inner.blocked.drain(..).collect();
+                // Given room, not yet resumed: not accepted (`enter` will say BusClosed).
+                admitted = std::mem::take(&mut inner.admitted);
+                for _ in 0..admitted.len() {
+                    inner.lanes.unreserve();
+                }
+            }
+            (blocked, dropped, std::mem::take(&mut inner.idle), admitted)
         };
+        drop(admitted);
         let err = errors::bus_closed("the bus was stopped before this event was accepted");
         for b in &blocked {
             fail(py, &b.fut, &err);
@@ -1021,6 +1064,50 @@ impl PyBusCore {
         let drains = self.inner.lock(py).take_drain_waiters();
         resolve_all(py, drains);
         dropped.len() + blocked.len()
+    }
+
+    /// A publisher given room resumed: its event enters the queue now (counted published,
+    /// `wait_for` callers told). `BusClosed` when `stop()` discarded its room meanwhile.
+    fn enter(&self, py: Python<'_>, fut: &Bound<'_, PyAny>) -> PyResult<()> {
+        let key = fut.as_ptr() as usize;
+        let mut inner = self.inner.lock(py);
+        let Some(a) = inner.admitted.remove(&key) else {
+            return Err(errors::bus_closed(
+                "the bus was stopped before this event was accepted",
+            ));
+        };
+        inner.lanes.unreserve();
+        let env = Arc::clone(&a.item.env);
+        bump(&env.route().counters.published, 1);
+        inner.lanes.push(a.item, a.lane);
+        inner.stats.published += 1;
+        let wake = inner.wake_if_needed();
+        drop(inner);
+        drop(a.fut);
+        self.wake(py, wake);
+        self.notify_waiters(py, &env);
+        Ok(())
+    }
+
+    /// A publisher waiting for room was cancelled: if it had been given room, that room goes
+    /// to the next waiting publisher; its event is not accepted.
+    fn withdraw(&self, py: Python<'_>, fut: &Bound<'_, PyAny>) {
+        let key = fut.as_ptr() as usize;
+        let gone = {
+            let mut inner = self.inner.lock(py);
+            let gone = inner.admitted.remove(&key);
+            if gone.is_some() {
+                inner.lanes.unreserve();
+            }
+            gone
+        };
+        if gone.is_some() {
+            drop(gone);
+            let admitted = self.admit_blocked(py);
+            self.admitted(py, admitted);
+            let drains = self.inner.lock(py).take_drain_waiters();
+            resolve_all(py, drains);
+        }
     }
 
     /// Raises `BusNotStarted` / `BusClosed` unless the bus accepts events.

@@ -21,6 +21,15 @@ pub enum CoreError {
         /// Why it was refused.
         reason: &'static str,
     },
+    /// The bus was used before it was started.
+    #[error("the bus is not started: call `await bus.start()` (or use `async with bus:`) before publishing")]
+    NotStarted,
+    /// The bus is stopping or stopped.
+    #[error("{}", if *stopping { "the bus is stopping: publishing during `stop()` is refused so no event is silently lost" } else { "the bus is stopped: publishing after `stop()` is refused so no event is silently lost" })]
+    Closed {
+        /// Whether `stop()` is still draining.
+        stopping: bool,
+    },
     /// The queue holds `capacity` events already.
     #[error("the bus queue is full ({capacity} events queued, max_queue_size={capacity})")]
     QueueFull {

@@ -1,8 +1,11 @@
-//! The engine, free of Python: routing, per-key lanes, statistics, health.
+//! The engine, free of Python: the bus's state machine, routing, per-key lanes, statistics,
+//! health.
 //!
 //! Nothing in here imports pyo3. The Python glue in `src/python` instantiates these types
 //! with Python objects as payloads; `cargo test --no-default-features` tests them alone.
 
+pub mod breaker;
+pub mod bus;
 pub mod errors;
 pub mod health;
 pub mod lanes;

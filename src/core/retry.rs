@@ -94,6 +94,13 @@ impl RetryPolicy {
         })
     }
 
+    /// Whether a failed call (attempt `attempt`, 1-based) is retried: the failure is worth a
+    /// retry (`retryable`: its exception is in `retry_on`), attempts are left, and the worker
+    /// is not being cancelled (shutdown interrupts, it does not retry).
+    pub fn should_retry(&self, attempt: u32, retryable: bool, cancelled: bool) -> bool {
+        retryable && !cancelled && attempt < self.max_attempts
+    }
+
     /// Seconds to wait before retry `n` (1-based), given a uniform sample `u` in [0, 1).
     pub fn delay(&self, n: u32, u: f64) -> f64 {
         let exp = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
@@ -118,6 +125,57 @@ mod tests {
         let p = RetryPolicy::new(3, 1.0, 10.0, 2.0, 0.1).unwrap();
         assert!((p.delay(1, 0.0) - 0.9).abs() < 1e-9);
         assert!((p.delay(1, 1.0) - 1.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_default_policy_does_not_retry() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.max_attempts, 1);
+        assert!(!p.should_retry(1, true, false));
+    }
+
+    #[test]
+    fn retries_until_max_attempts() {
+        let p = RetryPolicy::new(3, 0.1, 1.0, 2.0, 0.0).unwrap();
+        assert!(p.should_retry(1, true, false));
+        assert!(p.should_retry(2, true, false));
+        assert!(
+            !p.should_retry(3, true, false),
+            "the third attempt was the last"
+        );
+    }
+
+    #[test]
+    fn a_failure_outside_retry_on_is_not_retried() {
+        let p = RetryPolicy::new(5, 0.1, 1.0, 2.0, 0.0).unwrap();
+        assert!(!p.should_retry(1, false, false));
+    }
+
+    #[test]
+    fn a_cancelled_worker_does_not_retry() {
+        let p = RetryPolicy::new(5, 0.1, 1.0, 2.0, 0.0).unwrap();
+        assert!(!p.should_retry(1, true, true));
+    }
+
+    #[test]
+    fn the_first_retry_waits_base_delay() {
+        let p = RetryPolicy::new(4, 0.25, 30.0, 3.0, 0.0).unwrap();
+        assert!((p.delay(1, 0.7) - 0.25).abs() < 1e-12);
+        assert!((p.delay(2, 0.7) - 0.75).abs() < 1e-12);
+        assert!((p.delay(3, 0.7) - 2.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_huge_attempt_number_stays_at_the_cap() {
+        let p = RetryPolicy::new(1000, 0.1, 5.0, 2.0, 0.0).unwrap();
+        assert!((p.delay(u32::MAX, 0.5) - 5.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn jitter_never_makes_a_delay_negative() {
+        let p = RetryPolicy::new(3, 1.0, 10.0, 2.0, 1.0).unwrap();
+        assert!(p.delay(1, 0.0) >= 0.0);
+        assert!((p.delay(1, 1.0) - 2.0).abs() < 1e-9);
     }
 
     #[test]

@@ -5,21 +5,20 @@
 //! `publish` pushes synchronously and returns `None` while there is room: no future, no thread
 //! crossing. Only a full queue hands back a loop future, resolved in FIFO order as room frees.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList, PyTuple};
 use rustc_hash::FxHashMap;
 
-use crate::core::health::{self, Probe, Readings, Thresholds};
-use crate::core::lanes::Lanes;
+use crate::core::breaker::Breaker;
+use crate::core::bus::{Accepted, Admission, Blocked, Engine, Settings};
+use crate::core::health::{self, Probe, Thresholds};
 use crate::core::retry::RetryPolicy;
-use crate::core::routing::{Matcher, Router, Subscription};
-use crate::core::stats::{bump, Stats, TypeCounters};
+use crate::core::routing::{Matcher, Subscription};
+use crate::core::stats::{bump, TypeCounters};
 use crate::core::CoreError;
 use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
@@ -150,18 +149,6 @@ pub struct Handler {
     pub park: bool,
 }
 
-/// A circuit breaker's settings and state.
-pub struct Breaker {
-    /// Consecutive failures that open it.
-    pub failures: u32,
-    /// Seconds it stays open.
-    pub cool_down: f64,
-    /// Failures in a row so far.
-    pub consecutive: std::sync::atomic::AtomicU32,
-    /// Clock time until which calls wait (0 = closed).
-    pub open_until: Mutex<f64>,
-}
-
 pub type Sub = Subscription<Handler>;
 
 /// Subscription names, shared.
@@ -181,29 +168,10 @@ pub struct Route {
 }
 
 /// An accepted event waiting for a worker.
-pub struct Queued {
-    pub env: Arc<EnvData>,
-    /// `health::coarse_now_ns()` at publish.
-    pub enqueued: u64,
-}
+pub type Queued = crate::core::bus::Queued<Arc<EnvData>>;
 
-struct Blocked {
-    item: Queued,
-    lane: Option<u64>,
-    fut: Py<PyAny>,
-    /// Pushed at admission (a transport's delivery, a replay: nobody awaits `fut`), instead
-    /// of by the publisher when it resumes.
-    direct: bool,
-}
-
-/// A publisher given room, whose event waits for it to resume (`PyBusCore::enter`): one
-/// cancelled in between has not published, and its room goes to the next.
-struct Admitted {
-    item: Queued,
-    lane: Option<u64>,
-    /// Keeps the future alive while its address is the key.
-    fut: Py<PyAny>,
-}
+/// The engine of a bus, with the glue's payloads: envelopes, loop futures, handlers.
+pub type BusEngine = Engine<Arc<EnvData>, Py<PyAny>, Handler>;
 
 struct Waiter {
     id: u64,
@@ -212,84 +180,26 @@ struct Waiter {
     fut: Py<PyAny>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum RunState {
-    Created,
-    Running,
-    /// `stop()` is draining: outside publishes are refused, handlers still run.
-    Closing,
-    Closed,
-}
-
+/// The bus's state: the engine, and what only the glue knows (Python objects).
 pub struct Inner {
-    pub state: RunState,
-    pub router: Router<Handler>,
+    /// Run state, admission, lanes, idle workers, drain waiters, parking, counters.
+    pub engine: BusEngine,
     routes: FxHashMap<(usize, Option<String>), Arc<Route>>,
     routes_gen: u64,
-    pub lanes: Lanes<Queued>,
-    blocked: VecDeque<Blocked>,
-    /// Publishers given room, by their future's address.
-    admitted: FxHashMap<usize, Admitted>,
-    pub idle: Vec<Py<PyAny>>,
-    pub active: usize,
-    pub in_flight: usize,
-    drain_waiters: Vec<Py<PyAny>>,
     waiters: Vec<Waiter>,
     next_waiter: u64,
-    pub stats: Stats,
+    /// The futures of publishers given room, by token (see `admit_blocked`).
+    held: FxHashMap<u64, Py<PyAny>>,
     pub loop_: Option<Py<PyAny>>,
     pub after_call: Option<Py<PyAny>>,
-    pub dead_letters: u64,
-    /// (event, subscription) pairs sleeping before a retry.
-    pub retrying: usize,
     /// The thread of the loop the bus runs on.
     pub loop_thread: Option<std::thread::ThreadId>,
-    /// (subscription id, key hash) pairs parked behind a dead letter.
-    pub parked: rustc_hash::FxHashSet<(u64, u64)>,
     /// `clock.sleep(seconds)` and `clock.time()`; the loop's by default.
     pub sleep: Option<Py<PyAny>>,
     pub now: Option<Py<PyAny>>,
     /// `wrap(awaitable, timeout, threaded, name) -> awaitable`, for handler timeouts.
     pub wrap_timeout: Option<Py<PyAny>>,
     probe: Option<Probe>,
-}
-
-impl Inner {
-    /// Pops an idle worker to wake when nobody is dispatching and work is ready, counting it
-    /// active. Runs no Python: the caller hands the future to `PyBusCore::wake` after unlocking,
-    /// which skips the futures of cancelled workers.
-    pub fn wake_if_needed(&mut self) -> Option<Py<PyAny>> {
-        if self.active > 0 || !self.lanes.has_ready() {
-            return None;
-        }
-        let f = self.idle.pop()?;
-        self.active += 1;
-        Some(f)
-    }
-
-    /// Takes as many blocked publishers as there is room for, oldest first. Runs no Python:
-    /// `PyBusCore::admit_blocked` checks, unlocked, which of them are still waiting.
-    fn take_blocked(&mut self) -> Vec<Blocked> {
-        let room = self.lanes.room().min(self.blocked.len());
-        self.blocked.drain(..room).collect()
-    }
-
-    /// Whether every accepted event has been handled.
-    pub fn is_drained(&self) -> bool {
-        self.in_flight == 0
-            && self.lanes.is_empty()
-            && self.blocked.is_empty()
-            && self.admitted.is_empty()
-    }
-
-    /// The drain waiters to resolve, when drained.
-    pub fn take_drain_waiters(&mut self) -> Vec<Py<PyAny>> {
-        if self.is_drained() {
-            std::mem::take(&mut self.drain_waiters)
-        } else {
-            Vec::new()
-        }
-    }
 }
 
 /// Whether a loop future is done (an error counts as done: it will never be resolved).
@@ -374,8 +284,8 @@ impl PyBusCore {
         // The common case in one lock: no string subscriptions, not a dict, class cached.
         let by_key = {
             let inner = self.inner.lock(py);
-            let by_key = inner.router.needs_type_key();
-            if !by_key && !is_dict && inner.routes_gen == inner.router.generation() {
+            let by_key = inner.engine.router.needs_type_key();
+            if !by_key && !is_dict && inner.routes_gen == inner.engine.router.generation() {
                 if let Some(r) = inner.routes.get(&(ty_id, None)) {
                     return Ok(Arc::clone(r));
                 }
@@ -390,7 +300,7 @@ impl PyBusCore {
         let cache_key = (ty_id, type_key);
         if cache_key.1.is_some() {
             let inner = self.inner.lock(py);
-            if inner.routes_gen == inner.router.generation() {
+            if inner.routes_gen == inner.engine.router.generation() {
                 if let Some(r) = inner.routes.get(&cache_key) {
                     return Ok(Arc::clone(r));
                 }
@@ -404,13 +314,14 @@ impl PyBusCore {
         let mro = events::mro_ids(&ty)?;
         let class_has_key = events::class_has_key(&ty)?;
         let mut inner = self.inner.lock(py);
-        if inner.routes_gen != inner.router.generation() {
+        if inner.routes_gen != inner.engine.router.generation() {
             inner.routes.clear();
-            inner.routes_gen = inner.router.generation();
+            inner.routes_gen = inner.engine.router.generation();
         }
-        let subs = inner.router.resolve(&key_name, &mro);
+        let subs = inner.engine.router.resolve(&key_name, &mro);
         let skip = self.progress.get().map(|_| {
             let out: Names = inner
+                .engine
                 .router
                 .iter()
                 .filter(|s| !subs.iter().any(|m| m.id == s.id))
@@ -422,7 +333,7 @@ impl PyBusCore {
             class: ty.into_any().unbind(),
             subs,
             skip: skip.filter(|(_, out)| !out.is_empty()),
-            counters: inner.stats.type_counters(&key_name),
+            counters: inner.engine.stats.type_counters(&key_name),
             type_key: key_name,
             mro,
             class_has_key,
@@ -479,7 +390,7 @@ impl PyBusCore {
         );
         Ok((
             Queued {
-                env: Arc::new(env),
+                item: Arc::new(env),
                 enqueued: health::coarse_now_ns(),
             },
             lane,
@@ -494,44 +405,39 @@ impl PyBusCore {
                 resolve(py, &f, &py.None().into_bound(py));
                 return;
             }
-            let mut inner = self.inner.lock(py);
-            inner.active -= 1;
-            next = inner.wake_if_needed();
+            next = self.inner.lock(py).engine.turn_unused();
         }
     }
 
     /// Moves blocked publishers into freed room, in FIFO order; returns their futures to
-    /// resolve. A publisher whose wait was cancelled saw `CancelledError`: its event is not
-    /// accepted. Whether a wait was cancelled is asked with the lock released.
+    /// resolve (with the event when it was queued at once). A publisher whose wait was
+    /// cancelled saw `CancelledError`: its event is not accepted. Whether a wait was cancelled
+    /// is asked with the lock released.
     pub fn admit_blocked(&self, py: Python<'_>) -> Vec<(Py<PyAny>, Option<Arc<EnvData>>)> {
         let mut out = Vec::new();
         loop {
-            let taken = self.inner.lock(py).take_blocked();
-            if taken.is_empty() {
+            let waiting = self.inner.lock(py).engine.take_blocked();
+            if waiting.is_empty() {
                 return out;
             }
-            let live: Vec<Blocked> = taken.into_iter().filter(|b| !is_done(py, &b.fut)).collect();
+            let live: Vec<_> = waiting
+                .into_iter()
+                .filter(|b| !is_done(py, &b.waiter))
+                .collect();
             let mut inner = self.inner.lock(py);
             for b in live {
-                if b.direct {
-                    bump(&b.item.env.route().counters.published, 1);
-                    let env = Arc::clone(&b.item.env);
-                    inner.lanes.push(b.item, b.lane);
-                    inner.stats.published += 1;
-                    out.push((b.fut, Some(env)));
-                } else {
-                    inner.lanes.reserve();
-                    let key = b.fut.as_ptr() as usize;
-                    let fut = b.fut.clone_ref(py);
-                    inner.admitted.insert(
-                        key,
-                        Admitted {
-                            item: b.item,
-                            lane: b.lane,
-                            fut: b.fut,
-                        },
-                    );
-                    out.push((fut, None));
+                let token = b.token;
+                match inner.engine.admit(b) {
+                    Admission::Queued(fut, env) => {
+                        bump(&env.route().counters.published, 1);
+                        out.push((fut, Some(env)));
+                    }
+                    Admission::Reserved(fut) => {
+                        // Held until the publisher enters or withdraws: its address is the
+                        // token, so it must not be freed and reused meanwhile.
+                        inner.held.insert(token, fut.clone_ref(py));
+                        out.push((fut, None));
+                    }
                 }
             }
         }
@@ -580,17 +486,17 @@ impl PyBusCore {
         let origin = match (correlation_id, causation_id) {
             (Some(c), Some(cause)) => Origin::Child(c.unbind(), cause.unbind()),
             (c, None) => Origin::Root(c.map(Bound::unbind)),
-            (None, Some(cause)) => Origin::Child(item.env.id(py)?.unbind(), cause.unbind()),
+            (None, Some(cause)) => Origin::Child(item.item.id(py)?.unbind(), cause.unbind()),
         };
         let env = EnvData::new(
             event.clone().unbind(),
             origin,
             None,
-            Arc::clone(item.env.route()),
+            Arc::clone(item.item.route()),
             None,
         );
         *env.ack.lock() = Some(ack);
-        item.env = Arc::new(env);
+        item.item = Arc::new(env);
         // A full queue parks it with the blocked publishers: the transport's prefetch bounds them.
         drop(self.accept(py, item, lane, true, true)?);
         Ok(())
@@ -608,19 +514,9 @@ impl PyBusCore {
         }
     }
 
-    /// Whether the bus takes an event now. While `stop()` drains (`Closing`) only events from
-    /// inside the bus are taken: those handlers publish, and deliveries it already owes.
-    fn check_running(state: RunState, inside: bool) -> PyResult<()> {
-        match state {
-            RunState::Running => Ok(()),
-            RunState::Closing if inside => Ok(()),
-            RunState::Closing => Err(errors::bus_closed("the bus is stopping: publishing during `stop()` is refused so no event is silently lost")),
-            RunState::Created => Err(errors::bus_not_started("the bus is not started: call `await bus.start()` (or use `async with bus:`) before publishing")),
-            RunState::Closed => Err(errors::bus_closed("the bus is stopped: publishing after `stop()` is refused so no event is silently lost")),
-        }
-    }
-
-    /// Accepts one event: queued now (None), or a future that resolves once it is accepted.
+    /// Accepts one event: queued now (None), or a future that resolves once it has room.
+    /// `internal`: a delivery the bus owes (a transport's, a replay's), taken while `stop()`
+    /// drains and queued at admission when it had to wait.
     fn accept(
         &self,
         py: Python<'_>,
@@ -629,49 +525,53 @@ impl PyBusCore {
         wait: bool,
         internal: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let env = Arc::clone(&item.env);
+        let env = Arc::clone(&item.item);
         let route = Arc::clone(env.route());
         // An event published by a running handler is always accepted: the bound applies to
         // what comes from outside, and making a handler wait for room that only handlers can
         // make would freeze the bus.
         let from_handler = env.is_child();
+        let routed = !route.subs.is_empty();
         let mut inner = self.inner.lock(py);
-        Self::check_running(inner.state, internal || from_handler)?;
-        if route.subs.is_empty() {
-            // Nothing to run: accepted and finished at once.
-            bump(&route.counters.published, 1);
-            inner.stats.published += 1;
-            inner.stats.processed += 1;
-            inner.stats.unrouted += 1;
-            bump(&route.counters.processed, 1);
-            drop(inner);
-            env.acknowledge();
-            self.notify_waiters(py, &env);
-            return Ok(None);
-        }
-        if inner
-            .loop_thread
-            .is_some_and(|t| t != std::thread::current().id())
+        if routed
+            && inner
+                .loop_thread
+                .is_some_and(|t| t != std::thread::current().id())
         {
+            inner
+                .engine
+                .check_intake(internal || from_handler)
+                .map_err(|e| errors::to_py(&e))?;
             return Err(errors::oxbus_error(
                 "publish() and publish_nowait() must run on the bus's event loop thread; \
                  from another thread use bus.publish_threadsafe(event)",
             ));
         }
-        if from_handler || (inner.lanes.has_room() && inner.blocked.is_empty()) {
-            inner.lanes.push(item, lane);
-            inner.stats.published += 1;
-            bump(&route.counters.published, 1);
-            let wake = inner.wake_if_needed();
-            drop(inner);
-            self.wake(py, wake);
-            self.notify_waiters(py, &env);
-            return Ok(None);
-        }
+        let outcome = inner
+            .engine
+            .accept(item, lane, routed, from_handler, internal)
+            .map_err(|e| errors::to_py(&e))?;
+        let item = match outcome {
+            Accepted::Unrouted(_) => {
+                // Nothing to run: accepted and finished at once.
+                drop(inner);
+                bump(&route.counters.published, 1);
+                bump(&route.counters.processed, 1);
+                env.acknowledge();
+                self.notify_waiters(py, &env);
+                return Ok(None);
+            }
+            Accepted::Queued { wake } => {
+                drop(inner);
+                bump(&route.counters.published, 1);
+                self.wake(py, wake);
+                self.notify_waiters(py, &env);
+                return Ok(None);
+            }
+            Accepted::Full(item) => item,
+        };
         if !wait {
-            return Err(errors::to_py(&CoreError::QueueFull {
-                capacity: inner.lanes.capacity(),
-            }));
+            return Err(errors::to_py(&inner.engine.queue_full()));
         }
         let loop_ = inner
             .loop_
@@ -683,12 +583,14 @@ impl PyBusCore {
             .bind(py)
             .call_method0(intern!(py, "create_future"))?
             .unbind();
-        let mut inner = self.inner.lock(py);
-        inner.blocked.push_back(Blocked {
+        let token = fut.as_ptr() as u64;
+        let waiter = fut.clone_ref(py);
+        self.inner.lock(py).engine.block(Blocked {
             item,
             lane,
-            fut: fut.clone_ref(py),
+            waiter,
             direct: internal,
+            token,
         });
         Ok(Some(fut))
     }
@@ -741,57 +643,46 @@ impl PyBusCore {
         executor: Option<Py<PyAny>>,
         retry: Option<Bound<'_, PyRetryPolicy>>,
     ) -> PyResult<Self> {
-        let workers: usize = match workers.extract::<i64>() {
-            Ok(n) if n >= 1 && !workers.is_instance_of::<pyo3::types::PyBool>() => {
-                usize::try_from(n).unwrap_or(usize::MAX)
-            }
-            _ => return Err(setting("workers", "an int >= 1", &workers.repr()?)),
+        // The types are the glue's to check (a bool is an int to Python); the values are
+        // validated once, by the engine's settings.
+        let int = |v: &Bound<'_, PyAny>, name: &'static str, rule: &'static str| match v
+            .extract::<i64>()
+        {
+            Ok(n) if !v.is_instance_of::<pyo3::types::PyBool>() => Ok(n),
+            _ => Err(setting(name, rule, &v.repr()?)),
         };
-        let capacity: usize = match max_queue_size.extract::<i64>() {
-            Ok(n) if n >= 0 && !max_queue_size.is_instance_of::<pyo3::types::PyBool>() => {
-                usize::try_from(n).unwrap_or(usize::MAX)
-            }
-            _ => {
-                return Err(setting(
-                    "max_queue_size",
-                    "an int >= 0 (0 = unbounded)",
-                    &max_queue_size.repr()?,
-                ))
-            }
-        };
+        let settings = Settings::new(
+            int(workers, "workers", "an int >= 1")?,
+            int(
+                max_queue_size,
+                "max_queue_size",
+                "an int >= 0 (0 = unbounded)",
+            )?,
+            keyed,
+        )
+        .map_err(|e| errors::to_py(&e))?;
         Ok(Self {
             inner: GilMutex::new(Inner {
-                state: RunState::Created,
-                router: Router::new(),
+                engine: Engine::new(settings),
                 routes: FxHashMap::default(),
                 routes_gen: 0,
-                lanes: Lanes::new(capacity),
-                blocked: VecDeque::new(),
-                admitted: FxHashMap::default(),
-                idle: Vec::new(),
-                active: 0,
-                in_flight: 0,
-                drain_waiters: Vec::new(),
                 waiters: Vec::new(),
                 next_waiter: 1,
-                stats: Stats::default(),
+                held: FxHashMap::default(),
                 loop_: None,
                 after_call: None,
-                dead_letters: 0,
-                retrying: 0,
                 loop_thread: None,
-                parked: rustc_hash::FxHashSet::default(),
                 sleep: None,
                 now: None,
                 wrap_timeout: None,
                 probe: None,
             }),
-            workers,
-            keyed: keyed.unwrap_or(workers > 1),
+            workers: settings.workers,
+            keyed: settings.keyed,
             threaded_sync,
             executor,
             default_retry: retry.map_or_else(RetryPolicy::default, |r| r.get().policy),
-            thresholds: Thresholds::default(),
+            thresholds: settings.thresholds,
             waiter_count: AtomicUsize::new(0),
             hook_on_success: AtomicBool::new(false),
             progress: std::sync::OnceLock::new(),
@@ -822,15 +713,10 @@ impl PyBusCore {
                 return Err(setting("timeout", "a number > 0", &t));
             }
         }
-        if let Some((n, cool)) = breaker {
-            if n < 1 || !(cool.is_finite() && cool >= 0.0) {
-                return Err(setting(
-                    "circuit_breaker",
-                    "(failures >= 1, cool_down >= 0)",
-                    &format!("({n}, {cool})"),
-                ));
-            }
-        }
+        let breaker = breaker
+            .map(|(failures, cool_down)| Breaker::new(failures, cool_down))
+            .transpose()
+            .map_err(|e| errors::to_py(&e))?;
         let payload = Handler {
             callable: handler.clone().unbind(),
             target: target.clone().unbind(),
@@ -841,16 +727,15 @@ impl PyBusCore {
             retry_on: retry_on
                 .or_else(|| retry.map(|r| r.get().retry_on.clone_ref(r.py()).into_any())),
             timeout,
-            breaker: breaker.map(|(failures, cool_down)| Breaker {
-                failures,
-                cool_down,
-                consecutive: std::sync::atomic::AtomicU32::new(0),
-                open_until: Mutex::new(0.0),
-            }),
+            breaker,
             park,
         };
         let mut inner = self.inner.lock(py);
-        Ok(inner.router.subscribe(matcher, priority, name, payload).id)
+        Ok(inner
+            .engine
+            .router
+            .subscribe(matcher, priority, name, payload)
+            .id)
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
@@ -869,7 +754,12 @@ impl PyBusCore {
     ) -> PyResult<bool> {
         let sub = {
             let inner = self.inner.lock(py);
-            let found = inner.router.iter().find(|s| s.id == sub_id).map(Arc::clone);
+            let found = inner
+                .engine
+                .router
+                .iter()
+                .find(|s| s.id == sub_id)
+                .map(Arc::clone);
             match found {
                 Some(s) => s,
                 None => return Ok(false),
@@ -877,7 +767,7 @@ impl PyBusCore {
         };
         let explicit = key.as_ref().map(|k| k.clone().unbind());
         let (mut item, lane) = self.envelope(py, event, key, None, position)?;
-        let full = item.env.route();
+        let full = item.item.route();
         if !full.subs.iter().any(|s| s.id == sub_id) {
             // Not an event this subscription matches (a durable bus's restart scans every
             // event the subscription has not finished, whatever its type): nothing to deliver,
@@ -900,13 +790,13 @@ impl PyBusCore {
             class_has_key: full.class_has_key,
             counters: Arc::clone(&full.counters),
         };
-        let env = Arc::clone(&item.env);
+        let env = Arc::clone(&item.item);
         let origin = match (correlation_id, causation_id) {
             (Some(c), Some(cause)) => Origin::Child(c, cause),
             (c, None) => Origin::Root(c),
             (None, Some(cause)) => Origin::Child(env.correlation(py)?.unbind(), cause),
         };
-        item.env = Arc::new(EnvData::new(
+        item.item = Arc::new(EnvData::new(
             event.clone().unbind(),
             origin,
             explicit,
@@ -933,17 +823,17 @@ impl PyBusCore {
 
     /// Parks a key behind a dead letter of a subscription (restoring a durable bus's state).
     fn park(&self, py: Python<'_>, sub_id: u64, key_hash: u64) {
-        self.inner.lock(py).parked.insert((sub_id, key_hash));
+        self.inner.lock(py).engine.park(sub_id, key_hash);
     }
 
     /// Releases a key parked behind a dead letter of a subscription; whether it was parked.
     fn unpark(&self, py: Python<'_>, sub_id: u64, key_hash: u64) -> bool {
-        self.inner.lock(py).parked.remove(&(sub_id, key_hash))
+        self.inner.lock(py).engine.unpark(sub_id, key_hash)
     }
 
     /// Removes a subscription by id.
     fn unsubscribe(&self, py: Python<'_>, id: u64) -> bool {
-        self.inner.lock(py).router.unsubscribe(id)
+        self.inner.lock(py).engine.router.unsubscribe(id)
     }
 
     /// Removes the subscriptions of `handler` (compared with ==) to `target`; returns how many.
@@ -957,6 +847,7 @@ impl PyBusCore {
         let ids: Vec<u64> = {
             let inner = self.inner.lock(py);
             inner
+                .engine
                 .router
                 .iter()
                 .filter(|s| s.matcher == matcher)
@@ -970,7 +861,7 @@ impl PyBusCore {
         let mut inner = self.inner.lock(py);
         Ok(ids
             .into_iter()
-            .filter(|id| inner.router.unsubscribe(*id))
+            .filter(|id| inner.engine.router.unsubscribe(*id))
             .count())
     }
 
@@ -978,6 +869,7 @@ impl PyBusCore {
     fn subscriptions(&self, py: Python<'_>) -> Vec<(u64, String, i64, Py<PyAny>)> {
         let inner = self.inner.lock(py);
         inner
+            .engine
             .router
             .iter()
             .map(|s| {
@@ -993,7 +885,12 @@ impl PyBusCore {
 
     /// Whether a subscription with this name exists.
     fn has_name(&self, py: Python<'_>, name: &str) -> bool {
-        self.inner.lock(py).router.iter().any(|s| &*s.name == name)
+        self.inner
+            .lock(py)
+            .engine
+            .router
+            .iter()
+            .any(|s| &*s.name == name)
     }
 
     /// Installs the hook called after handler calls: on failures, and on every call when
@@ -1013,18 +910,20 @@ impl PyBusCore {
 
     /// Marks the bus running on `loop` (idempotent).
     fn start(&self, py: Python<'_>, loop_: Py<PyAny>) {
-        let mut inner = self.inner.lock(py);
-        if inner.state != RunState::Running {
-            inner.state = RunState::Running;
+        let stale = {
+            let mut inner = self.inner.lock(py);
+            if inner.engine.is_running() {
+                return;
+            }
             inner.loop_ = Some(loop_);
             inner.loop_thread = Some(std::thread::current().id());
-            // Every new worker task is scheduled to run its first step.
-            inner.active = self.workers;
-            inner.idle.clear();
             if inner.probe.is_none() {
                 inner.probe = Some(Probe::new());
             }
-        }
+            // Every new worker task is scheduled to run its first step.
+            inner.engine.start()
+        };
+        drop(stale);
     }
 
     /// A worker to run as an asyncio task.
@@ -1035,55 +934,40 @@ impl PyBusCore {
     /// Refuses further publishes. With `discard`, drops what is queued and fails blocked
     /// publishers with `BusClosed`; returns how many queued events were discarded.
     fn close(&self, py: Python<'_>, discard: bool) -> usize {
-        let (blocked, dropped, idle, admitted) = {
+        let (closed, held) = {
             let mut inner = self.inner.lock(py);
-            inner.state = RunState::Closed;
-            let dropped = if discard {
-                inner.lanes.clear()
+            let closed = inner.engine.close(discard);
+            // Publishers given room that had not resumed: not accepted (`enter` says so).
+            let held = if discard {
+                std::mem::take(&mut inner.held)
             } else {
-                Vec::new()
+                FxHashMap::default()
             };
-            let mut blocked: Vec<Blocked> = Vec::new();
-            let mut admitted = FxHashMap::default();
-            if discard {
-                blocked = inner.blocked.drain(..).collect();
-                // Given room, not yet resumed: not accepted (`enter` will say BusClosed).
-                admitted = std::mem::take(&mut inner.admitted);
-                for _ in 0..admitted.len() {
-                    inner.lanes.unreserve();
-                }
-            }
-            (blocked, dropped, std::mem::take(&mut inner.idle), admitted)
+            (closed, held)
         };
-        drop(admitted);
+        drop(held);
         let err = errors::bus_closed("the bus was stopped before this event was accepted");
-        for b in &blocked {
-            fail(py, &b.fut, &err);
+        for b in &closed.blocked {
+            fail(py, &b.waiter, &err);
         }
-        drop(idle);
-        let drains = self.inner.lock(py).take_drain_waiters();
-        resolve_all(py, drains);
-        dropped.len() + blocked.len()
+        resolve_all(py, closed.drains);
+        closed.discarded.len() + closed.blocked.len()
     }
 
     /// A publisher given room resumed: its event enters the queue now (counted published,
     /// `wait_for` callers told). `BusClosed` when `stop()` discarded its room meanwhile.
     fn enter(&self, py: Python<'_>, fut: &Bound<'_, PyAny>) -> PyResult<()> {
-        let key = fut.as_ptr() as usize;
-        let mut inner = self.inner.lock(py);
-        let Some(a) = inner.admitted.remove(&key) else {
-            return Err(errors::bus_closed(
-                "the bus was stopped before this event was accepted",
-            ));
+        let token = fut.as_ptr() as u64;
+        let (entered, held) = {
+            let mut inner = self.inner.lock(py);
+            let held = inner.held.remove(&token);
+            (inner.engine.enter(token), held)
         };
-        inner.lanes.unreserve();
-        let env = Arc::clone(&a.item.env);
+        drop(held);
+        let (env, wake) = entered.map_err(|_| {
+            errors::bus_closed("the bus was stopped before this event was accepted")
+        })?;
         bump(&env.route().counters.published, 1);
-        inner.lanes.push(a.item, a.lane);
-        inner.stats.published += 1;
-        let wake = inner.wake_if_needed();
-        drop(inner);
-        drop(a.fut);
         self.wake(py, wake);
         self.notify_waiters(py, &env);
         Ok(())
@@ -1092,20 +976,17 @@ impl PyBusCore {
     /// A publisher waiting for room was cancelled: if it had been given room, that room goes
     /// to the next waiting publisher; its event is not accepted.
     fn withdraw(&self, py: Python<'_>, fut: &Bound<'_, PyAny>) {
-        let key = fut.as_ptr() as usize;
-        let gone = {
+        let token = fut.as_ptr() as u64;
+        let (freed, held) = {
             let mut inner = self.inner.lock(py);
-            let gone = inner.admitted.remove(&key);
-            if gone.is_some() {
-                inner.lanes.unreserve();
-            }
-            gone
+            let held = inner.held.remove(&token);
+            (inner.engine.withdraw(token), held)
         };
-        if gone.is_some() {
-            drop(gone);
+        drop(held);
+        if freed {
             let admitted = self.admit_blocked(py);
             self.admitted(py, admitted);
-            let drains = self.inner.lock(py).take_drain_waiters();
+            let drains = self.inner.lock(py).engine.take_drain_waiters();
             resolve_all(py, drains);
         }
     }
@@ -1113,23 +994,21 @@ impl PyBusCore {
     /// Raises `BusNotStarted` / `BusClosed` unless the bus accepts events.
     fn ensure_running(&self, py: Python<'_>) -> PyResult<()> {
         let inside = envelope::get_current(py)?.is_some();
-        Self::check_running(self.inner.lock(py).state, inside)
+        let checked = self.inner.lock(py).engine.check_intake(inside);
+        checked.map_err(|e| errors::to_py(&e))
     }
 
     /// Refuses publishes from outside the bus from now on, while handlers keep running (the
     /// first step of `stop()`: what is accepted after it is drained, nothing is accepted and
     /// then dropped).
     fn close_intake(&self, py: Python<'_>) {
-        let mut inner = self.inner.lock(py);
-        if inner.state == RunState::Running {
-            inner.state = RunState::Closing;
-        }
+        self.inner.lock(py).engine.close_intake();
     }
 
     /// Whether the bus accepts events.
     #[getter]
     fn running(&self, py: Python<'_>) -> bool {
-        self.inner.lock(py).state == RunState::Running
+        self.inner.lock(py).engine.is_running()
     }
 
     /// Publishes one event: None when accepted now, else a future resolved once accepted.
@@ -1145,7 +1024,7 @@ impl PyBusCore {
     ) -> PyResult<Option<Py<PyAny>>> {
         let (item, lane) = self.envelope(py, event, key, correlation_id, position)?;
         // A durable bus: the subscriptions this event is not for move past its position.
-        let skip = match (position, self.progress(), &item.env.route().skip) {
+        let skip = match (position, self.progress(), &item.item.route().skip) {
             (Some(p), Some(log), Some((t, subs))) => {
                 Some((p, Arc::clone(log), Arc::clone(t), Arc::clone(subs)))
             }
@@ -1194,7 +1073,7 @@ impl PyBusCore {
     fn drain_waiter(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let loop_ = {
             let inner = self.inner.lock(py);
-            if inner.is_drained() {
+            if inner.engine.is_drained() {
                 return Ok(None);
             }
             match &inner.loop_ {
@@ -1206,12 +1085,12 @@ impl PyBusCore {
             .bind(py)
             .call_method0(intern!(py, "create_future"))?
             .unbind();
-        let mut inner = self.inner.lock(py);
-        if inner.is_drained() {
-            return Ok(None);
+        let waiter = fut.clone_ref(py);
+        let back = self.inner.lock(py).engine.add_drain_waiter(waiter);
+        match back {
+            Some(_) => Ok(None), // drained meanwhile
+            None => Ok(Some(fut)),
         }
-        inner.drain_waiters.push(fut.clone_ref(py));
-        Ok(Some(fut))
     }
 
     /// Registers a `wait_for`: `fut` gets the first matching event accepted from now on.
@@ -1246,7 +1125,7 @@ impl PyBusCore {
 
     /// Counts a dead letter added by the Python layer (for health).
     fn set_dead_letters(&self, py: Python<'_>, n: u64) {
-        self.inner.lock(py).dead_letters = n;
+        self.inner.lock(py).engine.set_dead_letters(n);
     }
 
     /// The configured number of workers.
@@ -1258,7 +1137,7 @@ impl PyBusCore {
     /// Events accepted and not yet handed to a handler (blocked publishers not included).
     #[getter]
     fn queue_size(&self, py: Python<'_>) -> usize {
-        self.inner.lock(py).lanes.len()
+        self.inner.lock(py).engine.queue_size()
     }
 
     /// The counters, as a dict (see `EventBus.get_statistics`). Read under the lock, built
@@ -1266,7 +1145,8 @@ impl PyBusCore {
     fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (ints, floats, latency, by_type) = {
             let inner = self.inner.lock(py);
-            let s = &inner.stats;
+            let e = &inner.engine;
+            let s = &e.stats;
             let ints: [(&str, u64); 17] = [
                 ("events_published", s.published),
                 ("events_processed", s.processed),
@@ -1280,12 +1160,12 @@ impl PyBusCore {
                 ("handler_calls", s.failed + s.succeeded),
                 ("retried", s.retried),
                 ("dead_lettered", s.dead_lettered),
-                ("queue_size", inner.lanes.len() as u64),
-                ("blocked_publishers", inner.blocked.len() as u64),
-                ("in_flight", inner.in_flight as u64),
-                ("retry_queue_size", inner.retrying as u64),
-                ("subscription_count", inner.router.len() as u64),
-                ("max_queue_size", inner.lanes.capacity() as u64),
+                ("queue_size", e.queue_size() as u64),
+                ("blocked_publishers", e.blocked_publishers() as u64),
+                ("in_flight", e.in_flight() as u64),
+                ("retry_queue_size", e.retrying() as u64),
+                ("subscription_count", e.router.len() as u64),
+                ("max_queue_size", e.settings().capacity as u64),
             ];
             let floats = [
                 ("uptime_seconds", s.uptime_seconds()),
@@ -1293,12 +1173,7 @@ impl PyBusCore {
             ];
             let latency = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)]
                 .map(|(name, q)| (name, s.latency.quantile(q) as f64 / 1e6));
-            (
-                ints,
-                floats,
-                (latency, inner.state == RunState::Running),
-                s.by_type(),
-            )
+            (ints, floats, (latency, e.is_running()), s.by_type())
         };
         let d = PyDict::new(py);
         for (k, v) in floats {
@@ -1331,7 +1206,7 @@ impl PyBusCore {
         let inner = self.inner.lock(py);
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let ns: Vec<u64> = bounds.iter().map(|b| (b * 1e9) as u64).collect();
-        let s = &inner.stats;
+        let s = &inner.engine.stats;
         Ok((
             s.latency.cumulative(&ns),
             s.latency.count(),
@@ -1348,35 +1223,22 @@ impl PyBusCore {
         let (readings, oldest, blocked, lane_count, longest, in_flight, uptime) = {
             let mut inner = self.inner.lock(py);
             inner.probe = Some(probe);
-            let now = health::coarse_now_ns();
-            let oldest = inner
-                .lanes
-                .heads()
-                .map(|q| now.saturating_sub(q.enqueued) as f64 / 1e9)
-                .fold(0.0, f64::max);
-            let readings = Readings {
-                running: inner.state == RunState::Running,
-                queued: inner.lanes.len(),
-                capacity: inner.lanes.capacity(),
-                oldest_age_s: oldest,
-                calls: inner.stats.failed + inner.stats.succeeded,
-                failed_calls: inner.stats.failed,
-                dead_letters: inner.dead_letters,
-            };
-            let longest: Vec<usize> = inner
-                .lanes
+            let e = &inner.engine;
+            let readings = e.readings(health::coarse_now_ns());
+            let longest: Vec<usize> = e
+                .lanes()
                 .longest_lanes(5)
                 .into_iter()
                 .map(|(n, _)| n)
                 .collect();
             (
                 readings,
-                oldest,
-                inner.blocked.len(),
-                inner.lanes.lane_count(),
+                readings.oldest_age_s,
+                e.blocked_publishers(),
+                e.lanes().lane_count(),
                 longest,
-                inner.in_flight,
-                inner.stats.uptime_seconds(),
+                e.in_flight(),
+                e.stats.uptime_seconds(),
             )
         };
         let (status, reasons) = health::status(&readings, &self.thresholds);

@@ -51,5 +51,7 @@ pub fn to_py(e: &CoreError) -> PyErr {
         CoreError::InvalidSetting { .. } => configuration_error(e.to_string()),
         CoreError::InvalidPattern { .. } => invalid_subscription(e.to_string()),
         CoreError::QueueFull { .. } => queue_full(e.to_string()),
+        CoreError::NotStarted => bus_not_started(e.to_string()),
+        CoreError::Closed { .. } => bus_closed(e.to_string()),
     }
 }

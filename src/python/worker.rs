@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
 use crate::core::stats::bump;
-use crate::python::bus::{resolve_all, PyBusCore, RunState};
+use crate::python::bus::{resolve_all, PyBusCore};
 use crate::python::envelope::{self, EnvData, PyEnvelope};
 use crate::python::events::{self, Step};
 use crate::python::sync::GilMutex;
@@ -86,12 +86,10 @@ struct Pending {
 impl Pending {
     fn flush(&mut self, inner: &mut crate::python::bus::Inner) {
         for ns in self.calls.drain(..) {
-            inner.stats.record_call(ns, true);
+            inner.engine.record_call(ns, true);
         }
         if let Some((lane, route)) = self.finished.take() {
-            inner.in_flight -= 1;
-            inner.lanes.done(lane);
-            inner.stats.processed += 1;
+            inner.engine.finish(lane);
             bump(&route.counters.processed, 1);
         }
     }
@@ -129,7 +127,7 @@ impl PyWorker {
         let mut st = self.st.lock(py);
         if st.suspended {
             st.suspended = false;
-            self.core().inner.lock(py).active += 1;
+            self.core().inner.lock(py).engine.resume();
         }
         let mut handled = 0u32;
         loop {
@@ -192,14 +190,13 @@ impl PyWorker {
         let core = self.core();
         let mut inner = core.inner.lock(py);
         st.pending.flush(&mut inner);
-        if let Some((item, lane)) = inner.lanes.take() {
-            inner.in_flight += 1;
+        if let Some((item, lane)) = inner.engine.take() {
             drop(inner);
             let admitted = core.admit_blocked(py);
             core.admitted(py, admitted);
-            envelope::set_current(py, &item.env)?;
+            envelope::set_current(py, &item.item)?;
             st.cur = Some(Current {
-                env: item.env,
+                env: item.item,
                 lane,
                 idx: 0,
                 attempt: 1,
@@ -221,9 +218,7 @@ impl PyWorker {
         fut.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
         let mut inner = core.inner.lock(py);
         st.clock = None;
-        inner.active -= 1;
-        inner.idle.push(fut.clone().unbind());
-        let drains = inner.take_drain_waiters();
+        let drains = inner.engine.go_idle(fut.clone().unbind());
         drop(inner);
         resolve_all(py, drains);
         Ok(Some(fut.unbind()))
@@ -240,8 +235,7 @@ impl PyWorker {
         st.clock = None;
         let mut inner = self.core().inner.lock(py);
         st.pending.flush(&mut inner);
-        inner.active -= 1;
-        let wake = inner.wake_if_needed();
+        let wake = inner.engine.suspend();
         drop(inner);
         self.core().wake(py, wake);
     }
@@ -259,21 +253,17 @@ impl PyWorker {
         let event = env.event_ref().bind(py);
         if sub.payload.park {
             if let Some(h) = Self::key_hash(py, cur)? {
-                if self.core().inner.lock(py).parked.contains(&(sub.id, h)) {
+                if self.core().inner.lock(py).engine.is_parked(sub.id, h) {
                     return self.park(py, st, h);
                 }
             }
         }
-        if let Some(b) = &sub.payload.breaker {
-            let until = *b.open_until.lock();
-            if until > 0.0 {
-                let now = self.now(py)?;
-                if now < until {
-                    // Open: wait out the cool-down, then try once (half-open).
-                    let it = self.sleep(py, until - now)?;
-                    st.awaiting = Some((it.unbind(), Kind::Pause));
-                    return Ok(());
-                }
+        if let Some(b) = sub.payload.breaker.as_ref().filter(|b| !b.is_closed()) {
+            if let Some(wait) = b.wait(self.now(py)?) {
+                // Open: wait out the cool-down, then try once (half-open).
+                let it = self.sleep(py, wait)?;
+                st.awaiting = Some((it.unbind(), Kind::Pause));
+                return Ok(());
             }
         }
         st.tick = st.tick.wrapping_add(1);
@@ -360,7 +350,7 @@ impl PyWorker {
             }
             Kind::Backoff | Kind::Pause => {
                 if kind == Kind::Backoff {
-                    self.core().inner.lock(py).retrying -= 1;
+                    self.core().inner.lock(py).engine.backoff_ended();
                 }
                 match err {
                     Some(e) => Err(e),
@@ -437,7 +427,7 @@ impl PyWorker {
             // Interrupted because the worker itself is being cancelled (shutdown): not a
             // handler failure to count, log or dead-letter; `stop()` reports it. The worker
             // ends right after.
-            core.inner.lock(py).stats.interrupted += 1;
+            core.inner.lock(py).engine.interrupted();
             return Ok(());
         }
         let cur = st.cur.as_mut().expect("an event is current");
@@ -456,8 +446,11 @@ impl PyWorker {
             (Some(e), Some(on)) => e.is_instance(py, on.bind(py)),
             _ => true,
         };
-        let retry =
-            !ok && !st.cancelled && retryable && cur.attempt < sub.payload.retry.max_attempts;
+        let retry = !ok
+            && sub
+                .payload
+                .retry
+                .should_retry(cur.attempt, retryable, st.cancelled);
         self.update_breaker(py, sub, ok)?;
         let park_key = if !ok && !retry && sub.payload.park {
             Self::key_hash(py, cur)?
@@ -485,15 +478,12 @@ impl PyWorker {
         } else {
             let mut inner = core.inner.lock(py);
             st.pending.flush(&mut inner);
-            inner.stats.record_call(ns, false);
+            inner.engine.record_call(ns, false);
             bump(&route.counters.failed, 1);
             if retry {
-                inner.stats.retried += 1;
+                inner.engine.retry_decided();
             } else {
-                inner.stats.dead_lettered += 1;
-            }
-            if let Some(h) = park_key {
-                inner.parked.insert((sub.id, h));
+                inner.engine.dead_lettered(park_key.map(|h| (sub.id, h)));
             }
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
@@ -544,7 +534,7 @@ impl PyWorker {
             cur.attempt += 1;
             cur.retry_after_hook = false;
             let it = self.sleep(py, delay)?;
-            self.core().inner.lock(py).retrying += 1;
+            self.core().inner.lock(py).engine.backoff_started();
             st.awaiting = Some((it.unbind(), Kind::Backoff));
         } else {
             cur.idx += 1;
@@ -561,7 +551,7 @@ impl PyWorker {
         let sub = &route.subs[cur.idx];
         let hook = {
             let mut inner = self.core().inner.lock(py);
-            inner.stats.dead_lettered += 1;
+            inner.engine.dead_lettered(None);
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
         cur.retry_after_hook = false;
@@ -613,19 +603,9 @@ impl PyWorker {
         sub: &crate::python::bus::Sub,
         ok: bool,
     ) -> PyResult<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let Some(b) = &sub.payload.breaker else {
-            return Ok(());
-        };
-        if ok {
-            b.consecutive.store(0, Relaxed);
-            *b.open_until.lock() = 0.0;
-        } else {
-            let n = b.consecutive.load(Relaxed) + 1;
-            b.consecutive.store(n, Relaxed);
-            if n >= b.failures {
-                *b.open_until.lock() = self.now(py)? + b.cool_down;
-            }
+        if let Some(b) = &sub.payload.breaker {
+            // The clock is read only when it matters: a failure may open the breaker.
+            b.record(ok, if ok { 0.0 } else { self.now(py)? });
         }
         Ok(())
     }
@@ -691,7 +671,7 @@ impl PyWorker {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        let running = self.core().inner.lock(py).state == RunState::Running;
+        let running = self.core().inner.lock(py).engine.is_running();
         format!(
             "<oxbus Worker {} ({})>",
             self.index,

@@ -17,6 +17,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
+use crate::core::dispatch::{Delivery, Next, Verdict};
 use crate::core::stats::bump;
 use crate::python::bus::{resolve_all, PyBusCore};
 use crate::python::envelope::{self, EnvData, PyEnvelope};
@@ -50,12 +51,10 @@ enum Kind {
 struct Current {
     env: Arc<EnvData>,
     lane: Option<u64>,
-    idx: usize,
-    attempt: u32,
+    /// Which subscription, which attempt, whether a retry was decided.
+    delivery: Delivery,
     /// When the running call started, if this call is timed (see `SAMPLE`).
     started: Option<Instant>,
-    /// Decided when the hook was called: retry the same subscription after the hook.
-    retry_after_hook: bool,
 }
 
 #[derive(Default)]
@@ -196,12 +195,10 @@ impl PyWorker {
             core.admitted(py, admitted);
             envelope::set_current(py, &item.item)?;
             st.cur = Some(Current {
+                delivery: Delivery::new(item.item.route().subs.len()),
                 env: item.item,
                 lane,
-                idx: 0,
-                attempt: 1,
                 started: None,
-                retry_after_hook: false,
             });
             return Ok(None);
         }
@@ -245,11 +242,12 @@ impl PyWorker {
         let cur = st.cur.as_mut().expect("an event is current");
         let env = Arc::clone(&cur.env);
         let route = Arc::clone(env.route());
-        let Some(sub) = route.subs.get(cur.idx) else {
+        let Next::Call { sub: idx, attempt } = cur.delivery.next() else {
             Self::finish_event(st);
             return Ok(());
         };
-        env.set_call(cur.idx, cur.attempt);
+        let sub = &route.subs[idx];
+        env.set_call(idx, attempt);
         let event = env.event_ref().bind(py);
         if sub.payload.park {
             if let Some(h) = Self::key_hash(py, cur)? {
@@ -439,18 +437,18 @@ impl PyWorker {
         });
         let env = Arc::clone(&cur.env);
         let route = Arc::clone(env.route());
-        let sub = &route.subs[cur.idx];
+        let sub = &route.subs[cur.delivery.sub()];
+        let attempt = cur.delivery.attempt();
         let ns = timed.map(|(_, ns)| ns);
         let ok = err.is_none();
         let retryable = match (&err, &sub.payload.retry_on) {
             (Some(e), Some(on)) => e.is_instance(py, on.bind(py)),
             _ => true,
         };
-        let retry = !ok
-            && sub
-                .payload
-                .retry
-                .should_retry(cur.attempt, retryable, st.cancelled);
+        let verdict = cur
+            .delivery
+            .ended(ok, &sub.payload.retry, retryable, st.cancelled);
+        let retry = verdict == Verdict::Retry;
         self.update_breaker(py, sub, ok)?;
         let park_key = if !ok && !retry && sub.payload.park {
             Self::key_hash(py, cur)?
@@ -466,7 +464,7 @@ impl PyWorker {
             }
             // After a retry succeeds the hook runs too, so the Python side can forget the
             // pair's earlier failures.
-            if core.hook_on_success() || cur.attempt > 1 {
+            if core.hook_on_success() || attempt > 1 {
                 core.inner
                     .lock(py)
                     .after_call
@@ -487,7 +485,6 @@ impl PyWorker {
             }
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
-        cur.retry_after_hook = retry;
         if let Some(hook) = hook {
             // `into_value` attaches the traceback, so dead letters show where it was raised.
             let err_obj = err
@@ -507,7 +504,7 @@ impl PyWorker {
                 &*sub.name,
                 err_obj,
                 secs,
-                cur.attempt,
+                attempt,
                 !ok && !retry,
                 park_key,
                 false,
@@ -525,20 +522,12 @@ impl PyWorker {
     /// After a call and its hook: sleep then retry the same subscription, or go to the next.
     fn advance(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
         let cur = st.cur.as_mut().expect("an event is current");
-        if cur.retry_after_hook {
-            let route = Arc::clone(cur.env.route());
-            let delay = route.subs[cur.idx]
-                .payload
-                .retry
-                .delay(cur.attempt, fastrand::f64());
-            cur.attempt += 1;
-            cur.retry_after_hook = false;
+        let route = Arc::clone(cur.env.route());
+        let policy = &route.subs[cur.delivery.sub()].payload.retry;
+        if let Some(delay) = cur.delivery.advance(policy, fastrand::f64()) {
             let it = self.sleep(py, delay)?;
             self.core().inner.lock(py).engine.backoff_started();
             st.awaiting = Some((it.unbind(), Kind::Backoff));
-        } else {
-            cur.idx += 1;
-            cur.attempt = 1;
         }
         Ok(())
     }
@@ -548,13 +537,13 @@ impl PyWorker {
     fn park(&self, py: Python<'_>, st: &mut State, key_hash: u64) -> PyResult<()> {
         let cur = st.cur.as_mut().expect("an event is current");
         let route = Arc::clone(cur.env.route());
-        let sub = &route.subs[cur.idx];
+        let sub = &route.subs[cur.delivery.sub()];
         let hook = {
             let mut inner = self.core().inner.lock(py);
             inner.engine.dead_lettered(None);
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
-        cur.retry_after_hook = false;
+        cur.delivery.skipped();
         if let Some(hook) = hook {
             let env = PyEnvelope::new(Arc::clone(&cur.env));
             let args = (

@@ -1,6 +1,6 @@
 """Health turns ``degraded`` at each documented threshold, end to end (README, "Statistics and
 health"): the queue >= 80% full, the oldest queued event waited >= 5 s, >= 10% of handler calls
-failed (after 20 calls), >= 100 dead letters (tests/test_failures_issue4.py covers that one at
+failed (after 20 calls), >= 100 dead letters (tests/test_dead_letters.py covers that one at
 99 and 100); ``healthy`` just below each, and again once the cause is gone."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import threading
-from typing import Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 from oxbus.errors import BusClosed
 
@@ -22,7 +22,7 @@ class ThreadsafePublisher:
         self._guard = threading.Lock()
 
     def submit(
-        self, loop: asyncio.AbstractEventLoop, publish: Callable[[], Awaitable[bool]]
+        self, loop: asyncio.AbstractEventLoop, publish: Callable[[], Coroutine[Any, Any, bool]]
     ) -> concurrent.futures.Future[bool]:
         """Runs ``publish()`` as a task on ``loop``; its outcome becomes the future's."""
         # The caller's context travels with the event: a sync handler running in the thread
@@ -37,7 +37,7 @@ class ThreadsafePublisher:
                     BusClosed("the bus's event loop ended before this event was accepted")
                 )
             elif task.exception() is not None:
-                result.set_exception(task.exception())  # type: ignore[arg-type]
+                result.set_exception(task.exception())
             else:
                 result.set_result(task.result())
 
@@ -49,7 +49,7 @@ class ThreadsafePublisher:
             if not result.set_running_or_notify_cancel():
                 return
             try:
-                task = ctx.run(loop.create_task, publish())  # type: ignore[arg-type]
+                task: asyncio.Task[bool] = ctx.run(loop.create_task, publish())
             except BaseException as e:  # noqa: BLE001 - handed to the caller's future
                 result.set_exception(e)
                 return

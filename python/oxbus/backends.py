@@ -180,7 +180,7 @@ def _event_from_payload(payload: dict[str, Any]) -> Any:
     cls = lookup(payload.get("event_type"))
     if cls is None:
         return data
-    obj = rebuild(cls, data)
+    obj: Any = rebuild(cls, data)
     d = getattr(obj, "__dict__", None)
     if d is not None and getattr(cls, "__oxbus_domain_event__", False):
         d["event_id"] = payload.get("event_id")

@@ -150,7 +150,7 @@ class EventBus:
         self._loop = loop
         self._core.start(loop)
         self._tasks = [
-            loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")  # type: ignore[arg-type]
+            loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")
             for i in range(self._core.workers)
         ]
         for task in self._tasks:
@@ -203,7 +203,7 @@ class EventBus:
             except TimeoutError:
                 logger.warning("stop: drain timed out after %ss; discarding the rest", timeout)
         interrupted = self._core.statistics()["events_interrupted"]
-        discarded = self._core.close(True)
+        discarded: int = self._core.close(True)
         # Handlers already running may finish within what is left of the timeout (with
         # drain=False and no timeout they are cancelled at once).
         running = self._core.drain_waiter() if (drain or deadline is not None) else None

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Awaitable, Callable, Iterator
@@ -90,7 +91,7 @@ class DeadLetters:
         self._entries[entry.id] = entry
         self._core.set_dead_letters(len(self._entries))
 
-    def _forget(self, entries: list[DeadLetter]) -> None:
+    def _forget(self, entries: builtins.list[DeadLetter]) -> None:
         for e in entries:
             self._entries.pop(e.id, None)
         self._core.set_dead_letters(len(self._entries))
@@ -111,7 +112,7 @@ class DeadLetters:
                 return sid
         return None
 
-    def list(self) -> list[DeadLetter]:
+    def list(self) -> builtins.list[DeadLetter]:
         """Every dead letter, oldest first."""
         return list(self._entries.values())
 
@@ -127,7 +128,7 @@ class DeadLetters:
             raise KeyError(f"no dead letter with id {key!r}")
         return self._entries[key]
 
-    def _parked_behind(self, head: DeadLetter) -> list[DeadLetter]:
+    def _parked_behind(self, head: DeadLetter) -> builtins.list[DeadLetter]:
         return [e for e in self._entries.values() if e.parked_behind == head.id]
 
     def _head_of(self, sub_id: int, key_hash: int | None) -> DeadLetter | None:
@@ -142,15 +143,15 @@ class DeadLetters:
             None,
         )
 
-    def _release(self, head: DeadLetter) -> list[DeadLetter]:
+    def _release(self, head: DeadLetter) -> builtins.list[DeadLetter]:
         """Unparks the head's key; returns the entries parked behind it, in order."""
         sub = self._sub_id(head)
         if head.key_hash is not None and sub is not None:
             self._core.unpark(sub, head.key_hash)
         return self._parked_behind(head)
 
-    def _redeliver(self, entries: list[DeadLetter]) -> None:
-        done: list[DeadLetter] = []
+    def _redeliver(self, entries: builtins.list[DeadLetter]) -> None:
+        done: builtins.list[DeadLetter] = []
         try:
             for entry in entries:
                 sub = self._sub_id(entry)
@@ -194,7 +195,7 @@ class DeadLetters:
                 last_failed_at=datetime.fromisoformat(last), error_type=etype,
                 error_message=emsg, traceback=tb, position=pos,
                 final_result=ProcessingResult(
-                    event_id=event.get("event_id") if isinstance(event, dict)
+                    event_id=event.get("event_id") if isinstance(event, dict)  # type: ignore[arg-type]
                     else getattr(event, "event_id", None),
                     success=False,
                     error_message=f"{etype.rsplit('.', 1)[-1]}: {emsg}",
@@ -214,7 +215,9 @@ class DeadLetters:
                 self._core.park(int(entry.subscription_id[4:]), entry.key_hash)
             by_position[(pos, sub)] = entry
 
-    def _as_failed_events(self, subscriptions: dict[int, Subscription]) -> list[dict[str, Any]]:
+    def _as_failed_events(
+        self, subscriptions: dict[int, Subscription]
+    ) -> builtins.list[dict[str, Any]]:
         """``bus.get_failed_events()``: the replaced bus's shape."""
         return [
             {
@@ -248,7 +251,7 @@ class DeadLetters:
         the events parked behind it.
         """
         chosen = self.list() if entry_or_id is None else [self._get(entry_or_id)]
-        order: list[DeadLetter] = []
+        order: builtins.list[DeadLetter] = []
         for entry in chosen:
             if entry in order:
                 continue

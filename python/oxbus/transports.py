@@ -105,7 +105,7 @@ class Sqlite(Transport):
                     f"{path.path!r} keeps its own setting"
                 )
         elif isinstance(path, (str, os.PathLike)) and os.fspath(path):
-            path = os.fspath(path)  # type: ignore[assignment]
+            path = os.fspath(path)
         else:
             raise ConfigurationError(
                 f"store must be a SqliteEventStore or a file path, got {path!r}"
@@ -198,8 +198,8 @@ class RedisStreams(Transport):
             "prefetch": positive_int("prefetch", prefetch),
             "consume": consume,
         }
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+        for field_name, checked_value in checked.items():
+            object.__setattr__(self, field_name, checked_value)
 
     @classmethod
     def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:

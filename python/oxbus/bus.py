@@ -28,7 +28,7 @@ from oxbus.dead_letters import DeadLetters
 from oxbus.failures import FailureBook
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import Subscription, is_async as _is_async, qualname as _qualname
-from oxbus.transports import REDIS_KEYWORDS, Transport, TransportSpec, resolve
+from oxbus.transports import URL_KEYWORDS, Transport, TransportSpec, resolve
 from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, InvalidSubscription, ReentrantCall
 
 __all__ = ["EventBus"]
@@ -108,7 +108,7 @@ class EventBus:
         given = locals()
         options = resolve(
             transport, store, event_storage,
-            {k: given[k] for k in REDIS_KEYWORDS if given[k] is not None},
+            {k: given[k] for k in URL_KEYWORDS if given[k] is not None},
         )
         self._core = BusCore(settings.workers, max_queue_size, ordered, sync_handlers == "thread", self._executor, retry)
         self._retry = retry or RetryPolicy()

@@ -33,6 +33,17 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
 
 
+def _refuse_unknown(
+    kind: type[Transport], url: str, settings: dict[str, Any], allowed: set[str]
+) -> None:
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        verb = "does" if len(unknown) == 1 else "do"
+        raise ConfigurationError(
+            f"{', '.join(unknown)} {verb} not apply to a {kind.kind} transport ({redact(url)!r})"
+        )
+
+
 class Transport:
     """Base of the transport options (``Memory``, ``Sqlite``, ``RedisStreams``)."""
 
@@ -61,12 +72,7 @@ class Transport:
 
     @classmethod
     def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:
-        unknown = sorted(settings)
-        if unknown:
-            raise ConfigurationError(
-                f"{', '.join(unknown)} do(es) not apply to a {cls.kind} transport "
-                f"({redact(url)!r})"
-            )
+        _refuse_unknown(cls, url, settings, set())
         return cls()
 
 
@@ -203,13 +209,7 @@ class RedisStreams(Transport):
 
     @classmethod
     def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:
-        allowed = {f.name for f in fields(cls)} - {"url"}
-        unknown = sorted(set(settings) - allowed)
-        if unknown:
-            raise ConfigurationError(
-                f"{', '.join(unknown)} do(es) not apply to a {cls.kind} transport "
-                f"({redact(url)!r})"
-            )
+        _refuse_unknown(cls, url, settings, {f.name for f in fields(cls)} - {"url"})
         return cls(url, **settings)
 
     def __repr__(self) -> str:  # the URL's password never appears in messages
@@ -248,8 +248,9 @@ _KINDS: tuple[type[Transport], ...] = (Memory, RedisStreams)
 #: What ``EventBus(transport=...)`` takes.
 TransportSpec = Union[str, Transport]
 
-#: The bus keywords that are settings of ``RedisStreams`` (shorthands beside a URL).
-REDIS_KEYWORDS = (
+#: The ``EventBus`` keywords that are settings of a URL's transport (today ``RedisStreams``'s;
+#: a broker that takes some of them, such as ``group`` or ``prefetch``, takes them too).
+URL_KEYWORDS = (
     "group", "consumer", "stream", "partitions", "claim_idle", "maxlen", "max_deliveries",
     "publish_timeout", "prefetch", "consume",
 )
@@ -263,7 +264,7 @@ def resolve(
 ) -> Transport:
     """The transport options an ``EventBus``'s keywords stand for.
 
-    ``shorthand`` holds the Redis keywords given to the bus (not None): they are the settings
+    ``shorthand`` holds the ``URL_KEYWORDS`` given to the bus (not None): they are the settings
     of a URL's transport; beside an options object they are refused (they belong inside it);
     with no transport at all they are ignored, as they always were.
     """

@@ -100,16 +100,16 @@ class EventBus:
             batch_timeout_seconds=batch_timeout_seconds, retry=retry,
             handler_timeout=handler_timeout, max_event_bytes=max_event_bytes, clock=clock,
         )
-        self._timeout = settings.handler_timeout
-        self._max_bytes = max_event_bytes
-        self._executor: ElasticPool | None = None
-        if settings.thread_pool_size is not None:
-            self._executor = ElasticPool(settings.thread_pool_size, f"{name}-sync")
         given = locals()
         options = resolve(
             transport, store, event_storage,
             {k: given[k] for k in URL_KEYWORDS if given[k] is not None},
         )
+        self._timeout = settings.handler_timeout
+        self._max_bytes = max_event_bytes
+        self._executor: ElasticPool | None = None
+        if settings.thread_pool_size is not None:
+            self._executor = ElasticPool(settings.thread_pool_size, f"{name}-sync")
         self._core = BusCore(settings.workers, max_queue_size, ordered, sync_handlers == "thread", self._executor, retry)
         self._retry = retry or RetryPolicy()
         self._background: set[asyncio.Task[Any]] = set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from oxbus import DomainEvent, EventBus, RetryPolicy, current_envelope
+from oxbus import DomainEvent, EventBus, Memory, RedisStreams, RetryPolicy, Transport, current_envelope
 from oxbus.errors import QueueFull
 
 
@@ -25,7 +25,13 @@ class ReceiptSent(DomainEvent):
 
 
 async def main() -> int:
-    bus = EventBus(workers=2, max_queue_size=100, retry=RetryPolicy(max_attempts=2, base_delay=0.01))
+    # Made (and checked), not connected: a Redis bus would take it as transport=.
+    redis: Transport = RedisStreams("redis://127.0.0.1:6379/0", group="billing", partitions=2)
+    assert isinstance(redis, RedisStreams) and redis.partitions == 2
+    bus = EventBus(
+        transport=Memory(), workers=2, max_queue_size=100,
+        retry=RetryPolicy(max_attempts=2, base_delay=0.01),
+    )
     sent: list[str] = []
 
     async def send_receipt(event: OrderPlaced) -> None:

@@ -389,6 +389,31 @@ async def test_published_events_are_handled_once_by_the_local_consumer(
     assert (info["name"], info["pending"], info["lag"]) == ("billing", 0, 0)
 
 
+async def test_a_redis_streams_options_object_partitions_and_bounds_as_its_keywords_do(
+    rds: Resp, stream: str
+) -> None:
+    options = oxbus.RedisStreams(
+        URL, group="opts", consumer="opts-1", stream=stream, partitions=2, maxlen=50
+    )
+    bus = EventBus(transport=options)
+    seen, done, handle = counted(20)
+    bus.subscribe(RdsTick, handle)
+    async with bus:
+        for i in range(20):
+            await bus.publish(RdsTick(i), key=f"k{i % 2}")
+        await asyncio.wait_for(done.wait(), 20)
+        await bus.drain(10)
+    assert sorted(e.n for e in seen) == list(range(20))
+    # Two partition streams, each read by the group through the named consumer.
+    lengths = [rds("XLEN", f"{stream}:{i}") for i in range(2)]
+    assert sum(lengths) == 20 and all(n > 0 for n in lengths)
+    (group,) = rds("XINFO", "GROUPS", f"{stream}:0")
+    info = dict(zip(group[::2], group[1::2]))
+    assert info["name"] == "opts"
+    (consumer,) = rds("XINFO", "CONSUMERS", f"{stream}:0", "opts")
+    assert dict(zip(consumer[::2], consumer[1::2]))["name"] == "opts-1"
+
+
 async def test_publish_returns_once_redis_holds_the_entry(rds: Resp, stream: str) -> None:
     bus = await started(transport=URL, group="g", stream=stream)
     try:

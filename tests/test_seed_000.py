@@ -201,6 +201,54 @@ def test_seed_5_oxbus_modules_import_in_any_order_without_cycles(code: str) -> N
     assert proc.returncode == 0, proc.stderr
 
 
+def _oxbus_imports() -> dict[str, set[str]]:
+    """Which oxbus modules each oxbus module imports, wherever the import stands (inside a
+    function or ``if TYPE_CHECKING:`` too)."""
+    import ast
+
+    import oxbus
+
+    root = os.path.dirname(oxbus.__file__)
+    graph: dict[str, set[str]] = {}
+    for file in sorted(os.listdir(root)):
+        if not file.endswith(".py"):
+            continue
+        name = "oxbus" if file == "__init__.py" else f"oxbus.{file[:-3]}"
+        targets: set[str] = set()
+        with open(os.path.join(root, file), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name.startswith("oxbus."))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("oxbus"):
+                module = node.module or ""
+                for a in node.names:  # `from oxbus import heartbeat` names a module
+                    is_module = os.path.exists(os.path.join(root, f"{a.name}.py"))
+                    targets.add(f"oxbus.{a.name}" if module == "oxbus" and is_module else module)
+        graph[name] = {t for t in targets if t != name and t != "oxbus._oxbus"}
+    return graph
+
+
+def test_seed_5_oxbus_modules_form_no_import_circle() -> None:
+    graph = _oxbus_imports()
+    assert "oxbus.bus" in graph and "oxbus.bus" in graph["oxbus"]
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            circle = path[path.index(module):] + [module]
+            raise AssertionError("import circle: " + " -> ".join(circle))
+        if module in done or module == "oxbus":  # the package re-exports: it sits on top
+            return
+        for target in sorted(graph.get(module, ())):
+            visit(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        if module != "oxbus":
+            visit(module, [])
+
+
 async def test_seed_5_events_need_not_import_oxbus_at_all(make_bus: Any) -> None:
     # The domain layer can define events without depending on the bus (no cycle possible):
     # a plain class with no event_type is still routed by class and by name.

@@ -7,16 +7,10 @@ Change one import and keep your handlers::
 
 from oxbus import errors
 from oxbus._oxbus import Envelope, RetryPolicy, __version__, current_envelope
-from oxbus.bus import (
-    CircuitBreaker,
-    DeadLetter,
-    DeadLetters,
-    EventBus,
-    EventBusFactory,
-    EventBusManager,
-    InMemoryEventBus,
-    ProcessingResult,
-)
+from oxbus.bus import EventBus
+from oxbus.compat import EventBusFactory, EventBusManager, InMemoryEventBus, ProcessingResult
+from oxbus.config import CircuitBreaker
+from oxbus.dead_letters import DeadLetter, DeadLetters
 from oxbus.errors import (
     BusClosed,
     BusNotStarted,
@@ -34,6 +28,7 @@ from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 from oxbus.subscription import Subscription
+from oxbus.transports import Memory, RedisStreams, Sqlite, Transport
 
 __all__ = [
     "BusClosed",
@@ -51,17 +46,21 @@ __all__ = [
     "Heartbeat",
     "HeartbeatHandle",
     "InMemoryEventBus",
+    "Memory",
     "OxbusError",
     "ProcessingResult",
     "QueueFull",
     "RedisPubSubBridge",
+    "RedisStreams",
     "RetryPolicy",
     "SerializationError",
     "Snapshot",
+    "Sqlite",
     "SqliteEventStore",
     "StorageError",
     "StoredEvent",
     "Subscription",
+    "Transport",
     "TransportError",
     "__version__",
     "current_envelope",

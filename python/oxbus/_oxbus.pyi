@@ -225,17 +225,18 @@ class RedisCore:
     def __new__(
         cls,
         url: str,
+        *,
         streams: list[str],
         group: str,
         consumer: str,
         claim_idle: float,
         maxlen: int,
-        batch: int,
         prefetch: int,
         max_deliveries: int,
         dead_stream: str,
         publish_timeout: float,
         consume: bool,
+        batch: int = 256,
     ) -> RedisCore: ...
     def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...
     def publish(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextvars
 import queue
 import threading
 from typing import Any, Callable
@@ -91,3 +93,25 @@ class ElasticPool(concurrent.futures.Executor):
             self.abandoned -= 1
             if self._max_workers > self.size:
                 self._max_workers -= 1
+
+
+async def call_with_timeout(
+    pool: ElasticPool | None, target: Any, event: Any, timeout: float, threaded: bool, name: str
+) -> Any:
+    """A handler call with a timeout: async ones are cancelled; a thread-pool call cannot
+    be, so its thread is abandoned and the pool may start a replacement."""
+    cf: concurrent.futures.Future[Any] | None = None
+    if threaded:
+        assert pool is not None
+        cf = pool.submit(contextvars.copy_context().run, target, event)
+        aw: Any = asyncio.wrap_future(cf)
+    else:
+        aw = target
+    try:
+        return await asyncio.wait_for(aw, timeout)
+    except asyncio.TimeoutError:
+        if cf is not None and not cf.done():
+            assert pool is not None
+            pool.abandon()
+            cf.add_done_callback(lambda _: pool.release())
+        raise TimeoutError(f"handler {name} took longer than its timeout of {timeout}s") from None

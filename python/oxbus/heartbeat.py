@@ -24,13 +24,10 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 from oxbus.errors import BusClosed, ConfigurationError
 from oxbus.events import DomainEvent
-
-if TYPE_CHECKING:
-    from oxbus.bus import EventBus
 
 __all__ = ["STALE_AFTER", "Heartbeat", "HeartbeatHandle", "HeartbeatMonitor", "watch"]
 
@@ -41,6 +38,25 @@ STALE_AFTER = 1.5
 
 #: The subscription name of the bus's own heartbeat listener.
 _SUBSCRIPTION = "oxbus.heartbeat-monitor"
+
+
+class Bus(Protocol):
+    """What the monitor uses of an ``oxbus.EventBus`` (spelled here, so this module does not
+    import the bus, which imports it)."""
+
+    _heartbeats: Optional[HeartbeatMonitor]
+
+    @property
+    def clock(self) -> Any: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    def subscribe(
+        self, event_type: Any, handler: Callable[[Any], Any], *, priority: int = ..., name: str | None = ...
+    ) -> str: ...
+
+    async def publish(self, event: Any, key: Any = None, correlation_id: Any = None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -108,7 +124,7 @@ class HeartbeatMonitor:
     """One bus's heartbeat table and broadcasts. Made by :func:`watch` (or the bus's first
     ``broadcast_heartbeat``); subscribes to :class:`Heartbeat` on that bus."""
 
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: Bus) -> None:
         self._bus = bus
         self._seen: dict[str, _Seen] = {}
         self._broadcasts: dict[str, HeartbeatHandle] = {}
@@ -211,7 +227,7 @@ class HeartbeatMonitor:
         return list(self._broadcasts.values())
 
 
-def watch(bus: EventBus) -> HeartbeatMonitor:
+def watch(bus: Bus) -> HeartbeatMonitor:
     """The bus's heartbeat monitor, made (and subscribed) on first use: call it on a bus that
     only listens to other processes' heartbeats, so its health lists them."""
     monitor: HeartbeatMonitor | None = getattr(bus, "_heartbeats", None)

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence, Sized
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -34,12 +34,27 @@ from prometheus_client.core import (
     Metric,
 )
 
-if TYPE_CHECKING:
-    from oxbus.bus import EventBus
-
 __all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "BusCollector", "MetricsServer", "render", "serve"]
 
 logger = logging.getLogger("oxbus")
+
+
+class Bus(Protocol):
+    """What the metrics read of an ``oxbus.EventBus`` (spelled here, so this module does not
+    import the bus, which imports it)."""
+
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def dead_letters(self) -> Sized: ...
+
+    @property
+    def _core(self) -> Any: ...
+
+    def get_statistics(self) -> dict[str, Any]: ...
+
+    def get_health_status(self) -> dict[str, Any]: ...
 
 #: Upper bounds (seconds) of the ``oxbus_handler_duration_seconds`` buckets: in-memory
 #: handlers often take microseconds, so the scale starts far below Prometheus's default.
@@ -66,7 +81,7 @@ class BusCollector:
     ``collect()`` may run on any thread (the engine's counters are behind its own lock).
     """
 
-    def __init__(self, bus: EventBus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
+    def __init__(self, bus: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         bounds = sorted(float(b) for b in buckets if not math.isinf(b))
         if not bounds or any(b <= 0 for b in bounds):
             raise ValueError(f"buckets must be numbers > 0, got {list(buckets)!r}")
@@ -217,7 +232,7 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-def render(bus: EventBus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> str:
+def render(bus: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> str:
     """The bus's metrics in the Prometheus text exposition format (``bus.metrics()``).
 
     >>> print(render(bus))                                   # doctest: +SKIP
@@ -239,7 +254,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def health_json(bus: EventBus) -> str:
+def health_json(bus: Bus) -> str:
     """``bus.get_health_status()`` as JSON (datetimes in ISO 8601): the body of ``/health``."""
     return json.dumps(bus.get_health_status(), default=_json_default, sort_keys=True)
 
@@ -288,7 +303,7 @@ _REQUEST_TIMEOUT = 10.0
 
 
 async def serve(
-    bus: EventBus,
+    bus: Bus,
     host: str = "127.0.0.1",
     port: int = 0,
     *,
@@ -337,7 +352,7 @@ async def serve(
 
 
 async def _answer(
-    bus: EventBus,
+    bus: Bus,
     buckets: Sequence[float],
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,

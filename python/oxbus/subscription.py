@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
+
+
+def qualname(obj: Any) -> str:
+    """A handler's ``module.qualname``: a subscription's default name."""
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if name is None:
+        name = type(obj).__qualname__
+    module = getattr(obj, "__module__", None)
+    return f"{module}.{name}" if module and module not in ("builtins", "__main__") else name
+
+
+def is_async(handler: Any) -> bool:
+    """Whether calling ``handler`` returns a coroutine (``functools.partial`` seen through)."""
+    target = handler
+    while hasattr(target, "func"):  # functools.partial
+        target = target.func
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)
+    )
 
 
 @dataclass(frozen=True)

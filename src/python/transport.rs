@@ -170,8 +170,10 @@ impl PyRedisCore {
 
 #[pymethods]
 impl PyRedisCore {
+    /// Connects (blocking, without the GIL). Every setting but the URL is given by keyword,
+    /// as `oxbus.RedisStreams.native()` spells them; the Python options checked them first.
     #[new]
-    #[pyo3(signature = (url, streams, group, consumer, claim_idle, maxlen, batch, prefetch, max_deliveries, dead_stream, publish_timeout, consume))]
+    #[pyo3(signature = (url, *, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -181,12 +183,12 @@ impl PyRedisCore {
         consumer: String,
         claim_idle: f64,
         maxlen: usize,
-        batch: usize,
         prefetch: usize,
         max_deliveries: u32,
         dead_stream: String,
         publish_timeout: f64,
         consume: bool,
+        batch: usize,
     ) -> PyResult<Self> {
         for (name, v) in [
             ("claim_idle", claim_idle),

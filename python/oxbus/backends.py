@@ -1,0 +1,286 @@
+"""How a bus hands its events to its transport: one small backend per kind, so the bus
+itself has no branch per backend.
+
+- :class:`Backend`: into the engine's queue (``oxbus.Memory``); the base of the others;
+- :class:`EventStorageBackend`: ``event_storage.store_event(event)`` first, as the bus being
+  replaced did, then into the queue;
+- :class:`DurableBackend`: committed to the SQLite log, then into the queue (``oxbus.Sqlite``);
+- :class:`RedisBackend`: ``XADD`` to Redis Streams; entries come back through the consumer
+  group (``oxbus.RedisStreams``).
+
+A new broker is its options class in ``oxbus.transports`` and one backend here, listed in
+``_BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any, ClassVar, Iterable
+
+from oxbus._oxbus import BusCore, RedisCore
+from oxbus.dead_letters import DeadLetters
+from oxbus.errors import BusNotStarted, OxbusError
+from oxbus.store import SqliteEventStore
+from oxbus.transports import Memory, RedisStreams, Sqlite, Transport
+
+__all__ = ["Backend", "backend_for"]
+
+logger = logging.getLogger("oxbus")
+
+
+async def admit(core: BusCore, waiter: asyncio.Future[Any]) -> None:
+    """Waits for room in a full queue. The event enters the queue when this publisher
+    resumes, not when room is found: a publisher cancelled in between has not published
+    (its room goes to the next one), as ``CancelledError`` tells it."""
+    try:
+        await waiter
+    except BaseException:
+        core.withdraw(waiter)
+        raise
+    core.enter(waiter)
+
+
+class Backend:
+    """The in-memory backend, and the base of the others: events go into the engine's queue."""
+
+    #: whether ``await bus.publish()`` may call the engine directly (no hook, no I/O)
+    plain: ClassVar[bool] = True
+
+    def __init__(self, core: BusCore, options: Transport) -> None:
+        self.core = core
+        self.options = options
+
+    async def start(self) -> None:
+        """After the workers started; a failure leaves the bus stopped."""
+
+    def pause(self) -> None:
+        """Intake closed: take nothing new from the transport."""
+
+    async def close(self) -> None:
+        """After the workers stopped: release the transport."""
+
+    def health(self, report: dict[str, Any]) -> None:
+        """Adds the transport's part to ``get_health_status()``'s report."""
+
+    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+        waiter = self.core.publish(event, key, correlation_id)
+        if waiter is not None:
+            await admit(self.core, waiter)
+        return True
+
+    async def publish_many(self, events: Iterable[Any]) -> int:
+        it = iter(events)
+        total = 0
+        core = self.core
+        while True:
+            n, waiter = core.publish_many(it)
+            total += n
+            if waiter is None:
+                return total
+            await admit(core, waiter)
+
+    def publish_nowait(self, event: Any, key: Any, correlation_id: Any) -> None:
+        self.core.publish_nowait(event, key, correlation_id)
+
+
+
+class _Waiting(Backend):
+    """A backend whose publish waits for I/O: no ``publish_nowait``."""
+
+    plain = False
+
+    def publish_nowait(self, event: Any, key: Any, correlation_id: Any) -> None:
+        raise OxbusError("publish_nowait cannot wait for the store or Redis; use publish")
+
+
+class EventStorageBackend(_Waiting):
+    """The replaced bus's ``event_storage``: ``await store_event(event)``, then the queue."""
+
+    def __init__(self, core: BusCore, options: Transport, event_storage: Any) -> None:
+        super().__init__(core, options)
+        self.storage = event_storage
+
+    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+        self.core.ensure_running()  # never store an event the bus then refuses
+        await self.storage.store_event(event)
+        return await super().publish(event, key, correlation_id)
+
+    async def publish_many(self, events: Iterable[Any]) -> int:
+        n = 0
+        for e in events:
+            await self.publish(e, None, None)
+            n += 1
+        return n
+
+
+class DurableBackend(_Waiting):
+    """The SQLite log: an event is committed, then dispatched with its position."""
+
+    def __init__(
+        self,
+        core: BusCore,
+        options: Sqlite,
+        dead_letters: DeadLetters,
+        durable: dict[int, tuple[str, bool]],
+    ) -> None:
+        super().__init__(core, options)
+        self.store, self.owns_store = options.open()
+        dead_letters._attach(self.store)
+        self.dead_letters = dead_letters
+        self.durable = durable
+        core.set_progress(self.store._core)
+
+    async def start(self) -> None:
+        """Queues, for each subscription, every committed event it has not finished (in log
+        order), and loads the stored dead letters."""
+        store = self.store
+        targets = {sid: target for sid, _, _, target in self.core.subscriptions()}
+        for sid, (name, from_beginning) in list(self.durable.items()):
+            start_after = await store._core.register_subscription(name, from_beginning)
+            # A row that cannot be decoded becomes a dead letter of this subscription.
+            for stored, event in await store._undelivered(name, start_after, targets.get(sid)):
+                self.core.redeliver(
+                    event, sid, stored.position, stored.correlation_id, stored.causation_id
+                )
+        await self.dead_letters._load()
+
+    async def close(self) -> None:
+        if self.owns_store:
+            self.store.close()
+
+    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+        self.core.ensure_running()  # never commit an event the bus then refuses
+        (position,) = await self.store._core.log(event, key, correlation_id)
+        waiter = self.core.publish(event, key, correlation_id, position)
+        if waiter is not None:
+            await admit(self.core, waiter)
+        return True
+
+    async def publish_many(self, events: Iterable[Any]) -> int:
+        # One atomic group in the log, one commit, then dispatch in order.
+        self.core.ensure_running()
+        items = list(events)
+        if not items:
+            return 0
+        positions = await self.store._core.log_many(items)
+        for e, position in zip(items, positions):
+            waiter = self.core.publish(e, None, None, position)
+            if waiter is not None:
+                await admit(self.core, waiter)
+        return len(items)
+
+
+def _event_from_payload(payload: dict[str, Any]) -> Any:
+    """An event read from a transport: the user's class through the registry, else the data."""
+    from oxbus.registry import lookup, rebuild
+
+    data = payload.get("data", {})
+    cls = lookup(payload.get("event_type"))
+    if cls is None:
+        return data
+    obj: Any = rebuild(cls, data)
+    d = getattr(obj, "__dict__", None)
+    if d is not None and getattr(cls, "__oxbus_domain_event__", False):
+        d["event_id"] = payload.get("event_id")
+        if payload.get("occurred_at"):
+            d["occurred_at"] = datetime.fromisoformat(payload["occurred_at"])
+        for k, v in (payload.get("metadata") or {}).items():
+            if v is not None:
+                d[k] = v
+    return obj
+
+
+async def connect_redis(options: RedisStreams, consume: bool) -> RedisCore:
+    """The native Redis transport, connected. Connecting may take a while: never on the
+    loop thread."""
+    settings = options.native(consume)
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: RedisCore(**settings))
+
+
+class RedisBackend(_Waiting):
+    """Redis Streams: a publish returns once Redis accepted the entry; entries come back
+    through the consumer group and are dispatched like local events."""
+
+    options: RedisStreams
+
+    def __init__(self, core: BusCore, options: RedisStreams) -> None:
+        super().__init__(core, options)
+        self.redis: RedisCore | None = None
+
+    async def start(self) -> None:
+        consume = self.options.consume
+        if consume is None:  # a bus with subscriptions joins its group
+            consume = bool(self.core.subscriptions())
+        self.redis = await connect_redis(self.options, consume)
+        self.redis.set_target(asyncio.get_running_loop(), self._on_entries)
+
+    def _on_entries(self) -> None:
+        # Entries that arrive while the bus stops stay unacknowledged: Redis redelivers them.
+        if self.redis is not None and self.core.running:
+            _, refused = self.redis.dispatch(self.core, _event_from_payload)
+            for reason in refused:
+                logger.error("Redis %s: moved to the dead-letter stream", reason)
+
+    def pause(self) -> None:
+        if self.redis is not None:
+            self.redis.pause()  # take no new entries; drain what was received
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            redis, self.redis = self.redis, None
+            await asyncio.get_running_loop().run_in_executor(None, redis.stop)
+
+    def _connected(self) -> RedisCore:
+        self.core.ensure_running()
+        if self.redis is None:
+            raise BusNotStarted("the bus is still connecting to Redis: await bus.start() first")
+        return self.redis
+
+    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+        await self._connected().publish(event, key, correlation_id)
+        return True
+
+    async def publish_many(self, events: Iterable[Any]) -> int:
+        redis = self._connected()
+        items = list(events)
+        if items:
+            await redis.publish_many(items)  # one pipelined request, one future
+        return len(items)
+
+    def health(self, report: dict[str, Any]) -> None:
+        if self.redis is None:
+            return
+        ok, lag, pending, published, received, claimed, dead, err = self.redis.health()
+        report["transport"] = {
+            "kind": "redis", "reachable": ok, "lag": lag, "pending": pending,
+            "published": published, "received": received, "claimed": claimed,
+            "dead_lettered": dead, "last_error": err,
+        }
+        if not ok and report["status"] == "healthy":
+            report["status"] = "degraded"
+            report["reasons"].append(f"Redis unreachable: {err}")
+
+
+def backend_for(
+    core: BusCore,
+    options: Transport,
+    event_storage: Any,
+    dead_letters: DeadLetters,
+    durable: dict[int, tuple[str, bool]],
+) -> Backend:
+    """The backend of a bus's transport options."""
+    if isinstance(options, Sqlite):
+        return DurableBackend(core, options, dead_letters, durable)
+    if isinstance(options, RedisStreams):
+        return RedisBackend(core, options)
+    if event_storage is not None:
+        return EventStorageBackend(core, options, event_storage)
+    assert isinstance(options, Memory), options
+    return Backend(core, options)
+
+
+def store_of(backend: Backend) -> SqliteEventStore | None:
+    """The SQLite store of a durable bus, else None."""
+    return backend.store if isinstance(backend, DurableBackend) else None

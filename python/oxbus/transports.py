@@ -1,0 +1,296 @@
+"""Where a bus's events travel: the transport options given to ``EventBus(transport=...)``.
+
+One class per kind, each checking its settings once, when it is made (a bad one raises
+``ConfigurationError`` naming it), and frozen afterwards::
+
+    EventBus()                                              # Memory(): in this process
+    EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
+    EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
+    EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
+
+A URL stands for the class its scheme names, with the bus's keywords as its settings
+(``store=`` stands for :class:`Sqlite`). A new broker is one more class here (its URL
+schemes in ``schemes``) plus its backend in ``oxbus.backends``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Union
+
+from oxbus.config import choice, non_negative_int, positive_int, seconds
+from oxbus.errors import ConfigurationError
+from oxbus.store import SqliteEventStore
+
+__all__ = ["Memory", "RedisStreams", "Sqlite", "Transport", "TransportSpec"]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password masked: ``redis://:***@host:6379/0``."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+def _refuse_unknown(
+    kind: type[Transport], url: str, settings: dict[str, Any], allowed: set[str]
+) -> None:
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        verb = "does" if len(unknown) == 1 else "do"
+        raise ConfigurationError(
+            f"{', '.join(unknown)} {verb} not apply to a {kind.kind} transport ({redact(url)!r})"
+        )
+
+
+class Transport:
+    """Base of the transport options (``Memory``, ``Sqlite``, ``RedisStreams``)."""
+
+    __slots__ = ()
+    #: the URL schemes that stand for this transport
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: its name in health reports and messages
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def from_url(cls, url: str, **settings: Any) -> Transport:
+        """The options a URL stands for: ``Transport.from_url("redis://h:6379/0", group="g")``.
+
+        Settings the class does not take raise ``ConfigurationError``.
+        """
+        if not isinstance(url, str):
+            raise ConfigurationError(f"transport must be a URL or transport options, got {url!r}")
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        for option in _KINDS:
+            if scheme in option.schemes:
+                return option._from_url(url, settings)
+        known = ", ".join(f"{s}://" for k in _KINDS for s in k.schemes)
+        raise ConfigurationError(
+            f"transport URL must start with one of {known}; got {redact(url)!r}"
+        )
+
+    @classmethod
+    def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:
+        _refuse_unknown(cls, url, settings, set())
+        return cls()
+
+
+@dataclass(frozen=True)
+class Memory(Transport):
+    """Events stay in this process (the default): ``EventBus(transport=oxbus.Memory())``."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("memory",)
+    kind: ClassVar[str] = "memory"
+
+
+@dataclass(frozen=True, init=False)
+class Sqlite(Transport):
+    """The durable bus: every event is committed to a SQLite log before it is dispatched.
+
+    ``path`` is a file path (the bus opens the store on construction and closes it when it
+    stops) or an open :class:`~oxbus.SqliteEventStore` (used as it is, never closed by the
+    bus). ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss
+    (``None``: the store's own setting, ``"normal"`` for a path)::
+
+        EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"), workers=4)
+    """
+
+    path: Union[str, SqliteEventStore]
+    synchronous: Union[str, None]
+    schemes: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = "sqlite"
+
+    def __init__(
+        self, path: str | os.PathLike[str] | SqliteEventStore, *, synchronous: str | None = None
+    ) -> None:
+        if isinstance(path, SqliteEventStore):
+            if synchronous is not None:
+                raise ConfigurationError(
+                    f"synchronous={synchronous!r} applies to a path; the open store "
+                    f"{path.path!r} keeps its own setting"
+                )
+        elif isinstance(path, (str, os.PathLike)) and os.fspath(path):
+            path = os.fspath(path)
+        else:
+            raise ConfigurationError(
+                f"store must be a SqliteEventStore or a file path, got {path!r}"
+            )
+        if synchronous is not None:
+            synchronous = choice("synchronous", synchronous.lower() if isinstance(synchronous, str)
+                                 else synchronous, ("normal", "full"))
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "synchronous", synchronous)
+
+    def open(self) -> tuple[SqliteEventStore, bool]:
+        """The store, and whether the bus opened it (and so closes it)."""
+        if isinstance(self.path, SqliteEventStore):
+            return self.path, False
+        return SqliteEventStore(self.path, synchronous=self.synchronous or "normal"), True
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class RedisStreams(Transport):
+    """Redis Streams with consumer groups: events travel between processes.
+
+    ``url`` is ``redis://``, ``rediss://`` (TLS) or ``unix://``. ``group``: processes in one
+    group share the events, each group gets every event. ``consumer``: this process's name in
+    the group (``None``: ``<hostname>-<pid>`` when the bus starts). ``stream``: the stream
+    name, ``<stream>:<i>`` for each of ``partitions`` streams (a key always goes to the same
+    one). ``claim_idle``: seconds after which entries pending on a silent consumer are claimed.
+    ``maxlen``: the ``MAXLEN ~`` bound (0 = unbounded). ``max_deliveries``: an entry delivered
+    that many times goes to ``<stream>:dead``. ``publish_timeout``: seconds a publish retries
+    before ``TransportError``. ``prefetch``: entries delivered and not yet acknowledged.
+    ``consume``: whether the bus reads from its group (``None``: when it has subscriptions at
+    ``start()``)::
+
+        EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
+                                              partitions=4))
+    """
+
+    url: str
+    group: str
+    consumer: Union[str, None]
+    stream: str
+    partitions: int
+    claim_idle: float
+    maxlen: int
+    max_deliveries: int
+    publish_timeout: float
+    prefetch: int
+    consume: Union[bool, None]
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix")
+    kind: ClassVar[str] = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        group: str = "default",
+        consumer: str | None = None,
+        stream: str = "oxbus:events",
+        partitions: int = 1,
+        claim_idle: float = 30.0,
+        maxlen: int = 1_000_000,
+        max_deliveries: int = 5,
+        publish_timeout: float = 5.0,
+        prefetch: int = 1000,
+        consume: bool | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not url.lower().startswith(
+            tuple(f"{s}://" for s in self.schemes)
+        ):
+            shown = redact(url) if isinstance(url, str) else url
+            raise ConfigurationError(
+                f"transport must be a redis:// (or rediss://, unix://) URL, got {shown!r}"
+            )
+        for name, value in (("group", group), ("stream", stream)):
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(f"{name} must be a non-empty str, got {value!r}")
+        if consumer is not None and (not isinstance(consumer, str) or not consumer):
+            raise ConfigurationError(f"consumer must be a non-empty str or None, got {consumer!r}")
+        if consume is not None and not isinstance(consume, bool):
+            raise ConfigurationError(f"consume must be True, False or None, got {consume!r}")
+        checked = {
+            "url": url,
+            "group": group,
+            "consumer": consumer,
+            "stream": stream,
+            "partitions": positive_int("partitions", partitions),
+            "claim_idle": seconds("claim_idle", claim_idle),
+            "maxlen": non_negative_int("maxlen", maxlen, " (0 = unbounded)"),
+            "max_deliveries": positive_int("max_deliveries", max_deliveries),
+            "publish_timeout": seconds("publish_timeout", publish_timeout),
+            "prefetch": positive_int("prefetch", prefetch),
+            "consume": consume,
+        }
+        for field_name, checked_value in checked.items():
+            object.__setattr__(self, field_name, checked_value)
+
+    @classmethod
+    def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:
+        _refuse_unknown(cls, url, settings, {f.name for f in fields(cls)} - {"url"})
+        return cls(url, **settings)
+
+    def __repr__(self) -> str:  # the URL's password never appears in messages
+        shown = ", ".join(
+            f"{f.name}={redact(self.url) if f.name == 'url' else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"RedisStreams({shown})"
+
+    def streams(self) -> list[str]:
+        """The stream names: ``stream``, or ``<stream>:<i>`` for each partition."""
+        if self.partitions == 1:
+            return [self.stream]
+        return [f"{self.stream}:{i}" for i in range(self.partitions)]
+
+    def native(self, consume: bool) -> dict[str, Any]:
+        """The keywords of the native ``RedisCore``."""
+        return {
+            "url": self.url,
+            "streams": self.streams(),
+            "group": self.group,
+            "consumer": self.consumer or f"{socket.gethostname()}-{os.getpid()}",
+            "claim_idle": self.claim_idle,
+            "maxlen": self.maxlen,
+            "prefetch": self.prefetch,
+            "max_deliveries": self.max_deliveries,
+            "dead_stream": f"{self.stream}:dead",
+            "publish_timeout": self.publish_timeout,
+            "consume": consume,
+        }
+
+
+#: The transports a URL may name, in the order their schemes are tried.
+_KINDS: tuple[type[Transport], ...] = (Memory, RedisStreams)
+
+#: What ``EventBus(transport=...)`` takes.
+TransportSpec = Union[str, Transport]
+
+#: The ``EventBus`` keywords that are settings of a URL's transport (today ``RedisStreams``'s;
+#: a broker that takes some of them, such as ``group`` or ``prefetch``, takes them too).
+URL_KEYWORDS = (
+    "group", "consumer", "stream", "partitions", "claim_idle", "maxlen", "max_deliveries",
+    "publish_timeout", "prefetch", "consume",
+)
+
+
+def resolve(
+    transport: TransportSpec | None,
+    store: SqliteEventStore | str | os.PathLike[str] | None,
+    event_storage: Any,
+    shorthand: dict[str, Any],
+) -> Transport:
+    """The transport options an ``EventBus``'s keywords stand for.
+
+    ``shorthand`` holds the ``URL_KEYWORDS`` given to the bus (not None): they are the settings
+    of a URL's transport; beside an options object they are refused (they belong inside it);
+    with no transport at all they are ignored, as they always were.
+    """
+    if store is not None:
+        if transport is not None:
+            raise ConfigurationError("give store= or transport=, not both")
+        transport = Sqlite(store)
+    elif isinstance(transport, str):
+        transport = Transport.from_url(transport, **shorthand)
+    elif transport is None:
+        transport = Memory()
+    elif not isinstance(transport, Transport):
+        raise ConfigurationError(
+            f"transport must be a URL or transport options (oxbus.Memory, oxbus.Sqlite, "
+            f"oxbus.RedisStreams), got {transport!r}"
+        )
+    elif shorthand:
+        raise ConfigurationError(
+            f"give {', '.join(sorted(shorthand))} inside {type(transport).__name__}(...), "
+            "not beside it"
+        )
+    if event_storage is not None:
+        if isinstance(transport, Sqlite):
+            raise ConfigurationError("give store= or event_storage=, not both")
+        if not isinstance(transport, Memory):
+            raise ConfigurationError(
+                f"a {transport.kind} transport cannot be combined with event_storage="
+            )
+    return transport

@@ -42,7 +42,7 @@ async def test_a_handler_that_catches_its_own_timeout_leaves_the_worker_dispatch
     async def patient(event: TcJob) -> None:
         try:
             await _sleep_with_own_timeout(3600, 0.02)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin one on 3.10
             seen.append((event.n, "timed out"))
             return
         seen.append((event.n, "finished"))
@@ -66,7 +66,7 @@ async def test_a_handler_failing_after_its_own_timeout_is_retried_like_any_failu
     async def flaky(event: TcJob) -> None:
         attempts.append(event.n)
         if len(attempts) == 1:
-            await _sleep_with_own_timeout(3600, 0.02)  # raises TimeoutError: a failure
+            await _sleep_with_own_timeout(3600, 0.02)  # raises a TimeoutError: a failure
 
     bus.subscribe(TcJob, flaky)
     await bus.publish(TcJob(7))
@@ -87,7 +87,7 @@ async def test_stop_still_interrupts_a_hung_handler_after_a_timeout_was_taken_ba
     async def first_times_out_then_hangs(event: TcJob) -> None:
         try:
             await _sleep_with_own_timeout(3600, 0.02)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin one on 3.10
             pass
         started.set()
         try:

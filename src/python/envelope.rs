@@ -306,7 +306,8 @@ fn set_var(var: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
 /// `var.set(value)`: the stable ABI has no `PyContextVar_*`, so through the method.
 #[cfg(feature = "abi3")]
 fn set_var(var: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
-    var.call_method1(intern!(var.py(), "set"), (value,)).map(drop)
+    var.call_method1(intern!(var.py(), "set"), (value,))
+        .map(drop)
 }
 
 /// `var.get(None)`, or None when unset.

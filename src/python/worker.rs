@@ -123,7 +123,7 @@ fn is_cancelled_error(py: Python<'_>, e: &PyErr) -> bool {
 fn task_still_cancelling(py: Python<'_>) -> bool {
     let Ok(task) = CURRENT_TASK
         .import(py, "asyncio", "current_task")
-        .and_then(|f| f.call0())
+        .and_then(PyAnyMethods::call0)
     else {
         return true;
     };

@@ -277,6 +277,22 @@ def _qualname(obj: Any) -> str:
     return f"{module}.{name}" if module and module not in ("builtins", "__main__") else name
 
 
+def _check_takes_one_event(handler: Any) -> None:
+    """Raises ``InvalidSubscription`` unless ``handler(event)`` binds: one positional
+    argument, no other required one. A callable without a signature (some builtins) passes."""
+    try:
+        sig = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None)
+    except TypeError as e:
+        raise InvalidSubscription(
+            f"handler {_qualname(handler)}{sig} cannot be called with the event as its one "
+            f"positional argument ({e})"
+        ) from None
+
+
 def _is_async(handler: Any) -> bool:
     target = handler
     while hasattr(target, "func"):  # functools.partial
@@ -656,6 +672,7 @@ class EventBus:
                 f"handler {_qualname(handler)} is a generator function: calling it would not "
                 "run its body; use `def` or `async def` without `yield`"
             )
+        _check_takes_one_event(handler)
         sub_name = name if name is not None else _qualname(handler)
         if self._store is not None and self._core.has_name(sub_name):
             raise ConfigurationError(

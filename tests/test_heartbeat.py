@@ -176,9 +176,9 @@ async def test_heartbeats_show_in_metrics(make_bus: Any) -> None:
         for f in text_string_to_metric_families(bus.metrics())
         for s in f.samples
     }
-    assert samples[("oxbus_heartbeat_age_seconds", (("source", "pricing"),))] == 4.0
-    assert samples[("oxbus_heartbeat_stale", (("source", "pricing"),))] == 1.0
-    assert samples[("oxbus_events_published_total", (("event_type", "oxbus.heartbeat"),))] == 1
+    assert samples[("oxbus_heartbeat_age_seconds", (("bus", "oxbus"), ("source", "pricing")))] == 4.0
+    assert samples[("oxbus_heartbeat_stale", (("bus", "oxbus"), ("source", "pricing")))] == 1.0
+    assert samples[("oxbus_events_published_total", (("bus", "oxbus"), ("event_type", "oxbus.heartbeat")))] == 1
 
 
 async def test_a_stored_heartbeat_comes_back_as_a_heartbeat() -> None:

@@ -28,7 +28,7 @@ import weakref
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -198,16 +198,8 @@ class BusCollector:
             "Handler call durations (sampled).",
         ).add_metric([bus_name], buckets=buckets, sum_value=total)
 
-        gauge(
-            "oxbus_process_resident_memory_bytes",
-            "Resident memory of this process.",
-            health.get("memory_usage_mb", 0.0) * _MB,
-        )
-        gauge(
-            "oxbus_process_cpu_percent",
-            "CPU used by this process since the previous health report, percent of one core.",
-            health.get("cpu_percent", 0.0),
-        )
+        # The process's own memory and CPU: prometheus_client's ProcessCollector
+        # (process_resident_memory_bytes, process_cpu_seconds_total), not a copy here.
         gauge(
             "oxbus_system_memory_total_bytes",
             "Memory of the machine.",
@@ -288,6 +280,7 @@ def render(bus: EventBus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> str:
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BusCollector(bus, buckets=buckets))
+    ProcessCollector(registry=registry)  # what prometheus_client.REGISTRY has by default
     return generate_latest(registry).decode("utf-8")
 
 

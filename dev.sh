@@ -48,9 +48,11 @@ suite() {  # suite PYTHON: the wheel into a fresh venv of PYTHON, then pytest an
   echo "== CPython $("$py" -c 'import platform; print(platform.python_version())') ($py) in $dir"
   rm -rf "$dir"
   venv "$dir" "$py" "${TEST_DEPS[@]}"
-  local tag wheel
+  local tag wheel='' w
   tag=$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-  wheel=$(ls dist/oxbus-*-"$tag-$tag"-*.whl dist/oxbus-*-abi3-*.whl 2>/dev/null | head -1)
+  for w in dist/oxbus-*-"$tag-$tag"-*.whl dist/oxbus-*-abi3-*.whl; do
+    if [ -f "$w" ]; then wheel=$w; break; fi
+  done
   "$dir/bin/python" -m pip install -q "${wheel:?no wheel in dist/ for $tag}"
   # Run from tests/ so `import oxbus` finds the installed wheel, not ./python.
   (cd tests && "../$dir/bin/python" -m pytest -c ../pyproject.toml --rootdir .. "${PYTEST_ARGS[@]}")

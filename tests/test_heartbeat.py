@@ -40,9 +40,9 @@ async def test_a_heartbeat_is_published_at_once_and_then_every_interval(make_bus
     await bus.drain()
     assert [h.sequence for h in rec.of_type(Heartbeat)] == [1]
     clock.advance(0.1)
-    await rec.wait_for(Heartbeat, beat_of("pricing", 2))
+    await rec.first(Heartbeat, beat_of("pricing", 2))
     clock.advance(5.0)
-    await rec.wait_for(Heartbeat, beat_of("pricing", 3))
+    await rec.first(Heartbeat, beat_of("pricing", 3))
     assert handle.sequence == 3 and handle.running
     assert [h.sequence for h in rec.of_type("oxbus.heartbeat")] == [1, 2, 3]
     handle.cancel()
@@ -67,7 +67,7 @@ async def test_health_lists_the_last_heartbeat_per_source(make_bus: Any) -> None
 
     for sequence in (2, 3, 4):  # orders beats at 101, 102, 103; pricing's last is at 100
         clock.advance(1.0)
-        await rec.wait_for(Heartbeat, beat_of("orders", sequence))
+        await rec.first(Heartbeat, beat_of("orders", sequence))
     await bus.drain()
     beats = bus.get_health_status()["heartbeats"]
     assert beats["pricing"]["age_seconds"] == 3.0 and not beats["pricing"]["stale"]
@@ -176,9 +176,9 @@ async def test_heartbeats_show_in_metrics(make_bus: Any) -> None:
         for f in text_string_to_metric_families(bus.metrics())
         for s in f.samples
     }
-    assert samples[("oxbus_heartbeat_age_seconds", (("source", "pricing"),))] == 4.0
-    assert samples[("oxbus_heartbeat_stale", (("source", "pricing"),))] == 1.0
-    assert samples[("oxbus_events_published_total", (("event_type", "oxbus.heartbeat"),))] == 1
+    assert samples[("oxbus_heartbeat_age_seconds", (("bus", "oxbus"), ("source", "pricing")))] == 4.0
+    assert samples[("oxbus_heartbeat_stale", (("bus", "oxbus"), ("source", "pricing")))] == 1.0
+    assert samples[("oxbus_events_published_total", (("bus", "oxbus"), ("event_type", "oxbus.heartbeat")))] == 1
 
 
 async def test_a_stored_heartbeat_comes_back_as_a_heartbeat() -> None:
@@ -200,11 +200,11 @@ async def test_after_a_stall_one_heartbeat_goes_out_not_a_burst(make_bus: Any) -
     handle = await bus.broadcast_heartbeat("pricing", interval=1.0)
     await bus.drain()
     clock.advance(10.0)  # ten intervals pass at once
-    await rec.wait_for(Heartbeat, beat_of("pricing", 2))
+    await rec.first(Heartbeat, beat_of("pricing", 2))
     await bus.drain()
     clock.advance(0.9)
     await bus.drain()
     assert [h.sequence for h in rec.of_type(Heartbeat)] == [1, 2]
     clock.advance(0.1)  # the schedule restarted from the stall: next due at 111
-    await rec.wait_for(Heartbeat, beat_of("pricing", 3))
+    await rec.first(Heartbeat, beat_of("pricing", 3))
     handle.cancel()

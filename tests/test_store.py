@@ -1192,6 +1192,7 @@ async def test_two_durable_buses_on_one_file_log_the_same_keys_with_contiguous_v
         rows = conn.execute(
             "SELECT stream_id, version FROM events ORDER BY stream_id, version"
         ).fetchall()
+    conn.close()  # the with block commits, it does not close (ResourceWarning on 3.13)
     by_stream: dict[str, list[int]] = {}
     for stream, version in rows:
         by_stream.setdefault(stream, []).append(version)
@@ -1213,6 +1214,7 @@ async def test_progress_recorded_by_workers_is_committed_when_the_bus_stops(db: 
     assert sorted(first) == list(range(200))
     with sqlite3.connect(db) as conn:
         done = conn.execute("SELECT COUNT(*) FROM progress WHERE subscription = 'ledger'").fetchone()
+    conn.close()  # the with block commits, it does not close (ResourceWarning on 3.13)
     assert done == (200,)
     again: list[int] = []
     bus = EventBus(store=db)

@@ -27,8 +27,9 @@ def run_on_uvloop(main: Callable[[], Awaitable[T]]) -> T:
         assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         return await main()
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(checked())
+    # uvloop.run: asyncio.Runner on a uvloop loop (which 3.10, without Runner, lacks).
+    result: T = uvloop.run(checked())
+    return result
 
 
 class UvEvent(DomainEvent):

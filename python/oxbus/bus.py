@@ -27,7 +27,12 @@ from oxbus.config import BusSettings, CircuitBreaker, seconds as _timeout
 from oxbus.dead_letters import DeadLetters
 from oxbus.failures import FailureBook
 from oxbus.store import SqliteEventStore
-from oxbus.subscription import Subscription, is_async as _is_async, qualname as _qualname
+from oxbus.subscription import (
+    Subscription,
+    check_takes_one_event,
+    is_async as _is_async,
+    qualname as _qualname,
+)
 from oxbus.transports import URL_KEYWORDS, Transport, TransportSpec, resolve
 from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, InvalidSubscription, ReentrantCall
 
@@ -316,6 +321,7 @@ class EventBus:
                 f"handler {_qualname(handler)} is a generator function: calling it would not "
                 "run its body; use `def` or `async def` without `yield`"
             )
+        check_takes_one_event(handler)
         sub_name = name if name is not None else _qualname(handler)
         if self._store is not None and self._core.has_name(sub_name):
             raise ConfigurationError(

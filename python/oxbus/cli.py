@@ -591,6 +591,9 @@ def replay(
 
     async def run() -> None:
         nonlocal calls
+        # Redrawn at most every 0.1 s, not per event (a terminal redraw costs more than
+        # a quick handler call).
+        pending, drawn = 0, time.perf_counter()
         with (
             SqliteEventStore(db, read_only=True) as store,
             click.progressbar(
@@ -622,9 +625,13 @@ def replay(
                                 "error_message": str(exc),
                             }
                         )
-                    bar.update(1)
+                    pending += 1
+                    if time.perf_counter() - drawn >= 0.1:
+                        bar.update(pending)
+                        pending, drawn = 0, time.perf_counter()
                 if len(page) < 1000:
                     break
+            bar.update(pending)
 
     t0 = time.perf_counter()
     try:

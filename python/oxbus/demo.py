@@ -102,7 +102,8 @@ async def pipeline(out: Out = print) -> dict[str, Any]:
         env = current_envelope()
         assert env is not None
         log.append(
-            f"{type(e).__name__:<13} corr={str(env.correlation_id)[:8]} cause={str(env.causation_id)[:8]}"
+            # In full: ids are time-ordered UUIDs, so their first characters all look alike.
+            f"{type(e).__name__:<13} corr={env.correlation_id} cause={env.causation_id}"
         )
 
     bus.subscribe(OrderPlaced, take_payment)

@@ -7,8 +7,9 @@
     ...
     await server.close()
 
-    # or, next to your own metrics (prometheus_client's registry and HTTP server):
-    prometheus_client.REGISTRY.register(oxbus.metrics.BusCollector(bus))
+    # or, next to your own metrics (prometheus_client's registry and HTTP server), any
+    # number of buses, told apart by their ``bus`` label (``EventBus(name=...)``):
+    oxbus.metrics.register(bus)
 
 The numbers come from the bus itself (``get_statistics()``, ``get_health_status()`` and the
 engine's handler-latency histogram); nothing is counted twice. The text is produced by
@@ -23,10 +24,11 @@ import asyncio
 import json
 import logging
 import math
+import weakref
 from datetime import date, datetime
-from typing import Any, Iterator, Protocol, Sequence, Sized
+from typing import Any, Callable, Iterator, Protocol, Sequence, Sized
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,7 +36,10 @@ from prometheus_client.core import (
     Metric,
 )
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "BusCollector", "MetricsServer", "render", "serve"]
+__all__ = [
+    "CONTENT_TYPE", "DEFAULT_BUCKETS", "BusCollector", "MetricsServer", "register", "render",
+    "serve",
+]
 
 logger = logging.getLogger("oxbus")
 
@@ -71,29 +76,67 @@ _MB = 1024.0 * 1024.0
 
 
 class BusCollector:
-    """A ``prometheus_client`` collector reading one bus at each scrape.
+    """A ``prometheus_client`` collector reading one or more buses at each scrape; every
+    sample has a ``bus`` label, the bus's ``EventBus(name=...)`` ("oxbus" by default).
 
     Register it wherever ``prometheus_client`` takes collectors::
 
         from prometheus_client import REGISTRY, start_http_server
         REGISTRY.register(BusCollector(bus))
 
-    ``collect()`` may run on any thread (the engine's counters are behind its own lock).
+    Several buses share one registry through one collector (``BusCollector(orders,
+    payments)``, ``collector.add(bus)``, or :func:`register`, which keeps one collector per
+    registry); their names must differ. ``collect()`` may run on any thread (the engine's
+    counters are behind its own lock).
     """
 
-    def __init__(self, bus: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
+    def __init__(self, *buses: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         bounds = sorted(float(b) for b in buckets if not math.isinf(b))
         if not bounds or any(b <= 0 for b in bounds):
             raise ValueError(f"buckets must be numbers > 0, got {list(buckets)!r}")
-        self._bus = bus
+        self._buses: list[Bus] = []
         self._bounds = bounds
+        for bus in buses:
+            self.add(bus)
+
+    def add(self, bus: Bus) -> None:
+        """Reads ``bus`` too, from the next scrape on. ``ValueError`` if a bus of the same
+        name is read already (its samples would be indistinguishable)."""
+        name = _bus_name(bus)
+        if any(b is bus for b in self._buses):
+            return
+        if any(_bus_name(b) == name for b in self._buses):
+            raise ValueError(
+                f"a bus named {name!r} is collected already: give each bus its own "
+                "EventBus(name=...)"
+            )
+        self._buses.append(bus)
 
     def collect(self) -> Iterator[Metric]:
-        """The metric families of the bus, read now."""
-        bus = self._bus
+        """The metric families of the buses, read now."""
+        fams: dict[str, Metric] = {}
+
+        def family(kind: Callable[..., Metric], name: str, doc: str, labels: Sequence[str] = ()) -> Any:
+            f = fams.get(name)
+            if f is None:
+                f = fams[name] = kind(name, doc, labels=["bus", *labels])
+            return f
+
+        for bus in self._buses:
+            self._read(bus, family)
+        yield from fams.values()
+
+    def _read(self, bus: Bus, family: Callable[..., Any]) -> None:
+        bus_name = _bus_name(bus)
         stats = bus.get_statistics()
         health = bus.get_health_status()
         by_type: dict[str, dict[str, int]] = stats.get("by_event_type", {})
+
+        def counter(name: str, doc: str, value: float) -> None:
+            family(CounterMetricFamily, name, doc).add_metric([bus_name], value)
+
+        def gauge(name: str, doc: str, value: float) -> None:
+            family(GaugeMetricFamily, name, doc).add_metric([bus_name], value)
 
         for name, key, doc in (
             ("oxbus_events_published", "published", "Events accepted by the bus."),
@@ -108,23 +151,22 @@ class BusCollector:
                 "Handler calls that raised (every attempt counts).",
             ),
         ):
-            family = CounterMetricFamily(name, doc, labels=["event_type"])
+            f = family(CounterMetricFamily, name, doc, ["event_type"])
             for event_type, counts in sorted(by_type.items()):
-                family.add_metric([event_type], counts.get(key, 0))
-            yield family
+                f.add_metric([bus_name, event_type], counts.get(key, 0))
 
-        yield _counter("oxbus_retries", "Retry attempts scheduled.", stats["retried"])
-        yield _counter(
+        counter("oxbus_retries", "Retry attempts scheduled.", stats["retried"])
+        counter(
             "oxbus_dead_lettered",
             "(event, subscription) pairs sent to the dead-letter queue.",
             stats["dead_lettered"],
         )
-        yield _counter(
+        counter(
             "oxbus_events_unrouted",
             "Events accepted that no subscription matched.",
             stats.get("events_unrouted", 0),
         )
-        yield _counter("oxbus_handler_calls", "Handler calls made.", stats.get("handler_calls", 0))
+        counter("oxbus_handler_calls", "Handler calls made.", stats.get("handler_calls", 0))
 
         for name, doc, number in (
             ("oxbus_dead_letters", "Entries in the dead-letter queue now.", len(bus.dead_letters)),
@@ -158,36 +200,27 @@ class BusCollector:
             ),
             ("oxbus_uptime_seconds", "Seconds since the bus was created.", stats["uptime_seconds"]),
         ):
-            yield _gauge(name, doc, number)
+            gauge(name, doc, number)
 
         # The engine samples handler timings (see README, "Statistics and health"): the
         # histogram's count is of timed calls, not of every call (oxbus_handler_calls_total).
         cumulative, count, total = bus._core.latency_buckets(self._bounds)
         buckets = [(_le(b), float(c)) for b, c in zip(self._bounds, cumulative)]
         buckets.append(("+Inf", float(count)))
-        yield HistogramMetricFamily(
+        family(
+            HistogramMetricFamily,
             "oxbus_handler_duration_seconds",
             "Handler call durations (sampled).",
-            buckets=buckets,
-            sum_value=total,
-        )
+        ).add_metric([bus_name], buckets=buckets, sum_value=total)
 
-        yield _gauge(
-            "oxbus_process_resident_memory_bytes",
-            "Resident memory of this process.",
-            health.get("memory_usage_mb", 0.0) * _MB,
-        )
-        yield _gauge(
-            "oxbus_process_cpu_percent",
-            "CPU used by this process since the previous health report, percent of one core.",
-            health.get("cpu_percent", 0.0),
-        )
-        yield _gauge(
+        # The process's own memory and CPU: prometheus_client's ProcessCollector
+        # (process_resident_memory_bytes, process_cpu_seconds_total), not a copy here.
+        gauge(
             "oxbus_system_memory_total_bytes",
             "Memory of the machine.",
             health.get("system_memory_total_mb", 0.0) * _MB,
         )
-        yield _gauge(
+        gauge(
             "oxbus_system_memory_available_bytes",
             "Memory available on the machine.",
             health.get("system_memory_available_mb", 0.0) * _MB,
@@ -195,36 +228,55 @@ class BusCollector:
 
         beats: dict[str, dict[str, Any]] = health.get("heartbeats") or {}
         if beats:
-            age = GaugeMetricFamily(
+            age = family(
+                GaugeMetricFamily,
                 "oxbus_heartbeat_age_seconds",
                 "Seconds since the last heartbeat of each source.",
-                labels=["source"],
+                ["source"],
             )
-            stale = GaugeMetricFamily(
+            stale = family(
+                GaugeMetricFamily,
                 "oxbus_heartbeat_stale",
                 "1 when a source missed its heartbeat (none for 1.5 intervals).",
-                labels=["source"],
+                ["source"],
             )
             for source, seen in sorted(beats.items()):
-                age.add_metric([source], seen["age_seconds"])
-                stale.add_metric([source], 1.0 if seen["stale"] else 0.0)
-            yield age
-            yield stale
+                age.add_metric([bus_name, source], seen["age_seconds"])
+                stale.add_metric([bus_name, source], 1.0 if seen["stale"] else 0.0)
 
-        yield _gauge(
+        gauge(
             "oxbus_healthy",
             "1 when the health status is healthy (0: degraded or stopped).",
             1.0 if health.get("status") == "healthy" else 0.0,
         )
-        yield _gauge("oxbus_up", "1 while the bus runs.", 1.0 if stats["is_running"] else 0.0)
+        gauge("oxbus_up", "1 while the bus runs.", 1.0 if stats["is_running"] else 0.0)
 
 
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
+def _bus_name(bus: Bus) -> str:
+    return str(getattr(bus, "_name", "oxbus"))
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, BusCollector] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register(bus: Bus, registry: CollectorRegistry | None = None) -> BusCollector:
+    """Exposes ``bus`` in ``registry`` (``prometheus_client.REGISTRY`` by default) through
+    the one :class:`BusCollector` oxbus keeps there, so any number of buses (of distinct
+    names) share a registry; returns that collector."""
+    if registry is None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    collector = _registered.get(registry)
+    if collector is None:
+        collector = BusCollector(bus)
+        registry.register(collector)
+        _registered[registry] = collector
+    else:
+        collector.add(bus)
+    return collector
 
 
 def _le(bound: float) -> str:
@@ -242,7 +294,8 @@ def render(bus: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> str:
     ...
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BusCollector(bus, buckets))
+    registry.register(BusCollector(bus, buckets=buckets))
+    ProcessCollector(registry=registry)  # what prometheus_client.REGISTRY has by default
     return generate_latest(registry).decode("utf-8")
 
 

@@ -3,19 +3,35 @@
 Fixtures:
 
 * ``event_bus`` — a started :class:`~oxbus.EventBus`; after the test it is drained (so a
-  handler's failure to finish shows up as a teardown error) and stopped. Configure it by
-  overriding ``event_bus_options`` (keywords for ``EventBus``) in a conftest or module.
+  handler's failure to finish shows up as a teardown error) and stopped. A handler call that
+  raised during the test (dead-lettered or not) fails the test at teardown, with the original
+  traceback, unless the test expected it: ``@pytest.mark.oxbus(allow_errors=True)``, or the
+  failures taken with ``handler_errors.take()``. Handler calls are recorded
+  (``event_recorder.calls(handler)``, ``assert_handled``). Configure the bus by overriding
+  ``event_bus_options`` (keywords for ``EventBus``) in a conftest or module.
 * ``event_recorder`` — an :class:`oxbus.testing.EventRecorder` on that bus: every event it
   accepts, in order (``recorder.events``, ``recorder.of_type(Cls)``, ``recorder.clear()``,
-  ``await recorder.wait_for(Cls, predicate, timeout)``).
+  ``await recorder.first(Cls, predicate, timeout)`` — recorded already or next;
+  ``await recorder.wait_for(...)`` — next, as ``bus.wait_for``), and the calls of its
+  handlers (``recorder.calls(handler)``, ``await recorder.assert_handled(handler, event)``).
+* ``handler_errors`` — the :class:`oxbus.testing.HandlerErrors` of that bus.
 
 ::
 
     async def test_a_receipt_follows_each_order(event_bus, event_recorder):
         event_bus.subscribe(OrderPlaced, send_receipt)
-        await event_bus.publish(OrderPlaced("o-1", 9.5))
-        receipt = await event_recorder.wait_for(ReceiptSent)
+        order = OrderPlaced("o-1", 9.5)
+        await event_bus.publish(order)
+        receipt = await event_recorder.first(ReceiptSent)
         assert receipt.order_id == "o-1"
+        await event_recorder.assert_handled(send_receipt, order)
+
+    async def test_a_bad_order_is_dead_lettered(event_bus, handler_errors):
+        event_bus.subscribe(OrderPlaced, send_receipt)
+        await event_bus.publish(OrderPlaced("o-2", -1.0))
+        await event_bus.drain()
+        (error,) = handler_errors.take()       # expected: the teardown does not fail
+        assert isinstance(error.error, ValueError)
 
 The fixtures are async; pytest-asyncio runs them (``asyncio_mode = "auto"`` or strict —
 they are declared with ``pytest_asyncio.fixture`` when it is installed), for async tests
@@ -29,9 +45,9 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar, cast
 import pytest
 
 from oxbus.bus import EventBus
-from oxbus.testing import EventRecorder
+from oxbus.testing import EventRecorder, HandlerErrors, record_calls
 
-__all__ = ["DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder"]
+__all__ = ["DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder", "handler_errors"]
 
 #: Seconds the teardown waits for the bus to drain before it reports a teardown error
 #: (the ``oxbus_drain_timeout`` ini option overrides it).
@@ -46,6 +62,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "seconds the event_bus fixture waits for the bus to drain after each test",
         default=str(DRAIN_TIMEOUT),
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "oxbus(allow_errors=False): options of the event_bus fixture; allow_errors=True: "
+        "handler calls that raise (or dead letters) do not fail the test",
+    )
+
+
+def _allow_errors(request: pytest.FixtureRequest) -> bool:
+    marker = request.node.get_closest_marker("oxbus")
+    if marker is None:
+        return False
+    unknown = set(marker.kwargs) - {"allow_errors"}
+    if marker.args or unknown:
+        raise pytest.UsageError(
+            f"@pytest.mark.oxbus takes only allow_errors=..., got "
+            f"{marker.args or ''}{sorted(unknown) if unknown else ''}"
+        )
+    return bool(marker.kwargs.get("allow_errors", False))
 
 
 def _async_fixture(fn: F) -> F:
@@ -67,26 +104,48 @@ def event_bus_options() -> dict[str, Any]:
     return {}
 
 
+_errors: dict[int, HandlerErrors] = {}
+
+
 @_async_fixture
 async def event_bus(
-    event_bus_options: dict[str, Any], pytestconfig: pytest.Config
+    event_bus_options: dict[str, Any], pytestconfig: pytest.Config, request: pytest.FixtureRequest
 ) -> AsyncIterator[EventBus]:
     """A started ``EventBus``, drained and stopped after the test (a drain that times out
-    is a teardown error naming what was still queued or running)."""
+    is a teardown error naming what was still queued or running). A handler call that
+    raised fails the test at teardown, unless taken (``handler_errors.take()``) or allowed
+    (``@pytest.mark.oxbus(allow_errors=True)``)."""
     timeout = float(pytestconfig.getini("oxbus_drain_timeout"))
+    allow = _allow_errors(request)
     options = dict(event_bus_options)
     cls = options.pop("cls", EventBus)
     bus: EventBus = cls(**options)
+    record_calls(bus)
+    errors = HandlerErrors(bus)
+    _errors[id(bus)] = errors
     await bus.start()
     try:
         yield bus
-    finally:
         if bus.is_running:
-            try:
-                await bus.drain(timeout=timeout)
-            finally:
+            await bus.drain(timeout=timeout)
+    finally:
+        try:
+            if bus.is_running:
                 # Drained, or the drain failed: what still runs is cancelled at once.
                 await bus.stop(timeout=0, drain=False)
+        finally:
+            errors.close()
+            del _errors[id(bus)]
+    report = None if allow else errors.report()
+    if report is not None:
+        pytest.fail(report, pytrace=False)
+
+
+@pytest.fixture
+def handler_errors(event_bus: EventBus) -> HandlerErrors:
+    """The failed handler calls of the ``event_bus``: ``take()`` them to say the test
+    expected them (then the teardown does not fail)."""
+    return _errors[id(event_bus)]
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from oxbus.errors import InvalidSubscription
+
 
 def qualname(obj: Any) -> str:
     """A handler's ``module.qualname``: a subscription's default name."""
@@ -14,6 +16,22 @@ def qualname(obj: Any) -> str:
         name = type(obj).__qualname__
     module = getattr(obj, "__module__", None)
     return f"{module}.{name}" if module and module not in ("builtins", "__main__") else name
+
+
+def check_takes_one_event(handler: Any) -> None:
+    """Raises ``InvalidSubscription`` unless ``handler(event)`` binds: one positional
+    argument, no other required one. A callable without a signature (some builtins) passes."""
+    try:
+        sig = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None)
+    except TypeError as e:
+        raise InvalidSubscription(
+            f"handler {qualname(handler)}{sig} cannot be called with the event as its one "
+            f"positional argument ({e})"
+        ) from None
 
 
 def is_async(handler: Any) -> bool:

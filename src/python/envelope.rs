@@ -286,20 +286,34 @@ pub fn set_current(py: Python<'_>, env: &Arc<EnvData>) -> PyResult<()> {
     }
     // SAFETY: `capsule` is a new reference we own; the var keeps its own reference.
     let capsule = unsafe { Bound::from_owned_ptr(py, capsule) };
+    set_var(var, &capsule)
+}
+
+/// `var.set(value)`, the token dropped (we never reset: the next event overwrites).
+#[cfg(not(feature = "abi3"))]
+fn set_var(var: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
     // SAFETY: both pointers are live objects while the GIL is held; the returned token is a
-    // new reference that we release at once (we never reset: the next event overwrites).
-    let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), capsule.as_ptr()) };
+    // new reference that we release at once.
+    let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), value.as_ptr()) };
     if token.is_null() {
-        return Err(PyErr::fetch(py));
+        return Err(PyErr::fetch(var.py()));
     }
     // SAFETY: `token` is a new, non-null reference we own.
     unsafe { ffi::Py_DECREF(token) };
     Ok(())
 }
 
-/// The envelope data set in the running context, if any.
-pub fn get_current(py: Python<'_>) -> PyResult<Option<Arc<EnvData>>> {
-    let var = current_var(py)?;
+/// `var.set(value)`: the stable ABI has no `PyContextVar_*`, so through the method.
+#[cfg(feature = "abi3")]
+fn set_var(var: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    var.call_method1(intern!(var.py(), "set"), (value,))
+        .map(drop)
+}
+
+/// `var.get(None)`, or None when unset.
+#[cfg(not(feature = "abi3"))]
+fn get_var<'py>(var: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = var.py();
     let mut out: *mut ffi::PyObject = std::ptr::null_mut();
     // SAFETY: `var` is a live ContextVar; `out` receives a new reference or NULL.
     let rc = unsafe { ffi::PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &raw mut out) };
@@ -310,7 +324,22 @@ pub fn get_current(py: Python<'_>) -> PyResult<Option<Arc<EnvData>>> {
         return Ok(None);
     }
     // SAFETY: a new, non-null reference we own.
-    let obj = unsafe { Bound::from_owned_ptr(py, out) };
+    Ok(Some(unsafe { Bound::from_owned_ptr(py, out) }))
+}
+
+/// `var.get(None)`, or None when unset: through the method (see `set_var`).
+#[cfg(feature = "abi3")]
+fn get_var<'py>(var: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = var.py();
+    let out = var.call_method1(intern!(py, "get"), (py.None(),))?;
+    Ok((!out.is_none()).then_some(out))
+}
+
+/// The envelope data set in the running context, if any.
+pub fn get_current(py: Python<'_>) -> PyResult<Option<Arc<EnvData>>> {
+    let Some(obj) = get_var(current_var(py)?)? else {
+        return Ok(None);
+    };
     // SAFETY: only `set_current` puts values in this var, all capsules named CAPSULE_NAME
     // holding an `Arc<EnvData>`; we add a reference for the caller while the capsule lives.
     let ptr = unsafe { ffi::PyCapsule_GetPointer(obj.as_ptr(), CAPSULE_NAME.as_ptr()) };

@@ -282,11 +282,26 @@ pub fn throw_into<'py>(it: &Bound<'py, PyAny>, err: &PyErr) -> PyResult<Step<'py
     }
 }
 
+/// Exactly a native coroutine (`async def`'s result).
+#[cfg(not(feature = "abi3"))]
+fn is_coroutine(obj: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: a type check on a live object.
+    unsafe { ffi::PyCoro_CheckExact(obj.as_ptr()) != 0 }
+}
+
+/// Exactly a native coroutine: the stable ABI has no `PyCoro_Type`, so against
+/// `types.CoroutineType`.
+#[cfg(feature = "abi3")]
+fn is_coroutine(obj: &Bound<'_, PyAny>) -> bool {
+    static CORO: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    CORO.import(obj.py(), "types", "CoroutineType")
+        .is_ok_and(|t| obj.get_type().is(t))
+}
+
 /// The iterator that drives `obj` when it is awaitable: a coroutine itself, or
 /// `obj.__await__()`. `None` for a plain value (a sync handler's result).
 pub fn awaitable_iter<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
-    // SAFETY: type checks on a live object.
-    if unsafe { ffi::PyCoro_CheckExact(obj.as_ptr()) } != 0 {
+    if is_coroutine(obj) {
         return Ok(Some(obj.clone()));
     }
     if obj.is_none() {

@@ -35,6 +35,7 @@ const BUDGET: u32 = 1024;
 static SLEEP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static COPY_CONTEXT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static CANCELLED: PyOnceLock<Py<pyo3::types::PyType>> = PyOnceLock::new();
+static CURRENT_TASK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -63,7 +64,8 @@ struct State {
     awaiting: Option<(Py<PyAny>, Kind)>,
     /// Yielded a handler's future: not dispatching, so not counted as active.
     suspended: bool,
-    /// The task was cancelled (a `CancelledError` was thrown in).
+    /// The task was cancelled (a `CancelledError` was thrown in and not taken back: see
+    /// `task_still_cancelling`).
     cancelled: bool,
     /// Bookkeeping not yet written to the bus, flushed under the next lock this worker takes
     /// anyway (one lock per event instead of three).
@@ -108,6 +110,26 @@ fn is_cancelled_error(py: Python<'_>, e: &PyErr) -> bool {
         .is_ok_and(|c| e.is_instance(py, c.as_any()))
 }
 
+/// Whether the task running the worker is still being cancelled after a `CancelledError` was
+/// thrown into a handler. `asyncio.timeout()` (and `asyncio.wait_for`, built on it since Python
+/// 3.12) cancels the *current* task, which is the worker's, and takes the request back with
+/// `Task.uncancel()` when it turns the `CancelledError` into `TimeoutError`; only a request
+/// still pending is the worker's own cancellation (`stop()`). Python 3.10 has no
+/// `Task.cancelling()` (nor anything that uncancels): there a thrown `CancelledError` is always
+/// the task's own, as it is for a task without the method.
+fn task_still_cancelling(py: Python<'_>) -> bool {
+    let Ok(task) = CURRENT_TASK
+        .import(py, "asyncio", "current_task")
+        .and_then(PyAnyMethods::call0)
+    else {
+        return true;
+    };
+    match task.call_method0(intern!(py, "cancelling")) {
+        Ok(n) => n.extract::<usize>().map_or(true, |n| n > 0),
+        Err(_) => true,
+    }
+}
+
 impl PyWorker {
     pub fn new(core: Py<PyBusCore>, index: usize) -> Self {
         Self {
@@ -132,14 +154,16 @@ impl PyWorker {
         loop {
             if let Some((it, kind)) = st.awaiting.take() {
                 let thrown = incoming.take();
-                if thrown.as_ref().is_some_and(|e| is_cancelled_error(py, e)) {
-                    st.cancelled = true;
-                }
+                let cancel_thrown = thrown.as_ref().is_some_and(|e| is_cancelled_error(py, e));
                 let bound = it.bind(py);
                 let res = match &thrown {
                     Some(e) => events::throw_into(bound, e),
                     None => events::send_none(bound),
                 };
+                if cancel_thrown && !st.cancelled {
+                    // Judged after the handler has seen it: see `task_still_cancelling`.
+                    st.cancelled = task_still_cancelling(py);
+                }
                 match res {
                     Ok(Step::Yielded(v)) => {
                         st.awaiting = Some((it, kind));
@@ -637,9 +661,6 @@ impl PyWorker {
             Some(v) if !v.is_none() => PyErr::from_value(v.clone()),
             _ => PyErr::from_value(typ.clone()),
         };
-        if is_cancelled_error(py, &err) {
-            self.st.lock(py).cancelled = true;
-        }
         self.step(py, Some(err))
     }
 

@@ -441,11 +441,15 @@ class EventBus:
                 raise
         if self._redis_args is not None:
             try:
-                # Connecting may take a while: never on the loop thread.
+                # Connecting may take a while: on the engine's runtime, never on the loop thread.
                 args = self._redis_args
                 if args[-1] is None:  # consume=None: a bus with subscriptions joins its group
                     args = (*args[:-1], bool(self._core.subscriptions()))
-                self._redis = await loop.run_in_executor(None, lambda: RedisCore(*args))
+                names = (
+                    "url", "streams", "group", "consumer", "claim_idle", "maxlen", "batch",
+                    "prefetch", "max_deliveries", "dead_stream", "publish_timeout", "consume",
+                )
+                self._redis = await RedisCore.connect(**dict(zip(names, args)))
             except BaseException:
                 await self.stop(drain=False)
                 raise
@@ -596,7 +600,7 @@ class EventBus:
             self._store.close()
         if self._redis is not None:
             redis, self._redis = self._redis, None
-            await loop.run_in_executor(None, redis.stop)
+            await redis.stop()
         return discarded
 
     async def __aenter__(self) -> EventBus:

@@ -5,7 +5,7 @@
 //! request's future out of `pending`, groups them by the loop they belong to, and hands each
 //! loop its own group with one `call_soon_threadsafe` — one GIL acquisition per batch and one
 //! wake-up per loop involved, never per request, and nothing at all once the interpreter is
-//! finalizing. A future is only ever resolved on its own loop's thread, so a store shared by
+//! exiting (`runtime::attach`). A future is only ever resolved on its own loop's thread, so a store shared by
 //! several loops (threads each running `asyncio.run`) wakes every one of them.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -86,7 +86,7 @@ impl Completions {
         if groups.is_empty() {
             return;
         }
-        let _ = Python::try_attach(|py| {
+        let _ = crate::python::runtime::attach(|py| {
             for (loop_, items) in groups {
                 let Ok(batch) = Py::new(py, PyBatch(Mutex::new(items))) else {
                     continue;

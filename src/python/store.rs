@@ -2,7 +2,7 @@
 //! and returns a loop future; the writer answers a whole batch at once, and one
 //! `call_soon_threadsafe` per batch and loop resolves all its futures on the loop thread. The
 //! writer thread holds the GIL only for that hand-off, never while SQLite works, and uses
-//! `Python::try_attach` so it never touches a finalizing interpreter.
+//! `runtime::attach` so it never touches an exiting interpreter.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple, PyType};
 
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::envelope::{self, new_event_id};
+use crate::python::errors::to_py;
 use crate::python::{codec, errors, events};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
 use crate::store::writer::{Op, Reply, Sink, Writer};
@@ -37,16 +38,6 @@ impl Sink for PySink {
             })
             .collect();
         self.completions.complete(&self.resolver, outcomes);
-    }
-}
-
-fn to_py(e: &StoreError) -> PyErr {
-    match e {
-        StoreError::Concurrency { .. } => errors::concurrency_error(e.to_string()),
-        StoreError::Invalid(_)
-        | StoreError::Sqlite { .. }
-        | StoreError::Closed(_)
-        | StoreError::Detached(_) => errors::storage_error(e.to_string()),
     }
 }
 

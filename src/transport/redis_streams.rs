@@ -3,7 +3,8 @@
 //! (`XPENDING` + `XCLAIM` after `claim_idle`), a dead-letter stream for entries delivered too
 //! often, and a periodic health reading (`XINFO GROUPS`).
 //!
-//! Threads: one tokio runtime with a single worker thread per transport. Publishing and acking
+//! Threads: none of its own. The transport's tasks run on the tokio runtime whose handle it is
+//! given (one runtime for the whole process; tests build their own). Publishing and acking
 //! use a multiplexed connection (with a response timeout); the blocking reader has a connection
 //! of its own with no response timeout, as `XREADGROUP BLOCK` needs. Every task reconnects on
 //! error with a capped backoff; a publish batch that cannot reach Redis within
@@ -17,7 +18,9 @@ use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, Value};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 
 /// Transport failures; messages name the URL or stream.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -143,7 +146,8 @@ impl Shared {
 /// A running transport.
 pub struct Transport {
     shared: Arc<Shared>,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    /// Its tasks on the runtime (taken by `stop`).
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     pub_tx: mpsc::UnboundedSender<(u64, Vec<(usize, String)>)>,
     ack_tx: mpsc::UnboundedSender<Settle>,
 }
@@ -191,8 +195,12 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Transport {
     /// Checks the settings, connects once (so a wrong URL fails here, clearly), creates the
-    /// group on every stream, and starts the tasks.
-    pub fn start(cfg: Config, sink: Arc<dyn Deliver>) -> Result<Self, TransportError> {
+    /// group on every stream, and starts the tasks on `runtime`.
+    pub async fn connect(
+        cfg: Config,
+        sink: Arc<dyn Deliver>,
+        runtime: Handle,
+    ) -> Result<Self, TransportError> {
         if cfg.streams.is_empty() {
             return Err(TransportError::Invalid(
                 "at least one stream is needed".into(),
@@ -205,12 +213,6 @@ impl Transport {
         ensure_tls();
         let client = Client::open(cfg.url.as_str())
             .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe_url}: {e}")))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("oxbus-redis")
-            .enable_all()
-            .build()
-            .map_err(|e| TransportError::Invalid(format!("cannot start the Redis runtime: {e}")))?;
         let shared = Arc::new(Shared {
             cfg,
             safe_url,
@@ -222,48 +224,54 @@ impl Transport {
             room: Notify::new(),
             health: Mutex::new(Health::default()),
         });
-        // Connect and create the groups up front.
-        let conn = runtime.block_on(async {
-            let mut conn = connect(&client, Some(Duration::from_secs(5)))
-                .await
-                .map_err(|e| shared.error(&e))?;
-            if shared.cfg.consume {
-                for s in &shared.cfg.streams {
-                    create_group(&mut conn, s, &shared.cfg.group, "$")
-                        .await
-                        .map_err(|e| shared.error(&e))?;
+        // Connect and create the groups up front (on the runtime: the connection's driver
+        // task lives there).
+        let setup = Arc::clone(&shared);
+        let setup_client = client.clone();
+        let conn = runtime
+            .spawn(async move {
+                let mut conn = connect(&setup_client, Some(Duration::from_secs(5)))
+                    .await
+                    .map_err(|e| setup.error(&e))?;
+                if setup.cfg.consume {
+                    for s in &setup.cfg.streams {
+                        create_group(&mut conn, s, &setup.cfg.group, "$")
+                            .await
+                            .map_err(|e| setup.error(&e))?;
+                    }
                 }
-            }
-            Ok::<_, TransportError>(conn)
-        })?;
+                Ok::<_, TransportError>(conn)
+            })
+            .await
+            .map_err(|_| TransportError::Stopped)??;
         shared.note(true, None);
         let (pub_tx, pub_rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        runtime.spawn(publisher(
+        let mut tasks = vec![runtime.spawn(publisher(
             Arc::clone(&shared),
             client.clone(),
             conn.clone(),
             pub_rx,
             Arc::clone(&sink),
-        ));
-        runtime.spawn(acker(
+        ))];
+        tasks.push(runtime.spawn(acker(
             Arc::clone(&shared),
             client.clone(),
             conn.clone(),
             ack_rx,
-        ));
-        runtime.spawn(health_reader(Arc::clone(&shared), client.clone(), conn));
+        )));
+        tasks.push(runtime.spawn(health_reader(Arc::clone(&shared), client.clone(), conn)));
         if shared.cfg.consume {
-            runtime.spawn(reader(
+            tasks.push(runtime.spawn(reader(
                 Arc::clone(&shared),
                 client.clone(),
                 Arc::clone(&sink),
-            ));
-            runtime.spawn(claimer(Arc::clone(&shared), client, sink));
+            )));
+            tasks.push(runtime.spawn(claimer(Arc::clone(&shared), client, sink)));
         }
         Ok(Self {
             shared,
-            runtime: Mutex::new(Some(runtime)),
+            tasks: Mutex::new(tasks),
             pub_tx,
             ack_tx,
         })
@@ -339,20 +347,30 @@ impl Transport {
         self.shared.health.lock().clone()
     }
 
-    /// Sends the acknowledgements still queued (waiting up to 2 s for Redis), then stops every
-    /// task and the runtime's thread. Idempotent.
-    pub fn stop(&self) {
+    /// Sends the acknowledgements still queued (waiting up to 2 s for Redis), then ends every
+    /// task and waits until they are gone (the sink is called no more). Idempotent.
+    pub async fn stop(&self) {
         self.pause();
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        let tasks = self.halt();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Marks the transport stopped and cancels its tasks (at their next await); returns them.
+    fn halt(&self) -> Vec<JoinHandle<()>> {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.stopped.notify_waiters();
         self.shared.room.notify_waiters();
-        if let Some(rt) = self.runtime.lock().take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for t in &tasks {
+            t.abort();
         }
+        tasks
     }
 
     /// Whether `stop` has run.
@@ -362,8 +380,10 @@ impl Transport {
 }
 
 impl Drop for Transport {
+    /// Cancels the tasks without waiting (acknowledgements still queued are lost: Redis
+    /// redelivers those entries, at least once).
     fn drop(&mut self) {
-        self.stop();
+        self.halt();
     }
 }
 

@@ -135,3 +135,36 @@ impl PyResolver {
         Ok(())
     }
 }
+
+/// A benchmark hook (`benches/bench_awaits.py`): `n` awaitables of `1`, each resolved from the
+/// shared tokio runtime, either with this module's batched resolver (`batched=True`: one task
+/// completes all `n` with one `call_soon_threadsafe`, as a writer or transport batch does) or
+/// with `runtime::future_into_py` (one bridge round trip each).
+#[pyfunction]
+pub fn await_probe(py: Python<'_>, batched: bool, n: usize) -> PyResult<Vec<Py<PyAny>>> {
+    if !batched {
+        return (0..n)
+            .map(|_| Ok(crate::python::runtime::future_into_py(py, async { Ok(1) })?.unbind()))
+            .collect();
+    }
+    let completions = Arc::new(Completions::default());
+    let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
+    let mut futures = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (token, fut, _) = completions.register(py)?;
+        tokens.push(token);
+        futures.push(fut);
+    }
+    crate::python::runtime::handle()?.spawn(async move {
+        let outcomes = tokens
+            .into_iter()
+            .map(|t| {
+                let f: Outcome = Box::new(|py| Ok(1i64.into_pyobject(py)?.into_any().unbind()));
+                (t, f)
+            })
+            .collect();
+        completions.complete(&resolver, outcomes);
+    });
+    Ok(futures)
+}

@@ -29,6 +29,7 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::PyFlusher>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;
+    m.add_function(wrap_pyfunction!(completion::await_probe, m)?)?;
     m.add_function(wrap_pyfunction!(codec::encode_json, m)?)?;
     m.add_function(wrap_pyfunction!(codec::decode_json, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

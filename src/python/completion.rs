@@ -5,8 +5,15 @@
 //! request's future out of `pending`, groups them by the loop they belong to, and hands each
 //! loop its own group with one `call_soon_threadsafe` — one GIL acquisition per batch and one
 //! wake-up per loop involved, never per request, and nothing at all once the interpreter is
-//! exiting (`runtime::attach`). A future is only ever resolved on its own loop's thread, so a store shared by
-//! several loops (threads each running `asyncio.run`) wakes every one of them.
+//! exiting (`runtime::attach`). A future is only ever resolved on its own loop's thread, so a
+//! store shared by several loops (threads each running `asyncio.run`) wakes every one of them.
+//!
+//! Why not pyo3-async-runtimes' `future_into_py` (used for the one-off awaits in `runtime`):
+//! measured in the same run (`benches/bench_awaits.py`, release build, 2 loaded cores), one
+//! await of a result made on the tokio runtime costs 41.5 µs through this resolver against
+//! 89.9 µs through `future_into_py` when awaits come one at a time (2.2x), and 1.7 µs against
+//! 51.4 µs each when 100 wait together (30x: one wake-up for the batch instead of a bridge
+//! round trip per future). Store commits and Redis publish confirms keep it.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -106,7 +113,8 @@ impl Completions {
 pub struct PyBatch(Mutex<Finished>);
 
 /// Resolves a batch of finished requests; scheduled on their loop's thread by
-/// `Completions::complete`.
+/// `Completions::complete`. Kept over `future_into_py` for per-event results: 41.5 vs 89.9 µs
+/// an await one at a time, 1.7 vs 51.4 µs with 100 waiting (`benches/bench_awaits.py`).
 #[pyclass(frozen, name = "Resolver", module = "oxbus._oxbus")]
 pub struct PyResolver;
 

@@ -597,7 +597,7 @@ class EventBus:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._owns_store and self._store is not None:
-            self._store.close()
+            await self._store._core.close_async()
         if self._redis is not None:
             redis, self._redis = self._redis, None
             await redis.stop()

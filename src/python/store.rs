@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple, PyType};
@@ -14,6 +15,7 @@ use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple, PyType};
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::envelope::{self, new_event_id};
 use crate::python::errors::to_py;
+use crate::python::runtime;
 use crate::python::{codec, errors, events};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
 use crate::store::writer::{Op, Reply, Sink, Writer};
@@ -491,6 +493,20 @@ impl PyStoreCore {
     fn close(&self, py: Python<'_>) {
         self.flusher.get().flush(py);
         py.detach(|| self.writer.close());
+    }
+
+    /// `close()` as an awaitable: the writer finishes queued work and closes on the shared
+    /// runtime's blocking pool, the loop thread never waits for SQLite. Idempotent.
+    fn close_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.flusher.get().flush(py);
+        let writer = Arc::clone(&self.writer);
+        let handle = runtime::handle()?;
+        runtime::future_into_py(py, async move {
+            handle
+                .spawn_blocking(move || writer.close())
+                .await
+                .map_err(|e| PyRuntimeError::new_err(format!("closing the store failed: {e}")))
+        })
     }
 
     /// Appends to a stream -> future of (new version, first position).

@@ -148,7 +148,7 @@ class DurableBackend(_Waiting):
 
     async def close(self) -> None:
         if self.owns_store:
-            self.store.close()
+            await self.store._core.close_async()  # never waits on the loop thread
 
     async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
         self.core.ensure_running()  # never commit an event the bus then refuses
@@ -193,10 +193,9 @@ def _event_from_payload(payload: dict[str, Any]) -> Any:
 
 
 async def connect_redis(options: RedisStreams, consume: bool) -> RedisCore:
-    """The native Redis transport, connected. Connecting may take a while: never on the
-    loop thread."""
-    settings = options.native(consume)
-    return await asyncio.get_running_loop().run_in_executor(None, lambda: RedisCore(**settings))
+    """The native Redis transport, connected on the engine's runtime (the loop thread never
+    waits for Redis)."""
+    return await RedisCore.connect(**options.native(consume))
 
 
 class RedisBackend(_Waiting):
@@ -230,7 +229,7 @@ class RedisBackend(_Waiting):
     async def close(self) -> None:
         if self.redis is not None:
             redis, self.redis = self.redis, None
-            await asyncio.get_running_loop().run_in_executor(None, redis.stop)
+            await redis.stop()
 
     def _connected(self) -> RedisCore:
         self.core.ensure_running()

@@ -66,13 +66,11 @@ class RedisPubSubBridge:
         return sid
 
     async def start(self) -> None:
-        """Connects and subscribes (off the loop thread). Idempotent."""
+        """Connects and subscribes (on the engine's runtime, not the loop thread). Idempotent."""
         if self._core is not None:
             return
-        loop = asyncio.get_running_loop()
-        channels = list(self._incoming)
-        self._core = await loop.run_in_executor(None, lambda: BridgeCore(self.url, channels))
-        self._core.set_target(loop, self._on_messages)
+        self._core = await BridgeCore.connect(self.url, list(self._incoming))
+        self._core.set_target(asyncio.get_running_loop(), self._on_messages)
 
     def _on_messages(self) -> None:
         core = self._core
@@ -93,10 +91,10 @@ class RedisPubSubBridge:
                 logger.exception("bridge: cannot publish the message of channel %r: %.200s", channel, payload)
 
     async def stop(self) -> None:
-        """Disconnects (off the loop thread). Idempotent."""
+        """Disconnects (on the engine's runtime, not the loop thread). Idempotent."""
         core, self._core = self._core, None
         if core is not None:
-            await asyncio.get_running_loop().run_in_executor(None, core.stop)
+            await core.stop()
 
     async def __aenter__(self) -> RedisPubSubBridge:
         await self.start()

@@ -1,4 +1,5 @@
-//! One mapping from engine errors to the exceptions of `oxbus.errors`.
+//! One mapping from engine errors to the exceptions of `oxbus.errors`: every `From<...> for
+//! PyErr` of the engine's error types is here, and nowhere else.
 //!
 //! The exception classes are defined in Python (`python/oxbus/errors.py`) so they can also
 //! inherit what drop-in users already catch (`RuntimeError`, `asyncio.QueueFull`, `TypeError`,
@@ -9,6 +10,8 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
 use crate::core::CoreError;
+use crate::store::StoreError;
+use crate::transport::TransportError;
 
 macro_rules! oxbus_error {
     ($fn_name:ident, $class:literal) => {
@@ -45,13 +48,57 @@ pub fn is_bus_closed(py: Python<'_>, err: &PyErr) -> bool {
     })
 }
 
-/// Maps an engine error to its Python exception.
-pub fn to_py(e: &CoreError) -> PyErr {
-    match e {
-        CoreError::InvalidSetting { .. } => configuration_error(e.to_string()),
-        CoreError::InvalidPattern { .. } => invalid_subscription(e.to_string()),
-        CoreError::QueueFull { .. } => queue_full(e.to_string()),
-        CoreError::NotStarted => bus_not_started(e.to_string()),
-        CoreError::Closed { .. } => bus_closed(e.to_string()),
+/// Maps an engine error (of the core, the store or a transport) to its Python exception.
+pub fn to_py<E>(e: &E) -> PyErr
+where
+    for<'a> &'a E: Into<PyErr>,
+{
+    e.into()
+}
+
+impl From<&CoreError> for PyErr {
+    fn from(e: &CoreError) -> Self {
+        match e {
+            CoreError::InvalidSetting { .. } => configuration_error(e.to_string()),
+            CoreError::InvalidPattern { .. } => invalid_subscription(e.to_string()),
+            CoreError::QueueFull { .. } => queue_full(e.to_string()),
+            CoreError::NotStarted => bus_not_started(e.to_string()),
+            CoreError::Closed { .. } => bus_closed(e.to_string()),
+        }
     }
 }
+
+impl From<&StoreError> for PyErr {
+    fn from(e: &StoreError) -> Self {
+        match e {
+            StoreError::Concurrency { .. } => concurrency_error(e.to_string()),
+            StoreError::Invalid(_)
+            | StoreError::Sqlite { .. }
+            | StoreError::Closed(_)
+            | StoreError::Detached(_) => storage_error(e.to_string()),
+        }
+    }
+}
+
+impl From<&TransportError> for PyErr {
+    fn from(e: &TransportError) -> Self {
+        match e {
+            TransportError::Invalid(_) => configuration_error(e.to_string()),
+            TransportError::Redis { .. } | TransportError::Stopped => {
+                transport_error(e.to_string())
+            }
+        }
+    }
+}
+
+macro_rules! by_value {
+    ($($t:ty),*) => {$(
+        impl From<$t> for PyErr {
+            fn from(e: $t) -> Self {
+                (&e).into()
+            }
+        }
+    )*};
+}
+
+by_value!(CoreError, StoreError, TransportError);

@@ -7,6 +7,7 @@ mod completion;
 mod envelope;
 mod errors;
 mod events;
+mod runtime;
 mod store;
 mod sync;
 mod transport;
@@ -28,8 +29,10 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::PyFlusher>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;
+    m.add_function(wrap_pyfunction!(completion::await_probe, m)?)?;
     m.add_function(wrap_pyfunction!(codec::encode_json, m)?)?;
     m.add_function(wrap_pyfunction!(codec::decode_json, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    runtime::register(m)?;
     Ok(())
 }

@@ -2,17 +2,20 @@
 //! and returns a loop future; the writer answers a whole batch at once, and one
 //! `call_soon_threadsafe` per batch and loop resolves all its futures on the loop thread. The
 //! writer thread holds the GIL only for that hand-off, never while SQLite works, and uses
-//! `Python::try_attach` so it never touches a finalizing interpreter.
+//! `runtime::attach` so it never touches an exiting interpreter.
 
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple, PyType};
 
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::envelope::{self, new_event_id};
+use crate::python::errors::to_py;
+use crate::python::runtime;
 use crate::python::{codec, errors, events};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
 use crate::store::writer::{Op, Reply, Sink, Writer};
@@ -37,16 +40,6 @@ impl Sink for PySink {
             })
             .collect();
         self.completions.complete(&self.resolver, outcomes);
-    }
-}
-
-fn to_py(e: &StoreError) -> PyErr {
-    match e {
-        StoreError::Concurrency { .. } => errors::concurrency_error(e.to_string()),
-        StoreError::Invalid(_)
-        | StoreError::Sqlite { .. }
-        | StoreError::Closed(_)
-        | StoreError::Detached(_) => errors::storage_error(e.to_string()),
     }
 }
 
@@ -500,6 +493,20 @@ impl PyStoreCore {
     fn close(&self, py: Python<'_>) {
         self.flusher.get().flush(py);
         py.detach(|| self.writer.close());
+    }
+
+    /// `close()` as an awaitable: the writer finishes queued work and closes on the shared
+    /// runtime's blocking pool, the loop thread never waits for SQLite. Idempotent.
+    fn close_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.flusher.get().flush(py);
+        let writer = Arc::clone(&self.writer);
+        let handle = runtime::handle()?;
+        runtime::future_into_py(py, async move {
+            handle
+                .spawn_blocking(move || writer.close())
+                .await
+                .map_err(|e| PyRuntimeError::new_err(format!("closing the store failed: {e}")))
+        })
     }
 
     /// Appends to a stream -> future of (new version, first position).

@@ -14,19 +14,11 @@ use pyo3::types::{PyDict, PyString};
 
 use crate::python::bus::PyBusCore;
 use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::errors::to_py;
 use crate::python::events;
 use crate::python::store::record_of;
-use crate::python::{codec, errors};
+use crate::python::{codec, errors, runtime};
 use crate::transport::{Config, Deliver, Entry, Transport, TransportError};
-
-fn to_py(e: &TransportError) -> PyErr {
-    match e {
-        TransportError::Invalid(_) => errors::configuration_error(e.to_string()),
-        TransportError::Redis { .. } | TransportError::Stopped => {
-            errors::transport_error(e.to_string())
-        }
-    }
-}
 
 /// Items received on a transport thread and not yet taken on the loop, and the callback that
 /// takes them: scheduled once per batch (when the inbox goes from empty to not empty).
@@ -54,8 +46,8 @@ impl<T> Inbox<T> {
             was_empty
         };
         if first {
-            // One GIL acquisition per batch; nothing once the interpreter is finalizing.
-            let _ = Python::try_attach(|py| {
+            // One GIL acquisition per batch; nothing once the interpreter is exiting.
+            let _ = runtime::attach(|py| {
                 let target = self
                     .target
                     .lock()
@@ -168,12 +160,15 @@ impl PyRedisCore {
     }
 }
 
-#[pymethods]
-impl PyRedisCore {
-    /// Connects (blocking, without the GIL). Every setting but the URL is given by keyword,
-    /// as `oxbus.RedisStreams.native()` spells them; the Python options checked them first.
-    #[new]
-    #[pyo3(signature = (url, *, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256))]
+/// A transport's checked settings and Python half, before it connects.
+struct Pending {
+    cfg: Config,
+    completions: Arc<Completions>,
+    inbox: Arc<Inbox<Entry>>,
+    sink: Arc<PySinkR>,
+}
+
+impl Pending {
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -200,7 +195,6 @@ impl PyRedisCore {
                 )));
             }
         }
-        let partitions = streams.len();
         let cfg = Config {
             url,
             streams,
@@ -223,14 +217,103 @@ impl PyRedisCore {
             resolver,
             inbox: Arc::clone(&inbox),
         });
-        let transport = py
-            .detach(|| Transport::start(cfg, sink))
-            .map_err(|e| to_py(&e))?;
         Ok(Self {
-            transport: Arc::new(transport),
+            cfg,
             completions,
             inbox,
+            sink,
+        })
+    }
+
+    async fn connect(self, handle: tokio::runtime::Handle) -> Result<PyRedisCore, TransportError> {
+        let partitions = self.cfg.streams.len();
+        let transport = Transport::connect(self.cfg, self.sink, handle).await?;
+        Ok(PyRedisCore {
+            transport: Arc::new(transport),
+            completions: self.completions,
+            inbox: self.inbox,
             partitions,
+        })
+    }
+}
+
+#[pymethods]
+impl PyRedisCore {
+    #[new]
+    #[pyo3(signature = (url, *, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        url: String,
+        streams: Vec<String>,
+        group: String,
+        consumer: String,
+        claim_idle: f64,
+        maxlen: usize,
+        prefetch: usize,
+        max_deliveries: u32,
+        dead_stream: String,
+        publish_timeout: f64,
+        consume: bool,
+        batch: usize,
+    ) -> PyResult<Self> {
+        let pending = Pending::new(
+            py,
+            url,
+            streams,
+            group,
+            consumer,
+            claim_idle,
+            maxlen,
+            prefetch,
+            max_deliveries,
+            dead_stream,
+            publish_timeout,
+            consume,
+            batch,
+        )?;
+        let handle = runtime::handle()?;
+        runtime::block_on(py, pending.connect(handle))?.map_err(|e| to_py(&e))
+    }
+
+    /// Checks the settings, connects (on the shared runtime: the loop thread never waits for
+    /// Redis) -> awaitable of a connected `RedisCore`. Same settings as the constructor.
+    #[staticmethod]
+    #[pyo3(signature = (*, url, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256))]
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        py: Python<'_>,
+        url: String,
+        streams: Vec<String>,
+        group: String,
+        consumer: String,
+        claim_idle: f64,
+        maxlen: usize,
+        prefetch: usize,
+        max_deliveries: u32,
+        dead_stream: String,
+        publish_timeout: f64,
+        consume: bool,
+        batch: usize,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let pending = Pending::new(
+            py,
+            url,
+            streams,
+            group,
+            consumer,
+            claim_idle,
+            maxlen,
+            prefetch,
+            max_deliveries,
+            dead_stream,
+            publish_timeout,
+            consume,
+            batch,
+        )?;
+        let handle = runtime::handle()?;
+        runtime::future_into_py(py, async move {
+            pending.connect(handle).await.map_err(|e| to_py(&e))
         })
     }
 
@@ -344,12 +427,15 @@ impl PyRedisCore {
         self.transport.pause();
     }
 
-    /// Sends queued acknowledgements, then stops the transport's tasks and thread (without
-    /// holding the GIL). Idempotent.
-    fn stop(&self, py: Python<'_>) {
+    /// Sends queued acknowledgements, then stops the transport's tasks -> awaitable, done
+    /// once they are gone (the loop thread never waits for Redis). Idempotent.
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.inbox.set_target(None);
         let t = Arc::clone(&self.transport);
-        py.detach(move || t.stop());
+        runtime::future_into_py(py, async move {
+            t.stop().await;
+            Ok(())
+        })
     }
 
     /// Whether `stop()` has run.
@@ -372,22 +458,29 @@ impl crate::transport::pubsub::ChannelSink for BridgeSink {
 /// The native half of `oxbus.RedisPubSubBridge`.
 #[pyclass(frozen, name = "BridgeCore", module = "oxbus._oxbus")]
 pub struct PyBridgeCore {
-    bridge: crate::transport::pubsub::Bridge,
+    bridge: Arc<crate::transport::pubsub::Bridge>,
     inbox: Arc<Inbox<(String, String)>>,
 }
 
 #[pymethods]
 impl PyBridgeCore {
-    #[new]
-    fn new(py: Python<'_>, url: &str, channels: Vec<String>) -> PyResult<Self> {
-        let inbox = Arc::new(Inbox::default());
-        let sink = Arc::new(BridgeSink {
-            inbox: Arc::clone(&inbox),
-        });
-        let bridge = py
-            .detach(|| crate::transport::pubsub::Bridge::start(url, channels, sink))
-            .map_err(|e| to_py(&e))?;
-        Ok(Self { bridge, inbox })
+    /// Connects and subscribes (on the shared runtime) -> awaitable of a running `BridgeCore`.
+    #[staticmethod]
+    fn connect(py: Python<'_>, url: String, channels: Vec<String>) -> PyResult<Bound<'_, PyAny>> {
+        let handle = runtime::handle()?;
+        runtime::future_into_py(py, async move {
+            let inbox = Arc::new(Inbox::default());
+            let sink = Arc::new(BridgeSink {
+                inbox: Arc::clone(&inbox),
+            });
+            let bridge = crate::transport::pubsub::Bridge::start(&url, channels, sink, handle)
+                .await
+                .map_err(|e| to_py(&e))?;
+            Ok(Self {
+                bridge: Arc::new(bridge),
+                inbox,
+            })
+        })
     }
 
     /// `callback()` is scheduled on `loop_` when messages arrive.
@@ -405,9 +498,13 @@ impl PyBridgeCore {
         self.bridge.publish(channel, payload).map_err(|e| to_py(&e))
     }
 
-    /// Stops the bridge's tasks and thread (without holding the GIL). Idempotent.
-    fn stop(&self, py: Python<'_>) {
+    /// Stops the bridge's tasks -> awaitable, done once they are gone. Idempotent.
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.inbox.set_target(None);
-        py.detach(|| self.bridge.stop());
+        let bridge = Arc::clone(&self.bridge);
+        runtime::future_into_py(py, async move {
+            bridge.stop().await;
+            Ok(())
+        })
     }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use redis::Client;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 
 use crate::transport::redis_streams::{redact, TransportError};
 
@@ -19,9 +21,9 @@ pub trait ChannelSink: Send + Sync + 'static {
     fn messages(&self, messages: Vec<(String, String)>);
 }
 
-/// A running bridge.
+/// A running bridge; its tasks run on the tokio runtime whose handle it is given.
 pub struct Bridge {
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     out: mpsc::UnboundedSender<(String, String)>,
     stop: Arc<(AtomicBool, Notify)>,
 }
@@ -33,43 +35,46 @@ impl std::fmt::Debug for Bridge {
 }
 
 impl Bridge {
-    /// Connects (so a wrong URL or a down server fails here), subscribes, starts the tasks.
-    pub fn start(
+    /// Connects (so a wrong URL or a down server fails here), subscribes, starts the tasks
+    /// on `runtime`.
+    pub async fn start(
         url: &str,
         channels: Vec<String>,
         sink: Arc<dyn ChannelSink>,
+        runtime: Handle,
     ) -> Result<Self, TransportError> {
         let safe = redact(url);
         crate::transport::redis_streams::ensure_tls();
         let client = Client::open(url)
             .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe}: {e}")))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("oxbus-pubsub")
-            .enable_all()
-            .build()
-            .map_err(|e| TransportError::Invalid(format!("cannot start the Redis runtime: {e}")))?;
-        let err = |e: redis::RedisError| TransportError::Redis {
+        let err = move |e: redis::RedisError| TransportError::Redis {
             url: safe.clone(),
             message: e.to_string(),
         };
-        let (conn, pubsub) = runtime.block_on(async {
+        let (setup_client, setup_channels) = (client.clone(), channels.clone());
+        let setup = async move {
+            let (client, channels) = (setup_client, setup_channels);
             let cfg = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)));
             let conn = client
                 .get_multiplexed_async_connection_with_config(&cfg)
                 .await
-                .map_err(err)?;
-            let mut pubsub = client.get_async_pubsub().await.map_err(err)?;
+                .map_err(&err)?;
+            let mut pubsub = client.get_async_pubsub().await.map_err(&err)?;
             for c in &channels {
-                pubsub.subscribe(c).await.map_err(err)?;
+                pubsub.subscribe(c).await.map_err(&err)?;
             }
             Ok::<_, TransportError>((conn, pubsub))
-        })?;
+        };
+        // On the runtime: the connections' driver tasks live there.
+        let (conn, pubsub) = runtime
+            .spawn(setup)
+            .await
+            .map_err(|_| TransportError::Stopped)??;
         let stop = Arc::new((AtomicBool::new(false), Notify::new()));
         let (out, mut rx) = mpsc::unbounded_channel::<(String, String)>();
         let mut conn_out = conn;
-        runtime.spawn(async move {
+        let mut tasks = vec![runtime.spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut pipe = redis::pipe();
                 pipe.cmd("PUBLISH").arg(&first.0).arg(&first.1).ignore();
@@ -81,9 +86,9 @@ impl Bridge {
                     let _ = pipe.query_async::<()>(&mut conn_out).await;
                 }
             }
-        });
+        })];
         let stop_in = Arc::clone(&stop);
-        runtime.spawn(async move {
+        tasks.push(runtime.spawn(async move {
             let mut pubsub = Some(pubsub);
             while !stop_in.0.load(Ordering::Acquire) {
                 let mut ps = if let Some(ps) = pubsub.take() {
@@ -128,9 +133,9 @@ impl Bridge {
                     sink.messages(messages);
                 }
             }
-        });
+        }));
         Ok(Self {
-            runtime: Mutex::new(Some(runtime)),
+            tasks: Mutex::new(tasks),
             out,
             stop,
         })
@@ -146,18 +151,28 @@ impl Bridge {
             .map_err(|_| TransportError::Stopped)
     }
 
-    /// Stops the tasks and the thread. Idempotent.
-    pub fn stop(&self) {
+    /// Ends the tasks and waits until they are gone (the sink is called no more). Idempotent.
+    pub async fn stop(&self) {
+        for t in self.halt() {
+            let _ = t.await;
+        }
+    }
+
+    /// Marks the bridge stopped and cancels its tasks (at their next await); returns them.
+    fn halt(&self) -> Vec<JoinHandle<()>> {
         self.stop.0.store(true, Ordering::Release);
         self.stop.1.notify_waiters();
-        if let Some(rt) = self.runtime.lock().take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for t in &tasks {
+            t.abort();
         }
+        tasks
     }
 }
 
 impl Drop for Bridge {
+    /// Cancels the tasks without waiting.
     fn drop(&mut self) {
-        self.stop();
+        self.halt();
     }
 }

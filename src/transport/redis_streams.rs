@@ -3,7 +3,8 @@
 //! (`XPENDING` + `XCLAIM` after `claim_idle`), a dead-letter stream for entries delivered too
 //! often, and a periodic health reading (`XINFO GROUPS`).
 //!
-//! Threads: one tokio runtime with a single worker thread per transport. Publishing and acking
+//! Threads: none of its own. The transport's tasks run on the tokio runtime whose handle it is
+//! given (one runtime for the whole process; tests build their own). Publishing and acking
 //! use a multiplexed connection (with a response timeout); the blocking reader has a connection
 //! of its own with no response timeout, as `XREADGROUP BLOCK` needs. Every task reconnects on
 //! error with a capped backoff; a publish batch that cannot reach Redis within
@@ -17,7 +18,9 @@ use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, Value};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 
 /// Transport failures; messages name the URL or stream.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -143,7 +146,8 @@ impl Shared {
 /// A running transport.
 pub struct Transport {
     shared: Arc<Shared>,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    /// Its tasks on the runtime (taken by `stop`).
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     pub_tx: mpsc::UnboundedSender<(u64, Vec<(usize, String)>)>,
     ack_tx: mpsc::UnboundedSender<Settle>,
 }
@@ -191,8 +195,12 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Transport {
     /// Checks the settings, connects once (so a wrong URL fails here, clearly), creates the
-    /// group on every stream, and starts the tasks.
-    pub fn start(cfg: Config, sink: Arc<dyn Deliver>) -> Result<Self, TransportError> {
+    /// group on every stream, and starts the tasks on `runtime`.
+    pub async fn connect(
+        cfg: Config,
+        sink: Arc<dyn Deliver>,
+        runtime: Handle,
+    ) -> Result<Self, TransportError> {
         if cfg.streams.is_empty() {
             return Err(TransportError::Invalid(
                 "at least one stream is needed".into(),
@@ -205,12 +213,6 @@ impl Transport {
         ensure_tls();
         let client = Client::open(cfg.url.as_str())
             .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe_url}: {e}")))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("oxbus-redis")
-            .enable_all()
-            .build()
-            .map_err(|e| TransportError::Invalid(format!("cannot start the Redis runtime: {e}")))?;
         let shared = Arc::new(Shared {
             cfg,
             safe_url,
@@ -222,48 +224,54 @@ impl Transport {
             room: Notify::new(),
             health: Mutex::new(Health::default()),
         });
-        // Connect and create the groups up front.
-        let conn = runtime.block_on(async {
-            let mut conn = connect(&client, Some(Duration::from_secs(5)))
-                .await
-                .map_err(|e| shared.error(&e))?;
-            if shared.cfg.consume {
-                for s in &shared.cfg.streams {
-                    create_group(&mut conn, s, &shared.cfg.group, "$")
-                        .await
-                        .map_err(|e| shared.error(&e))?;
+        // Connect and create the groups up front (on the runtime: the connection's driver
+        // task lives there).
+        let setup = Arc::clone(&shared);
+        let setup_client = client.clone();
+        let conn = runtime
+            .spawn(async move {
+                let mut conn = connect(&setup_client, Some(Duration::from_secs(5)))
+                    .await
+                    .map_err(|e| setup.error(&e))?;
+                if setup.cfg.consume {
+                    for s in &setup.cfg.streams {
+                        create_group(&mut conn, s, &setup.cfg.group, "$")
+                            .await
+                            .map_err(|e| setup.error(&e))?;
+                    }
                 }
-            }
-            Ok::<_, TransportError>(conn)
-        })?;
+                Ok::<_, TransportError>(conn)
+            })
+            .await
+            .map_err(|_| TransportError::Stopped)??;
         shared.note(true, None);
         let (pub_tx, pub_rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        runtime.spawn(publisher(
+        let mut tasks = vec![runtime.spawn(publisher(
             Arc::clone(&shared),
             client.clone(),
             conn.clone(),
             pub_rx,
             Arc::clone(&sink),
-        ));
-        runtime.spawn(acker(
+        ))];
+        tasks.push(runtime.spawn(acker(
             Arc::clone(&shared),
             client.clone(),
             conn.clone(),
             ack_rx,
-        ));
-        runtime.spawn(health_reader(Arc::clone(&shared), client.clone(), conn));
+        )));
+        tasks.push(runtime.spawn(health_reader(Arc::clone(&shared), client.clone(), conn)));
         if shared.cfg.consume {
-            runtime.spawn(reader(
+            tasks.push(runtime.spawn(reader(
                 Arc::clone(&shared),
                 client.clone(),
                 Arc::clone(&sink),
-            ));
-            runtime.spawn(claimer(Arc::clone(&shared), client, sink));
+            )));
+            tasks.push(runtime.spawn(claimer(Arc::clone(&shared), client, sink)));
         }
         Ok(Self {
             shared,
-            runtime: Mutex::new(Some(runtime)),
+            tasks: Mutex::new(tasks),
             pub_tx,
             ack_tx,
         })
@@ -339,20 +347,30 @@ impl Transport {
         self.shared.health.lock().clone()
     }
 
-    /// Sends the acknowledgements still queued (waiting up to 2 s for Redis), then stops every
-    /// task and the runtime's thread. Idempotent.
-    pub fn stop(&self) {
+    /// Sends the acknowledgements still queued (waiting up to 2 s for Redis), then ends every
+    /// task and waits until they are gone (the sink is called no more). Idempotent.
+    pub async fn stop(&self) {
         self.pause();
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        let tasks = self.halt();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Marks the transport stopped and cancels its tasks (at their next await); returns them.
+    fn halt(&self) -> Vec<JoinHandle<()>> {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.stopped.notify_waiters();
         self.shared.room.notify_waiters();
-        if let Some(rt) = self.runtime.lock().take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for t in &tasks {
+            t.abort();
         }
+        tasks
     }
 
     /// Whether `stop` has run.
@@ -362,8 +380,10 @@ impl Transport {
 }
 
 impl Drop for Transport {
+    /// Cancels the tasks without waiting (acknowledgements still queued are lost: Redis
+    /// redelivers those entries, at least once).
     fn drop(&mut self) {
-        self.stop();
+        self.halt();
     }
 }
 
@@ -841,5 +861,131 @@ mod tests {
     fn backoff_is_capped() {
         assert_eq!(backoff(0), Duration::from_millis(50));
         assert_eq!(backoff(10), Duration::from_secs(1));
+    }
+
+    /// Publish results and deliveries, sent on as they come.
+    struct Collect(std::sync::mpsc::Sender<Result<Vec<String>, Entry>>);
+
+    impl Deliver for Collect {
+        fn published(&self, results: Vec<(u64, Result<Vec<String>, TransportError>)>) {
+            for (_, r) in results {
+                let _ = self.0.send(Ok(r.expect("published")));
+            }
+        }
+        fn entries(&self, entries: Vec<Entry>) {
+            for e in entries {
+                let _ = self.0.send(Err(e));
+            }
+        }
+    }
+
+    fn config(url: &str, stream: &str, consume: bool) -> Config {
+        Config {
+            url: url.into(),
+            streams: vec![stream.into()],
+            group: "g".into(),
+            consumer: "c".into(),
+            claim_idle: Duration::from_secs(30),
+            maxlen: 0,
+            batch: 16,
+            prefetch: 64,
+            max_deliveries: 3,
+            dead_stream: format!("{stream}:dead"),
+            publish_timeout: Duration::from_secs(5),
+            consume,
+        }
+    }
+
+    fn test_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn connecting_to_a_server_that_is_down_fails_naming_it() {
+        let rt = test_runtime();
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let cfg = config("redis://:pw@127.0.0.1:1/0", "s", true);
+        let err = rt
+            .block_on(Transport::connect(
+                cfg,
+                Arc::new(Collect(tx)),
+                rt.handle().clone(),
+            ))
+            .expect_err("nothing listens on port 1");
+        let text = err.to_string();
+        assert!(matches!(err, TransportError::Redis { .. }), "{text}");
+        assert!(text.contains("127.0.0.1:1"), "{text}");
+        assert!(!text.contains("pw"), "{text}");
+    }
+
+    #[test]
+    fn transports_run_on_the_runtime_they_are_given_and_stop_ends_only_their_own_tasks() {
+        const URL: &str = "redis://127.0.0.1:6379/0";
+        if std::net::TcpStream::connect("127.0.0.1:6379").is_err() {
+            assert!(
+                std::env::var("OXBUS_CI").as_deref() != Ok("1"),
+                "OXBUS_CI=1 forbids skipping: Redis at 127.0.0.1:6379 is unreachable"
+            );
+            eprintln!("skipped: Redis at 127.0.0.1:6379 is unreachable");
+            return;
+        }
+        let stream = format!("oxbus-test:rust:{}", uuid::Uuid::new_v4().simple());
+        let rt = test_runtime();
+        let h = rt.handle().clone();
+        let (tx_a, rx_a) = std::sync::mpsc::channel();
+        let (tx_b, rx_b) = std::sync::mpsc::channel();
+        let a = rt
+            .block_on(Transport::connect(
+                config(URL, &stream, true),
+                Arc::new(Collect(tx_a)),
+                h.clone(),
+            ))
+            .expect("connects");
+        let b = rt
+            .block_on(Transport::connect(
+                config(URL, &format!("{stream}:b"), false),
+                Arc::new(Collect(tx_b)),
+                h,
+            ))
+            .expect("connects");
+        let wait = Duration::from_secs(10);
+        a.publish(1, 0, "{\"n\":1}".into()).expect("queued");
+        let mut got = (None, None);
+        while got.0.is_none() || got.1.is_none() {
+            match rx_a.recv_timeout(wait).expect("a result or an entry") {
+                Ok(ids) => got.0 = Some(ids),
+                Err(e) => got.1 = Some(e),
+            }
+        }
+        let (ids, entry) = (got.0.unwrap(), got.1.unwrap());
+        assert_eq!(ids, vec![entry.id.clone()]);
+        assert_eq!(entry.payload, "{\"n\":1}");
+        a.ack(&entry.stream, entry.id);
+        rt.block_on(a.stop());
+        assert!(a.is_stopped());
+        assert_eq!(a.publish(2, 0, "{}".into()), Err(TransportError::Stopped));
+        rt.block_on(a.stop()); // idempotent
+                               // The runtime and the other transport go on.
+        b.publish(3, 0, "{}".into()).expect("queued");
+        assert!(matches!(rx_b.recv_timeout(wait), Ok(Ok(ids)) if ids.len() == 1));
+        rt.block_on(b.stop());
+        let h = a.health();
+        assert_eq!((h.published, h.received), (1, 1));
+        drop((a, b));
+        // Clean up the streams.
+        rt.block_on(async {
+            let client = Client::open(URL).expect("url");
+            let mut c = connect(&client, None).await.expect("connects");
+            let _: () = redis::cmd("DEL")
+                .arg(&stream)
+                .arg(format!("{stream}:b"))
+                .query_async(&mut c)
+                .await
+                .expect("DEL");
+        });
     }
 }

@@ -277,7 +277,11 @@ impl<E, W, H> Engine<E, W, H> {
             self.stats.unrouted += 1;
             return Ok(Accepted::Unrouted(item));
         }
-        if from_handler || (self.lanes.has_room() && self.blocked.is_empty()) {
+        // A newcomer queues behind publishers still waiting for room *and* behind those given
+        // room that have not entered yet: a thread's events of one key reach the queue in
+        // the order they were published.
+        let waiting = !self.blocked.is_empty() || !self.admitted.is_empty();
+        if from_handler || (self.lanes.has_room() && !waiting) {
             self.lanes.push(item, lane);
             self.stats.published += 1;
             return Ok(Accepted::Queued {

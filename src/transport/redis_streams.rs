@@ -789,6 +789,7 @@ async fn health_reader(shared: Arc<Shared>, client: Client, mut conn: Multiplexe
     let mut retried = false;
     loop {
         let (mut lag, mut pending, mut ok) = (0u64, 0u64, true);
+        let mut failure = None;
         for s in &shared.cfg.streams {
             let r: redis::RedisResult<Vec<std::collections::HashMap<String, Value>>> =
                 redis::cmd("XINFO")
@@ -816,17 +817,21 @@ async fn health_reader(shared: Arc<Shared>, client: Client, mut conn: Multiplexe
                 }
                 Err(e) => {
                     ok = false;
-                    shared.note(false, Some(e.to_string()));
+                    failure = Some(e.to_string());
                 }
             }
         }
         if !ok && !retried {
-            // A connection broken by a restart of Redis: read again at once on a new one.
+            // A connection broken by a restart of Redis: read again at once on a new one
+            // before saying Redis is unreachable (a stale connection is not an outage).
             if let Ok(c) = connect(&client, Some(Duration::from_secs(2))).await {
                 conn = c;
                 retried = true;
                 continue;
             }
+        }
+        if let Some(e) = failure {
+            shared.note(false, Some(e));
         }
         retried = false;
         {

@@ -314,6 +314,26 @@ fn an_admitted_publisher_holds_its_room_until_it_enters() {
 }
 
 #[test]
+fn a_newcomer_waits_behind_an_admitted_publisher_that_has_not_entered() {
+    // Room appears after the admission (a worker took an event): the newcomer must still not
+    // overtake the admitted publisher, or one key's events would be queued out of order.
+    let mut e = idle(1, 2);
+    publish(&mut e, 1, Some(9)).unwrap();
+    publish(&mut e, 2, None).unwrap();
+    e.block(blocked(3, 7, false));
+    e.take().unwrap();
+    let b = e.take_blocked().pop().unwrap();
+    let _ = e.admit(b);
+    e.take().unwrap(); // more room now
+    assert!(matches!(
+        publish(&mut e, 4, None),
+        Err(CoreError::QueueFull { .. })
+    ));
+    e.enter(7).unwrap();
+    assert!(publish(&mut e, 5, None).is_ok());
+}
+
+#[test]
 fn a_withdrawn_publisher_gives_its_room_to_the_next() {
     let mut e = idle(1, 1);
     publish(&mut e, 1, None).unwrap();

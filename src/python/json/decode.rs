@@ -12,12 +12,15 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 
+use parking_lot::MutexGuard;
+
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString};
 use pyo3::IntoPyObjectExt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::keys::{self, Keys};
 use crate::python::errors;
 
 /// The deepest nesting the decoder accepts (arrays and objects each count one level).
@@ -74,6 +77,7 @@ pub fn parse<'py>(py: Python<'py>, text: &str) -> Result<Bound<'py, PyAny>, Deco
         py,
         depth: Cell::new(0),
         raised: RefCell::new(None),
+        keys: RefCell::new(keys::take()),
     };
     let mut de = serde_json::Deserializer::from_str(text);
     // The depth is capped by `Ctx` (serde_json's own limit is 128).
@@ -101,6 +105,8 @@ struct Ctx<'py> {
     depth: Cell<usize>,
     /// The Python error behind a failure, which serde's error type cannot carry.
     raised: RefCell<Option<PyErr>>,
+    /// The key cache, when this decoding got it.
+    keys: RefCell<Option<MutexGuard<'static, Keys>>>,
 }
 
 impl<'py> Ctx<'py> {
@@ -275,7 +281,11 @@ impl<'de, 'py> Visitor<'de> for Key<'_, 'py> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(FirstKey::Str(PyString::new(self.ctx.py, v)))
+        let py = self.ctx.py;
+        Ok(FirstKey::Str(match self.ctx.keys.borrow_mut().as_mut() {
+            Some(keys) => keys.get(py, v),
+            None => PyString::new(py, v),
+        }))
     }
 }
 
@@ -426,6 +436,32 @@ mod tests {
             &format!(r#"{{"{key}": {{"{key}": null}}}}"#),
             &format!("{{'{key}': {{'{key}': None}}}}"),
         );
+    }
+
+    #[test]
+    fn object_keys_are_shared_between_decodings_and_stay_right() {
+        Python::initialize();
+        Python::attach(|py| {
+            let key = |text: &str| {
+                let d = parse(py, text).unwrap().cast_into::<PyDict>().unwrap();
+                d.keys()
+                    .get_item(0)
+                    .unwrap()
+                    .cast_into::<PyString>()
+                    .unwrap()
+            };
+            let a = key(r#"{"order_id": 1}"#);
+            assert!(a.is(&key(r#"{"order_id": [2]}"#)), "the cached str");
+            // Many distinct keys (colliding in slots) and long or non-ASCII ones.
+            for i in 0..20_000 {
+                let k = format!("k{i}");
+                assert_eq!(key(&format!(r#"{{"{k}": 0}}"#)).to_str().unwrap(), k);
+            }
+            let long = "x".repeat(100);
+            assert_eq!(key(&format!(r#"{{"{long}": 0}}"#)).to_str().unwrap(), long);
+            assert_eq!(key(r#"{"zoë": 0}"#).to_str().unwrap(), "zoë");
+            assert_eq!(key(r#"{"zo\u00eb": 0}"#).to_str().unwrap(), "zoë");
+        });
     }
 
     #[test]

@@ -121,7 +121,8 @@ impl<'py> Ctx<'py> {
         r.map_err(|e| self.raise(e))
     }
 
-    /// Enters a container: runs `f` one level deeper, on a stack with room for it.
+    /// Enters a container: runs `f` one level deeper, on a stack with room for it (the depth
+    /// is checked by each value, [`Value::deserialize`]).
     fn nested<T, E: de::Error>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
         let depth = self.depth.get();
         self.depth.set(depth + 1);
@@ -130,9 +131,10 @@ impl<'py> Ctx<'py> {
         out
     }
 
-    /// Refuses a container opened past [`MAX_DEPTH`] (called inside [`Ctx::nested`]).
-    fn check_depth<E: de::Error>(&self) -> Result<(), E> {
-        if self.depth.get() > MAX_DEPTH {
+    /// Refuses a value inside more than [`MAX_DEPTH`] containers (so an empty container may
+    /// sit at the limit, as it always could).
+    fn check_depth<E: de::Error>(&self, depth: usize) -> Result<(), E> {
+        if depth > MAX_DEPTH {
             return Err(E::custom(format_args!(
                 "nesting exceeds {MAX_DEPTH} levels"
             )));
@@ -167,6 +169,7 @@ impl<'de, 'py> DeserializeSeed<'de> for Value<'_, 'py> {
     type Value = Bound<'py, PyAny>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        self.0.check_depth(self.0.depth.get())?;
         d.deserialize_any(self)
     }
 }
@@ -205,7 +208,6 @@ impl<'de, 'py> Visitor<'de> for Value<'_, 'py> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let ctx = self.0;
         ctx.nested(|| {
-            ctx.check_depth()?;
             let mut items = Vec::new();
             while let Some(item) = seq.next_element_seed(self)? {
                 items.push(item);
@@ -226,12 +228,14 @@ impl<'de, 'py> Visitor<'de> for Value<'_, 'py> {
             FirstKey::Token => match map.next_value_seed(NumberOr(self))? {
                 Number::Text(text) => return ctx.ok(ctx.number(&text)),
                 // A real object whose first key is the token (a container value was read
-                // one level deeper: see `NumberOr`).
-                Number::Value(v) => (PyString::new(ctx.py, NUMBER_TOKEN), Some(v)),
+                // one level deeper: see `NumberOr`); the value sits one level deeper.
+                Number::Value(v) => {
+                    ctx.check_depth(ctx.depth.get() + 1)?;
+                    (PyString::new(ctx.py, NUMBER_TOKEN), Some(v))
+                }
             },
         };
         ctx.nested(|| {
-            ctx.check_depth()?;
             let dict = PyDict::new(ctx.py);
             let (k, v) = match first {
                 (k, Some(v)) => (k, v),
@@ -334,21 +338,16 @@ impl<'de, 'py> Visitor<'de> for NumberOr<'_, 'py> {
         visit_str(v: &str);
     }
 
-    // A container here is the first value of an object not yet counted: one level for it.
+    // A container here is the first value of an object not yet counted: one level for that
+    // object (`visit_map` checks the depth of the value once it knows it is not a number).
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
         let ctx = self.0 .0;
-        ctx.nested(|| {
-            ctx.check_depth()?;
-            self.0.visit_seq(seq).map(Number::Value)
-        })
+        ctx.nested(|| self.0.visit_seq(seq).map(Number::Value))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
         let ctx = self.0 .0;
-        ctx.nested(|| {
-            ctx.check_depth()?;
-            self.0.visit_map(map).map(Number::Value)
-        })
+        ctx.nested(|| self.0.visit_map(map).map(Number::Value))
     }
 }
 
@@ -467,30 +466,47 @@ mod tests {
     #[test]
     fn nesting_is_capped_at_1024_levels_whatever_the_containers() {
         Python::initialize();
-        let deepest = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
-        Python::attach(|py| assert!(parse(py, &deepest).is_ok()));
-        let objects = format!("{}1{}", r#"{"a":"#.repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
-        Python::attach(|py| assert!(parse(py, &objects).is_ok()));
-        let n = MAX_DEPTH + 1;
+        let ok = |text: &str| Python::attach(|py| assert!(parse(py, text).is_ok(), "{text:.40}"));
+        let (n, m) = (MAX_DEPTH, MAX_DEPTH + 1);
+        // 1024 containers with a value inside; an empty container may be the 1025th.
+        ok(&format!("{}1{}", "[".repeat(n), "]".repeat(n)));
+        ok(&format!("{}{}", "[".repeat(m), "]".repeat(m)));
+        ok(&format!("{}{{}}{}", r#"{"a":"#.repeat(n), "}".repeat(n)));
+        ok(&format!(
+            "{}1{}",
+            format!(r#"{{"{NUMBER_TOKEN}":"#).repeat(n),
+            "}".repeat(n)
+        ));
+        ok(&format!(
+            "{}[]{}",
+            format!(r#"{{"{NUMBER_TOKEN}":"#).repeat(n),
+            "}".repeat(n)
+        ));
         for text in [
-            format!("{}{}", "[".repeat(n), "]".repeat(n)),
-            format!("{}1{}", r#"{"a":"#.repeat(n), "}".repeat(n)),
+            format!("{}1{}", "[".repeat(m), "]".repeat(m)),
+            format!("{}[]{}", "[".repeat(m), "]".repeat(m)),
+            format!("{}1{}", r#"{"a":"#.repeat(m), "}".repeat(m)),
             format!(
                 "{}1{}",
-                format!(r#"{{"{NUMBER_TOKEN}":"#).repeat(n),
-                "}".repeat(n)
+                format!(r#"{{"{NUMBER_TOKEN}":"#).repeat(m),
+                "}".repeat(m)
+            ),
+            format!(
+                "{}[]{}",
+                format!(r#"{{"{NUMBER_TOKEN}":"#).repeat(m),
+                "}".repeat(m)
             ),
             format!(
                 "{}1{}",
-                format!(r#"{{"{NUMBER_TOKEN}":["#).repeat(n),
-                "]}".repeat(n)
+                format!(r#"{{"{NUMBER_TOKEN}":["#).repeat(m),
+                "]}".repeat(m)
             ),
             "[".repeat(100_000),
         ] {
             let msg = syntax_error(&text);
             assert!(
                 msg.starts_with("nesting exceeds 1024 levels at line 1, column "),
-                "{msg}"
+                "{text:.40}: {msg}"
             );
         }
     }

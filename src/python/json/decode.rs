@@ -132,9 +132,9 @@ impl<'py> Ctx<'py> {
     }
 
     /// Refuses a value inside more than [`MAX_DEPTH`] containers (so an empty container may
-    /// sit at the limit, as it always could).
-    fn check_depth<E: de::Error>(&self, depth: usize) -> Result<(), E> {
-        if depth > MAX_DEPTH {
+    /// sit at the limit, as it always could); `deeper` counts containers not yet entered.
+    fn check_depth<E: de::Error>(&self, deeper: usize) -> Result<(), E> {
+        if self.depth.get() + deeper > MAX_DEPTH {
             return Err(E::custom(format_args!(
                 "nesting exceeds {MAX_DEPTH} levels"
             )));
@@ -169,7 +169,7 @@ impl<'de, 'py> DeserializeSeed<'de> for Value<'_, 'py> {
     type Value = Bound<'py, PyAny>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        self.0.check_depth(self.0.depth.get())?;
+        self.0.check_depth(0)?;
         d.deserialize_any(self)
     }
 }
@@ -230,7 +230,7 @@ impl<'de, 'py> Visitor<'de> for Value<'_, 'py> {
                 // A real object whose first key is the token (a container value was read
                 // one level deeper: see `NumberOr`); the value sits one level deeper.
                 Number::Value(v) => {
-                    ctx.check_depth(ctx.depth.get() + 1)?;
+                    ctx.check_depth(1)?;
                     (PyString::new(ctx.py, NUMBER_TOKEN), Some(v))
                 }
             },
@@ -450,7 +450,7 @@ mod tests {
                     .unwrap()
             };
             let a = key(r#"{"order_id": 1}"#);
-            assert!(a.is(&key(r#"{"order_id": [2]}"#)), "the cached str");
+            assert!(a.is(key(r#"{"order_id": [2]}"#)), "the cached str");
             // Many distinct keys (colliding in slots) and long or non-ASCII ones.
             for i in 0..20_000 {
                 let k = format!("k{i}");

@@ -3,7 +3,7 @@
 and orjson, in the same run; optionally against another build of oxbus too.
 
     .venv/bin/python -m pip install orjson
-    .venv/bin/python benches/bench_codec.py                  # ~20 s
+    .venv/bin/python benches/bench_codec.py                  # ~40 s
     .venv/bin/python benches/bench_codec.py --quick          # smoke run (~3 s)
     .venv/bin/python benches/bench_codec.py --baseline /path/to/other/venv/bin/python
 
@@ -19,8 +19,9 @@ Encode: ``oxbus.encode_json(x)``; ``json.dumps(x)`` (compact separators; the dat
 support). Decode: the same JSON text (written by oxbus) through ``oxbus.decode_json``,
 ``json.loads`` and ``orjson.loads``; all three give equal objects (checked before timing).
 
-Each cell is the median over --repeat rounds of the mean time per call over --number calls;
-rounds are interleaved (round 1 of every cell, then round 2, ...). With --baseline, every
+Each cell is the best (lowest) of --repeat rounds of the mean time per call over --number
+calls, as ``timeit`` advises: on a shared machine noise only ever adds time. Rounds are
+interleaved (round 1 of every cell, then round 2, ...). With --baseline, every
 round also runs the oxbus cells under that interpreter (a subprocess running this script with
 --oxbus-round), so both builds are measured in the same conditions, alternately.
 """
@@ -32,7 +33,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -134,8 +134,8 @@ def one_round(table: dict[tuple[str, str, str], Callable[[], object]], number: i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--number", type=int, default=20_000, help="calls per cell per round")
-    ap.add_argument("--repeat", type=int, default=7, help="rounds (medians are reported)")
+    ap.add_argument("--number", type=int, default=5_000, help="calls per cell per round")
+    ap.add_argument("--repeat", type=int, default=15, help="rounds (the best is reported)")
     ap.add_argument("--quick", action="store_true", help="2,000 calls, 3 rounds")
     ap.add_argument("--baseline", metavar="PYTHON", help="also time the oxbus cells under this interpreter")
     ap.add_argument("--oxbus-round", action="store_true", help=argparse.SUPPRESS)
@@ -161,7 +161,7 @@ def main() -> int:
                 runs.setdefault((name, op, "baseline"), []).append(ns)
         for key, ns in one_round(table, args.number).items():
             runs[key].append(ns)
-    med = {k: statistics.median(v) for k, v in runs.items()}
+    med = {k: min(v) for k, v in runs.items()}
 
     libs = ["oxbus"] + (["baseline"] if args.baseline else []) + ["json"] + (["orjson"] if orjson else [])
     head = "| payload | op | " + " | ".join(f"{lib} ns" for lib in libs) + " | json/oxbus | orjson/oxbus |"

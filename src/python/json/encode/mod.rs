@@ -4,8 +4,10 @@
 //!
 //! Nesting is capped at [`MAX_DEPTH`], which turns a reference cycle into an error instead of
 //! a stack overflow; the recursive frames keep only what they need across the recursion (the
-//! rest is in `#[inline(never)]` helpers), about 250 bytes of stack per level, so even a
-//! thread with a small stack (musl's 128 KiB) gets through.
+//! rest is in `#[inline(never)]` helpers), about 250 bytes of stack per level in a release
+//! build, so even a thread with a small stack (musl's 128 KiB) gets through. (A debug build's
+//! frames are several times larger: tests/test_codec.py's small-stack test needs a release
+//! build, as `./dev.sh test` makes.)
 
 mod datetime;
 mod failure;

@@ -250,6 +250,22 @@ def test_deeply_nested_json_is_refused_without_crashing() -> None:
         decode_json("[" * 100_000 + "]" * 100_000)
 
 
+def test_decoding_accepts_1024_levels_of_nesting_and_refuses_a_value_deeper() -> None:
+    assert decode_json("[" * 1024 + "1" + "]" * 1024) is not None
+    assert decode_json("[" * 1025 + "]" * 1025) is not None  # an empty innermost container
+    assert decode_json('{"a":' * 1024 + "{}" + "}" * 1024) is not None
+    for text in ("[" * 1025 + "1" + "]" * 1025, '{"a":' * 1025 + "1" + "}" * 1025):
+        with pytest.raises(SerializationError, match=r"nesting exceeds 1024 levels at line 1, column"):
+            decode_json(text)
+
+
+def test_an_integer_too_long_for_python_is_a_serialization_error_naming_the_limit() -> None:
+    text = '{"n": ' + "9" * 100_000 + "}"
+    with pytest.raises(SerializationError, match=r"cannot decode JSON: .*4300 digits.* at line 1, column") as info:
+        decode_json(text)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 # --- dates, ids, numbers, enums --------------------------------------------------------------
 
 

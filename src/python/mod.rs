@@ -2,11 +2,11 @@
 //! engine in `crate::core`; the public API is the Python package `oxbus`.
 
 mod bus;
-mod codec;
 mod completion;
 mod envelope;
 mod errors;
 mod events;
+mod json;
 mod runtime;
 mod store;
 mod sync;
@@ -30,8 +30,8 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;
     m.add_function(wrap_pyfunction!(completion::await_probe, m)?)?;
-    m.add_function(wrap_pyfunction!(codec::encode_json, m)?)?;
-    m.add_function(wrap_pyfunction!(codec::decode_json, m)?)?;
+    m.add_function(wrap_pyfunction!(json::encode_json, m)?)?;
+    m.add_function(wrap_pyfunction!(json::decode_json, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     runtime::register(m)?;
     Ok(())

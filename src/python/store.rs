@@ -15,8 +15,9 @@ use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple, PyType};
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::envelope::{self, new_event_id};
 use crate::python::errors::to_py;
+use crate::python::json::records::Metadata;
 use crate::python::runtime;
-use crate::python::{codec, errors, events};
+use crate::python::{errors, events, json};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
 use crate::store::writer::{Op, Reply, Sink, Writer};
 use crate::store::StoreError;
@@ -322,41 +323,30 @@ pub fn record_of<'py>(
         }
         (None, false) => new_event_id(),
     };
-    // Metadata, written straight to JSON: {"correlation_id": .., "causation_id": ..} and,
-    // for an event published by a handler, "subscription" (`oxbus flow` draws handler ->
-    // event edges from it).
-    let mut meta = String::with_capacity(96);
-    meta.push_str("{\"correlation_id\":");
+    // Metadata: correlation and causation and, for an event published by a handler, its
+    // subscription (`oxbus flow` draws handler -> event edges from it).
     let parent = envelope::get_current(py)?.filter(|env| !env.event_ref().is(event));
-    match (correlation_id, parent) {
-        (Some(c), _) => {
-            json_value(&mut meta, Some(c))?;
-            meta.push_str(",\"causation_id\":null");
-        }
-        (None, Some(env)) => {
-            json_value(&mut meta, Some(&env.correlation(py)?))?;
-            meta.push_str(",\"causation_id\":");
-            json_value(&mut meta, Some(&env.id(py)?))?;
-            if let Some(sub) = env.subscription() {
-                meta.push_str(",\"subscription\":");
-                codec::write_str(&mut meta, &sub);
-            }
-        }
-        (None, None) => {
-            match ident(intern!(py, "correlation_id"), CORRELATION_ID)? {
-                (_, true) => codec::write_str(&mut meta, &event_id), // its default
-                (v, false) => json_value(&mut meta, v.as_ref())?,
-            }
-            meta.push_str(",\"causation_id\":");
-            json_value(
-                &mut meta,
-                ident(intern!(py, "causation_id"), CAUSATION_ID)?.0.as_ref(),
-            )?;
-        }
-    }
-    meta.push('}');
+    let meta = match (correlation_id, parent) {
+        (Some(c), _) => Metadata {
+            correlation_id: meta_value(Some(c))?,
+            ..Metadata::default()
+        },
+        (None, Some(env)) => Metadata {
+            correlation_id: meta_value(Some(&env.correlation(py)?))?,
+            causation_id: meta_value(Some(&env.id(py)?))?,
+            subscription: env.subscription().map(|s| s.to_string()),
+        },
+        (None, None) => Metadata {
+            correlation_id: match ident(intern!(py, "correlation_id"), CORRELATION_ID)? {
+                (_, true) => Some(serde_json::Value::String(event_id.clone())), // its default
+                (v, false) => meta_value(v.as_ref())?,
+            },
+            causation_id: meta_value(ident(intern!(py, "causation_id"), CAUSATION_ID)?.0.as_ref())?,
+            subscription: None,
+        },
+    };
     let occurred_at = match ident(intern!(py, "occurred_at"), OCCURRED_AT)? {
-        (Some(t), _) => codec::isoformat(&t)?,
+        (Some(t), _) => json::isoformat(&t)?,
         (None, true) => default_occurred_at(event, dict.as_ref())?,
         (None, false) => None,
     };
@@ -364,8 +354,9 @@ pub fn record_of<'py>(
         event_id,
         event_type,
         event_version,
-        data: codec::encode(event)?,
-        metadata: meta,
+        data: json::encode(event)?,
+        metadata: serde_json::to_string(&meta)
+            .map_err(|e| errors::serialization_error(format!("cannot encode metadata: {e}")))?,
         occurred_at,
     })
 }
@@ -387,20 +378,22 @@ fn default_occurred_at(
         }
         _ => event.getattr(intern!(py, "occurred_at"))?,
     };
-    codec::isoformat(&at)
+    json::isoformat(&at)
 }
 
-/// Appends one metadata value as JSON (`null` for None or a missing value).
-fn json_value(out: &mut String, v: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-    match v {
-        None => out.push_str("null"),
-        Some(v) if v.is_none() => out.push_str("null"),
-        Some(v) => match v.cast_exact::<PyString>() {
-            Ok(s) => codec::write_str(out, &s.to_cow()?),
-            Err(_) => out.push_str(&codec::encode(v)?),
-        },
+/// One metadata value: None for None or a missing value, a `str` as it is, anything else as
+/// the encoder writes it.
+fn meta_value(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<serde_json::Value>> {
+    let Some(v) = v.filter(|v| !v.is_none()) else {
+        return Ok(None);
+    };
+    if let Ok(s) = v.cast_exact::<PyString>() {
+        return Ok(Some(serde_json::Value::String(s.to_str()?.to_owned())));
     }
-    Ok(())
+    let text = json::encode(v)?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| errors::serialization_error(format!("cannot encode metadata {text}: {e}")))
 }
 
 /// The bus log's stream for an event: `$bus:<key>`, or `$bus` without a key.

@@ -10,15 +10,17 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::PyString;
 
 use crate::python::bus::PyBusCore;
 use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::errors::to_py;
 use crate::python::events;
+use crate::python::json::records::StreamPayload;
 use crate::python::store::record_of;
-use crate::python::{codec, errors, runtime};
+use crate::python::{errors, json, runtime};
 use crate::transport::{Config, Deliver, Entry, Transport, TransportError};
+use serde_json::value::RawValue;
 
 /// Items received on a transport thread and not yet taken on the loop, and the callback that
 /// takes them: scheduled once per batch (when the inbox goes from empty to not empty).
@@ -122,21 +124,23 @@ fn payload_of(
     event: &Bound<'_, PyAny>,
     correlation_id: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<String> {
-    let py = event.py();
     let rec = record_of(event, correlation_id)?;
-    let head = PyDict::new(py);
-    head.set_item("event_id", &rec.event_id)?;
-    head.set_item("event_type", &rec.event_type)?;
-    head.set_item("event_version", rec.event_version)?;
-    head.set_item("occurred_at", &rec.occurred_at)?;
-    let mut out = codec::encode(&head)?;
-    out.pop(); // the closing brace: data and metadata are spliced in as they are
-    out.push_str(",\"data\":");
-    out.push_str(&rec.data);
-    out.push_str(",\"metadata\":");
-    out.push_str(&rec.metadata);
-    out.push('}');
-    Ok(out)
+    let invalid = |e: serde_json::Error| {
+        errors::serialization_error(format!("cannot encode the stream payload: {e}"))
+    };
+    // serde_json checks the spliced JSON as it borrows it: ~190 ns for 270 bytes of data and
+    // metadata (measured in a release build), ~1.5% of a publish at 80k events/s.
+    let data: &RawValue = serde_json::from_str(&rec.data).map_err(invalid)?;
+    let metadata: &RawValue = serde_json::from_str(&rec.metadata).map_err(invalid)?;
+    serde_json::to_string(&StreamPayload {
+        event_id: rec.event_id.as_str().into(),
+        event_type: rec.event_type.as_str().into(),
+        event_version: rec.event_version,
+        occurred_at: rec.occurred_at.as_deref().map(Into::into),
+        data,
+        metadata,
+    })
+    .map_err(invalid)
 }
 
 impl PyRedisCore {
@@ -375,7 +379,7 @@ impl PyRedisCore {
             let transport = Arc::clone(&self.transport);
             let (stream, id) = (e.stream.clone(), e.id.clone());
             let ack: crate::python::envelope::Ack = Box::new(move || transport.ack(&stream, id));
-            let accepted = codec::decode(py, &e.payload)
+            let accepted = json::decode(py, &e.payload)
                 .and_then(|d| Ok((make_event.call1((&d,))?, d)))
                 .and_then(|(event, payload)| {
                     let meta = payload.get_item(intern!(py, "metadata")).ok();

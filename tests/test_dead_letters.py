@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
-import random
-import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from _failures import (
+    Fi4Job,
+    Fi4Other,
+    Fi4Outer,
+    Fi4PaymentDeclined,
+    policy,
+    quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
+    utc,
+)
 from oxbus import (
-    BusClosed,
-    CircuitBreaker,
     DeadLetter,
     DomainEvent,
     EventBus,
@@ -25,20 +28,16 @@ from oxbus import (
 )
 from oxbus.testing import ManualClock
 
-from _failures import Fi4Job, Fi4Other, Fi4Outer, Fi4PaymentDeclined, policy, turns, until, utc  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def quiet_oxbus_logs(caplog: pytest.LogCaptureFixture) -> None:
-    # Handler failures are logged at ERROR with a traceback: expected here, kept out of output.
-    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")
-
-
-async def _dead_letter_of(bus: EventBus, clock: ManualClock, exc: BaseException) -> tuple[Fi4Job, DeadLetter]:
+async def _dead_letter_of(
+    bus: EventBus, clock: ManualClock, exc: BaseException
+) -> tuple[Fi4Job, DeadLetter]:
     async def handle_payment(event: Fi4Job) -> None:
         raise exc
 
-    bus.subscribe(Fi4Job, handle_payment, name="payments", retry=policy(max_attempts=3, base_delay=1.0))
+    bus.subscribe(
+        Fi4Job, handle_payment, name="payments", retry=policy(max_attempts=3, base_delay=1.0)
+    )
     event = Fi4Job(7, "acct-1")
     await bus.publish(event)
     await clock.drain(bus)
@@ -109,7 +108,9 @@ async def test_first_failed_at_is_before_last_failed_at_across_real_retries(make
     assert dl.last_failed_at - dl.first_failed_at >= timedelta(seconds=0.05)
 
 
-async def test_retrying_one_dead_letter_redispatches_to_its_subscription_only(make_bus: Any) -> None:
+async def test_retrying_one_dead_letter_redispatches_to_its_subscription_only(
+    make_bus: Any,
+) -> None:
     bus = await make_bus()
     calls: list[tuple[str, int]] = []
     broken = True
@@ -405,8 +406,6 @@ class FailEvent(DomainEvent):
 
 class FailOther(DomainEvent):
     pass
-
-
 
 
 async def test_failed_event_names_the_subscription_that_failed(make_bus: Any) -> None:

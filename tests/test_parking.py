@@ -4,36 +4,22 @@ order behind the head until it is retried or discarded, per subscription, across
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
-import threading
-import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import pytest
-from oxbus import (
-    BusClosed,
-    CircuitBreaker,
-    DeadLetter,
-    DomainEvent,
-    EventBus,
-    ProcessingResult,
-    RetryPolicy,
+from _failures import (
+    Fi4Job,
+    Fi4Other,
+    quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
 )
-from oxbus.testing import ManualClock
-
-from _failures import Fi4Job, Fi4Other, Fi4Outer, Fi4PaymentDeclined, policy, turns, until, utc  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def quiet_oxbus_logs(caplog: pytest.LogCaptureFixture) -> None:
-    # Handler failures are logged at ERROR with a traceback: expected here, kept out of output.
-    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")
+from oxbus import (
+    EventBus,
+)
 
 
-async def _park_setup(make_bus: Any, mode: str = "park") -> tuple[EventBus, list[tuple[str, int]], dict[str, bool]]:
+async def _park_setup(
+    make_bus: Any, mode: str = "park"
+) -> tuple[EventBus, list[tuple[str, int]], dict[str, bool]]:
     bus = await make_bus(workers=2, ordered=True)
     seen: list[tuple[str, int]] = []
     state = {"broken": True}
@@ -106,7 +92,9 @@ async def test_retrying_the_head_keeps_the_order_when_the_key_was_given_to_publi
         if broken and event.n == 1:
             raise ValueError("poison")
         if event.n == 1:
-            await asyncio.sleep(0.01)  # sleep-ok: the head takes a moment: nothing behind it may overtake
+            await asyncio.sleep(
+                0.01
+            )  # sleep-ok: the head takes a moment: nothing behind it may overtake
         seen.append(event.n)
 
     bus.subscribe(Fi4Other, ledger, name="ledger", on_dead_letter="park")
@@ -136,7 +124,10 @@ async def test_events_published_while_parked_join_the_queue_behind_the_head(make
     await bus.publish(Fi4Job(4, "K"))
     await bus.drain()
     assert [(d.event.n, d.error_type) for d in bus.dead_letters.list()] == [
-        (1, "ValueError"), (2, "oxbus.Parked"), (3, "oxbus.Parked"), (4, "oxbus.Parked"),
+        (1, "ValueError"),
+        (2, "oxbus.Parked"),
+        (3, "oxbus.Parked"),
+        (4, "oxbus.Parked"),
     ]
     seen.clear()
     state["broken"] = False

@@ -4,33 +4,20 @@ retry waits, drain waiting for scheduled retries, the counters."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
-import threading
-import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from _failures import (
+    Fi4Job,
+    Fi4PaymentDeclined,
+    policy,
+    quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
+    turns,
+)
 from oxbus import (
-    BusClosed,
-    CircuitBreaker,
-    DeadLetter,
-    DomainEvent,
-    EventBus,
-    ProcessingResult,
     RetryPolicy,
 )
 from oxbus.testing import ManualClock
-
-from _failures import Fi4Job, Fi4Other, Fi4Outer, Fi4PaymentDeclined, policy, turns, until, utc  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def quiet_oxbus_logs(caplog: pytest.LogCaptureFixture) -> None:
-    # Handler failures are logged at ERROR with a traceback: expected here, kept out of output.
-    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")
 
 
 @pytest.mark.parametrize("n", [0, 1, 3])
@@ -102,7 +89,9 @@ async def test_the_same_schedule_twice_gives_the_same_call_times(make_bus: Any) 
         bus = await make_bus(clock=clock, retry=policy(max_attempts=4, base_delay=0.25))
         times: list[float] = []
 
-        async def fails(event: Fi4Job, times: list[float] = times, clock: ManualClock = clock) -> None:
+        async def fails(
+            event: Fi4Job, times: list[float] = times, clock: ManualClock = clock
+        ) -> None:
             times.append(clock.time())
             raise ValueError
 
@@ -117,7 +106,9 @@ async def test_jitter_scales_each_delay_within_its_band(make_bus: Any) -> None:
     clock = ManualClock()
     bus = await make_bus(
         clock=clock,
-        retry=RetryPolicy(max_attempts=40, base_delay=1.0, multiplier=1.0, max_delay=1.0, jitter=0.5),
+        retry=RetryPolicy(
+            max_attempts=40, base_delay=1.0, multiplier=1.0, max_delay=1.0, jitter=0.5
+        ),
     )
     times: list[float] = []
 

@@ -4,33 +4,20 @@ reported, durable delivery after a restart, cancelled publishers."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
-import threading
-import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
+from _failures import (
+    Fi4Job,
+    quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
+    turns,
+    until,
+)
 from oxbus import (
     BusClosed,
-    CircuitBreaker,
-    DeadLetter,
-    DomainEvent,
     EventBus,
-    ProcessingResult,
-    RetryPolicy,
 )
-from oxbus.testing import ManualClock
-
-from _failures import Fi4Job, Fi4Other, Fi4Outer, Fi4PaymentDeclined, policy, turns, until, utc  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def quiet_oxbus_logs(caplog: pytest.LogCaptureFixture) -> None:
-    # Handler failures are logged at ERROR with a traceback: expected here, kept out of output.
-    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")
 
 
 async def test_stop_with_a_timeout_lets_in_flight_handlers_finish() -> None:

@@ -4,33 +4,18 @@ thread-pool handlers are abandoned and replaced."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
 import threading
-import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import pytest
-from oxbus import (
-    BusClosed,
-    CircuitBreaker,
-    DeadLetter,
-    DomainEvent,
-    EventBus,
-    ProcessingResult,
-    RetryPolicy,
+from _failures import (
+    Fi4Job,
+    policy,
+    quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
+    until,
 )
-from oxbus.testing import ManualClock
-
-from _failures import Fi4Job, Fi4Other, Fi4Outer, Fi4PaymentDeclined, policy, turns, until, utc  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def quiet_oxbus_logs(caplog: pytest.LogCaptureFixture) -> None:
-    # Handler failures are logged at ERROR with a traceback: expected here, kept out of output.
-    caplog.set_level(logging.CRITICAL + 1, logger="oxbus")
+from oxbus import (
+    EventBus,
+)
 
 
 async def test_an_async_handler_over_its_timeout_is_cancelled_and_counted_failed(

@@ -225,22 +225,6 @@ class StoreCore:
 
 @final
 class RedisCore:
-    def __new__(
-        cls,
-        url: str,
-        *,
-        streams: list[str],
-        group: str,
-        consumer: str,
-        claim_idle: float,
-        maxlen: int,
-        prefetch: int,
-        max_deliveries: int,
-        dead_stream: str,
-        publish_timeout: float,
-        consume: bool,
-        batch: int = 256,
-    ) -> RedisCore: ...
     @staticmethod
     def connect(
         *,

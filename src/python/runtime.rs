@@ -136,15 +136,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// Runs `fut` to its end on the runtime, from a Python thread, without holding the GIL.
-pub fn block_on<F: Future + Send>(py: Python<'_>, fut: F) -> PyResult<F::Output>
-where
-    F::Output: Send,
-{
-    let h = handle()?;
-    Ok(py.detach(|| h.block_on(fut)))
-}
-
 /// An asyncio awaitable of `fut`'s result, run on the shared runtime.
 ///
 /// Costs one thread hop each way (~71 µs an await in DESIGN.md's prototype): for one-off

@@ -243,43 +243,6 @@ impl Pending {
 
 #[pymethods]
 impl PyRedisCore {
-    #[new]
-    #[pyo3(signature = (url, *, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
-        url: String,
-        streams: Vec<String>,
-        group: String,
-        consumer: String,
-        claim_idle: f64,
-        maxlen: usize,
-        prefetch: usize,
-        max_deliveries: u32,
-        dead_stream: String,
-        publish_timeout: f64,
-        consume: bool,
-        batch: usize,
-    ) -> PyResult<Self> {
-        let pending = Pending::new(
-            py,
-            url,
-            streams,
-            group,
-            consumer,
-            claim_idle,
-            maxlen,
-            prefetch,
-            max_deliveries,
-            dead_stream,
-            publish_timeout,
-            consume,
-            batch,
-        )?;
-        let handle = runtime::handle()?;
-        runtime::block_on(py, pending.connect(handle))?.map_err(|e| to_py(&e))
-    }
-
     /// Checks the settings, connects (on the shared runtime: the loop thread never waits for
     /// Redis) -> awaitable of a connected `RedisCore`. Same settings as the constructor.
     #[staticmethod]

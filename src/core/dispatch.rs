@@ -103,6 +103,11 @@ impl Delivery {
         self.retry = false;
     }
 
+    /// Whether the last call is to be retried (then `advance` needs its policy).
+    pub fn retry_pending(&self) -> bool {
+        self.retry
+    }
+
     /// Moves on: the same subscription again after the returned backoff (seconds; `u` a
     /// uniform sample in [0, 1) for the jitter), or the next subscription (`None`).
     pub fn advance(&mut self, policy: &RetryPolicy, u: f64) -> Option<f64> {
@@ -111,10 +116,16 @@ impl Delivery {
             self.attempt += 1;
             Some(delay)
         } else {
-            self.idx += 1;
-            self.attempt = 1;
+            self.next_subscription();
             None
         }
+    }
+
+    /// Moves to the next subscription (no retry pending: the hot path, no policy needed).
+    pub fn next_subscription(&mut self) {
+        self.retry = false;
+        self.idx += 1;
+        self.attempt = 1;
     }
 }
 

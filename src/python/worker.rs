@@ -214,9 +214,13 @@ impl PyWorker {
         let mut inner = core.inner.lock(py);
         st.pending.flush(&mut inner);
         if let Some((item, lane)) = inner.engine.take() {
+            let blocked = inner.engine.blocked_publishers() > 0;
             drop(inner);
-            let admitted = core.admit_blocked(py);
-            core.admitted(py, admitted);
+            if blocked {
+                // Only when publishers wait: the common case takes the lock once per event.
+                let admitted = core.admit_blocked(py);
+                core.admitted(py, admitted);
+            }
             envelope::set_current(py, &item.item)?;
             st.cur = Some(Current {
                 delivery: Delivery::new(item.item.route().subs.len()),
@@ -546,6 +550,10 @@ impl PyWorker {
     /// After a call and its hook: sleep then retry the same subscription, or go to the next.
     fn advance(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
         let cur = st.cur.as_mut().expect("an event is current");
+        if !cur.delivery.retry_pending() {
+            cur.delivery.next_subscription(); // per call: no route lookup, no Arc clone
+            return Ok(());
+        }
         let route = Arc::clone(cur.env.route());
         let policy = &route.subs[cur.delivery.sub()].payload.retry;
         if let Some(delay) = cur.delivery.advance(policy, fastrand::f64()) {

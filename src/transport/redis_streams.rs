@@ -134,6 +134,17 @@ impl Shared {
         }
     }
 
+    /// A command failed. On a connection that broke (Redis restarted, a proxy dropped it) this
+    /// says nothing of whether Redis is reachable now: the task reconnects, and only a failed
+    /// connect (`note(false)`) marks it unreachable. Any other failure does.
+    fn command_failed(&self, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() {
+            self.health.lock().last_error = Some(e.to_string());
+        } else {
+            self.note(false, Some(e.to_string()));
+        }
+    }
+
     fn note(&self, ok: bool, err: Option<String>) {
         let mut h = self.health.lock();
         h.reachable = ok;
@@ -445,14 +456,15 @@ async fn publisher(
             match pipe.query_async::<Vec<String>>(&mut conn).await {
                 Ok(ids) => break Ok(ids),
                 Err(e) => {
-                    shared.note(false, Some(e.to_string()));
+                    shared.command_failed(&e);
                     if Instant::now() >= deadline || shared.stop.load(Ordering::Acquire) {
                         break Err(shared.error(&e));
                     }
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
-                    if let Ok(c) = connect(&client, Some(Duration::from_secs(2))).await {
-                        conn = c;
+                    match connect(&client, Some(Duration::from_secs(2))).await {
+                        Ok(c) => conn = c,
+                        Err(e) => shared.note(false, Some(e.to_string())),
                     }
                 }
             }
@@ -536,14 +548,15 @@ async fn acker(
                     break;
                 }
                 Err(e) => {
-                    shared.note(false, Some(e.to_string()));
+                    shared.command_failed(&e);
                     if shared.stop.load(Ordering::Acquire) {
                         break; // unacked entries are claimed back later: at least once
                     }
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
-                    if let Ok(c) = connect(&client, Some(Duration::from_secs(2))).await {
-                        conn = c;
+                    match connect(&client, Some(Duration::from_secs(2))).await {
+                        Ok(c) => conn = c,
+                        Err(e) => shared.note(false, Some(e.to_string())),
                     }
                 }
             }
@@ -650,7 +663,7 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
             }
             Ok(None) => shared.note(true, None),
             Err(e) => {
-                shared.note(false, Some(e.to_string()));
+                shared.command_failed(&e);
                 conn = None;
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
@@ -675,11 +688,14 @@ async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
             return;
         }
         if conn.is_none() {
-            conn = connect(&client, Some(Duration::from_secs(5))).await.ok();
+            match connect(&client, Some(Duration::from_secs(5))).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => shared.note(false, Some(e.to_string())),
+            }
         }
         let Some(c) = conn.as_mut() else { continue };
         if let Err(e) = claim_round(&shared, c, idle_ms, &sink).await {
-            shared.note(false, Some(e.to_string()));
+            shared.command_failed(&e);
             conn = None;
         }
     }

@@ -216,10 +216,13 @@ def _delete_prefix(prefix: str) -> None:
                 return None if n < 0 else f.read(n + 2)[:-2].decode()
             return rest.decode()
 
-        cursor = "0"
-        while True:
-            cursor, keys = call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", "1000")
-            if keys:
-                call("DEL", *keys)
-            if cursor == "0":
-                return
+        try:
+            cursor = "0"
+            while True:
+                cursor, keys = call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", "1000")
+                if keys:
+                    call("DEL", *keys)
+                if cursor == "0":
+                    return
+        finally:
+            f.close()  # the socket closes for good only once its file is closed too

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 
 import oxbus
-from oxbus import CorrelationFilter, DomainEvent
+from oxbus import CorrelationFilter, DomainEvent, EventBus
 
 log = logging.getLogger("test_logging.app")
 
@@ -168,4 +168,33 @@ def test_values_given_with_extra_are_kept_and_default_is_configurable() -> None:
     assert f.filter(record) is True
     assert record.correlation_id == "given"
     assert (record.event_id, record.causation_id, record.event_type) == ("", "", "")  # type: ignore[attr-defined]
-    assert oxbus.log.FIELDS == ("correlation_id", "event_id", "causation_id", "event_type")
+    assert oxbus.log.FIELDS == (
+        "correlation_id", "event_id", "causation_id", "event_type", "subscription", "attempt"
+    )
+
+
+async def test_the_life_cycle_is_logged_at_info_and_failures_name_subscription_and_attempt(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="oxbus")
+    db = str(tmp_path / "life.db")
+    bus = EventBus(
+        store=db, name="orders", retry=oxbus.RetryPolicy(max_attempts=2, base_delay=0.001)
+    )
+
+    def fails(event: Any) -> None:
+        raise ValueError("boom")
+
+    bus.subscribe("life.cycle", fails, name="life.fails")
+    async with bus:
+        await bus.publish({"event_type": "life.cycle"})
+        await bus.drain()
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [(r.__dict__["subscription"], r.__dict__["attempt"]) for r in failures] == [
+        ("life.fails", 1),
+        ("life.fails", 2),
+    ]
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith("bus 'orders' started: 1 worker(s), transport Sqlite(") for m in info)
+    assert any(m.startswith("durable recovery: 0 undelivered") for m in info)
+    assert "bus 'orders' stopped: 0 event(s) discarded or interrupted" in info

@@ -137,14 +137,22 @@ class DurableBackend(_Waiting):
         order), and loads the stored dead letters."""
         store = self.store
         targets = {sid: target for sid, _, _, target in self.core.subscriptions()}
+        owed = 0
         for sid, (name, from_beginning) in list(self.durable.items()):
             start_after = await store._core.register_subscription(name, from_beginning)
             # A row that cannot be decoded becomes a dead letter of this subscription.
             for stored, event in await store._undelivered(name, start_after, targets.get(sid)):
-                self.core.redeliver(
-                    event, sid, stored.position, stored.correlation_id, stored.causation_id
+                owed += bool(
+                    self.core.redeliver(
+                        event, sid, stored.position, stored.correlation_id, stored.causation_id
+                    )
                 )
         await self.dead_letters._load()
+        logger.info(
+            "durable recovery: %d undelivered (event, subscription) pair(s) queued for %d "
+            "subscription(s); %d dead letter(s) loaded",
+            owed, len(self.durable), len(self.dead_letters),
+        )
 
     async def close(self) -> None:
         if self.owns_store:
@@ -214,6 +222,7 @@ class RedisBackend(_Waiting):
             consume = bool(self.core.subscriptions())
         self.redis = await connect_redis(self.options, consume)
         self.redis.set_target(asyncio.get_running_loop(), self._on_entries)
+        logger.info("Redis transport connected: %r (consuming: %s)", self.options, consume)
 
     def _on_entries(self) -> None:
         # Entries that arrive while the bus stops stay unacknowledged: Redis redelivers them.

@@ -165,6 +165,10 @@ class EventBus:
         except BaseException:
             await self.stop(drain=False)  # a failed start leaves the bus stopped
             raise
+        logger.info(
+            "bus %r started: %d worker(s), transport %r", self._name, self._core.workers,
+            self.transport,
+        )
 
     def _spawn(self, aw: Awaitable[Any]) -> None:
         """Runs store bookkeeping in the background, keeping a reference until it ends."""
@@ -244,6 +248,7 @@ class EventBus:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._backend.close()  # closes a store the bus opened; disconnects a broker
+        logger.info("bus %r stopped: %d event(s) discarded or interrupted", self._name, discarded)
         return discarded
 
     async def __aenter__(self) -> EventBus:

@@ -119,6 +119,8 @@ class FailureBook:
                 "event_id": env.event_id,
                 "causation_id": env.causation_id,
                 "event_type": env.event_type,
+                "subscription": subscription,
+                "attempt": attempt,
             },
         )
         if final:

@@ -26,7 +26,7 @@ from oxbus._oxbus import current_envelope
 __all__ = ["FIELDS", "CorrelationFilter"]
 
 #: The record attributes the filter sets.
-FIELDS = ("correlation_id", "event_id", "causation_id", "event_type")
+FIELDS = ("correlation_id", "event_id", "causation_id", "event_type", "subscription", "attempt")
 
 
 class CorrelationFilter(logging.Filter):
@@ -52,7 +52,10 @@ class CorrelationFilter(logging.Filter):
                 if d.get(attr) is None:
                     d[attr] = default
             return True
-        values = (env.correlation_id, env.event_id, env.causation_id, env.event_type)
+        values = (
+            env.correlation_id, env.event_id, env.causation_id, env.event_type, env.subscription,
+            env.attempt,
+        )
         for attr, value in zip(FIELDS, values):
             if d.get(attr) is None:
                 d[attr] = default if value is None else str(value)

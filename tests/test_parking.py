@@ -92,9 +92,8 @@ async def test_retrying_the_head_keeps_the_order_when_the_key_was_given_to_publi
         if broken and event.n == 1:
             raise ValueError("poison")
         if event.n == 1:
-            await asyncio.sleep(
-                0.01
-            )  # sleep-ok: the head takes a moment: nothing behind it may overtake
+            # sleep-ok below: the head takes a moment: nothing behind it may overtake
+            await asyncio.sleep(0.01)  # sleep-ok
         seen.append(event.n)
 
     bus.subscribe(Fi4Other, ledger, name="ledger", on_dead_letter="park")

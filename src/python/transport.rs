@@ -173,46 +173,8 @@ struct Pending {
 }
 
 impl Pending {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
-        url: String,
-        streams: Vec<String>,
-        group: String,
-        consumer: String,
-        claim_idle: f64,
-        maxlen: usize,
-        prefetch: usize,
-        max_deliveries: u32,
-        dead_stream: String,
-        publish_timeout: f64,
-        consume: bool,
-        batch: usize,
-    ) -> PyResult<Self> {
-        for (name, v) in [
-            ("claim_idle", claim_idle),
-            ("publish_timeout", publish_timeout),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(errors::configuration_error(format!(
-                    "{name} must be a number of seconds > 0, got {v}"
-                )));
-            }
-        }
-        let cfg = Config {
-            url,
-            streams,
-            group,
-            consumer,
-            claim_idle: Duration::from_secs_f64(claim_idle),
-            maxlen,
-            batch: batch.max(1),
-            prefetch: prefetch.max(1),
-            max_deliveries: max_deliveries.max(1),
-            dead_stream,
-            publish_timeout: Duration::from_secs_f64(publish_timeout),
-            consume,
-        };
+    /// The Python half (completions, inbox, sink) of a transport with settings `cfg`.
+    fn new(py: Python<'_>, cfg: Config) -> PyResult<Self> {
         let completions = Arc::new(Completions::default());
         let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
         let inbox = Arc::new(Inbox::default());
@@ -244,7 +206,7 @@ impl Pending {
 #[pymethods]
 impl PyRedisCore {
     /// Checks the settings, connects (on the shared runtime: the loop thread never waits for
-    /// Redis) -> awaitable of a connected `RedisCore`. Same settings as the constructor.
+    /// Redis) -> awaitable of a connected `RedisCore`. Every setting by keyword.
     #[staticmethod]
     #[pyo3(signature = (*, url, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256))]
     #[allow(clippy::too_many_arguments)]
@@ -263,21 +225,31 @@ impl PyRedisCore {
         consume: bool,
         batch: usize,
     ) -> PyResult<Bound<'_, PyAny>> {
-        let pending = Pending::new(
-            py,
+        for (name, v) in [
+            ("claim_idle", claim_idle),
+            ("publish_timeout", publish_timeout),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(errors::configuration_error(format!(
+                    "{name} must be a number of seconds > 0, got {v}"
+                )));
+            }
+        }
+        let cfg = Config {
             url,
             streams,
             group,
             consumer,
-            claim_idle,
+            claim_idle: Duration::from_secs_f64(claim_idle),
             maxlen,
-            prefetch,
-            max_deliveries,
+            batch: batch.max(1),
+            prefetch: prefetch.max(1),
+            max_deliveries: max_deliveries.max(1),
             dead_stream,
-            publish_timeout,
+            publish_timeout: Duration::from_secs_f64(publish_timeout),
             consume,
-            batch,
-        )?;
+        };
+        let pending = Pending::new(py, cfg)?;
         let handle = runtime::handle()?;
         runtime::future_into_py(py, async move {
             pending.connect(handle).await.map_err(|e| to_py(&e))

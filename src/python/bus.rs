@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList, PyTuple};
+use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 
 use crate::core::breaker::Breaker;
 use crate::core::bus::{Accepted, Admission, Blocked, Engine, Settings};
-use crate::core::health::{self, Probe, Thresholds};
+use crate::core::health::{self, Probe};
 use crate::core::retry::RetryPolicy;
 use crate::core::routing::{Matcher, Subscription};
 use crate::core::stats::{bump, TypeCounters};
@@ -212,28 +212,26 @@ fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> bool {
 
 /// Resolves a loop future with `value` unless it is done (cancelled by a timeout, say).
 pub fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: &Bound<'_, PyAny>) {
-    let f = fut.bind(py);
-    if matches!(
-        f.call_method0(intern!(py, "done"))
-            .and_then(|d| d.is_truthy()),
-        Ok(false)
-    ) {
-        if let Err(e) = f.call_method1(intern!(py, "set_result"), (value,)) {
-            e.write_unraisable(py, Some(f));
-        }
-    }
+    settle(py, fut, intern!(py, "set_result"), value);
 }
 
 fn fail(py: Python<'_>, fut: &Py<PyAny>, err: &PyErr) {
+    settle(
+        py,
+        fut,
+        intern!(py, "set_exception"),
+        err.value(py).as_any(),
+    );
+}
+
+/// `fut.<method>(value)` unless the future is done; an error is reported, never raised.
+fn settle(py: Python<'_>, fut: &Py<PyAny>, method: &Bound<'_, PyString>, value: &Bound<'_, PyAny>) {
+    if is_done(py, fut) {
+        return;
+    }
     let f = fut.bind(py);
-    if matches!(
-        f.call_method0(intern!(py, "done"))
-            .and_then(|d| d.is_truthy()),
-        Ok(false)
-    ) {
-        if let Err(e) = f.call_method1(intern!(py, "set_exception"), (err.value(py),)) {
-            e.write_unraisable(py, Some(f));
-        }
+    if let Err(e) = f.call_method1(method, (value,)) {
+        e.write_unraisable(py, Some(f));
     }
 }
 
@@ -249,12 +247,11 @@ pub fn resolve_all(py: Python<'_>, futs: Vec<Py<PyAny>>) {
 #[pyclass(frozen, name = "BusCore", module = "oxbus._oxbus")]
 pub struct PyBusCore {
     pub inner: GilMutex<Inner>,
-    pub workers: usize,
-    pub keyed: bool,
+    /// The engine's validated settings, copied here to be read without the lock.
+    pub settings: Settings,
     pub threaded_sync: bool,
     pub executor: Option<Py<PyAny>>,
     pub default_retry: RetryPolicy,
-    pub thresholds: Thresholds,
     /// `wait_for` waiters registered; read without the lock on every publish.
     waiter_count: AtomicUsize,
     /// Whether the after-call hook runs after successful calls too (`event_storage`).
@@ -355,7 +352,7 @@ impl PyBusCore {
             return Err(events::none_event_error());
         }
         let route = self.route(event)?;
-        let lane = if self.keyed {
+        let lane = if self.settings.keyed {
             match &key {
                 Some(k) => Some(events::lane_of(k)?),
                 None => match events::aggregate_key(event, route.class_has_key)? {
@@ -677,12 +674,10 @@ impl PyBusCore {
                 wrap_timeout: None,
                 probe: None,
             }),
-            workers: settings.workers,
-            keyed: settings.keyed,
+            settings,
             threaded_sync,
             executor,
             default_retry: retry.map_or_else(RetryPolicy::default, |r| r.get().policy),
-            thresholds: settings.thresholds,
             waiter_count: AtomicUsize::new(0),
             hook_on_success: AtomicBool::new(false),
             progress: std::sync::OnceLock::new(),
@@ -1131,7 +1126,7 @@ impl PyBusCore {
     /// The configured number of workers.
     #[getter]
     fn workers(&self) -> usize {
-        self.workers
+        self.settings.workers
     }
 
     /// Events accepted and not yet handed to a handler (blocked publishers not included).
@@ -1185,7 +1180,7 @@ impl PyBusCore {
         let (latency, running) = latency;
         d.set_item("handler_latency_ms", latency.into_py_dict(py)?)?;
         d.set_item("is_running", running)?;
-        d.set_item("worker_count", self.workers)?;
+        d.set_item("worker_count", self.settings.workers)?;
         let types = PyDict::new(py);
         for (k, p, done, f) in by_type {
             let t = [("published", p), ("processed", done), ("failed", f)];
@@ -1241,7 +1236,7 @@ impl PyBusCore {
                 e.stats.uptime_seconds(),
             )
         };
-        let (status, reasons) = health::status(&readings, &self.thresholds);
+        let (status, reasons) = health::status(&readings, &self.settings.thresholds);
         let d = PyDict::new(py);
         d.set_item("status", status)?;
         d.set_item("reasons", PyList::new(py, reasons)?)?;
@@ -1253,7 +1248,7 @@ impl PyBusCore {
         d.set_item("longest_lanes", longest)?;
         d.set_item("in_flight", in_flight)?;
         d.set_item("oldest_queued_age_seconds", oldest)?;
-        d.set_item("worker_count", self.workers)?;
+        d.set_item("worker_count", self.settings.workers)?;
         d.set_item("uptime_seconds", uptime)?;
         d.set_item("memory_usage_mb", sample.rss_mb)?;
         d.set_item("cpu_percent", sample.cpu_percent)?;
@@ -1269,11 +1264,11 @@ impl PyBusCore {
         )?;
         d.set_item("dead_letters", readings.dead_letters)?;
         let t = PyDict::new(py);
-        t.set_item("queue_fill", self.thresholds.queue_fill)?;
-        t.set_item("oldest_age_seconds", self.thresholds.oldest_age_s)?;
-        t.set_item("error_rate", self.thresholds.error_rate)?;
-        t.set_item("min_calls", self.thresholds.min_calls)?;
-        t.set_item("dead_letters", self.thresholds.dead_letters)?;
+        t.set_item("queue_fill", self.settings.thresholds.queue_fill)?;
+        t.set_item("oldest_age_seconds", self.settings.thresholds.oldest_age_s)?;
+        t.set_item("error_rate", self.settings.thresholds.error_rate)?;
+        t.set_item("min_calls", self.settings.thresholds.min_calls)?;
+        t.set_item("dead_letters", self.settings.thresholds.dead_letters)?;
         d.set_item("thresholds", t)?;
         Ok(d)
     }

@@ -28,7 +28,7 @@ from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 from oxbus.subscription import Subscription
-from oxbus.transports import Broker, Memory, RedisStreams, Sqlite, Transport
+from oxbus.transports import Broker, Memory, RabbitMQ, RedisStreams, Sqlite, Transport
 
 __all__ = [
     "BusClosed",
@@ -51,6 +51,7 @@ __all__ = [
     "OxbusError",
     "ProcessingResult",
     "QueueFull",
+    "RabbitMQ",
     "RedisPubSubBridge",
     "RedisStreams",
     "RetryPolicy",

@@ -5,7 +5,7 @@ itself has no branch per backend.
 - :class:`EventStorageBackend`: ``event_storage.store_event(event)`` first, as the bus being
   replaced did, then into the queue;
 - :class:`DurableBackend`: committed to the SQLite log, then into the queue (``oxbus.Sqlite``);
-- :class:`BrokerBackend`: any broker (``oxbus.RedisStreams``): published to it, and back
+- :class:`BrokerBackend`: any broker (``oxbus.RedisStreams``, ``oxbus.RabbitMQ``): published to it, and back
   through the consumer group.
 
 A new broker is one Rust file in ``src/transport`` and its options class (a ``Broker``) in
@@ -201,7 +201,7 @@ def _event_from_payload(payload: dict[str, Any]) -> Any:
 
 
 class BrokerBackend(_Waiting):
-    """A broker (``oxbus.RedisStreams``, ...): a publish returns once the broker confirmed the
+    """A broker (``oxbus.RedisStreams``, ``oxbus.RabbitMQ``): a publish returns once the broker confirmed the
     event; messages come back through this member's consumer group and are dispatched like
     local events, each acknowledged once every subscription finished it. Every broker is
     driven the same way: its options connect a native ``TransportCore``."""
@@ -216,7 +216,8 @@ class BrokerBackend(_Waiting):
         consume = self.options.consume
         if consume is None:  # a bus with subscriptions joins its group
             consume = bool(self.core.subscriptions())
-        self.broker = await self.options.connect(consume)
+        targets = [target for _, _, _, target in self.core.subscriptions()]
+        self.broker = await self.options.connect(consume, targets)
         self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
         logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
                     self.options, consume)

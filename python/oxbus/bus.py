@@ -60,9 +60,10 @@ class EventBus:
     events may be in handlers at once; same-key events still run one at a time, in order),
     ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``transport``
     (a URL or options: ``oxbus.Memory()``, the default, ``oxbus.Sqlite(path)`` for the
-    durable bus, ``oxbus.RedisStreams(url, group=...)``; ``store=`` is short for
-    ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``, ``stream=``,
-    ``partitions=``... are the ``RedisStreams`` settings), ``event_storage`` (an object with
+    durable bus, ``oxbus.RedisStreams(url, group=...)``, ``oxbus.RabbitMQ(url, group=...)``;
+    ``store=`` is short for ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``,
+    ``stream=``, ``exchange=``, ``partitions=``... are the settings of the URL's options class),
+    ``event_storage`` (an object with
     async ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry``
     (a :class:`RetryPolicy` for every subscription), ``sync_handlers`` (``"loop"`` or
     ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never
@@ -95,6 +96,9 @@ class EventBus:
         publish_timeout: float | None = None,
         prefetch: int | None = None,
         consume: bool | None = None,
+        exchange: str | None = None,
+        queue: str | None = None,
+        connect_timeout: float | None = None,
         clock: Any = None,
         max_event_bytes: int | None = None,
         name: str = "oxbus",

@@ -7,6 +7,7 @@ One class per kind, each checking its settings once, when it is made (a bad one 
     EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
     EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
     EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
+    EventBus(transport=oxbus.RabbitMQ("amqp://guest:guest@127.0.0.1:5672/%2f", group="billing"))
 
 A URL stands for the class its scheme names, with the bus's keywords as its settings
 (``store=`` stands for :class:`Sqlite`). A new broker is one more :class:`Broker` here (its
@@ -19,7 +20,8 @@ import os
 import re
 import socket
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Union
 
 from oxbus.config import choice, non_negative_int, positive_int, seconds
 from oxbus.errors import ConfigurationError
@@ -28,7 +30,9 @@ from oxbus.store import SqliteEventStore
 if TYPE_CHECKING:
     from oxbus._oxbus import TransportCore
 
-__all__ = ["Broker", "Memory", "RedisStreams", "Sqlite", "Transport", "TransportSpec"]
+__all__ = [
+    "Broker", "Memory", "RabbitMQ", "RedisStreams", "Sqlite", "Transport", "TransportSpec",
+]
 
 
 def redact(url: str) -> str:
@@ -142,9 +146,11 @@ class Broker(Transport):
     #: whether the bus reads from its group (``None``: when it has subscriptions at start)
     consume: Union[bool, None]
 
-    async def connect(self, consume: bool) -> TransportCore:
+    async def connect(self, consume: bool, targets: Iterable[Any] = ()) -> TransportCore:
         """The native transport, connected on the engine's runtime (the loop thread never
-        waits for the broker); ``consume``: whether to join the consumer group."""
+        waits for the broker); ``consume``: whether to join the consumer group; ``targets``:
+        what the bus's subscriptions name (classes, type keys, patterns, Enum members), for a
+        broker that routes by type (RabbitMQ binds its queue with them)."""
         raise NotImplementedError
 
 
@@ -245,7 +251,7 @@ class RedisStreams(Broker):
             return [self.stream]
         return [f"{self.stream}:{i}" for i in range(self.partitions)]
 
-    async def connect(self, consume: bool) -> TransportCore:
+    async def connect(self, consume: bool, targets: Iterable[Any] = ()) -> TransportCore:
         from oxbus._oxbus import TransportCore
 
         return await TransportCore.redis(self.native(consume))
@@ -267,17 +273,164 @@ class RedisStreams(Broker):
         }
 
 
+def binding_keys(targets: Iterable[Any]) -> list[str]:
+    """The routing patterns a group's queue is bound with, from its subscriptions' targets: a
+    string or an Enum member's value as it is (our patterns are AMQP's), a class as its type
+    key and those of its subclasses defined so far (``object`` binds ``#``: everything)."""
+    from oxbus.registry import type_key
+
+    keys: set[str] = set()
+    for t in targets:
+        if isinstance(t, Enum):
+            t = t.value
+        if isinstance(t, type):
+            if t is object:
+                return ["#"]
+            seen, todo = set(), [t]
+            while todo:
+                cls = todo.pop()
+                if cls not in seen:
+                    seen.add(cls)
+                    keys.add(type_key(cls))
+                    todo.extend(cls.__subclasses__())
+        else:
+            keys.add(str(t))
+    return sorted(keys)
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class RabbitMQ(Broker):
+    """RabbitMQ (AMQP 0.9.1): a durable topic exchange, one durable queue per group.
+
+    ``url`` is ``amqp://user:password@host:5672/vhost`` (``%2f`` is the vhost ``/``) or
+    ``amqps://`` (TLS). Events are published to ``exchange`` (a durable topic exchange) with
+    their type key as routing key; ``group``'s queue (``queue``, default
+    ``<exchange>.<group>``) is bound with the patterns of the bus's subscriptions: processes in
+    one group share its messages, each group gets every event. ``partitions``: N queues fed by
+    a consistent-hash exchange on the key, each with a single active consumer (per-key order
+    across processes). ``prefetch``: messages delivered and not yet acknowledged
+    (``basic.qos``, at most 65535). ``max_deliveries``: a message delivered that many times
+    goes to ``<queue>.dead``. ``connect_timeout`` / ``publish_timeout``: seconds before
+    ``TransportError``. ``consume``: whether the bus reads its group's queue (``None``: when it
+    has subscriptions at ``start()``)::
+
+        EventBus(transport=oxbus.RabbitMQ("amqp://guest:guest@127.0.0.1:5672/%2f",
+                                          group="billing", partitions=4))
+    """
+
+    url: str
+    group: str
+    exchange: str
+    queue: Union[str, None]
+    partitions: int
+    prefetch: int
+    max_deliveries: int
+    connect_timeout: float
+    publish_timeout: float
+    consume: Union[bool, None]
+    schemes: ClassVar[tuple[str, ...]] = ("amqp", "amqps")
+    kind: ClassVar[str] = "rabbitmq"
+    title: ClassVar[str] = "RabbitMQ"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        group: str = "default",
+        exchange: str = "oxbus.events",
+        queue: str | None = None,
+        partitions: int = 1,
+        prefetch: int = 1000,
+        max_deliveries: int = 5,
+        connect_timeout: float = 5.0,
+        publish_timeout: float = 5.0,
+        consume: bool | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not url.lower().startswith(
+            tuple(f"{s}://" for s in self.schemes)
+        ):
+            shown = redact(url) if isinstance(url, str) else url
+            raise ConfigurationError(
+                f"transport must be an amqp:// (or amqps://) URL, got {shown!r}"
+            )
+        for name, value in (("group", group), ("exchange", exchange)):
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(f"{name} must be a non-empty str, got {value!r}")
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise ConfigurationError(f"queue must be a non-empty str or None, got {queue!r}")
+        if consume is not None and not isinstance(consume, bool):
+            raise ConfigurationError(f"consume must be True, False or None, got {consume!r}")
+        prefetch = positive_int("prefetch", prefetch)
+        if prefetch > 65535:
+            raise ConfigurationError(
+                f"prefetch must be at most 65535 (AMQP's basic.qos), got {prefetch!r}"
+            )
+        checked = {
+            "url": url,
+            "group": group,
+            "exchange": exchange,
+            "queue": queue,
+            "partitions": positive_int("partitions", partitions),
+            "prefetch": prefetch,
+            "max_deliveries": positive_int("max_deliveries", max_deliveries),
+            "connect_timeout": seconds("connect_timeout", connect_timeout),
+            "publish_timeout": seconds("publish_timeout", publish_timeout),
+            "consume": consume,
+        }
+        for field_name, checked_value in checked.items():
+            object.__setattr__(self, field_name, checked_value)
+
+    @classmethod
+    def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:
+        _refuse_unknown(cls, url, settings, {f.name for f in fields(cls)} - {"url"})
+        return cls(url, **settings)
+
+    def __repr__(self) -> str:  # the URL's password never appears in messages
+        shown = ", ".join(
+            f"{f.name}={redact(self.url) if f.name == 'url' else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"RabbitMQ({shown})"
+
+    @property
+    def queue_name(self) -> str:
+        """The group's queue: ``queue``, else ``<exchange>.<group>`` (``<name>.<i>`` per
+        partition, ``<name>.dead`` for dead letters)."""
+        return self.queue or f"{self.exchange}.{self.group}"
+
+    async def connect(self, consume: bool, targets: Iterable[Any] = ()) -> TransportCore:
+        from oxbus._oxbus import TransportCore
+
+        return await TransportCore.rabbitmq(self.native(consume, targets))
+
+    def native(self, consume: bool, targets: Iterable[Any] = ()) -> dict[str, Any]:
+        """The settings of the native transport, by name."""
+        return {
+            "url": self.url,
+            "exchange": self.exchange,
+            "group": self.group,
+            "queue": self.queue_name,
+            "partitions": self.partitions,
+            "bindings": binding_keys(targets),
+            "prefetch": self.prefetch,
+            "max_deliveries": self.max_deliveries,
+            "connect_timeout": self.connect_timeout,
+            "publish_timeout": self.publish_timeout,
+            "consume": consume,
+        }
+
+
 #: The transports a URL may name, in the order their schemes are tried.
-_KINDS: tuple[type[Transport], ...] = (Memory, RedisStreams)
+_KINDS: tuple[type[Transport], ...] = (Memory, RedisStreams, RabbitMQ)
 
 #: What ``EventBus(transport=...)`` takes.
 TransportSpec = Union[str, Transport]
 
-#: The ``EventBus`` keywords that are settings of a URL's transport (today ``RedisStreams``'s;
-#: a broker that takes some of them, such as ``group`` or ``prefetch``, takes them too).
+#: The ``EventBus`` keywords that are settings of a URL's transport (``RedisStreams``'s and
+#: ``RabbitMQ``'s; a URL's class refuses those it does not take).
 URL_KEYWORDS = (
     "group", "consumer", "stream", "partitions", "claim_idle", "maxlen", "max_deliveries",
-    "publish_timeout", "prefetch", "consume",
+    "publish_timeout", "prefetch", "consume", "exchange", "queue", "connect_timeout",
 )
 
 
@@ -304,7 +457,7 @@ def resolve(
     elif not isinstance(transport, Transport):
         raise ConfigurationError(
             f"transport must be a URL or transport options (oxbus.Memory, oxbus.Sqlite, "
-            f"oxbus.RedisStreams), got {transport!r}"
+            f"oxbus.RedisStreams, oxbus.RabbitMQ), got {transport!r}"
         )
     elif shorthand:
         raise ConfigurationError(

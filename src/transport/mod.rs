@@ -24,6 +24,7 @@
 //! subscription's progress with the writer).
 
 pub mod pubsub;
+pub mod rabbitmq;
 pub mod redis_streams;
 
 use std::borrow::Cow;
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use crate::store::log::NewEvent;
+pub use rabbitmq::RabbitMq;
 pub use redis_streams::RedisStreams;
 
 /// Transport failures; messages name the broker (its URL without password) or the setting.

@@ -4,11 +4,12 @@
 //! `call_soon_threadsafe` per batch, where they are decoded and dispatched to the local bus,
 //! each acknowledged once all its subscriptions are done.
 //!
-//! A new broker adds one constructor here (next to `redis`): check its settings, then
-//! `connect` with them.
+//! A new broker adds one constructor here (next to `redis` and `rabbitmq`): check its
+//! settings, then `connect` with them.
 
 mod bridge;
 mod inbox;
+mod rabbitmq;
 mod redis;
 
 use std::future::Future;
@@ -26,7 +27,9 @@ use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::errors::to_py;
 use crate::python::store::record_of;
 use crate::python::{errors, events, json, runtime};
-use crate::transport::{Confirm, Message, Outgoing, RedisStreams, Sink, Transport, TransportError};
+use crate::transport::{
+    Confirm, Message, Outgoing, RabbitMq, RedisStreams, Sink, Transport, TransportError,
+};
 
 /// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
 struct PySink {
@@ -127,6 +130,14 @@ impl PyTransportCore {
     fn redis(py: Python<'_>, settings: redis::RedisSettings) -> PyResult<Bound<'_, PyAny>> {
         let cfg = settings.config()?;
         connect(py, move |sink, rt| RedisStreams::connect(cfg, sink, rt))
+    }
+
+    /// RabbitMQ with `settings` (`oxbus.RabbitMQ.native()`) -> awaitable of a connected
+    /// `TransportCore`.
+    #[staticmethod]
+    fn rabbitmq(py: Python<'_>, settings: rabbitmq::RabbitSettings) -> PyResult<Bound<'_, PyAny>> {
+        let cfg = settings.config()?;
+        connect(py, move |sink, rt| RabbitMq::connect(cfg, sink, rt))
     }
 
     /// "redis", "rabbitmq", ...

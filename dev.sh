@@ -14,7 +14,7 @@ OLDEST=3.10
 NEWEST=3.13
 # PySide6 6.12.0 loses a reference to None per QObject.killTimer (qasync calls it per callback)
 # and aborts CPython 3.11: stay below it.
-TEST_DEPS=(pytest pytest-asyncio pytest-timeout uvloop pydantic mypy "qasync==0.28.0" "PySide6-Essentials>=6.5,<6.12" "prometheus_client>=0.17")
+TEST_DEPS=(pytest pytest-asyncio pytest-timeout uvloop pydantic mypy "qasync==0.28.0" "PySide6-Essentials>=6.5,<6.12" "prometheus_client>=0.17" "aio-pika>=9")
 
 venv() {  # venv DIR PYTHON PACKAGES...
   local dir=$1 py=$2; shift 2

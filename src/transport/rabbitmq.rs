@@ -699,7 +699,7 @@ async fn publish_round(
     let exchange: ShortString = shared.cfg.exchange.as_str().into();
     let mut attempt = 0;
     loop {
-        let tried: Result<(), TransportError> = async {
+        let round = async {
             if conn.is_none() {
                 let c = open(shared).await?;
                 let ch = c.create_channel().await.map_err(|e| shared.error(e))?;
@@ -734,9 +734,19 @@ async fn publish_round(
                     return Err(shared.error("the broker refused a message (basic.nack)"));
                 }
             }
-            Ok(())
-        }
-        .await;
+            Ok::<(), TransportError>(())
+        };
+        // Every step is bounded: a broker that accepts the connection and then does not
+        // answer (starting up, blocked) fails the round at the deadline, never hangs it.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tried = tokio::time::timeout(left.max(Duration::from_millis(100)), round)
+            .await
+            .unwrap_or_else(|_| {
+                Err(shared.error(format!(
+                    "no publisher confirm within publish_timeout ({:.1}s)",
+                    shared.cfg.publish_timeout.as_secs_f64()
+                )))
+            });
         match tried {
             Ok(()) => {
                 shared.note(true, None);

@@ -1,0 +1,173 @@
+//! What a group needs on the broker, declared anew on every connection: the topic exchange,
+//! the dead-letter queue, the group's quorum queue(s) and their bindings (through a
+//! consistent-hash exchange with partitions).
+
+use std::collections::BTreeSet;
+
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+use super::{publish::HASH_HEADER, Shared};
+use crate::transport::TransportError;
+
+/// The binding keys for a group's subscriptions: each pattern as it is (our patterns are
+/// AMQP's), once, sorted; just `#` when one of them is `#` (it takes everything).
+///
+/// # Errors
+/// An empty key, or one longer than AMQP's 255 bytes, naming it.
+pub fn binding_keys<I: IntoIterator<Item = String>>(
+    patterns: I,
+) -> Result<Vec<String>, TransportError> {
+    let mut keys = BTreeSet::new();
+    for p in patterns {
+        if p.is_empty() || p.len() > 255 {
+            return Err(TransportError::Invalid(format!(
+                "cannot bind a RabbitMQ queue with {p:?}: a binding key has 1 to 255 bytes"
+            )));
+        }
+        keys.insert(p);
+    }
+    if keys.contains("#") {
+        return Ok(vec!["#".to_owned()]);
+    }
+    Ok(keys.into_iter().collect())
+}
+
+pub(super) async fn declare_exchange(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
+    ch.exchange_declare(
+        shared.cfg.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// The group's topology, declared anew on every connection (a restarted broker keeps the
+/// durable parts; declaring is idempotent).
+pub(super) async fn declare_group(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
+    let cfg = &shared.cfg;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    declare_exchange(shared, ch).await?;
+    let dead = cfg.dead_queue();
+    ch.queue_declare(dead.as_str().into(), durable, FieldTable::default())
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(cfg.max_deliveries.saturating_sub(1))),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dead.as_str().into()),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let source = if cfg.partitions > 1 {
+        let hash = format!("{}.hash", cfg.queue);
+        let mut hargs = FieldTable::default();
+        hargs.insert(
+            "hash-header".into(),
+            AMQPValue::LongString(HASH_HEADER.into()),
+        );
+        ch.exchange_declare(
+            hash.as_str().into(),
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            hargs,
+        )
+        .await?;
+        for key in &cfg.bindings {
+            ch.exchange_bind(
+                hash.as_str().into(),
+                cfg.exchange.as_str().into(),
+                key.as_str().into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        Some(hash)
+    } else {
+        None
+    };
+    for q in cfg.queues() {
+        ch.queue_declare(q.as_str().into(), durable, args.clone())
+            .await?;
+        match &source {
+            Some(hash) => {
+                ch.queue_bind(
+                    q.as_str().into(),
+                    hash.as_str().into(),
+                    "1".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            }
+            None => {
+                for key in &cfg.bindings {
+                    ch.queue_bind(
+                        q.as_str().into(),
+                        cfg.exchange.as_str().into(),
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_keys_are_the_patterns_once_and_hash_takes_all() {
+        let keys = |v: &[&str]| binding_keys(v.iter().map(|s| (*s).to_owned()));
+        assert_eq!(
+            keys(&["order.*", "OrderPlaced", "order.*"]).unwrap(),
+            vec!["OrderPlaced", "order.*"]
+        );
+        assert_eq!(keys(&["a.#", "#", "b"]).unwrap(), vec!["#"]);
+        assert!(keys(&[]).unwrap().is_empty());
+        let err = keys(&[""]).unwrap_err().to_string();
+        assert!(err.contains("\"\""), "{err}");
+        let long = "x".repeat(256);
+        assert!(keys(&[long.as_str()])
+            .unwrap_err()
+            .to_string()
+            .contains("255"));
+    }
+}

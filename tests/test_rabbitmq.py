@@ -25,12 +25,12 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import oxbus
 import pytest
-
 from _env import unavailable
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
@@ -123,6 +123,22 @@ async def amqp(rabbit_up: None) -> Any:
     yield broker
     await broker.clean()
     await conn.close()
+
+
+@pytest.fixture
+async def hash_exchange(amqp: Broker) -> None:
+    """partitions= needs the consistent-hash exchange plugin (``.ci/run`` enables it)."""
+    ch = await amqp.conn.channel()
+    name = f"{amqp.exchange}.probe"
+    try:
+        await ch.declare_exchange(name, "x-consistent-hash", auto_delete=True)
+        await ch.exchange_delete(name)
+        await ch.close()
+    except aio_pika.exceptions.AMQPError as e:
+        unavailable(
+            f"the consistent-hash exchange is not enabled ({e}): "
+            "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
+        )
 
 
 def free_port() -> int:
@@ -234,8 +250,11 @@ class Consumer:
         cfg.setdefault("url", URL)
         cfg["out"] = str(out)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(script),
+            json.dumps(cfg),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         self = cls(proc, out, tally)
         _live.append(self)
@@ -353,8 +372,13 @@ async def test_published_events_are_handled_once_and_acknowledged(amqp: Broker) 
         # lag and pending are readings (queue depth every 2 s; unsettled deliveries).
         assert isinstance(t.pop("lag"), int) and isinstance(t.pop("pending"), int)
         assert t == {
-            "kind": "rabbitmq", "reachable": True, "published": 500, "received": 500,
-            "claimed": 0, "dead_lettered": 0, "last_error": None,
+            "kind": "rabbitmq",
+            "reachable": True,
+            "published": 500,
+            "received": 500,
+            "claimed": 0,
+            "dead_lettered": 0,
+            "last_error": None,
         }
     finally:
         await bus.stop(timeout=10)
@@ -366,8 +390,10 @@ async def test_published_events_are_handled_once_and_acknowledged(amqp: Broker) 
 async def test_a_rabbitmq_options_object_is_the_url_with_its_keywords(amqp: Broker) -> None:
     options = oxbus.RabbitMQ(URL, group="opts", exchange=amqp.exchange, prefetch=10)
     amqp.groups.add("opts")
-    assert EventBus(transport=URL, group="opts", exchange=amqp.exchange, prefetch=10).transport \
+    assert (
+        EventBus(transport=URL, group="opts", exchange=amqp.exchange, prefetch=10).transport
         == options
+    )
     assert "guest:***@" in repr(options) and "guest:guest" not in repr(options)
     bus = EventBus(transport=options)
     seen, done, handle = counted(20)
@@ -436,8 +462,14 @@ async def test_a_group_receives_only_what_its_topic_patterns_match(amqp: Broker)
     bus.subscribe("invoice.#", record)  # zero or more
     bus.subscribe("zz.last", record)
     async with bus:
-        for t in ["order.placed", "order.eu.placed", "invoice", "invoice.sent.late",
-                  "shipment.sent", "zz.last"]:
+        for t in [
+            "order.placed",
+            "order.eu.placed",
+            "invoice",
+            "invoice.sent.late",
+            "shipment.sent",
+            "zz.last",
+        ]:
             await bus.publish({"event_type": t})
         await asyncio.wait_for(done.wait(), 20)
         await bus.drain()
@@ -475,11 +507,16 @@ async def test_a_message_the_bus_cannot_take_goes_to_the_dead_queue_and_the_rest
     amqp: Broker,
 ) -> None:
     def body(n: int, key: Any) -> bytes:
-        return json.dumps({
-            "event_id": str(uuid.uuid4()), "event_type": "amqp.foreign", "event_version": 1,
-            "occurred_at": "2026-12-05T08:00:00+00:00",
-            "data": {"event_type": "amqp.foreign", "aggregate_id": key, "n": n}, "metadata": {},
-        }).encode()
+        return json.dumps(
+            {
+                "event_id": str(uuid.uuid4()),
+                "event_type": "amqp.foreign",
+                "event_version": 1,
+                "occurred_at": "2026-12-05T08:00:00+00:00",
+                "data": {"event_type": "amqp.foreign", "aggregate_id": key, "n": n},
+                "metadata": {},
+            }
+        ).encode()
 
     bus = EventBus(transport=URL, workers=2, **amqp.group("foreign"))
     seen, done, handle = counted(4)
@@ -540,7 +577,7 @@ async def test_health_reports_the_depth_of_the_queue_and_unsettled_deliveries(
 
 
 async def test_with_partitions_each_keys_events_are_handled_in_publish_order(
-    amqp: Broker,
+    amqp: Broker, hash_exchange: None
 ) -> None:
     keys, per_key = ["acct-a", "acct-b", "acct-c", "acct-d"], 100
     bus = EventBus(transport=URL, partitions=4, workers=4, **amqp.group("g"))
@@ -623,7 +660,7 @@ async def test_messages_of_a_consumer_killed_mid_run_are_redelivered_to_another(
 
 
 async def test_per_key_order_holds_across_processes_when_the_active_consumer_is_killed(
-    tmp_path: Path, amqp: Broker
+    tmp_path: Path, amqp: Broker, hash_exchange: None
 ) -> None:
     tally = Tally()
     keys, per_key = ["k1", "k2", "k3"], 60
@@ -707,8 +744,16 @@ async def test_an_invalid_url_raises_configuration_error(url: str) -> None:
 
 @pytest.mark.parametrize(
     "setting",
-    [{"partitions": 0}, {"prefetch": 0}, {"prefetch": 70000}, {"max_deliveries": 0},
-     {"connect_timeout": 0}, {"publish_timeout": -1}, {"group": ""}, {"exchange": ""}],
+    [
+        {"partitions": 0},
+        {"prefetch": 0},
+        {"prefetch": 70000},
+        {"max_deliveries": 0},
+        {"connect_timeout": 0},
+        {"publish_timeout": -1},
+        {"group": ""},
+        {"exchange": ""},
+    ],
     ids=lambda s: "-".join(f"{k}={v!r}" for k, v in s.items()),
 )
 def test_an_out_of_range_setting_raises_configuration_error_naming_it(
@@ -720,8 +765,9 @@ def test_an_out_of_range_setting_raises_configuration_error_naming_it(
     assert name in str(info.value)
 
 
-async def test_a_refused_connection_raises_transport_error_naming_the_host_not_the_password(
-) -> None:
+async def test_a_refused_connection_raises_transport_error_naming_the_host_not_the_password() -> (
+    None
+):
     port = free_port()
     bus = EventBus(transport=f"amqp://guest:s3cret@{HOST}:{port}/%2f", group="g")
     bus.subscribe(AmqpTick, lambda e: None)
@@ -738,8 +784,10 @@ async def test_wrong_credentials_raise_transport_error_within_connect_timeout(
     rabbit_up: None,
 ) -> None:
     bus = EventBus(
-        transport=f"amqp://guest:wr0ng-s3cret@{HOST}:{PORT}/%2f", group="g",
-        exchange="oxbus-test.never", connect_timeout=3.0,
+        transport=f"amqp://guest:wr0ng-s3cret@{HOST}:{PORT}/%2f",
+        group="g",
+        exchange="oxbus-test.never",
+        connect_timeout=3.0,
     )
     with pytest.raises(TransportError) as info:
         await asyncio.wait_for(bus.start(), 20)  # a hang guard, not a limit
@@ -783,8 +831,11 @@ class PrivateRabbit:
 
     async def start(self) -> None:
         env = {
-            **os.environ, "RABBITMQ_NODENAME": self.name, "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_NODE_IP_ADDRESS": HOST, "RABBITMQ_DIST_PORT": str(self.dist),
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_NODE_IP_ADDRESS": HOST,
+            "RABBITMQ_DIST_PORT": str(self.dist),
             "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.base / "log"),
             "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
@@ -792,8 +843,11 @@ class PrivateRabbit:
             "HOME": str(self.base),
         }
         self.proc = await asyncio.create_subprocess_exec(
-            _SERVER, env=env, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            _SERVER,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
         for _ in range(600):  # up to 60 s: a first boot creates its database
             if _reachable(HOST, self.port) is None:
@@ -864,7 +918,8 @@ async def test_after_a_broker_restart_the_bus_reconnects_and_no_confirmed_event_
             except TransportError:
                 await asyncio.sleep(0.1)  # sleep-ok: the publisher reconnecting, bounded
         await tally.until(
-            lambda t: set(range(20)) <= t.seen and any(n >= 100 for n in t.seen), 60,
+            lambda t: set(range(20)) <= t.seen and any(n >= 100 for n in t.seen),
+            60,
             "the 20 confirmed before the restart, redelivered, and one published after",
         )
         assert 99 not in tally.seen

@@ -86,7 +86,7 @@ def test_store_keyword_is_short_for_sqlite_options(tmp_path: Path) -> None:
         (lambda: Sqlite("x.db", synchronous="sometimes"), "synchronous must be 'normal' or 'full', got 'sometimes'"),
         (lambda: Sqlite(""), "store must be a SqliteEventStore or a file path, got ''"),
         (lambda: Sqlite(42), "store must be a SqliteEventStore or a file path, got 42"),  # type: ignore[arg-type]
-        (lambda: EventBus(transport="amqp://guest@h/"), "transport URL must start with one of"),
+        (lambda: EventBus(transport="kafka://h:9092/"), "transport URL must start with one of"),
         (lambda: EventBus(transport=42), "transport must be a URL or transport options"),  # type: ignore[arg-type]
         (lambda: EventBus(transport="redis://h", partitions=0), "partitions must be an int >= 1, got 0"),
         (lambda: EventBus(transport="memory://", group="g"), "group does not apply to a memory transport"),

@@ -13,7 +13,8 @@ hidden setup comment right before the block, which the rendered README does not 
 The setup runs first in the block's namespace (``from oxbus import *`` is already done). Buses
 the block leaves running are stopped after it. The pytest example runs as a test file in a
 pytest of its own. Blocks that need Redis skip outside CI without it and fail under
-``OXBUS_CI=1``; they use Redis database 15 instead of the 0 they show.
+``OXBUS_CI=1``; they use Redis database 15 instead of the 0 they show. Blocks that need
+RabbitMQ do the same, on an exchange of their own (deleted afterwards, with its queues).
 """
 
 from __future__ import annotations
@@ -62,11 +63,31 @@ def blocks() -> list[Any]:
 
 
 def redis_up() -> bool:
+    return listening(6379)
+
+
+def listening(port: int) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
     except OSError:
         return False
     return True
+
+
+def _amqp_clean(exchange: str, groups: list[str]) -> None:
+    """Deletes a README block's exchange and its groups' queues (aio-pika, a test dependency)."""
+    import aio_pika
+
+    async def clean() -> None:
+        conn = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/%2f")
+        ch = await conn.channel()
+        for g in groups:
+            await ch.queue_delete(f"{exchange}.{g}")
+            await ch.queue_delete(f"{exchange}.{g}.dead")
+        await ch.exchange_delete(exchange)
+        await conn.close()
+
+    asyncio.run(clean())
 
 
 async def _run(compiled: types.CodeType, ns: dict[str, Any]) -> None:
@@ -102,6 +123,12 @@ def test_the_readme_block_runs(
             unavailable("Redis is not running on 127.0.0.1:6379")
         # Database 15, not 0: what the snippet writes stays away from other tests' keys.
         code = code.replace("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/15")
+    amqp_exchange = None
+    if "amqp://" in code:
+        if not listening(5672):
+            unavailable("RabbitMQ is not running on 127.0.0.1:5672")
+        amqp_exchange = f"oxbus-readme.{tmp_path.name}"
+        code = code.replace('group="', f'exchange="{amqp_exchange}", group="')
     monkeypatch.chdir(tmp_path)
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
@@ -121,6 +148,8 @@ def test_the_readme_block_runs(
         del sys.modules[module.__name__]
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
+        if amqp_exchange is not None:
+            _amqp_clean(amqp_exchange, re.findall(r'group="([^"]+)"', code))
 
 
 def test_every_python_block_is_found() -> None:

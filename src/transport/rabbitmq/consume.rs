@@ -303,10 +303,12 @@ async fn settle(
             }
             tags.push(s.tag);
         }
-        for (tag, multiple) in ledger.settle(&tags) {
-            ch.basic_ack(tag, BasicAckOptions { multiple })
-                .await
-                .map_err(|e| e.to_string())?;
+        let acks = ledger
+            .settle(&tags)
+            .into_iter()
+            .map(|(tag, multiple)| ch.basic_ack(tag, BasicAckOptions { multiple }));
+        for r in futures_util::future::join_all(acks).await {
+            r.map_err(|e| e.to_string())?;
         }
         shared.health.lock().dead += dead;
         Ok(())

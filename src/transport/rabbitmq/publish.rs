@@ -161,22 +161,26 @@ async fn publish_round(
                 *conn = Some((c, ch));
             }
             let (_, ch) = conn.as_ref().expect("connected above");
-            let mut confirms = Vec::new();
-            for (_, msgs, _) in ready {
-                for (key, props, body) in msgs {
-                    let c = ch
-                        .basic_publish(
-                            exchange.clone(),
-                            key.clone(),
-                            BasicPublishOptions::default(),
-                            body,
-                            props.clone(),
-                        )
-                        .await
-                        .map_err(|e| shared.error(e))?;
-                    confirms.push(c);
-                }
-            }
+            // All at once: lapin resolves each publish once the I/O loop wrote it, so awaiting
+            // them one by one costs a loop round trip per message.
+            // join_all polls them in order the first time: the frames go out in order.
+            let sends = ready
+                .iter()
+                .flat_map(|(_, msgs, _)| msgs)
+                .map(|(key, props, body)| {
+                    ch.basic_publish(
+                        exchange.clone(),
+                        key.clone(),
+                        BasicPublishOptions::default(),
+                        body,
+                        props.clone(),
+                    )
+                });
+            let confirms = futures_util::future::join_all(sends)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| shared.error(e))?;
             for c in confirms {
                 let confirmation = c.await.map_err(|e| shared.error(e))?;
                 if confirmation.is_nack() {

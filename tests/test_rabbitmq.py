@@ -927,3 +927,65 @@ async def test_after_a_broker_restart_the_bus_reconnects_and_no_confirmed_event_
     finally:
         gate.set()
         await asyncio.wait_for(bus.stop(timeout=5), 30)
+
+
+# ------------------------------------------------------------------------------ the bridge
+
+
+async def test_the_bridge_maps_plain_json_queues_in_and_events_out_with_an_independent_client(
+    amqp: Broker,
+) -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class ChangeBatchQuantity:
+        ref: str
+        qty: int
+
+    @dataclass(frozen=True)
+    class Allocated:
+        orderid: str
+        sku: str
+
+    inbound, outbound, out_exchange = f"{amqp.exchange}.in", f"{amqp.exchange}.out", amqp.exchange
+    ch = await amqp.conn.channel()
+    await ch.declare_queue(inbound, durable=True)
+    ex = await ch.declare_exchange(out_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    out_q = await ch.declare_queue(outbound, durable=True)
+    await out_q.bind(ex, routing_key="line.#")
+    try:
+        bus = EventBus()
+        seen, done, handle = counted(2)
+        bus.subscribe(ChangeBatchQuantity, handle)
+        bridge = oxbus.AmqpBridge(bus, URL)
+        bridge.subscribe_queue(inbound, to=ChangeBatchQuantity)
+        bridge.publish_to(out_exchange, "line.allocated", Allocated)
+        assert "guest:***@" in repr(bridge)
+        async with bus, bridge:
+            for ref, qty in (("b-1", 10), ("b-2", 20)):
+                body = json.dumps({"ref": ref, "qty": qty}).encode()
+                await ch.default_exchange.publish(aio_pika.Message(body), routing_key=inbound)
+            await ch.default_exchange.publish(aio_pika.Message(b"{broken"), routing_key=inbound)
+            await asyncio.wait_for(done.wait(), 20)
+            await bus.publish(Allocated("o-1", "LAMP"))
+            await bus.drain()  # the forwarding handler returned: the broker confirmed it
+        assert [(e.ref, e.qty) for e in seen] == [("b-1", 10), ("b-2", 20)]
+        assert all(type(e) is ChangeBatchQuantity for e in seen)
+        (m,) = await amqp.take(outbound)
+        assert json.loads(m.body) == {"orderid": "o-1", "sku": "LAMP"}
+        assert m.routing_key == "line.allocated" and m.content_type == "application/json"
+        assert m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert await amqp.depth(inbound) == 0, "the bridge left messages unacknowledged"
+    finally:
+        await ch.queue_delete(inbound)
+        await ch.queue_delete(outbound)
+        await ch.close()
+
+
+async def test_the_bridge_refuses_a_queue_that_does_not_exist(amqp: Broker) -> None:
+    bridge = oxbus.AmqpBridge(EventBus(), URL)
+    bridge.subscribe_queue(f"{amqp.exchange}.missing")
+    with pytest.raises(TransportError, match="missing"):
+        await asyncio.wait_for(bridge.start(), 20)  # a hang guard, not a limit
+    with pytest.raises(ConfigurationError, match="amqp://"):
+        oxbus.AmqpBridge(EventBus(), "redis://127.0.0.1:6379/0")

@@ -21,6 +21,7 @@ from oxbus.errors import (
     StorageError,
     TransportError,
 )
+from oxbus.amqp_bridge import AmqpBridge
 from oxbus.bridge import RedisPubSubBridge
 from oxbus.events import DomainEvent
 from oxbus.heartbeat import Heartbeat, HeartbeatHandle
@@ -31,6 +32,7 @@ from oxbus.subscription import Subscription
 from oxbus.transports import Broker, Memory, RabbitMQ, RedisStreams, Sqlite, Transport
 
 __all__ = [
+    "AmqpBridge",
     "BusClosed",
     "Broker",
     "BusNotStarted",

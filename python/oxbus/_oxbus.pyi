@@ -5,6 +5,7 @@ from collections.abc import Awaitable, Iterator
 from typing import Any, final
 
 __all__ = [
+    "AmqpBridgeCore",
     "BridgeCore",
     "BusCore",
     "Envelope",
@@ -222,6 +223,19 @@ class StoreCore:
         list[tuple[int, int, str, int, str, str, str, str, str, int | None, int | None]]
     ]: ...
     def remove_dead_letters(self, ids: list[int] | None = None) -> asyncio.Future[int]: ...
+
+@final
+class AmqpBridgeCore:
+    @staticmethod
+    def connect(
+        url: str, queues: list[str], prefetch: int, connect_timeout: float,
+        publish_timeout: float,
+    ) -> Awaitable[AmqpBridgeCore]: ...
+    def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...
+    def take(self) -> list[tuple[str, str, str]]: ...
+    def ack(self, queue: str, receipt: str) -> None: ...
+    def publish(self, exchange: str, routing_key: str, body: str) -> asyncio.Future[Any]: ...
+    def stop(self) -> Awaitable[None]: ...
 
 @final
 class TransportCore:

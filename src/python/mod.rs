@@ -26,6 +26,7 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<completion::PyResolver>()?;
     m.add_class::<transport::PyTransportCore>()?;
     m.add_class::<transport::PyBridgeCore>()?;
+    m.add_class::<transport::PyAmqpBridgeCore>()?;
     m.add_class::<store::PyFlusher>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
     m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;

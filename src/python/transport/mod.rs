@@ -7,6 +7,7 @@
 //! A new broker adds one constructor here (next to `redis` and `rabbitmq`): check its
 //! settings, then `connect` with them.
 
+mod amqp_bridge;
 mod bridge;
 mod inbox;
 mod rabbitmq;
@@ -19,6 +20,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
+pub use amqp_bridge::PyAmqpBridgeCore;
 pub use bridge::PyBridgeCore;
 use inbox::Inbox;
 
@@ -32,10 +34,27 @@ use crate::transport::{
 };
 
 /// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
-struct PySink {
+pub(super) struct PySink {
     completions: Arc<Completions>,
     resolver: Py<PyResolver>,
     inbox: Arc<Inbox<Message>>,
+}
+
+impl PySink {
+    /// A sink, with the completions its confirms resolve and the inbox of its deliveries.
+    pub(super) fn new(
+        py: Python<'_>,
+    ) -> PyResult<(Arc<Completions>, Arc<Inbox<Message>>, Arc<Self>)> {
+        let completions = Arc::new(Completions::default());
+        let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
+        let inbox = Arc::new(Inbox::default());
+        let sink = Arc::new(Self {
+            completions: Arc::clone(&completions),
+            resolver,
+            inbox: Arc::clone(&inbox),
+        });
+        Ok((completions, inbox, sink))
+    }
 }
 
 impl Sink for PySink {
@@ -92,14 +111,7 @@ where
     F: FnOnce(Arc<dyn Sink>, tokio::runtime::Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, TransportError>> + Send + 'static,
 {
-    let completions = Arc::new(Completions::default());
-    let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
-    let inbox = Arc::new(Inbox::default());
-    let sink = Arc::new(PySink {
-        completions: Arc::clone(&completions),
-        resolver,
-        inbox: Arc::clone(&inbox),
-    });
+    let (completions, inbox, sink) = PySink::new(py)?;
     let handle = runtime::handle()?;
     runtime::future_into_py(py, async move {
         let transport = connect(sink, handle).await.map_err(|e| to_py(&e))?;

@@ -58,6 +58,7 @@ impl RabbitSettings {
             connect_timeout: Duration::from_secs_f64(self.connect_timeout),
             publish_timeout: Duration::from_secs_f64(self.publish_timeout),
             consume: self.consume,
+            existing: None,
         })
     }
 }

@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 
-use super::{backoff, declare_group, hint, open, Shared};
+use super::{backoff, declare, hint, open, Shared};
 use crate::transport::{Message, Sink, TransportError};
 
 /// Acknowledgement bookkeeping of one channel: which delivered tags are still open, and the
@@ -82,7 +82,7 @@ async fn open_consumer(
     };
     let err = |e: lapin::Error| shared.error(hint(&e));
     let ch = conn.create_channel().await.map_err(err)?;
-    declare_group(shared, &ch).await.map_err(err)?;
+    declare(shared, &ch).await.map_err(err)?;
     ch.basic_qos(shared.cfg.prefetch, BasicQosOptions::default())
         .await
         .map_err(err)?;

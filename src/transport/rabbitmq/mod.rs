@@ -36,10 +36,10 @@ use tokio::task::JoinHandle;
 use super::{Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
 pub use consume::Ledger;
 use consume::{consumer, health_reader, Settle};
-use publish::publisher;
 pub use publish::HASH_HEADER;
+use publish::{publisher, Batch};
 pub use topology::binding_keys;
-use topology::{declare_exchange, declare_group};
+use topology::{declare, declare_exchange};
 
 const KIND: &str = "rabbitmq";
 
@@ -68,11 +68,17 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Whether to consume at all (a publish-only bus does not).
     pub consume: bool,
+    /// The AMQP bridge: queues of other systems to consume as they are (nothing is declared:
+    /// they must exist); `group`, `queue`, `bindings` and `exchange` are unused then.
+    pub existing: Option<Vec<String>>,
 }
 
 impl Config {
     /// The group's queues: `queue`, or `<queue>.<i>` for each partition.
     pub fn queues(&self) -> Vec<String> {
+        if let Some(queues) = &self.existing {
+            return queues.clone();
+        }
         if self.partitions <= 1 {
             vec![self.queue.clone()]
         } else {
@@ -177,7 +183,7 @@ async fn open(shared: &Shared) -> Result<Connection, TransportError> {
 pub struct RabbitMq {
     shared: Arc<Shared>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    pub_tx: mpsc::UnboundedSender<(u64, Vec<Outgoing>)>,
+    pub_tx: mpsc::UnboundedSender<(u64, Batch)>,
     settle_tx: mpsc::UnboundedSender<Settle>,
 }
 
@@ -198,12 +204,13 @@ impl RabbitMq {
         sink: Arc<dyn Sink>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, TransportError> {
-        if cfg.group.is_empty() || cfg.exchange.is_empty() || cfg.queue.is_empty() {
+        let bridge = cfg.existing.is_some();
+        if !bridge && (cfg.group.is_empty() || cfg.exchange.is_empty() || cfg.queue.is_empty()) {
             return Err(TransportError::Invalid(
                 "group, exchange and queue must not be empty".into(),
             ));
         }
-        if cfg.consume && cfg.bindings.is_empty() {
+        if cfg.consume && !bridge && cfg.bindings.is_empty() {
             return Err(TransportError::Invalid(
                 "a consuming RabbitMQ transport needs at least one binding key".into(),
             ));
@@ -212,7 +219,11 @@ impl RabbitMq {
         cfg.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
             TransportError::Invalid(format!("invalid RabbitMQ URL {safe_url}: {e}"))
         })?;
-        for (what, name) in [("exchange", &cfg.exchange), ("queue", &cfg.queue)] {
+        let names = [("exchange", &cfg.exchange), ("queue", &cfg.queue)];
+        for (what, name) in names
+            .into_iter()
+            .chain(cfg.existing.iter().flatten().map(|q| ("queue", q)))
+        {
             if name.len() > 200 {
                 return Err(TransportError::Invalid(format!(
                     "the {what} name must have at most 200 bytes, got {}: {name:.40}...",
@@ -237,7 +248,7 @@ impl RabbitMq {
                 let conn = open(&setup).await?;
                 let ch = conn.create_channel().await.map_err(|e| setup.error(e))?;
                 if setup.cfg.consume {
-                    declare_group(&setup, &ch)
+                    declare(&setup, &ch)
                         .await
                         .map_err(|e| setup.error(hint(&e)))?;
                     return Ok::<_, TransportError>((Some(conn), None));
@@ -245,9 +256,11 @@ impl RabbitMq {
                 ch.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .map_err(|e| setup.error(e))?;
-                declare_exchange(&setup, &ch)
-                    .await
-                    .map_err(|e| setup.error(e))?;
+                if !setup.cfg.exchange.is_empty() {
+                    declare_exchange(&setup, &ch)
+                        .await
+                        .map_err(|e| setup.error(e))?;
+                }
                 Ok((None, Some((conn, ch))))
             })
             .await
@@ -272,6 +285,37 @@ impl RabbitMq {
             pub_tx,
             settle_tx,
         })
+    }
+
+    /// Queues a plain message (the AMQP bridge): `body` to `exchange` with `routing_key`,
+    /// persistent, as JSON; its confirm reaches [`Sink::confirmed`] under `token`.
+    ///
+    /// # Errors
+    /// [`TransportError::Stopped`] after `stop`.
+    pub fn publish_raw(
+        &self,
+        token: u64,
+        exchange: String,
+        routing_key: String,
+        body: String,
+    ) -> Result<(), TransportError> {
+        self.queue(
+            token,
+            Batch::Raw {
+                exchange,
+                routing_key,
+                body,
+            },
+        )
+    }
+
+    fn queue(&self, token: u64, batch: Batch) -> Result<(), TransportError> {
+        if self.shared.stopping() {
+            return Err(TransportError::Stopped(KIND));
+        }
+        self.pub_tx
+            .send((token, batch))
+            .map_err(|_| TransportError::Stopped(KIND))
     }
 
     fn settle(&self, message: &Message, dead: Option<Box<(String, String, String)>>) {
@@ -321,12 +365,7 @@ impl Transport for RabbitMq {
     /// The batch goes to the publisher task as it is: encoding happens there, off the
     /// caller's thread.
     fn publish(&self, token: u64, batch: Vec<Outgoing>) -> Result<(), TransportError> {
-        if self.shared.stopping() {
-            return Err(TransportError::Stopped(KIND));
-        }
-        self.pub_tx
-            .send((token, batch))
-            .map_err(|_| TransportError::Stopped(KIND))
+        self.queue(token, Batch::Events(batch))
     }
 
     fn ack(&self, message: &Message) {
@@ -414,16 +453,22 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             publish_timeout: Duration::from_secs(1),
             consume: true,
+            existing: None,
         };
         assert_eq!(cfg.queues(), vec!["x.g.0", "x.g.1", "x.g.2"]);
         assert_eq!(cfg.dead_queue(), "x.g.dead");
         assert_eq!(
             Config {
                 partitions: 1,
-                ..cfg
+                ..cfg.clone()
             }
             .queues(),
             vec!["x.g"]
         );
+        let bridge = Config {
+            existing: Some(vec!["in.a".into(), "in.b".into()]),
+            ..cfg
+        };
+        assert_eq!(bridge.queues(), vec!["in.a", "in.b"]);
     }
 }

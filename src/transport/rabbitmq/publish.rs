@@ -74,11 +74,73 @@ fn message_of(o: &Outgoing) -> Result<(ShortString, BasicProperties, Vec<u8>), T
     Ok((routing_key, props, body))
 }
 
+/// What one publish token carries: events, or one plain message of the AMQP bridge.
+pub(crate) enum Batch {
+    /// Events for the bus's exchange.
+    Events(Vec<Outgoing>),
+    /// A JSON body for any exchange and routing key.
+    Raw {
+        exchange: String,
+        routing_key: String,
+        body: String,
+    },
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        match self {
+            Self::Events(e) => e.len(),
+            Self::Raw { .. } => 1,
+        }
+    }
+
+    /// The messages to send (exchange, routing key, properties, body) and the receipts.
+    fn encode(&self, exchange: &ShortString) -> Result<(Vec<Msg>, Vec<String>), TransportError> {
+        match self {
+            Self::Events(events) => {
+                let msgs = events
+                    .iter()
+                    .map(|o| message_of(o).map(|(rk, p, b)| (exchange.clone(), rk, p, b)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((
+                    msgs,
+                    events.iter().map(|o| o.event.event_id.clone()).collect(),
+                ))
+            }
+            Self::Raw {
+                exchange,
+                routing_key,
+                body,
+            } => {
+                let name = |what: &str, s: &str| {
+                    short(s).ok_or_else(|| {
+                        TransportError::Invalid(format!(
+                            "the {what} {s:.60}... is longer than AMQP's 255 bytes"
+                        ))
+                    })
+                };
+                let props = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2);
+                let msg = (
+                    name("exchange", exchange)?,
+                    name("routing key", routing_key)?,
+                    props,
+                    body.as_bytes().to_vec(),
+                );
+                Ok((vec![msg], Vec::new()))
+            }
+        }
+    }
+}
+
+type Msg = (ShortString, ShortString, BasicProperties, Vec<u8>);
+
 /// Publishes every batch queued, then waits for their confirms (one wait for all).
 pub(super) async fn publisher(
     shared: Arc<Shared>,
     mut conn: Option<(Connection, Channel)>,
-    mut rx: mpsc::UnboundedReceiver<(u64, Vec<Outgoing>)>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Batch)>,
     sink: Arc<dyn Sink>,
 ) {
     loop {
@@ -103,14 +165,12 @@ pub(super) async fn publisher(
             }
         }
         // Encode; a token whose events cannot be encoded fails alone.
+        let exchange: ShortString = short(&shared.cfg.exchange).unwrap_or_default();
         let mut results = Vec::with_capacity(batch.len());
         let mut ready = Vec::with_capacity(batch.len());
-        for (token, events) in batch {
-            match events.iter().map(message_of).collect::<Result<Vec<_>, _>>() {
-                Ok(msgs) => {
-                    let ids = events.iter().map(|o| o.event.event_id.clone()).collect();
-                    ready.push((token, msgs, ids));
-                }
+        for (token, b) in batch {
+            match b.encode(&exchange) {
+                Ok((msgs, ids)) => ready.push((token, msgs, ids)),
                 Err(e) => results.push((token, Err(e))),
             }
         }
@@ -131,11 +191,7 @@ pub(super) async fn publisher(
     }
 }
 
-type Ready = (
-    u64,
-    Vec<(ShortString, BasicProperties, Vec<u8>)>,
-    Vec<String>,
-);
+type Ready = (u64, Vec<Msg>, Vec<String>);
 
 /// One round of publishes and their confirms, retried on a new connection until
 /// `publish_timeout` (at least once: a retried round may publish some events twice).
@@ -145,50 +201,51 @@ async fn publish_round(
     ready: &[Ready],
 ) -> Result<(), TransportError> {
     let deadline = Instant::now() + shared.cfg.publish_timeout;
-    let exchange: ShortString = shared.cfg.exchange.as_str().into();
     let mut attempt = 0;
     loop {
-        let round = async {
-            if conn.is_none() {
-                let c = open(shared).await?;
-                let ch = c.create_channel().await.map_err(|e| shared.error(e))?;
-                ch.confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| shared.error(e))?;
-                declare_exchange(shared, &ch)
-                    .await
-                    .map_err(|e| shared.error(e))?;
-                *conn = Some((c, ch));
-            }
-            let (_, ch) = conn.as_ref().expect("connected above");
-            // All at once: lapin resolves each publish once the I/O loop wrote it, so awaiting
-            // them one by one costs a loop round trip per message.
-            // join_all polls them in order the first time: the frames go out in order.
-            let sends = ready
-                .iter()
-                .flat_map(|(_, msgs, _)| msgs)
-                .map(|(key, props, body)| {
-                    ch.basic_publish(
-                        exchange.clone(),
-                        key.clone(),
-                        BasicPublishOptions::default(),
-                        body,
-                        props.clone(),
-                    )
-                });
-            let confirms = futures_util::future::join_all(sends)
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| shared.error(e))?;
-            for c in confirms {
-                let confirmation = c.await.map_err(|e| shared.error(e))?;
-                if confirmation.is_nack() {
-                    return Err(shared.error("the broker refused a message (basic.nack)"));
+        let round =
+            async {
+                if conn.is_none() {
+                    let c = open(shared).await?;
+                    let ch = c.create_channel().await.map_err(|e| shared.error(e))?;
+                    ch.confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .map_err(|e| shared.error(e))?;
+                    if !shared.cfg.exchange.is_empty() {
+                        declare_exchange(shared, &ch)
+                            .await
+                            .map_err(|e| shared.error(e))?;
+                    }
+                    *conn = Some((c, ch));
                 }
-            }
-            Ok::<(), TransportError>(())
-        };
+                let (_, ch) = conn.as_ref().expect("connected above");
+                // All at once: lapin resolves each publish once the I/O loop wrote it, so awaiting
+                // them one by one costs a loop round trip per message.
+                // join_all polls them in order the first time: the frames go out in order.
+                let sends = ready.iter().flat_map(|(_, msgs, _)| msgs).map(
+                    |(exchange, key, props, body)| {
+                        ch.basic_publish(
+                            exchange.clone(),
+                            key.clone(),
+                            BasicPublishOptions::default(),
+                            body,
+                            props.clone(),
+                        )
+                    },
+                );
+                let confirms = futures_util::future::join_all(sends)
+                    .await
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| shared.error(e))?;
+                for c in confirms {
+                    let confirmation = c.await.map_err(|e| shared.error(e))?;
+                    if confirmation.is_nack() {
+                        return Err(shared.error("the broker refused a message (basic.nack)"));
+                    }
+                }
+                Ok::<(), TransportError>(())
+            };
         // Every step is bounded: a broker that accepts the connection and then does not
         // answer (starting up, blocked) fails the round at the deadline, never hangs it.
         let left = deadline.saturating_duration_since(Instant::now());

@@ -51,7 +51,24 @@ pub(super) async fn declare_exchange(shared: &Shared, ch: &Channel) -> lapin::Re
 
 /// The group's topology, declared anew on every connection (a restarted broker keeps the
 /// durable parts; declaring is idempotent).
-pub(super) async fn declare_group(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
+/// What a consumer needs: the group's topology, or (the bridge) that the queues of other
+/// systems exist (passive declares: nothing is created or changed).
+pub(super) async fn declare(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
+    let Some(existing) = &shared.cfg.existing else {
+        return declare_group(shared, ch).await;
+    };
+    for q in existing {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        ch.queue_declare(q.as_str().into(), passive, FieldTable::default())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn declare_group(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
     let cfg = &shared.cfg;
     let durable = QueueDeclareOptions {
         durable: true,

@@ -40,11 +40,12 @@ pub(super) struct PySink {
     inbox: Arc<Inbox<Message>>,
 }
 
+/// A sink, with the completions its confirms resolve and the inbox of its deliveries.
+type SinkParts = (Arc<Completions>, Arc<Inbox<Message>>, Arc<PySink>);
+
 impl PySink {
     /// A sink, with the completions its confirms resolve and the inbox of its deliveries.
-    pub(super) fn new(
-        py: Python<'_>,
-    ) -> PyResult<(Arc<Completions>, Arc<Inbox<Message>>, Arc<Self>)> {
+    pub(super) fn new(py: Python<'_>) -> PyResult<SinkParts> {
         let completions = Arc::new(Completions::default());
         let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
         let inbox = Arc::new(Inbox::default());

@@ -64,6 +64,9 @@ class Backend:
     def health(self, report: dict[str, Any]) -> None:
         """Adds the transport's part to ``get_health_status()``'s report."""
 
+    def statistics(self, stats: dict[str, Any]) -> None:
+        """Adds the transport's part to ``get_statistics()``."""
+
     async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
         waiter = self.core.publish(event, key, correlation_id)
         if waiter is not None:
@@ -215,12 +218,14 @@ class RedisBackend(_Waiting):
     def __init__(self, core: BusCore, options: RedisStreams) -> None:
         super().__init__(core, options)
         self.redis: RedisCore | None = None
+        self.consuming = False
 
     async def start(self) -> None:
         consume = self.options.consume
         if consume is None:  # a bus with subscriptions joins its group
             consume = bool(self.core.subscriptions())
         self.redis = await connect_redis(self.options, consume)
+        self.consuming = consume
         self.redis.set_target(asyncio.get_running_loop(), self._on_entries)
         logger.info("Redis transport connected: %r (consuming: %s)", self.options, consume)
 
@@ -266,9 +271,29 @@ class RedisBackend(_Waiting):
             "published": published, "received": received, "claimed": claimed,
             "dead_lettered": dead, "last_error": err,
         }
+        report["transport"]["partitions"] = self._partitions()
         if not ok and report["status"] == "healthy":
             report["status"] = "degraded"
             report["reasons"].append(f"Redis unreachable: {err}")
+
+    def statistics(self, stats: dict[str, Any]) -> None:
+        if self.redis is not None:
+            stats["partitions"] = self._partitions()
+
+    def _partitions(self) -> dict[str, Any]:
+        """``count``; ``leased`` (each partition read by one member at a time); ``owned``: the
+        partitions (indexes) this member reads; ``members`` and ``assignment`` (each
+        partition's holder, ``None`` while free) of the group as last read, with leases."""
+        assert self.redis is not None
+        count = self.options.partitions
+        leased = self.consuming and count > 1
+        owned, members, assignment = self.redis.leases()
+        if not leased:
+            owned = list(range(count)) if self.consuming else []
+        return {
+            "count": count, "leased": leased, "owned": owned, "members": members,
+            "assignment": assignment,
+        }
 
 
 def backend_for(

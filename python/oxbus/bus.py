@@ -95,6 +95,7 @@ class EventBus:
         publish_timeout: float | None = None,
         prefetch: int | None = None,
         consume: bool | None = None,
+        lease_ttl: float | None = None,
         clock: Any = None,
         max_event_bytes: int | None = None,
         name: str = "oxbus",
@@ -540,6 +541,7 @@ class EventBus:
         subscription_count, is_running, worker_count, by_event_type, uptime_seconds."""
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
+        self._backend.statistics(s)
         return s
 
     def get_stats(self) -> dict[str, Any]:

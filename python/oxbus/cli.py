@@ -675,7 +675,30 @@ def _health_url(url: str) -> str:
     return url if url.endswith("/health") else url + "/health"
 
 
-@main.command(short_help="A running bus's health, from its metrics endpoint.")
+def _redis_group_health(url: str, group: str, stream: str, timeout: float, as_json: bool) -> None:
+    """``health redis://...``: the group's members and partition leases, read from Redis."""
+    from oxbus import _group_health
+    from oxbus.errors import TransportError
+    from oxbus.transports import redact
+
+    async def read() -> dict[str, Any]:
+        return await asyncio.wait_for(
+            _group_health.read(url, group=group, stream=stream), timeout
+        )
+
+    try:
+        report = asyncio.run(read())
+    except (TransportError, asyncio.TimeoutError) as e:
+        _fail(f"{redact(url)}: unreachable: {e or 'timed out'}", UNREACHABLE)
+    if as_json:
+        _emit_json(report)
+    else:
+        click.echo("\n".join(_group_health.lines(report)))
+    if report["status"] != "healthy":
+        sys.exit(FAILED)
+
+
+@main.command(short_help="A running bus's health (metrics endpoint), or a Redis group's.")
 @click.argument("url")
 @click.option(
     "--timeout",
@@ -684,14 +707,22 @@ def _health_url(url: str) -> str:
     show_default=True,
     help="Seconds to wait for an answer.",
 )
+@click.option("--group", default="default", show_default=True, help="With a redis:// URL.")
+@click.option("--stream", default="oxbus:events", show_default=True, help="With a redis:// URL.")
 @json_option
-def health(url: str, timeout: float, as_json: bool) -> None:
+def health(url: str, timeout: float, group: str, stream: str, as_json: bool) -> None:
     """Print a running bus's health, from its metrics endpoint (GET URL/health, as served by
     oxbus.metrics.serve(bus, port=...)). URL is like http://localhost:9100 or localhost:9100.
 
-    Exit 0 when the status is healthy, 1 when degraded or stopped, 3 when URL does not
-    answer with health JSON.
+    With a redis://, rediss:// or unix:// URL: the consumer group GROUP of STREAM as Redis
+    holds it: its live members and which one holds each partition (with partitions=N).
+
+    Exit 0 when the status is healthy, 1 when degraded or stopped (a Redis group: a partition
+    held by no live member, or no member at all), 3 when URL does not answer.
     """
+    if url.lower().startswith(("redis://", "rediss://", "unix://")):
+        _redis_group_health(url, group, stream, timeout, as_json)
+        return
     target = _health_url(url)
     try:
         with urllib.request.urlopen(target, timeout=timeout) as resp:

@@ -19,6 +19,7 @@ use crate::python::events;
 use crate::python::json::records::StreamPayload;
 use crate::python::store::record_of;
 use crate::python::{errors, json, runtime};
+use crate::transport::leases::{self, LeaseConfig};
 use crate::transport::{Config, Deliver, Entry, Transport, TransportError};
 use serde_json::value::RawValue;
 
@@ -119,6 +120,17 @@ fn stable_hash(s: &str) -> u64 {
     })
 }
 
+/// A lease TTL in seconds, checked: at least 0.1 s (the heartbeat runs every third of it).
+fn lease_ttl_of(ttl: f64) -> PyResult<Duration> {
+    if (0.1..=86_400.0).contains(&ttl) {
+        Ok(Duration::from_secs_f64(ttl))
+    } else {
+        Err(errors::configuration_error(format!(
+            "lease_ttl must be a number of seconds from 0.1 to 86400, got {ttl}"
+        )))
+    }
+}
+
 /// The JSON written to the stream: identity, type, version, time, data and metadata.
 fn payload_of(
     event: &Bound<'_, PyAny>,
@@ -208,7 +220,7 @@ impl PyRedisCore {
     /// Checks the settings, connects (on the shared runtime: the loop thread never waits for
     /// Redis) -> awaitable of a connected `RedisCore`. Every setting by keyword.
     #[staticmethod]
-    #[pyo3(signature = (*, url, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256))]
+    #[pyo3(signature = (*, url, streams, group, consumer, claim_idle, maxlen, prefetch, max_deliveries, dead_stream, publish_timeout, consume, batch=256, stream=None, lease_ttl=None))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -224,6 +236,8 @@ impl PyRedisCore {
         publish_timeout: f64,
         consume: bool,
         batch: usize,
+        stream: Option<String>,
+        lease_ttl: Option<f64>,
     ) -> PyResult<Bound<'_, PyAny>> {
         for (name, v) in [
             ("claim_idle", claim_idle),
@@ -235,6 +249,13 @@ impl PyRedisCore {
                 )));
             }
         }
+        let leases = match (stream, lease_ttl) {
+            (Some(stream), Some(ttl)) => Some(LeaseConfig {
+                stream,
+                ttl: lease_ttl_of(ttl)?,
+            }),
+            _ => None,
+        };
         let cfg = Config {
             url,
             streams,
@@ -248,6 +269,7 @@ impl PyRedisCore {
             dead_stream,
             publish_timeout: Duration::from_secs_f64(publish_timeout),
             consume,
+            leases,
         };
         let pending = Pending::new(py, cfg)?;
         let handle = runtime::handle()?;
@@ -359,6 +381,51 @@ impl PyRedisCore {
             h.dead,
             h.last_error,
         )
+    }
+
+    /// With partition leases: (partitions this member holds, the group's live members, each
+    /// partition's holder), as last read; empty lists without leases.
+    #[allow(clippy::type_complexity)]
+    fn leases(&self) -> (Vec<usize>, Vec<String>, Vec<Option<String>>) {
+        let h = self.transport.health();
+        (h.owned, h.members, h.assignment)
+    }
+
+    /// Reads the members and partition leases of `group` on `stream` (changes nothing) ->
+    /// awaitable of (partitions, lease TTL in s, [(member, s left)], [(holder, s left) or
+    /// None per partition]).
+    #[staticmethod]
+    fn read_group(
+        py: Python<'_>,
+        url: String,
+        stream: String,
+        group: String,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let safe = crate::transport::redis_streams::redact(&url);
+        runtime::future_into_py(py, async move {
+            let v = leases::read_group(&url, &stream, &group)
+                .await
+                .map_err(|e| {
+                    to_py(&TransportError::Redis {
+                        url: safe,
+                        message: e.to_string(),
+                    })
+                })?;
+            #[allow(clippy::cast_precision_loss)]
+            let s = |ms: i64| ms as f64 / 1000.0;
+            Ok((
+                v.partitions,
+                v.lease_ttl_ms as f64 / 1000.0,
+                v.members
+                    .into_iter()
+                    .map(|(m, left)| (m, s(left)))
+                    .collect::<Vec<_>>(),
+                v.owners
+                    .into_iter()
+                    .map(|o| o.map(|(h, left)| (h, s(left))))
+                    .collect::<Vec<_>>(),
+            ))
+        })
     }
 
     /// Takes no new entries from Redis (before the bus drains what it has).

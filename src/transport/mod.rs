@@ -2,6 +2,7 @@
 //! Pub/Sub bridge. Pure Rust on tokio; the glue in `src/python` turns deliveries into local
 //! dispatch and batches every hand-off to the asyncio loop.
 
+pub mod leases;
 pub mod pubsub;
 pub mod redis_streams;
 

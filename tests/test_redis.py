@@ -304,6 +304,10 @@ async def test_published_events_are_handled_once_by_the_local_consumer(
         assert t == {
             "kind": "redis", "reachable": True, "published": 500, "received": 500,
             "claimed": 0, "dead_lettered": 0, "last_error": None,
+            # One stream, read by every member of the group: no leases.
+            "partitions": {
+                "count": 1, "leased": False, "owned": [0], "members": [], "assignment": [],
+            },
         }
     finally:
         await bus.stop(timeout=10)

@@ -96,7 +96,8 @@ def partition_of(key: str) -> int:
 
 
 # A member process: reports "ready", "owns [...]" whenever its partitions change, and
-# "h <key> <seq> <start> <end>" per handled event; on stdin EOF it drains, stops, says "bye".
+# "h <key> <seq> <start> <end>" per handled event; on stdin EOF it drains, stops, and says
+# "bye {...}" with its transport's counters.
 MEMBER = textwrap.dedent(
     """
     import asyncio, json, sys, time
@@ -143,8 +144,9 @@ MEMBER = textwrap.dedent(
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await bus.drain(60)
         watcher.cancel()
+        counters = {k: bus.get_health_status()["transport"][k] for k in ("received", "claimed")}
         await bus.stop(timeout=10)
-        print("bye", flush=True)
+        print("bye " + json.dumps(counters), flush=True)
 
     asyncio.run(main())
     """
@@ -215,7 +217,7 @@ class Member:
         self.name = name
         self.proc = proc
         self.group = group
-        self.bye = False
+        self.bye: dict[str, int] | None = None
         self._reader: asyncio.Task[None] | None = None
 
     @classmethod
@@ -224,12 +226,19 @@ class Member:
         if not script.exists():
             script.write_text(MEMBER)
         cfg = {
-            "url": URL, "stream": stream, "consumer": name, "partitions": PARTITIONS,
-            "lease_ttl": 1.0, **cfg,
+            "url": URL,
+            "stream": stream,
+            "consumer": name,
+            "partitions": PARTITIONS,
+            "lease_ttl": 1.0,
+            **cfg,
         }
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(script),
+            json.dumps(cfg),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         self = cls(name, proc, group)
         _live.append(self)
@@ -245,11 +254,13 @@ class Member:
             kind, _, rest = line.decode().strip().partition(" ")
             if kind == "h":
                 key, seq, start, end = rest.split()
-                self.group.handled.append(Handled(self.name, key, int(seq), float(start), float(end)))
+                self.group.handled.append(
+                    Handled(self.name, key, int(seq), float(start), float(end))
+                )
             elif kind == "owns":
                 self.group.owned[self.name] = json.loads(rest)
             elif kind == "bye":
-                self.bye = True
+                self.bye = json.loads(rest)
             self.group.changed()
         self.group.owned.pop(self.name, None)
         self.group.changed()
@@ -261,7 +272,7 @@ class Member:
         rc = await asyncio.wait_for(self.proc.wait(), 60)
         if self._reader is not None:
             await self._reader
-        assert rc == 0 and self.bye, f"member {self.name} exited with {rc}"
+        assert rc == 0 and self.bye is not None, f"member {self.name} exited with {rc}"
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
@@ -375,8 +386,11 @@ async def test_a_member_killed_mid_stream_loses_its_partitions_after_the_ttl_and
         "the survivor to take the victim's partitions once their leases ran out",
     )
     await group.until(lambda: group.distinct() == len(keys) * per_key, "every event handled")
-    await _live[-1].stop()
+    survivor = _live[-1]
+    await survivor.stop()
     assert_in_order(group.handled, keys, per_key)
+    # What the victim had read and not acknowledged was claimed when its partitions moved.
+    assert survivor.bye is not None and survivor.bye["claimed"] > 0, survivor.bye
     moved = [k for k in keys if partition_of(k) in victims]
     assert any(h.member == "survivor" for h in group.handled if h.key in moved), (
         "the survivor handled nothing of the victim's partitions"
@@ -459,7 +473,11 @@ async def test_health_statistics_and_the_cli_show_owned_partitions_and_the_assig
     for name in ("a", "b"):
         bus = EventBus(
             transport=RedisStreams(
-                URL, group="billing", consumer=name, stream=stream, partitions=PARTITIONS,
+                URL,
+                group="billing",
+                consumer=name,
+                stream=stream,
+                partitions=PARTITIONS,
                 lease_ttl=0.6,
             )
         )

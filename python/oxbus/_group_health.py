@@ -62,14 +62,8 @@ async def read(url: str, *, group: str, stream: str) -> dict[str, Any]:
 
 
 def lines(report: dict[str, Any]) -> list[str]:
-    """The report as text, one partition per line::
-
-        status:      healthy
-        group:       billing on oxbus:events (redis://127.0.0.1:6379/0)
-        partitions:  4, lease TTL 10.0 s
-        members:     a, b
-          oxbus:events:0  a  (lease 8.2 s left)
-    """
+    """The report as text: status, group, partitions, members, then one line per partition
+    (``  oxbus:events:0  a  (lease 8.2 s left)``, or ``(free)``) and the reasons, if any."""
     out = [
         f"{'status:':<13}{report['status']}",
         f"{'group:':<13}{report['group']} on {report['stream']} ({report['url']})",
@@ -78,9 +72,7 @@ def lines(report: dict[str, Any]) -> list[str]:
     ]
     width = max((len(a["stream"]) for a in report["assignment"]), default=0)
     for a in report["assignment"]:
-        held = (
-            f"{a['owner']}  (lease {a['expires_in']:.1f} s left)" if a["owner"] else "(free)"
-        )
+        held = f"{a['owner']}  (lease {a['expires_in']:.1f} s left)" if a["owner"] else "(free)"
         out.append(f"  {a['stream']:<{width}}  {held}")
     out.extend(f"{'reason:':<13}{r}" for r in report["reasons"])
     return out

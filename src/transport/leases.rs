@@ -60,7 +60,9 @@ impl Keys {
         Self {
             members: format!("{base}:members"),
             meta: format!("{base}:meta"),
-            leases: (0..partitions).map(|i| format!("{base}:lease:{i}")).collect(),
+            leases: (0..partitions)
+                .map(|i| format!("{base}:lease:{i}"))
+                .collect(),
         }
     }
 }
@@ -133,8 +135,8 @@ struct Part {
     owned: bool,
     /// The reader may read it (owned, and its pending entries were taken over).
     readable: bool,
-    /// A read that includes it is under way.
-    reading: bool,
+    /// Reads (or claims) under way that include it.
+    reading: usize,
     /// Entries read from it and not yet acknowledged.
     in_flight: usize,
 }
@@ -170,18 +172,18 @@ impl Table {
             .enumerate()
             .filter(|(_, p)| p.readable)
             .map(|(i, p)| {
-                p.reading = true;
+                p.reading += 1;
                 i
             })
             .collect()
     }
 
-    /// The read of `read` is over (what it delivered was counted with [`Table::delivered`]
-    /// before).
+    /// The read (or claim) of `read` is over (what it delivered was counted with
+    /// [`Table::delivered`] before).
     pub fn end_read(&self, read: &[usize]) {
         let mut parts = self.parts.lock();
         for &i in read {
-            parts[i].reading = false;
+            parts[i].reading = parts[i].reading.saturating_sub(1);
         }
     }
 
@@ -207,11 +209,18 @@ impl Table {
         self.parts.lock()[i].in_flight
     }
 
-    /// The partitions the periodic claimer looks after: owned and readable.
-    pub fn claimable(&self) -> Vec<usize> {
-        let parts = self.parts.lock();
-        (0..parts.len())
-            .filter(|&i| parts[i].owned && parts[i].readable)
+    /// The partitions the periodic claimer looks after (owned and readable), now marked as
+    /// being read: `end_read` each when its claim is over.
+    pub fn start_claim(&self) -> Vec<usize> {
+        let mut parts = self.parts.lock();
+        parts
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, p)| p.owned && p.readable)
+            .map(|(i, p)| {
+                p.reading += 1;
+                i
+            })
             .collect()
     }
 
@@ -243,7 +252,7 @@ impl Table {
         let mut parts = self.parts.lock();
         let p = &mut parts[i];
         p.readable = false;
-        !p.reading && p.in_flight == 0
+        p.reading == 0 && p.in_flight == 0
     }
 
     /// The lease of `i` is gone (released, or lost): not owned, not read.
@@ -425,7 +434,13 @@ pub async fn leave(client: &Client, keys: &Keys, me: &str, owned: &[usize]) -> R
 /// the TTL) it refreshes its membership, computes the assignment, takes the partitions it
 /// should own (their pending entries first), renews those it keeps, and gives up the others
 /// once they are quiet. Runs until aborted; `leave` then releases what it holds.
-pub async fn keep<H: Holder>(holder: Arc<H>, client: Client, keys: Keys, me: String, ttl: Duration) {
+pub async fn keep<H: Holder>(
+    holder: Arc<H>,
+    client: Client,
+    keys: Keys,
+    me: String,
+    ttl: Duration,
+) {
     let period = (ttl / 3).min(Duration::from_secs(1));
     let quick = period.min(Duration::from_millis(100));
     let table = holder.table();

@@ -792,13 +792,16 @@ async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        for i in shared.parts.claimable() {
+        // Marked as being read: a partition is not handed over while claims of it run.
+        let parts = shared.parts.start_claim();
+        for &i in &parts {
             if let Err(e) = claim_partition(&shared, c, i, idle_ms, false, &sink).await {
                 shared.command_failed(&e);
                 conn = None;
                 break;
             }
         }
+        shared.parts.end_read(&parts);
     }
 }
 

@@ -51,7 +51,10 @@ fn every_partition_goes_to_a_member_and_shares_differ_by_at_most_one() {
                 })
                 .collect();
             let target = assign(&members, &current);
-            assert!(target.iter().all(Option::is_some), "{m} members, {n} partitions");
+            assert!(
+                target.iter().all(Option::is_some),
+                "{m} members, {n} partitions"
+            );
             let c = counts(m, &target);
             let (lo, hi) = (c.iter().min().unwrap(), c.iter().max().unwrap());
             assert!(hi - lo <= 1, "{m} members, {n} partitions: shares {c:?}");
@@ -130,7 +133,7 @@ fn keys_start_with_the_stream_name() {
 fn without_leases_every_partition_is_read_and_claimed() {
     let t = Table::new(3, false);
     assert_eq!(t.start_read(), vec![0, 1, 2]);
-    assert_eq!(t.claimable(), vec![0, 1, 2]);
+    assert_eq!(t.start_claim(), vec![0, 1, 2]);
 }
 
 #[test]
@@ -139,7 +142,10 @@ fn a_leased_partition_is_read_only_once_taken_over() {
     assert!(t.start_read().is_empty() && t.owned().is_empty());
     t.acquired(1);
     assert_eq!(t.owned(), vec![1]);
-    assert!(t.start_read().is_empty(), "read before its pending entries were claimed");
+    assert!(
+        t.start_read().is_empty(),
+        "read before its pending entries were claimed"
+    );
     t.open(1);
     assert_eq!(t.start_read(), vec![1]);
 }
@@ -150,7 +156,10 @@ fn a_partition_given_up_is_quiet_only_when_no_read_is_under_way_and_all_is_ackno
     t.acquired(0);
     t.open(0);
     let read = t.start_read();
-    assert!(!t.close(0), "quiet while a read that includes it is under way");
+    assert!(
+        !t.close(0),
+        "quiet while a read that includes it is under way"
+    );
     assert!(t.start_read().is_empty(), "closed: no new read includes it");
     t.delivered(&[3, 0]);
     t.end_read(&read);
@@ -159,6 +168,12 @@ fn a_partition_given_up_is_quiet_only_when_no_read_is_under_way_and_all_is_ackno
     assert!(!t.close(0));
     t.settled(&[1, 0]);
     assert!(t.close(0), "quiet: nothing read, nothing in flight");
+    t.open(0);
+    let (claim, read) = (t.start_claim(), t.start_read());
+    t.end_read(&read);
+    assert!(!t.close(0), "quiet while the claimer is at it");
+    t.end_read(&claim);
+    assert!(t.close(0));
     t.dropped(0);
     assert!(t.owned().is_empty());
 }
@@ -208,10 +223,19 @@ fn leased(stream: &str, consumer: &str) -> Config {
 }
 
 /// Polls `t`'s health until `pred` holds (10 s at most).
-fn until(rt: &tokio::runtime::Runtime, t: &Transport, what: &str, pred: impl Fn(&Vec<usize>) -> bool) {
+fn until(
+    rt: &tokio::runtime::Runtime,
+    t: &Transport,
+    what: &str,
+    pred: impl Fn(&Vec<usize>) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pred(&t.health().owned) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {:?}", t.health());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            t.health()
+        );
         rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
     }
 }
@@ -241,18 +265,35 @@ fn two_leased_members_split_four_partitions_and_one_stopping_hands_its_own_over(
     until(&rt, &b, "b to hold two", |o| o.len() == 2);
     until(&rt, &a, "a to give two up", |o| o.len() == 2);
     let (ha, hb) = (a.health(), b.health());
-    assert!(ha.owned.iter().all(|p| !hb.owned.contains(p)), "{ha:?} {hb:?}");
+    assert!(
+        ha.owned.iter().all(|p| !hb.owned.contains(p)),
+        "{ha:?} {hb:?}"
+    );
     assert_eq!(hb.members, names(&["a", "b"]));
     rt.block_on(b.stop());
     // Released at stop: a takes them over well before the TTL would have run out twice.
     until(&rt, &a, "a to hold all four again", |o| o.len() == 4);
     let view = rt.block_on(read_group(URL, &stream, "g")).expect("reads");
     assert_eq!(view.partitions, 4);
-    assert_eq!(view.members.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["a"]);
-    assert!(view.owners.iter().all(|o| o.as_ref().is_some_and(|(h, _)| h == "a")), "{view:?}");
+    assert_eq!(
+        view.members
+            .iter()
+            .map(|(m, _)| m.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    assert!(
+        view.owners
+            .iter()
+            .all(|o| o.as_ref().is_some_and(|(h, _)| h == "a")),
+        "{view:?}"
+    );
     rt.block_on(a.stop());
     let view = rt.block_on(read_group(URL, &stream, "g")).expect("reads");
-    assert!(view.members.is_empty() && view.owners.iter().all(Option::is_none), "{view:?}");
+    assert!(
+        view.members.is_empty() && view.owners.iter().all(Option::is_none),
+        "{view:?}"
+    );
     rt.block_on(async {
         let client = Client::open(URL).expect("url");
         let mut c = connect(&client).await.expect("connects");
@@ -262,7 +303,11 @@ fn two_leased_members_split_four_partitions_and_one_stopping_hands_its_own_over(
             .await
             .expect("KEYS");
         if !keys.is_empty() {
-            let _: () = redis::cmd("DEL").arg(keys).query_async(&mut c).await.expect("DEL");
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut c)
+                .await
+                .expect("DEL");
         }
     });
 }

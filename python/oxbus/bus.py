@@ -538,7 +538,9 @@ class EventBus:
         """Counters: events_published, events_processed, events_failed (handler calls that
         raised), retried, dead_lettered, avg_processing_time_ms, handler_latency_ms
         (p50/p90/p99/max), queue_size, retry_queue_size, failed_events_count,
-        subscription_count, is_running, worker_count, by_event_type, uptime_seconds."""
+        subscription_count, is_running, worker_count, by_event_type, uptime_seconds (and for
+        a Redis bus ``partitions``: the partitions this member reads and the group's
+        assignment)."""
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
         self._backend.statistics(s)

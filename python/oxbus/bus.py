@@ -48,13 +48,13 @@ Target = Any  # a class, a type string or pattern, or an Enum member
 class EventBus:
     """An asyncio event bus with a Rust engine.
 
-    ::
-
-        bus = EventBus(workers=4)
-        bus.subscribe(OrderPlaced, send_receipt)
-        async with bus:
-            await bus.publish(OrderPlaced("o-1", 9.5))
-            await bus.drain()
+    ```python
+    bus = EventBus(workers=4)
+    bus.subscribe(OrderPlaced, send_receipt)
+    async with bus:
+        await bus.publish(OrderPlaced("o-1", 9.5))
+        await bus.drain()
+    ```
 
     Keywords (the replaced bus's names work too): ``workers`` / ``worker_count`` (how many
     events may be in handlers at once; same-key events still run one at a time, in order),
@@ -64,7 +64,7 @@ class EventBus:
     ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``, ``stream=``,
     ``partitions=``... are the ``RedisStreams`` settings), ``event_storage`` (an object with
     async ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry``
-    (a :class:`RetryPolicy` for every subscription), ``sync_handlers`` (``"loop"`` or
+    (a [`RetryPolicy`][oxbus.RetryPolicy] for every subscription), ``sync_handlers`` (``"loop"`` or
     ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never
     delayed).
     """
@@ -365,10 +365,12 @@ class EventBus:
         return f"sub-{sid}"
 
     def on(self, event_type: Target, **options: Any) -> Callable[[H], H]:
-        """Decorator form of :meth:`subscribe`::
+        """Decorator form of [`subscribe`][oxbus.EventBus.subscribe]:
 
+        ```python
         @bus.on(OrderPlaced, priority=5)
         async def send_receipt(event): ...
+        ```
         """
 
         def register(handler: H) -> H:
@@ -543,7 +545,8 @@ class EventBus:
         return s
 
     def get_stats(self) -> dict[str, Any]:
-        """The short form of seed 003's bus: published, received, processed, failed."""
+        """The statistics in the shape of the Redis Pub/Sub bus oxbus replaces (its
+        ``get_stats()``): published, received, processed, failed."""
         s = self._core.statistics()
         return {
             "published": s["events_published"],

@@ -1,11 +1,11 @@
 """The dead-letter queue: ``bus.dead_letters`` lists, retries, discards and purges the
 (event, subscription) pairs whose last attempt failed.
 
-::
-
-    for entry in bus.dead_letters:
-        print(entry.subscription, entry.error_type, entry.error_message)
-    await bus.dead_letters.retry()        # all of them, each to its subscription only
+```python
+for entry in bus.dead_letters:
+    print(entry.subscription, entry.error_type, entry.error_message)
+await bus.dead_letters.retry()        # all of them, each to its subscription only
+```
 """
 
 from __future__ import annotations

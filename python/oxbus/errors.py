@@ -1,4 +1,4 @@
-"""Every exception oxbus raises, rooted at :class:`OxbusError`.
+"""Every exception oxbus raises, rooted at [`OxbusError`][oxbus.errors.OxbusError].
 
 Each also inherits the built-in exception that code written for the bus being replaced
 already catches: ``BusNotStarted`` is a ``RuntimeError``, ``QueueFull`` an

@@ -1,16 +1,18 @@
 """Where a bus's events travel: the transport options given to ``EventBus(transport=...)``.
 
 One class per kind, each checking its settings once, when it is made (a bad one raises
-``ConfigurationError`` naming it), and frozen afterwards::
+``ConfigurationError`` naming it), and frozen afterwards:
 
-    EventBus()                                              # Memory(): in this process
-    EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
-    EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
-    EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
+```python
+EventBus()                                              # Memory(): in this process
+EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
+EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
+EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
+```
 
 A URL stands for the class its scheme names, with the bus's keywords as its settings
-(``store=`` stands for :class:`Sqlite`). A new broker is one more class here (its URL
-schemes in ``schemes``) plus its backend in ``oxbus.backends``.
+(``store=`` stands for [`Sqlite`][oxbus.transports.Sqlite]). A new broker is one more class
+here (its URL schemes in ``schemes``) plus its backend in ``oxbus.backends``.
 """
 
 from __future__ import annotations
@@ -88,12 +90,14 @@ class Memory(Transport):
 class Sqlite(Transport):
     """The durable bus: every event is committed to a SQLite log before it is dispatched.
 
-    ``path`` is a file path (the bus opens the store on construction and closes it when it
-    stops) or an open :class:`~oxbus.SqliteEventStore` (used as it is, never closed by the
-    bus). ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss
-    (``None``: the store's own setting, ``"normal"`` for a path)::
+    ``path`` is a file path (the bus opens the store on construction and closes it when it stops) or
+    an open [`SqliteEventStore`][oxbus.SqliteEventStore] (used as it is, never closed by the bus).
+    ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss (``None``: the
+    store's own setting, ``"normal"`` for a path):
 
-        EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"), workers=4)
+    ```python
+    EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"), workers=4)
+    ```
     """
 
     path: Union[str, SqliteEventStore]
@@ -142,10 +146,12 @@ class RedisStreams(Transport):
     that many times goes to ``<stream>:dead``. ``publish_timeout``: seconds a publish retries
     before ``TransportError``. ``prefetch``: entries delivered and not yet acknowledged.
     ``consume``: whether the bus reads from its group (``None``: when it has subscriptions at
-    ``start()``)::
+    ``start()``):
 
-        EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
-                                              partitions=4))
+    ```python
+    EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
+                                          partitions=4))
+    ```
     """
 
     url: str

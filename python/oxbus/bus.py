@@ -56,17 +56,16 @@ class EventBus:
         await bus.drain()
     ```
 
-    Keywords (the replaced bus's names work too): ``workers`` / ``worker_count`` (how many
-    events may be in handlers at once; same-key events still run one at a time, in order),
-    ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``transport``
-    (a URL or options: ``oxbus.Memory()``, the default, ``oxbus.Sqlite(path)`` for the
-    durable bus, ``oxbus.RedisStreams(url, group=...)``; ``store=`` is short for
-    ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``, ``stream=``,
-    ``partitions=``... are the ``RedisStreams`` settings), ``event_storage`` (an object with
-    async ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry``
-    (a [`RetryPolicy`][oxbus.RetryPolicy] for every subscription), ``sync_handlers`` (``"loop"`` or
-    ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never
-    delayed).
+    Keywords (the pure-Python ``InMemoryEventBus``'s names work too): ``workers`` / ``worker_count``
+    (how many events may be in handlers at once; same-key events still run one at a time, in order),
+    ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``transport`` (a URL or
+    options: ``oxbus.Memory()``, the default, ``oxbus.Sqlite(path)`` for the durable bus,
+    ``oxbus.RedisStreams(url, group=...)``; ``store=`` is short for
+    ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``, ``stream=``, ``partitions=``...
+    are the ``RedisStreams`` settings), ``event_storage`` (an object with async
+    ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry`` (a
+    [`RetryPolicy`][oxbus.RetryPolicy] for every subscription), ``sync_handlers`` (``"loop"`` or
+    ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never delayed).
     """
 
     def __init__(
@@ -283,7 +282,7 @@ class EventBus:
         """Subscribes ``handler`` and returns a subscription id.
 
         ``is_async``, ``priority`` and ``retry_count`` may be given by position, in that
-        order, as the replaced bus's callers do: ``subscribe(OrderPlaced, h, True, 1, 3)``.
+        order, as the pure-Python bus's callers do: ``subscribe(OrderPlaced, h, True, 1, 3)``.
 
         ``event_type`` is a class (its subclasses match too), a type string, a dotted
         pattern (``"order.*"``: ``*`` one word, ``#`` any number), or an Enum member (its
@@ -447,7 +446,7 @@ class EventBus:
         return await self._backend.publish_many(events)
 
     async def publish_batch(self, events: Iterable[Any]) -> None:
-        """``publish_many`` with the replaced bus's return value (None)."""
+        """``publish_many`` with the pure-Python bus's return value (None)."""
         await self.publish_many(events)
 
     def publish_threadsafe(self, event: Any, **kwargs: Any) -> concurrent.futures.Future[bool]:
@@ -525,7 +524,7 @@ class EventBus:
     # ------------------------------------------------------------------- failures
 
     def get_failed_events(self) -> list[dict[str, Any]]:
-        """Dead letters in the replaced bus's shape: dicts of event, subscription,
+        """Dead letters in the pure-Python bus's shape: dicts of event, subscription,
         final_result (the last attempt's ``ProcessingResult``) and failed_at (UTC)."""
         return self.dead_letters._as_failed_events(self._subscriptions)
 

@@ -20,12 +20,12 @@ __all__ = ["EventBusFactory", "EventBusManager", "InMemoryEventBus", "Processing
 
 
 class InMemoryEventBus(EventBus):
-    """The name of the bus being replaced: ``InMemoryEventBus(worker_count=4)`` is
+    """The pure-Python bus's class name: ``InMemoryEventBus(worker_count=4)`` is
     ``EventBus(workers=4)``."""
 
 
 class EventBusFactory:
-    """The replaced bus's factory."""
+    """The pure-Python bus's factory."""
 
     @staticmethod
     def create_in_memory_event_bus(worker_count: int = 1, **kwargs: Any) -> InMemoryEventBus:

@@ -27,7 +27,7 @@ __all__ = ["DeadLetter", "DeadLetters", "ProcessingResult"]
 class ProcessingResult:
     """The outcome of one handler call, as handed to ``event_storage.mark_event_processed``.
 
-    The fields of the replaced bus's ``EventProcessingResult``, in its order, plus the
+    The fields of the pure-Python bus's ``EventProcessingResult``, in its order, plus the
     subscription's name.
     """
 
@@ -218,7 +218,7 @@ class DeadLetters:
     def _as_failed_events(
         self, subscriptions: dict[int, Subscription]
     ) -> builtins.list[dict[str, Any]]:
-        """``bus.get_failed_events()``: the replaced bus's shape."""
+        """``bus.get_failed_events()``: the pure-Python bus's shape."""
         return [
             {
                 "event": d.event,

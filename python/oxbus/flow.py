@@ -6,7 +6,7 @@ flow = read_flow("events.db")
 print(to_mermaid(flow))            # or to_dot(flow); render(flow, "png") -> bytes
 ```
 
-Where the numbers come from (tables of the SQLite log, see ``src/store/log.rs``):
+Where the numbers come from (tables and views of the SQLite log):
 
 - **event type → handler**: the ``progress`` view lists each (subscription, position) a
   durable subscription finished, dead-lettered pairs included; joined with ``events`` it counts
@@ -68,8 +68,9 @@ class LogReader:
     admin commands and the picture: read-only unless ``write``, never creating a file.
 
     Never Python's ``sqlite3``: a second copy of SQLite in a bus's process has its own lock
-    bookkeeping, and closing it can make the bus's WAL vanish (see README, "Reading the log").
-    Read-only opening works in a read-only directory. Queries are read-only SQL statements.
+    bookkeeping, and closing it can make the bus's WAL vanish (see "Reading the log while a bus
+    runs" in the README). Read-only opening works in a read-only directory. Queries are read-only
+    SQL statements.
 
     ```python
     with LogReader("events.db") as log:

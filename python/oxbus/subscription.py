@@ -1,4 +1,4 @@
-"""The subscription record, in the shape of the bus oxbus replaces."""
+"""The subscription record, in the shape of the pure-Python bus oxbus replaces."""
 
 from __future__ import annotations
 

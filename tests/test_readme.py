@@ -159,7 +159,8 @@ def test_every_docstring_example_is_run() -> None:
     """A module with ``>>>`` examples is in the list above (or every example says SKIP)."""
     package = ROOT / "python" / "oxbus"
     with_examples = sorted(
-        f"oxbus.{p.stem}" for p in package.glob("*.py")
-        if any(">>>" in line and "doctest: +SKIP" not in line for line in p.read_text().splitlines())
+        f"oxbus.{p.stem}"
+        for p in package.glob("*.py")
+        if any(">>>" in ln and "doctest: +SKIP" not in ln for ln in p.read_text().splitlines())
     )
     assert with_examples == ["oxbus.config", "oxbus.registry"]

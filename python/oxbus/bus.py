@@ -66,6 +66,14 @@ class EventBus:
     ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry`` (a
     [`RetryPolicy`][oxbus.RetryPolicy] for every subscription), ``sync_handlers`` (``"loop"`` or
     ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never delayed).
+
+    Also: ``handler_timeout`` (seconds per handler call for every subscription; None, the
+    default, is no limit), ``thread_pool_size`` (the threads of ``sync_handlers="thread"``),
+    ``ordered`` (per-key order; default: when ``workers > 1``, with one worker every event is
+    handled in publish order anyway), ``clock`` (retry delays and breaker cool-downs read it:
+    ``oxbus.testing.ManualClock()`` in tests), ``max_event_bytes`` (refuse an event whose JSON
+    encoding is larger, with ``InvalidEvent``; off by default) and ``name`` (the ``bus`` label
+    of its metrics, ``"oxbus"`` by default).
     """
 
     def __init__(

@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union
 
-from oxbus._oxbus import BusCore, RetryPolicy, current_envelope, encode_json
+from oxbus._oxbus import BusCore, RetryPolicy, Worker, current_envelope, encode_json
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
@@ -162,7 +162,7 @@ class EventBus:
         self._loop = loop
         self._core.start(loop)
         self._tasks = [
-            loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")
+            loop.create_task(Worker(self._core, i), name=f"{self._name}-worker-{i}")
             for i in range(self._core.workers)
         ]
         for task in self._tasks:

@@ -28,10 +28,11 @@ from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 from oxbus.subscription import Subscription
-from oxbus.transports import Memory, RedisStreams, Sqlite, Transport
+from oxbus.transports import Broker, Memory, RedisStreams, Sqlite, Transport
 
 __all__ = [
     "BusClosed",
+    "Broker",
     "BusNotStarted",
     "CircuitBreaker",
     "ConcurrencyError",

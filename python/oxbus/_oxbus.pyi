@@ -8,11 +8,11 @@ __all__ = [
     "BridgeCore",
     "BusCore",
     "Envelope",
-    "RedisCore",
     "Resolver",
     "RetryPolicy",
     "StoreCore",
     "StoreFlusher",
+    "TransportCore",
     "Worker",
     "__version__",
     "await_probe",
@@ -224,30 +224,18 @@ class StoreCore:
     def remove_dead_letters(self, ids: list[int] | None = None) -> asyncio.Future[int]: ...
 
 @final
-class RedisCore:
+class TransportCore:
     @staticmethod
-    def connect(
-        *,
-        url: str,
-        streams: list[str],
-        group: str,
-        consumer: str,
-        claim_idle: float,
-        maxlen: int,
-        prefetch: int,
-        max_deliveries: int,
-        dead_stream: str,
-        publish_timeout: float,
-        consume: bool,
-        batch: int = 256,
-    ) -> Awaitable[RedisCore]: ...
+    def redis(settings: dict[str, Any]) -> Awaitable[TransportCore]: ...
+    @property
+    def kind(self) -> str: ...
     def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...
     def publish(
         self, event: Any, key: Any = None, correlation_id: Any = None
     ) -> asyncio.Future[str]: ...
     def publish_many(self, events: Any) -> asyncio.Future[Any]: ...
     def dispatch(self, bus: BusCore, make_event: Any) -> tuple[int, list[str]]: ...
-    def health(self) -> tuple[bool, int, int, int, int, int, int, str | None]: ...
+    def health(self) -> dict[str, Any]: ...
     def pause(self) -> None: ...
     def stop(self) -> Awaitable[None]: ...
     @property

@@ -84,7 +84,7 @@ impl From<&TransportError> for PyErr {
     fn from(e: &TransportError) -> Self {
         match e {
             TransportError::Invalid(_) => configuration_error(e.to_string()),
-            TransportError::Redis { .. } | TransportError::Stopped => {
+            TransportError::Broker { .. } | TransportError::Stopped(_) => {
                 transport_error(e.to_string())
             }
         }

@@ -24,7 +24,7 @@ fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bus::PyRetryPolicy>()?;
     m.add_class::<store::PyStoreCore>()?;
     m.add_class::<completion::PyResolver>()?;
-    m.add_class::<transport::PyRedisCore>()?;
+    m.add_class::<transport::PyTransportCore>()?;
     m.add_class::<transport::PyBridgeCore>()?;
     m.add_class::<store::PyFlusher>()?;
     m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;

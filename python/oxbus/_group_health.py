@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from oxbus._oxbus import RedisCore
+from oxbus._oxbus import TransportCore
 from oxbus.transports import redact
 
 __all__ = ["lines", "read"]
@@ -24,7 +24,7 @@ async def read(url: str, *, group: str, stream: str) -> dict[str, Any]:
     (name, seconds before the membership lapses) and ``assignment`` (per partition: its
     stream, holder and seconds left on the lease). Raises ``TransportError`` when Redis
     cannot be reached."""
-    partitions, ttl, members, owners = await RedisCore.read_group(url, stream, group)
+    partitions, ttl, members, owners = await TransportCore.redis_group(url, stream, group)
     live = {name for name, _ in members}
     assignment = [
         {

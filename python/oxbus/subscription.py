@@ -1,4 +1,4 @@
-"""The subscription record, in the shape of the bus oxbus replaces."""
+"""The subscription record, in the shape of the pure-Python bus oxbus replaces."""
 
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ class Subscription:
     for a dead letter read back from the store, whose handler is not subscribed in this
     process, has ``handler`` and ``event_type`` None.
 
-    >>> sub = bus.get_failed_events()[0]["subscription"]  # doctest: +SKIP
-    >>> sub.handler, sub.priority, sub.retry_count  # doctest: +SKIP
+    ```python
+    sub = bus.get_failed_events()[0]["subscription"]
+    sub.handler, sub.priority, sub.retry_count
+    ```
     """
 
     subscription_id: str

@@ -3,7 +3,8 @@
 //! except under `OXBUS_CI=1`).
 
 use super::*;
-use crate::transport::redis_streams::{Config, Deliver, Entry, Transport, TransportError};
+use crate::transport::redis_streams::Config;
+use crate::transport::{Confirm, Message, RedisStreams, Sink, Transport};
 
 fn names(xs: &[&str]) -> Vec<String> {
     xs.iter().map(|&x| x.to_owned()).collect()
@@ -196,9 +197,9 @@ fn redis_up() -> bool {
 
 struct Drop_;
 
-impl Deliver for Drop_ {
-    fn published(&self, _: Vec<(u64, Result<Vec<String>, TransportError>)>) {}
-    fn entries(&self, _: Vec<Entry>) {}
+impl Sink for Drop_ {
+    fn confirmed(&self, _: Vec<Confirm>) {}
+    fn delivered(&self, _: Vec<Message>) {}
 }
 
 fn leased(stream: &str, consumer: &str) -> Config {
@@ -225,7 +226,7 @@ fn leased(stream: &str, consumer: &str) -> Config {
 /// Polls `t`'s health until `pred` holds (10 s at most).
 fn until(
     rt: &tokio::runtime::Runtime,
-    t: &Transport,
+    t: &RedisStreams,
     what: &str,
     pred: impl Fn(&Vec<usize>) -> bool,
 ) {
@@ -252,7 +253,7 @@ fn two_leased_members_split_four_partitions_and_one_stopping_hands_its_own_over(
         .build()
         .expect("runtime");
     let member = |consumer: &str| {
-        rt.block_on(Transport::connect(
+        rt.block_on(RedisStreams::connect(
             leased(&stream, consumer),
             Arc::new(Drop_),
             rt.handle().clone(),

@@ -62,8 +62,12 @@ async def _member(a: argparse.Namespace) -> None:
 
     cls = br._event_class()
     bus = EventBus(
-        transport=a.url, group="bench", consumer=a.name, stream=a.stream,
-        partitions=a.partitions, maxlen=br.MAXLEN,
+        transport=a.url,
+        group="bench",
+        consumer=a.name,
+        stream=a.stream,
+        partitions=a.partitions,
+        maxlen=br.MAXLEN,
     )
     seen = bytearray(a.n)
     count = 0
@@ -105,7 +109,10 @@ async def _publisher(a: argparse.Namespace) -> None:
     events = br._events(cls, a.n)
     batches = [events[i : i + a.batch] for i in range(0, a.n, a.batch)]
     bus = EventBus(
-        transport=a.url, group="publisher", stream=a.stream, partitions=a.partitions,
+        transport=a.url,
+        group="publisher",
+        stream=a.stream,
+        partitions=a.partitions,
         maxlen=br.MAXLEN,
     )
     await bus.start()
@@ -127,11 +134,26 @@ class Problem(Exception):
 def _spawn(a: argparse.Namespace, role: str, stream: str, partitions: int, name: str = "") -> Any:
     return subprocess.Popen(
         [
-            sys.executable, HERE, "--child", role, "--url", a.url, "--stream", stream,
-            "--partitions", str(partitions), "-n", str(a.n), "--batch", str(a.batch),
-            "--name", name,
+            sys.executable,
+            HERE,
+            "--child",
+            role,
+            "--url",
+            a.url,
+            "--stream",
+            stream,
+            "--partitions",
+            str(partitions),
+            "-n",
+            str(a.n),
+            "--batch",
+            str(a.batch),
+            "--name",
+            name,
         ],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -228,7 +250,9 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("-n", type=int, default=100_000, help="events per run (100000; a multiple of 1000)")
+    p.add_argument(
+        "-n", type=int, default=100_000, help="events per run (100000; a multiple of 1000)"
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs per row (3)")
     p.add_argument("--batch", type=int, default=1000, help="publish_many batch size (1000)")
     p.add_argument("--url", default="redis://127.0.0.1:6379/0")
@@ -285,7 +309,9 @@ def main() -> int:
     print(f"  {verdict}  2 members x 4 partitions >= 90% of 1 member x 4 partitions: {ratio:.0%}")
     two = med("2 members x 4 partitions") / med("2 members x 1 stream (no leases)")
     one = base / med("1 member x 1 stream (no leases)")
-    print(f"  leases against no leases, same process count: 2 members {two:.0%}, 1 member {one:.0%}")
+    print(
+        f"  leases against no leases, same process count: 2 members {two:.0%}, 1 member {one:.0%}"
+    )
     if problems:
         print("\nProblems:")
         for pr in problems:

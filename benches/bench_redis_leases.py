@@ -84,6 +84,7 @@ async def _member(a: argparse.Namespace) -> None:
     bus.subscribe(cls, handle)
     await bus.start()
     loop = asyncio.get_running_loop()
+    cpu0 = time.process_time()  # every thread of the process: the loop's and the engine's
     _say("ready")
 
     async def report_leases() -> None:
@@ -97,9 +98,10 @@ async def _member(a: argparse.Namespace) -> None:
 
     watcher = loop.create_task(report_leases())
     await loop.run_in_executor(None, sys.stdin.read)  # the parent closes stdin at the end
+    cpu = time.process_time() - cpu0
     watcher.cancel()
     await bus.stop(timeout=30)
-    _say("done", count, sum(1 for x in seen if x > 1))
+    _say("done", count, sum(1 for x in seen if x > 1), cpu)
 
 
 async def _publisher(a: argparse.Namespace) -> None:
@@ -181,7 +183,9 @@ class Reader(threading.Thread):
                 self.changed.notify_all()
 
 
-def run_flow(a: argparse.Namespace, prefix: str, members: int, partitions: int, i: int) -> float:
+def run_flow(
+    a: argparse.Namespace, prefix: str, members: int, partitions: int, i: int
+) -> dict[str, float]:
     stream = f"{prefix}:m{members}p{partitions}:{i}"
     limit = max(60.0, a.n / 2000)
     deadline = time.monotonic() + limit
@@ -226,7 +230,12 @@ def run_flow(a: argparse.Namespace, prefix: str, members: int, partitions: int, 
             raise Problem(f"{total} handled of {a.n}, {twice} twice in one member")
         if members > 1 and not all(int(r.done[1]) for r in readers if r.done):
             raise Problem("a member handled nothing")
-        return a.n / (t_end - t0)
+        cpu = sum(float(r.done[3]) for r in readers if r.done)
+        return {
+            "rate": a.n / (t_end - t0),
+            "cpu_us": cpu / a.n * 1e6,
+            "publisher": float(line[2]) - t0,
+        }
     finally:
         for p in procs:
             if p.poll() is None:
@@ -280,38 +289,55 @@ def main() -> int:
     print(f"command: python benches/bench_redis_leases.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"N={a.n} events per run over 64 keys, batches of {a.batch}, {a.repeat} runs per row\n")
     prefix = f"oxbus-bench:{uuid.uuid4().hex[:12]}"
-    results: dict[str, list[float]] = {label: [] for label, _, _ in ROWS}
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in ROWS}
     problems: list[str] = []
     started = time.monotonic()
     for i in range(a.repeat):
         for label, members, partitions in ROWS:
             try:
-                rate = run_flow(a, prefix, members, partitions, i)
+                res = run_flow(a, prefix, members, partitions, i)
             except Problem as e:
                 problems.append(f"{label}: {e}")
                 print(f"  run {i + 1} {label:<32} PROBLEM: {e}", flush=True)
                 continue
-            results[label].append(rate)
-            print(f"  run {i + 1} {label:<32} {rate:>10,.0f} events/s", flush=True)
+            results[label].append(res)
+            print(
+                f"  run {i + 1} {label:<32} {res['rate']:>10,.0f} events/s"
+                f"  {res['cpu_us']:>6.1f} us CPU/event",
+                flush=True,
+            )
 
-    def med(label: str) -> float:
-        xs = results[label]
+    def med(label: str, key: str = "rate") -> float:
+        xs = [r[key] for r in results[label]]
         return statistics.median(xs) if xs else float("nan")
 
     base = med("1 member x 4 partitions")
-    print("\nPublisher process -> member process(es), events/s (median)\n")
-    print(f"{'flow':<34} {'events/s':>10}  vs 1 member x 4 partitions")
+    print("\nPublisher process -> member process(es), medians\n")
+    print(
+        f"{'flow':<34} {'events/s':>10}  {'vs 1x4':>6}  {'members CPU/event':>17}"
+        f"  {'publisher s':>11}"
+    )
     for label, _, _ in ROWS:
-        print(f"{label:<34} {med(label):>10,.0f}  {med(label) / base:>6.2f}x")
+        print(
+            f"{label:<34} {med(label):>10,.0f}  {med(label) / base:>5.2f}x"
+            f"  {med(label, 'cpu_us'):>14.1f} us  {med(label, 'publisher'):>11.2f}"
+        )
+    print(
+        "\n(members CPU/event: the member processes' CPU time, every thread, from start to the"
+        "\nlast event, over N; publisher s: the publisher's own time for N events)"
+    )
     ratio = med("2 members x 4 partitions") / base
     verdict = "PASS" if ratio >= 0.9 else "MISS"
     print("\nTarget (issue 17)")
     print(f"  {verdict}  2 members x 4 partitions >= 90% of 1 member x 4 partitions: {ratio:.0%}")
-    two = med("2 members x 4 partitions") / med("2 members x 1 stream (no leases)")
-    one = base / med("1 member x 1 stream (no leases)")
-    print(
-        f"  leases against no leases, same process count: 2 members {two:.0%}, 1 member {one:.0%}"
-    )
+    for members in (2, 1):
+        x = f"{members} member{'s' if members > 1 else ''}"
+        leased = f"{x} x 4 partitions"
+        free = f"{x} x 1 stream (no leases)"
+        print(
+            f"  {x}, leases against none: {med(leased) / med(free):.0%} of the events/s, "
+            f"{med(leased, 'cpu_us') / med(free, 'cpu_us'):.0%} of the CPU per event"
+        )
     if problems:
         print("\nProblems:")
         for pr in problems:

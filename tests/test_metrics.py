@@ -62,14 +62,17 @@ async def test_metrics_after_known_traffic_parse_back_to_the_bus_numbers(make_bu
     )
 
     async def ship(event: MetricOrderPlaced) -> None:
-        await asyncio.sleep(0)  # sleep-ok: suspends, so every call is timed (see README)
+        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
 
     async def charge(event: MetricPaymentFailed) -> None:
-        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         raise ConnectionError("gateway down")
 
-    bus.subscribe(MetricOrderPlaced, ship)
-    bus.subscribe(MetricPaymentFailed, charge)
+    def audit(event: object) -> None:
+        pass
+
+    bus.subscribe(MetricOrderPlaced, ship, name="shipping")
+    bus.subscribe(MetricPaymentFailed, charge, name="billing")
+    bus.subscribe(MetricPaymentFailed, audit, name="audit")
     for i in range(3):
         await bus.publish(MetricOrderPlaced(f"o-{i}"))
     for _ in range(2):
@@ -79,23 +82,43 @@ async def test_metrics_after_known_traffic_parse_back_to_the_bus_numbers(make_bu
 
     types, samples = parse(bus.metrics())
 
+    assert bus.get_statistics()["by_subscription"] == {
+        "shipping": {"calls": 3, "failed": 0, "retried": 0, "dead_lettered": 0},
+        "billing": {"calls": 4, "failed": 4, "retried": 2, "dead_lettered": 2},
+        "audit": {"calls": 2, "failed": 0, "retried": 0, "dead_lettered": 0},
+    }
     assert types["oxbus_events_published"] == "counter"
     assert value(samples, "oxbus_events_published_total", event_type="MetricOrderPlaced") == 3
     assert value(samples, "oxbus_events_published_total", event_type="MetricPaymentFailed") == 2
     assert value(samples, "oxbus_events_processed_total", event_type="MetricOrderPlaced") == 3
     assert value(samples, "oxbus_events_processed_total", event_type="MetricPaymentFailed") == 2
-    # two events x two attempts each
-    assert value(samples, "oxbus_handler_failures_total", event_type="MetricPaymentFailed") == 4
-    assert value(samples, "oxbus_handler_failures_total", event_type="MetricOrderPlaced") == 0
-    assert value(samples, "oxbus_retries_total") == 2
-    assert value(samples, "oxbus_dead_lettered_total") == 2
+    # Failures by (event type, subscription): two events x two attempts each for billing; a
+    # series at 0 for every other pair an event was routed to.
+    failures = {
+        (labels["event_type"], labels["subscription"]): v
+        for (name, fs), v in samples.items()
+        if name == "oxbus_handler_failures_total"
+        for labels in [dict(fs)]
+    }
+    assert failures == {
+        ("MetricPaymentFailed", "billing"): 4,
+        ("MetricPaymentFailed", "audit"): 0,
+        ("MetricOrderPlaced", "shipping"): 0,
+    }
+    for name, want in (
+        ("oxbus_handler_calls_total", {"shipping": 3, "billing": 4, "audit": 2}),
+        ("oxbus_retries_total", {"shipping": 0, "billing": 2, "audit": 0}),
+        ("oxbus_dead_lettered_total", {"shipping": 0, "billing": 2, "audit": 0}),
+    ):
+        got = {dict(fs)["subscription"]: v for (n, fs), v in samples.items() if n == name}
+        assert got == want, name
     assert value(samples, "oxbus_events_unrouted_total") == 1
     assert types["oxbus_dead_letters"] == "gauge"
     assert value(samples, "oxbus_dead_letters") == 2
     assert value(samples, "oxbus_queue_depth") == 0
     assert value(samples, "oxbus_in_flight") == 0
     assert value(samples, "oxbus_workers") == 2
-    assert value(samples, "oxbus_subscriptions") == 2
+    assert value(samples, "oxbus_subscriptions") == 3
     assert value(samples, "oxbus_up") == 1
     # The process's own numbers come from prometheus_client's ProcessCollector, unlabelled.
     assert samples[("process_resident_memory_bytes", frozenset())] > 1_000_000
@@ -119,9 +142,39 @@ async def test_metrics_after_known_traffic_parse_back_to_the_bus_numbers(make_bu
     assert counts == sorted(counts), "buckets are cumulative"
     count = value(samples, "oxbus_handler_duration_seconds_count")
     assert counts[-1] == count
-    # 3 shipments + 4 charge attempts, all suspended, so all timed
-    assert count == 7
+    # every call: 3 shipments + 4 charge attempts + 2 audits
+    assert count == 9
     assert value(samples, "oxbus_handler_duration_seconds_sum") >= 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async", "async, suspending"])
+async def test_the_duration_histogram_counts_every_handler_call(make_bus: Any, kind: str) -> None:
+    # Calls that finish without suspending were once timed 1 in 8: after 4 calls the count
+    # was 0. Read the way a Prometheus server reads it: collector -> registry -> text -> parser.
+    bus = await make_bus(workers=2)
+
+    def sync_handler(event: MetricOrderPlaced) -> None:
+        pass
+
+    async def async_handler(event: MetricOrderPlaced) -> None:
+        pass
+
+    async def suspending_handler(event: MetricOrderPlaced) -> None:
+        await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
+
+    handler = {"sync": sync_handler, "async": async_handler}.get(kind, suspending_handler)
+    bus.subscribe(MetricOrderPlaced, handler)
+    registry = CollectorRegistry()
+    registry.register(oxbus.metrics.BusCollector(bus))
+    for n in (1, 4, 37):
+        for i in range(n):
+            await bus.publish(MetricOrderPlaced(f"o-{i % 3}"))
+        await bus.drain()
+        calls = bus.get_statistics()["handler_calls"]
+        _, samples = parse(generate_latest(registry).decode())
+        assert value(samples, "oxbus_handler_duration_seconds_count") == calls
+        assert value(samples, "oxbus_handler_duration_seconds_bucket", le="+Inf") == calls
+    assert calls == 1 + 4 + 37
 
 
 async def test_queue_depth_and_in_flight_show_a_busy_bus(make_bus: Any) -> None:

@@ -535,9 +535,15 @@ class EventBus:
 
     def get_statistics(self) -> dict[str, Any]:
         """Counters: events_published, events_processed, events_failed (handler calls that
-        raised), retried, dead_lettered, avg_processing_time_ms, handler_latency_ms
-        (p50/p90/p99/max), queue_size, retry_queue_size, failed_events_count,
-        subscription_count, is_running, worker_count, by_event_type, uptime_seconds."""
+        raised), handler_calls, retried, dead_lettered, avg_processing_time_ms,
+        handler_latency_ms (p50/p90/p99/max, over every call), queue_size, retry_queue_size,
+        failed_events_count, subscription_count, is_running, worker_count, by_event_type
+        (published, processed, failed), by_subscription (calls, failed, retried,
+        dead_lettered; keyed by subscription name), uptime_seconds.
+
+        >>> bus.get_statistics()["by_subscription"]["billing"]["failed"]  # doctest: +SKIP
+        2
+        """
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
         return s

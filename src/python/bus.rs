@@ -316,6 +316,10 @@ impl PyBusCore {
             inner.routes_gen = inner.engine.router.generation();
         }
         let subs = inner.engine.router.resolve(&key_name, &mro);
+        inner
+            .engine
+            .stats
+            .routed(&key_name, subs.iter().map(|s| &s.name));
         let skip = self.progress.get().map(|_| {
             let out: Names = inner
                 .engine
@@ -726,11 +730,7 @@ impl PyBusCore {
             park,
         };
         let mut inner = self.inner.lock(py);
-        Ok(inner
-            .engine
-            .router
-            .subscribe(matcher, priority, name, payload)
-            .id)
+        Ok(inner.engine.subscribe(matcher, priority, &name, payload).id)
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
@@ -1138,7 +1138,7 @@ impl PyBusCore {
     /// The counters, as a dict (see `EventBus.get_statistics`). Read under the lock, built
     /// into Python objects after it.
     fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (ints, floats, latency, by_type) = {
+        let (ints, floats, latency, by_type, by_sub) = {
             let inner = self.inner.lock(py);
             let e = &inner.engine;
             let s = &e.stats;
@@ -1168,7 +1168,13 @@ impl PyBusCore {
             ];
             let latency = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)]
                 .map(|(name, q)| (name, s.latency.quantile(q) as f64 / 1e6));
-            (ints, floats, (latency, e.is_running()), s.by_type())
+            (
+                ints,
+                floats,
+                (latency, e.is_running()),
+                s.by_type(),
+                s.by_subscription(),
+            )
         };
         let d = PyDict::new(py);
         for (k, v) in floats {
@@ -1187,7 +1193,24 @@ impl PyBusCore {
             types.set_item(k, t.into_py_dict(py)?)?;
         }
         d.set_item("by_event_type", types)?;
+        let subs = PyDict::new(py);
+        for (name, calls, failed, retried, dead) in by_sub {
+            let c = [
+                ("calls", calls),
+                ("failed", failed),
+                ("retried", retried),
+                ("dead_lettered", dead),
+            ];
+            subs.set_item(name, c.into_py_dict(py)?)?;
+        }
+        d.set_item("by_subscription", subs)?;
         Ok(d)
+    }
+
+    /// Failed handler calls per (event type, subscription name) pair an event was routed to,
+    /// 0 until one fails, sorted: for Prometheus.
+    fn failures(&self, py: Python<'_>) -> Vec<(String, String, u64)> {
+        self.inner.lock(py).engine.stats.failures_by_pair()
     }
 
     /// Handler latency histogram: cumulative counts at the given bounds (seconds), the count and

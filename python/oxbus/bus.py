@@ -15,7 +15,8 @@ import functools
 import inspect
 import logging
 import os
-from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union
+from enum import Enum
+from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union, overload
 
 from oxbus._oxbus import BusCore, RetryPolicy, current_envelope, encode_json
 from oxbus import heartbeat as _heartbeat
@@ -43,6 +44,11 @@ logger = logging.getLogger("oxbus")
 Handler = Callable[[Any], Union[Awaitable[Any], Any]]
 H = TypeVar("H", bound=Handler)
 Target = Any  # a class, a type string or pattern, or an Enum member
+E = TypeVar("E")
+R = TypeVar("R")
+# Subscribing to a class types the handler's argument: mypy flags a handler annotated for
+# another event class. A type string, pattern or Enum member says nothing of the class.
+Named = str | Enum
 
 
 class EventBus:
@@ -265,6 +271,20 @@ class EventBus:
 
     # --------------------------------------------------------------- subscribing
 
+    @overload
+    def subscribe(
+        self, event_type: type[E], handler: Callable[[E], object], is_async: bool = True,
+        priority: int = 1, retry_count: int | None = None, *, retry: RetryPolicy | None = None,
+        name: str | None = None, from_beginning: bool = False, timeout: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None, on_dead_letter: str = "skip",
+    ) -> str: ...
+    @overload
+    def subscribe(
+        self, event_type: Named, handler: Callable[[Any], object], is_async: bool = True,
+        priority: int = 1, retry_count: int | None = None, *, retry: RetryPolicy | None = None,
+        name: str | None = None, from_beginning: bool = False, timeout: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None, on_dead_letter: str = "skip",
+    ) -> str: ...
     def subscribe(
         self,
         event_type: Target,
@@ -364,11 +384,18 @@ class EventBus:
                 self._spawn(self._store._core.register_subscription(sub_name, from_beginning))
         return f"sub-{sid}"
 
+    @overload
+    def on(
+        self, event_type: type[E], **options: Any
+    ) -> Callable[[Callable[[E], R]], Callable[[E], R]]: ...
+    @overload
+    def on(self, event_type: Named, **options: Any) -> Callable[[H], H]: ...
     def on(self, event_type: Target, **options: Any) -> Callable[[H], H]:
-        """Decorator form of :meth:`subscribe`::
+        """Decorator form of :meth:`subscribe` (for a class, mypy checks the handler's
+        argument type as ``subscribe`` does)::
 
         @bus.on(OrderPlaced, priority=5)
-        async def send_receipt(event): ...
+        async def send_receipt(event: OrderPlaced) -> None: ...
         """
 
         def register(handler: H) -> H:
@@ -486,6 +513,16 @@ class EventBus:
                 f"{s['in_flight']} in handlers, {s['retry_queue_size']} waiting to retry"
             ) from None
 
+    @overload
+    def wait_for(
+        self, event_type: type[E], predicate: Callable[[E], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Awaitable[E]: ...
+    @overload
+    def wait_for(
+        self, event_type: Named, predicate: Callable[[Any], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Awaitable[Any]: ...
     def wait_for(
         self,
         event_type: Target,

@@ -283,7 +283,13 @@ mod tests {
         let mut r = Router::new();
         r.subscribe(Matcher::Class(7), 5, "late".into(), Arc::default(), ());
         r.subscribe(Matcher::Class(7), 1, "first".into(), Arc::default(), ());
-        r.subscribe(Matcher::Exact("T".into()), 1, "second".into(), Arc::default(), ());
+        r.subscribe(
+            Matcher::Exact("T".into()),
+            1,
+            "second".into(),
+            Arc::default(),
+            (),
+        );
         let names: Vec<_> = r
             .resolve("T", &[7, 1])
             .iter()
@@ -304,7 +310,13 @@ mod tests {
     #[test]
     fn unsubscribe_changes_generation_and_string_count() {
         let mut r = Router::new();
-        let s = r.subscribe(Matcher::Exact("A".into()), 1, "a".into(), Arc::default(), ());
+        let s = r.subscribe(
+            Matcher::Exact("A".into()),
+            1,
+            "a".into(),
+            Arc::default(),
+            (),
+        );
         assert!(r.needs_type_key());
         let g = r.generation();
         assert!(r.unsubscribe(s.id));

@@ -215,9 +215,12 @@ impl Stats {
     /// (at 0).
     pub fn routed<'a>(&mut self, type_key: &str, names: impl IntoIterator<Item = &'a Arc<str>>) {
         if !self.failures.contains_key(type_key) {
-            self.failures.insert(type_key.to_owned(), FxHashMap::default());
+            self.failures
+                .insert(type_key.to_owned(), FxHashMap::default());
         }
-        let by_sub = self.failures.get_mut(type_key).expect("inserted above");
+        let Some(by_sub) = self.failures.get_mut(type_key) else {
+            return; // inserted above
+        };
         for name in names {
             if !by_sub.contains_key(&**name) {
                 by_sub.insert(Arc::clone(name), 0);
@@ -301,7 +304,10 @@ impl Stats {
         let mut v: Vec<_> = self
             .failures
             .iter()
-            .flat_map(|(t, subs)| subs.iter().map(move |(s, n)| (t.clone(), s.to_string(), *n)))
+            .flat_map(|(t, subs)| {
+                subs.iter()
+                    .map(move |(s, n)| (t.clone(), s.to_string(), *n))
+            })
             .collect();
         v.sort();
         v

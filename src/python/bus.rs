@@ -697,7 +697,7 @@ impl PyBusCore {
         target: &Bound<'_, PyAny>,
         handler: &Bound<'_, PyAny>,
         priority: i64,
-        name: String,
+        name: &str,
         threaded: bool,
         retry: Option<Bound<'_, PyRetryPolicy>>,
         retry_on: Option<Py<PyAny>>,
@@ -730,7 +730,7 @@ impl PyBusCore {
             park,
         };
         let mut inner = self.inner.lock(py);
-        Ok(inner.engine.subscribe(matcher, priority, &name, payload).id)
+        Ok(inner.engine.subscribe(matcher, priority, name, payload).id)
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
@@ -1275,6 +1275,7 @@ impl PyBusCore {
         d.set_item("uptime_seconds", uptime)?;
         d.set_item("memory_usage_mb", sample.rss_mb)?;
         d.set_item("cpu_percent", sample.cpu_percent)?;
+        d.set_item("cpu_window_seconds", sample.cpu_window_s)?;
         d.set_item("system_memory_total_mb", sample.system_total_mb)?;
         d.set_item("system_memory_available_mb", sample.system_available_mb)?;
         d.set_item(

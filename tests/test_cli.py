@@ -1,8 +1,6 @@
 """The ``oxbus`` command line (issue 6), against logs written by a durable bus in the test:
 every subcommand, its ``--help``, its ``--json`` output parsed back, and its exit codes
 (0 done, 1 negative answer, 2 usage error, 3 DB or URL unreachable).
-
-Every class name starts with ``Cli`` (the registry is keyed by type key for the session).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from oxbus import DomainEvent, EventBus, SqliteEventStore
 from oxbus.cli import main
 
 
-class CliOrderPlaced(DomainEvent):
+class OrderPlaced(DomainEvent):
     def __init__(self, order_id: str, amount: float) -> None:
         super().__init__()
         self.order_id, self.amount = order_id, amount
@@ -40,7 +38,7 @@ class CliOrderPlaced(DomainEvent):
         return self.order_id
 
 
-class CliPaymentTaken(DomainEvent):
+class PaymentTaken(DomainEvent):
     def __init__(self, order_id: str) -> None:
         super().__init__()
         self.order_id = order_id
@@ -50,24 +48,24 @@ class CliPaymentTaken(DomainEvent):
         return self.order_id
 
 
-class CliNote(DomainEvent):
+class Note(DomainEvent):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text = text
 
 
 def subscribe_pipeline(bus: EventBus, *, fail_on: str | None, seen: list[Any]) -> None:
-    async def cli_pay(e: CliOrderPlaced) -> None:
+    async def cli_pay(e: OrderPlaced) -> None:
         seen.append(e)
         if e.order_id == fail_on:
             raise ConnectionError(f"card gateway down for {e.order_id}")
-        await bus.publish(CliPaymentTaken(e.order_id))
+        await bus.publish(PaymentTaken(e.order_id))
 
-    async def cli_mail(e: CliPaymentTaken) -> None:
+    async def cli_mail(e: PaymentTaken) -> None:
         pass
 
-    bus.subscribe(CliOrderPlaced, cli_pay, name="cli_pay")
-    bus.subscribe(CliPaymentTaken, cli_mail, name="cli_mail")
+    bus.subscribe(OrderPlaced, cli_pay, name="cli_pay")
+    bus.subscribe(PaymentTaken, cli_mail, name="cli_mail")
 
 
 async def write_log(path: str) -> None:
@@ -76,8 +74,8 @@ async def write_log(path: str) -> None:
     subscribe_pipeline(bus, fail_on="o-3", seen=[])
     async with bus:
         for i in range(5):
-            await bus.publish(CliOrderPlaced(f"o-{i}", 10.0 + i))
-        await bus.publish(CliNote("hello"))
+            await bus.publish(OrderPlaced(f"o-{i}", 10.0 + i))
+        await bus.publish(Note("hello"))
         await bus.drain(timeout=10)
         assert len(bus.dead_letters) == 1
 
@@ -205,7 +203,7 @@ def test_events_lists_the_log_in_order(db: str) -> None:
     assert r.exit_code == 0
     lines = r.stdout.splitlines()
     assert len(lines) == 10  # 5 orders, 4 payments, 1 note
-    assert sum("CliOrderPlaced" in ln for ln in lines) == 5
+    assert sum("OrderPlaced" in ln for ln in lines) == 5
     assert '"order_id": "o-0"' in lines[0] and "$bus:o-0@1" in lines[0]
 
 
@@ -226,21 +224,21 @@ def test_events_json_lines_and_filters(db: str) -> None:
         "causation_id",
         "recorded_at",
     } <= set(rows[0])
-    payments = [e for e in rows if e["event_type"] == "CliPaymentTaken"]
+    payments = [e for e in rows if e["event_type"] == "PaymentTaken"]
     parents = {e["event_id"]: e for e in rows}
-    assert all(parents[p["causation_id"]]["event_type"] == "CliOrderPlaced" for p in payments)
+    assert all(parents[p["causation_id"]]["event_type"] == "OrderPlaced" for p in payments)
     assert all(p["metadata"]["subscription"] == "cli_pay" for p in payments)
 
     only = [
         json.loads(ln)
-        for ln in run("events", db, "--type", "CliPaymentTaken", "--json").stdout.splitlines()
+        for ln in run("events", db, "--type", "PaymentTaken", "--json").stdout.splitlines()
     ]
     assert only == payments
     stream = [
         json.loads(ln)
         for ln in run("events", db, "--stream", "$bus:o-1", "--json").stdout.splitlines()
     ]
-    assert [e["event_type"] for e in stream] == ["CliOrderPlaced", "CliPaymentTaken"]
+    assert [e["event_type"] for e in stream] == ["OrderPlaced", "PaymentTaken"]
     after = [
         json.loads(ln) for ln in run("events", db, "--after", "7", "--json").stdout.splitlines()
     ]
@@ -265,7 +263,7 @@ def test_events_follow_prints_new_rows_as_they_are_committed(db: str) -> None:
             "events",
             db,
             "--type",
-            "CliNote",
+            "Note",
             "--follow",
             "--limit",
             "3",
@@ -284,8 +282,8 @@ def test_events_follow_prints_new_rows_as_they_are_committed(db: str) -> None:
 
         async def append() -> None:
             async with SqliteEventStore(db) as store:
-                await store.append("notes", [CliNote("two")], expected_version=0)
-                await store.append("notes", [CliNote("three")], expected_version=1)
+                await store.append("notes", [Note("two")], expected_version=0)
+                await store.append("notes", [Note("three")], expected_version=1)
 
         asyncio.run(append())
         out, err = p.communicate(timeout=60)  # --limit 3 ends it
@@ -306,7 +304,7 @@ def test_events_follow_ends_with_ctrl_c_and_exit_0(db: str) -> None:
     )
     try:
         assert p.stdout is not None
-        assert "CliOrderPlaced" in p.stdout.readline()  # it is running and has listed the log
+        assert "OrderPlaced" in p.stdout.readline()  # it is running and has listed the log
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
@@ -324,7 +322,7 @@ def test_dlq_list_and_show(db: str) -> None:
     entries = run_json("dlq", db, "list")
     assert len(entries) == 1
     (d,) = entries
-    assert d["subscription"] == "cli_pay" and d["event_type"] == "CliOrderPlaced"
+    assert d["subscription"] == "cli_pay" and d["event_type"] == "OrderPlaced"
     assert d["error_type"] == "ConnectionError" and "o-3" in d["error_message"]
     assert d["data"] == {"order_id": "o-3", "amount": 13.0} and d["attempts"] == 1
 
@@ -359,7 +357,7 @@ async def test_dlq_retry_redelivers_at_the_next_start_to_that_subscription_only(
         assert len(bus.dead_letters) == 0
     payments = [
         json.loads(ln)
-        for ln in run("events", db, "--type", "CliPaymentTaken", "--json").stdout.splitlines()
+        for ln in run("events", db, "--type", "PaymentTaken", "--json").stdout.splitlines()
     ]
     assert sorted(e["data"]["order_id"] for e in payments) == ["o-0", "o-1", "o-2", "o-3", "o-4"]
 
@@ -403,7 +401,7 @@ def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             seen.append(event)
 
         def picky(event):
-            if type(event).__name__ == "CliOrderPlaced" and event.order_id in ("o-1", "o-2"):
+            if type(event).__name__ == "OrderPlaced" and event.order_id in ("o-1", "o-2"):
                 raise ValueError("no " + event.order_id)
             seen.append(event)
     """)
@@ -419,18 +417,18 @@ def test_replay_calls_a_sync_handler_with_rebuilt_events(db: str, handlers: str)
     assert "replayed 10 events" in r.stdout and "10 succeeded, 0 raised" in r.stdout
     assert "replaying" in r.stderr  # the progress bar's label
     seen = sys.modules[handlers].seen
-    assert [type(e).__name__ for e in seen].count("CliOrderPlaced") == 5
+    assert [type(e).__name__ for e in seen].count("OrderPlaced") == 5
     first = seen[0]
-    assert isinstance(first, CliOrderPlaced) and first.order_id == "o-0" and first.amount == 10.0
+    assert isinstance(first, OrderPlaced) and first.order_id == "o-0" and first.amount == 10.0
 
 
 def test_replay_awaits_an_async_handler_and_filters(db: str, handlers: str) -> None:
     report = run_json(
-        "replay", db, "--to", f"{handlers}:async_handler", "--type", "CliPaymentTaken"
+        "replay", db, "--to", f"{handlers}:async_handler", "--type", "PaymentTaken"
     )
     assert report["events"] == 4 and report["succeeded"] == 4 and report["failed"] == 0
     seen = sys.modules[handlers].seen
-    assert all(isinstance(e, CliPaymentTaken) for e in seen) and len(seen) == 4
+    assert all(isinstance(e, PaymentTaken) for e in seen) and len(seen) == 4
     report = run_json("replay", db, "--to", f"{handlers}:async_handler", "--after", "8")
     assert report["events"] == 2
 
@@ -543,7 +541,7 @@ async def test_health_of_a_running_bus_through_oxbus_metrics() -> None:
 def test_stats(db: str) -> None:
     s = run_json("stats", db)
     assert s["events"] == 10 and s["positions"] == {"first": 1, "last": 10}
-    assert s["by_event_type"] == {"CliOrderPlaced": 5, "CliPaymentTaken": 4, "CliNote": 1}
+    assert s["by_event_type"] == {"OrderPlaced": 5, "PaymentTaken": 4, "Note": 1}
     assert s["streams"] == 6 and s["by_stream"]["$bus:o-0"] == 2 and s["by_stream"]["$bus"] == 1
     assert s["dead_letters"] == {
         "total": 1,

@@ -15,6 +15,11 @@ Fixtures:
   ``await recorder.wait_for(...)`` — next, as ``bus.wait_for``), and the calls of its
   handlers (``recorder.calls(handler)``, ``await recorder.assert_handled(handler, event)``).
 * ``handler_errors`` — the :class:`oxbus.testing.HandlerErrors` of that bus.
+* ``event_registry`` — runs the test in its own view of the event registry
+  (:func:`oxbus.registry.isolated`): the test module's event classes win over same-named
+  classes of other modules, and classes the test defines are forgotten after it, so event
+  classes in tests need no unique names. Not automatic: make it so in a ``conftest.py`` with
+  ``@pytest.fixture(autouse=True)`` ``def _registry(event_registry): ...``.
 
 ::
 
@@ -44,10 +49,14 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar, cast
 
 import pytest
 
+from oxbus import registry
 from oxbus.bus import EventBus
 from oxbus.testing import EventRecorder, HandlerErrors, record_calls
 
-__all__ = ["DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder", "handler_errors"]
+__all__ = [
+    "DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder", "event_registry",
+    "handler_errors",
+]
 
 #: Seconds the teardown waits for the bus to drain before it reports a teardown error
 #: (the ``oxbus_drain_timeout`` ini option overrides it).
@@ -156,3 +165,15 @@ def event_recorder(event_bus: EventBus) -> Iterator[EventRecorder]:
         yield recorder
     finally:
         recorder.close()
+
+
+@pytest.fixture
+def event_registry(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test in its own view of the event registry (``oxbus.registry.isolated``): its
+    module's event classes registered on top, what it registers forgotten after it."""
+    try:
+        modules = [request.module]
+    except AttributeError:  # not collected from a module (a doctest, say)
+        modules = []
+    with registry.isolated(*modules):
+        yield

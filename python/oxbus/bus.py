@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import inspect
 import logging
 import os
 from enum import Enum
@@ -30,12 +29,11 @@ from oxbus.failures import FailureBook
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import (
     Subscription,
-    check_takes_one_event,
+    check_options,
     is_async as _is_async,
-    qualname as _qualname,
 )
 from oxbus.transports import URL_KEYWORDS, Transport, TransportSpec, resolve
-from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, InvalidSubscription, ReentrantCall
+from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, ReentrantCall
 
 __all__ = ["EventBus"]
 
@@ -46,9 +44,7 @@ H = TypeVar("H", bound=Handler)
 Target = Any  # a class, a type string or pattern, or an Enum member
 E = TypeVar("E")
 R = TypeVar("R")
-# Subscribing to a class types the handler's argument: mypy flags a handler annotated for
-# another event class. A type string, pattern or Enum member says nothing of the class.
-Named = str | Enum
+Named = str | Enum  # a type string, pattern or Enum member: says nothing of the event's class
 
 
 class EventBus:
@@ -318,48 +314,14 @@ class EventBus:
         K wait behind it in the dead-letter queue, in order, until it is retried or discarded;
         ``"skip"`` (the default) lets them proceed.
         """
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidSubscription(f"priority must be an int, got {priority!r}")
-        if not -(2**63) <= priority < 2**63:
-            raise InvalidSubscription(f"priority must fit in 64 bits, got {priority!r}")
-        if name is not None and not isinstance(name, str):
-            raise InvalidSubscription(
-                f"name must be a str, got {name!r} (type {type(name).__name__})"
-            )
-        if retry_count is not None and retry is not None:
-            raise ConfigurationError("give retry_count or retry, not both")
-        if retry_count is not None:
-            if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
-                raise ConfigurationError(f"retry_count must be an int >= 0, got {retry_count!r}")
-            r = self._retry
-            retry = RetryPolicy(
-                retry_count + 1, r.base_delay, r.max_delay, r.multiplier, r.jitter, r.retry_on
-            )
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        if not callable(handler):
-            raise InvalidSubscription(
-                f"handler must be callable, got {handler!r} (type {type(handler).__name__})"
-            )
-        if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
-            raise InvalidSubscription(
-                f"handler {_qualname(handler)} is a generator function: calling it would not "
-                "run its body; use `def` or `async def` without `yield`"
-            )
-        check_takes_one_event(handler)
-        sub_name = name if name is not None else _qualname(handler)
+        retry, sub_name = check_options(
+            handler, priority, name, retry_count, retry, self._retry, on_dead_letter,
+            circuit_breaker,
+        )
         if self._store is not None and self._core.has_name(sub_name):
             raise ConfigurationError(
                 f"a subscription named {sub_name!r} exists already; on a durable bus each "
                 "subscription's progress is kept under its name, so give name="
-            )
-        if on_dead_letter not in ("skip", "park"):
-            raise ConfigurationError(
-                f"on_dead_letter must be 'skip' or 'park', got {on_dead_letter!r}"
-            )
-        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
-            raise ConfigurationError(
-                f"circuit_breaker must be a CircuitBreaker, got {circuit_breaker!r}"
             )
         t = _timeout("timeout", timeout) if timeout is not None else self._timeout
         policy = retry or self._retry

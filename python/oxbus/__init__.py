@@ -1,8 +1,10 @@
 """oxbus: an asyncio event bus with a Rust engine.
 
-Change one import and keep your handlers::
+Change one import and keep your handlers:
 
-    from oxbus import EventBus, DomainEvent
+```python
+from oxbus import EventBus, DomainEvent
+```
 """
 
 from oxbus import errors
@@ -28,10 +30,11 @@ from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 from oxbus.subscription import Subscription
-from oxbus.transports import Memory, RedisStreams, Sqlite, Transport
+from oxbus.transports import Broker, Memory, RedisStreams, Sqlite, Transport
 
 __all__ = [
     "BusClosed",
+    "Broker",
     "BusNotStarted",
     "CircuitBreaker",
     "ConcurrencyError",

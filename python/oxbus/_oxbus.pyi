@@ -8,11 +8,11 @@ __all__ = [
     "BridgeCore",
     "BusCore",
     "Envelope",
-    "RedisCore",
     "Resolver",
     "RetryPolicy",
     "StoreCore",
     "StoreFlusher",
+    "TransportCore",
     "Worker",
     "__version__",
     "await_probe",
@@ -23,35 +23,72 @@ __all__ = [
 ]
 
 __version__: str
+"""The installed version of oxbus."""
 
 def new_event_id() -> str: ...
 def await_probe(batched: bool, n: int) -> list[Awaitable[int]]: ...
-def current_envelope() -> Envelope | None: ...
+def current_envelope() -> Envelope | None:
+    """The [`Envelope`][oxbus.Envelope] of the event being handled, or None outside a handler.
+
+    It follows the handler into the tasks it creates and into thread-pool calls:
+
+    ```python
+    async def send_receipt(event):
+        env = oxbus.current_envelope()
+        print(env.event_id, env.correlation_id, env.attempt, env.subscription)
+    ```
+    """
 def encode_json(obj: Any) -> str: ...
 def decode_json(text: str) -> Any: ...
 @final
 class Envelope:
+    """The event being handled and where it came from; `oxbus.current_envelope()` returns it
+    inside a handler."""
+
     @property
-    def event(self) -> Any: ...
+    def event(self) -> Any:
+        """The event object, exactly as published."""
     @property
-    def event_id(self) -> Any: ...
+    def event_id(self) -> Any:
+        """The event's id (see [`DomainEvent.event_id`][oxbus.DomainEvent.event_id])."""
     @property
-    def correlation_id(self) -> Any: ...
+    def correlation_id(self) -> Any:
+        """The id shared by every event of one causal chain."""
     @property
-    def causation_id(self) -> Any: ...
+    def causation_id(self) -> Any:
+        """The id of the event whose handler published this one (None for a root event)."""
     @property
-    def key(self) -> Any: ...
+    def key(self) -> Any:
+        """The ordering key: `publish(key=...)`, else the event's `aggregate_id`, else None."""
     @property
-    def attempt(self) -> int: ...
+    def attempt(self) -> int:
+        """1 for the first call of a handler, 2 for its first retry, ..."""
     @property
-    def subscription(self) -> str | None: ...
+    def subscription(self) -> str | None:
+        """The name of the subscription being run."""
     @property
-    def position(self) -> int | None: ...
+    def position(self) -> int | None:
+        """The event's position in the durable log (None on an in-memory bus)."""
     @property
-    def event_type(self) -> str: ...
+    def event_type(self) -> str:
+        """The event's type key."""
 
 @final
 class RetryPolicy:
+    """How often, and after how long, a failed handler call is tried again.
+
+    `max_attempts` counts the first call (`subscribe(..., retry_count=N)` means `N + 1`
+    attempts). The delay before retry n is `min(max_delay, base_delay * multiplier ** (n - 1))`,
+    scaled by a uniform factor in `[1 - jitter, 1 + jitter]`. Only exceptions that are
+    instances of `retry_on` are retried (default: every `Exception`); others go to the dead
+    letters at once. A bad setting raises `ConfigurationError` naming it.
+
+    ```python
+    bus = EventBus(retry=RetryPolicy(max_attempts=4, base_delay=0.2, max_delay=5.0,
+                                     retry_on=(ConnectionError, TimeoutError)))
+    ```
+    """
+
     def __new__(
         cls,
         max_attempts: int = 1,
@@ -62,21 +99,29 @@ class RetryPolicy:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
     ) -> RetryPolicy: ...
     @property
-    def retry_on(self) -> tuple[type[BaseException], ...]: ...
+    def retry_on(self) -> tuple[type[BaseException], ...]:
+        """The exception classes worth a retry."""
     @property
-    def max_attempts(self) -> int: ...
+    def max_attempts(self) -> int:
+        """Calls in all, the first one included."""
     @property
-    def base_delay(self) -> float: ...
+    def base_delay(self) -> float:
+        """Seconds before the first retry (before jitter)."""
     @property
-    def max_delay(self) -> float: ...
+    def max_delay(self) -> float:
+        """The longest delay, in seconds."""
     @property
-    def multiplier(self) -> float: ...
+    def multiplier(self) -> float:
+        """The factor between one delay and the next."""
     @property
-    def jitter(self) -> float: ...
-    def delay(self, n: int) -> float: ...
+    def jitter(self) -> float:
+        """The random spread of each delay, as a fraction of it."""
+    def delay(self, n: int) -> float:
+        """Seconds before retry `n` (1-based), jitter included."""
 
 @final
 class Worker:
+    def __new__(cls, core: BusCore, index: int) -> Worker: ...
     def __await__(self) -> Worker: ...
     def __iter__(self) -> Worker: ...
     def __next__(self) -> Any: ...
@@ -130,7 +175,6 @@ class BusCore:
     def set_after_call(self, hook: Any, on_success: bool) -> None: ...
     def set_progress(self, store: StoreCore) -> None: ...
     def start(self, loop_: asyncio.AbstractEventLoop) -> None: ...
-    def worker(self, index: int) -> Worker: ...
     def close(self, discard: bool) -> int: ...
     def ensure_running(self) -> None: ...
     def close_intake(self) -> None: ...
@@ -225,30 +269,18 @@ class StoreCore:
     def remove_dead_letters(self, ids: list[int] | None = None) -> asyncio.Future[int]: ...
 
 @final
-class RedisCore:
+class TransportCore:
     @staticmethod
-    def connect(
-        *,
-        url: str,
-        streams: list[str],
-        group: str,
-        consumer: str,
-        claim_idle: float,
-        maxlen: int,
-        prefetch: int,
-        max_deliveries: int,
-        dead_stream: str,
-        publish_timeout: float,
-        consume: bool,
-        batch: int = 256,
-    ) -> Awaitable[RedisCore]: ...
+    def redis(settings: dict[str, Any]) -> Awaitable[TransportCore]: ...
+    @property
+    def kind(self) -> str: ...
     def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...
     def publish(
         self, event: Any, key: Any = None, correlation_id: Any = None
     ) -> asyncio.Future[str]: ...
     def publish_many(self, events: Any) -> asyncio.Future[Any]: ...
     def dispatch(self, bus: BusCore, make_event: Any) -> tuple[int, list[str]]: ...
-    def health(self) -> tuple[bool, int, int, int, int, int, int, str | None]: ...
+    def health(self) -> dict[str, Any]: ...
     def pause(self) -> None: ...
     def stop(self) -> Awaitable[None]: ...
     @property

@@ -5,11 +5,11 @@ itself has no branch per backend.
 - :class:`EventStorageBackend`: ``event_storage.store_event(event)`` first, as the bus being
   replaced did, then into the queue;
 - :class:`DurableBackend`: committed to the SQLite log, then into the queue (``oxbus.Sqlite``);
-- :class:`RedisBackend`: ``XADD`` to Redis Streams; entries come back through the consumer
-  group (``oxbus.RedisStreams``).
+- :class:`BrokerBackend`: any broker (``oxbus.RedisStreams``): published to it, and back
+  through the consumer group.
 
-A new broker is its options class in ``oxbus.transports`` and one backend here, listed in
-``_BACKENDS``.
+A new broker is one Rust file in ``src/transport`` and its options class (a ``Broker``) in
+``oxbus.transports``: this module does not change.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import logging
 from datetime import datetime
 from typing import Any, ClassVar, Iterable
 
-from oxbus._oxbus import BusCore, RedisCore
+from oxbus._oxbus import BusCore, TransportCore
 from oxbus.dead_letters import DeadLetters
 from oxbus.errors import BusNotStarted, OxbusError
 from oxbus.store import SqliteEventStore
-from oxbus.transports import Memory, RedisStreams, Sqlite, Transport
+from oxbus.transports import Broker, Memory, Sqlite, Transport
 
 __all__ = ["Backend", "backend_for"]
 
@@ -92,7 +92,7 @@ class _Waiting(Backend):
     plain = False
 
     def publish_nowait(self, event: Any, key: Any, correlation_id: Any) -> None:
-        raise OxbusError("publish_nowait cannot wait for the store or Redis; use publish")
+        raise OxbusError("publish_nowait cannot wait for the store or a broker; use publish")
 
 
 class EventStorageBackend(_Waiting):
@@ -200,75 +200,72 @@ def _event_from_payload(payload: dict[str, Any]) -> Any:
     return obj
 
 
-async def connect_redis(options: RedisStreams, consume: bool) -> RedisCore:
-    """The native Redis transport, connected on the engine's runtime (the loop thread never
-    waits for Redis)."""
-    return await RedisCore.connect(**options.native(consume))
+class BrokerBackend(_Waiting):
+    """A broker (``oxbus.RedisStreams``, ...): a publish returns once the broker confirmed the
+    event; messages come back through this member's consumer group and are dispatched like
+    local events, each acknowledged once every subscription finished it. Every broker is
+    driven the same way: its options connect a native ``TransportCore``."""
 
+    options: Broker
 
-class RedisBackend(_Waiting):
-    """Redis Streams: a publish returns once Redis accepted the entry; entries come back
-    through the consumer group and are dispatched like local events."""
-
-    options: RedisStreams
-
-    def __init__(self, core: BusCore, options: RedisStreams) -> None:
+    def __init__(self, core: BusCore, options: Broker) -> None:
         super().__init__(core, options)
-        self.redis: RedisCore | None = None
+        self.broker: TransportCore | None = None
 
     async def start(self) -> None:
         consume = self.options.consume
         if consume is None:  # a bus with subscriptions joins its group
             consume = bool(self.core.subscriptions())
-        self.redis = await connect_redis(self.options, consume)
-        self.redis.set_target(asyncio.get_running_loop(), self._on_entries)
-        logger.info("Redis transport connected: %r (consuming: %s)", self.options, consume)
+        self.broker = await self.options.connect(consume)
+        self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
+        logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
+                    self.options, consume)
 
-    def _on_entries(self) -> None:
-        # Entries that arrive while the bus stops stay unacknowledged: Redis redelivers them.
-        if self.redis is not None and self.core.running:
-            _, refused = self.redis.dispatch(self.core, _event_from_payload)
+    def _on_messages(self) -> None:
+        # Messages that arrive while the bus stops stay unacknowledged: the broker delivers
+        # them again.
+        if self.broker is not None and self.core.running:
+            _, refused = self.broker.dispatch(self.core, _event_from_payload)
             for reason in refused:
-                logger.error("Redis %s: moved to the dead-letter stream", reason)
+                logger.error("%s %s: moved to the dead-letter place", self.options.title, reason)
 
     def pause(self) -> None:
-        if self.redis is not None:
-            self.redis.pause()  # take no new entries; drain what was received
+        if self.broker is not None:
+            self.broker.pause()  # take no new messages; drain what was received
 
     async def close(self) -> None:
-        if self.redis is not None:
-            redis, self.redis = self.redis, None
-            await redis.stop()
+        if self.broker is not None:
+            broker, self.broker = self.broker, None
+            await broker.stop()
 
-    def _connected(self) -> RedisCore:
+    def _connected(self) -> TransportCore:
         self.core.ensure_running()
-        if self.redis is None:
-            raise BusNotStarted("the bus is still connecting to Redis: await bus.start() first")
-        return self.redis
+        if self.broker is None:
+            raise BusNotStarted(
+                f"the bus is still connecting to {self.options.title}: await bus.start() first"
+            )
+        return self.broker
 
     async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
         await self._connected().publish(event, key, correlation_id)
         return True
 
     async def publish_many(self, events: Iterable[Any]) -> int:
-        redis = self._connected()
+        broker = self._connected()
         items = list(events)
         if items:
-            await redis.publish_many(items)  # one pipelined request, one future
+            await broker.publish_many(items)  # one request, one future
         return len(items)
 
     def health(self, report: dict[str, Any]) -> None:
-        if self.redis is None:
+        if self.broker is None:
             return
-        ok, lag, pending, published, received, claimed, dead, err = self.redis.health()
-        report["transport"] = {
-            "kind": "redis", "reachable": ok, "lag": lag, "pending": pending,
-            "published": published, "received": received, "claimed": claimed,
-            "dead_lettered": dead, "last_error": err,
-        }
-        if not ok and report["status"] == "healthy":
+        transport = report["transport"] = self.broker.health()
+        if not transport["reachable"] and report["status"] == "healthy":
             report["status"] = "degraded"
-            report["reasons"].append(f"Redis unreachable: {err}")
+            report["reasons"].append(
+                f"{self.options.title} unreachable: {transport['last_error']}"
+            )
 
 
 def backend_for(
@@ -281,8 +278,8 @@ def backend_for(
     """The backend of a bus's transport options."""
     if isinstance(options, Sqlite):
         return DurableBackend(core, options, dead_letters, durable)
-    if isinstance(options, RedisStreams):
-        return RedisBackend(core, options)
+    if isinstance(options, Broker):
+        return BrokerBackend(core, options)
     if event_storage is not None:
         return EventStorageBackend(core, options, event_storage)
     assert isinstance(options, Memory), options

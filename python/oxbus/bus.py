@@ -17,7 +17,7 @@ import os
 from enum import Enum
 from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union, overload
 
-from oxbus._oxbus import BusCore, RetryPolicy, current_envelope, encode_json
+from oxbus._oxbus import BusCore, RetryPolicy, Worker, current_envelope, encode_json
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
@@ -50,25 +50,32 @@ Named = str | Enum  # a type string, pattern or Enum member: says nothing of the
 class EventBus:
     """An asyncio event bus with a Rust engine.
 
-    ::
+    ```python
+    bus = EventBus(workers=4)
+    bus.subscribe(OrderPlaced, send_receipt)
+    async with bus:
+        await bus.publish(OrderPlaced("o-1", 9.5))
+        await bus.drain()
+    ```
 
-        bus = EventBus(workers=4)
-        bus.subscribe(OrderPlaced, send_receipt)
-        async with bus:
-            await bus.publish(OrderPlaced("o-1", 9.5))
-            await bus.drain()
+    Keywords (the pure-Python ``InMemoryEventBus``'s names work too): ``workers`` / ``worker_count``
+    (how many events may be in handlers at once; same-key events still run one at a time, in order),
+    ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``transport`` (a URL or
+    options: ``oxbus.Memory()``, the default, ``oxbus.Sqlite(path)`` for the durable bus,
+    ``oxbus.RedisStreams(url, group=...)``; ``store=`` is short for
+    ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``, ``stream=``, ``partitions=``...
+    are the ``RedisStreams`` settings), ``event_storage`` (an object with async
+    ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry`` (a
+    [`RetryPolicy`][oxbus.RetryPolicy] for every subscription), ``sync_handlers`` (``"loop"`` or
+    ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never delayed).
 
-    Keywords (the replaced bus's names work too): ``workers`` / ``worker_count`` (how many
-    events may be in handlers at once; same-key events still run one at a time, in order),
-    ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``transport``
-    (a URL or options: ``oxbus.Memory()``, the default, ``oxbus.Sqlite(path)`` for the
-    durable bus, ``oxbus.RedisStreams(url, group=...)``; ``store=`` is short for
-    ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``, ``stream=``,
-    ``partitions=``... are the ``RedisStreams`` settings), ``event_storage`` (an object with
-    async ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry``
-    (a :class:`RetryPolicy` for every subscription), ``sync_handlers`` (``"loop"`` or
-    ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never
-    delayed).
+    Also: ``handler_timeout`` (seconds per handler call for every subscription; None, the
+    default, is no limit), ``thread_pool_size`` (the threads of ``sync_handlers="thread"``),
+    ``ordered`` (per-key order; default: when ``workers > 1``, with one worker every event is
+    handled in publish order anyway), ``clock`` (retry delays and breaker cool-downs read it:
+    ``oxbus.testing.ManualClock()`` in tests), ``max_event_bytes`` (refuse an event whose JSON
+    encoding is larger, with ``InvalidEvent``; off by default) and ``name`` (the ``bus`` label
+    of its metrics, ``"oxbus"`` by default).
     """
 
     def __init__(
@@ -157,7 +164,7 @@ class EventBus:
         self._loop = loop
         self._core.start(loop)
         self._tasks = [
-            loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")
+            loop.create_task(Worker(self._core, i), name=f"{self._name}-worker-{i}")
             for i in range(self._core.workers)
         ]
         for task in self._tasks:
@@ -299,7 +306,7 @@ class EventBus:
         """Subscribes ``handler`` and returns a subscription id.
 
         ``is_async``, ``priority`` and ``retry_count`` may be given by position, in that
-        order, as the replaced bus's callers do: ``subscribe(OrderPlaced, h, True, 1, 3)``.
+        order, as the pure-Python bus's callers do: ``subscribe(OrderPlaced, h, True, 1, 3)``.
 
         ``event_type`` is a class (its subclasses match too), a type string, a dotted
         pattern (``"order.*"``: ``*`` one word, ``#`` any number), or an Enum member (its
@@ -353,11 +360,13 @@ class EventBus:
     @overload
     def on(self, event_type: Named, **options: Any) -> Callable[[H], H]: ...
     def on(self, event_type: Target, **options: Any) -> Callable[[H], H]:
-        """Decorator form of :meth:`subscribe` (for a class, mypy checks the handler's
-        argument type as ``subscribe`` does)::
+        """Decorator form of [`subscribe`][oxbus.EventBus.subscribe] (for a class, mypy checks
+        the handler's argument type as `subscribe` does):
 
+        ```python
         @bus.on(OrderPlaced, priority=5)
         async def send_receipt(event: OrderPlaced) -> None: ...
+        ```
         """
 
         def register(handler: H) -> H:
@@ -434,7 +443,7 @@ class EventBus:
         return await self._backend.publish_many(events)
 
     async def publish_batch(self, events: Iterable[Any]) -> None:
-        """``publish_many`` with the replaced bus's return value (None)."""
+        """``publish_many`` with the pure-Python bus's return value (None)."""
         await self.publish_many(events)
 
     def publish_threadsafe(self, event: Any, **kwargs: Any) -> concurrent.futures.Future[bool]:
@@ -522,7 +531,7 @@ class EventBus:
     # ------------------------------------------------------------------- failures
 
     def get_failed_events(self) -> list[dict[str, Any]]:
-        """Dead letters in the replaced bus's shape: dicts of event, subscription,
+        """Dead letters in the pure-Python bus's shape: dicts of event, subscription,
         final_result (the last attempt's ``ProcessingResult``) and failed_at (UTC)."""
         return self.dead_letters._as_failed_events(self._subscriptions)
 
@@ -540,15 +549,17 @@ class EventBus:
         (published, processed, failed), by_subscription (calls, failed, retried,
         dead_lettered; keyed by subscription name), uptime_seconds.
 
-        >>> bus.get_statistics()["by_subscription"]["billing"]["failed"]  # doctest: +SKIP
-        2
+        ```python
+        failed = bus.get_statistics()["by_subscription"]["billing"]["failed"]
+        ```
         """
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
         return s
 
     def get_stats(self) -> dict[str, Any]:
-        """The short form of seed 003's bus: published, received, processed, failed."""
+        """The statistics in the shape of the Redis Pub/Sub bus oxbus replaces (its
+        ``get_stats()``): published, received, processed, failed."""
         s = self._core.statistics()
         return {
             "published": s["events_published"],

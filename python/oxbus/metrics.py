@@ -1,15 +1,15 @@
-"""Prometheus metrics for an :class:`~oxbus.EventBus`, and a tiny asyncio endpoint to scrape.
+"""Prometheus metrics for an [`EventBus`][oxbus.EventBus], and a tiny asyncio endpoint to scrape.
 
-::
+```python
+text = bus.metrics()                                  # the Prometheus text format
+server = await oxbus.metrics.serve(bus, port=9464)    # GET /metrics, GET /health (JSON)
+...
+await server.close()
 
-    text = bus.metrics()                                  # the Prometheus text format
-    server = await oxbus.metrics.serve(bus, port=9464)    # GET /metrics, GET /health (JSON)
-    ...
-    await server.close()
-
-    # or, next to your own metrics (prometheus_client's registry and HTTP server), any
-    # number of buses, told apart by their ``bus`` label (``EventBus(name=...)``):
-    oxbus.metrics.register(bus)
+# or, next to your own metrics (prometheus_client's registry and HTTP server), any
+# number of buses, told apart by their ``bus`` label (``EventBus(name=...)``):
+oxbus.metrics.register(bus)
+```
 
 The numbers come from the bus itself (``get_statistics()``, ``get_health_status()`` and the
 engine's handler-latency histogram); nothing is counted twice. The text is produced by
@@ -68,8 +68,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     1.0, 2.5, 5.0, 10.0,
 )
 
-#: The content type of :func:`render`'s text (the classic text format, which every Prometheus
-#: version scrapes).
+#: The content type of [`render`][oxbus.metrics.render]'s text (the classic text format,
+#: which every Prometheus version scrapes).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _MB = 1024.0 * 1024.0
@@ -79,15 +79,17 @@ class BusCollector:
     """A ``prometheus_client`` collector reading one or more buses at each scrape; every
     sample has a ``bus`` label, the bus's ``EventBus(name=...)`` ("oxbus" by default).
 
-    Register it wherever ``prometheus_client`` takes collectors::
+    Register it wherever ``prometheus_client`` takes collectors:
 
-        from prometheus_client import REGISTRY, start_http_server
-        REGISTRY.register(BusCollector(bus))
+    ```python
+    from prometheus_client import REGISTRY, start_http_server
+    REGISTRY.register(BusCollector(bus))
+    ```
 
-    Several buses share one registry through one collector (``BusCollector(orders,
-    payments)``, ``collector.add(bus)``, or :func:`register`, which keeps one collector per
-    registry); their names must differ. ``collect()`` may run on any thread (the engine's
-    counters are behind its own lock).
+    Several buses share one registry through one collector (``BusCollector(orders, payments)``,
+    ``collector.add(bus)``, or [`register`][oxbus.metrics.register], which keeps one collector per
+    registry); their names must differ. ``collect()`` may run on any thread (the engine's counters
+    are behind its own lock).
     """
 
     def __init__(self, *buses: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
@@ -276,8 +278,8 @@ _registered: weakref.WeakKeyDictionary[CollectorRegistry, BusCollector] = (
 
 def register(bus: Bus, registry: CollectorRegistry | None = None) -> BusCollector:
     """Exposes ``bus`` in ``registry`` (``prometheus_client.REGISTRY`` by default) through
-    the one :class:`BusCollector` oxbus keeps there, so any number of buses (of distinct
-    names) share a registry; returns that collector."""
+    the one [`BusCollector`][oxbus.metrics.BusCollector] oxbus keeps there, so any number of
+    buses (of distinct names) share a registry; returns that collector."""
     if registry is None:
         from prometheus_client import REGISTRY
 
@@ -300,11 +302,13 @@ def _le(bound: float) -> str:
 def render(bus: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> str:
     """The bus's metrics in the Prometheus text exposition format (``bus.metrics()``).
 
+    ```pycon
     >>> print(render(bus))                                   # doctest: +SKIP
     # HELP oxbus_events_published_total Events accepted by the bus.
     # TYPE oxbus_events_published_total counter
-    oxbus_events_published_total{event_type="OrderPlaced"} 3.0
+    oxbus_events_published_total{bus="oxbus",event_type="OrderPlaced"} 3.0
     ...
+    ```
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BusCollector(bus, buckets=buckets))
@@ -326,8 +330,8 @@ def health_json(bus: Bus) -> str:
 
 
 class MetricsServer:
-    """The running endpoint returned by :func:`serve`: ``host``, ``port``, ``url``,
-    ``await close()``; also an async context manager."""
+    """The running endpoint returned by [`serve`][oxbus.metrics.serve]: ``host``, ``port``,
+    ``url``, ``await close()``; also an async context manager."""
 
     def __init__(self, server: asyncio.AbstractServer, host: str, port: int) -> None:
         self._server = server
@@ -382,11 +386,13 @@ async def serve(
 
     The endpoint is a few dozen lines on ``asyncio.start_server``: one short request per
     connection, answered from the loop in well under a millisecond, never blocking it on
-    I/O. Bind to ``127.0.0.1`` (the default) unless the scraper is elsewhere::
+    I/O. Bind to ``127.0.0.1`` (the default) unless the scraper is elsewhere:
 
-        server = await oxbus.metrics.serve(bus, port=9464)
-        print(server.url + "/metrics")
-        await server.close()
+    ```python
+    server = await oxbus.metrics.serve(bus, port=9464)
+    print(server.url + "/metrics")
+    await server.close()
+    ```
     """
     holder: list[MetricsServer] = []
 

@@ -1,17 +1,20 @@
 """Event classes by type key, and turning decoded JSON back into them.
 
 The store keeps an event as JSON (``oxbus._oxbus.encode_json``) and its type key; reading it
-back, :func:`lookup` finds the class and :func:`rebuild` makes an instance from the decoded
-dict. ``DomainEvent`` subclasses register themselves; other classes use :func:`register_event`::
+back, ``lookup`` finds the class and ``rebuild`` makes an instance from the decoded
+dict. ``DomainEvent`` subclasses register themselves; other classes use
+[`register_event`][oxbus.register_event]:
 
-    @register_event
-    @dataclass
-    class ParcelShipped:
-        parcel_id: str
-        shipped_at: datetime
+```python
+@register_event
+@dataclass
+class ParcelShipped:
+    parcel_id: str
+    shipped_at: datetime
 
-    cls = lookup("ParcelShipped")          # ParcelShipped
-    rebuild(cls, {"parcel_id": "p1", "shipped_at": "2024-05-01T12:00:00+00:00"})
+cls = lookup("ParcelShipped")          # ParcelShipped
+rebuild(cls, {"parcel_id": "p1", "shipped_at": "2024-05-01T12:00:00+00:00"})
+```
 """
 
 from __future__ import annotations
@@ -54,9 +57,12 @@ def type_key(cls: type) -> str:
     """The type key of an event class, by the bus's rule: a class-level ``event_type`` (a str,
     or an Enum member whose value is used), else the class name.
 
+    ```pycon
     >>> class OrderPlaced: event_type = "order.placed"
     >>> type_key(OrderPlaced)
     'order.placed'
+
+    ```
     """
     for klass in cls.__mro__:
         if "event_type" in vars(klass):
@@ -70,15 +76,18 @@ def type_key(cls: type) -> str:
 
 
 def register_event(cls: C) -> C:
-    """Registers ``cls`` under its type key (see :func:`type_key`) and returns it, so it can
+    """Registers ``cls`` under its type key (see ``type_key``) and returns it, so it can
     be used as a decorator. ``DomainEvent`` subclasses are registered without it; an explicit
     registration wins over an automatic one with the same key.
 
+    ```pycon
     >>> @register_event
     ... class Pinged:
     ...     pass
     >>> lookup("Pinged") is Pinged
     True
+
+    ```
     """
     key = type_key(cls)
     with _lock:
@@ -91,7 +100,7 @@ def register_event(cls: C) -> C:
 
 def _auto_register(cls: type) -> None:
     """Called by ``DomainEvent.__init_subclass__``. The key is read later, on the first
-    :func:`lookup`: decorators such as ``@dataclass`` run after ``__init_subclass__`` and may
+    ``lookup``: decorators such as ``@dataclass`` run after ``__init_subclass__`` and may
     still set the class's ``event_type`` (a field default) or replace the class
     (``slots=True``)."""
     with _lock:
@@ -111,11 +120,13 @@ def _flush() -> None:
 
 def lookup(event_type: Any) -> type | None:
     """The class registered for a type key (a str, or an Enum member with a str value), or
-    None::
+    None:
 
-        class CartEmptied(DomainEvent): ...
+    ```python
+    class CartEmptied(DomainEvent): ...
 
-        assert lookup("CartEmptied") is CartEmptied
+    assert lookup("CartEmptied") is CartEmptied
+    ```
     """
     if isinstance(event_type, Enum):
         event_type = event_type.value
@@ -127,15 +138,17 @@ def lookup(event_type: Any) -> type | None:
 
 def isolated(*modules: types.ModuleType) -> contextlib.AbstractContextManager[None]:
     """A block with its own view of the registry, for tests: on entry the event classes of
-    ``modules`` (defined or imported there) are registered on top, so they win over classes of
+    `modules` (defined or imported there) are registered on top, so they win over classes of
     the same type key from other modules; on exit every registration made in the block is
     undone (classes defined in a test, whatever their names). The pytest plugin's
-    ``event_registry`` fixture runs each test in one for its module, so test classes need no
-    unique names::
+    `event_registry` fixture runs each test in one for its module, so test classes need no
+    unique names:
 
-        with isolated(sys.modules[__name__]):
-            class OrderPlaced(DomainEvent): ...      # forgotten after the block
-            ...
+    ```python
+    with isolated(sys.modules[__name__]):
+        class OrderPlaced(DomainEvent): ...      # forgotten after the block
+        ...
+    ```
 
     Kept on exit: the classes of a module first imported inside the block, when their type
     key was free before (the module is not imported again, so they would not come back).
@@ -197,8 +210,11 @@ def matches(target: Any, event_type: str) -> bool:
     word, ``#`` zero or more), an Enum member stands for its value. Used for rows that cannot
     be decoded, whose event object does not exist.
 
+    ```pycon
     >>> matches("order.*", "order.placed"), matches("order.#", "order"), matches("a", "b")
     (True, True, False)
+
+    ```
     """
     if isinstance(target, type):
         cls = lookup(event_type)
@@ -235,13 +251,15 @@ def rebuild(cls: type[T], data: Mapping[str, Any]) -> T:
 
     A ``DomainEvent``'s ``event_id``, ``occurred_at``, ``correlation_id`` and ``causation_id``
     are restored when the data has them. Failures raise ``SerializationError`` naming the
-    class and field::
+    class and field:
 
-        @dataclass
-        class Paid(DomainEvent):
-            amount: Decimal
+    ```python
+    @dataclass
+    class Paid(DomainEvent):
+        amount: Decimal
 
-        rebuild(Paid, {"amount": "10.50"}).amount  # Decimal('10.50')
+    rebuild(Paid, {"amount": "10.50"}).amount  # Decimal('10.50')
+    ```
     """
     if not isinstance(data, Mapping):
         raise SerializationError(

@@ -1,5 +1,5 @@
-"""The subscription record, in the shape of the bus oxbus replaces, and the checks of
-``subscribe()``'s options."""
+"""The subscription record, in the shape of the pure-Python bus oxbus replaces, and the checks
+of ``subscribe()``'s options."""
 
 from __future__ import annotations
 
@@ -108,8 +108,10 @@ class Subscription:
     for a dead letter read back from the store, whose handler is not subscribed in this
     process, has ``handler`` and ``event_type`` None.
 
-    >>> sub = bus.get_failed_events()[0]["subscription"]  # doctest: +SKIP
-    >>> sub.handler, sub.priority, sub.retry_count  # doctest: +SKIP
+    ```python
+    sub = bus.get_failed_events()[0]["subscription"]
+    sub.handler, sub.priority, sub.retry_count
+    ```
     """
 
     subscription_id: str

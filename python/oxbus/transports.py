@@ -1,16 +1,19 @@
 """Where a bus's events travel: the transport options given to ``EventBus(transport=...)``.
 
 One class per kind, each checking its settings once, when it is made (a bad one raises
-``ConfigurationError`` naming it), and frozen afterwards::
+``ConfigurationError`` naming it), and frozen afterwards:
 
-    EventBus()                                              # Memory(): in this process
-    EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
-    EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
-    EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
+```python
+EventBus()                                              # Memory(): in this process
+EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
+EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
+EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
+```
 
 A URL stands for the class its scheme names, with the bus's keywords as its settings
-(``store=`` stands for :class:`Sqlite`). A new broker is one more class here (its URL
-schemes in ``schemes``) plus its backend in ``oxbus.backends``.
+(``store=`` stands for [`Sqlite`][oxbus.transports.Sqlite]). A new broker is one more
+[`Broker`][oxbus.transports.Broker] here (its URL schemes in ``schemes``, its ``connect``) plus
+its Rust transport in ``src/transport``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import os
 import re
 import socket
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from oxbus.config import choice, non_negative_int, positive_int, seconds
 from oxbus.errors import ConfigurationError
 from oxbus.store import SqliteEventStore
 
-__all__ = ["Memory", "RedisStreams", "Sqlite", "Transport", "TransportSpec"]
+if TYPE_CHECKING:
+    from oxbus._oxbus import TransportCore
+
+__all__ = ["Broker", "Memory", "RedisStreams", "Sqlite", "Transport", "TransportSpec"]
 
 
 def redact(url: str) -> str:
@@ -88,12 +94,14 @@ class Memory(Transport):
 class Sqlite(Transport):
     """The durable bus: every event is committed to a SQLite log before it is dispatched.
 
-    ``path`` is a file path (the bus opens the store on construction and closes it when it
-    stops) or an open :class:`~oxbus.SqliteEventStore` (used as it is, never closed by the
-    bus). ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss
-    (``None``: the store's own setting, ``"normal"`` for a path)::
+    ``path`` is a file path (the bus opens the store on construction and closes it when it stops) or
+    an open [`SqliteEventStore`][oxbus.SqliteEventStore] (used as it is, never closed by the bus).
+    ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss (``None``: the
+    store's own setting, ``"normal"`` for a path):
 
-        EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"), workers=4)
+    ```python
+    EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"), workers=4)
+    ```
     """
 
     path: Union[str, SqliteEventStore]
@@ -129,8 +137,24 @@ class Sqlite(Transport):
         return SqliteEventStore(self.path, synchronous=self.synchronous or "normal"), True
 
 
+class Broker(Transport):
+    """Base of the options of a transport over a message broker: events travel between
+    processes, and come back through this member's consumer group."""
+
+    __slots__ = ()
+    #: the broker's name in messages ("Redis")
+    title: ClassVar[str] = ""
+    #: whether the bus reads from its group (``None``: when it has subscriptions at start)
+    consume: Union[bool, None]
+
+    async def connect(self, consume: bool) -> TransportCore:
+        """The native transport, connected on the engine's runtime (the loop thread never
+        waits for the broker); ``consume``: whether to join the consumer group."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, init=False, repr=False)
-class RedisStreams(Transport):
+class RedisStreams(Broker):
     """Redis Streams with consumer groups: events travel between processes.
 
     ``url`` is ``redis://``, ``rediss://`` (TLS) or ``unix://``. ``group``: processes in one
@@ -142,10 +166,12 @@ class RedisStreams(Transport):
     that many times goes to ``<stream>:dead``. ``publish_timeout``: seconds a publish retries
     before ``TransportError``. ``prefetch``: entries delivered and not yet acknowledged.
     ``consume``: whether the bus reads from its group (``None``: when it has subscriptions at
-    ``start()``)::
+    ``start()``):
 
-        EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
-                                              partitions=4))
+    ```python
+    EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
+                                          partitions=4))
+    ```
     """
 
     url: str
@@ -161,6 +187,7 @@ class RedisStreams(Transport):
     consume: Union[bool, None]
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix")
     kind: ClassVar[str] = "redis"
+    title: ClassVar[str] = "Redis"
 
     def __init__(
         self,
@@ -225,8 +252,13 @@ class RedisStreams(Transport):
             return [self.stream]
         return [f"{self.stream}:{i}" for i in range(self.partitions)]
 
+    async def connect(self, consume: bool) -> TransportCore:
+        from oxbus._oxbus import TransportCore
+
+        return await TransportCore.redis(self.native(consume))
+
     def native(self, consume: bool) -> dict[str, Any]:
-        """The keywords of the native ``RedisCore``."""
+        """The settings of the native transport, by name."""
         return {
             "url": self.url,
             "streams": self.streams(),

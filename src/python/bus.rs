@@ -10,162 +10,24 @@ use std::sync::Arc;
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList, PyString, PyTuple};
+use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList};
 use rustc_hash::FxHashMap;
 
 use crate::core::breaker::Breaker;
 use crate::core::bus::{Accepted, Admission, Blocked, Engine, Settings};
 use crate::core::health::{self, Probe};
 use crate::core::retry::RetryPolicy;
-use crate::core::routing::{Matcher, Subscription};
-use crate::core::stats::{bump, TypeCounters};
-use crate::core::CoreError;
+use crate::core::routing::Matcher;
+use crate::core::stats::bump;
 use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
+use crate::python::futures::{fail, is_done, resolve, resolve_all};
+use crate::python::retry::PyRetryPolicy;
+use crate::python::route::{Handler, Names, Route};
 use crate::python::store::PyStoreCore;
 use crate::python::sync::GilMutex;
-use crate::python::worker::PyWorker;
 use crate::store::writer::Writer;
-
-/// A retry policy (see `oxbus.RetryPolicy`).
-#[pyclass(frozen, name = "RetryPolicy", module = "oxbus._oxbus")]
-pub struct PyRetryPolicy {
-    pub policy: RetryPolicy,
-    /// The exception classes worth a retry, as a tuple.
-    pub retry_on: Py<PyTuple>,
-}
-
-#[pymethods]
-impl PyRetryPolicy {
-    #[new]
-    #[pyo3(signature = (max_attempts=1, base_delay=0.1, max_delay=30.0, multiplier=2.0, jitter=0.1, retry_on=None))]
-    fn new(
-        py: Python<'_>,
-        max_attempts: i64,
-        base_delay: f64,
-        max_delay: f64,
-        multiplier: f64,
-        jitter: f64,
-        retry_on: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        let policy = RetryPolicy::new(max_attempts, base_delay, max_delay, multiplier, jitter)
-            .map_err(|e| errors::to_py(&e))?;
-        let exc = py.get_type::<pyo3::exceptions::PyException>();
-        let retry_on = match retry_on {
-            None => PyTuple::new(py, [exc])?,
-            Some(t) => {
-                let items: Vec<Bound<'_, PyAny>> = match t.cast::<PyTuple>() {
-                    Ok(tup) => tup.iter().collect(),
-                    Err(_) => vec![t.clone()],
-                };
-                let base = py.get_type::<pyo3::exceptions::PyBaseException>();
-                for it in &items {
-                    let ok = it
-                        .cast::<pyo3::types::PyType>()
-                        .is_ok_and(|ty| ty.is_subclass(&base).unwrap_or(false));
-                    if !ok {
-                        return Err(setting(
-                            "retry_on",
-                            "an exception class or a tuple of them",
-                            &it.repr()?,
-                        ));
-                    }
-                }
-                PyTuple::new(py, items)?
-            }
-        };
-        Ok(Self {
-            policy,
-            retry_on: retry_on.unbind(),
-        })
-    }
-
-    /// The exception classes worth a retry.
-    #[getter]
-    fn retry_on(&self, py: Python<'_>) -> Py<PyTuple> {
-        self.retry_on.clone_ref(py)
-    }
-
-    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
-        match other.cast::<Self>() {
-            Ok(o) => Ok(o.get().policy == self.policy
-                && o.get().retry_on.bind(py).eq(self.retry_on.bind(py))?),
-            Err(_) => Ok(false),
-        }
-    }
-
-    #[getter]
-    fn max_attempts(&self) -> u32 {
-        self.policy.max_attempts
-    }
-    #[getter]
-    fn base_delay(&self) -> f64 {
-        self.policy.base_delay
-    }
-    #[getter]
-    fn max_delay(&self) -> f64 {
-        self.policy.max_delay
-    }
-    #[getter]
-    fn multiplier(&self) -> f64 {
-        self.policy.multiplier
-    }
-    #[getter]
-    fn jitter(&self) -> f64 {
-        self.policy.jitter
-    }
-
-    /// Seconds before retry `n` (1-based), jitter included.
-    fn delay(&self, n: u32) -> f64 {
-        self.policy.delay(n, fastrand::f64())
-    }
-
-    fn __repr__(&self) -> String {
-        let p = &self.policy;
-        format!(
-            "RetryPolicy(max_attempts={}, base_delay={}, max_delay={}, multiplier={}, jitter={}, retry_on={})",
-            p.max_attempts, p.base_delay, p.max_delay, p.multiplier, p.jitter,
-            Python::attach(|py| self.retry_on.bind(py).repr().map(|r| r.to_string()).unwrap_or_default())
-        )
-    }
-}
-
-/// What a subscription runs.
-pub struct Handler {
-    pub callable: Py<PyAny>,
-    /// The target as subscribed (keeps a class alive while its id is in the router).
-    pub target: Py<PyAny>,
-    /// Run a sync handler in the executor instead of on the loop.
-    pub threaded: bool,
-    pub retry: RetryPolicy,
-    /// Exception classes worth a retry (a tuple); others go to the dead letters at once.
-    pub retry_on: Option<Py<PyAny>>,
-    /// Seconds a call may take (async and thread-pool handlers).
-    pub timeout: Option<f64>,
-    /// Pause after consecutive failures.
-    pub breaker: Option<Breaker>,
-    /// After a dead letter of key K, later events of K park behind it.
-    pub park: bool,
-}
-
-pub type Sub = Subscription<Handler>;
-
-/// Subscription names, shared.
-pub type Names = Arc<[Arc<str>]>;
-
-/// The subscriptions one kind of event reaches, resolved once and cached.
-pub struct Route {
-    class: Py<PyAny>,
-    pub subs: Vec<Arc<Sub>>,
-    /// On a durable bus: the type key and the subscriptions this route leaves out, whose
-    /// progress moves past an event of it (`Writer::skip`).
-    pub skip: Option<(Arc<str>, Names)>,
-    pub type_key: String,
-    pub mro: Vec<usize>,
-    pub class_has_key: bool,
-    pub counters: Arc<TypeCounters>,
-}
 
 /// An accepted event waiting for a worker.
 pub type Queued = crate::core::bus::Queued<Arc<EnvData>>;
@@ -200,47 +62,6 @@ pub struct Inner {
     /// `wrap(awaitable, timeout, threaded, name) -> awaitable`, for handler timeouts.
     pub wrap_timeout: Option<Py<PyAny>>,
     probe: Option<Probe>,
-}
-
-/// Whether a loop future is done (an error counts as done: it will never be resolved).
-fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> bool {
-    fut.bind(py)
-        .call_method0(intern!(py, "done"))
-        .and_then(|d| d.is_truthy())
-        .unwrap_or(true)
-}
-
-/// Resolves a loop future with `value` unless it is done (cancelled by a timeout, say).
-pub fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: &Bound<'_, PyAny>) {
-    settle(py, fut, intern!(py, "set_result"), value);
-}
-
-fn fail(py: Python<'_>, fut: &Py<PyAny>, err: &PyErr) {
-    settle(
-        py,
-        fut,
-        intern!(py, "set_exception"),
-        err.value(py).as_any(),
-    );
-}
-
-/// `fut.<method>(value)` unless the future is done; an error is reported, never raised.
-fn settle(py: Python<'_>, fut: &Py<PyAny>, method: &Bound<'_, PyString>, value: &Bound<'_, PyAny>) {
-    if is_done(py, fut) {
-        return;
-    }
-    let f = fut.bind(py);
-    if let Err(e) = f.call_method1(method, (value,)) {
-        e.write_unraisable(py, Some(f));
-    }
-}
-
-/// Resolves each future with None.
-pub fn resolve_all(py: Python<'_>, futs: Vec<Py<PyAny>>) {
-    let none = py.None().into_bound(py);
-    for f in futs {
-        resolve(py, &f, &none);
-    }
 }
 
 /// The engine behind one `oxbus.EventBus`.
@@ -624,14 +445,6 @@ fn mark_domain_event(
     Ok(())
 }
 
-fn setting(name: &'static str, rule: &'static str, value: &impl ToString) -> PyErr {
-    errors::to_py(&CoreError::InvalidSetting {
-        name,
-        rule,
-        value: value.to_string(),
-    })
-}
-
 #[pymethods]
 impl PyBusCore {
     #[new]
@@ -650,7 +463,7 @@ impl PyBusCore {
             .extract::<i64>()
         {
             Ok(n) if !v.is_instance_of::<pyo3::types::PyBool>() => Ok(n),
-            _ => Err(setting(name, rule, &v.repr()?)),
+            _ => Err(errors::invalid_setting(name, rule, &v.repr()?)),
         };
         let settings = Settings::new(
             int(workers, "workers", "an int >= 1")?,
@@ -709,7 +522,7 @@ impl PyBusCore {
         let matcher = events::matcher_for(target)?;
         if let Some(t) = timeout {
             if !(t.is_finite() && t > 0.0) {
-                return Err(setting("timeout", "a number > 0", &t));
+                return Err(errors::invalid_setting("timeout", "a number > 0", &t));
             }
         }
         let breaker = breaker
@@ -919,11 +732,6 @@ impl PyBusCore {
             inner.engine.start()
         };
         drop(stale);
-    }
-
-    /// A worker to run as an asyncio task.
-    fn worker(slf: &Bound<'_, Self>, index: usize) -> PyWorker {
-        PyWorker::new(slf.clone().unbind(), index)
     }
 
     /// Refuses further publishes. With `discard`, drops what is queued and fails blocked

@@ -19,9 +19,11 @@ use pyo3::sync::PyOnceLock;
 
 use crate::core::dispatch::{Delivery, Next, Verdict};
 use crate::core::stats::bump;
-use crate::python::bus::{resolve_all, PyBusCore};
+use crate::python::bus::{Inner, PyBusCore};
 use crate::python::envelope::{self, EnvData, PyEnvelope};
 use crate::python::events::{self, Step};
+use crate::python::futures::resolve_all;
+use crate::python::route::{Route, Sub};
 use crate::python::sync::GilMutex;
 
 /// Events one worker handles before it yields to the loop once.
@@ -75,11 +77,11 @@ struct Pending {
     /// Successful handler calls, with their duration (ns).
     calls: Vec<u64>,
     /// A finished event: its lane to release and its per-type counters.
-    finished: Option<(Option<u64>, Arc<crate::python::bus::Route>)>,
+    finished: Option<(Option<u64>, Arc<Route>)>,
 }
 
 impl Pending {
-    fn flush(&mut self, inner: &mut crate::python::bus::Inner) {
+    fn flush(&mut self, inner: &mut Inner) {
         for ns in self.calls.drain(..) {
             inner.engine.record_call(ns, true);
         }
@@ -125,14 +127,6 @@ fn task_still_cancelling(py: Python<'_>) -> bool {
 }
 
 impl PyWorker {
-    pub fn new(core: Py<PyBusCore>, index: usize) -> Self {
-        Self {
-            core,
-            index,
-            st: GilMutex::new(State::default()),
-        }
-    }
-
     fn core(&self) -> &PyBusCore {
         self.core.get()
     }
@@ -612,12 +606,7 @@ impl PyWorker {
 
     /// Counts a call in the subscription's circuit breaker: a success closes it, enough
     /// failures in a row open it for the cool-down.
-    fn update_breaker(
-        &self,
-        py: Python<'_>,
-        sub: &crate::python::bus::Sub,
-        ok: bool,
-    ) -> PyResult<()> {
+    fn update_breaker(&self, py: Python<'_>, sub: &Sub, ok: bool) -> PyResult<()> {
         if let Some(b) = &sub.payload.breaker {
             // The clock is read only when it matters: a failure may open the breaker.
             b.record(ok, if ok { 0.0 } else { self.now(py)? });
@@ -635,6 +624,16 @@ impl PyWorker {
 
 #[pymethods]
 impl PyWorker {
+    /// Worker `index` of `core`, to run as an asyncio task.
+    #[new]
+    fn new(core: Py<PyBusCore>, index: usize) -> Self {
+        Self {
+            core,
+            index,
+            st: GilMutex::new(State::default()),
+        }
+    }
+
     fn __await__(slf: Py<Self>) -> Py<Self> {
         slf
     }

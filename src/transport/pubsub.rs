@@ -13,7 +13,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use crate::transport::redis_streams::{redact, TransportError};
+use crate::transport::redis_streams::redact;
+use crate::transport::TransportError;
 
 /// Receives incoming messages, a batch at a time, on the bridge's thread.
 pub trait ChannelSink: Send + Sync + 'static {
@@ -47,7 +48,8 @@ impl Bridge {
         crate::transport::redis_streams::ensure_tls();
         let client = Client::open(url)
             .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe}: {e}")))?;
-        let err = move |e: redis::RedisError| TransportError::Redis {
+        let err = move |e: redis::RedisError| TransportError::Broker {
+            broker: "redis",
             url: safe.clone(),
             message: e.to_string(),
         };
@@ -70,7 +72,7 @@ impl Bridge {
         let (conn, pubsub) = runtime
             .spawn(setup)
             .await
-            .map_err(|_| TransportError::Stopped)??;
+            .map_err(|_| TransportError::Stopped("redis"))??;
         let stop = Arc::new((AtomicBool::new(false), Notify::new()));
         let (out, mut rx) = mpsc::unbounded_channel::<(String, String)>();
         let mut conn_out = conn;
@@ -144,11 +146,11 @@ impl Bridge {
     /// Queues a `PUBLISH`.
     pub fn publish(&self, channel: String, payload: String) -> Result<(), TransportError> {
         if self.stop.0.load(Ordering::Acquire) {
-            return Err(TransportError::Stopped);
+            return Err(TransportError::Stopped("redis"));
         }
         self.out
             .send((channel, payload))
-            .map_err(|_| TransportError::Stopped)
+            .map_err(|_| TransportError::Stopped("redis"))
     }
 
     /// Ends the tasks and waits until they are gone (the sink is called no more). Idempotent.

@@ -22,24 +22,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-/// Transport failures; messages name the URL or stream.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum TransportError {
-    /// A setting out of range.
-    #[error("{0}")]
-    Invalid(String),
-    /// Redis could not be reached or refused a command.
-    #[error("redis at {url}: {message}")]
-    Redis {
-        /// The server, without password.
-        url: String,
-        /// What went wrong.
-        message: String,
-    },
-    /// The transport was stopped.
-    #[error("the Redis transport is stopped")]
-    Stopped,
-}
+use super::{Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
 
 /// Settings of one transport.
 #[derive(Debug, Clone)]
@@ -70,48 +53,6 @@ pub struct Config {
     pub consume: bool,
 }
 
-/// One delivered entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// The stream it came from.
-    pub stream: String,
-    /// Its id in the stream.
-    pub id: String,
-    /// The `d` field: the event as JSON.
-    pub payload: String,
-    /// Times delivered (1 for a first delivery).
-    pub deliveries: u32,
-}
-
-/// What the transport reads about its group.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Health {
-    /// Whether the last command reached Redis.
-    pub reachable: bool,
-    /// Entries in the streams not yet delivered to the group (sum of `lag`).
-    pub lag: u64,
-    /// Entries delivered to the group and not acknowledged (sum of `pending`).
-    pub pending: u64,
-    /// Entries published so far by this transport.
-    pub published: u64,
-    /// Entries this consumer received.
-    pub received: u64,
-    /// Entries claimed back from other consumers.
-    pub claimed: u64,
-    /// Entries sent to the dead-letter stream.
-    pub dead: u64,
-    /// The last error seen, if any.
-    pub last_error: Option<String>,
-}
-
-/// Receives results and deliveries, batch by batch, on the transport's thread.
-pub trait Deliver: Send + Sync + 'static {
-    /// Publish results: token and the entry ids of its events, or the error.
-    fn published(&self, results: Vec<(u64, Result<Vec<String>, TransportError>)>);
-    /// Entries to handle; each must be acknowledged with `Transport::ack` when done.
-    fn entries(&self, entries: Vec<Entry>);
-}
-
 struct Shared {
     cfg: Config,
     safe_url: String,
@@ -128,7 +69,8 @@ struct Shared {
 
 impl Shared {
     fn error(&self, e: &redis::RedisError) -> TransportError {
-        TransportError::Redis {
+        TransportError::Broker {
+            broker: "redis",
             url: self.safe_url.clone(),
             message: e.to_string(),
         }
@@ -154,8 +96,8 @@ impl Shared {
     }
 }
 
-/// A running transport.
-pub struct Transport {
+/// A running Redis Streams transport.
+pub struct RedisStreams {
     shared: Arc<Shared>,
     /// Its tasks on the runtime (taken by `stop`).
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -163,7 +105,7 @@ pub struct Transport {
     ack_tx: mpsc::UnboundedSender<Settle>,
 }
 
-impl std::fmt::Debug for Transport {
+impl std::fmt::Debug for RedisStreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transport")
             .field("url", &self.shared.safe_url)
@@ -204,12 +146,12 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((50u64 << attempt.min(5)).min(1000))
 }
 
-impl Transport {
+impl RedisStreams {
     /// Checks the settings, connects once (so a wrong URL fails here, clearly), creates the
     /// group on every stream, and starts the tasks on `runtime`.
     pub async fn connect(
         cfg: Config,
-        sink: Arc<dyn Deliver>,
+        sink: Arc<dyn Sink>,
         runtime: Handle,
     ) -> Result<Self, TransportError> {
         if cfg.streams.is_empty() {
@@ -254,7 +196,7 @@ impl Transport {
                 Ok::<_, TransportError>(conn)
             })
             .await
-            .map_err(|_| TransportError::Stopped)??;
+            .map_err(|_| TransportError::Stopped("redis"))??;
         shared.note(true, None);
         let (pub_tx, pub_rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -288,49 +230,14 @@ impl Transport {
         })
     }
 
-    /// Which stream a key hash goes to.
-    pub fn partition(&self, key_hash: Option<u64>) -> usize {
-        let n = self.shared.cfg.streams.len() as u64;
-        key_hash.map_or(0, |h| usize::try_from(h % n).unwrap_or(0))
-    }
-
-    /// Queues an event (JSON) for `XADD` on a partition; the result reaches the sink.
-    pub fn publish(
-        &self,
-        token: u64,
-        partition: usize,
-        payload: String,
-    ) -> Result<(), TransportError> {
+    /// Queues events (partition, JSON) as one request: one result, all ids or an error.
+    fn queue(&self, token: u64, items: Vec<(usize, String)>) -> Result<(), TransportError> {
         if self.shared.stop.load(Ordering::Acquire) {
-            return Err(TransportError::Stopped);
-        }
-        self.publish_many(token, vec![(partition, payload)])
-    }
-
-    /// Queues several events (partition, JSON) as one request: one result, all ids or an error.
-    pub fn publish_many(
-        &self,
-        token: u64,
-        items: Vec<(usize, String)>,
-    ) -> Result<(), TransportError> {
-        if self.shared.stop.load(Ordering::Acquire) {
-            return Err(TransportError::Stopped);
+            return Err(TransportError::Stopped("redis"));
         }
         self.pub_tx
             .send((token, items))
-            .map_err(|_| TransportError::Stopped)
-    }
-
-    /// Acknowledges a handled entry.
-    pub fn ack(&self, stream: &str, id: String) {
-        self.settle(stream, id, None);
-    }
-
-    /// Moves an entry the consumer cannot take (undecodable, a key it refuses) to the
-    /// dead-letter stream with `error`, then acknowledges it: the rest of its batch goes on,
-    /// and it is neither lost nor claimed back and forth.
-    pub fn dead_letter(&self, stream: &str, id: String, payload: String, error: String) {
-        self.settle(stream, id, Some(Box::new((payload, error))));
+            .map_err(|_| TransportError::Stopped("redis"))
     }
 
     fn settle(&self, stream: &str, id: String, dead: Option<Box<(String, String)>>) {
@@ -347,31 +254,6 @@ impl Transport {
         }
     }
 
-    /// Stops taking new entries (before the bus drains what it already has).
-    pub fn pause(&self) {
-        self.shared.paused.store(true, Ordering::Release);
-        self.shared.stopped.notify_waiters();
-    }
-
-    /// The latest health reading.
-    pub fn health(&self) -> Health {
-        self.shared.health.lock().clone()
-    }
-
-    /// Sends the acknowledgements still queued (waiting up to 2 s for Redis), then ends every
-    /// task and waits until they are gone (the sink is called no more). Idempotent.
-    pub async fn stop(&self) {
-        self.pause();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let tasks = self.halt();
-        for t in tasks {
-            let _ = t.await;
-        }
-    }
-
     /// Marks the transport stopped and cancels its tasks (at their next await); returns them.
     fn halt(&self) -> Vec<JoinHandle<()>> {
         self.shared.stop.store(true, Ordering::Release);
@@ -383,14 +265,66 @@ impl Transport {
         }
         tasks
     }
+}
 
-    /// Whether `stop` has run.
-    pub fn is_stopped(&self) -> bool {
+impl Transport for RedisStreams {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    /// One pipelined `XADD` per event, each on its key's partition stream.
+    fn publish(&self, token: u64, batch: Vec<Outgoing>) -> Result<(), TransportError> {
+        let n = self.shared.cfg.streams.len();
+        let items = batch
+            .iter()
+            .map(|o| Ok((o.partition(n), o.payload()?)))
+            .collect::<Result<Vec<_>, TransportError>>()?;
+        self.queue(token, items)
+    }
+
+    fn ack(&self, message: &Message) {
+        self.settle(&message.source, message.id.clone(), None);
+    }
+
+    /// To `dead_stream` with the reason, then `XACK`.
+    fn dead_letter(&self, message: Message, reason: String) {
+        self.settle(
+            &message.source,
+            message.id,
+            Some(Box::new((message.payload, reason))),
+        );
+    }
+
+    fn pause(&self) {
+        self.shared.paused.store(true, Ordering::Release);
+        self.shared.stopped.notify_waiters();
+    }
+
+    fn health(&self) -> Health {
+        self.shared.health.lock().clone()
+    }
+
+    /// Waits up to 2 s for the acknowledgements still queued to reach Redis.
+    fn stop(&self) -> Stopping<'_> {
+        Box::pin(async move {
+            self.pause();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let tasks = self.halt();
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    }
+
+    fn is_stopped(&self) -> bool {
         self.shared.stop.load(Ordering::Acquire)
     }
 }
 
-impl Drop for Transport {
+impl Drop for RedisStreams {
     /// Cancels the tasks without waiting (acknowledgements still queued are lost: Redis
     /// redelivers those entries, at least once).
     fn drop(&mut self) {
@@ -427,7 +361,7 @@ async fn publisher(
     client: Client,
     mut conn: MultiplexedConnection,
     mut rx: mpsc::UnboundedReceiver<(u64, Vec<(usize, String)>)>,
-    sink: Arc<dyn Deliver>,
+    sink: Arc<dyn Sink>,
 ) {
     let cfg = &shared.cfg;
     while let Some(first) = rx.recv().await {
@@ -481,7 +415,7 @@ async fn publisher(
             }
             Err(e) => batch.iter().map(|(t, _)| (*t, Err(e.clone()))).collect(),
         };
-        sink.published(results);
+        sink.confirmed(results);
     }
 }
 
@@ -574,14 +508,14 @@ struct Settle {
     dead: Option<Box<(String, String)>>,
 }
 
-fn entry_of(stream: &str, sid: &StreamId, deliveries: u32) -> Entry {
+fn entry_of(stream: &str, sid: &StreamId, deliveries: u32) -> Message {
     let payload = match sid.map.get("d") {
         Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
         Some(Value::SimpleString(s)) => s.clone(),
         _ => String::new(),
     };
-    Entry {
-        stream: stream.to_owned(),
+    Message {
+        source: stream.to_owned(),
         id: sid.id.clone(),
         payload,
         deliveries,
@@ -600,7 +534,7 @@ async fn wait_for_room(shared: &Shared) {
     }
 }
 
-async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
+async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
     let cfg = &shared.cfg;
     let mut conn: Option<MultiplexedConnection> = None;
     let mut attempt = 0;
@@ -650,7 +584,7 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
         match read {
             Ok(Some(reply)) => {
                 shared.note(true, None);
-                let entries: Vec<Entry> = reply
+                let entries: Vec<Message> = reply
                     .keys
                     .iter()
                     .flat_map(|k| k.ids.iter().map(move |id| entry_of(&k.key, id, 1)))
@@ -658,7 +592,7 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
                 if !entries.is_empty() {
                     shared.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
                     shared.health.lock().received += entries.len() as u64;
-                    sink.entries(entries);
+                    sink.delivered(entries);
                 }
             }
             Ok(None) => shared.note(true, None),
@@ -674,7 +608,7 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
 
 /// Claims entries idle on other consumers for `claim_idle`, sending those delivered more than
 /// `max_deliveries` times to the dead-letter stream instead.
-async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Deliver>) {
+async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
     let cfg = &shared.cfg;
     let period = (cfg.claim_idle / 2).max(Duration::from_millis(100));
     let idle_ms = u64::try_from(cfg.claim_idle.as_millis()).unwrap_or(u64::MAX);
@@ -705,7 +639,7 @@ async fn claim_round(
     shared: &Shared,
     c: &mut MultiplexedConnection,
     idle_ms: u64,
-    sink: &Arc<dyn Deliver>,
+    sink: &Arc<dyn Sink>,
 ) -> redis::RedisResult<()> {
     let cfg = &shared.cfg;
     for stream in &cfg.streams {
@@ -780,7 +714,7 @@ async fn claim_round(
             .arg(&ids)
             .query_async(c)
             .await?;
-        let entries: Vec<Entry> = claimed
+        let entries: Vec<Message> = claimed
             .ids
             .iter()
             .map(|sid| {
@@ -794,7 +728,7 @@ async fn claim_round(
         if !entries.is_empty() {
             shared.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
             shared.health.lock().claimed += entries.len() as u64;
-            sink.entries(entries);
+            sink.delivered(entries);
         }
     }
     Ok(())
@@ -885,15 +819,15 @@ mod tests {
     }
 
     /// Publish results and deliveries, sent on as they come.
-    struct Collect(std::sync::mpsc::Sender<Result<Vec<String>, Entry>>);
+    struct Collect(std::sync::mpsc::Sender<Result<Vec<String>, Message>>);
 
-    impl Deliver for Collect {
-        fn published(&self, results: Vec<(u64, Result<Vec<String>, TransportError>)>) {
+    impl Sink for Collect {
+        fn confirmed(&self, results: Vec<crate::transport::Confirm>) {
             for (_, r) in results {
                 let _ = self.0.send(Ok(r.expect("published")));
             }
         }
-        fn entries(&self, entries: Vec<Entry>) {
+        fn delivered(&self, entries: Vec<Message>) {
             for e in entries {
                 let _ = self.0.send(Err(e));
             }
@@ -931,14 +865,23 @@ mod tests {
         let (tx, _rx) = std::sync::mpsc::channel();
         let cfg = config("redis://:pw@127.0.0.1:1/0", "s", true);
         let err = rt
-            .block_on(Transport::connect(
+            .block_on(RedisStreams::connect(
                 cfg,
                 Arc::new(Collect(tx)),
                 rt.handle().clone(),
             ))
             .expect_err("nothing listens on port 1");
         let text = err.to_string();
-        assert!(matches!(err, TransportError::Redis { .. }), "{text}");
+        assert!(
+            matches!(
+                err,
+                TransportError::Broker {
+                    broker: "redis",
+                    ..
+                }
+            ),
+            "{text}"
+        );
         assert!(text.contains("127.0.0.1:1"), "{text}");
         assert!(!text.contains("pw"), "{text}");
     }
@@ -960,21 +903,21 @@ mod tests {
         let (tx_a, rx_a) = std::sync::mpsc::channel();
         let (tx_b, rx_b) = std::sync::mpsc::channel();
         let a = rt
-            .block_on(Transport::connect(
+            .block_on(RedisStreams::connect(
                 config(URL, &stream, true),
                 Arc::new(Collect(tx_a)),
                 h.clone(),
             ))
             .expect("connects");
         let b = rt
-            .block_on(Transport::connect(
+            .block_on(RedisStreams::connect(
                 config(URL, &format!("{stream}:b"), false),
                 Arc::new(Collect(tx_b)),
                 h,
             ))
             .expect("connects");
         let wait = Duration::from_secs(10);
-        a.publish(1, 0, "{\"n\":1}".into()).expect("queued");
+        a.queue(1, vec![(0, "{\"n\":1}".into())]).expect("queued");
         let mut got = (None, None);
         while got.0.is_none() || got.1.is_none() {
             match rx_a.recv_timeout(wait).expect("a result or an entry") {
@@ -985,13 +928,16 @@ mod tests {
         let (ids, entry) = (got.0.unwrap(), got.1.unwrap());
         assert_eq!(ids, vec![entry.id.clone()]);
         assert_eq!(entry.payload, "{\"n\":1}");
-        a.ack(&entry.stream, entry.id);
+        a.ack(&entry);
         rt.block_on(a.stop());
         assert!(a.is_stopped());
-        assert_eq!(a.publish(2, 0, "{}".into()), Err(TransportError::Stopped));
+        assert_eq!(
+            a.queue(2, vec![(0, "{}".into())]),
+            Err(TransportError::Stopped("redis"))
+        );
         rt.block_on(a.stop()); // idempotent
                                // The runtime and the other transport go on.
-        b.publish(3, 0, "{}".into()).expect("queued");
+        b.queue(3, vec![(0, "{}".into())]).expect("queued");
         assert!(matches!(rx_b.recv_timeout(wait), Ok(Ok(ids)) if ids.len() == 1));
         rt.block_on(b.stop());
         let h = a.health();

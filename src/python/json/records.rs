@@ -1,10 +1,6 @@
-//! The records written around an event's data, as serde structs: the metadata kept with every
-//! logged event, and the payload of a Redis stream entry.
-
-use std::borrow::Cow;
+//! The metadata kept with every logged event and in every broker message, as a serde struct.
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// An event's metadata (the log's `metadata` column, and a stream payload's `metadata`):
@@ -18,23 +14,6 @@ pub struct Metadata {
     pub causation_id: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscription: Option<String>,
-}
-
-/// A Redis stream entry's payload: the event's identity, type, version and time, its data
-/// (the encoder's JSON, spliced in as it is) and its [`Metadata`].
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StreamPayload<'a> {
-    #[serde(borrow)]
-    pub event_id: Cow<'a, str>,
-    #[serde(borrow)]
-    pub event_type: Cow<'a, str>,
-    pub event_version: i64,
-    #[serde(borrow)]
-    pub occurred_at: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub data: &'a RawValue,
-    #[serde(borrow)]
-    pub metadata: &'a RawValue,
 }
 
 #[cfg(test)]
@@ -66,29 +45,5 @@ mod tests {
             serde_json::from_str::<Metadata>("{}").unwrap(),
             Metadata::default()
         );
-    }
-
-    #[test]
-    fn stream_payload_splices_data_and_metadata_as_they_are() {
-        let data = RawValue::from_string(r#"{"n":[1,2.5,"x"]}"#.to_owned()).unwrap();
-        let metadata =
-            RawValue::from_string(r#"{"correlation_id":"c","causation_id":null}"#.to_owned())
-                .unwrap();
-        let payload = StreamPayload {
-            event_id: "e-1".into(),
-            event_type: "Order\"Placed".into(),
-            event_version: 2,
-            occurred_at: None,
-            data: &data,
-            metadata: &metadata,
-        };
-        let text = serde_json::to_string(&payload).unwrap();
-        assert_eq!(
-            text,
-            r#"{"event_id":"e-1","event_type":"Order\"Placed","event_version":2,"occurred_at":null,"data":{"n":[1,2.5,"x"]},"metadata":{"correlation_id":"c","causation_id":null}}"#
-        );
-        let back: StreamPayload<'_> = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.event_type, "Order\"Placed");
-        assert_eq!(back.data.get(), data.get());
     }
 }

@@ -1,0 +1,252 @@
+//! `TransportCore`: any broker [`Transport`] from Python, the same way for every kind.
+//! Publishing returns a loop future resolved in batches (see `completion`); delivered messages
+//! are gathered on the transport's thread and handed to the loop with one
+//! `call_soon_threadsafe` per batch, where they are decoded and dispatched to the local bus,
+//! each acknowledged once all its subscriptions are done.
+//!
+//! A new broker adds one constructor here (next to `redis`): check its settings, then
+//! `connect` with them.
+
+mod bridge;
+mod inbox;
+mod redis;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString};
+
+pub use bridge::PyBridgeCore;
+use inbox::Inbox;
+
+use crate::python::bus::PyBusCore;
+use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::errors::to_py;
+use crate::python::store::record_of;
+use crate::python::{errors, events, json, runtime};
+use crate::transport::{Confirm, Message, Outgoing, RedisStreams, Sink, Transport, TransportError};
+
+/// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
+struct PySink {
+    completions: Arc<Completions>,
+    resolver: Py<PyResolver>,
+    inbox: Arc<Inbox<Message>>,
+}
+
+impl Sink for PySink {
+    fn confirmed(&self, results: Vec<Confirm>) {
+        let outcomes = results
+            .into_iter()
+            .map(|(t, r)| {
+                let f: Outcome = Box::new(move |py| match r {
+                    // One event: its id; a batch: the list of ids.
+                    Ok(ids) if ids.len() == 1 => Ok(PyString::new(py, &ids[0]).into_any().unbind()),
+                    Ok(ids) => Ok(PyList::new(py, ids)?.into_any().unbind()),
+                    Err(e) => Err(to_py(&e)),
+                });
+                (t, f)
+            })
+            .collect();
+        self.completions.complete(&self.resolver, outcomes);
+    }
+
+    fn delivered(&self, messages: Vec<Message>) {
+        self.inbox.push(messages);
+    }
+}
+
+/// The native half of a broker-backed `oxbus.EventBus`.
+#[pyclass(frozen, name = "TransportCore", module = "oxbus._oxbus")]
+pub struct PyTransportCore {
+    transport: Arc<dyn Transport>,
+    completions: Arc<Completions>,
+    inbox: Arc<Inbox<Message>>,
+}
+
+/// An event to publish: encoded, with its key's canonical text (refused here, before anything
+/// is sent, if a consumer could not read the key back).
+fn outgoing(
+    event: &Bound<'_, PyAny>,
+    key: Option<&Bound<'_, PyAny>>,
+    correlation_id: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Outgoing> {
+    let key = events::event_key(event, key)?
+        .map(|k| events::portable_key(&k)?.str().map(|s| s.to_string()))
+        .transpose()?;
+    Ok(Outgoing {
+        event: record_of(event, correlation_id)?,
+        key,
+    })
+}
+
+/// Connects a transport on the shared runtime (the loop thread never waits for the broker)
+/// -> awaitable of a connected `TransportCore`. `connect` gets the sink and the runtime.
+fn connect<T, F, Fut>(py: Python<'_>, connect: F) -> PyResult<Bound<'_, PyAny>>
+where
+    T: Transport,
+    F: FnOnce(Arc<dyn Sink>, tokio::runtime::Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, TransportError>> + Send + 'static,
+{
+    let completions = Arc::new(Completions::default());
+    let resolver = Py::new(py, PyResolver::new(Arc::clone(&completions)))?;
+    let inbox = Arc::new(Inbox::default());
+    let sink = Arc::new(PySink {
+        completions: Arc::clone(&completions),
+        resolver,
+        inbox: Arc::clone(&inbox),
+    });
+    let handle = runtime::handle()?;
+    runtime::future_into_py(py, async move {
+        let transport = connect(sink, handle).await.map_err(|e| to_py(&e))?;
+        Ok(PyTransportCore {
+            transport: Arc::new(transport),
+            completions,
+            inbox,
+        })
+    })
+}
+
+impl PyTransportCore {
+    fn submit(&self, py: Python<'_>, batch: Vec<Outgoing>) -> PyResult<Py<PyAny>> {
+        let (token, fut, _) = self.completions.register(py)?;
+        if let Err(e) = self.transport.publish(token, batch) {
+            self.completions.forget(token);
+            return Err(to_py(&e));
+        }
+        Ok(fut)
+    }
+}
+
+#[pymethods]
+impl PyTransportCore {
+    /// Redis Streams with `settings` (`oxbus.RedisStreams.native()`) -> awaitable of a
+    /// connected `TransportCore`.
+    #[staticmethod]
+    fn redis(py: Python<'_>, settings: redis::RedisSettings) -> PyResult<Bound<'_, PyAny>> {
+        let cfg = settings.config()?;
+        connect(py, move |sink, rt| RedisStreams::connect(cfg, sink, rt))
+    }
+
+    /// "redis", "rabbitmq", ...
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.transport.kind()
+    }
+
+    /// Where deliveries go: `callback()` is scheduled on `loop_` when messages arrive.
+    fn set_target(&self, loop_: Py<PyAny>, callback: Py<PyAny>) {
+        self.inbox.set_target(Some((loop_, callback)));
+    }
+
+    /// Publishes events in one request -> future of their receipts, resolved once the broker
+    /// holds all of them (one future and one wake-up for the whole batch).
+    fn publish_many(&self, py: Python<'_>, events: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let batch = events
+            .try_iter()?
+            .map(|e| outgoing(&e?, None, None))
+            .collect::<PyResult<Vec<_>>>()?;
+        self.submit(py, batch)
+    }
+
+    /// Publishes an event -> future of its receipt, resolved once the broker holds it.
+    #[pyo3(signature = (event, key=None, correlation_id=None))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<&Bound<'_, PyAny>>,
+        correlation_id: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.submit(py, vec![outgoing(event, key, correlation_id)?])
+    }
+
+    /// Dispatches the received messages to `bus`: `make_event(dict)` rebuilds each event from
+    /// its decoded payload. Returns how many were received, and why those the bus could not
+    /// take (undecodable, a key it refuses) went to the dead-letter place. Messages that
+    /// arrive while the bus is closed stay unacknowledged: the broker delivers them again.
+    fn dispatch(
+        &self,
+        py: Python<'_>,
+        bus: &Bound<'_, PyBusCore>,
+        make_event: &Bound<'_, PyAny>,
+    ) -> PyResult<(usize, Vec<String>)> {
+        let messages = self.inbox.take();
+        let n = messages.len();
+        let mut refused = Vec::new();
+        for m in messages {
+            let accepted = json::decode(py, &m.payload)
+                .and_then(|d| Ok((make_event.call1((&d,))?, d)))
+                .and_then(|(event, payload)| {
+                    let meta = payload.get_item(intern!(py, "metadata")).ok();
+                    let field = |name: &str| -> Option<Bound<'_, PyAny>> {
+                        meta.as_ref()
+                            .and_then(|m| m.get_item(name).ok())
+                            .filter(|v| !v.is_none())
+                    };
+                    let transport = Arc::clone(&self.transport);
+                    let message = m.clone();
+                    let ack: crate::python::envelope::Ack =
+                        Box::new(move || transport.ack(&message));
+                    bus.get().accept_remote(
+                        py,
+                        &event,
+                        field("correlation_id"),
+                        field("causation_id"),
+                        ack,
+                    )
+                });
+            if let Err(err) = accepted {
+                if errors::is_bus_closed(py, &err) {
+                    continue; // left pending: delivered again after the next start
+                }
+                // It would fail on every delivery: to the dead-letter place, with the reason;
+                // the rest of the batch goes on.
+                let reason = format!("{}: {}", err.get_type(py).name()?, err.value(py));
+                refused.push(format!("message {} of {}: {reason}", m.id, m.source));
+                self.transport.dead_letter(m, reason);
+            }
+        }
+        Ok((n, refused))
+    }
+
+    /// The transport's reading: kind, reachable, lag, pending, published, received, claimed,
+    /// dead_lettered, last_error.
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let h = self.transport.health();
+        let d = PyDict::new(py);
+        d.set_item("kind", self.transport.kind())?;
+        d.set_item("reachable", h.reachable)?;
+        d.set_item("lag", h.lag)?;
+        d.set_item("pending", h.pending)?;
+        d.set_item("published", h.published)?;
+        d.set_item("received", h.received)?;
+        d.set_item("claimed", h.claimed)?;
+        d.set_item("dead_lettered", h.dead)?;
+        d.set_item("last_error", h.last_error)?;
+        Ok(d)
+    }
+
+    /// Takes no new messages (before the bus drains what it has).
+    fn pause(&self) {
+        self.transport.pause();
+    }
+
+    /// Sends queued acknowledgements, then stops the transport's tasks -> awaitable, done
+    /// once they are gone (the loop thread never waits for the broker). Idempotent.
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.inbox.set_target(None);
+        let t = Arc::clone(&self.transport);
+        runtime::future_into_py(py, async move {
+            t.stop().await;
+            Ok(())
+        })
+    }
+
+    /// Whether `stop()` has run.
+    #[getter]
+    fn stopped(&self) -> bool {
+        self.transport.is_stopped()
+    }
+}

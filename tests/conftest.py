@@ -2,8 +2,8 @@
 
 Tests go through the public API (``import oxbus``) and wait with ``await bus.drain()``,
 never with sleeps (STYLE.md, convention 8). Every test runs in its own view of the event
-registry (the plugin's ``event_registry`` fixture, made automatic here): the test module's
-event classes win over same-named ones of other modules, and classes a test defines are
+registry (the plugin's ``event_registry`` fixture, made automatic here): the event classes of
+the test module and of the helpers it imports from win over same-named ones of other modules, and classes a test defines are
 forgotten after it, so event classes need no unique names.
 """
 

@@ -217,6 +217,33 @@ def test_a_class_defined_in_a_test_is_forgotten_after_it_{n}():
 """
 
 
+HELPER_MODULE = """
+from oxbus import DomainEvent
+
+
+class Shipped(DomainEvent):
+    def __init__(self, parcel):
+        super().__init__()
+        self.parcel = parcel
+
+
+def shipped(parcel):
+    return Shipped(parcel)
+"""
+
+USES_HELPER = """
+from oxbus import SqliteEventStore
+from parcels import shipped
+
+
+async def test_a_helper_module_s_events_come_back_as_its_classes(tmp_path):
+    with SqliteEventStore(str(tmp_path / "e.db")) as store:
+        await store.append("s", [shipped("p-1")])
+        (row,) = await store.read("s")
+    assert type(row.event).__module__ == "parcels" and row.event.parcel == "p-1"
+"""
+
+
 @pytest.mark.parametrize("isolated", [True, False])
 def test_event_registry_lets_test_modules_reuse_event_class_names(
     pytester: pytest.Pytester, isolated: bool
@@ -233,9 +260,19 @@ def test_event_registry_lets_test_modules_reuse_event_class_names(
         test_billing=REGISTRY_MODULE.format(field="invoice", n=1),
         test_shipping=REGISTRY_MODULE.format(field="parcel", n=2),
     )
+    if isolated:
+        # A helper module writes the events a test reads back; the test imports a function
+        # only, and a module collected later has a class of the same name.
+        pytester.makepyfile(
+            parcels=HELPER_MODULE,
+            test_uses_a_helper=USES_HELPER,
+            test_zz_later="from oxbus import DomainEvent\n\n"
+            "class Shipped(DomainEvent):\n    pass\n\n"
+            "def test_nothing():\n    pass\n",
+        )
     result = pytester.runpytest("-p", "no:cacheprovider")
     if isolated:
-        result.assert_outcomes(passed=4)
+        result.assert_outcomes(passed=6)
     else:  # the last module imported owns "OrderPlaced"; a test's class outlives it
         result.assert_outcomes(passed=2, failed=2)
 

@@ -139,7 +139,8 @@ def lookup(event_type: Any) -> type | None:
 def isolated(*modules: types.ModuleType) -> contextlib.AbstractContextManager[None]:
     """A block with its own view of the registry, for tests: on entry the event classes of
     `modules` (defined or imported there) are registered on top, so they win over classes of
-    the same type key from other modules; on exit every registration made in the block is
+    the same type key from other modules (a later module over an earlier one; within one
+    module, as anywhere, an explicit registration over an automatic one); on exit every registration made in the block is
     undone (classes defined in a test, whatever their names). The pytest plugin's
     `event_registry` fixture runs each test in one for its module, so test classes need no
     unique names:
@@ -153,7 +154,7 @@ def isolated(*modules: types.ModuleType) -> contextlib.AbstractContextManager[No
     Kept on exit: the classes of a module first imported inside the block, when their type
     key was free before (the module is not imported again, so they would not come back).
     """
-    return _isolated(v for m in modules for v in vars(m).values())
+    return _isolated([list(vars(m).values()) for m in modules])
 
 
 def _module_level(cls: type) -> bool:
@@ -165,20 +166,22 @@ def _module_level(cls: type) -> bool:
 
 
 @contextlib.contextmanager
-def _isolated(on_top: Iterable[Any]) -> Iterator[None]:
+def _isolated(groups: Iterable[Iterable[Any]]) -> Iterator[None]:
     with _lock:
         _flush()
         saved, saved_explicit = dict(_by_key), set(_explicit)
         chosen: dict[str, type] = {}
-        for cls in on_top:
-            if not isinstance(cls, type) or cls not in _known:
-                continue
-            key = type_key(cls)
-            # Among the given classes the registry's rule holds: explicit over automatic,
-            # else the later one.
-            prev = chosen.get(key)
-            if prev is None or _known[cls] or not _known[prev]:
-                chosen[key] = cls
+        for group in groups:  # a later group over an earlier one
+            mine: dict[str, type] = {}
+            for cls in group:
+                if not isinstance(cls, type) or cls not in _known:
+                    continue
+                key = type_key(cls)
+                # Within a group the registry's rule: explicit over automatic, else the later.
+                prev = mine.get(key)
+                if prev is None or _known[cls] or not _known[prev]:
+                    mine[key] = cls
+            chosen.update(mine)
         for key, cls in chosen.items():
             _by_key[key] = cls
             if _known[cls]:

@@ -202,7 +202,7 @@ def _imported_from(module: types.ModuleType) -> list[types.ModuleType]:
         else:
             try:
                 name = getattr(value, "__module__", None) if callable(value) else None
-            except Exception:  # noqa: BLE001 - an object whose attributes raise: not a lead
+            except Exception:  # noqa: BLE001, S112 - an object whose attributes raise: not a lead
                 continue
         other = sys.modules.get(name) if isinstance(name, str) else None
         if other is not None and other is not module:

@@ -137,6 +137,10 @@ impl PyBusCore {
             inner.routes_gen = inner.engine.router.generation();
         }
         let subs = inner.engine.router.resolve(&key_name, &mro);
+        inner
+            .engine
+            .stats
+            .routed(&key_name, subs.iter().map(|s| &s.name));
         let skip = self.progress.get().map(|_| {
             let out: Names = inner
                 .engine
@@ -506,7 +510,7 @@ impl PyBusCore {
         target: &Bound<'_, PyAny>,
         handler: &Bound<'_, PyAny>,
         priority: i64,
-        name: String,
+        name: &str,
         threaded: bool,
         retry: Option<Bound<'_, PyRetryPolicy>>,
         retry_on: Option<Py<PyAny>>,
@@ -539,11 +543,7 @@ impl PyBusCore {
             park,
         };
         let mut inner = self.inner.lock(py);
-        Ok(inner
-            .engine
-            .router
-            .subscribe(matcher, priority, name, payload)
-            .id)
+        Ok(inner.engine.subscribe(matcher, priority, name, payload).id)
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
@@ -946,7 +946,7 @@ impl PyBusCore {
     /// The counters, as a dict (see `EventBus.get_statistics`). Read under the lock, built
     /// into Python objects after it.
     fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (ints, floats, latency, by_type) = {
+        let (ints, floats, latency, by_type, by_sub) = {
             let inner = self.inner.lock(py);
             let e = &inner.engine;
             let s = &e.stats;
@@ -976,7 +976,13 @@ impl PyBusCore {
             ];
             let latency = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)]
                 .map(|(name, q)| (name, s.latency.quantile(q) as f64 / 1e6));
-            (ints, floats, (latency, e.is_running()), s.by_type())
+            (
+                ints,
+                floats,
+                (latency, e.is_running()),
+                s.by_type(),
+                s.by_subscription(),
+            )
         };
         let d = PyDict::new(py);
         for (k, v) in floats {
@@ -995,7 +1001,24 @@ impl PyBusCore {
             types.set_item(k, t.into_py_dict(py)?)?;
         }
         d.set_item("by_event_type", types)?;
+        let subs = PyDict::new(py);
+        for (name, calls, failed, retried, dead) in by_sub {
+            let c = [
+                ("calls", calls),
+                ("failed", failed),
+                ("retried", retried),
+                ("dead_lettered", dead),
+            ];
+            subs.set_item(name, c.into_py_dict(py)?)?;
+        }
+        d.set_item("by_subscription", subs)?;
         Ok(d)
+    }
+
+    /// Failed handler calls per (event type, subscription name) pair an event was routed to,
+    /// 0 until one fails, sorted: for Prometheus.
+    fn failures(&self, py: Python<'_>) -> Vec<(String, String, u64)> {
+        self.inner.lock(py).engine.stats.failures_by_pair()
     }
 
     /// Handler latency histogram: cumulative counts at the given bounds (seconds), the count and
@@ -1060,6 +1083,7 @@ impl PyBusCore {
         d.set_item("uptime_seconds", uptime)?;
         d.set_item("memory_usage_mb", sample.rss_mb)?;
         d.set_item("cpu_percent", sample.cpu_percent)?;
+        d.set_item("cpu_window_seconds", sample.cpu_window_s)?;
         d.set_item("system_memory_total_mb", sample.system_total_mb)?;
         d.set_item("system_memory_available_mb", sample.system_available_mb)?;
         d.set_item(

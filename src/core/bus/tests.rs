@@ -557,13 +557,13 @@ fn drain_waits_while_a_retry_sleeps() {
     let mut e = idle(1, 0);
     publish(&mut e, 1, None).unwrap();
     let (_, lane) = e.take().unwrap();
-    e.record_call(None, false);
+    e.record_call(0, false);
     e.retry_decided();
     e.backoff_started();
     assert_eq!(e.retrying(), 1);
     assert_eq!(e.add_drain_waiter(5), None);
     e.backoff_ended();
-    e.record_call(None, true);
+    e.record_call(0, true);
     e.finish(lane);
     assert_eq!(e.take_drain_waiters(), [5]);
     assert_eq!((e.retrying(), e.stats.retried), (0, 1));
@@ -627,11 +627,11 @@ fn statistics_count_calls_failures_retries_and_dead_letters() {
     let mut e = idle(1, 0);
     publish(&mut e, 1, None).unwrap();
     let (_, lane) = e.take().unwrap();
-    e.record_call(Some(1_000_000), false);
+    e.record_call(1_000_000, false);
     e.retry_decided();
     e.backoff_started();
     e.backoff_ended();
-    e.record_call(Some(3_000_000), false);
+    e.record_call(3_000_000, false);
     e.dead_lettered(None);
     e.finish(lane);
     let s = &e.stats;
@@ -646,6 +646,20 @@ fn statistics_count_calls_failures_retries_and_dead_letters() {
         (1, 1, 2, 1, 1)
     );
     assert!((s.avg_handler_ms() - 2.0).abs() < 1e-9);
+}
+
+#[test]
+fn subscriptions_of_one_name_share_counters_that_outlive_them() {
+    let mut e = idle(1, 0);
+    let a = e.subscribe(Matcher::Exact("T".into()), 1, "billing", ());
+    let b = e.subscribe(Matcher::Exact("U".into()), 1, "billing", ());
+    assert!(Arc::ptr_eq(&a.counters, &b.counters));
+    crate::core::stats::bump(&a.counters.failed, 1);
+    assert!(e.router.unsubscribe(a.id) && e.router.unsubscribe(b.id));
+    assert_eq!(
+        e.stats.by_subscription(),
+        vec![("billing".to_owned(), 0, 1, 0, 0)]
+    );
 }
 
 #[test]
@@ -688,8 +702,8 @@ fn readings_report_the_queue_and_the_oldest_event() {
 #[test]
 fn readings_count_failed_calls_and_dead_letters() {
     let mut e = idle(1, 0);
-    e.record_call(None, true);
-    e.record_call(None, false);
+    e.record_call(0, true);
+    e.record_call(0, false);
     e.set_dead_letters(4);
     let r = e.readings(0);
     assert_eq!((r.calls, r.failed_calls, r.dead_letters), (2, 1, 4));

@@ -882,6 +882,39 @@ async def test_with_partitions_each_keys_events_are_handled_in_publish_order(
     assert rds("EXISTS", stream) == 0, "with partitions, the unsuffixed stream is not used"
 
 
+async def test_a_key_given_to_publish_travels_with_the_event_and_orders_the_consumer(
+    rds: Resp, stream: str
+) -> None:
+    # Tick has no aggregate_id: only the key given to publish() can order its events.
+    keys, per_key = [("acct", 1), ("acct", 2), uuid.UUID(int=7)], 60
+    bus = EventBus(transport=URL, group="g", stream=stream, partitions=2, workers=4)
+    order: dict[Any, list[int]] = {}
+    done = asyncio.Event()
+    rng = random.Random(3)
+
+    async def handle(e: Tick) -> None:
+        env = oxbus.current_envelope()
+        assert env is not None
+        for _ in range(rng.randint(0, 3)):  # interleave handlers of different keys
+            await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
+        order.setdefault(env.key, []).append(e.n)
+        if sum(map(len, order.values())) == len(keys) * per_key:
+            done.set()
+
+    bus.subscribe(Tick, handle)
+    await bus.start()
+    try:
+        for i in range(per_key):
+            for k in keys:
+                await bus.publish(Tick(i), key=k)
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await bus.stop(timeout=10)
+    # The consumer sees each key in its canonical form (a tuple, a UUID's text), in order.
+    assert set(order) == {("acct", 1), ("acct", 2), str(uuid.UUID(int=7))}
+    assert all(seq == list(range(per_key)) for seq in order.values()), order
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

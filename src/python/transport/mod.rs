@@ -26,7 +26,9 @@ use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::errors::to_py;
 use crate::python::store::record_of;
 use crate::python::{errors, events, json, runtime};
-use crate::transport::{Confirm, Message, Outgoing, RedisStreams, Sink, Transport, TransportError};
+use crate::transport::{
+    Confirm, Key, Message, Outgoing, RedisStreams, Sink, Transport, TransportError,
+};
 
 /// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
 struct PySink {
@@ -73,7 +75,13 @@ fn outgoing(
     correlation_id: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Outgoing> {
     let key = events::event_key(event, key)?
-        .map(|k| events::portable_key(&k)?.str().map(|s| s.to_string()))
+        .map(|k| {
+            let k = events::portable_key(&k)?;
+            Ok::<_, PyErr>(Key {
+                text: k.str()?.to_string(),
+                json: json::encode(&k)?,
+            })
+        })
         .transpose()?;
     Ok(Outgoing {
         event: record_of(event, correlation_id)?,
@@ -202,9 +210,14 @@ impl PyTransportCore {
                     let message = m.clone();
                     let ack: crate::python::envelope::Ack =
                         Box::new(move || transport.ack(&message));
+                    let key = payload
+                        .get_item(intern!(py, "key"))
+                        .ok()
+                        .filter(|k| !k.is_none());
                     bus.get().accept_remote(
                         py,
                         &event,
+                        key,
                         field("correlation_id"),
                         field("causation_id"),
                         ack,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One entry point for the two Quick start commands (and a few helpers).
 #   ./dev.sh demo    build into .venv and run the demo
-#   ./dev.sh test    fmt, clippy, cargo test, build wheels, install each into a fresh venv of the
-#                    oldest (3.10) and of the newest (3.13) supported CPython, run pytest + stub
-#                    checks in each
+#   ./dev.sh test    fmt, clippy, cargo test, the documentation site, build wheels, install each
+#                    into a fresh venv of the oldest (3.10) and of the newest (3.13) supported
+#                    CPython, run pytest (README and docs/ code blocks included) + stub checks in each
+#   ./dev.sh docs    build the documentation site (mkdocs.yml, docs/) into site/, --strict
 #   ./dev.sh wheels  release wheels for CPython 3.10 to 3.13 into dist/
 #   ./dev.sh bench   build (release) into .venv and run the benchmarks
 set -euo pipefail
@@ -14,6 +15,10 @@ OLDEST=3.10
 NEWEST=3.13
 # PySide6 6.12.0 loses a reference to None per QObject.killTimer (qasync calls it per callback)
 # and aborts CPython 3.11: stay below it.
+# The documentation site: mkdocs-material, and mkdocstrings reading python/ statically (griffe:
+# no import of oxbus, no compiled module needed); ruff formats the signatures.
+DOCS_DEPS=("mkdocs>=1.6.1,<2" "mkdocs-material>=9.6,<10" "mkdocstrings>=1.0.8,<2"
+  "mkdocstrings-python>=2.0,<3" ruff)
 TEST_DEPS=(pytest pytest-asyncio pytest-timeout uvloop pydantic mypy "qasync==0.28.0" "PySide6-Essentials>=6.5,<6.12" "prometheus_client>=0.17" "aio-pika>=9")
 
 venv() {  # venv DIR PYTHON PACKAGES...
@@ -35,6 +40,12 @@ python_for() {  # python_for 3.X: that CPython (pyenv's, else pythonX.Y on PATH)
   fi
   echo "warning: CPython $v not found (~/.pyenv/versions/$v.*/bin/python or python$v): testing with $PY ($("$PY" -V 2>&1)) instead" >&2
   command -v "$PY"
+}
+
+docs() {  # the site into site/; any warning (a broken link, a bad docstring) fails the build
+  venv .venv-docs "$PY" "${DOCS_DEPS[@]}"
+  NO_MKDOCS_2_WARNING=1 .venv-docs/bin/mkdocs build --strict --quiet
+  echo "documentation site built into site/"
 }
 
 develop() {  # develop PACKAGES...: a release build into .venv, with what the caller needs
@@ -75,6 +86,7 @@ case "${1:-}" in
     newest=$(python_for "$NEWEST")
     venv .venv "$PY" "maturin>=1.9.4,<2"
     PYO3_PYTHON="$PWD/.venv/bin/python" cargo test --lib python::  # the glue's unit tests (need pyo3)
+    docs
     rm -rf dist
     # One wheel per CPython version, not one abi3 wheel: abi3 costs ~25% of the publish +
     # handler throughput (benches/README.md, "abi3 or one wheel per version").
@@ -94,12 +106,15 @@ case "${1:-}" in
     .venv/bin/maturin build --release -o dist -q "${pys[@]}"
     ls dist
     ;;
+  docs)
+    docs
+    ;;
   bench)
     develop pyee blinker
     .venv/bin/python benches/bench_inmemory.py "${@:2}"
     ;;
   *)
-    echo "usage: $0 demo|test|wheels|bench" >&2
+    echo "usage: $0 demo|test|docs|wheels|bench" >&2
     exit 2
     ;;
 esac

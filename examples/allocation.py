@@ -1,4 +1,4 @@
-"""The Cosmic Python allocation service (seed 004) with oxbus as its message bus.
+"""The allocation service of *Architecture Patterns with Python* ("Cosmic Python") with oxbus as its message bus.
 
 The domain model (``Batch``, ``OrderLine``, the ``Product`` aggregate), the commands
 (``CreateBatch``, ``Allocate``, ``ChangeBatchQuantity``), the events (``Allocated``,

@@ -1,4 +1,4 @@
-"""The seed's bank account: an event-sourced aggregate with snapshots and optimistic concurrency.
+"""A bank account: an event-sourced aggregate with snapshots and optimistic concurrency.
 
 Run: .venv/bin/python examples/bank_account.py
 """

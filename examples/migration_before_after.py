@@ -1,16 +1,16 @@
-"""Migrating from the pure-Python ``InMemoryEventBus`` (seed 000) to oxbus: one import changes.
+"""Migrating from the pure-Python ``InMemoryEventBus`` to oxbus: one import changes.
 
 The first half of this file is a small, faithful version of the bus being replaced: an
-``asyncio.Queue``, ``worker_count`` worker tasks, a dict of subscriptions per event type kept
-sorted by priority (1 = most urgent), retries, statistics, a health report with an optional
-psutil, ``EventBusFactory`` and ``EventBusManager``. The second half is application code — the
-domain events (on the application's own ``DomainEvent`` base, which imports no bus: seed
-problem #5), its handlers and a test-like scenario — written once against ``bus_module``.
+``asyncio.Queue``, ``worker_count`` worker tasks, a dict of subscriptions per event type kept sorted
+by priority (1 = most urgent), retries, statistics, a health report with an optional psutil,
+``EventBusFactory`` and ``EventBusManager``. The second half is application code — the domain events
+(on the application's own ``DomainEvent`` base, which imports no bus), its handlers and a test-like
+scenario — written once against ``bus_module``.
 
 It runs the same application twice with 4 workers:
 
-* before: ``bus_module = legacy_event_bus``; the test waits with ``await asyncio.sleep(0.1)``
-  (seed problem #4), and an order's events are handled out of order (seed problem #2);
+* before: ``bus_module = legacy_event_bus``; the test waits with ``await asyncio.sleep(0.1)``,
+  and an order's events are handled out of order;
 * after: ``bus_module = oxbus``; the test waits with ``await bus.drain()``, and each order's
   events are handled in publish order (per ``aggregate_id``) while different orders still run
   concurrently.
@@ -33,13 +33,13 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional
 import oxbus
 
 # =============================================================================================
-# BEFORE: the pure-Python bus of seed 000 (infrastructure/events/event_bus.py), kept small
+# BEFORE: a pure-Python bus (an infrastructure/events/event_bus.py), kept small
 # =============================================================================================
 
 _legacy_logger = logging.getLogger("legacy_event_bus")
 
 psutil: Any = None
-try:  # seed problem #6: psutil is optional, with a graceful fallback
+try:  # psutil is optional, with a graceful fallback
     psutil = importlib.import_module("psutil")
     PERFORMANCE_MONITORING_AVAILABLE = True
 except ImportError:
@@ -115,7 +115,7 @@ class LegacyInMemoryEventBus:
         self._start_time = time.time()
         for i in range(self._worker_count):
             self._workers.append(asyncio.create_task(self._worker(i)))
-        await asyncio.sleep(0.01)  # seed problem #3: "wait until every worker has started"
+        await asyncio.sleep(0.01)  # "wait until every worker has started"
 
     async def stop(self) -> None:
         if not self._is_running:
@@ -140,7 +140,7 @@ class LegacyInMemoryEventBus:
         for event in events:
             await self.publish(event)
 
-    # -- processing (seed problem #8's fix: block on queue.get(), no polling) ---------------
+    # -- processing (blocks on queue.get(), no polling) -------------------------------------
     async def _worker(self, worker_id: int) -> None:
         queue = self._event_queue
         assert queue is not None
@@ -358,7 +358,7 @@ async def run_application(
 
 
 async def sleep_a_bit(bus: Any) -> None:
-    await asyncio.sleep(0.1)  # before: "wait long enough" (seed problem #4)
+    await asyncio.sleep(0.1)  # before: "wait long enough"
 
 
 async def drain(bus: Any) -> None:

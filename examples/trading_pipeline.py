@@ -1,7 +1,7 @@
-"""Seed 003's trading pipeline on oxbus: market data -> strategy -> orders -> risk.
+"""A trading pipeline on oxbus: market data -> strategy -> orders -> risk.
 
-The seed's bus ran every handler in a ``ThreadPoolExecutor`` over Redis Pub/Sub. Here the
-same components keep their *sync* handlers and their ``Event`` dataclass with an ``EventType``
+It comes from a service whose own bus ran every handler in a ``ThreadPoolExecutor`` over
+Redis Pub/Sub. Here the same components keep their *sync* handlers and their ``Event`` dataclass with an ``EventType``
 Enum, on an in-memory oxbus ``EventBus``:
 
 * ``TechnicalAnalyzer`` (priority 1) and ``StrategyEngine`` (priority 5) both handle
@@ -11,8 +11,8 @@ Enum, on an in-memory oxbus ``EventBus``:
 * every event's ``aggregate_id`` is its symbol: with ``workers=4`` the symbols run concurrently
   while each symbol's ticks, signals and orders are handled in order;
 * correlation is inherited (no ``correlation_id=event.correlation_id`` threading by hand), one
-  malformed tick shows a failing handler isolated and counted, and ``get_stats()`` gives the
-  seed's counters. There is no heartbeat here.
+  malformed tick shows a failing handler isolated and counted, and ``get_stats()`` gives that
+  bus's counters. There is no heartbeat here.
 
 Run: .venv/bin/python examples/trading_pipeline.py
 """
@@ -35,7 +35,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from oxbus import EventBus, current_envelope
 
 
-class EventType(Enum):  # a subset of seed 003's EventType
+class EventType(Enum):  # a subset of the pipeline's EventType
     MARKET_DATA_RECEIVED = "market_data_received"
     INDICATORS_UPDATED = "indicators_updated"
     TRADING_SIGNAL = "trading_signal"
@@ -46,7 +46,7 @@ class EventType(Enum):  # a subset of seed 003's EventType
 
 @dataclass
 class Event:
-    """Seed 003's event message, plus a short ``event_id`` so the output can name events."""
+    """The pipeline's event message, plus a short ``event_id`` so the output can name events."""
 
     event_type: EventType  # oxbus routes on the Enum's value
     source: str
@@ -62,7 +62,7 @@ class Event:
 
 def create_event(event_type: EventType, source: str, data: Dict[str, Any],
                  correlation_id: Optional[str] = None) -> Event:
-    """The seed's ``event_bus.create_event(...)``."""
+    """The pipeline bus's ``event_bus.create_event(...)``."""
     return Event(event_type, source, datetime.now(timezone.utc), data, correlation_id)
 
 
@@ -213,7 +213,7 @@ class DataCollector:
         await self.bus.publish(create_event(
             EventType.MARKET_DATA_RECEIVED, "DataCollector",
             {"symbol": symbol, "price": price, "seq": seq},
-            correlation_id=f"tick-{symbol}-{seq}",  # the seed's correlation id, kept as given
+            correlation_id=f"tick-{symbol}-{seq}",  # the pipeline's own correlation id, kept as given
         ))
 
     async def run(self, ticks_per_symbol: int) -> int:
@@ -251,7 +251,7 @@ async def main() -> None:
     risk = RiskManager(bus, limit=2_500)
     collector = DataCollector(bus, symbols)
 
-    print("== seed 003 pipeline: market data -> strategy -> orders -> risk ==")
+    print("== trading pipeline: market data -> strategy -> orders -> risk ==")
     print(f"  bus: workers=4, sync_handlers='thread' (OrderEngine), {len(symbols)} symbols")
     async with bus:
         t0 = time.perf_counter()

@@ -1,14 +1,12 @@
 """The ``oxbus`` command line (issue 6), against logs written by a durable bus in the test:
 every subcommand, its ``--help``, its ``--json`` output parsed back, and its exit codes
-(0 done, 1 negative answer, 2 usage error, 3 DB or URL unreachable).
-
-Every class name starts with ``Cli`` (the registry is keyed by type key for the session).
+(0 done, 1 negative answer, 2 usage error, 3 DB or URL unreachable). The ``--json`` contract
+itself (both places, the shapes, errors as JSON) is tested in test_cli_json.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import signal
 import socket
@@ -16,70 +14,27 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click._termui_impl
 import pytest
-
+from _cli import (
+    HealthHandler,
+    Note,
+    OrderPlaced,
+    PaymentTaken,
+    health_endpoint,
+    run,
+    run_json,
+    run_lines,
+    subscribe_pipeline,
+    write_log,
+)
 from _env import unavailable
-from click.testing import CliRunner, Result
-from oxbus import DomainEvent, EventBus, SqliteEventStore
-from oxbus.cli import main
-
-
-class CliOrderPlaced(DomainEvent):
-    def __init__(self, order_id: str, amount: float) -> None:
-        super().__init__()
-        self.order_id, self.amount = order_id, amount
-
-    @property
-    def aggregate_id(self) -> str:
-        return self.order_id
-
-
-class CliPaymentTaken(DomainEvent):
-    def __init__(self, order_id: str) -> None:
-        super().__init__()
-        self.order_id = order_id
-
-    @property
-    def aggregate_id(self) -> str:
-        return self.order_id
-
-
-class CliNote(DomainEvent):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-
-def subscribe_pipeline(bus: EventBus, *, fail_on: str | None, seen: list[Any]) -> None:
-    async def cli_pay(e: CliOrderPlaced) -> None:
-        seen.append(e)
-        if e.order_id == fail_on:
-            raise ConnectionError(f"card gateway down for {e.order_id}")
-        await bus.publish(CliPaymentTaken(e.order_id))
-
-    async def cli_mail(e: CliPaymentTaken) -> None:
-        pass
-
-    bus.subscribe(CliOrderPlaced, cli_pay, name="cli_pay")
-    bus.subscribe(CliPaymentTaken, cli_mail, name="cli_mail")
-
-
-async def write_log(path: str) -> None:
-    """5 orders (o-3's payment fails: one dead letter), 4 payments, 1 note."""
-    bus = EventBus(store=path, workers=2)
-    subscribe_pipeline(bus, fail_on="o-3", seen=[])
-    async with bus:
-        for i in range(5):
-            await bus.publish(CliOrderPlaced(f"o-{i}", 10.0 + i))
-        await bus.publish(CliNote("hello"))
-        await bus.drain(timeout=10)
-        assert len(bus.dead_letters) == 1
+from oxbus import EventBus, SqliteEventStore
 
 
 @pytest.fixture
@@ -87,23 +42,6 @@ async def db(tmp_path: Path) -> str:
     path = str(tmp_path / "log.db")
     await write_log(path)
     return path
-
-
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]  # click 8.1
-    except TypeError:
-        return CliRunner()  # click >= 8.2 keeps stderr apart by itself
-
-
-def run(*args: str, input: str | None = None) -> Result:
-    return runner().invoke(main, list(args), input=input, catch_exceptions=False)
-
-
-def run_json(*args: str) -> Any:
-    r = run(*args, "--json")
-    assert r.exit_code == 0, (r.stdout, r.stderr)
-    return json.loads(r.stdout)
 
 
 # ------------------------------------------------------------------------------- help
@@ -130,8 +68,7 @@ def test_every_command_has_help(cmd: list[str]) -> None:
     r = run(*cmd, "--help")
     assert r.exit_code == 0
     assert r.stdout.startswith("Usage: ")
-    if cmd and cmd != ["dlq"]:
-        assert "--json" in r.stdout
+    assert "--json" in r.stdout  # the group's and every command's
     if not cmd:
         assert "Exit codes" in r.stdout
 
@@ -205,7 +142,7 @@ def test_events_lists_the_log_in_order(db: str) -> None:
     assert r.exit_code == 0
     lines = r.stdout.splitlines()
     assert len(lines) == 10  # 5 orders, 4 payments, 1 note
-    assert sum("CliOrderPlaced" in ln for ln in lines) == 5
+    assert sum("OrderPlaced" in ln for ln in lines) == 5
     assert '"order_id": "o-0"' in lines[0] and "$bus:o-0@1" in lines[0]
 
 
@@ -226,21 +163,21 @@ def test_events_json_lines_and_filters(db: str) -> None:
         "causation_id",
         "recorded_at",
     } <= set(rows[0])
-    payments = [e for e in rows if e["event_type"] == "CliPaymentTaken"]
+    payments = [e for e in rows if e["event_type"] == "PaymentTaken"]
     parents = {e["event_id"]: e for e in rows}
-    assert all(parents[p["causation_id"]]["event_type"] == "CliOrderPlaced" for p in payments)
+    assert all(parents[p["causation_id"]]["event_type"] == "OrderPlaced" for p in payments)
     assert all(p["metadata"]["subscription"] == "cli_pay" for p in payments)
 
     only = [
         json.loads(ln)
-        for ln in run("events", db, "--type", "CliPaymentTaken", "--json").stdout.splitlines()
+        for ln in run("events", db, "--type", "PaymentTaken", "--json").stdout.splitlines()
     ]
     assert only == payments
     stream = [
         json.loads(ln)
         for ln in run("events", db, "--stream", "$bus:o-1", "--json").stdout.splitlines()
     ]
-    assert [e["event_type"] for e in stream] == ["CliOrderPlaced", "CliPaymentTaken"]
+    assert [e["event_type"] for e in stream] == ["OrderPlaced", "PaymentTaken"]
     after = [
         json.loads(ln) for ln in run("events", db, "--after", "7", "--json").stdout.splitlines()
     ]
@@ -262,16 +199,16 @@ def test_events_follow_prints_new_rows_as_they_are_committed(db: str) -> None:
             sys.executable,
             "-m",
             "oxbus",
+            "--json",  # before the subcommand: the same JSON Lines
             "events",
             db,
             "--type",
-            "CliNote",
+            "Note",
             "--follow",
             "--limit",
             "3",
             "--interval",
             "0.05",
-            "--json",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -284,8 +221,8 @@ def test_events_follow_prints_new_rows_as_they_are_committed(db: str) -> None:
 
         async def append() -> None:
             async with SqliteEventStore(db) as store:
-                await store.append("notes", [CliNote("two")], expected_version=0)
-                await store.append("notes", [CliNote("three")], expected_version=1)
+                await store.append("notes", [Note("two")], expected_version=0)
+                await store.append("notes", [Note("three")], expected_version=1)
 
         asyncio.run(append())
         out, err = p.communicate(timeout=60)  # --limit 3 ends it
@@ -306,7 +243,7 @@ def test_events_follow_ends_with_ctrl_c_and_exit_0(db: str) -> None:
     )
     try:
         assert p.stdout is not None
-        assert "CliOrderPlaced" in p.stdout.readline()  # it is running and has listed the log
+        assert "OrderPlaced" in p.stdout.readline()  # it is running and has listed the log
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
@@ -321,10 +258,10 @@ def test_events_follow_ends_with_ctrl_c_and_exit_0(db: str) -> None:
 
 
 def test_dlq_list_and_show(db: str) -> None:
-    entries = run_json("dlq", db, "list")
+    entries = run_lines("dlq", db, "list")
     assert len(entries) == 1
     (d,) = entries
-    assert d["subscription"] == "cli_pay" and d["event_type"] == "CliOrderPlaced"
+    assert d["subscription"] == "cli_pay" and d["event_type"] == "OrderPlaced"
     assert d["error_type"] == "ConnectionError" and "o-3" in d["error_message"]
     assert d["data"] == {"order_id": "o-3", "amount": 13.0} and d["attempts"] == 1
 
@@ -342,13 +279,13 @@ def test_dlq_list_and_show(db: str) -> None:
 
 
 async def test_dlq_retry_redelivers_at_the_next_start_to_that_subscription_only(db: str) -> None:
-    (d,) = run_json("dlq", db, "list")
+    (d,) = run_lines("dlq", db, "list")
     assert run("dlq", db, "retry").exit_code == 2  # ids or --all
     assert run("dlq", db, "retry", "999").exit_code == 1
-    assert run_json("dlq", db, "list") == [d]  # a failed retry changes nothing
+    assert run_lines("dlq", db, "list") == [d]  # a failed retry changes nothing
 
     assert run_json("dlq", db, "retry", str(d["id"])) == {"retried": 1, "ids": [d["id"]]}
-    assert run_json("dlq", db, "list") == []
+    assert run_lines("dlq", db, "list") == []
 
     seen: list[Any] = []
     bus = EventBus(store=db)
@@ -359,7 +296,7 @@ async def test_dlq_retry_redelivers_at_the_next_start_to_that_subscription_only(
         assert len(bus.dead_letters) == 0
     payments = [
         json.loads(ln)
-        for ln in run("events", db, "--type", "CliPaymentTaken", "--json").stdout.splitlines()
+        for ln in run("events", db, "--type", "PaymentTaken", "--json").stdout.splitlines()
     ]
     assert sorted(e["data"]["order_id"] for e in payments) == ["o-0", "o-1", "o-2", "o-3", "o-4"]
 
@@ -376,11 +313,11 @@ def test_dlq_retry_all(db: str) -> None:
 def test_dlq_purge_asks_unless_yes(db: str) -> None:
     r = run("dlq", db, "purge", input="n\n")
     assert r.exit_code == 1
-    assert len(run_json("dlq", db, "list")) == 1
+    assert len(run_lines("dlq", db, "list")) == 1
     r = run("dlq", db, "purge", input="y\n")
     assert r.exit_code == 0 and "purged 1 dead letter" in r.stdout
     assert run_json("dlq", db, "purge", "--yes") == {"purged": 0}
-    assert run_json("dlq", db, "list") == []
+    assert run_lines("dlq", db, "list") == []
 
 
 # ------------------------------------------------------------------------------ replay
@@ -403,7 +340,7 @@ def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             seen.append(event)
 
         def picky(event):
-            if type(event).__name__ == "CliOrderPlaced" and event.order_id in ("o-1", "o-2"):
+            if type(event).__name__ == "OrderPlaced" and event.order_id in ("o-1", "o-2"):
                 raise ValueError("no " + event.order_id)
             seen.append(event)
     """)
@@ -419,18 +356,18 @@ def test_replay_calls_a_sync_handler_with_rebuilt_events(db: str, handlers: str)
     assert "replayed 10 events" in r.stdout and "10 succeeded, 0 raised" in r.stdout
     assert "replaying" in r.stderr  # the progress bar's label
     seen = sys.modules[handlers].seen
-    assert [type(e).__name__ for e in seen].count("CliOrderPlaced") == 5
+    assert [type(e).__name__ for e in seen].count("OrderPlaced") == 5
     first = seen[0]
-    assert isinstance(first, CliOrderPlaced) and first.order_id == "o-0" and first.amount == 10.0
+    assert isinstance(first, OrderPlaced) and first.order_id == "o-0" and first.amount == 10.0
 
 
 def test_replay_awaits_an_async_handler_and_filters(db: str, handlers: str) -> None:
     report = run_json(
-        "replay", db, "--to", f"{handlers}:async_handler", "--type", "CliPaymentTaken"
+        "replay", db, "--to", f"{handlers}:async_handler", "--type", "PaymentTaken"
     )
     assert report["events"] == 4 and report["succeeded"] == 4 and report["failed"] == 0
     seen = sys.modules[handlers].seen
-    assert all(isinstance(e, CliPaymentTaken) for e in seen) and len(seen) == 4
+    assert all(isinstance(e, PaymentTaken) for e in seen) and len(seen) == 4
     report = run_json("replay", db, "--to", f"{handlers}:async_handler", "--after", "8")
     assert report["events"] == 2
 
@@ -446,6 +383,26 @@ def test_replay_counts_raising_calls_and_exits_1(db: str, handlers: str) -> None
     assert text.exit_code == 1 and "2 raised" in text.stdout and "no o-1" in text.stderr
 
 
+def test_replay_redraws_its_progress_bar_a_few_times_a_second_not_per_event(
+    tmp_path: Path, handlers: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, n = str(tmp_path / "many.db"), 3000
+
+    async def write() -> None:
+        async with SqliteEventStore(path) as store:
+            ticks = [{"event_type": "CliTick", "n": i} for i in range(n)]
+            await store.append("ticks", ticks, expected_version=0)
+
+    asyncio.run(write())
+    monkeypatch.setattr(click._termui_impl, "isatty", lambda _file: True)  # draw as on a tty
+    r = run("replay", path, "--to", f"{handlers}:sync_handler")
+    assert r.exit_code == 0, r.stderr
+    assert len(sys.modules[handlers].seen) == n
+    assert f"{n}/{n}" in r.stderr  # the bar ends full
+    redraws = r.stderr.count("\r")  # each redraw starts over the line
+    assert 2 <= redraws < n // 30, redraws  # drawn per event, it would be about n
+
+
 @pytest.mark.parametrize(
     "target", ["no_colon", "no_such_module_xyz:h", "os:no_such_attr", "os:sep"]
 )
@@ -458,35 +415,15 @@ def test_replay_target_that_cannot_be_used_exits_2(db: str, target: str) -> None
 # ------------------------------------------------------------------------------ health
 
 
-class _Health(http.server.BaseHTTPRequestHandler):
-    status = 200
-    body = b""
-
-    def do_GET(self) -> None:
-        assert self.path == "/health"
-        self.send_response(self.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def health_server() -> Iterator[tuple[str, type[_Health]]]:
-    handler = type("Handler", (_Health,), {})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
-    t.join()
+def health_server() -> Iterator[tuple[str, type[HealthHandler]]]:
+    with health_endpoint() as endpoint:
+        yield endpoint
 
 
-def test_health_exit_codes_follow_the_status(health_server: tuple[str, type[_Health]]) -> None:
+def test_health_exit_codes_follow_the_status(
+    health_server: tuple[str, type[HealthHandler]],
+) -> None:
     url, handler = health_server
     handler.body = json.dumps({"status": "healthy", "queue_size": 0, "reasons": []}).encode()
     r = run("health", url)
@@ -516,6 +453,7 @@ def test_health_of_nothing_listening_exits_3() -> None:
 
 async def test_health_of_a_running_bus_through_oxbus_metrics() -> None:
     import oxbus.metrics as metrics  # prometheus_client is a dependency: no skip
+
     bus = EventBus()
     async with bus:
         server = await metrics.serve(bus, port=0, host="127.0.0.1")
@@ -543,7 +481,7 @@ async def test_health_of_a_running_bus_through_oxbus_metrics() -> None:
 def test_stats(db: str) -> None:
     s = run_json("stats", db)
     assert s["events"] == 10 and s["positions"] == {"first": 1, "last": 10}
-    assert s["by_event_type"] == {"CliOrderPlaced": 5, "CliPaymentTaken": 4, "CliNote": 1}
+    assert s["by_event_type"] == {"OrderPlaced": 5, "PaymentTaken": 4, "Note": 1}
     assert s["streams"] == 6 and s["by_stream"]["$bus:o-0"] == 2 and s["by_stream"]["$bus"] == 1
     assert s["dead_letters"] == {
         "total": 1,

@@ -371,6 +371,7 @@ async def test_published_events_are_handled_once_and_acknowledged(amqp: Broker) 
         t = bus.get_health_status()["transport"]
         # lag and pending are readings (queue depth every 2 s; unsettled deliveries).
         assert isinstance(t.pop("lag"), int) and isinstance(t.pop("pending"), int)
+        assert t.pop("partitions")["count"] == 1
         assert t == {
             "kind": "rabbitmq",
             "reachable": True,

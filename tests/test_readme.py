@@ -1,14 +1,16 @@
-"""Every ``python`` code block of README.md runs (issue 14), so a snippet cannot drift from the
-API.
+"""Every ``python`` code block of README.md and of the documentation site's pages (docs/) runs,
+so a snippet cannot drift from the API.
 
 A block runs as written, in a fresh namespace, from a scratch directory; top-level ``await`` is
 allowed (the block runs in a loop of its own). What a snippet leaves out because the README
 defined it earlier or because it is beside the point (an event class, a handler) goes in a
-hidden setup comment right before the block, which the rendered README does not show::
+hidden setup comment right before the block, which the rendered page does not show::
 
     <!-- readme-test setup
     class PaymentTaken(DomainEvent): ...
     -->
+
+(``<!-- test setup`` in docs/ pages.)
 
 The setup runs first in the block's namespace (``from oxbus import *`` is already done). Buses
 the block leaves running are stopped after it. The pytest example runs as a test file in a
@@ -37,17 +39,21 @@ from _env import unavailable
 
 pytest_plugins = ["pytester"]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+#: The documentation site's pages (mkdocs.yml); API reference pages hold no blocks of their own.
+PAGES = sorted((ROOT / "docs").rglob("*.md"))
 
 BLOCK = re.compile(
-    r"(?:<!-- readme-test setup\n(?P<setup>.*?)-->\s*\n)?"
+    r"(?:<!-- (?:readme-)?test setup\n(?P<setup>.*?)-->\s*\n)?"
     r"(?P<indent>[ \t]*)```python\n(?P<code>.*?)^(?P=indent)```",
     re.S | re.M,
 )
 
 
-def blocks() -> list[Any]:
-    text = README.read_text(encoding="utf-8")
+def blocks(path: Path = README) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    prefix = "" if path == README else f"{path.relative_to(ROOT)} "
     found = []
     for m in BLOCK.finditer(text):
         line = text.count("\n", 0, m.start("code"))
@@ -56,10 +62,15 @@ def blocks() -> list[Any]:
             pytest.param(
                 textwrap.dedent(m.group("setup") or ""),
                 textwrap.dedent(m.group("code")),
-                id=f"line {line} ({heading[-1] if heading else 'top'})",
+                path,
+                id=f"{prefix}line {line} ({heading[-1] if heading else 'top'})",
             )
         )
     return found
+
+
+def every_block() -> list[Any]:
+    return [block for path in [README, *PAGES] for block in blocks(path)]
 
 
 def redis_up() -> bool:
@@ -103,9 +114,9 @@ async def _run(compiled: types.CodeType, ns: dict[str, Any]) -> None:
                 await value.stop(timeout=5)
 
 
-@pytest.mark.parametrize(("setup", "code"), blocks())
+@pytest.mark.parametrize(("setup", "code", "path"), every_block())
 def test_the_readme_block_runs(
-    setup: str, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    setup: str, code: str, path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     pytester: pytest.Pytester,
 ) -> None:
     if code.startswith("# test_"):  # the pytest example: a test file of its own
@@ -138,7 +149,7 @@ def test_the_readme_block_runs(
     ns = module.__dict__
     exec("from oxbus import *\nfrom dataclasses import dataclass", ns)  # noqa: S102
     source = setup + "\n" + code
-    compiled = compile(source, str(README), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    compiled = compile(source, str(path), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     try:
         if compiled.co_flags & inspect.CO_COROUTINE:  # top-level await: in a loop of its own
             asyncio.run(_run(compiled, ns))
@@ -155,3 +166,30 @@ def test_the_readme_block_runs(
 def test_every_python_block_is_found() -> None:
     text = README.read_text(encoding="utf-8")
     assert len(blocks()) == text.count("```python") > 10
+    assert PAGES, "no documentation pages found in docs/"
+    for page in PAGES:
+        assert len(blocks(page)) == page.read_text(encoding="utf-8").count("```python"), page
+
+
+@pytest.mark.parametrize("module", ["oxbus.config", "oxbus.registry"])
+def test_the_docstring_examples_run(module: str) -> None:
+    """The ``>>>`` examples the API reference shows (docs/reference/) are doctests."""
+    import doctest
+    import importlib
+
+    import oxbus
+
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, extraglobs={"oxbus": oxbus}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_every_docstring_example_is_run() -> None:
+    """A module with ``>>>`` examples is in the list above (or every example says SKIP)."""
+    package = ROOT / "python" / "oxbus"
+    with_examples = sorted(
+        f"oxbus.{p.stem}"
+        for p in package.glob("*.py")
+        if any(">>>" in ln and "doctest: +SKIP" not in ln for ln in p.read_text().splitlines())
+    )
+    assert with_examples == ["oxbus.config", "oxbus.registry"]

@@ -33,92 +33,17 @@ import oxbus
 import pytest
 
 from _env import unavailable
+from _redis import HOST, URL, Resp, redis_ping
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
-
-HOST, PORT = "127.0.0.1", 6379
-URL = f"redis://{HOST}:{PORT}/0"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-class RespError(Exception):
-    """An error reply from Redis."""
-
-
-class Resp:
-    """A minimal synchronous RESP2 client, enough to inspect streams and delete keys."""
-
-    def __init__(self, host: str = HOST, port: int = PORT, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.file = self.sock.makefile("rb")
-
-    def __call__(self, *args: Any) -> Any:
-        parts = [b"*%d\r\n" % len(args)]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        self.sock.sendall(b"".join(parts))
-        return self._read()
-
-    def _read(self) -> Any:
-        line = self.file.readline()
-        if not line:
-            raise ConnectionError("Redis closed the connection")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RespError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            return self.file.read(n + 2)[:-2].decode()
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._read() for _ in range(n)]
-        raise ValueError(f"unexpected RESP line {line!r}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def entries(self, stream: str) -> list[tuple[str, dict[str, str]]]:
-        """XRANGE stream - +, as (id, fields)."""
-        return [
-            (eid, dict(zip(flat[::2], flat[1::2])))
-            for eid, flat in self("XRANGE", stream, "-", "+")
-        ]
-
-    def delete_prefix(self, prefix: str) -> None:
-        cursor = "0"
-        while True:
-            cursor, keys = self("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
-            if keys:
-                self("DEL", *keys)
-            if cursor == "0":
-                return
-
-
-def _redis_ping() -> str | None:
-    """None when Redis answers PING, else why not."""
-    try:
-        r = Resp(timeout=2.0)
-        try:
-            return None if r("PING") == "PONG" else "Redis did not answer PONG"
-        finally:
-            r.close()
-    except (OSError, RespError) as e:
-        return f"Redis at {HOST}:{PORT} is unreachable ({e})"
-
-
 @pytest.fixture(scope="module")
 def redis_up() -> None:
-    reason = _redis_ping()
+    reason = redis_ping()
     if reason is not None:
         unavailable(reason)
 
@@ -185,7 +110,7 @@ CONSUMER = textwrap.dedent(
     import asyncio, json, os, signal, sys
     from oxbus import DomainEvent, EventBus
 
-    class RdsTick(DomainEvent):
+    class Tick(DomainEvent):
         def __init__(self, n, **kw):
             super().__init__(**kw)
             self.n = n
@@ -209,7 +134,7 @@ CONSUMER = textwrap.dedent(
             sys.stdout.write(f"h {event.n}\\n")
             sys.stdout.flush()
 
-        bus.subscribe(RdsTick, handle)
+        bus.subscribe(Tick, handle)
         await bus.start()
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -301,7 +226,7 @@ async def _reap_consumers() -> Any:
         await _live.pop().kill()
 
 
-class RdsTick(DomainEvent):
+class Tick(DomainEvent):
     """The event consumer processes handle (same class name there)."""
 
     def __init__(self, n: int, **kw: Any) -> None:
@@ -309,7 +234,7 @@ class RdsTick(DomainEvent):
         self.n = n
 
 
-class RdsPaid(DomainEvent):
+class Paid(DomainEvent):
     def __init__(self, order_id: str, amount: float, **kw: Any) -> None:
         super().__init__(**kw)
         self.order_id = order_id
@@ -320,13 +245,13 @@ class RdsPaid(DomainEvent):
         return self.order_id
 
 
-class RdsReceiptSent(DomainEvent):
+class ReceiptSent(DomainEvent):
     def __init__(self, order_id: str, **kw: Any) -> None:
         super().__init__(**kw)
         self.order_id = order_id
 
 
-class RdsStep(DomainEvent):
+class Step(DomainEvent):
     def __init__(self, account: str, seq: int, **kw: Any) -> None:
         super().__init__(**kw)
         self.account = account
@@ -364,11 +289,11 @@ async def test_published_events_are_handled_once_by_the_local_consumer(
 ) -> None:
     bus = EventBus(transport=URL, group="billing", stream=stream)
     seen, done, handle = counted(500)
-    bus.subscribe(RdsTick, handle)
+    bus.subscribe(Tick, handle)
     await bus.start()
     try:
         for i in range(500):
-            await bus.publish(RdsTick(i))
+            await bus.publish(Tick(i))
         await asyncio.wait_for(done.wait(), 20)
         await bus.drain(10)
         assert sorted(e.n for e in seen) == list(range(500))
@@ -379,6 +304,10 @@ async def test_published_events_are_handled_once_by_the_local_consumer(
         assert t == {
             "kind": "redis", "reachable": True, "published": 500, "received": 500,
             "claimed": 0, "dead_lettered": 0, "last_error": None,
+            # One stream, read by every member of the group: no leases.
+            "partitions": {
+                "count": 1, "leased": False, "owned": [0], "members": [], "assignment": [],
+            },
         }
     finally:
         await bus.stop(timeout=10)
@@ -397,10 +326,10 @@ async def test_a_redis_streams_options_object_partitions_and_bounds_as_its_keywo
     )
     bus = EventBus(transport=options)
     seen, done, handle = counted(20)
-    bus.subscribe(RdsTick, handle)
+    bus.subscribe(Tick, handle)
     async with bus:
         for i in range(20):
-            await bus.publish(RdsTick(i), key=f"k{i % 2}")
+            await bus.publish(Tick(i), key=f"k{i % 2}")
         await asyncio.wait_for(done.wait(), 20)
         await bus.drain(10)
     assert sorted(e.n for e in seen) == list(range(20))
@@ -432,13 +361,13 @@ async def test_two_groups_each_get_every_event(stream: str) -> None:
     b = EventBus(transport=URL, group="shipping", stream=stream)
     seen_a, done_a, ha = counted(300)
     seen_b, done_b, hb = counted(300)
-    a.subscribe(RdsTick, ha)
-    b.subscribe(RdsTick, hb)
+    a.subscribe(Tick, ha)
+    b.subscribe(Tick, hb)
     await a.start()
     await b.start()
     try:
-        await a.publish_many(RdsTick(i) for i in range(200))
-        await b.publish_many(RdsTick(i) for i in range(200, 300))
+        await a.publish_many(Tick(i) for i in range(200))
+        await b.publish_many(Tick(i) for i in range(200, 300))
         await asyncio.wait_for(asyncio.gather(done_a.wait(), done_b.wait()), 20)
         await a.drain(10)
         await b.drain(10)
@@ -453,17 +382,17 @@ async def test_events_come_back_as_the_users_class_with_identity_and_correlation
     stream: str,
 ) -> None:
     bus = EventBus(transport=URL, group="g", stream=stream)
-    paid: list[RdsPaid] = []
-    receipts: list[RdsReceiptSent] = []
+    paid: list[Paid] = []
+    receipts: list[ReceiptSent] = []
     dicts: list[Any] = []
     got_receipt = asyncio.Event()
     got_dict = asyncio.Event()
 
-    async def on_paid(e: RdsPaid) -> None:
+    async def on_paid(e: Paid) -> None:
         paid.append(e)
-        await bus.publish(RdsReceiptSent(e.order_id))
+        await bus.publish(ReceiptSent(e.order_id))
 
-    async def on_receipt(e: RdsReceiptSent) -> None:
+    async def on_receipt(e: ReceiptSent) -> None:
         receipts.append(e)
         got_receipt.set()
 
@@ -471,12 +400,12 @@ async def test_events_come_back_as_the_users_class_with_identity_and_correlation
         dicts.append(e)
         got_dict.set()
 
-    bus.subscribe(RdsPaid, on_paid)
-    bus.subscribe(RdsReceiptSent, on_receipt)
+    bus.subscribe(Paid, on_paid)
+    bus.subscribe(ReceiptSent, on_receipt)
     bus.subscribe("rds.note", on_dict)
     await bus.start()
     try:
-        sent = RdsPaid("o-1", 9.5)
+        sent = Paid("o-1", 9.5)
         sent_id, sent_at = sent.event_id, sent.occurred_at
         await bus.publish(sent, correlation_id="corr-42")
         await bus.publish({"event_type": "rds.note", "text": "hi", "n": [1, 2]})
@@ -485,12 +414,12 @@ async def test_events_come_back_as_the_users_class_with_identity_and_correlation
     finally:
         await bus.stop(timeout=10)
     (p,) = paid
-    assert type(p) is RdsPaid and p is not sent
+    assert type(p) is Paid and p is not sent
     assert (p.order_id, p.amount, p.aggregate_id) == ("o-1", 9.5, "o-1")
     assert p.event_id == sent_id and p.occurred_at == sent_at
     assert p.correlation_id == "corr-42"
     (r,) = receipts
-    assert type(r) is RdsReceiptSent and r.order_id == "o-1"
+    assert type(r) is ReceiptSent and r.order_id == "o-1"
     assert r.correlation_id == "corr-42", "a handler's event keeps the chain's correlation id"
     assert r.causation_id == sent_id, "a handler's event is caused by the event it handled"
     (d,) = dicts
@@ -506,10 +435,10 @@ async def test_health_reports_lag_and_pending_entries_of_the_group(stream: str) 
         await gate.wait()
         await record(e)
 
-    bus.subscribe(RdsTick, slow)
+    bus.subscribe(Tick, slow)
     await bus.start()
     try:
-        await bus.publish_many(RdsTick(i) for i in range(50))
+        await bus.publish_many(Tick(i) for i in range(50))
 
         async def health_until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
             # XINFO GROUPS is read every ~2 s in the background: poll, bounded.
@@ -568,7 +497,7 @@ async def test_two_consumer_processes_in_one_group_share_10000_events_none_lost_
     try:
         n = 10_000
         for start in range(0, n, 1000):
-            await pub.publish_many(RdsTick(i) for i in range(start, start + 1000))
+            await pub.publish_many(Tick(i) for i in range(start, start + 1000))
         await tally.until(lambda t: len(t.seen) == n, 60, "every event handled")
     finally:
         await pub.stop(timeout=10)
@@ -593,7 +522,7 @@ async def test_entries_of_a_consumer_killed_mid_run_are_claimed_and_finished_by_
     victim = await Consumer.start(tmp_path, tally, consumer="victim", delay=0.01, **cfg)
     pub = await started(transport=URL, group="publisher", stream=stream)
     try:
-        await pub.publish_many(RdsTick(i) for i in range(n))
+        await pub.publish_many(Tick(i) for i in range(n))
     finally:
         await pub.stop(timeout=10)
     await tally.until(lambda t: t.calls >= 20, 30, "the victim to handle 20 events")
@@ -624,13 +553,13 @@ async def test_entries_delivered_max_deliveries_times_go_to_the_dead_stream_with
     # Watches the dead stream through the bus itself: no polling.
     watcher = EventBus(transport=URL, group="watch", stream=dead_stream)
     dead, got_dead, on_dead = counted(1)
-    watcher.subscribe(RdsTick, on_dead)
+    watcher.subscribe(Tick, on_dead)
     await watcher.start()
     cfg = {"url": URL, "stream": stream, "group": "billing", "max_deliveries": 2, "claim_idle": 0.2}
     first = await Consumer.start(tmp_path, tally, consumer="crash1", crash=True, **cfg)
     pub = await started(transport=URL, group="publisher", stream=stream)
     try:
-        sent = RdsTick(7)
+        sent = Tick(7)
         await pub.publish(sent)
         await asyncio.wait_for(first.proc.wait(), 20)  # delivery 1: it killed itself
         second = await Consumer.start(tmp_path, tally, consumer="crash2", crash=True, **cfg)
@@ -644,7 +573,7 @@ async def test_entries_delivered_max_deliveries_times_go_to_the_dead_stream_with
     assert first.proc.returncode == -signal.SIGKILL and second.proc.returncode == -signal.SIGKILL
     assert third.handled == [], "an entry delivered max_deliveries times was delivered again"
     (e,) = dead
-    assert type(e) is RdsTick and e.n == 7 and e.event_id == sent.event_id
+    assert type(e) is Tick and e.n == 7 and e.event_id == sent.event_id
     ((_, fields),) = rds.entries(dead_stream)
     assert fields["error"], "the dead entry has no error"
     assert fields["group"] == "billing" and fields["stream"] == stream
@@ -768,12 +697,12 @@ async def _bus_on(server: PrivateRedis) -> tuple[EventBus, Tally]:
         transport=server.url, group="g", stream="oxbus-test:restart", publish_timeout=0.5
     )
 
-    async def handle(e: RdsTick) -> None:
+    async def handle(e: Tick) -> None:
         tally.add(e.n)
 
-    bus.subscribe(RdsTick, handle)
+    bus.subscribe(Tick, handle)
     await bus.start()
-    await bus.publish(RdsTick(1))
+    await bus.publish(Tick(1))
     await tally.until(lambda t: 1 in t.seen, 10, "event 1 (Redis up)")
     return bus, tally
 
@@ -783,7 +712,7 @@ async def _until_consuming_again(bus: EventBus, tally: Tally, first: int) -> flo
     Returns how long that took. (Health's reachable flag cannot tell: a publish sets it.)"""
     t0 = time.monotonic()
     for n in range(first, first + 100):
-        await bus.publish(RdsTick(n))
+        await bus.publish(Tick(n))
         try:
             await tally.until(lambda t: any(m >= first for m in t.seen), 0.2, "")
             return time.monotonic() - t0
@@ -839,7 +768,7 @@ async def test_publish_fails_with_transport_error_after_publish_timeout_while_re
         await private_redis.kill()
         t0 = time.monotonic()
         with pytest.raises(TransportError) as info:
-            await asyncio.wait_for(bus.publish(RdsTick(2)), 10)  # a hang guard, not a limit
+            await asyncio.wait_for(bus.publish(Tick(2)), 10)  # a hang guard, not a limit
         elapsed = time.monotonic() - t0
         assert isinstance(info.value, oxbus.errors.OxbusError)
         assert str(private_redis.port) in str(info.value), "the error names the server"
@@ -852,7 +781,7 @@ async def test_publish_fails_with_transport_error_after_publish_timeout_while_re
         assert health["status"] == "degraded"
         assert any("Redis" in r for r in health["reasons"])
         with pytest.raises(TransportError):
-            await asyncio.wait_for(bus.publish_many([RdsTick(3), RdsTick(4)]), 10)
+            await asyncio.wait_for(bus.publish_many([Tick(3), Tick(4)]), 10)
     finally:
         await asyncio.wait_for(bus.stop(timeout=5), 20)
 
@@ -864,10 +793,10 @@ async def test_after_redis_restarts_events_published_at_once_are_handled(
     try:
         await private_redis.kill()
         with pytest.raises(TransportError):
-            await bus.publish(RdsTick(2))
+            await bus.publish(Tick(2))
         assert bus.get_health_status()["transport"]["reachable"] is False
         await private_redis.start()
-        await bus.publish(RdsTick(3))  # as soon as the server is back: Redis accepts it
+        await bus.publish(Tick(3))  # as soon as the server is back: Redis accepts it
         back = await _until_consuming_again(bus, tally, 100)
         await tally.until(
             lambda t: 3 in t.seen,
@@ -885,7 +814,7 @@ async def test_health_stays_reachable_once_redis_is_back(private_redis: PrivateR
     try:
         await private_redis.kill()
         with pytest.raises(TransportError):
-            await bus.publish(RdsTick(2))
+            await bus.publish(Tick(2))
         await private_redis.start()
         await _until_consuming_again(bus, tally, 100)
         readings = []
@@ -929,17 +858,17 @@ async def test_with_partitions_each_keys_events_are_handled_in_publish_order(
     done = asyncio.Event()
     rng = random.Random(5)
 
-    async def handle(e: RdsStep) -> None:
+    async def handle(e: Step) -> None:
         for _ in range(rng.randint(0, 3)):  # interleave handlers of different keys
             await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         order[e.account].append(e.seq)
         if sum(map(len, order.values())) == len(keys) * per_key:
             done.set()
 
-    bus.subscribe(RdsStep, handle)
+    bus.subscribe(Step, handle)
     await bus.start()
     try:
-        await bus.publish_many(RdsStep(k, i) for i in range(per_key) for k in keys)
+        await bus.publish_many(Step(k, i) for i in range(per_key) for k in keys)
         await asyncio.wait_for(done.wait(), 30)
     finally:
         await bus.stop(timeout=10)
@@ -951,6 +880,39 @@ async def test_with_partitions_each_keys_events_are_handled_in_publish_order(
             where[json.loads(fields["d"])["data"]["account"]].add(p)
     assert all(len(ps) == 1 for ps in where.values()), f"a key spread over partitions: {where}"
     assert rds("EXISTS", stream) == 0, "with partitions, the unsuffixed stream is not used"
+
+
+async def test_a_key_given_to_publish_travels_with_the_event_and_orders_the_consumer(
+    rds: Resp, stream: str
+) -> None:
+    # Tick has no aggregate_id: only the key given to publish() can order its events.
+    keys, per_key = [("acct", 1), ("acct", 2), uuid.UUID(int=7)], 60
+    bus = EventBus(transport=URL, group="g", stream=stream, partitions=2, workers=4)
+    order: dict[Any, list[int]] = {}
+    done = asyncio.Event()
+    rng = random.Random(3)
+
+    async def handle(e: Tick) -> None:
+        env = oxbus.current_envelope()
+        assert env is not None
+        for _ in range(rng.randint(0, 3)):  # interleave handlers of different keys
+            await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
+        order.setdefault(env.key, []).append(e.n)
+        if sum(map(len, order.values())) == len(keys) * per_key:
+            done.set()
+
+    bus.subscribe(Tick, handle)
+    await bus.start()
+    try:
+        for i in range(per_key):
+            for k in keys:
+                await bus.publish(Tick(i), key=k)
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await bus.stop(timeout=10)
+    # The consumer sees each key in its canonical form (a tuple, a UUID's text), in order.
+    assert set(order) == {("acct", 1), ("acct", 2), str(uuid.UUID(int=7))}
+    assert all(seq == list(range(per_key)) for seq in order.values()), order
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -1017,7 +979,7 @@ async def test_an_unreachable_server_at_start_raises_transport_error() -> None:
     assert "s3cret" not in str(info.value), "the password leaked into the message"
     assert not bus.is_running
     with pytest.raises((oxbus.BusClosed, oxbus.BusNotStarted)):  # refused, not queued
-        await bus.publish(RdsTick(1))
+        await bus.publish(Tick(1))
 
 
 async def test_an_entry_the_consumer_cannot_take_goes_to_the_dead_stream_and_the_rest_of_its_batch_is_handled(

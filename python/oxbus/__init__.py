@@ -1,8 +1,10 @@
 """oxbus: an asyncio event bus with a Rust engine.
 
-Change one import and keep your handlers::
+Change one import and keep your handlers:
 
-    from oxbus import EventBus, DomainEvent
+```python
+from oxbus import EventBus, DomainEvent
+```
 """
 
 from oxbus import errors

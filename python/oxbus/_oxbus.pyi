@@ -24,35 +24,72 @@ __all__ = [
 ]
 
 __version__: str
+"""The installed version of oxbus."""
 
 def new_event_id() -> str: ...
 def await_probe(batched: bool, n: int) -> list[Awaitable[int]]: ...
-def current_envelope() -> Envelope | None: ...
+def current_envelope() -> Envelope | None:
+    """The [`Envelope`][oxbus.Envelope] of the event being handled, or None outside a handler.
+
+    It follows the handler into the tasks it creates and into thread-pool calls:
+
+    ```python
+    async def send_receipt(event):
+        env = oxbus.current_envelope()
+        print(env.event_id, env.correlation_id, env.attempt, env.subscription)
+    ```
+    """
 def encode_json(obj: Any) -> str: ...
 def decode_json(text: str) -> Any: ...
 @final
 class Envelope:
+    """The event being handled and where it came from; `oxbus.current_envelope()` returns it
+    inside a handler."""
+
     @property
-    def event(self) -> Any: ...
+    def event(self) -> Any:
+        """The event object, exactly as published."""
     @property
-    def event_id(self) -> Any: ...
+    def event_id(self) -> Any:
+        """The event's id (see [`DomainEvent.event_id`][oxbus.DomainEvent.event_id])."""
     @property
-    def correlation_id(self) -> Any: ...
+    def correlation_id(self) -> Any:
+        """The id shared by every event of one causal chain."""
     @property
-    def causation_id(self) -> Any: ...
+    def causation_id(self) -> Any:
+        """The id of the event whose handler published this one (None for a root event)."""
     @property
-    def key(self) -> Any: ...
+    def key(self) -> Any:
+        """The ordering key: `publish(key=...)`, else the event's `aggregate_id`, else None."""
     @property
-    def attempt(self) -> int: ...
+    def attempt(self) -> int:
+        """1 for the first call of a handler, 2 for its first retry, ..."""
     @property
-    def subscription(self) -> str | None: ...
+    def subscription(self) -> str | None:
+        """The name of the subscription being run."""
     @property
-    def position(self) -> int | None: ...
+    def position(self) -> int | None:
+        """The event's position in the durable log (None on an in-memory bus)."""
     @property
-    def event_type(self) -> str: ...
+    def event_type(self) -> str:
+        """The event's type key."""
 
 @final
 class RetryPolicy:
+    """How often, and after how long, a failed handler call is tried again.
+
+    `max_attempts` counts the first call (`subscribe(..., retry_count=N)` means `N + 1`
+    attempts). The delay before retry n is `min(max_delay, base_delay * multiplier ** (n - 1))`,
+    scaled by a uniform factor in `[1 - jitter, 1 + jitter]`. Only exceptions that are
+    instances of `retry_on` are retried (default: every `Exception`); others go to the dead
+    letters at once. A bad setting raises `ConfigurationError` naming it.
+
+    ```python
+    bus = EventBus(retry=RetryPolicy(max_attempts=4, base_delay=0.2, max_delay=5.0,
+                                     retry_on=(ConnectionError, TimeoutError)))
+    ```
+    """
+
     def __new__(
         cls,
         max_attempts: int = 1,
@@ -63,21 +100,29 @@ class RetryPolicy:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
     ) -> RetryPolicy: ...
     @property
-    def retry_on(self) -> tuple[type[BaseException], ...]: ...
+    def retry_on(self) -> tuple[type[BaseException], ...]:
+        """The exception classes worth a retry."""
     @property
-    def max_attempts(self) -> int: ...
+    def max_attempts(self) -> int:
+        """Calls in all, the first one included."""
     @property
-    def base_delay(self) -> float: ...
+    def base_delay(self) -> float:
+        """Seconds before the first retry (before jitter)."""
     @property
-    def max_delay(self) -> float: ...
+    def max_delay(self) -> float:
+        """The longest delay, in seconds."""
     @property
-    def multiplier(self) -> float: ...
+    def multiplier(self) -> float:
+        """The factor between one delay and the next."""
     @property
-    def jitter(self) -> float: ...
-    def delay(self, n: int) -> float: ...
+    def jitter(self) -> float:
+        """The random spread of each delay, as a fraction of it."""
+    def delay(self, n: int) -> float:
+        """Seconds before retry `n` (1-based), jitter included."""
 
 @final
 class Worker:
+    def __new__(cls, core: BusCore, index: int) -> Worker: ...
     def __await__(self) -> Worker: ...
     def __iter__(self) -> Worker: ...
     def __next__(self) -> Any: ...
@@ -131,7 +176,6 @@ class BusCore:
     def set_after_call(self, hook: Any, on_success: bool) -> None: ...
     def set_progress(self, store: StoreCore) -> None: ...
     def start(self, loop_: asyncio.AbstractEventLoop) -> None: ...
-    def worker(self, index: int) -> Worker: ...
     def close(self, discard: bool) -> int: ...
     def ensure_running(self) -> None: ...
     def close_intake(self) -> None: ...
@@ -154,6 +198,7 @@ class BusCore:
     def queue_size(self) -> int: ...
     def statistics(self) -> dict[str, Any]: ...
     def latency_buckets(self, bounds: list[float]) -> tuple[list[int], int, float]: ...
+    def failures(self) -> list[tuple[str, str, int]]: ...
     def health(self) -> dict[str, Any]: ...
 
 @final
@@ -240,9 +285,17 @@ class AmqpBridgeCore:
 @final
 class TransportCore:
     @staticmethod
-    def redis(settings: dict[str, Any]) -> Awaitable[TransportCore]: ...
+    def redis(settings: dict[str, Any]) -> Awaitable[TransportCore]:
+        """Redis Streams with `settings` (`oxbus.RedisStreams.native()`): a connected core."""
     @staticmethod
-    def rabbitmq(settings: dict[str, Any]) -> Awaitable[TransportCore]: ...
+    def redis_group(
+        url: str, stream: str, group: str
+    ) -> Awaitable[tuple[int, float, list[tuple[str, float]], list[tuple[str, float] | None]]]:
+        """A Redis Streams group's members and partition holders, read from Redis:
+        (partitions, lease TTL in s, [(member, s left)], [(holder, s left) or None])."""
+    @staticmethod
+    def rabbitmq(settings: dict[str, Any]) -> Awaitable[TransportCore]:
+        """RabbitMQ with `settings` (`oxbus.RabbitMQ.native()`): a connected core."""
     @property
     def kind(self) -> str: ...
     def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...

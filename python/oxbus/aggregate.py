@@ -1,20 +1,21 @@
-"""A small event-sourced aggregate and repository on top of :class:`SqliteEventStore`.
+"""A small event-sourced aggregate and repository on top of
+[`SqliteEventStore`][oxbus.SqliteEventStore].
 
-::
+```python
+class Account(Aggregate):
+    balance = 0
 
-    class Account(Aggregate):
-        balance = 0
+    def deposit(self, amount: int) -> None:
+        self.record(Deposited(amount))
 
-        def deposit(self, amount: int) -> None:
-            self.record(Deposited(amount))
+    def on_Deposited(self, e: Deposited) -> None:   # one method per event class
+        self.balance += e.amount
 
-        def on_Deposited(self, e: Deposited) -> None:   # one method per event class
-            self.balance += e.amount
-
-    repo = Repository(store, Account, snapshot_every=100)
-    account = await repo.load("acc-1")   # snapshot + later events
-    account.deposit(10)
-    await repo.save(account)             # append with expected_version: ConcurrencyError on a race
+repo = Repository(store, Account, snapshot_every=100)
+account = await repo.load("acc-1")   # snapshot + later events
+account.deposit(10)
+await repo.save(account)             # append with expected_version: ConcurrencyError on a race
+```
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""``RedisPubSubBridge``: plain Redis Pub/Sub channels in and out of a bus (seeds 003 and 004).
+"""``RedisPubSubBridge``: plain Redis Pub/Sub channels in and out of a bus.
 
-::
-
-    bridge = RedisPubSubBridge(bus, "redis://localhost:6379/0")
-    bridge.subscribe_channel("change_batch_quantity", to=ChangeBatchQuantity)  # JSON -> class
-    bridge.publish_to("line_allocated", Allocated)          # bus events -> JSON on a channel
-    async with bus, bridge:
-        ...
+```python
+bridge = RedisPubSubBridge(bus, "redis://localhost:6379/0")
+bridge.subscribe_channel("change_batch_quantity", to=ChangeBatchQuantity)  # JSON -> class
+bridge.publish_to("line_allocated", Allocated)          # bus events -> JSON on a channel
+async with bus, bridge:
+    ...
+```
 
 Incoming payloads are JSON objects; each becomes an instance of ``to`` (through the same
 rebuilding as the event store: dataclasses, pydantic models, DomainEvents) or stays a dict, and

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import inspect
 import logging
 import os
-from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union
+from enum import Enum
+from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union, overload
 
-from oxbus._oxbus import BusCore, RetryPolicy, current_envelope, encode_json
+from oxbus._oxbus import BusCore, RetryPolicy, Worker, current_envelope, encode_json
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
@@ -29,12 +29,11 @@ from oxbus.failures import FailureBook
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import (
     Subscription,
-    check_takes_one_event,
+    check_options,
     is_async as _is_async,
-    qualname as _qualname,
 )
 from oxbus.transports import URL_KEYWORDS, Transport, TransportSpec, resolve
-from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, InvalidSubscription, ReentrantCall
+from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, ReentrantCall
 
 __all__ = ["EventBus"]
 
@@ -43,31 +42,41 @@ logger = logging.getLogger("oxbus")
 Handler = Callable[[Any], Union[Awaitable[Any], Any]]
 H = TypeVar("H", bound=Handler)
 Target = Any  # a class, a type string or pattern, or an Enum member
+E = TypeVar("E")
+R = TypeVar("R")
+Named = str | Enum  # a type string, pattern or Enum member: says nothing of the event's class
 
 
 class EventBus:
     """An asyncio event bus with a Rust engine.
 
-    ::
+    ```python
+    bus = EventBus(workers=4)
+    bus.subscribe(OrderPlaced, send_receipt)
+    async with bus:
+        await bus.publish(OrderPlaced("o-1", 9.5))
+        await bus.drain()
+    ```
 
-        bus = EventBus(workers=4)
-        bus.subscribe(OrderPlaced, send_receipt)
-        async with bus:
-            await bus.publish(OrderPlaced("o-1", 9.5))
-            await bus.drain()
+    Keywords (the pure-Python ``InMemoryEventBus``'s names work too): ``workers`` / ``worker_count``
+    (how many events may be in handlers at once; same-key events still run one at a time, in order),
+    ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``transport`` (a URL or
+    options: ``oxbus.Memory()``, the default, ``oxbus.Sqlite(path)`` for the durable bus,
+    ``oxbus.RedisStreams(url, group=...)``, ``oxbus.RabbitMQ(url, group=...)``; ``store=`` is
+    short for ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``, ``stream=``,
+    ``exchange=``, ``partitions=``... are the settings of the URL's options class),
+    ``event_storage`` (an object with async
+    ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry`` (a
+    [`RetryPolicy`][oxbus.RetryPolicy] for every subscription), ``sync_handlers`` (``"loop"`` or
+    ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never delayed).
 
-    Keywords (the replaced bus's names work too): ``workers`` / ``worker_count`` (how many
-    events may be in handlers at once; same-key events still run one at a time, in order),
-    ``max_queue_size`` (0 = unbounded; ``await publish()`` waits when full), ``transport``
-    (a URL or options: ``oxbus.Memory()``, the default, ``oxbus.Sqlite(path)`` for the
-    durable bus, ``oxbus.RedisStreams(url, group=...)``, ``oxbus.RabbitMQ(url, group=...)``;
-    ``store=`` is short for ``transport=oxbus.Sqlite(store)``, and beside a URL ``group=``,
-    ``stream=``, ``exchange=``, ``partitions=``... are the settings of the URL's options class),
-    ``event_storage`` (an object with
-    async ``store_event(event)`` and ``mark_event_processed(event_id, result)``), ``retry``
-    (a :class:`RetryPolicy` for every subscription), ``sync_handlers`` (``"loop"`` or
-    ``"thread"``), ``batch_size`` / ``batch_timeout_seconds`` (accepted; dispatch is never
-    delayed).
+    Also: ``handler_timeout`` (seconds per handler call for every subscription; None, the
+    default, is no limit), ``thread_pool_size`` (the threads of ``sync_handlers="thread"``),
+    ``ordered`` (per-key order; default: when ``workers > 1``, with one worker every event is
+    handled in publish order anyway), ``clock`` (retry delays and breaker cool-downs read it:
+    ``oxbus.testing.ManualClock()`` in tests), ``max_event_bytes`` (refuse an event whose JSON
+    encoding is larger, with ``InvalidEvent``; off by default) and ``name`` (the ``bus`` label
+    of its metrics, ``"oxbus"`` by default).
     """
 
     def __init__(
@@ -99,6 +108,7 @@ class EventBus:
         exchange: str | None = None,
         queue: str | None = None,
         connect_timeout: float | None = None,
+        lease_ttl: float | None = None,
         clock: Any = None,
         max_event_bytes: int | None = None,
         name: str = "oxbus",
@@ -159,7 +169,7 @@ class EventBus:
         self._loop = loop
         self._core.start(loop)
         self._tasks = [
-            loop.create_task(self._core.worker(i), name=f"{self._name}-worker-{i}")
+            loop.create_task(Worker(self._core, i), name=f"{self._name}-worker-{i}")
             for i in range(self._core.workers)
         ]
         for task in self._tasks:
@@ -269,6 +279,20 @@ class EventBus:
 
     # --------------------------------------------------------------- subscribing
 
+    @overload
+    def subscribe(
+        self, event_type: type[E], handler: Callable[[E], object], is_async: bool = True,
+        priority: int = 1, retry_count: int | None = None, *, retry: RetryPolicy | None = None,
+        name: str | None = None, from_beginning: bool = False, timeout: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None, on_dead_letter: str = "skip",
+    ) -> str: ...
+    @overload
+    def subscribe(
+        self, event_type: Named, handler: Callable[[Any], object], is_async: bool = True,
+        priority: int = 1, retry_count: int | None = None, *, retry: RetryPolicy | None = None,
+        name: str | None = None, from_beginning: bool = False, timeout: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None, on_dead_letter: str = "skip",
+    ) -> str: ...
     def subscribe(
         self,
         event_type: Target,
@@ -287,7 +311,7 @@ class EventBus:
         """Subscribes ``handler`` and returns a subscription id.
 
         ``is_async``, ``priority`` and ``retry_count`` may be given by position, in that
-        order, as the replaced bus's callers do: ``subscribe(OrderPlaced, h, True, 1, 3)``.
+        order, as the pure-Python bus's callers do: ``subscribe(OrderPlaced, h, True, 1, 3)``.
 
         ``event_type`` is a class (its subclasses match too), a type string, a dotted
         pattern (``"order.*"``: ``*`` one word, ``#`` any number), or an Enum member (its
@@ -302,48 +326,14 @@ class EventBus:
         K wait behind it in the dead-letter queue, in order, until it is retried or discarded;
         ``"skip"`` (the default) lets them proceed.
         """
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidSubscription(f"priority must be an int, got {priority!r}")
-        if not -(2**63) <= priority < 2**63:
-            raise InvalidSubscription(f"priority must fit in 64 bits, got {priority!r}")
-        if name is not None and not isinstance(name, str):
-            raise InvalidSubscription(
-                f"name must be a str, got {name!r} (type {type(name).__name__})"
-            )
-        if retry_count is not None and retry is not None:
-            raise ConfigurationError("give retry_count or retry, not both")
-        if retry_count is not None:
-            if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
-                raise ConfigurationError(f"retry_count must be an int >= 0, got {retry_count!r}")
-            r = self._retry
-            retry = RetryPolicy(
-                retry_count + 1, r.base_delay, r.max_delay, r.multiplier, r.jitter, r.retry_on
-            )
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        if not callable(handler):
-            raise InvalidSubscription(
-                f"handler must be callable, got {handler!r} (type {type(handler).__name__})"
-            )
-        if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
-            raise InvalidSubscription(
-                f"handler {_qualname(handler)} is a generator function: calling it would not "
-                "run its body; use `def` or `async def` without `yield`"
-            )
-        check_takes_one_event(handler)
-        sub_name = name if name is not None else _qualname(handler)
+        retry, sub_name = check_options(
+            handler, priority, name, retry_count, retry, self._retry, on_dead_letter,
+            circuit_breaker,
+        )
         if self._store is not None and self._core.has_name(sub_name):
             raise ConfigurationError(
                 f"a subscription named {sub_name!r} exists already; on a durable bus each "
                 "subscription's progress is kept under its name, so give name="
-            )
-        if on_dead_letter not in ("skip", "park"):
-            raise ConfigurationError(
-                f"on_dead_letter must be 'skip' or 'park', got {on_dead_letter!r}"
-            )
-        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
-            raise ConfigurationError(
-                f"circuit_breaker must be a CircuitBreaker, got {circuit_breaker!r}"
             )
         t = _timeout("timeout", timeout) if timeout is not None else self._timeout
         policy = retry or self._retry
@@ -368,11 +358,20 @@ class EventBus:
                 self._spawn(self._store._core.register_subscription(sub_name, from_beginning))
         return f"sub-{sid}"
 
+    @overload
+    def on(
+        self, event_type: type[E], **options: Any
+    ) -> Callable[[Callable[[E], R]], Callable[[E], R]]: ...
+    @overload
+    def on(self, event_type: Named, **options: Any) -> Callable[[H], H]: ...
     def on(self, event_type: Target, **options: Any) -> Callable[[H], H]:
-        """Decorator form of :meth:`subscribe`::
+        """Decorator form of [`subscribe`][oxbus.EventBus.subscribe] (for a class, mypy checks
+        the handler's argument type as `subscribe` does):
 
+        ```python
         @bus.on(OrderPlaced, priority=5)
-        async def send_receipt(event): ...
+        async def send_receipt(event: OrderPlaced) -> None: ...
+        ```
         """
 
         def register(handler: H) -> H:
@@ -449,7 +448,7 @@ class EventBus:
         return await self._backend.publish_many(events)
 
     async def publish_batch(self, events: Iterable[Any]) -> None:
-        """``publish_many`` with the replaced bus's return value (None)."""
+        """``publish_many`` with the pure-Python bus's return value (None)."""
         await self.publish_many(events)
 
     def publish_threadsafe(self, event: Any, **kwargs: Any) -> concurrent.futures.Future[bool]:
@@ -490,6 +489,16 @@ class EventBus:
                 f"{s['in_flight']} in handlers, {s['retry_queue_size']} waiting to retry"
             ) from None
 
+    @overload
+    def wait_for(
+        self, event_type: type[E], predicate: Callable[[E], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Awaitable[E]: ...
+    @overload
+    def wait_for(
+        self, event_type: Named, predicate: Callable[[Any], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Awaitable[Any]: ...
     def wait_for(
         self,
         event_type: Target,
@@ -527,7 +536,7 @@ class EventBus:
     # ------------------------------------------------------------------- failures
 
     def get_failed_events(self) -> list[dict[str, Any]]:
-        """Dead letters in the replaced bus's shape: dicts of event, subscription,
+        """Dead letters in the pure-Python bus's shape: dicts of event, subscription,
         final_result (the last attempt's ``ProcessingResult``) and failed_at (UTC)."""
         return self.dead_letters._as_failed_events(self._subscriptions)
 
@@ -539,15 +548,25 @@ class EventBus:
 
     def get_statistics(self) -> dict[str, Any]:
         """Counters: events_published, events_processed, events_failed (handler calls that
-        raised), retried, dead_lettered, avg_processing_time_ms, handler_latency_ms
-        (p50/p90/p99/max), queue_size, retry_queue_size, failed_events_count,
-        subscription_count, is_running, worker_count, by_event_type, uptime_seconds."""
+        raised), handler_calls, retried, dead_lettered, avg_processing_time_ms,
+        handler_latency_ms (p50/p90/p99/max, over every call), queue_size, retry_queue_size,
+        failed_events_count, subscription_count, is_running, worker_count, by_event_type
+        (published, processed, failed), by_subscription (calls, failed, retried,
+        dead_lettered; keyed by subscription name), uptime_seconds, and for a broker bus
+        partitions (the partitions this member reads, the group's assignment).
+
+        ```python
+        failed = bus.get_statistics()["by_subscription"]["billing"]["failed"]
+        ```
+        """
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
+        self._backend.statistics(s)
         return s
 
     def get_stats(self) -> dict[str, Any]:
-        """The short form of seed 003's bus: published, received, processed, failed."""
+        """The statistics in the shape of the Redis Pub/Sub bus oxbus replaces (its
+        ``get_stats()``): published, received, processed, failed."""
         s = self._core.statistics()
         return {
             "published": s["events_published"],

@@ -1,10 +1,12 @@
-"""The names of the pure-Python bus oxbus replaces, so its users change one import::
+"""The names of the pure-Python bus oxbus replaces, so its users change one import:
 
-    from oxbus import InMemoryEventBus, EventBusFactory, EventBusManager, ProcessingResult
+```python
+from oxbus import InMemoryEventBus, EventBusFactory, EventBusManager, ProcessingResult
 
-    bus = EventBusFactory.create_in_memory_event_bus(worker_count=2)
-    async with EventBusManager(bus) as started:
-        await started.publish(event)
+bus = EventBusFactory.create_in_memory_event_bus(worker_count=2)
+async with EventBusManager(bus) as started:
+    await started.publish(event)
+```
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ __all__ = ["EventBusFactory", "EventBusManager", "InMemoryEventBus", "Processing
 
 
 class InMemoryEventBus(EventBus):
-    """The name of the bus being replaced: ``InMemoryEventBus(worker_count=4)`` is
+    """The pure-Python bus's class name: ``InMemoryEventBus(worker_count=4)`` is
     ``EventBus(workers=4)``."""
 
 
 class EventBusFactory:
-    """The replaced bus's factory."""
+    """The pure-Python bus's factory."""
 
     @staticmethod
     def create_in_memory_event_bus(worker_count: int = 1, **kwargs: Any) -> InMemoryEventBus:
@@ -32,10 +34,12 @@ class EventBusFactory:
 
 
 class EventBusManager:
-    """Starts a bus on entry and stops it (draining) on exit::
+    """Starts a bus on entry and stops it (draining) on exit:
 
+    ```python
     async with EventBusManager(bus) as started:
         await started.publish(event)
+    ```
     """
 
     def __init__(self, event_bus: EventBus) -> None:

@@ -1,11 +1,14 @@
 """Settings checks shared by the bus, its subscriptions and the transport options.
 
 Each setting is checked once, where it is given, and a bad one raises
-:class:`~oxbus.errors.ConfigurationError` naming the setting and the value::
+[`ConfigurationError`][oxbus.errors.ConfigurationError] naming the setting and the value:
 
-    >>> oxbus.CircuitBreaker(failures=0)
-    Traceback (most recent call last):
-    oxbus.errors.ConfigurationError: failures must be an int >= 1, got 0
+```pycon
+>>> oxbus.CircuitBreaker(failures=0)
+Traceback (most recent call last):
+oxbus.errors.ConfigurationError: failures must be an int >= 1, got 0
+
+```
 """
 
 from __future__ import annotations
@@ -54,9 +57,11 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
 class CircuitBreaker:
     """After ``failures`` failed calls in a row a subscription pauses for ``cool_down``
     seconds (its events wait, nothing is dropped), then tries again once: a success closes
-    it, a failure opens it for another ``cool_down``::
+    it, a failure opens it for another ``cool_down``:
 
-        bus.subscribe(OrderPlaced, charge, circuit_breaker=CircuitBreaker(5, cool_down=30))
+    ```python
+    bus.subscribe(OrderPlaced, charge, circuit_breaker=CircuitBreaker(5, cool_down=30))
+    ```
     """
 
     failures: int = 5
@@ -75,7 +80,7 @@ class CircuitBreaker:
 @dataclass(frozen=True)
 class BusSettings:
     """The bus's own settings (the engine checks ``max_queue_size`` and ``ordered``), checked
-    once by :meth:`check`."""
+    once by ``check``."""
 
     workers: int
     handler_timeout: float | None

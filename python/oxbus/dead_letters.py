@@ -1,11 +1,11 @@
 """The dead-letter queue: ``bus.dead_letters`` lists, retries, discards and purges the
 (event, subscription) pairs whose last attempt failed.
 
-::
-
-    for entry in bus.dead_letters:
-        print(entry.subscription, entry.error_type, entry.error_message)
-    await bus.dead_letters.retry()        # all of them, each to its subscription only
+```python
+for entry in bus.dead_letters:
+    print(entry.subscription, entry.error_type, entry.error_message)
+await bus.dead_letters.retry()        # all of them, each to its subscription only
+```
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["DeadLetter", "DeadLetters", "ProcessingResult"]
 class ProcessingResult:
     """The outcome of one handler call, as handed to ``event_storage.mark_event_processed``.
 
-    The fields of the replaced bus's ``EventProcessingResult``, in its order, plus the
+    The fields of the pure-Python bus's ``EventProcessingResult``, in its order, plus the
     subscription's name.
     """
 
@@ -218,7 +218,7 @@ class DeadLetters:
     def _as_failed_events(
         self, subscriptions: dict[int, Subscription]
     ) -> builtins.list[dict[str, Any]]:
-        """``bus.get_failed_events()``: the replaced bus's shape."""
+        """``bus.get_failed_events()``: the pure-Python bus's shape."""
         return [
             {
                 "event": d.event,

@@ -1,6 +1,6 @@
-"""Every exception oxbus raises, rooted at :class:`OxbusError`.
+"""Every exception oxbus raises, rooted at [`OxbusError`][oxbus.errors.OxbusError].
 
-Each also inherits the built-in exception that code written for the bus being replaced
+Each also inherits the built-in exception that code written for the pure-Python bus
 already catches: ``BusNotStarted`` is a ``RuntimeError``, ``QueueFull`` an
 ``asyncio.QueueFull``, bad arguments are ``TypeError`` / ``ValueError``.
 """

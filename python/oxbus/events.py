@@ -64,16 +64,18 @@ class DomainEvent:
     handler) and ``causation_id`` (the id of the event whose handler published it).
 
     Plain subclasses call ``super().__init__()``; ``@dataclass`` and
-    ``@dataclass(frozen=True)`` subclasses need nothing (``DomainEvent`` defines no fields)::
+    ``@dataclass(frozen=True)`` subclasses need nothing (``DomainEvent`` defines no fields):
 
-        class OrderPlaced(DomainEvent):
-            def __init__(self, order_id: str, amount: float):
-                super().__init__()
-                self.order_id, self.amount = order_id, amount
+    ```python
+    class OrderPlaced(DomainEvent):
+        def __init__(self, order_id: str, amount: float):
+            super().__init__()
+            self.order_id, self.amount = order_id, amount
 
-            @property
-            def aggregate_id(self) -> str:
-                return self.order_id
+        @property
+        def aggregate_id(self) -> str:
+            return self.order_id
+    ```
     """
 
     __oxbus_domain_event__: ClassVar[bool] = True

@@ -1,12 +1,12 @@
 """The event-flow picture of a durable bus's log: which event types go to which handlers, and
 which events those handlers publish, with counts and failure rates.
 
-::
+```python
+flow = read_flow("events.db")
+print(to_mermaid(flow))            # or to_dot(flow); render(flow, "png") -> bytes
+```
 
-    flow = read_flow("events.db")
-    print(to_mermaid(flow))            # or to_dot(flow); render(flow, "png") -> bytes
-
-Where the numbers come from (tables of the SQLite log, see ``src/store/log.rs``):
+Where the numbers come from (tables and views of the SQLite log):
 
 - **event type → handler**: the ``progress`` view lists each (subscription, position) a
   durable subscription finished, dead-lettered pairs included; joined with ``events`` it counts
@@ -68,13 +68,14 @@ class LogReader:
     admin commands and the picture: read-only unless ``write``, never creating a file.
 
     Never Python's ``sqlite3``: a second copy of SQLite in a bus's process has its own lock
-    bookkeeping, and closing it can make the bus's WAL vanish (see README, "Reading the log").
-    Read-only opening works in a read-only directory. Queries are read-only SQL statements.
+    bookkeeping, and closing it can make the bus's WAL vanish (see "Reading the log while a bus
+    runs" in the README). Read-only opening works in a read-only directory. Queries are read-only
+    SQL statements.
 
-    ::
-
-        with LogReader("events.db") as log:
-            (n,) = log.query("SELECT COUNT(*) FROM events")[0]
+    ```python
+    with LogReader("events.db") as log:
+        (n,) = log.query("SELECT COUNT(*) FROM events")[0]
+    ```
     """
 
     def __init__(self, path: str | os.PathLike[str], *, write: bool = False) -> None:
@@ -399,7 +400,7 @@ def dot_available() -> bool:
 
 
 def render(flow: Flow, fmt: str, *, dpi: int = 110) -> bytes:
-    """SVG or PNG bytes of :func:`to_dot`, drawn by Graphviz's ``dot``."""
+    """SVG or PNG bytes of [`to_dot`][oxbus.flow.to_dot], drawn by Graphviz's ``dot``."""
     if fmt not in ("svg", "png"):
         raise ValueError(f"render draws 'svg' or 'png', got {fmt!r}")
     exe = shutil.which("dot")

@@ -1,19 +1,19 @@
-"""Heartbeats (seed 003): a source says "alive" every ``interval`` seconds; every bus that
+"""Heartbeats: a source says "alive" every ``interval`` seconds; every bus that
 sees the events lists the last one per source in its health report.
 
-::
+```python
+handle = await bus.broadcast_heartbeat("pricing", interval=5.0)   # one now, then every 5 s
+bus.get_health_status()["heartbeats"]
+# {"pricing": {"last_seen": datetime(...), "age_seconds": 0.01, "stale": False,
+#              "interval": 5.0, "sequence": 1}}
+handle.cancel()                    # or let bus.stop() end it
+```
 
-    handle = await bus.broadcast_heartbeat("pricing", interval=5.0)   # one now, then every 5 s
-    bus.get_health_status()["heartbeats"]
-    # {"pricing": {"last_seen": datetime(...), "age_seconds": 0.01, "stale": False,
-    #              "interval": 5.0, "sequence": 1}}
-    handle.cancel()                    # or let bus.stop() end it
-
-A source is *stale* once no heartbeat arrived for more than 1.5 × its interval (the interval
-travels in each :class:`Heartbeat`, so a bus watching another process's heartbeats needs no
-configuration: call :func:`watch` on it, or broadcast from it). Times come from the bus's
-clock when it has one (``EventBus(clock=ManualClock())``), so tests advance time instead of
-sleeping.
+A source is *stale* once no heartbeat arrived for more than 1.5 × its interval (the interval travels
+in each [`Heartbeat`][oxbus.heartbeat.Heartbeat], so a bus watching another process's heartbeats
+needs no configuration: call [`watch`][oxbus.heartbeat.watch] on it, or broadcast from it). Times
+come from the bus's clock when it has one (``EventBus(clock=ManualClock())``), so tests advance time
+instead of sleeping.
 """
 
 from __future__ import annotations
@@ -121,8 +121,9 @@ class HeartbeatHandle:
 
 
 class HeartbeatMonitor:
-    """One bus's heartbeat table and broadcasts. Made by :func:`watch` (or the bus's first
-    ``broadcast_heartbeat``); subscribes to :class:`Heartbeat` on that bus."""
+    """One bus's heartbeat table and broadcasts. Made by [`watch`][oxbus.heartbeat.watch] (or
+    the bus's first ``broadcast_heartbeat``); subscribes to
+    [`Heartbeat`][oxbus.heartbeat.Heartbeat] on that bus."""
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus

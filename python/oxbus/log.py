@@ -1,20 +1,20 @@
 """Logging integration: the envelope being handled, on every log record.
 
-::
+```python
+import logging, oxbus
 
-    import logging, oxbus
+handler = logging.StreamHandler()
+handler.addFilter(oxbus.CorrelationFilter())
+handler.setFormatter(logging.Formatter(
+    "%(asctime)s %(levelname)s [%(correlation_id)s %(event_id)s] %(name)s: %(message)s"))
+logging.getLogger().addHandler(handler)
+```
 
-    handler = logging.StreamHandler()
-    handler.addFilter(oxbus.CorrelationFilter())
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s [%(correlation_id)s %(event_id)s] %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-
-Inside a handler (and in tasks and thread-pool calls it starts) every record that reaches
-that logging handler — from your loggers and from oxbus's — gets ``correlation_id``,
-``event_id``, ``causation_id`` and ``event_type`` from :func:`oxbus.current_envelope`; outside
-handlers they are ``"-"``. The bus's own logger (``"oxbus"``) carries the filter already, so
-its records have the fields wherever they go.
+Inside a handler (and in tasks and thread-pool calls it starts) every record that reaches that
+logging handler — from your loggers and from oxbus's — gets ``correlation_id``, ``event_id``,
+``causation_id`` and ``event_type`` from [`oxbus.current_envelope`][oxbus.current_envelope]; outside
+handlers they are ``"-"``. The bus's own logger (``"oxbus"``) carries the filter already, so its
+records have the fields wherever they go.
 """
 
 from __future__ import annotations

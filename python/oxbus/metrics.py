@@ -1,15 +1,15 @@
-"""Prometheus metrics for an :class:`~oxbus.EventBus`, and a tiny asyncio endpoint to scrape.
+"""Prometheus metrics for an [`EventBus`][oxbus.EventBus], and a tiny asyncio endpoint to scrape.
 
-::
+```python
+text = bus.metrics()                                  # the Prometheus text format
+server = await oxbus.metrics.serve(bus, port=9464)    # GET /metrics, GET /health (JSON)
+...
+await server.close()
 
-    text = bus.metrics()                                  # the Prometheus text format
-    server = await oxbus.metrics.serve(bus, port=9464)    # GET /metrics, GET /health (JSON)
-    ...
-    await server.close()
-
-    # or, next to your own metrics (prometheus_client's registry and HTTP server), any
-    # number of buses, told apart by their ``bus`` label (``EventBus(name=...)``):
-    oxbus.metrics.register(bus)
+# or, next to your own metrics (prometheus_client's registry and HTTP server), any
+# number of buses, told apart by their ``bus`` label (``EventBus(name=...)``):
+oxbus.metrics.register(bus)
+```
 
 The numbers come from the bus itself (``get_statistics()``, ``get_health_status()`` and the
 engine's handler-latency histogram); nothing is counted twice. The text is produced by
@@ -68,8 +68,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     1.0, 2.5, 5.0, 10.0,
 )
 
-#: The content type of :func:`render`'s text (the classic text format, which every Prometheus
-#: version scrapes).
+#: The content type of [`render`][oxbus.metrics.render]'s text (the classic text format,
+#: which every Prometheus version scrapes).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _MB = 1024.0 * 1024.0
@@ -79,15 +79,17 @@ class BusCollector:
     """A ``prometheus_client`` collector reading one or more buses at each scrape; every
     sample has a ``bus`` label, the bus's ``EventBus(name=...)`` ("oxbus" by default).
 
-    Register it wherever ``prometheus_client`` takes collectors::
+    Register it wherever ``prometheus_client`` takes collectors:
 
-        from prometheus_client import REGISTRY, start_http_server
-        REGISTRY.register(BusCollector(bus))
+    ```python
+    from prometheus_client import REGISTRY, start_http_server
+    REGISTRY.register(BusCollector(bus))
+    ```
 
-    Several buses share one registry through one collector (``BusCollector(orders,
-    payments)``, ``collector.add(bus)``, or :func:`register`, which keeps one collector per
-    registry); their names must differ. ``collect()`` may run on any thread (the engine's
-    counters are behind its own lock).
+    Several buses share one registry through one collector (``BusCollector(orders, payments)``,
+    ``collector.add(bus)``, or [`register`][oxbus.metrics.register], which keeps one collector per
+    registry); their names must differ. ``collect()`` may run on any thread (the engine's counters
+    are behind its own lock).
     """
 
     def __init__(self, *buses: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
@@ -131,6 +133,7 @@ class BusCollector:
         stats = bus.get_statistics()
         health = bus.get_health_status()
         by_type: dict[str, dict[str, int]] = stats.get("by_event_type", {})
+        by_sub: dict[str, dict[str, int]] = stats.get("by_subscription", {})
 
         def counter(name: str, doc: str, value: float) -> None:
             family(CounterMetricFamily, name, doc).add_metric([bus_name], value)
@@ -145,28 +148,40 @@ class BusCollector:
                 "processed",
                 "Events whose every subscription finished (success or final failure).",
             ),
-            (
-                "oxbus_handler_failures",
-                "failed",
-                "Handler calls that raised (every attempt counts).",
-            ),
         ):
             f = family(CounterMetricFamily, name, doc, ["event_type"])
             for event_type, counts in sorted(by_type.items()):
                 f.add_metric([bus_name, event_type], counts.get(key, 0))
 
-        counter("oxbus_retries", "Retry attempts scheduled.", stats["retried"])
-        counter(
-            "oxbus_dead_lettered",
-            "(event, subscription) pairs sent to the dead-letter queue.",
-            stats["dead_lettered"],
+        # Per (event type, subscription) pair: a series for every pair an event was routed to,
+        # 0 until a call fails; sum by (event_type) or by (subscription) for either view.
+        f = family(
+            CounterMetricFamily,
+            "oxbus_handler_failures",
+            "Handler calls that raised (every attempt counts), by event type and subscription.",
+            ["event_type", "subscription"],
         )
+        for event_type, subscription, n in bus._core.failures():
+            f.add_metric([bus_name, event_type, subscription], n)
+
+        for name, key, doc in (
+            ("oxbus_handler_calls", "calls", "Handler calls made (every attempt)."),
+            ("oxbus_retries", "retried", "Retry attempts scheduled."),
+            (
+                "oxbus_dead_lettered",
+                "dead_lettered",
+                "(event, subscription) pairs sent to the dead-letter queue.",
+            ),
+        ):
+            f = family(CounterMetricFamily, name, doc, ["subscription"])
+            for subscription, counts in sorted(by_sub.items()):
+                f.add_metric([bus_name, subscription], counts.get(key, 0))
+
         counter(
             "oxbus_events_unrouted",
             "Events accepted that no subscription matched.",
             stats.get("events_unrouted", 0),
         )
-        counter("oxbus_handler_calls", "Handler calls made.", stats.get("handler_calls", 0))
 
         for name, doc, number in (
             ("oxbus_dead_letters", "Entries in the dead-letter queue now.", len(bus.dead_letters)),
@@ -202,15 +217,15 @@ class BusCollector:
         ):
             gauge(name, doc, number)
 
-        # The engine samples handler timings (see README, "Statistics and health"): the
-        # histogram's count is of timed calls, not of every call (oxbus_handler_calls_total).
+        # The engine times every handler call: the count is the calls made (the sum of
+        # oxbus_handler_calls_total over the subscriptions).
         cumulative, count, total = bus._core.latency_buckets(self._bounds)
         buckets = [(_le(b), float(c)) for b, c in zip(self._bounds, cumulative)]
         buckets.append(("+Inf", float(count)))
         family(
             HistogramMetricFamily,
             "oxbus_handler_duration_seconds",
-            "Handler call durations (sampled).",
+            "Handler call durations (every call).",
         ).add_metric([bus_name], buckets=buckets, sum_value=total)
 
         # The process's own memory and CPU: prometheus_client's ProcessCollector
@@ -263,8 +278,8 @@ _registered: weakref.WeakKeyDictionary[CollectorRegistry, BusCollector] = (
 
 def register(bus: Bus, registry: CollectorRegistry | None = None) -> BusCollector:
     """Exposes ``bus`` in ``registry`` (``prometheus_client.REGISTRY`` by default) through
-    the one :class:`BusCollector` oxbus keeps there, so any number of buses (of distinct
-    names) share a registry; returns that collector."""
+    the one [`BusCollector`][oxbus.metrics.BusCollector] oxbus keeps there, so any number of
+    buses (of distinct names) share a registry; returns that collector."""
     if registry is None:
         from prometheus_client import REGISTRY
 
@@ -287,11 +302,13 @@ def _le(bound: float) -> str:
 def render(bus: Bus, buckets: Sequence[float] = DEFAULT_BUCKETS) -> str:
     """The bus's metrics in the Prometheus text exposition format (``bus.metrics()``).
 
+    ```pycon
     >>> print(render(bus))                                   # doctest: +SKIP
     # HELP oxbus_events_published_total Events accepted by the bus.
     # TYPE oxbus_events_published_total counter
-    oxbus_events_published_total{event_type="OrderPlaced"} 3.0
+    oxbus_events_published_total{bus="oxbus",event_type="OrderPlaced"} 3.0
     ...
+    ```
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BusCollector(bus, buckets=buckets))
@@ -313,8 +330,8 @@ def health_json(bus: Bus) -> str:
 
 
 class MetricsServer:
-    """The running endpoint returned by :func:`serve`: ``host``, ``port``, ``url``,
-    ``await close()``; also an async context manager."""
+    """The running endpoint returned by [`serve`][oxbus.metrics.serve]: ``host``, ``port``,
+    ``url``, ``await close()``; also an async context manager."""
 
     def __init__(self, server: asyncio.AbstractServer, host: str, port: int) -> None:
         self._server = server
@@ -369,11 +386,13 @@ async def serve(
 
     The endpoint is a few dozen lines on ``asyncio.start_server``: one short request per
     connection, answered from the loop in well under a millisecond, never blocking it on
-    I/O. Bind to ``127.0.0.1`` (the default) unless the scraper is elsewhere::
+    I/O. Bind to ``127.0.0.1`` (the default) unless the scraper is elsewhere:
 
-        server = await oxbus.metrics.serve(bus, port=9464)
-        print(server.url + "/metrics")
-        await server.close()
+    ```python
+    server = await oxbus.metrics.serve(bus, port=9464)
+    print(server.url + "/metrics")
+    await server.close()
+    ```
     """
     holder: list[MetricsServer] = []
 

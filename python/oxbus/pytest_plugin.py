@@ -2,36 +2,41 @@
 
 Fixtures:
 
-* ``event_bus`` — a started :class:`~oxbus.EventBus`; after the test it is drained (so a
+* ``event_bus`` — a started [`EventBus`][oxbus.EventBus]; after the test it is drained (so a
   handler's failure to finish shows up as a teardown error) and stopped. A handler call that
   raised during the test (dead-lettered or not) fails the test at teardown, with the original
   traceback, unless the test expected it: ``@pytest.mark.oxbus(allow_errors=True)``, or the
   failures taken with ``handler_errors.take()``. Handler calls are recorded
   (``event_recorder.calls(handler)``, ``assert_handled``). Configure the bus by overriding
   ``event_bus_options`` (keywords for ``EventBus``) in a conftest or module.
-* ``event_recorder`` — an :class:`oxbus.testing.EventRecorder` on that bus: every event it
+* ``event_recorder`` — an [`EventRecorder`][oxbus.testing.EventRecorder] on that bus: every event it
   accepts, in order (``recorder.events``, ``recorder.of_type(Cls)``, ``recorder.clear()``,
   ``await recorder.first(Cls, predicate, timeout)`` — recorded already or next;
   ``await recorder.wait_for(...)`` — next, as ``bus.wait_for``), and the calls of its
   handlers (``recorder.calls(handler)``, ``await recorder.assert_handled(handler, event)``).
-* ``handler_errors`` — the :class:`oxbus.testing.HandlerErrors` of that bus.
+* ``handler_errors`` — the [`HandlerErrors`][oxbus.testing.HandlerErrors] of that bus.
+* ``event_registry`` — runs the test in its own view of the event registry
+  ([`isolated`][oxbus.registry.isolated]): the event classes of the test module, and of the
+  modules it imports from, win over same-named classes of other modules, and classes the test defines are forgotten after it,
+  so event classes in tests need no unique names. Not automatic: make it so in a
+  ``conftest.py`` with ``@pytest.fixture(autouse=True)`` ``def _registry(event_registry): ...``.
 
-::
+```python
+async def test_a_receipt_follows_each_order(event_bus, event_recorder):
+    event_bus.subscribe(OrderPlaced, send_receipt)
+    order = OrderPlaced("o-1", 9.5)
+    await event_bus.publish(order)
+    receipt = await event_recorder.first(ReceiptSent)
+    assert receipt.order_id == "o-1"
+    await event_recorder.assert_handled(send_receipt, order)
 
-    async def test_a_receipt_follows_each_order(event_bus, event_recorder):
-        event_bus.subscribe(OrderPlaced, send_receipt)
-        order = OrderPlaced("o-1", 9.5)
-        await event_bus.publish(order)
-        receipt = await event_recorder.first(ReceiptSent)
-        assert receipt.order_id == "o-1"
-        await event_recorder.assert_handled(send_receipt, order)
-
-    async def test_a_bad_order_is_dead_lettered(event_bus, handler_errors):
-        event_bus.subscribe(OrderPlaced, send_receipt)
-        await event_bus.publish(OrderPlaced("o-2", -1.0))
-        await event_bus.drain()
-        (error,) = handler_errors.take()       # expected: the teardown does not fail
-        assert isinstance(error.error, ValueError)
+async def test_a_bad_order_is_dead_lettered(event_bus, handler_errors):
+    event_bus.subscribe(OrderPlaced, send_receipt)
+    await event_bus.publish(OrderPlaced("o-2", -1.0))
+    await event_bus.drain()
+    (error,) = handler_errors.take()       # expected: the teardown does not fail
+    assert isinstance(error.error, ValueError)
+```
 
 The fixtures are async; pytest-asyncio runs them (``asyncio_mode = "auto"`` or strict —
 they are declared with ``pytest_asyncio.fixture`` when it is installed), for async tests
@@ -40,14 +45,20 @@ and for plain ``def`` tests alike.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar, cast
 
 import pytest
 
+from oxbus import registry
 from oxbus.bus import EventBus
 from oxbus.testing import EventRecorder, HandlerErrors, record_calls
 
-__all__ = ["DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder", "handler_errors"]
+__all__ = [
+    "DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder", "event_registry",
+    "handler_errors",
+]
 
 #: Seconds the teardown waits for the bus to drain before it reports a teardown error
 #: (the ``oxbus_drain_timeout`` ini option overrides it).
@@ -95,11 +106,13 @@ def _async_fixture(fn: F) -> F:
 
 @pytest.fixture
 def event_bus_options() -> dict[str, Any]:
-    """Keywords for the ``event_bus`` fixture's ``EventBus``; override it to configure::
+    """Keywords for the ``event_bus`` fixture's ``EventBus``; override it to configure:
 
+    ```python
     @pytest.fixture
     def event_bus_options():
         return {"workers": 4, "max_queue_size": 100}
+    ```
     """
     return {}
 
@@ -156,3 +169,42 @@ def event_recorder(event_bus: EventBus) -> Iterator[EventRecorder]:
         yield recorder
     finally:
         recorder.close()
+
+
+@pytest.fixture
+def event_registry(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test in its own view of the event registry
+    ([`isolated`][oxbus.registry.isolated]): the event classes of the modules its module
+    imports from, then of its module, registered on top (a helper module that writes events
+    gets them read back as its own classes); what the test registers forgotten after it. Not
+    automatic; in a `conftest.py`:
+
+    ```python
+    @pytest.fixture(autouse=True)
+    def _registry(event_registry):
+        pass
+    ```
+    """
+    try:
+        modules = _imported_from(request.module)
+    except AttributeError:  # not collected from a module (a doctest, say)
+        modules = []
+    with registry.isolated(*modules):
+        yield
+
+
+def _imported_from(module: types.ModuleType) -> list[types.ModuleType]:
+    """The modules ``module`` imports (or imports names from), then ``module`` itself."""
+    found: dict[str, types.ModuleType] = {}
+    for value in list(vars(module).values()):
+        if isinstance(value, types.ModuleType):
+            name: object = value.__name__
+        else:
+            try:
+                name = getattr(value, "__module__", None) if callable(value) else None
+            except Exception:  # noqa: BLE001, S112 - an object whose attributes raise: not a lead
+                continue
+        other = sys.modules.get(name) if isinstance(name, str) else None
+        if other is not None and other is not module:
+            found[other.__name__] = other
+    return [*found.values(), module]

@@ -1,28 +1,33 @@
 """Event classes by type key, and turning decoded JSON back into them.
 
 The store keeps an event as JSON (``oxbus._oxbus.encode_json``) and its type key; reading it
-back, :func:`lookup` finds the class and :func:`rebuild` makes an instance from the decoded
-dict. ``DomainEvent`` subclasses register themselves; other classes use :func:`register_event`::
+back, ``lookup`` finds the class and ``rebuild`` makes an instance from the decoded
+dict. ``DomainEvent`` subclasses register themselves; other classes use
+[`register_event`][oxbus.register_event]:
 
-    @register_event
-    @dataclass
-    class ParcelShipped:
-        parcel_id: str
-        shipped_at: datetime
+```python
+@register_event
+@dataclass
+class ParcelShipped:
+    parcel_id: str
+    shipped_at: datetime
 
-    cls = lookup("ParcelShipped")          # ParcelShipped
-    rebuild(cls, {"parcel_id": "p1", "shipped_at": "2024-05-01T12:00:00+00:00"})
+cls = lookup("ParcelShipped")          # ParcelShipped
+rebuild(cls, {"parcel_id": "p1", "shipped_at": "2024-05-01T12:00:00+00:00"})
+```
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import threading
 import types
 import typing
+import weakref
 from collections import abc
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
@@ -31,7 +36,7 @@ from uuid import UUID
 
 from oxbus.errors import SerializationError
 
-__all__ = ["lookup", "matches", "rebuild", "register_event", "type_key"]
+__all__ = ["isolated", "lookup", "matches", "rebuild", "register_event", "type_key"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
@@ -43,15 +48,21 @@ _lock = threading.Lock()
 _by_key: dict[str, type] = {}
 _explicit: set[str] = set()  # keys given by register_event: automatic registration keeps off
 _pending: list[type] = []  # DomainEvent subclasses created but not yet keyed
+# Every class registered, automatically (False) or by register_event (True): what `_isolated`
+# may put back on top.
+_known: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def type_key(cls: type) -> str:
     """The type key of an event class, by the bus's rule: a class-level ``event_type`` (a str,
     or an Enum member whose value is used), else the class name.
 
+    ```pycon
     >>> class OrderPlaced: event_type = "order.placed"
     >>> type_key(OrderPlaced)
     'order.placed'
+
+    ```
     """
     for klass in cls.__mro__:
         if "event_type" in vars(klass):
@@ -65,31 +76,36 @@ def type_key(cls: type) -> str:
 
 
 def register_event(cls: C) -> C:
-    """Registers ``cls`` under its type key (see :func:`type_key`) and returns it, so it can
+    """Registers ``cls`` under its type key (see ``type_key``) and returns it, so it can
     be used as a decorator. ``DomainEvent`` subclasses are registered without it; an explicit
     registration wins over an automatic one with the same key.
 
+    ```pycon
     >>> @register_event
     ... class Pinged:
     ...     pass
     >>> lookup("Pinged") is Pinged
     True
+
+    ```
     """
     key = type_key(cls)
     with _lock:
         _flush()
         _by_key[key] = cls
         _explicit.add(key)
+        _known[cls] = True
     return cls
 
 
 def _auto_register(cls: type) -> None:
     """Called by ``DomainEvent.__init_subclass__``. The key is read later, on the first
-    :func:`lookup`: decorators such as ``@dataclass`` run after ``__init_subclass__`` and may
+    ``lookup``: decorators such as ``@dataclass`` run after ``__init_subclass__`` and may
     still set the class's ``event_type`` (a field default) or replace the class
     (``slots=True``)."""
     with _lock:
         _pending.append(cls)
+        _known.setdefault(cls, False)
 
 
 def _flush() -> None:
@@ -104,11 +120,13 @@ def _flush() -> None:
 
 def lookup(event_type: Any) -> type | None:
     """The class registered for a type key (a str, or an Enum member with a str value), or
-    None::
+    None:
 
-        class CartEmptied(DomainEvent): ...
+    ```python
+    class CartEmptied(DomainEvent): ...
 
-        assert lookup("CartEmptied") is CartEmptied
+    assert lookup("CartEmptied") is CartEmptied
+    ```
     """
     if isinstance(event_type, Enum):
         event_type = event_type.value
@@ -118,6 +136,76 @@ def lookup(event_type: Any) -> type | None:
         return _by_key.get(event_type)
 
 
+def isolated(*modules: types.ModuleType) -> contextlib.AbstractContextManager[None]:
+    """A block with its own view of the registry, for tests: on entry the event classes of
+    `modules` (defined or imported there) are registered on top, so they win over classes of
+    the same type key from other modules (a later module over an earlier one; within one
+    module, as anywhere, an explicit registration over an automatic one); on exit every registration made in the block is
+    undone (classes defined in a test, whatever their names). The pytest plugin's
+    `event_registry` fixture runs each test in one for its module, so test classes need no
+    unique names:
+
+    ```python
+    with isolated(sys.modules[__name__]):
+        class OrderPlaced(DomainEvent): ...      # forgotten after the block
+        ...
+    ```
+
+    Kept on exit: the classes of a module first imported inside the block, when their type
+    key was free before (the module is not imported again, so they would not come back).
+    """
+    return _isolated([list(vars(m).values()) for m in modules])
+
+
+def _module_level(cls: type) -> bool:
+    """Whether ``cls`` is an attribute of its module, under its qualified name."""
+    obj: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    return obj is cls
+
+
+@contextlib.contextmanager
+def _isolated(groups: Iterable[Iterable[Any]]) -> Iterator[None]:
+    with _lock:
+        _flush()
+        saved, saved_explicit = dict(_by_key), set(_explicit)
+        chosen: dict[str, type] = {}
+        for group in groups:  # a later group over an earlier one
+            mine: dict[str, type] = {}
+            for cls in group:
+                if not isinstance(cls, type) or cls not in _known:
+                    continue
+                key = type_key(cls)
+                # Within a group the registry's rule: explicit over automatic, else the later.
+                prev = mine.get(key)
+                if prev is None or _known[cls] or not _known[prev]:
+                    mine[key] = cls
+            chosen.update(mine)
+        for key, cls in chosen.items():
+            _by_key[key] = cls
+            if _known[cls]:
+                _explicit.add(key)
+            else:
+                _explicit.discard(key)
+    try:
+        yield
+    finally:
+        with _lock:
+            _flush()
+            added = [(key, cls) for key, cls in _by_key.items() if key not in saved]
+        # Outside the lock: a module's __getattr__ may run code that defines events.
+        kept = {key: cls for key, cls in added if _module_level(cls)}
+        with _lock:
+            _flush()
+            _by_key.clear()
+            _by_key.update(saved)
+            _by_key.update(kept)
+            _explicit.clear()
+            _explicit.update(saved_explicit)
+            _explicit.update(k for k in kept if _known.get(kept[k], False))
+
+
 def matches(target: Any, event_type: str) -> bool:
     """Whether a subscription to ``target`` takes a stored event of type ``event_type`` as a
     restart rebuilds it (the registered class, else a dict), by the bus's routing rules: a
@@ -125,8 +213,11 @@ def matches(target: Any, event_type: str) -> bool:
     word, ``#`` zero or more), an Enum member stands for its value. Used for rows that cannot
     be decoded, whose event object does not exist.
 
+    ```pycon
     >>> matches("order.*", "order.placed"), matches("order.#", "order"), matches("a", "b")
     (True, True, False)
+
+    ```
     """
     if isinstance(target, type):
         cls = lookup(event_type)
@@ -163,13 +254,15 @@ def rebuild(cls: type[T], data: Mapping[str, Any]) -> T:
 
     A ``DomainEvent``'s ``event_id``, ``occurred_at``, ``correlation_id`` and ``causation_id``
     are restored when the data has them. Failures raise ``SerializationError`` naming the
-    class and field::
+    class and field:
 
-        @dataclass
-        class Paid(DomainEvent):
-            amount: Decimal
+    ```python
+    @dataclass
+    class Paid(DomainEvent):
+        amount: Decimal
 
-        rebuild(Paid, {"amount": "10.50"}).amount  # Decimal('10.50')
+    rebuild(Paid, {"amount": "10.50"}).amount  # Decimal('10.50')
+    ```
     """
     if not isinstance(data, Mapping):
         raise SerializationError(

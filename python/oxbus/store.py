@@ -2,12 +2,12 @@
 upcasting. Every read and write is a coroutine that runs on the store's own thread; the asyncio
 thread only encodes and decodes.
 
-::
-
-    async with SqliteEventStore("events.db") as store:
-        version = await store.append("account-1", [Deposited(100)], expected_version=0)
-        for stored in await store.read("account-1"):
-            print(stored.version, stored.event)
+```python
+async with SqliteEventStore("events.db") as store:
+    version = await store.append("account-1", [Deposited(100)], expected_version=0)
+    for stored in await store.read("account-1"):
+        print(stored.version, stored.event)
+```
 """
 
 from __future__ import annotations

@@ -5,14 +5,14 @@ pytest plugin's ``event_recorder`` fixture is an ``EventRecorder``); handler cal
 (``record_calls``) and handler failures (``HandlerErrors``), which the plugin's ``event_bus``
 fixture records.
 
-::
-
-    clock = ManualClock()
-    bus = EventBus(clock=clock, retry=RetryPolicy(max_attempts=3, base_delay=1.0, jitter=0))
-    ...
-    await bus.publish(event)
-    await clock.drain(bus)      # advances time whenever the bus waits on it, until drained
-    assert clock.time() == 3.0  # 1 s + 2 s of backoff, taken in no real time
+```python
+clock = ManualClock()
+bus = EventBus(clock=clock, retry=RetryPolicy(max_attempts=3, base_delay=1.0, jitter=0))
+...
+await bus.publish(event)
+await clock.drain(bus)      # advances time whenever the bus waits on it, until drained
+assert clock.time() == 3.0  # 1 s + 2 s of backoff, taken in no real time
+```
 """
 
 from __future__ import annotations
@@ -174,12 +174,14 @@ class EventRecorder:
 
     It watches the bus's publish side (as ``bus.wait_for`` does) rather than subscribing a
     handler, so it does not change statistics, routing or subscriptions, and an event is in
-    ``events`` as soon as ``await bus.publish()`` returns — before its handlers run::
+    ``events`` as soon as ``await bus.publish()`` returns — before its handlers run:
 
-        recorder = EventRecorder(bus)
-        await bus.publish(OrderPlaced("o-1", 9.5))
-        await recorder.first(ReceiptSent)             # published by a handler, maybe later
-        assert [e.order_id for e in recorder.of_type(OrderPlaced)] == ["o-1"]
+    ```python
+    recorder = EventRecorder(bus)
+    await bus.publish(OrderPlaced("o-1", 9.5))
+    await recorder.first(ReceiptSent)             # published by a handler, maybe later
+    assert [e.order_id for e in recorder.of_type(OrderPlaced)] == ["o-1"]
+    ```
 
     The pytest plugin's ``event_recorder`` fixture is one of these on the ``event_bus``.
     """
@@ -357,10 +359,12 @@ async def assert_published(
 
     Given a recorder — or a bus that has one (the ``event_recorder`` fixture) — events
     published before the call count too; given a bare bus, only those published after it
-    (``bus.wait_for``)::
+    (``bus.wait_for``):
 
-        await bus.publish(OrderPlaced("o-1", 9.5))
-        receipt = await assert_published(bus, ReceiptSent, lambda e: e.order_id == "o-1")
+    ```python
+    await bus.publish(OrderPlaced("o-1", 9.5))
+    receipt = await assert_published(bus, ReceiptSent, lambda e: e.order_id == "o-1")
+    ```
     """
     recorder = (
         bus_or_recorder
@@ -419,7 +423,7 @@ class _CallLog:
     def wrapper(self, handler: Any) -> Callable[..., Any]:
         """The one recording wrapper of ``handler`` (the same for each of its subscriptions,
         so ``unsubscribe(event_type, handler)`` finds it)."""
-        from oxbus.bus import _is_async
+        from oxbus.subscription import is_async as _is_async
 
         entry = self._by_handler.get(id(handler))
         if entry is not None:
@@ -480,7 +484,7 @@ def record_calls(bus: EventBus) -> None:
     name; ``unsubscribe(event_type, handler)`` still takes the original. Idempotent."""
     if bus in _call_logs:
         return
-    from oxbus.bus import _qualname
+    from oxbus.subscription import qualname as _qualname
 
     log = _CallLog(bus)
     _call_logs[bus] = log
@@ -498,7 +502,7 @@ def record_calls(bus: EventBus) -> None:
 
     functools.update_wrapper(subscribe, log._subscribe)
     functools.update_wrapper(unsubscribe, log._unsubscribe)
-    bus.subscribe = subscribe  # type: ignore[method-assign]
+    bus.subscribe = subscribe  # type: ignore[method-assign,assignment]
     bus.unsubscribe = unsubscribe  # type: ignore[method-assign]
 
 
@@ -508,10 +512,12 @@ async def assert_handled(
 ) -> None:
     """Drains the bus (every handler has run), then raises ``AssertionError`` unless a call
     of ``handler`` with ``event`` (the same object, or an equal one) returned without
-    raising. Needs ``record_calls(bus)`` before subscribing (the ``event_bus`` fixture)::
+    raising. Needs ``record_calls(bus)`` before subscribing (the ``event_bus`` fixture):
 
-        await event_bus.publish(order)
-        await assert_handled(event_bus, send_receipt, order)
+    ```python
+    await event_bus.publish(order)
+    await assert_handled(event_bus, send_receipt, order)
+    ```
     """
     bus = bus_or_recorder.bus if isinstance(bus_or_recorder, EventRecorder) else bus_or_recorder
     await bus.drain(timeout)

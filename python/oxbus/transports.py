@@ -1,17 +1,20 @@
 """Where a bus's events travel: the transport options given to ``EventBus(transport=...)``.
 
 One class per kind, each checking its settings once, when it is made (a bad one raises
-``ConfigurationError`` naming it), and frozen afterwards::
+``ConfigurationError`` naming it), and frozen afterwards:
 
-    EventBus()                                              # Memory(): in this process
-    EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
-    EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
-    EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
-    EventBus(transport=oxbus.RabbitMQ("amqp://guest:guest@127.0.0.1:5672/%2f", group="billing"))
+```python
+EventBus()                                              # Memory(): in this process
+EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"))   # the durable bus
+EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing"))
+EventBus(transport="redis://127.0.0.1:6379/0", group="billing")     # the same, by URL
+EventBus(transport=oxbus.RabbitMQ("amqp://guest:guest@127.0.0.1:5672/%2f", group="billing"))
+```
 
 A URL stands for the class its scheme names, with the bus's keywords as its settings
-(``store=`` stands for :class:`Sqlite`). A new broker is one more :class:`Broker` here (its
-URL schemes in ``schemes``, its ``connect``) plus its Rust transport in ``src/transport``.
+(``store=`` stands for [`Sqlite`][oxbus.transports.Sqlite]). A new broker is one more
+[`Broker`][oxbus.transports.Broker] here (its URL schemes in ``schemes``, its ``connect``) plus
+its Rust transport in ``src/transport``.
 """
 
 from __future__ import annotations
@@ -95,12 +98,14 @@ class Memory(Transport):
 class Sqlite(Transport):
     """The durable bus: every event is committed to a SQLite log before it is dispatched.
 
-    ``path`` is a file path (the bus opens the store on construction and closes it when it
-    stops) or an open :class:`~oxbus.SqliteEventStore` (used as it is, never closed by the
-    bus). ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss
-    (``None``: the store's own setting, ``"normal"`` for a path)::
+    ``path`` is a file path (the bus opens the store on construction and closes it when it stops) or
+    an open [`SqliteEventStore`][oxbus.SqliteEventStore] (used as it is, never closed by the bus).
+    ``synchronous="normal"`` survives a process crash; ``"full"`` survives power loss (``None``: the
+    store's own setting, ``"normal"`` for a path):
 
-        EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"), workers=4)
+    ```python
+    EventBus(transport=oxbus.Sqlite("events.db", synchronous="full"), workers=4)
+    ```
     """
 
     path: Union[str, SqliteEventStore]
@@ -167,10 +172,15 @@ class RedisStreams(Broker):
     that many times goes to ``<stream>:dead``. ``publish_timeout``: seconds a publish retries
     before ``TransportError``. ``prefetch``: entries delivered and not yet acknowledged.
     ``consume``: whether the bus reads from its group (``None``: when it has subscriptions at
-    ``start()``)::
+    ``start()``). ``lease_ttl``: with ``partitions`` > 1, each partition is read by one member
+    of the group at a time, holding a lease it renews every third of ``lease_ttl`` seconds (and
+    at least every second); a member that dies loses its partitions after ``lease_ttl``
+    seconds (0.1 to 86400, default 10):
 
-        EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
-                                              partitions=4))
+    ```python
+    EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
+                                          partitions=4))
+    ```
     """
 
     url: str
@@ -184,6 +194,7 @@ class RedisStreams(Broker):
     publish_timeout: float
     prefetch: int
     consume: Union[bool, None]
+    lease_ttl: float
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix")
     kind: ClassVar[str] = "redis"
     title: ClassVar[str] = "Redis"
@@ -202,6 +213,7 @@ class RedisStreams(Broker):
         publish_timeout: float = 5.0,
         prefetch: int = 1000,
         consume: bool | None = None,
+        lease_ttl: float = 10.0,
     ) -> None:
         if not isinstance(url, str) or not url.lower().startswith(
             tuple(f"{s}://" for s in self.schemes)
@@ -229,6 +241,7 @@ class RedisStreams(Broker):
             "publish_timeout": seconds("publish_timeout", publish_timeout),
             "prefetch": positive_int("prefetch", prefetch),
             "consume": consume,
+            "lease_ttl": _lease_ttl(lease_ttl),
         }
         for field_name, checked_value in checked.items():
             object.__setattr__(self, field_name, checked_value)
@@ -270,7 +283,23 @@ class RedisStreams(Broker):
             "dead_stream": f"{self.stream}:dead",
             "publish_timeout": self.publish_timeout,
             "consume": consume,
+            # Partition leases: one member per partition at a time (per-key order across
+            # processes); a single stream is shared by every member.
+            "stream": self.stream,
+            "lease_ttl": self.lease_ttl if self.partitions > 1 else None,
         }
+
+
+def _lease_ttl(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.1 <= value <= 86_400
+    ):
+        raise ConfigurationError(
+            f"lease_ttl must be a number of seconds from 0.1 to 86400, got {value!r}"
+        )
+    return float(value)
 
 
 def binding_keys(targets: Iterable[Any]) -> list[str]:
@@ -312,10 +341,12 @@ class RabbitMQ(Broker):
     (``basic.qos``, at most 65535). ``max_deliveries``: a message delivered that many times
     goes to ``<queue>.dead``. ``connect_timeout`` / ``publish_timeout``: seconds before
     ``TransportError``. ``consume``: whether the bus reads its group's queue (``None``: when it
-    has subscriptions at ``start()``)::
+    has subscriptions at ``start()``):
 
-        EventBus(transport=oxbus.RabbitMQ("amqp://guest:guest@127.0.0.1:5672/%2f",
-                                          group="billing", partitions=4))
+    ```python
+    EventBus(transport=oxbus.RabbitMQ("amqp://guest:guest@127.0.0.1:5672/%2f",
+                                      group="billing", partitions=4))
+    ```
     """
 
     url: str
@@ -430,7 +461,7 @@ TransportSpec = Union[str, Transport]
 #: ``RabbitMQ``'s; a URL's class refuses those it does not take).
 URL_KEYWORDS = (
     "group", "consumer", "stream", "partitions", "claim_idle", "maxlen", "max_deliveries",
-    "publish_timeout", "prefetch", "consume", "exchange", "queue", "connect_timeout",
+    "publish_timeout", "prefetch", "consume", "lease_ttl", "exchange", "queue", "connect_timeout",
 )
 
 

@@ -10,162 +10,24 @@ use std::sync::Arc;
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyIterator};
 use rustc_hash::FxHashMap;
 
 use crate::core::breaker::Breaker;
 use crate::core::bus::{Accepted, Admission, Blocked, Engine, Settings};
 use crate::core::health::{self, Probe};
 use crate::core::retry::RetryPolicy;
-use crate::core::routing::{Matcher, Subscription};
-use crate::core::stats::{bump, TypeCounters};
-use crate::core::CoreError;
+use crate::core::routing::Matcher;
+use crate::core::stats::bump;
 use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
+use crate::python::futures::{fail, is_done, resolve, resolve_all};
+use crate::python::retry::PyRetryPolicy;
+use crate::python::route::{Handler, Names, Route};
 use crate::python::store::PyStoreCore;
 use crate::python::sync::GilMutex;
-use crate::python::worker::PyWorker;
 use crate::store::writer::Writer;
-
-/// A retry policy (see `oxbus.RetryPolicy`).
-#[pyclass(frozen, name = "RetryPolicy", module = "oxbus._oxbus")]
-pub struct PyRetryPolicy {
-    pub policy: RetryPolicy,
-    /// The exception classes worth a retry, as a tuple.
-    pub retry_on: Py<PyTuple>,
-}
-
-#[pymethods]
-impl PyRetryPolicy {
-    #[new]
-    #[pyo3(signature = (max_attempts=1, base_delay=0.1, max_delay=30.0, multiplier=2.0, jitter=0.1, retry_on=None))]
-    fn new(
-        py: Python<'_>,
-        max_attempts: i64,
-        base_delay: f64,
-        max_delay: f64,
-        multiplier: f64,
-        jitter: f64,
-        retry_on: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        let policy = RetryPolicy::new(max_attempts, base_delay, max_delay, multiplier, jitter)
-            .map_err(|e| errors::to_py(&e))?;
-        let exc = py.get_type::<pyo3::exceptions::PyException>();
-        let retry_on = match retry_on {
-            None => PyTuple::new(py, [exc])?,
-            Some(t) => {
-                let items: Vec<Bound<'_, PyAny>> = match t.cast::<PyTuple>() {
-                    Ok(tup) => tup.iter().collect(),
-                    Err(_) => vec![t.clone()],
-                };
-                let base = py.get_type::<pyo3::exceptions::PyBaseException>();
-                for it in &items {
-                    let ok = it
-                        .cast::<pyo3::types::PyType>()
-                        .is_ok_and(|ty| ty.is_subclass(&base).unwrap_or(false));
-                    if !ok {
-                        return Err(setting(
-                            "retry_on",
-                            "an exception class or a tuple of them",
-                            &it.repr()?,
-                        ));
-                    }
-                }
-                PyTuple::new(py, items)?
-            }
-        };
-        Ok(Self {
-            policy,
-            retry_on: retry_on.unbind(),
-        })
-    }
-
-    /// The exception classes worth a retry.
-    #[getter]
-    fn retry_on(&self, py: Python<'_>) -> Py<PyTuple> {
-        self.retry_on.clone_ref(py)
-    }
-
-    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
-        match other.cast::<Self>() {
-            Ok(o) => Ok(o.get().policy == self.policy
-                && o.get().retry_on.bind(py).eq(self.retry_on.bind(py))?),
-            Err(_) => Ok(false),
-        }
-    }
-
-    #[getter]
-    fn max_attempts(&self) -> u32 {
-        self.policy.max_attempts
-    }
-    #[getter]
-    fn base_delay(&self) -> f64 {
-        self.policy.base_delay
-    }
-    #[getter]
-    fn max_delay(&self) -> f64 {
-        self.policy.max_delay
-    }
-    #[getter]
-    fn multiplier(&self) -> f64 {
-        self.policy.multiplier
-    }
-    #[getter]
-    fn jitter(&self) -> f64 {
-        self.policy.jitter
-    }
-
-    /// Seconds before retry `n` (1-based), jitter included.
-    fn delay(&self, n: u32) -> f64 {
-        self.policy.delay(n, fastrand::f64())
-    }
-
-    fn __repr__(&self) -> String {
-        let p = &self.policy;
-        format!(
-            "RetryPolicy(max_attempts={}, base_delay={}, max_delay={}, multiplier={}, jitter={}, retry_on={})",
-            p.max_attempts, p.base_delay, p.max_delay, p.multiplier, p.jitter,
-            Python::attach(|py| self.retry_on.bind(py).repr().map(|r| r.to_string()).unwrap_or_default())
-        )
-    }
-}
-
-/// What a subscription runs.
-pub struct Handler {
-    pub callable: Py<PyAny>,
-    /// The target as subscribed (keeps a class alive while its id is in the router).
-    pub target: Py<PyAny>,
-    /// Run a sync handler in the executor instead of on the loop.
-    pub threaded: bool,
-    pub retry: RetryPolicy,
-    /// Exception classes worth a retry (a tuple); others go to the dead letters at once.
-    pub retry_on: Option<Py<PyAny>>,
-    /// Seconds a call may take (async and thread-pool handlers).
-    pub timeout: Option<f64>,
-    /// Pause after consecutive failures.
-    pub breaker: Option<Breaker>,
-    /// After a dead letter of key K, later events of K park behind it.
-    pub park: bool,
-}
-
-pub type Sub = Subscription<Handler>;
-
-/// Subscription names, shared.
-pub type Names = Arc<[Arc<str>]>;
-
-/// The subscriptions one kind of event reaches, resolved once and cached.
-pub struct Route {
-    class: Py<PyAny>,
-    pub subs: Vec<Arc<Sub>>,
-    /// On a durable bus: the type key and the subscriptions this route leaves out, whose
-    /// progress moves past an event of it (`Writer::skip`).
-    pub skip: Option<(Arc<str>, Names)>,
-    pub type_key: String,
-    pub mro: Vec<usize>,
-    pub class_has_key: bool,
-    pub counters: Arc<TypeCounters>,
-}
 
 /// An accepted event waiting for a worker.
 pub type Queued = crate::core::bus::Queued<Arc<EnvData>>;
@@ -200,47 +62,6 @@ pub struct Inner {
     /// `wrap(awaitable, timeout, threaded, name) -> awaitable`, for handler timeouts.
     pub wrap_timeout: Option<Py<PyAny>>,
     probe: Option<Probe>,
-}
-
-/// Whether a loop future is done (an error counts as done: it will never be resolved).
-fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> bool {
-    fut.bind(py)
-        .call_method0(intern!(py, "done"))
-        .and_then(|d| d.is_truthy())
-        .unwrap_or(true)
-}
-
-/// Resolves a loop future with `value` unless it is done (cancelled by a timeout, say).
-pub fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: &Bound<'_, PyAny>) {
-    settle(py, fut, intern!(py, "set_result"), value);
-}
-
-fn fail(py: Python<'_>, fut: &Py<PyAny>, err: &PyErr) {
-    settle(
-        py,
-        fut,
-        intern!(py, "set_exception"),
-        err.value(py).as_any(),
-    );
-}
-
-/// `fut.<method>(value)` unless the future is done; an error is reported, never raised.
-fn settle(py: Python<'_>, fut: &Py<PyAny>, method: &Bound<'_, PyString>, value: &Bound<'_, PyAny>) {
-    if is_done(py, fut) {
-        return;
-    }
-    let f = fut.bind(py);
-    if let Err(e) = f.call_method1(method, (value,)) {
-        e.write_unraisable(py, Some(f));
-    }
-}
-
-/// Resolves each future with None.
-pub fn resolve_all(py: Python<'_>, futs: Vec<Py<PyAny>>) {
-    let none = py.None().into_bound(py);
-    for f in futs {
-        resolve(py, &f, &none);
-    }
 }
 
 /// The engine behind one `oxbus.EventBus`.
@@ -316,6 +137,10 @@ impl PyBusCore {
             inner.routes_gen = inner.engine.router.generation();
         }
         let subs = inner.engine.router.resolve(&key_name, &mro);
+        inner
+            .engine
+            .stats
+            .routed(&key_name, subs.iter().map(|s| &s.name));
         let skip = self.progress.get().map(|_| {
             let out: Names = inner
                 .engine
@@ -475,11 +300,14 @@ impl PyBusCore {
         &self,
         py: Python<'_>,
         event: &Bound<'_, PyAny>,
+        key: Option<Bound<'_, PyAny>>,
         correlation_id: Option<Bound<'_, PyAny>>,
         causation_id: Option<Bound<'_, PyAny>>,
         ack: envelope::Ack,
     ) -> PyResult<()> {
-        let (mut item, lane) = self.envelope(py, event, None, None, None)?;
+        // The key as JSON gave it back (a list for a tuple): in its canonical form again.
+        let key = key.map(|k| events::canonical_key(&k)).transpose()?;
+        let (mut item, lane) = self.envelope(py, event, key.clone(), None, None)?;
         let origin = match (correlation_id, causation_id) {
             (Some(c), Some(cause)) => Origin::Child(c.unbind(), cause.unbind()),
             (c, None) => Origin::Root(c.map(Bound::unbind)),
@@ -488,7 +316,7 @@ impl PyBusCore {
         let env = EnvData::new(
             event.clone().unbind(),
             origin,
-            None,
+            key.map(Bound::unbind),
             Arc::clone(item.item.route()),
             None,
         );
@@ -620,14 +448,6 @@ fn mark_domain_event(
     Ok(())
 }
 
-fn setting(name: &'static str, rule: &'static str, value: &impl ToString) -> PyErr {
-    errors::to_py(&CoreError::InvalidSetting {
-        name,
-        rule,
-        value: value.to_string(),
-    })
-}
-
 #[pymethods]
 impl PyBusCore {
     #[new]
@@ -646,7 +466,7 @@ impl PyBusCore {
             .extract::<i64>()
         {
             Ok(n) if !v.is_instance_of::<pyo3::types::PyBool>() => Ok(n),
-            _ => Err(setting(name, rule, &v.repr()?)),
+            _ => Err(errors::invalid_setting(name, rule, &v.repr()?)),
         };
         let settings = Settings::new(
             int(workers, "workers", "an int >= 1")?,
@@ -693,7 +513,7 @@ impl PyBusCore {
         target: &Bound<'_, PyAny>,
         handler: &Bound<'_, PyAny>,
         priority: i64,
-        name: String,
+        name: &str,
         threaded: bool,
         retry: Option<Bound<'_, PyRetryPolicy>>,
         retry_on: Option<Py<PyAny>>,
@@ -705,7 +525,7 @@ impl PyBusCore {
         let matcher = events::matcher_for(target)?;
         if let Some(t) = timeout {
             if !(t.is_finite() && t > 0.0) {
-                return Err(setting("timeout", "a number > 0", &t));
+                return Err(errors::invalid_setting("timeout", "a number > 0", &t));
             }
         }
         let breaker = breaker
@@ -726,11 +546,7 @@ impl PyBusCore {
             park,
         };
         let mut inner = self.inner.lock(py);
-        Ok(inner
-            .engine
-            .router
-            .subscribe(matcher, priority, name, payload)
-            .id)
+        Ok(inner.engine.subscribe(matcher, priority, name, payload).id)
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
@@ -919,11 +735,6 @@ impl PyBusCore {
             inner.engine.start()
         };
         drop(stale);
-    }
-
-    /// A worker to run as an asyncio task.
-    fn worker(slf: &Bound<'_, Self>, index: usize) -> PyWorker {
-        PyWorker::new(slf.clone().unbind(), index)
     }
 
     /// Refuses further publishes. With `discard`, drops what is queued and fails blocked
@@ -1137,57 +948,15 @@ impl PyBusCore {
 
     /// The counters, as a dict (see `EventBus.get_statistics`). Read under the lock, built
     /// into Python objects after it.
-    fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (ints, floats, latency, by_type) = {
-            let inner = self.inner.lock(py);
-            let e = &inner.engine;
-            let s = &e.stats;
-            let ints: [(&str, u64); 17] = [
-                ("events_published", s.published),
-                ("events_processed", s.processed),
-                ("events_failed", s.failed),
-                // The same counters under the names the contract also promises.
-                ("published", s.published),
-                ("processed", s.processed),
-                ("failed", s.failed),
-                ("events_unrouted", s.unrouted),
-                ("events_interrupted", s.interrupted),
-                ("handler_calls", s.failed + s.succeeded),
-                ("retried", s.retried),
-                ("dead_lettered", s.dead_lettered),
-                ("queue_size", e.queue_size() as u64),
-                ("blocked_publishers", e.blocked_publishers() as u64),
-                ("in_flight", e.in_flight() as u64),
-                ("retry_queue_size", e.retrying() as u64),
-                ("subscription_count", e.router.len() as u64),
-                ("max_queue_size", e.settings().capacity as u64),
-            ];
-            let floats = [
-                ("uptime_seconds", s.uptime_seconds()),
-                ("avg_processing_time_ms", s.avg_handler_ms()),
-            ];
-            let latency = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)]
-                .map(|(name, q)| (name, s.latency.quantile(q) as f64 / 1e6));
-            (ints, floats, (latency, e.is_running()), s.by_type())
-        };
-        let d = PyDict::new(py);
-        for (k, v) in floats {
-            d.set_item(k, v)?;
-        }
-        for (k, v) in ints {
-            d.set_item(k, v)?;
-        }
-        let (latency, running) = latency;
-        d.set_item("handler_latency_ms", latency.into_py_dict(py)?)?;
-        d.set_item("is_running", running)?;
-        d.set_item("worker_count", self.settings.workers)?;
-        let types = PyDict::new(py);
-        for (k, p, done, f) in by_type {
-            let t = [("published", p), ("processed", done), ("failed", f)];
-            types.set_item(k, t.into_py_dict(py)?)?;
-        }
-        d.set_item("by_event_type", types)?;
-        Ok(d)
+    fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let stats = self.inner.lock(py).engine.statistics();
+        Ok(pythonize::pythonize(py, &stats)?)
+    }
+
+    /// Failed handler calls per (event type, subscription name) pair an event was routed to,
+    /// 0 until one fails, sorted: for Prometheus.
+    fn failures(&self, py: Python<'_>) -> Vec<(String, String, u64)> {
+        self.inner.lock(py).engine.stats.failures_by_pair()
     }
 
     /// Handler latency histogram: cumulative counts at the given bounds (seconds), the count and
@@ -1211,65 +980,15 @@ impl PyBusCore {
 
     /// The health report, as a dict (see `EventBus.get_health_status`). Read under the lock,
     /// built into Python objects after it.
-    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         // Sample the process outside the bus lock: it reads /proc.
         let mut probe = self.inner.lock(py).probe.take().unwrap_or_default();
         let sample = py.detach(|| probe.sample());
-        let (readings, oldest, blocked, lane_count, longest, in_flight, uptime) = {
+        let report = {
             let mut inner = self.inner.lock(py);
             inner.probe = Some(probe);
-            let e = &inner.engine;
-            let readings = e.readings(health::coarse_now_ns());
-            let longest: Vec<usize> = e
-                .lanes()
-                .longest_lanes(5)
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            (
-                readings,
-                readings.oldest_age_s,
-                e.blocked_publishers(),
-                e.lanes().lane_count(),
-                longest,
-                e.in_flight(),
-                e.stats.uptime_seconds(),
-            )
+            inner.engine.health_report(health::coarse_now_ns(), sample)
         };
-        let (status, reasons) = health::status(&readings, &self.settings.thresholds);
-        let d = PyDict::new(py);
-        d.set_item("status", status)?;
-        d.set_item("reasons", PyList::new(py, reasons)?)?;
-        d.set_item("is_running", readings.running)?;
-        d.set_item("queue_size", readings.queued)?;
-        d.set_item("max_queue_size", readings.capacity)?;
-        d.set_item("blocked_publishers", blocked)?;
-        d.set_item("lane_count", lane_count)?;
-        d.set_item("longest_lanes", longest)?;
-        d.set_item("in_flight", in_flight)?;
-        d.set_item("oldest_queued_age_seconds", oldest)?;
-        d.set_item("worker_count", self.settings.workers)?;
-        d.set_item("uptime_seconds", uptime)?;
-        d.set_item("memory_usage_mb", sample.rss_mb)?;
-        d.set_item("cpu_percent", sample.cpu_percent)?;
-        d.set_item("system_memory_total_mb", sample.system_total_mb)?;
-        d.set_item("system_memory_available_mb", sample.system_available_mb)?;
-        d.set_item(
-            "error_rate",
-            if readings.calls == 0 {
-                0.0
-            } else {
-                readings.failed_calls as f64 / readings.calls as f64
-            },
-        )?;
-        d.set_item("dead_letters", readings.dead_letters)?;
-        let t = PyDict::new(py);
-        t.set_item("queue_fill", self.settings.thresholds.queue_fill)?;
-        t.set_item("oldest_age_seconds", self.settings.thresholds.oldest_age_s)?;
-        t.set_item("error_rate", self.settings.thresholds.error_rate)?;
-        t.set_item("min_calls", self.settings.thresholds.min_calls)?;
-        t.set_item("dead_letters", self.settings.thresholds.dead_letters)?;
-        d.set_item("thresholds", t)?;
-        Ok(d)
+        Ok(pythonize::pythonize(py, &report)?)
     }
 }

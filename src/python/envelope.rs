@@ -13,8 +13,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
 
-use crate::python::bus::Route;
 use crate::python::events;
+use crate::python::route::Route;
 
 /// A new random event id (UUID4, as a string).
 #[pyfunction]

@@ -102,3 +102,12 @@ macro_rules! by_value {
 }
 
 by_value!(CoreError, StoreError, TransportError);
+
+/// A `ConfigurationError` for setting `name`, which must be `rule`, given `value`.
+pub fn invalid_setting(name: &'static str, rule: &'static str, value: &impl ToString) -> PyErr {
+    to_py(&CoreError::InvalidSetting {
+        name,
+        rule,
+        value: value.to_string(),
+    })
+}

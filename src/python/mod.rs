@@ -6,7 +6,10 @@ mod completion;
 mod envelope;
 mod errors;
 mod events;
+mod futures;
 mod json;
+mod retry;
+mod route;
 mod runtime;
 mod store;
 mod sync;
@@ -17,23 +20,29 @@ use pyo3::prelude::*;
 
 /// The native half of oxbus. Import `oxbus`, not this module.
 #[pymodule]
-fn _oxbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<bus::PyBusCore>()?;
-    m.add_class::<worker::PyWorker>()?;
-    m.add_class::<envelope::PyEnvelope>()?;
-    m.add_class::<bus::PyRetryPolicy>()?;
-    m.add_class::<store::PyStoreCore>()?;
-    m.add_class::<completion::PyResolver>()?;
-    m.add_class::<transport::PyTransportCore>()?;
-    m.add_class::<transport::PyBridgeCore>()?;
-    m.add_class::<transport::PyAmqpBridgeCore>()?;
-    m.add_class::<store::PyFlusher>()?;
-    m.add_function(wrap_pyfunction!(envelope::current_envelope, m)?)?;
-    m.add_function(wrap_pyfunction!(envelope::new_event_id, m)?)?;
-    m.add_function(wrap_pyfunction!(completion::await_probe, m)?)?;
-    m.add_function(wrap_pyfunction!(json::encode_json, m)?)?;
-    m.add_function(wrap_pyfunction!(json::decode_json, m)?)?;
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    runtime::register(m)?;
-    Ok(())
+mod _oxbus {
+    use pyo3::prelude::*;
+
+    #[pymodule_export]
+    use super::bus::PyBusCore;
+    #[pymodule_export]
+    use super::completion::{await_probe, PyResolver};
+    #[pymodule_export]
+    use super::envelope::{current_envelope, new_event_id, PyEnvelope};
+    #[pymodule_export]
+    use super::json::{decode_json, encode_json};
+    #[pymodule_export]
+    use super::retry::PyRetryPolicy;
+    #[pymodule_export]
+    use super::store::{PyFlusher, PyStoreCore};
+    #[pymodule_export]
+    use super::transport::{PyAmqpBridgeCore, PyBridgeCore, PyTransportCore};
+    #[pymodule_export]
+    use super::worker::PyWorker;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        super::runtime::register(m)
+    }
 }

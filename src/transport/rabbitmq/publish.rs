@@ -47,9 +47,9 @@ fn message_of(o: &Outgoing) -> Result<(ShortString, BasicProperties, Vec<u8>), T
         );
     }
     if let Some(k) = &o.key {
-        headers.insert("key".into(), AMQPValue::LongString(k.as_str().into()));
+        headers.insert("key".into(), AMQPValue::LongString(k.text.as_str().into()));
     }
-    let hash: &str = o.key.as_deref().unwrap_or(&e.event_id);
+    let hash: &str = o.key.as_ref().map_or(&e.event_id, |k| &k.text);
     headers.insert(
         HASH_HEADER.into(),
         AMQPValue::LongString(LongString::from(hash)),
@@ -289,7 +289,10 @@ mod tests {
                 metadata: r#"{"correlation_id":"c-1","causation_id":"e-0"}"#.into(),
                 occurred_at: None,
             },
-            key: key.map(Into::into),
+            key: key.map(|k| crate::transport::Key {
+                text: k.into(),
+                json: format!("{k:?}"),
+            }),
         }
     }
 

@@ -10,7 +10,6 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 
-use super::object::dict_key;
 use super::MAX_DEPTH;
 use crate::python::errors;
 
@@ -138,8 +137,8 @@ pub(super) fn at_name(f: Failure, name: &Bound<'_, PyString>) -> Failure {
 
 #[cold]
 #[inline(never)]
-pub(super) fn at_dict_key(f: Failure, k: &Bound<'_, PyAny>, attrs: bool) -> Failure {
-    let key = dict_key(k).map_or_else(|_| "?".to_owned(), Cow::into_owned);
+pub(super) fn at_dict_key(f: Failure, key: Result<Cow<'_, str>, Failure>, attrs: bool) -> Failure {
+    let key = key.map_or_else(|_| "?".to_owned(), Cow::into_owned);
     at(f, if attrs { Seg::Attr(key) } else { Seg::Key(key) })
 }
 

@@ -209,7 +209,7 @@ impl Encoder {
         for (k, v) in d.iter() {
             self.dict_key(&k, &mut first)?;
             self.value(&v, depth + 1)
-                .map_err(|f| at_dict_key(f, &k, attrs))?;
+                .map_err(|f| at_dict_key(f, dict_key(&k), attrs))?;
         }
         self.out.push('}');
         Ok(())

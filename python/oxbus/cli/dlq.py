@@ -1,0 +1,198 @@
+"""``oxbus dlq DB list|show|retry|purge``: the dead letters stored in a durable bus's log."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from oxbus.cli._db import connect, db_argument, json_or_raw, query
+from oxbus.cli._output import UNREACHABLE, emit, emit_line, fail, json_mode, json_option, table
+from oxbus.errors import StorageError
+from oxbus.flow import LogReader
+
+_DEAD_LETTER = (
+    "id",
+    "position",
+    "subscription",
+    "attempts",
+    "first_failed_at",
+    "last_failed_at",
+    "error_type",
+    "error_message",
+    "traceback",
+)
+_EVENT = ("event_type", "event_id", "stream_id", "data", "metadata")
+_SELECT = (
+    f"SELECT {', '.join([f'd.{c}' for c in _DEAD_LETTER] + [f'e.{c}' for c in _EVENT])}"
+    " FROM dead_letters d LEFT JOIN events e ON e.position = d.position"
+)
+
+
+def _dlq_rows(log: LogReader, ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """The dead letters (those of ``ids``, else all), each with its event, by id."""
+    where = "" if ids is None else f" WHERE d.id IN ({','.join('?' * len(ids))})"
+    out = []
+    for r in query(log, f"{_SELECT}{where} ORDER BY d.id", tuple(ids or ())):
+        row = dict(zip(_DEAD_LETTER + _EVENT, r))
+        row["data"], row["metadata"] = json_or_raw(row["data"]), json_or_raw(row["metadata"])
+        out.append(row)
+    return out
+
+
+def _dl_id(value: str) -> int:
+    """A dead letter id as the CLI prints it (`7`) or as ``bus.dead_letters`` does (`db-7`)."""
+    raw = value.removeprefix("db-")
+    try:
+        return int(raw)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a dead-letter id (like 7 or db-7)", param_hint="ID"
+        ) from None
+
+
+def _plural(n: int) -> str:
+    return f"{n} dead letter{'' if n == 1 else 's'}"
+
+
+@click.group(short_help="Dead letters: list, show, retry, purge.")
+@db_argument
+@json_option
+@click.pass_context
+def dlq(ctx: click.Context, db: str) -> None:
+    """Dead letters stored in the durable bus's log DB: list, show, retry, purge.
+
+    \b
+      oxbus dlq DB list
+      oxbus dlq DB show ID
+      oxbus dlq DB retry ID... | --all
+      oxbus dlq DB purge [--yes]
+
+    Ids are those `list` prints; `db-7` (as bus.dead_letters shows it) works too.
+    """
+    ctx.obj = db
+
+
+@dlq.command("list", short_help="List dead letters.")
+@click.pass_obj
+@json_option
+def dlq_list(db: str) -> None:
+    """List the dead letters, oldest first (--json: JSON Lines, without the tracebacks).
+    Exit 0 (also when there are none), 3 when DB cannot be read."""
+    with connect(db) as log:
+        rows = _dlq_rows(log)
+    if json_mode():
+        for r in rows:
+            emit_line({k: v for k, v in r.items() if k != "traceback"})
+        return
+    if not rows:
+        click.echo("no dead letters")
+        return
+    click.echo(
+        table(
+            [
+                (
+                    r["id"],
+                    r["position"],
+                    r["subscription"],
+                    r["event_type"],
+                    r["attempts"],
+                    r["last_failed_at"][:19],
+                    f"{r['error_type']}: {r['error_message']}"[:70],
+                )
+                for r in rows
+            ],
+            ("ID", "POSITION", "SUBSCRIPTION", "EVENT TYPE", "ATTEMPTS", "LAST FAILED", "ERROR"),
+        )
+    )
+
+
+@dlq.command("show", short_help="One dead letter: event, error, traceback.")
+@click.pass_obj
+@click.argument("dead_letter_id", metavar="ID")
+@json_option
+def dlq_show(db: str, dead_letter_id: str) -> None:
+    """Show one dead letter with its event and traceback. Exit 1 when there is no such id."""
+    did = _dl_id(dead_letter_id)
+    with connect(db) as log:
+        rows = _dlq_rows(log, [did])
+    if not rows:
+        fail(f"no dead letter with id {did} in {db}")
+    r = rows[0]
+    if json_mode():
+        emit(r)
+        return
+    for k in (
+        "id",
+        "subscription",
+        "attempts",
+        "first_failed_at",
+        "last_failed_at",
+        "error_type",
+        "error_message",
+        "position",
+        "stream_id",
+        "event_type",
+        "event_id",
+    ):
+        click.echo(f"{k + ':':<17}{r[k]}")
+    click.echo(f"{'data:':<17}{json.dumps(r['data'], ensure_ascii=False)}")
+    click.echo(f"{'metadata:':<17}{json.dumps(r['metadata'], ensure_ascii=False)}")
+    click.echo("traceback:")
+    click.echo(
+        "  " + r["traceback"].rstrip().replace("\n", "\n  ") if r["traceback"] else "  (none)"
+    )
+
+
+@dlq.command("retry", short_help="Re-queue dead letters for the next start.")
+@click.pass_obj
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
+@json_option
+def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool) -> None:
+    """Re-queue dead letters: each is delivered again, to its subscription only, the next time
+    a durable bus with that subscription starts on DB.
+
+    It removes the dead letter and the record that the subscription finished the event, so
+    the bus's start-up replay delivers it (a bus running on DB now picks it up at its next
+    start). Give ids or --all. Exit 1 when an id is not found (nothing is changed then).
+    """
+    if bool(ids) == retry_all:
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    wanted = None if retry_all else sorted({_dl_id(i) for i in ids})
+    with connect(db, write=True) as log:
+        try:
+            rows = log.requeue_dead_letters(wanted)  # one transaction
+        except StorageError as e:
+            if str(e).startswith("no dead letter with id"):
+                fail(f"{e}; nothing retried")
+            fail(f"{db}: {e}", UNREACHABLE)
+    if json_mode():
+        emit({"retried": len(rows), "ids": [r[0] for r in rows]})
+    else:
+        click.echo(
+            f"re-queued {_plural(len(rows))}: "
+            "delivered again when a durable bus next starts on this file"
+        )
+
+
+@dlq.command("purge", short_help="Delete every dead letter.")
+@click.pass_obj
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def dlq_purge(db: str, yes: bool) -> None:
+    """Delete every dead letter of DB for good (their events stay in the log and are not
+    delivered again). Asks first unless --yes; exit 1 when declined."""
+    with connect(db, write=True) as log:
+        ((n,),) = query(log, "SELECT COUNT(*) FROM dead_letters")
+        if n and not yes and not click.confirm(f"delete {n} dead letters from {db}?", err=True):
+            fail("nothing purged")
+        try:
+            n = log.purge_dead_letters()
+        except StorageError as e:
+            fail(f"{db}: {e}", UNREACHABLE)
+    if json_mode():
+        emit({"purged": n})
+    else:
+        click.echo(f"purged {_plural(n)}")

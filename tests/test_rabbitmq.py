@@ -455,27 +455,28 @@ async def test_a_group_receives_only_what_its_topic_patterns_match(amqp: Broker)
 
     async def record(e: Any) -> None:
         got.append(e["event_type"])
-        if e["event_type"] == "zz.last":
+        if e["event_type"] == "rmq.last":
             done.set()
 
     bus = EventBus(transport=URL, **amqp.group("topics"))
-    bus.subscribe("order.*", record)  # one word
-    bus.subscribe("invoice.#", record)  # zero or more
-    bus.subscribe("zz.last", record)
+    bus.subscribe("rmq.order.*", record)  # one word
+    bus.subscribe("rmq.invoice.#", record)  # zero or more
+    bus.subscribe("rmq.last", record)
     async with bus:
+        # Type keys of their own: another test module registers a class as "order.placed".
         for t in [
-            "order.placed",
-            "order.eu.placed",
-            "invoice",
-            "invoice.sent.late",
-            "shipment.sent",
-            "zz.last",
+            "rmq.order.placed",
+            "rmq.order.eu.placed",
+            "rmq.invoice",
+            "rmq.invoice.sent.late",
+            "rmq.shipment.sent",
+            "rmq.last",
         ]:
             await bus.publish({"event_type": t})
         await asyncio.wait_for(done.wait(), 20)
         await bus.drain()
         received = bus.get_health_status()["transport"]["received"]
-    assert sorted(got) == ["invoice", "invoice.sent.late", "order.placed", "zz.last"]
+    assert sorted(got) == ["rmq.invoice", "rmq.invoice.sent.late", "rmq.last", "rmq.order.placed"]
     # The broker filtered: what no pattern matches never reached this process.
     assert received == 4
 
@@ -990,3 +991,40 @@ async def test_the_bridge_refuses_a_queue_that_does_not_exist(amqp: Broker) -> N
         await asyncio.wait_for(bridge.start(), 20)  # a hang guard, not a limit
     with pytest.raises(ConfigurationError, match="amqp://"):
         oxbus.AmqpBridge(EventBus(), "redis://127.0.0.1:6379/0")
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "oxbus", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return int(proc.returncode or 0), out.decode()
+
+
+async def test_oxbus_health_reads_a_group_from_rabbitmq(amqp: Broker) -> None:
+    where = ("--group", "billing", "--exchange", amqp.exchange, "--json")
+    rc, out = await _cli("health", URL, *where)
+    assert rc == 1 and json.loads(out)["status"] == "stopped", out  # no member started yet
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, lambda e: None)
+    async with bus:
+        rc, out = await _cli("health", URL, *where)
+        report = json.loads(out)
+        assert rc == 0 and report["status"] == "healthy", out
+        assert report["queues"] == [
+            {"queue": amqp.queue("billing"), "ready": 0, "consumers": 1}
+        ]
+        assert "guest:***@" in report["url"] and report["dead_letters"] == 0
+    # Stopped: the queue stays, with no consumer; what is published waits there.
+    pub = await started(transport=URL, **amqp.group("publisher"))
+    await pub.publish_many(AmqpTick(i) for i in range(3))
+    await pub.stop()
+    rc, out = await _cli("health", URL, *where)
+    report = json.loads(out)
+    assert rc == 1 and report["status"] == "degraded" and report["lag"] == 3, out
+    rc, out = await _cli("health", f"amqp://guest:s3cret@{HOST}:{free_port()}/%2f", *where)
+    assert rc == 3 and "s3cret" not in out, out

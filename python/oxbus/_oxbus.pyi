@@ -296,6 +296,11 @@ class TransportCore:
     @staticmethod
     def rabbitmq(settings: dict[str, Any]) -> Awaitable[TransportCore]:
         """RabbitMQ with `settings` (`oxbus.RabbitMQ.native()`): a connected core."""
+    @staticmethod
+    def rabbitmq_queues(
+        url: str, queues: list[str], timeout: float
+    ) -> Awaitable[list[tuple[int, int] | None]]:
+        """Ready messages and consumers of each queue on RabbitMQ (None: no such queue)."""
     @property
     def kind(self) -> str: ...
     def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...

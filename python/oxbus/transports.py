@@ -23,8 +23,9 @@ import os
 import re
 import socket
 from dataclasses import dataclass, fields
+from collections.abc import Iterable
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from oxbus.config import choice, non_negative_int, positive_int, seconds
 from oxbus.errors import ConfigurationError

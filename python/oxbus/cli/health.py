@@ -54,12 +54,32 @@ def _redis_group(url: str, timeout: float, where: dict[str, str]) -> dict[str, A
     from oxbus.transports import redact
 
     async def read() -> dict[str, Any]:
-        return await asyncio.wait_for(_group_health.read(url, **where), timeout)
+        return await asyncio.wait_for(
+            _group_health.read(url, group=where["group"], stream=where["stream"]), timeout
+        )
 
     try:
         return asyncio.run(read())
     except (TransportError, asyncio.TimeoutError) as e:
         fail(f"{redact(url)}: unreachable: {e or 'timed out'}", UNREACHABLE)
+
+
+def _rabbitmq_group(url: str, timeout: float, where: dict[str, str]) -> dict[str, Any]:
+    """A RabbitMQ consumer group, read from RabbitMQ: its queue(s), the messages waiting and
+    their consumers (see ``oxbus._queue_health``)."""
+    from oxbus import _queue_health
+    from oxbus.errors import TransportError
+    from oxbus.transports import redact
+
+    async def read() -> dict[str, Any]:
+        return await _queue_health.read(
+            url, group=where["group"], exchange=where["exchange"], timeout=timeout
+        )
+
+    try:
+        return asyncio.run(read())
+    except TransportError as e:
+        fail(f"{redact(url)}: unreachable: {e}", UNREACHABLE)
 
 
 #: Where a report comes from, by the URL's scheme (a URL without one is http://).
@@ -69,6 +89,8 @@ SOURCES: dict[str, Callable[[str, float, dict[str, str]], dict[str, Any]]] = {
     "redis": _redis_group,
     "rediss": _redis_group,
     "unix": _redis_group,
+    "amqp": _rabbitmq_group,
+    "amqps": _rabbitmq_group,
 }
 
 
@@ -98,7 +120,7 @@ def _report(url: str, timeout: float, where: dict[str, str]) -> dict[str, Any]:
     source = SOURCES.get(scheme)
     if source is None:
         raise click.BadParameter(
-            f"{url!r}: health is read from a bus's metrics endpoint or a Redis group "
+            f"{url!r}: health is read from a bus's metrics endpoint, a Redis or a RabbitMQ group "
             f"({' or '.join(s + '://' for s in SOURCES)}), not from {scheme}://",
             param_hint="URL",
         )
@@ -110,7 +132,7 @@ def _show(report: dict[str, Any]) -> None:
         click.echo(f"{k + ':':<28}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
 
 
-@click.command(short_help="A running bus's health (its metrics endpoint), or a Redis group's.")
+@click.command(short_help="A running bus's health (its metrics endpoint), or a broker group's.")
 @click.argument("url")
 @click.option(
     "--timeout",
@@ -119,10 +141,13 @@ def _show(report: dict[str, Any]) -> None:
     show_default=True,
     help="Seconds to wait for an answer.",
 )
-@click.option("--group", default="default", show_default=True, help="With a redis:// URL.")
+@click.option(
+    "--group", default="default", show_default=True, help="With a redis:// or amqp:// URL."
+)
 @click.option("--stream", default="oxbus:events", show_default=True, help="With a redis:// URL.")
+@click.option("--exchange", default="oxbus.events", show_default=True, help="With an amqp:// URL.")
 @json_option
-def health(url: str, timeout: float, group: str, stream: str) -> None:
+def health(url: str, timeout: float, group: str, stream: str, exchange: str) -> None:
     """Print a running bus's health, from its metrics endpoint (GET URL/health, as served by
     oxbus.metrics.serve(bus, port=...)). URL is like http://localhost:9100 or localhost:9100.
     --json prints the report as one object.
@@ -130,10 +155,15 @@ def health(url: str, timeout: float, group: str, stream: str) -> None:
     With a redis://, rediss:// or unix:// URL: the consumer group GROUP on STREAM as Redis
     holds it (with partitions=N): its live members and which one holds each partition.
 
+    With an amqp:// or amqps:// URL: the consumer group GROUP on EXCHANGE as RabbitMQ holds
+    it: its queue(s) (<exchange>.<group>, or one per partition), the messages waiting in each,
+    their consumers, and the dead letters.
+
     Exit 0 when the status is healthy, 1 when degraded or stopped (a Redis group: a partition
-    held by no live member, or no member at all), 3 when URL does not answer.
+    held by no live member, or no member at all; a RabbitMQ group: a queue with no consumer,
+    or no queue), 3 when URL does not answer.
     """
-    report = _report(url, timeout, {"group": group, "stream": stream})
+    report = _report(url, timeout, {"group": group, "stream": stream, "exchange": exchange})
     text = TEXT.get(_scheme(url)[1])
     if json_mode():
         emit(report)

@@ -172,6 +172,23 @@ impl PyTransportCore {
         runtime::future_into_py(py, redis::read_group(url, stream, group))
     }
 
+    /// Ready messages and consumers of each of `queues` on RabbitMQ (None: no such queue),
+    /// read with passive declares (changes nothing) -> awaitable of that list.
+    #[staticmethod]
+    fn rabbitmq_queues(
+        py: Python<'_>,
+        url: String,
+        queues: Vec<String>,
+        timeout: f64,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 3600.0));
+        runtime::future_into_py(py, async move {
+            crate::transport::rabbitmq::inspect(&url, &queues, timeout)
+                .await
+                .map_err(|e| to_py(&e))
+        })
+    }
+
     /// "redis", "rabbitmq", ...
     #[getter]
     fn kind(&self) -> &'static str {

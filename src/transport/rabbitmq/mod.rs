@@ -38,7 +38,7 @@ pub use consume::Ledger;
 use consume::{consumer, health_reader, Settle};
 pub use publish::HASH_HEADER;
 use publish::{publisher, Batch};
-pub use topology::binding_keys;
+pub use topology::{binding_keys, inspect};
 use topology::{declare, declare_exchange};
 
 const KIND: &str = "rabbitmq";

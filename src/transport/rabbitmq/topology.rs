@@ -51,6 +51,66 @@ pub(super) async fn declare_exchange(shared: &Shared, ch: &Channel) -> lapin::Re
 
 /// The group's topology, declared anew on every connection (a restarted broker keeps the
 /// durable parts; declaring is idempotent).
+/// What the broker holds of some queues (for `oxbus health amqp://...`): per queue, its ready
+/// messages and consumers, or `None` when it does not exist. Passive declares: nothing is
+/// created or changed. The whole reading is bounded by `timeout`.
+///
+/// # Errors
+/// The broker cannot be reached (or does not answer within `timeout`), naming it.
+pub async fn inspect(
+    url: &str,
+    queues: &[String],
+    timeout: std::time::Duration,
+) -> Result<Vec<Option<(u32, u32)>>, TransportError> {
+    let broker = |message: String| TransportError::Broker {
+        broker: "rabbitmq",
+        url: super::redact(url),
+        message,
+    };
+    let read = async {
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .map_err(|e| broker(e.to_string()))?;
+        let mut out = Vec::with_capacity(queues.len());
+        let mut ch = None;
+        for q in queues {
+            if ch.is_none() {
+                ch = Some(
+                    conn.create_channel()
+                        .await
+                        .map_err(|e| broker(e.to_string()))?,
+                );
+            }
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let Some(c) = &ch else { continue };
+            match c
+                .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                .await
+            {
+                Ok(info) => out.push(Some((info.message_count(), info.consumer_count()))),
+                Err(e) if e.to_string().contains("NOT_FOUND") => {
+                    out.push(None);
+                    ch = None; // a 404 closes the channel
+                }
+                Err(e) => return Err(broker(e.to_string())),
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        Ok(out)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(broker(format!(
+                "no answer within {:.1}s",
+                timeout.as_secs_f64()
+            )))
+        })
+}
+
 /// What a consumer needs: the group's topology, or (the bridge) that the queues of other
 /// systems exist (passive declares: nothing is created or changed).
 pub(super) async fn declare(shared: &Shared, ch: &Channel) -> lapin::Result<()> {

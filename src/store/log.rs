@@ -7,6 +7,9 @@
 //! against another process writing the same file. Versions start at 1; `expected_version` is
 //! the stream's version before the append (0 for a new stream).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -271,6 +274,8 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 pub struct Log {
     conn: Connection,
     path: String,
+    /// Set by the WAL hook when the WAL outgrew `delegate_checkpoints`'s `inline_at`.
+    overdue: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Log {
@@ -307,6 +312,7 @@ impl Log {
             source: e,
         })?;
         let log = Self {
+            overdue: Arc::default(),
             conn,
             path: path.to_owned(),
         };
@@ -432,6 +438,7 @@ impl Log {
                     source: e,
                 })?;
             let log = Self {
+                overdue: Arc::default(),
                 conn,
                 path: path.to_owned(),
             };
@@ -568,17 +575,47 @@ impl Log {
                 source: e,
             })?;
         let path = self.path.clone();
+        let overdue = Arc::clone(&self.overdue);
         self.conn
-            .wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+            .wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
                 wake(pages);
                 if pages >= inline_at {
-                    // Passive; BUSY while the other thread checkpoints: the next commit tries
-                    // again. Never an error from here: the commit itself has succeeded.
-                    let _ = wal.checkpoint();
+                    overdue.store(true, Ordering::Relaxed); // see `checkpoint_if_overdue`
                 }
                 Ok(())
             }))
             .map_err(|e| StoreError::Sqlite { path, source: e })
+    }
+
+    /// When the WAL outgrew the inline threshold (the checkpoint thread fell behind: a loaded
+    /// machine starved it), a RESTART checkpoint on this connection, between two transactions,
+    /// retried for up to a second: it copies every frame and lets the next commit start the WAL
+    /// over. A PASSIVE one could not: this writer appends between two of them, so the WAL
+    /// would never be wholly copied and would keep growing. It is retried because a checkpoint
+    /// the other thread runs makes it BUSY at once (SQLite waits for writers and readers, not
+    /// for another checkpointer); with no commit meanwhile, that one completes too. Still busy
+    /// after the second: the next call tries again. So commits pause only when the WAL has
+    /// already grown large.
+    pub fn checkpoint_if_overdue(&self) {
+        if !self.overdue.load(Ordering::Relaxed) {
+            return;
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let busy = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+            match busy {
+                Ok(0) => {
+                    self.overdue.store(false, Ordering::Relaxed);
+                    return;
+                }
+                Ok(_) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                _ => return,
+            }
+        }
     }
 
     /// The file path as given.

@@ -523,6 +523,7 @@ impl WalGuard {
     }
 }
 
+#[allow(clippy::too_many_lines)] // one loop: take a batch, apply it, answer it
 fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: bool) {
     let mut closing = false;
     let mut known = Known::default();
@@ -609,12 +610,13 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: 
                 .map(|(t, _)| (t, Err(WalGuard::error(&log))))
                 .collect();
         }
-        let mut results = guard.vet(&log, apply(&mut log, batch, &marked, &mut known));
+        let mut results = apply(&mut log, batch, &marked, &mut known);
+        results = guard.vet(&log, results);
         results.extend(refused);
         if !results.is_empty() {
             sink.deliver(results);
         }
-        log.checkpoint_if_overdue();
+        log.checkpoint_if_overdue(); // after the results: they never wait for it
     }
     // Requests still queued after Close are refused, not silently dropped.
     let rest: Vec<(u64, Result<Reply>)> = deferred

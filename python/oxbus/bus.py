@@ -21,6 +21,8 @@ from oxbus._oxbus import BusCore, RetryPolicy, Worker, current_envelope, encode_
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
+from oxbus._saga_runtime import SagaManager, Sagas, empty_statistics
+from oxbus.saga import Saga
 from oxbus._threadsafe import ThreadsafePublisher
 from oxbus.backends import admit, backend_for, store_of
 from oxbus.config import BusSettings, CircuitBreaker, seconds as _timeout
@@ -42,6 +44,7 @@ logger = logging.getLogger("oxbus")
 
 Handler = Callable[[Any], Union[Awaitable[Any], Any]]
 H = TypeVar("H", bound=Handler)
+S = TypeVar("S", bound="type[Saga]")
 Target = Any  # a class, a type string or pattern, or an Enum member
 
 
@@ -146,6 +149,7 @@ class EventBus:
         # Every subscription made, by id (kept after unsubscribe: dead letters name them).
         self._subscriptions: dict[int, Subscription] = {}
         self._threadsafe = ThreadsafePublisher()
+        self._sagas: SagaManager | None = None
 
     @property
     def transport(self) -> Transport:
@@ -169,6 +173,8 @@ class EventBus:
             task.add_done_callback(self._on_worker_done)
         try:
             await self._backend.start()  # the durable bus's replay; connecting to a broker
+            if self._sagas is not None:
+                await self._sagas.start()  # instances loaded, deadlines armed
         except BaseException:
             await self.stop(drain=False)  # a failed start leaves the bus stopped
             raise
@@ -205,6 +211,8 @@ class EventBus:
         self._refuse_inside_handler("stop")
         if self._heartbeats is not None:
             await self._heartbeats.stop()
+        if self._sagas is not None:
+            await self._sagas.stop()  # no deadline fires from here on
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # Intake closes first: a publish from outside the bus is refused (BusClosed) from
@@ -403,6 +411,34 @@ class EventBus:
             return sid >= 0 and bool(self._core.unsubscribe(sid))
         return bool(self._core.unsubscribe_handler(subscription, handler))
 
+    def register_saga(self, saga: S) -> S:
+        """Registers a saga class (see [`oxbus.Saga`][oxbus.Saga]): each of its steps'
+        event types is subscribed (subscriptions named ``Saga.step``), and events find their
+        instance by the saga's ``key``. Returns the class, so it can be a decorator.
+
+        A definition that cannot work raises [`InvalidSaga`][oxbus.errors.InvalidSaga] here,
+        naming the problem: no ``key``, no ``starts=True`` step, a step that is not
+        ``async def``, an event type taken by two steps, a name registered already.
+
+        ```python
+        bus.register_saga(OrderSaga)
+        ```
+        """
+        if self._sagas is None:
+            self._sagas = SagaManager(self)
+            self._failures.on_give_up = self._sagas.on_give_up
+        self._sagas.register(saga)
+        return saga
+
+    @property
+    def sagas(self) -> Sagas:
+        """The saga instances of this bus: ``await bus.sagas.instances(OrderSaga)``,
+        ``await bus.sagas.get(OrderSaga, key)`` (see ``oxbus.saga``)."""
+        if self._sagas is None:
+            self._sagas = SagaManager(self)
+            self._failures.on_give_up = self._sagas.on_give_up
+        return Sagas(self._sagas)
+
     def subscriptions(self) -> list[dict[str, Any]]:
         """Every subscription: id, name, priority and target, in subscription order."""
         return [
@@ -546,9 +582,13 @@ class EventBus:
         """Counters: events_published, events_processed, events_failed (handler calls that
         raised), retried, dead_lettered, avg_processing_time_ms, handler_latency_ms
         (p50/p90/p99/max), queue_size, retry_queue_size, failed_events_count,
-        subscription_count, is_running, worker_count, by_event_type, uptime_seconds."""
+        subscription_count, is_running, worker_count, by_event_type, uptime_seconds, and the
+        sagas' instances: sagas_started, sagas_completed, sagas_compensated (compensations
+        published), sagas_failed, sagas_ignored (events no instance took), sagas_duplicates
+        (events applied already), sagas_running."""
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
+        s.update(empty_statistics() if self._sagas is None else self._sagas.statistics())
         return s
 
     def get_stats(self) -> dict[str, Any]:

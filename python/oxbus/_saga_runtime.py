@@ -1,0 +1,768 @@
+"""How a bus runs its sagas (the public face is ``oxbus.saga``): one ``Runner`` per registered
+saga class applies events to its instances; the ``SagaManager`` of a bus holds the runners, the
+deadline timer, the statistics and the hook the failure bookkeeping calls when the retry policy
+gives up on a step. Where instances are kept is a book: ``MemoryBook`` here, ``DurableBook``
+(``oxbus._saga_store``) on a durable bus.
+
+Invariants:
+
+- one event at a time per instance: every change of an instance (a step, a give-up, a deadline
+  firing) holds that key's lock from reading the instance to recording the change;
+- a step runs on copies (``Effects``); the instance changes only once the change is recorded
+  (on a durable bus: committed), so a step that raises, or a commit that fails, leaves it as
+  it was;
+- an event is applied to an instance at most once: its reference (event id; log position on a
+  durable bus) is recorded with the change it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from oxbus._oxbus import Envelope, current_envelope, decode_json, encode_json
+from oxbus.errors import BusClosed, BusNotStarted, ConfigurationError, InvalidEvent, InvalidSaga
+from oxbus.saga import STATES, Saga, SagaDef, SagaInstance, StepDef, define, target_label
+
+if TYPE_CHECKING:
+    from oxbus.bus import EventBus
+
+__all__ = ["Effects", "Instance", "MemoryBook", "Runner", "SagaManager", "Sagas"]
+
+logger = logging.getLogger("oxbus")
+
+#: The counters ``get_statistics()`` shows.
+COUNTERS = ("started", "completed", "compensated", "failed", "ignored", "duplicates")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def type_key_of(event: Any) -> str:
+    """An event's type key, by the bus's rule."""
+    if isinstance(event, dict):
+        t = event.get("event_type")
+    else:
+        t = getattr(event, "event_type", None)
+    if isinstance(t, Enum):
+        t = t.value
+    return t if isinstance(t, str) and t else type(event).__name__
+
+
+@dataclass
+class Instance:
+    """A saga instance as the runtime keeps it (see ``oxbus.SagaInstance`` for the view)."""
+
+    key: str
+    status: str = "running"
+    step: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    compensations: list[Any] = field(default_factory=list)
+    #: name -> (due on the clock, event)
+    deadlines: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    applied: set[str] = field(default_factory=set)
+    error: str | None = None
+    correlation_id: str | None = None
+    steps: int = 0
+    compensated: bool = False
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def view(self, saga: str) -> SagaInstance:
+        return SagaInstance(
+            saga=saga,
+            key=self.key,
+            status=self.status,
+            step=self.step,
+            state=decode_json(encode_json(self.state)),
+            steps=self.steps,
+            compensations=[type_key_of(e) for e in self.compensations],
+            deadlines={n: due for n, (due, _) in sorted(self.deadlines.items())},
+            compensated=self.compensated,
+            error=self.error,
+            correlation_id=self.correlation_id,
+            started_at=self.started_at,
+            updated_at=self.updated_at,
+        )
+
+
+class Effects:
+    """What one step does, recorded on copies and applied when it returns."""
+
+    def __init__(self, runner: Runner, inst: Instance) -> None:
+        self._runner = runner
+        self.state: dict[str, Any] = decode_json(encode_json(inst.state))
+        self.published: list[tuple[Any, Any]] = []
+        self.compensations = list(inst.compensations)
+        self.deadlines = dict(inst.deadlines)
+        self.status: str | None = None
+        self.error: str | None = None
+        self.compensated = False
+
+    def publish(self, event: Any, key: Any) -> None:
+        self._runner.check_event(event, "publish")
+        self.published.append((event, key))
+
+    def on_failure(self, event: Any) -> None:
+        self._runner.check_event(event, "on_failure", stored=True)
+        self.compensations.append(event)
+
+    def deadline(self, seconds: Any, event: Any, name: str | None) -> str:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not (seconds >= 0 and math.isfinite(seconds))
+        ):
+            raise ConfigurationError(f"deadline seconds must be a number >= 0, got {seconds!r}")
+        self._runner.check_event(event, "deadline", stored=True)
+        if name is None:
+            name = type_key_of(event)
+        elif not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a deadline name must be a non-empty str, got {name!r}")
+        self.deadlines[name] = (self._runner.manager.timer.now() + float(seconds), event)
+        return name
+
+    def cancel_deadline(self, name: Any) -> bool:
+        if isinstance(name, type):
+            from oxbus.registry import type_key
+
+            name = type_key(name)
+        return self.deadlines.pop(name, None) is not None
+
+    def compensate(self) -> None:
+        for event in reversed(self.compensations):
+            self.published.append((event, None))
+        self.compensations = []
+        self.compensated = True
+        self.end("compensated", None)
+
+    def end(self, status: str, error: str | None) -> None:
+        self.status, self.error = status, error
+
+
+class Book(Protocol):
+    """Where a saga's instances are kept."""
+
+    durable: bool
+
+    async def load(self, runner: Runner) -> list[Instance]:
+        """The running instances, with their applied references and deadlines."""
+
+    async def find(self, runner: Runner, key: str) -> Instance | None:
+        """An instance that is not running (or not loaded), or None."""
+
+    async def commit(
+        self,
+        runner: Runner,
+        after: Instance | None,
+        ref: str | None,
+        events: list[tuple[Any, Any]],
+        done: tuple[str, int] | None,
+        correlation_id: Any,
+    ) -> list[int] | None:
+        """Records a change: the instance as it is now (None: only its deadlines changed, as
+        ``after.deadlines``... see DurableBook), the reference applied, the events to publish.
+        Returns their log positions (None without a log). Raises ``Applied`` when ``ref``
+        was applied already."""
+
+    async def instances(self, runner: Runner, state: str | None) -> list[Instance]:
+        """Every instance (of ``state``)."""
+
+
+class Applied(Exception):
+    """The event was applied to the instance already (found at commit)."""
+
+
+class MemoryBook:
+    """No store: ended instances stay in memory."""
+
+    durable = False
+
+    def __init__(self) -> None:
+        self.ended: dict[tuple[str, str], Instance] = {}
+
+    async def load(self, runner: Runner) -> list[Instance]:
+        return []
+
+    async def find(self, runner: Runner, key: str) -> Instance | None:
+        return self.ended.get((runner.name, key))
+
+    async def commit(
+        self,
+        runner: Runner,
+        after: Instance | None,
+        ref: str | None,
+        events: list[tuple[Any, Any]],
+        done: tuple[str, int] | None,
+        correlation_id: Any,
+    ) -> list[int] | None:
+        if after is not None and after.status != "running":
+            self.ended[(runner.name, after.key)] = after
+        return None
+
+    async def instances(self, runner: Runner, state: str | None) -> list[Instance]:
+        found = list(runner.live.values()) + [
+            i for (s, _), i in self.ended.items() if s == runner.name
+        ]
+        return [i for i in found if state is None or i.status == state]
+
+
+class _Locks:
+    """One asyncio lock per key, kept while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def _ref(env: Envelope | None, event: Any) -> str:
+    """What identifies an event for "applied at most once": its log position on a durable
+    bus (a row has one, whatever the event's class keeps), else its event id."""
+    if env is None:
+        eid = (
+            getattr(event, "event_id", None)
+            if not isinstance(event, dict)
+            else event.get("event_id")
+        )
+        return str(eid) if eid is not None else f"object:{id(event)}"
+    if env.position is not None:
+        return f"@{env.position}"
+    return str(env.event_id)
+
+
+class Runner:
+    """One saga class on one bus."""
+
+    def __init__(self, manager: SagaManager, sdef: SagaDef) -> None:
+        self.manager = manager
+        self.sdef = sdef
+        self.name = sdef.name
+        self.live: dict[str, Instance] = {}
+        self.lock = _Locks()
+        self._loaded: asyncio.Future[None] | None = None
+        self._class_targets = {t: s for s in sdef.steps for t in s.targets if isinstance(t, type)}
+        self._str_targets = {t: s for s in sdef.steps for t in s.targets if isinstance(t, str)}
+
+    # ------------------------------------------------------------------- routing
+
+    def target_for(self, event: Any) -> Any:
+        """The step target that takes ``event``: the most specific class, else its type key."""
+        if not isinstance(event, dict):
+            for klass in type(event).__mro__:
+                if klass in self._class_targets:
+                    return klass
+        t = type_key_of(event)
+        return t if t in self._str_targets else None
+
+    def key_of(self, event: Any) -> str:
+        field_ = self.sdef.key
+        value = event.get(field_) if isinstance(event, dict) else getattr(event, field_, None)
+        if isinstance(value, Enum):
+            value = value.value
+        if value is None:
+            raise InvalidEvent(
+                f"saga {self.name}: the {type_key_of(event)} event has no {field_!r} (the "
+                "saga's key), so it names no instance"
+            )
+        if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
+            raise InvalidEvent(
+                f"saga {self.name}: the key {field_!r} of a {type_key_of(event)} event must be "
+                f"a str, int or UUID, got {value!r}"
+            )
+        return str(value)
+
+    def check_event(self, event: Any, what: str, stored: bool = False) -> None:
+        if event is None:
+            raise InvalidEvent(f"saga {self.name}: {what}(None): give an event")
+        if stored and self.manager.book.durable and not isinstance(event, dict):
+            from oxbus.registry import lookup
+
+            if lookup(type_key_of(event)) is None:
+                raise InvalidSaga(
+                    f"saga {self.name}: {what}({type(event).__qualname__}(...)) is stored with "
+                    f"the instance, and {type_key_of(event)!r} is not a registered event type: "
+                    "decorate the class with @oxbus.register_event (DomainEvent subclasses are "
+                    "registered already) so a restart can rebuild it"
+                )
+
+    # ----------------------------------------------------------------- instances
+
+    async def ensure_loaded(self) -> None:
+        """Loads the running instances once (a durable bus; at start, or at the first event)."""
+        if self._loaded is None:
+            self._loaded = asyncio.get_running_loop().create_future()
+            try:
+                for inst in await self.manager.book.load(self):
+                    self.live[inst.key] = inst
+                    for name, (due, _) in inst.deadlines.items():
+                        self.manager.timer.add(due, self, inst.key, name)
+            except BaseException as e:
+                fut, self._loaded = self._loaded, None
+                fut.set_exception(e)
+                fut.exception()  # retrieved: the next call tries again
+                raise
+            self._loaded.set_result(None)
+        elif not self._loaded.done():
+            await asyncio.shield(self._loaded)
+
+    async def _find(self, key: str) -> Instance | None:
+        inst = self.live.get(key)
+        if inst is not None:
+            return inst
+        inst = await self.manager.book.find(self, key)
+        if inst is not None and inst.status == "running":
+            self.live[key] = inst  # not loaded at start (another process wrote it)
+        return inst
+
+    def _bind(self, inst: Instance, fx: Effects) -> Saga:
+        obj: Saga = object.__new__(self.sdef.cls)
+        obj.state = fx.state
+        obj.saga_id = inst.key
+        obj.current_step = inst.step
+        obj._oxbus_effects = fx
+        return obj
+
+    # ------------------------------------------------------------------ applying
+
+    def handler(self, step: StepDef, target: Any) -> Callable[[Any], Awaitable[None]]:
+        async def handle(event: Any) -> None:
+            await self.apply(step, target, event)
+
+        handle.__qualname__ = f"{self.name}.{step.method}"
+        return handle
+
+    async def apply(self, step: StepDef, target: Any, event: Any) -> None:
+        if self.target_for(event) != target:
+            return  # a step of a more specific type takes it, through its own subscription
+        key = self.key_of(event)
+        env = current_envelope()
+        ref = _ref(env, event)
+        await self.ensure_loaded()
+        stats = self.manager.stats
+        async with self.lock(key):
+            inst = await self._find(key)
+            new = inst is None
+            if inst is None:
+                if not step.starts:
+                    stats["ignored"] += 1
+                    return
+                inst = Instance(key, correlation_id=_text(env.correlation_id if env else None))
+            elif ref in inst.applied:
+                stats["duplicates"] += 1
+                return
+            elif inst.status != "running":
+                stats["ignored"] += 1
+                return
+            fx = Effects(self, inst)
+            await step.fn(self._bind(inst, fx), event)
+            await self._record(inst, new, fx, step.method, ref, env, correlation_id=None)
+
+    async def gave_up(self, step: StepDef, env: Envelope, error: BaseException) -> None:
+        """The retry policy gave up on ``step`` for ``env``'s event: the instance's
+        compensations are published and it ends failed with the error."""
+        event = env.event
+        try:
+            key = self.key_of(event)
+        except InvalidEvent:
+            return  # it named no instance
+        ref = _ref(env, event)
+        cls = type(error)
+        name = (
+            cls.__qualname__
+            if cls.__module__ == "builtins"
+            else f"{cls.__module__}.{cls.__qualname__}"
+        )
+        async with self.lock(key):
+            inst = await self._find(key)
+            new = inst is None
+            if inst is None:
+                if not step.starts:
+                    return
+                inst = Instance(key, correlation_id=_text(env.correlation_id))
+            elif inst.status != "running" or ref in inst.applied:
+                return
+            fx = Effects(self, inst)
+            if fx.compensations:
+                fx.compensate()
+            fx.end("failed", f"{step.method}: {name}: {error}")
+            await self._record(
+                inst, new, fx, inst.step, ref, env, correlation_id=env.correlation_id
+            )
+            logger.error(
+                "saga %s %s failed in step %s: %s: %s%s",
+                self.name,
+                key,
+                step.method,
+                name,
+                error,
+                " (compensations published)" if fx.compensated else "",
+            )
+
+    async def _record(
+        self,
+        inst: Instance,
+        new: bool,
+        fx: Effects,
+        step: str | None,
+        ref: str,
+        env: Envelope | None,
+        correlation_id: Any,
+    ) -> None:
+        """Records what a step did, then publishes its events. Once the commit is sent it
+        is seen through even if the caller is cancelled (a step timeout, a stop), so the
+        instance in memory never lags the file while this key's lock is free."""
+        await _uncancelled(self._commit(inst, new, fx, step, ref, env, correlation_id))
+
+    async def _commit(
+        self,
+        inst: Instance,
+        new: bool,
+        fx: Effects,
+        step: str | None,
+        ref: str,
+        env: Envelope | None,
+        correlation_id: Any,
+    ) -> None:
+        status = fx.status or "running"
+        now = _now()
+        # As a durable bus would store it (and refusing what it could not).
+        state = decode_json(encode_json(fx.state))
+        after = replace(
+            inst,
+            status=status,
+            step=step,
+            state=state,
+            compensations=fx.compensations,
+            deadlines=fx.deadlines if status == "running" else {},
+            error=fx.error or inst.error,
+            steps=inst.steps + 1,
+            compensated=inst.compensated or fx.compensated,
+            started_at=inst.started_at or now,
+            updated_at=now,
+            applied=inst.applied,
+        )
+        done = None
+        if env is not None and env.position is not None and env.subscription is not None:
+            done = (env.subscription, env.position)
+        book = self.manager.book
+        try:
+            positions = await book.commit(self, after, ref, fx.published, done, correlation_id)
+        except Applied:
+            # The file has it although this instance did not know: read it again next time.
+            self.manager.stats["duplicates"] += 1
+            self.live.pop(inst.key, None)
+            return
+        inst_applied = inst.applied
+        inst_applied.add(ref)
+        after.applied = inst_applied
+        if status == "running":
+            self.live[inst.key] = after
+            for name, (due, _) in after.deadlines.items():
+                if inst.deadlines.get(name, (None,))[0] != due:
+                    self.manager.timer.add(due, self, inst.key, name)
+        else:
+            self.live.pop(inst.key, None)
+        stats = self.manager.stats
+        stats["started"] += new
+        stats["compensated"] += fx.compensated
+        if status in ("completed", "failed"):
+            stats[status] += 1
+        await self.manager.dispatch(fx.published, positions, correlation_id)
+
+    async def fire(self, key: str, name: str, due: float) -> bool:
+        """Publishes a deadline's event if it is still set for ``due``."""
+        async with self.lock(key):
+            inst = self.live.get(key)
+            entry = None if inst is None else inst.deadlines.get(name)
+            if inst is None or entry is None or entry[0] != due:
+                return False
+            event = entry[1]
+            remaining = {n: d for n, d in inst.deadlines.items() if n != name}
+            after = replace(inst, deadlines=remaining)
+            await _uncancelled(self._fired(after, event))
+        return True
+
+    async def _fired(self, after: Instance, event: Any) -> None:
+        positions = await self.manager.book.commit(
+            self, after, None, [(event, None)], None, after.correlation_id
+        )
+        self.live[after.key] = after
+        await self.manager.dispatch([(event, None)], positions, after.correlation_id)
+
+
+async def _uncancelled(aw: Awaitable[None]) -> None:
+    """Runs ``aw`` to its end even when the caller is cancelled meanwhile; then the caller's
+    cancellation goes on (its ``CancelledError`` is raised)."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise  # the work itself was cancelled (the loop is closing)
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _text(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+class Timer:
+    """The deadlines of a bus's sagas, on the bus's clock: one task sleeps until the earliest
+    and fires what is due. Entries are checked against the instance when they fire, so a
+    cancelled or replaced deadline needs no removal."""
+
+    def __init__(self, clock: Any) -> None:
+        self.now: Callable[[], float] = clock.time if clock is not None else time.time
+        self._sleep: Callable[[float], Awaitable[Any]] = (
+            clock.sleep if clock is not None else asyncio.sleep
+        )
+        self._heap: list[tuple[float, int, Runner, str, str]] = []
+        self._seq = itertools.count()
+        self._changed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, due: float, runner: Runner, key: str, name: str) -> None:
+        earliest = self._heap[0][0] if self._heap else math.inf
+        heapq.heappush(self._heap, (due, next(self._seq), runner, key, name))
+        if due < earliest and self._changed is not None:
+            self._changed.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._changed = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="oxbus-saga-deadlines"
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._changed = None
+
+    async def fire_due(self) -> int:
+        """Fires every deadline due now; returns how many events were published."""
+        fired = 0
+        now = self.now()
+        while self._heap and self._heap[0][0] <= now:
+            due, _, runner, key, name = heapq.heappop(self._heap)
+            try:
+                fired += await runner.fire(key, name, due)
+            except (BusClosed, BusNotStarted):
+                heapq.heappush(self._heap, (due, next(self._seq), runner, key, name))
+                raise
+            except Exception:
+                logger.exception("saga %s %s: deadline %s could not fire", runner.name, key, name)
+        return fired
+
+    async def _run(self) -> None:
+        assert self._changed is not None
+        changed = self._changed
+        while True:
+            try:
+                await self.fire_due()
+            except (BusClosed, BusNotStarted):
+                return
+            changed.clear()
+            if not self._heap:
+                await changed.wait()
+                continue
+            sleeper = asyncio.ensure_future(self._sleep(max(0.0, self._heap[0][0] - self.now())))
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                waiter.cancel()
+
+
+class SagaManager:
+    """The sagas of one bus."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+        self.runners: dict[str, Runner] = {}
+        self.by_sub: dict[int, tuple[Runner, StepDef]] = {}
+        self.stats: Counter[str] = Counter()
+        self.timer = Timer(bus.clock)
+        store = bus._store
+        if store is not None:
+            from oxbus._saga_store import DurableBook
+
+            self.book: Book = DurableBook(store)
+        else:
+            self.book = MemoryBook()
+
+    def register(self, cls: Any) -> SagaDef:
+        sdef = define(cls)
+        if sdef.name in self.runners:
+            raise InvalidSaga(f"a saga named {sdef.name!r} is registered on this bus already")
+        runner = Runner(self, sdef)
+        names = []
+        for s in sdef.steps:
+            for t in s.targets:
+                sub = f"{sdef.name}.{s.method}" + (
+                    f"[{target_label(t)}]" if len(s.targets) > 1 else ""
+                )
+                if self.bus._core.has_name(sub):
+                    raise InvalidSaga(
+                        f"saga {sdef.name}: a subscription named {sub!r} exists already"
+                    )
+                names.append((s, t, sub))
+        for s, t, sub in names:
+            sid = self.bus.subscribe(
+                t,
+                runner.handler(s, t),
+                name=sub,
+                retry=sdef.cls.retry,
+                timeout=sdef.cls.timeout,
+            )
+            self.by_sub[int(sid[4:])] = (runner, s)
+        self.runners[sdef.name] = runner
+        if self.bus.is_running:
+            self.bus._spawn(runner.ensure_loaded())
+        return sdef
+
+    async def start(self) -> None:
+        for runner in list(self.runners.values()):
+            await runner.ensure_loaded()
+        self.timer.start()
+
+    async def stop(self) -> None:
+        await self.timer.stop()
+
+    def on_give_up(
+        self, sub_id: int
+    ) -> Callable[[Envelope, BaseException], Awaitable[None]] | None:
+        """The hook for a saga step's subscription, or None."""
+        found = self.by_sub.get(sub_id)
+        if found is None:
+            return None
+        runner, step = found
+
+        async def gave_up(env: Envelope, error: BaseException) -> None:
+            try:
+                await runner.gave_up(step, env, error)
+            except Exception:
+                logger.exception(
+                    "saga %s: recording the failed step %s failed", runner.name, step.method
+                )
+
+        return gave_up
+
+    async def dispatch(
+        self, events: list[tuple[Any, Any]], positions: list[int] | None, correlation_id: Any
+    ) -> None:
+        """Publishes events a saga change recorded (on a durable bus: committed already)."""
+        if not events:
+            return
+        bus = self.bus
+        if positions is None:
+            for event, key in events:
+                await bus.publish(event, key, correlation_id)
+            return
+        from oxbus.backends import admit
+
+        core = bus._core
+        for (event, key), position in zip(events, positions):
+            waiter = core.publish(event, key, correlation_id, position)
+            if waiter is not None:
+                await admit(core, waiter)
+
+    def statistics(self) -> dict[str, Any]:
+        s: dict[str, Any] = {f"sagas_{c}": self.stats[c] for c in COUNTERS}
+        s["sagas_running"] = sum(len(r.live) for r in self.runners.values())
+        return s
+
+
+def empty_statistics() -> dict[str, Any]:
+    s: dict[str, Any] = {f"sagas_{c}": 0 for c in COUNTERS}
+    s["sagas_running"] = 0
+    return s
+
+
+class Sagas:
+    """``bus.sagas``: the bus's saga instances.
+
+    ```python
+    for inst in await bus.sagas.instances(OrderSaga, state="running"):
+        print(inst.key, inst.step, inst.state)
+    ```
+    """
+
+    def __init__(self, manager: SagaManager) -> None:
+        self._manager = manager
+
+    @property
+    def names(self) -> list[str]:
+        """The registered sagas, by name."""
+        return list(self._manager.runners)
+
+    def _runner(self, saga: Any) -> Runner:
+        name = (vars(saga).get("name") or saga.__name__) if isinstance(saga, type) else saga
+        runner = self._manager.runners.get(name) if isinstance(name, str) else None
+        if runner is None:
+            raise ConfigurationError(
+                f"no saga {name!r} is registered on this bus (registered: {', '.join(self.names) or 'none'})"
+            )
+        return runner
+
+    async def instances(self, saga: Any = None, state: str | None = None) -> list[SagaInstance]:
+        """The instances of ``saga`` (a class or a name; None: every saga), of ``state``
+        (``running``, ``completed``, ``compensated``, ``failed``; None: any), by key."""
+        if state is not None and state not in STATES:
+            raise ConfigurationError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+        runners = list(self._manager.runners.values()) if saga is None else [self._runner(saga)]
+        out: list[SagaInstance] = []
+        for r in runners:
+            await r.ensure_loaded()
+            found = await self._manager.book.instances(r, state)
+            out.extend(sorted((i.view(r.name) for i in found), key=lambda v: v.key))
+        return out
+
+    async def get(self, saga: Any, key: Any) -> SagaInstance | None:
+        """The instance of ``saga`` whose key is ``key``, or None."""
+        r = self._runner(saga)
+        await r.ensure_loaded()
+        k = str(key.value if isinstance(key, Enum) else key)
+        inst = r.live.get(k) or await self._manager.book.find(r, k)
+        return None if inst is None else inst.view(r.name)
+
+    async def fire_due(self) -> int:
+        """Fires the deadlines due now on the bus's clock and returns how many events that
+        published (the timer does it too; this lets a test that advanced a ``ManualClock``
+        go on once they are published): ``clock.advance(1800); await bus.sagas.fire_due();
+        await bus.drain()``."""
+        return await self._manager.timer.fire_due()

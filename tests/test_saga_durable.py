@@ -132,9 +132,7 @@ async def test_a_step_is_committed_with_the_events_it_published_and_the_progress
     assert len(applied) == 4
     for (ref,) in applied:
         position = int(ref[1:])
-        [(event_type,)] = _sql(
-            db, "SELECT event_type FROM events WHERE position = ?", position
-        )
+        [(event_type,)] = _sql(db, "SELECT event_type FROM events WHERE position = ?", position)
         subs = [
             s for (s,) in _sql(db, "SELECT subscription FROM progress WHERE position = ?", position)
         ]
@@ -191,6 +189,8 @@ async def test_a_failed_step_is_recorded_with_its_error_its_compensations_and_a_
     assert _sql(db, "SELECT COUNT(*) FROM events WHERE event_type = 'SgInventoryInsufficient'") == [
         (1,)
     ]
+    done = "SELECT COUNT(*) FROM progress WHERE subscription = 'SgDurableBrittle.paid'"
+    assert _sql(db, done) == [(1,)], "the failure is recorded with the event's progress"
     bus = EventBus(store=str(db))
     bus.register_saga(SgDurableBrittle)
     async with bus:
@@ -242,3 +242,23 @@ async def test_a_saga_registered_on_a_running_durable_bus_loads_its_instances(
         await bus.drain(timeout=10)
         inst = await bus.sagas.get(SgOrderSaga, "o-7")
         assert inst is not None and inst.status == "completed"
+
+
+async def test_a_dead_lettered_saga_event_is_not_delivered_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "dead.db"
+    for _ in range(2):
+        async with _bus(db, Services()) as bus:
+            if not len(bus.dead_letters):
+                await bus.publish(SgOrderCreated(None, items=[], total=1))  # type: ignore[arg-type]
+                await bus.publish(order("o-8"))
+                await bus.publish(SgPaymentProcessed("o-8", payment_id="p"))
+            await bus.drain(timeout=10)
+            assert len(bus.dead_letters) == 1
+            assert bus.get_statistics()["sagas_duplicates"] == 0
+    # The failed step's event and the keyless one are both recorded as finished.
+    [(position,)] = _sql(db, "SELECT position FROM dead_letters")
+    assert _sql(db, "SELECT subscription FROM progress WHERE position = ?", position) == [
+        ("SgOrderSaga.order_created",)
+    ]

@@ -381,16 +381,22 @@ class Runner:
                 return
             fx = Effects(self, inst)
             await step.fn(self._bind(inst, fx), event)
-            await self._record(inst, new, fx, step.method, ref, env, correlation_id=None)
+            done = None
+            if env is not None and env.position is not None and env.subscription is not None:
+                done = (env.subscription, env.position)
+            await self._record(inst, new, fx, step.method, ref, done, None)
 
-    async def gave_up(self, step: StepDef, env: Envelope, error: BaseException) -> None:
+    async def gave_up(
+        self, step: StepDef, subscription: str, env: Envelope, error: BaseException
+    ) -> bool:
         """The retry policy gave up on ``step`` for ``env``'s event: the instance's
-        compensations are published and it ends failed with the error."""
+        compensations are published and it ends failed with the error, recorded with the
+        event's progress. False when there was no instance to fail (nothing recorded)."""
         event = env.event
         try:
             key = self.key_of(event)
         except InvalidEvent:
-            return  # it named no instance
+            return False  # it named no instance
         ref = _ref(env, event)
         cls = type(error)
         name = (
@@ -403,17 +409,16 @@ class Runner:
             new = inst is None
             if inst is None:
                 if not step.starts:
-                    return
+                    return False
                 inst = Instance(key, correlation_id=_text(env.correlation_id))
             elif inst.status != "running" or ref in inst.applied:
-                return
+                return False
             fx = Effects(self, inst)
             if fx.compensations:
                 fx.compensate()
             fx.end("failed", f"{step.method}: {name}: {error}")
-            await self._record(
-                inst, new, fx, inst.step, ref, env, correlation_id=env.correlation_id
-            )
+            done = None if env.position is None else (subscription, env.position)
+            await self._record(inst, new, fx, inst.step, ref, done, env.correlation_id)
             logger.error(
                 "saga %s %s failed in step %s: %s: %s%s",
                 self.name,
@@ -423,6 +428,7 @@ class Runner:
                 error,
                 " (compensations published)" if fx.compensated else "",
             )
+        return True
 
     async def _record(
         self,
@@ -431,13 +437,13 @@ class Runner:
         fx: Effects,
         step: str | None,
         ref: str,
-        env: Envelope | None,
+        done: tuple[str, int] | None,
         correlation_id: Any,
     ) -> None:
         """Records what a step did, then publishes its events. Once the commit is sent it
         is seen through even if the caller is cancelled (a step timeout, a stop), so the
         instance in memory never lags the file while this key's lock is free."""
-        await _uncancelled(self._commit(inst, new, fx, step, ref, env, correlation_id))
+        await _uncancelled(self._commit(inst, new, fx, step, ref, done, correlation_id))
 
     async def _commit(
         self,
@@ -446,7 +452,7 @@ class Runner:
         fx: Effects,
         step: str | None,
         ref: str,
-        env: Envelope | None,
+        done: tuple[str, int] | None,
         correlation_id: Any,
     ) -> None:
         status = fx.status or "running"
@@ -467,9 +473,6 @@ class Runner:
             updated_at=now,
             applied=inst.applied,
         )
-        done = None
-        if env is not None and env.position is not None and env.subscription is not None:
-            done = (env.subscription, env.position)
         book = self.manager.book
         try:
             positions = await book.commit(self, after, ref, fx.published, done, correlation_id)
@@ -614,7 +617,7 @@ class SagaManager:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self.runners: dict[str, Runner] = {}
-        self.by_sub: dict[int, tuple[Runner, StepDef]] = {}
+        self.by_sub: dict[int, tuple[Runner, StepDef, str]] = {}
         self.stats: Counter[str] = Counter()
         self.timer = Timer(bus.clock)
         store = bus._store
@@ -649,7 +652,7 @@ class SagaManager:
                 retry=sdef.cls.retry,
                 timeout=sdef.cls.timeout,
             )
-            self.by_sub[int(sid[4:])] = (runner, s)
+            self.by_sub[int(sid[4:])] = (runner, s, sub)
         self.runners[sdef.name] = runner
         if self.bus.is_running:
             self.bus._spawn(runner.ensure_loaded())
@@ -670,15 +673,21 @@ class SagaManager:
         found = self.by_sub.get(sub_id)
         if found is None:
             return None
-        runner, step = found
+        runner, step, subscription = found
+        store = self.bus._store
 
         async def gave_up(env: Envelope, error: BaseException) -> None:
+            recorded = False
             try:
-                await runner.gave_up(step, env, error)
+                recorded = await runner.gave_up(step, subscription, env, error)
             except Exception:
                 logger.exception(
                     "saga %s: recording the failed step %s failed", runner.name, step.method
                 )
+            if not recorded and store is not None and env.position is not None:
+                # No instance change carried the event's progress: a dead letter is not
+                # delivered again after a restart.
+                store._core.mark_done(subscription, env.position)
 
         return gave_up
 

@@ -273,7 +273,7 @@ class StoreCore:
         instance: tuple[str, str | None, str, str, str | None, str | None, int, bool] | None,
         applied: str | None,
         deadlines: list[tuple[str, float, str]] | None,
-        events: list[tuple[Any, Any, Any]],
+        events: list[tuple[Any, Any, Any, tuple[str, str] | None]],
         done: tuple[str, int] | None,
     ) -> asyncio.Future[list[int] | None]: ...
 

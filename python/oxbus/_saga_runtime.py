@@ -62,6 +62,11 @@ def type_key_of(event: Any) -> str:
     return t if isinstance(t, str) and t else type(event).__name__
 
 
+#: The step an event is published for, outside the step's call (a deadline firing, a give-up):
+#: (its subscription, the id of the event it handled); None inside the call.
+Cause = tuple[str, str] | None
+
+
 @dataclass
 class Instance:
     """A saga instance as the runtime keeps it (see ``oxbus.SagaInstance`` for the view)."""
@@ -71,8 +76,8 @@ class Instance:
     step: str | None = None
     state: dict[str, Any] = field(default_factory=dict)
     compensations: list[Any] = field(default_factory=list)
-    #: name -> (due on the clock, event)
-    deadlines: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    #: name -> (due on the clock, event, the step that set it: (subscription, event id))
+    deadlines: dict[str, tuple[float, Any, Cause]] = field(default_factory=dict)
     applied: set[str] = field(default_factory=set)
     error: str | None = None
     correlation_id: str | None = None
@@ -90,7 +95,7 @@ class Instance:
             state=decode_json(encode_json(self.state)),
             steps=self.steps,
             compensations=[type_key_of(e) for e in self.compensations],
-            deadlines={n: due for n, (due, _) in sorted(self.deadlines.items())},
+            deadlines={n: d[0] for n, d in sorted(self.deadlines.items())},
             compensated=self.compensated,
             error=self.error,
             correlation_id=self.correlation_id,
@@ -102,8 +107,9 @@ class Instance:
 class Effects:
     """What one step does, recorded on copies and applied when it returns."""
 
-    def __init__(self, runner: Runner, inst: Instance) -> None:
+    def __init__(self, runner: Runner, inst: Instance, cause: Cause = None) -> None:
         self._runner = runner
+        self._cause = cause
         self.state: dict[str, Any] = decode_json(encode_json(inst.state))
         self.published: list[tuple[Any, Any]] = []
         self.compensations = list(inst.compensations)
@@ -132,7 +138,8 @@ class Effects:
             name = type_key_of(event)
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"a deadline name must be a non-empty str, got {name!r}")
-        self.deadlines[name] = (self._runner.manager.timer.now() + float(seconds), event)
+        due = self._runner.manager.timer.now() + float(seconds)
+        self.deadlines[name] = (due, event, self._cause)
         return name
 
     def cancel_deadline(self, name: Any) -> bool:
@@ -164,22 +171,29 @@ class Book(Protocol):
     async def find(self, runner: Runner, key: str) -> Instance | None:
         """An instance that is not running (or not loaded), or None."""
 
-    async def commit(
-        self,
-        runner: Runner,
-        after: Instance | None,
-        ref: str | None,
-        events: list[tuple[Any, Any]],
-        done: tuple[str, int] | None,
-        correlation_id: Any,
-    ) -> list[int] | None:
-        """Records a change: the instance as it is now (None: only its deadlines changed, as
-        ``after.deadlines``... see DurableBook), the reference applied, the events to publish.
-        Returns their log positions (None without a log). Raises ``Applied`` when ``ref``
-        was applied already."""
+    async def commit(self, runner: Runner, change: Change) -> list[int] | None:
+        """Records a change; returns the log positions of its events (None without a log).
+        Raises ``Applied`` when its event was applied to the instance already."""
 
     async def instances(self, runner: Runner, state: str | None) -> list[Instance]:
         """Every instance (of ``state``)."""
+
+
+@dataclass
+class Change:
+    """One change of an instance, recorded at once."""
+
+    #: the instance after it
+    after: Instance
+    #: the event applied (None: a deadline fired)
+    ref: str | None
+    #: the events to publish: (event, ordering key)
+    events: list[tuple[Any, Any]]
+    #: the progress of the event applied: (subscription, log position)
+    done: tuple[str, int] | None = None
+    #: the correlation id of the events (None: the running handler's)
+    correlation_id: Any = None
+    cause: Cause = None
 
 
 class Applied(Exception):
@@ -200,16 +214,9 @@ class MemoryBook:
     async def find(self, runner: Runner, key: str) -> Instance | None:
         return self.ended.get((runner.name, key))
 
-    async def commit(
-        self,
-        runner: Runner,
-        after: Instance | None,
-        ref: str | None,
-        events: list[tuple[Any, Any]],
-        done: tuple[str, int] | None,
-        correlation_id: Any,
-    ) -> list[int] | None:
-        if after is not None and after.status != "running":
+    async def commit(self, runner: Runner, change: Change) -> list[int] | None:
+        after = change.after
+        if after.status != "running":
             self.ended[(runner.name, after.key)] = after
         return None
 
@@ -320,7 +327,7 @@ class Runner:
             try:
                 for inst in await self.manager.book.load(self):
                     self.live[inst.key] = inst
-                    for name, (due, _) in inst.deadlines.items():
+                    for name, (due, _, _) in inst.deadlines.items():
                         self.manager.timer.add(due, self, inst.key, name)
             except BaseException as e:
                 fut, self._loaded = self._loaded, None
@@ -379,12 +386,13 @@ class Runner:
             elif inst.status != "running":
                 stats["ignored"] += 1
                 return
-            fx = Effects(self, inst)
+            sub = None if env is None else env.subscription
+            fx = Effects(self, inst, None if sub is None else (sub, str(env.event_id)))  # type: ignore[union-attr]
             await step.fn(self._bind(inst, fx), event)
             done = None
-            if env is not None and env.position is not None and env.subscription is not None:
-                done = (env.subscription, env.position)
-            await self._record(inst, new, fx, step.method, ref, done, None)
+            if env is not None and env.position is not None and sub is not None:
+                done = (sub, env.position)
+            await self._record(inst, new, fx, step.method, Change(inst, ref, fx.published, done))
 
     async def gave_up(
         self, step: StepDef, subscription: str, env: Envelope, error: BaseException
@@ -418,7 +426,9 @@ class Runner:
                 fx.compensate()
             fx.end("failed", f"{step.method}: {name}: {error}")
             done = None if env.position is None else (subscription, env.position)
-            await self._record(inst, new, fx, inst.step, ref, done, env.correlation_id)
+            cause = (subscription, str(env.event_id))
+            change = Change(inst, ref, fx.published, done, env.correlation_id, cause)
+            await self._record(inst, new, fx, inst.step, change)
             logger.error(
                 "saga %s %s failed in step %s: %s: %s%s",
                 self.name,
@@ -431,29 +441,15 @@ class Runner:
         return True
 
     async def _record(
-        self,
-        inst: Instance,
-        new: bool,
-        fx: Effects,
-        step: str | None,
-        ref: str,
-        done: tuple[str, int] | None,
-        correlation_id: Any,
+        self, inst: Instance, new: bool, fx: Effects, step: str | None, change: Change
     ) -> None:
         """Records what a step did, then publishes its events. Once the commit is sent it
         is seen through even if the caller is cancelled (a step timeout, a stop), so the
         instance in memory never lags the file while this key's lock is free."""
-        await _uncancelled(self._commit(inst, new, fx, step, ref, done, correlation_id))
+        await _uncancelled(self._commit(inst, new, fx, step, change))
 
     async def _commit(
-        self,
-        inst: Instance,
-        new: bool,
-        fx: Effects,
-        step: str | None,
-        ref: str,
-        done: tuple[str, int] | None,
-        correlation_id: Any,
+        self, inst: Instance, new: bool, fx: Effects, step: str | None, change: Change
     ) -> None:
         status = fx.status or "running"
         now = _now()
@@ -475,19 +471,20 @@ class Runner:
         )
         book = self.manager.book
         try:
-            positions = await book.commit(self, after, ref, fx.published, done, correlation_id)
+            change.after = after
+            positions = await book.commit(self, change)
         except Applied:
             # The file has it although this instance did not know: read it again next time.
             self.manager.stats["duplicates"] += 1
             self.live.pop(inst.key, None)
             return
         inst_applied = inst.applied
-        inst_applied.add(ref)
+        inst_applied.add(change.ref)  # type: ignore[arg-type]
         after.applied = inst_applied
         if status == "running":
             self.live[inst.key] = after
-            for name, (due, _) in after.deadlines.items():
-                if inst.deadlines.get(name, (None,))[0] != due:
+            for name, (due, _, _) in after.deadlines.items():
+                if inst.deadlines.get(name, (None, None, None))[0] != due:
                     self.manager.timer.add(due, self, inst.key, name)
         else:
             self.live.pop(inst.key, None)
@@ -496,7 +493,7 @@ class Runner:
         stats["compensated"] += fx.compensated
         if status in ("completed", "failed"):
             stats[status] += 1
-        await self.manager.dispatch(fx.published, positions, correlation_id)
+        await self.manager.dispatch(fx.published, positions, change.correlation_id)
 
     async def fire(self, key: str, name: str, due: float) -> bool:
         """Publishes a deadline's event if it is still set for ``due``."""
@@ -505,18 +502,17 @@ class Runner:
             entry = None if inst is None else inst.deadlines.get(name)
             if inst is None or entry is None or entry[0] != due:
                 return False
-            event = entry[1]
+            _, event, cause = entry
             remaining = {n: d for n, d in inst.deadlines.items() if n != name}
             after = replace(inst, deadlines=remaining)
-            await _uncancelled(self._fired(after, event))
+            change = Change(after, None, [(event, None)], None, inst.correlation_id, cause)
+            await _uncancelled(self._fired(change))
         return True
 
-    async def _fired(self, after: Instance, event: Any) -> None:
-        positions = await self.manager.book.commit(
-            self, after, None, [(event, None)], None, after.correlation_id
-        )
-        self.live[after.key] = after
-        await self.manager.dispatch([(event, None)], positions, after.correlation_id)
+    async def _fired(self, change: Change) -> None:
+        positions = await self.manager.book.commit(self, change)
+        self.live[change.after.key] = change.after
+        await self.manager.dispatch(change.events, positions, change.correlation_id)
 
 
 async def _uncancelled(aw: Awaitable[None]) -> None:

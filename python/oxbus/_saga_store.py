@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from oxbus._oxbus import decode_json, encode_json
-from oxbus._saga_runtime import Applied, Instance, type_key_of
+from oxbus._saga_runtime import Applied, Cause, Change, Instance, type_key_of
 
 if TYPE_CHECKING:
     from oxbus._saga_runtime import Runner
@@ -29,9 +29,12 @@ _COLUMNS = (
 )
 
 
-def encode_event(event: Any) -> str:
-    """An event kept with an instance, as JSON."""
-    return encode_json({"type": type_key_of(event), "data": event})
+def encode_event(event: Any, cause: Cause = None) -> str:
+    """An event kept with an instance, as JSON (with the step that set it, for a deadline)."""
+    stored: dict[str, Any] = {"type": type_key_of(event), "data": event}
+    if cause is not None:
+        stored["cause"] = list(cause)
+    return encode_json(stored)
 
 
 def decode_event(stored: Any) -> Any:
@@ -97,7 +100,15 @@ class DurableBook:
             [name, *args],
         ):
             if key in found:
-                found[key].deadlines[dname] = (float(due), decode_event(event))
+                stored = decode_json(event)
+                cause = stored.get("cause")
+                found[key].deadlines[dname] = (
+                    float(due),
+                    decode_event(stored),
+                    (str(cause[0]), str(cause[1]))
+                    if isinstance(cause, list) and len(cause) == 2
+                    else None,
+                )
 
     async def load(self, runner: Runner) -> list[Instance]:
         rows = await self.store._core.query(
@@ -120,16 +131,8 @@ class DurableBook:
             await self._fill(runner.name, {key: inst}, "AND a.key = ?", [key])
         return inst
 
-    async def commit(
-        self,
-        runner: Runner,
-        after: Instance | None,
-        ref: str | None,
-        events: list[tuple[Any, Any]],
-        done: tuple[str, int] | None,
-        correlation_id: Any,
-    ) -> list[int] | None:
-        assert after is not None
+    async def commit(self, runner: Runner, change: Change) -> list[int] | None:
+        after = change.after
         row = (
             after.status,
             after.step,
@@ -140,18 +143,22 @@ class DurableBook:
             after.steps,
             after.compensated,
         )
-        deadlines = [(n, due, encode_event(e)) for n, (due, e) in sorted(after.deadlines.items())]
+        deadlines = [
+            (n, due, encode_event(e, cause))
+            for n, (due, e, cause) in sorted(after.deadlines.items())
+        ]
+        cause = change.cause
         positions: list[int] | None = await self.store._core.saga_write(
             runner.name,
             after.key,
             row,
-            ref,
+            change.ref,
             deadlines,
-            [(e, k, correlation_id) for e, k in events],
-            done,
+            [(e, k, change.correlation_id, cause) for e, k in change.events],
+            change.done,
         )
         if positions is None:
-            raise Applied(ref)
+            raise Applied(change.ref)
         return positions
 
     async def instances(self, runner: Runner, state: str | None) -> list[Instance]:

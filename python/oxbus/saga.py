@@ -295,7 +295,7 @@ def define(cls: Any) -> SagaDef:
                     "an event type has one step"
                 )
             seen[t] = method
-        steps.append(StepDef(method, fn, targets, spec.starts))  # type: ignore[arg-type]
+        steps.append(StepDef(method, fn, targets, spec.starts))
     if not steps:
         raise InvalidSaga(f"{qual} has no steps: decorate async methods with @oxbus.step(...)")
     if not any(s.starts for s in steps):

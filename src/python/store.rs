@@ -732,7 +732,8 @@ impl PyStoreCore {
     /// already (nothing written). `instance`: (status, step, state JSON, compensations JSON,
     /// error, correlation id, steps, compensated), None to keep it; `deadlines`: every
     /// (name, due, event JSON) of the instance, None to keep them; `events`: (event, key,
-    /// correlation id) to log.
+    /// correlation id, cause) to log, cause being None or (subscription, causation id): the
+    /// step a deadline or a give-up publishes for.
     #[pyo3(signature = (saga, key, instance, applied, deadlines, events, done))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn saga_write(
@@ -777,12 +778,26 @@ impl PyStoreCore {
         let events = events
             .try_iter()?
             .map(|item| {
-                let (e, k, c): (
+                let (e, k, c, cause): (
                     Bound<'_, PyAny>,
                     Option<Bound<'_, PyAny>>,
                     Option<Bound<'_, PyAny>>,
+                    Option<(String, String)>,
                 ) = item?.extract()?;
-                Ok((log_stream(&e, k.as_ref())?, record_of(&e, c.as_ref())?))
+                let mut record = record_of(&e, c.as_ref())?;
+                if let Some((subscription, causation_id)) = cause {
+                    // Published for a step outside its call (a deadline, a give-up): the
+                    // metadata names the step and its event, as a call's publish would.
+                    record.metadata = serde_json::to_string(&Metadata {
+                        correlation_id: meta_value(c.as_ref())?,
+                        causation_id: Some(serde_json::Value::String(causation_id)),
+                        subscription: Some(subscription),
+                    })
+                    .map_err(|e| {
+                        errors::serialization_error(format!("cannot encode metadata: {e}"))
+                    })?;
+                }
+                Ok((log_stream(&e, k.as_ref())?, record))
             })
             .collect::<PyResult<_>>()?;
         let write = SagaWrite {

@@ -148,3 +148,27 @@ def test_flow_draws_a_sagas_steps_together_with_its_instances(saga_db: str) -> N
     assert ("SgOrderSaga.failed[SgPaymentFailed]", "SgCancelOrder") in published
     dot = run("flow", saga_db, "--format", "dot").stdout
     assert 'subgraph cluster_s0 { label="saga SgCliStrict: 4 instances' in dot
+
+
+@pytest.mark.timeout(120)
+def test_the_order_saga_example_prints_each_outcome() -> None:
+    import subprocess
+    import sys
+
+    example = Path(__file__).parent.parent / "examples" / "order_saga.py"
+    p = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=100, check=False
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert "o-4: running at step order_created" in out
+    assert "bus stopped while o-4 waits for its payment" in out
+    for line in (
+        "o-1: completed after 4 steps (tracking trk-o-1)",
+        "o-2: compensated after 2 steps (PaymentDeclined)",
+        "o-3: compensated after 3 steps (InventoryInsufficient)",
+        "o-4: compensated after 2 steps (PaymentTimedOut)",
+        "  o-3: RefundPayment\n  o-3: CancelOrder",
+        "4 instances: 1 completed, 3 compensated",
+    ):
+        assert line in out, line

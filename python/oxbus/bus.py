@@ -21,7 +21,7 @@ from oxbus._oxbus import BusCore, RetryPolicy, Worker, current_envelope, encode_
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
-from oxbus._saga_runtime import SagaManager, Sagas, empty_statistics
+from oxbus._saga_manager import SagaManager, Sagas, empty_statistics
 from oxbus.saga import Saga
 from oxbus._threadsafe import ThreadsafePublisher
 from oxbus.backends import admit, backend_for, store_of

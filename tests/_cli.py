@@ -1,7 +1,5 @@
 """What the command-line tests share: a log written by a durable bus (5 orders, o-3's payment
 dead-lettered, 4 payments, 1 note), CliRunner helpers, and a stand-in health endpoint.
-
-Every class name starts with ``Cli`` (the registry is keyed by type key for the session).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from oxbus import DomainEvent, EventBus
 from oxbus.cli import main
 
 
-class CliOrderPlaced(DomainEvent):
+class OrderPlaced(DomainEvent):
     def __init__(self, order_id: str, amount: float) -> None:
         super().__init__()
         self.order_id, self.amount = order_id, amount
@@ -28,7 +26,7 @@ class CliOrderPlaced(DomainEvent):
         return self.order_id
 
 
-class CliPaymentTaken(DomainEvent):
+class PaymentTaken(DomainEvent):
     def __init__(self, order_id: str) -> None:
         super().__init__()
         self.order_id = order_id
@@ -38,24 +36,24 @@ class CliPaymentTaken(DomainEvent):
         return self.order_id
 
 
-class CliNote(DomainEvent):
+class Note(DomainEvent):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text = text
 
 
 def subscribe_pipeline(bus: EventBus, *, fail_on: str | None, seen: list[Any]) -> None:
-    async def cli_pay(e: CliOrderPlaced) -> None:
+    async def cli_pay(e: OrderPlaced) -> None:
         seen.append(e)
         if e.order_id == fail_on:
             raise ConnectionError(f"card gateway down for {e.order_id}")
-        await bus.publish(CliPaymentTaken(e.order_id))
+        await bus.publish(PaymentTaken(e.order_id))
 
-    async def cli_mail(e: CliPaymentTaken) -> None:
+    async def cli_mail(e: PaymentTaken) -> None:
         pass
 
-    bus.subscribe(CliOrderPlaced, cli_pay, name="cli_pay")
-    bus.subscribe(CliPaymentTaken, cli_mail, name="cli_mail")
+    bus.subscribe(OrderPlaced, cli_pay, name="cli_pay")
+    bus.subscribe(PaymentTaken, cli_mail, name="cli_mail")
 
 
 async def write_log(path: str) -> None:
@@ -64,8 +62,8 @@ async def write_log(path: str) -> None:
     subscribe_pipeline(bus, fail_on="o-3", seen=[])
     async with bus:
         for i in range(5):
-            await bus.publish(CliOrderPlaced(f"o-{i}", 10.0 + i))
-        await bus.publish(CliNote("hello"))
+            await bus.publish(OrderPlaced(f"o-{i}", 10.0 + i))
+        await bus.publish(Note("hello"))
         await bus.drain(timeout=10)
         assert len(bus.dead_letters) == 1
 

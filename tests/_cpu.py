@@ -1,13 +1,14 @@
-"""Known CPU use, to check the ``cpu_percent`` the bus reports (this process since the previous
-health report, percent of one core) against this process's own clocks."""
+"""Known CPU use, to check the ``cpu_percent`` the bus reports (this process over a fixed window,
+percent of one core) against this process's own clocks."""
 
 from __future__ import annotations
 
 import time
 from types import TracebackType
 
-# sysinfo reads CPU time in clock ticks (10 ms) at both ends of a window of a few tenths of a
-# second: a few percent either way, plus the bus's own work around the window.
+# The bus's window and the test's start and end a few milliseconds apart (and, off Linux, sysinfo
+# reads CPU time in 10 ms clock ticks): a few percent either way over a window of tenths of a
+# second, plus the bus's own work around the window.
 TOLERANCE = 12.0
 
 
@@ -20,9 +21,11 @@ def burn(cpu_seconds: float) -> None:
 
 class Window:
     """``with Window() as w: ...`` measures this process's CPU use over the block, in percent of
-    one core (``w.percent``), the way ``cpu_percent`` is defined."""
+    one core (``w.percent``), the way ``cpu_percent`` is defined, and its length (``w.wall``,
+    seconds)."""
 
     percent: float
+    wall: float
 
     def __enter__(self) -> Window:
         self._cpu, self._wall = time.process_time(), time.perf_counter()
@@ -32,4 +35,4 @@ class Window:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         cpu, wall = time.process_time() - self._cpu, time.perf_counter() - self._wall
-        self.percent = 100.0 * cpu / wall
+        self.percent, self.wall = 100.0 * cpu / wall, wall

@@ -2,8 +2,7 @@
 parking, timeouts, circuit breaker, shutdown).
 
 Backoff and cool-downs run on ``oxbus.testing.ManualClock`` (``await clock.drain(bus)``), so a
-schedule of seconds completes in no real time and every call time is exact. Class names start
-with ``Fi4``: the event registry is keyed by type key for the whole session.
+schedule of seconds completes in no real time and every call time is exact.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from oxbus import (
 )
 
 
-class Fi4Job(DomainEvent):
+class Job(DomainEvent):
     """A numbered job; ``key`` is its ordering key (``aggregate_id``)."""
 
     def __init__(self, n: int, key: str | None = None) -> None:
@@ -34,17 +33,17 @@ class Fi4Job(DomainEvent):
         return self.key
 
 
-class Fi4Other(DomainEvent):
+class Other(DomainEvent):
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n
 
 
-class Fi4PaymentDeclined(Exception):
+class PaymentDeclined(Exception):
     """A user exception, for the qualified ``error_type``."""
 
 
-class Fi4Outer:
+class Outer:
     class Nested(Exception):
         """A nested user exception: its qualified name includes the outer class."""
 

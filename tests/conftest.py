@@ -1,8 +1,10 @@
 """Shared fixtures for the oxbus suite.
 
 Tests go through the public API (``import oxbus``) and wait with ``await bus.drain()``,
-never with sleeps (STYLE.md, convention 8). Event classes are defined in each test module
-with unique names (seed 000, problem #1).
+never with sleeps (STYLE.md, convention 8). Every test runs in its own view of the event
+registry (the plugin's ``event_registry`` fixture, made automatic here): the event classes of
+the test module and of the helpers it imports from win over same-named ones of other modules, and classes a test defines are
+forgotten after it, so event classes need no unique names.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from oxbus import EventBus
+
+
+@pytest.fixture(autouse=True)
+def _registry(event_registry: None) -> None:
+    """Each test in its own view of the event registry (see the module docstring)."""
 
 
 @pytest.fixture

@@ -31,13 +31,13 @@ if not _redis_up():
 
 
 @dataclass
-class BridgeChangeBatchQuantity:
+class ChangeBatchQuantity:
     ref: str
     qty: int
 
 
 @dataclass
-class BridgeAllocated(DomainEvent):
+class Allocated(DomainEvent):
     orderid: str
     sku: str
     qty: int
@@ -48,13 +48,13 @@ async def test_a_json_message_on_one_channel_yields_the_resulting_event_on_anoth
     tag = uuid.uuid4().hex[:8]
     bus = EventBus()
 
-    async def change_quantity(cmd: BridgeChangeBatchQuantity) -> None:
-        await bus.publish(BridgeAllocated(orderid="order1", sku="RED-CHAIR", qty=cmd.qty, batchref=cmd.ref))
+    async def change_quantity(cmd: ChangeBatchQuantity) -> None:
+        await bus.publish(Allocated(orderid="order1", sku="RED-CHAIR", qty=cmd.qty, batchref=cmd.ref))
 
-    bus.subscribe(BridgeChangeBatchQuantity, change_quantity)
+    bus.subscribe(ChangeBatchQuantity, change_quantity)
     bridge = RedisPubSubBridge(bus, URL)
-    bridge.subscribe_channel(f"change_batch_quantity:{tag}", to=BridgeChangeBatchQuantity)
-    bridge.publish_to(f"line_allocated:{tag}", BridgeAllocated)
+    bridge.subscribe_channel(f"change_batch_quantity:{tag}", to=ChangeBatchQuantity)
+    bridge.publish_to(f"line_allocated:{tag}", Allocated)
 
     # The "outside world": another bridge that listens on the output channel and sends input.
     outside = EventBus()
@@ -73,17 +73,17 @@ async def test_bad_messages_are_logged_not_lost_silently(caplog: pytest.LogCaptu
     tag = uuid.uuid4().hex[:8]
     bus = EventBus()
     seen: list[Any] = []
-    bus.subscribe(BridgeChangeBatchQuantity, seen.append)
+    bus.subscribe(ChangeBatchQuantity, seen.append)
     bridge = RedisPubSubBridge(bus, URL)
-    bridge.subscribe_channel(f"in:{tag}", to=BridgeChangeBatchQuantity)
-    good = bus.wait_for(BridgeChangeBatchQuantity, timeout=5)
+    bridge.subscribe_channel(f"in:{tag}", to=ChangeBatchQuantity)
+    good = bus.wait_for(ChangeBatchQuantity, timeout=5)
     async with bus, bridge:
         assert bridge._core is not None
         bridge._core.publish(f"in:{tag}", "not json")
         bridge._core.publish(f"in:{tag}", '{"ref": "b", "qty": 1}')
         await good
         await bus.drain()
-    assert seen == [BridgeChangeBatchQuantity("b", 1)]
+    assert seen == [ChangeBatchQuantity("b", 1)]
     assert "cannot publish the message of channel" in caplog.text
 
 

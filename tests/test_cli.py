@@ -22,10 +22,10 @@ from typing import Any
 import click._termui_impl
 import pytest
 from _cli import (
-    CliNote,
-    CliOrderPlaced,
-    CliPaymentTaken,
     HealthHandler,
+    Note,
+    OrderPlaced,
+    PaymentTaken,
     health_endpoint,
     run,
     run_json,
@@ -142,7 +142,7 @@ def test_events_lists_the_log_in_order(db: str) -> None:
     assert r.exit_code == 0
     lines = r.stdout.splitlines()
     assert len(lines) == 10  # 5 orders, 4 payments, 1 note
-    assert sum("CliOrderPlaced" in ln for ln in lines) == 5
+    assert sum("OrderPlaced" in ln for ln in lines) == 5
     assert '"order_id": "o-0"' in lines[0] and "$bus:o-0@1" in lines[0]
 
 
@@ -163,21 +163,21 @@ def test_events_json_lines_and_filters(db: str) -> None:
         "causation_id",
         "recorded_at",
     } <= set(rows[0])
-    payments = [e for e in rows if e["event_type"] == "CliPaymentTaken"]
+    payments = [e for e in rows if e["event_type"] == "PaymentTaken"]
     parents = {e["event_id"]: e for e in rows}
-    assert all(parents[p["causation_id"]]["event_type"] == "CliOrderPlaced" for p in payments)
+    assert all(parents[p["causation_id"]]["event_type"] == "OrderPlaced" for p in payments)
     assert all(p["metadata"]["subscription"] == "cli_pay" for p in payments)
 
     only = [
         json.loads(ln)
-        for ln in run("events", db, "--type", "CliPaymentTaken", "--json").stdout.splitlines()
+        for ln in run("events", db, "--type", "PaymentTaken", "--json").stdout.splitlines()
     ]
     assert only == payments
     stream = [
         json.loads(ln)
         for ln in run("events", db, "--stream", "$bus:o-1", "--json").stdout.splitlines()
     ]
-    assert [e["event_type"] for e in stream] == ["CliOrderPlaced", "CliPaymentTaken"]
+    assert [e["event_type"] for e in stream] == ["OrderPlaced", "PaymentTaken"]
     after = [
         json.loads(ln) for ln in run("events", db, "--after", "7", "--json").stdout.splitlines()
     ]
@@ -203,7 +203,7 @@ def test_events_follow_prints_new_rows_as_they_are_committed(db: str) -> None:
             "events",
             db,
             "--type",
-            "CliNote",
+            "Note",
             "--follow",
             "--limit",
             "3",
@@ -221,8 +221,8 @@ def test_events_follow_prints_new_rows_as_they_are_committed(db: str) -> None:
 
         async def append() -> None:
             async with SqliteEventStore(db) as store:
-                await store.append("notes", [CliNote("two")], expected_version=0)
-                await store.append("notes", [CliNote("three")], expected_version=1)
+                await store.append("notes", [Note("two")], expected_version=0)
+                await store.append("notes", [Note("three")], expected_version=1)
 
         asyncio.run(append())
         out, err = p.communicate(timeout=60)  # --limit 3 ends it
@@ -243,7 +243,7 @@ def test_events_follow_ends_with_ctrl_c_and_exit_0(db: str) -> None:
     )
     try:
         assert p.stdout is not None
-        assert "CliOrderPlaced" in p.stdout.readline()  # it is running and has listed the log
+        assert "OrderPlaced" in p.stdout.readline()  # it is running and has listed the log
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
@@ -261,7 +261,7 @@ def test_dlq_list_and_show(db: str) -> None:
     entries = run_lines("dlq", db, "list")
     assert len(entries) == 1
     (d,) = entries
-    assert d["subscription"] == "cli_pay" and d["event_type"] == "CliOrderPlaced"
+    assert d["subscription"] == "cli_pay" and d["event_type"] == "OrderPlaced"
     assert d["error_type"] == "ConnectionError" and "o-3" in d["error_message"]
     assert d["data"] == {"order_id": "o-3", "amount": 13.0} and d["attempts"] == 1
 
@@ -296,7 +296,7 @@ async def test_dlq_retry_redelivers_at_the_next_start_to_that_subscription_only(
         assert len(bus.dead_letters) == 0
     payments = [
         json.loads(ln)
-        for ln in run("events", db, "--type", "CliPaymentTaken", "--json").stdout.splitlines()
+        for ln in run("events", db, "--type", "PaymentTaken", "--json").stdout.splitlines()
     ]
     assert sorted(e["data"]["order_id"] for e in payments) == ["o-0", "o-1", "o-2", "o-3", "o-4"]
 
@@ -340,7 +340,7 @@ def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             seen.append(event)
 
         def picky(event):
-            if type(event).__name__ == "CliOrderPlaced" and event.order_id in ("o-1", "o-2"):
+            if type(event).__name__ == "OrderPlaced" and event.order_id in ("o-1", "o-2"):
                 raise ValueError("no " + event.order_id)
             seen.append(event)
     """)
@@ -356,18 +356,18 @@ def test_replay_calls_a_sync_handler_with_rebuilt_events(db: str, handlers: str)
     assert "replayed 10 events" in r.stdout and "10 succeeded, 0 raised" in r.stdout
     assert "replaying" in r.stderr  # the progress bar's label
     seen = sys.modules[handlers].seen
-    assert [type(e).__name__ for e in seen].count("CliOrderPlaced") == 5
+    assert [type(e).__name__ for e in seen].count("OrderPlaced") == 5
     first = seen[0]
-    assert isinstance(first, CliOrderPlaced) and first.order_id == "o-0" and first.amount == 10.0
+    assert isinstance(first, OrderPlaced) and first.order_id == "o-0" and first.amount == 10.0
 
 
 def test_replay_awaits_an_async_handler_and_filters(db: str, handlers: str) -> None:
     report = run_json(
-        "replay", db, "--to", f"{handlers}:async_handler", "--type", "CliPaymentTaken"
+        "replay", db, "--to", f"{handlers}:async_handler", "--type", "PaymentTaken"
     )
     assert report["events"] == 4 and report["succeeded"] == 4 and report["failed"] == 0
     seen = sys.modules[handlers].seen
-    assert all(isinstance(e, CliPaymentTaken) for e in seen) and len(seen) == 4
+    assert all(isinstance(e, PaymentTaken) for e in seen) and len(seen) == 4
     report = run_json("replay", db, "--to", f"{handlers}:async_handler", "--after", "8")
     assert report["events"] == 2
 
@@ -481,7 +481,7 @@ async def test_health_of_a_running_bus_through_oxbus_metrics() -> None:
 def test_stats(db: str) -> None:
     s = run_json("stats", db)
     assert s["events"] == 10 and s["positions"] == {"first": 1, "last": 10}
-    assert s["by_event_type"] == {"CliOrderPlaced": 5, "CliPaymentTaken": 4, "CliNote": 1}
+    assert s["by_event_type"] == {"OrderPlaced": 5, "PaymentTaken": 4, "Note": 1}
     assert s["streams"] == 6 and s["by_stream"]["$bus:o-0"] == 2 and s["by_stream"]["$bus"] == 1
     assert s["dead_letters"] == {
         "total": 1,

@@ -64,7 +64,7 @@ def copy_of(db: str, name: str) -> str:
 # a single result, one object).
 RESULTS: list[tuple[list[str], int | None]] = [
     (["events", "{db}"], 10),
-    (["events", "{db}", "--type", "CliNote"], 1),
+    (["events", "{db}", "--type", "Note"], 1),
     (["events", "{db}", "--follow", "--limit", "3", "--interval", "0.05"], 3),
     (["dlq", "{db}", "list"], 1),
     (["dlq", "{db}", "show", "1"], None),
@@ -107,7 +107,7 @@ def test_json_before_and_after_the_subcommand_prints_the_same_shape(
 
 
 def test_streams_are_json_lines_with_one_compact_object_per_line(db: str) -> None:
-    for args in (["events", db], ["dlq", db, "list"], ["events", db, "--type", "CliNote"]):
+    for args in (["events", db], ["dlq", db, "list"], ["events", db, "--type", "Note"]):
         r = run("--json", *args)
         assert r.exit_code == 0
         for line in r.stdout.splitlines():

@@ -2,8 +2,7 @@
 ``oxbus.registry`` (``register_event``, ``lookup``, ``rebuild``).
 
 Round trips for every supported type and kind of event class; refusals that name the field
-path and the type; no crash on cycles. Class names start with ``Codec`` (the registry is
-keyed by class name, shared by the whole test session).
+path and the type; no crash on cycles.
 """
 
 from __future__ import annotations
@@ -48,21 +47,21 @@ def roundtrip(obj: Any) -> Any:
 # --- classes under test ----------------------------------------------------------------------
 
 
-class CodecColor(enum.Enum):
+class Color(enum.Enum):
     RED = "red"
     GREEN = "green"
 
 
-class CodecLevel(enum.IntEnum):
+class Level(enum.IntEnum):
     LOW = 1
     HIGH = 2
 
 
-class CodecKind(str, enum.Enum):
+class Kind(str, enum.Enum):
     PLACED = "order.placed"
 
 
-class CodecPlainPlaced(DomainEvent):
+class PlainPlaced(DomainEvent):
     """A plain DomainEvent subclass; its __init__ does not take its attributes as they are."""
 
     placed_at: datetime
@@ -77,24 +76,24 @@ class CodecPlainPlaced(DomainEvent):
 
 
 @dataclass
-class CodecLine:
+class Line:
     sku: str
     price: Decimal
     qty: int = 1
 
 
 @dataclass
-class CodecAddress:
+class Address:
     street: str
     city: str
 
 
 @dataclass
-class CodecOrderPlaced(DomainEvent):
+class OrderPlaced(DomainEvent):
     order_id: str
-    lines: list[CodecLine]
-    address: CodecAddress
-    color: CodecColor
+    lines: list[Line]
+    address: Address
+    color: Color
     placed_at: datetime
     note: Optional[str] = None  # noqa: UP045 - typing.Optional is what is tested here
     totals: dict[str, Decimal] = field(default_factory=dict)
@@ -103,11 +102,11 @@ class CodecOrderPlaced(DomainEvent):
 
 
 @dataclass(frozen=True)
-class CodecFrozenShipped(DomainEvent):
+class FrozenShipped(DomainEvent):
     parcel_id: UUID
     shipped_on: date
     window: tuple[time, time]
-    level: CodecLevel
+    level: Level
     weight: float
     label: str = field(init=False, default="")
 
@@ -118,38 +117,38 @@ class CodecFrozenShipped(DomainEvent):
 
 @register_event
 @dataclass
-class CodecPlainDataclass:
+class PlainDataclass:
     name: str
     when: datetime
     big: int
     ratio: float
-    nested: CodecAddress | None = None
+    nested: Address | None = None
     computed: int = field(init=False, default=0)
 
 
 @dataclass
-class CodecPricedItem:
+class PricedItem:
     price: Any
 
 
 @dataclass
-class CodecBadOrder:
-    items: list[CodecPricedItem]
+class BadOrder:
+    items: list[PricedItem]
 
 
-class CodecSlotsOnly:
+class SlotsOnly:
     __slots__ = ("x",)
 
     def __init__(self) -> None:
         self.x = 1
 
 
-class CodecTyped(DomainEvent):
+class Typed(DomainEvent):
     event_type = "codec.typed"
 
 
-class CodecEnumTyped(DomainEvent):
-    event_type = CodecKind.PLACED
+class EnumTyped(DomainEvent):
+    event_type = Kind.PLACED
 
 
 # --- scalars and containers ------------------------------------------------------------------
@@ -279,11 +278,11 @@ def test_aware_datetimes_keep_their_offset_and_naive_ones_stay_naive() -> None:
     assert decode_json(encode_json(aware)) == "2024-05-01T12:30:15.123456+05:30"
     assert decode_json(encode_json(naive)) == "2024-05-01T12:30:00"
     back = rebuild(
-        CodecPlainDataclass, {"name": "n", "when": aware.isoformat(), "big": 1, "ratio": 1}
+        PlainDataclass, {"name": "n", "when": aware.isoformat(), "big": 1, "ratio": 1}
     )
     assert back.when == aware and back.when.utcoffset() == timedelta(hours=5, minutes=30)
     back = rebuild(
-        CodecPlainDataclass, {"name": "n", "when": naive.isoformat(), "big": 1, "ratio": 1}
+        PlainDataclass, {"name": "n", "when": naive.isoformat(), "big": 1, "ratio": 1}
     )
     assert back.when == naive and back.when.tzinfo is None
 
@@ -335,26 +334,26 @@ def test_dates_times_uuids_and_decimals_encode_as_strings() -> None:
 
 def test_enum_members_encode_as_their_values_also_as_dict_keys() -> None:
     assert (
-        encode_json([CodecColor.RED, CodecLevel.HIGH, CodecKind.PLACED])
+        encode_json([Color.RED, Level.HIGH, Kind.PLACED])
         == '["red",2,"order.placed"]'
     )
-    assert encode_json({CodecColor.GREEN: 1, CodecKind.PLACED: 2}) == '{"green":1,"order.placed":2}'
+    assert encode_json({Color.GREEN: 1, Kind.PLACED: 2}) == '{"green":1,"order.placed":2}'
 
 
 # --- event classes ---------------------------------------------------------------------------
 
 
 def test_plain_domain_event_round_trips_without_calling_its_init() -> None:
-    event = CodecPlainPlaced("o-1", 12.5, lines=3)
+    event = PlainPlaced("o-1", 12.5, lines=3)
     back = roundtrip(event)
-    assert type(back) is CodecPlainPlaced
+    assert type(back) is PlainPlaced
     assert (back.order_id, back.amount, back.lines) == ("o-1", 12.5, ["line-0", "line-1", "line-2"])
     assert back.placed_at == event.placed_at  # converted by the class-level annotation
     assert not hasattr(back, "_cache")  # private attributes are not stored
 
 
 def test_plain_domain_event_encodes_the_same_after_its_defaults_were_read() -> None:
-    event = CodecPlainPlaced("o-2", 1.0)
+    event = PlainPlaced("o-2", 1.0)
     before = encode_json(event)
     _ = (
         event.event_id,
@@ -368,7 +367,7 @@ def test_plain_domain_event_encodes_the_same_after_its_defaults_were_read() -> N
 
 
 def test_domain_event_identity_is_restored_when_the_data_has_it() -> None:
-    event = CodecPlainPlaced("o-3", 2.0)
+    event = PlainPlaced("o-3", 2.0)
     data = decode_json(encode_json(event))
     data.update(
         event_id=event.event_id,
@@ -376,34 +375,34 @@ def test_domain_event_identity_is_restored_when_the_data_has_it() -> None:
         correlation_id="corr-1",
         causation_id="cause-1",
     )
-    back = rebuild(CodecPlainPlaced, data)
+    back = rebuild(PlainPlaced, data)
     assert back.event_id == event.event_id
     assert back.occurred_at == event.occurred_at
     assert (back.correlation_id, back.causation_id) == ("corr-1", "cause-1")
 
-    shipped = CodecFrozenShipped(
-        uuid4(), date(2024, 1, 2), (time(8), time(17)), CodecLevel.LOW, 1.0
+    shipped = FrozenShipped(
+        uuid4(), date(2024, 1, 2), (time(8), time(17)), Level.LOW, 1.0
     )
     data = {
         **decode_json(encode_json(shipped)),
         "event_id": "e-9",
         "occurred_at": "2024-01-02T03:04:05+00:00",
     }
-    back = rebuild(CodecFrozenShipped, data)
+    back = rebuild(FrozenShipped, data)
     assert back.event_id == "e-9"
     assert back.occurred_at == datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
     assert back.correlation_id == "e-9"  # a root event's own id, as before storing
 
 
 def test_dataclass_domain_event_with_nested_dataclasses_lists_and_dicts_round_trips() -> None:
-    event = CodecOrderPlaced(
+    event = OrderPlaced(
         order_id="o-4",
         lines=[
-            CodecLine("a", Decimal("1.10")),
-            CodecLine("b", Decimal("0.000000000000000000001"), 3),
+            Line("a", Decimal("1.10")),
+            Line("b", Decimal("0.000000000000000000001"), 3),
         ],
-        address=CodecAddress("1 Main St", "Springfield"),
-        color=CodecColor.GREEN,
+        address=Address("1 Main St", "Springfield"),
+        color=Color.GREEN,
         placed_at=datetime(2024, 5, 1, tzinfo=timezone.utc),
         totals={"net": Decimal("99999999999999999999.99")},
         tags={"gift", "express"},
@@ -419,31 +418,31 @@ def test_dataclass_domain_event_with_nested_dataclasses_lists_and_dicts_round_tr
         "totals",
         "tags",
     ]
-    back = rebuild(CodecOrderPlaced, data)
+    back = rebuild(OrderPlaced, data)
     assert back == event
-    assert type(back.lines[0]) is CodecLine and back.color is CodecColor.GREEN
+    assert type(back.lines[0]) is Line and back.color is Color.GREEN
     assert back.tags == {"gift", "express"}
 
 
 def test_frozen_dataclass_event_round_trips_with_its_init_false_field() -> None:
-    event = CodecFrozenShipped(
-        uuid4(), date(2024, 1, 2), (time(8), time(17, 30)), CodecLevel.HIGH, 2
+    event = FrozenShipped(
+        uuid4(), date(2024, 1, 2), (time(8), time(17, 30)), Level.HIGH, 2
     )
     back = roundtrip(event)
     assert back == event
-    assert isinstance(back.parcel_id, UUID) and back.level is CodecLevel.HIGH
+    assert isinstance(back.parcel_id, UUID) and back.level is Level.HIGH
     assert isinstance(back.weight, float) and back.window == (time(8), time(17, 30))
     assert back.label == f"parcel {event.parcel_id}"
 
 
 def test_plain_dataclass_round_trips_and_init_false_fields_are_set_after_construction() -> None:
-    event = CodecPlainDataclass("n", datetime(2024, 1, 1), 10**30, 0.5, CodecAddress("s", "c"))
+    event = PlainDataclass("n", datetime(2024, 1, 1), 10**30, 0.5, Address("s", "c"))
     event.computed = 42
     back = roundtrip(event)
     assert back == event and back.computed == 42 and back.big == 10**30
     assert (
         rebuild(
-            CodecPlainDataclass, {"name": "n", "when": "2024-01-01T00:00:00", "big": 1, "ratio": 2}
+            PlainDataclass, {"name": "n", "when": "2024-01-01T00:00:00", "big": 1, "ratio": 2}
         ).ratio
         == 2.0
     )
@@ -455,26 +454,26 @@ def test_pydantic_models_round_trip() -> None:
     except ImportError as e:
         unavailable(f"pydantic is not importable ({e}); pip install pydantic")
 
-    class CodecModelLine(pydantic.BaseModel):  # type: ignore[misc, name-defined]
+    class ModelLine(pydantic.BaseModel):  # type: ignore[misc, name-defined]
         sku: str
         price: Decimal
 
-    class CodecModel(pydantic.BaseModel):  # type: ignore[misc, name-defined]
+    class Model(pydantic.BaseModel):  # type: ignore[misc, name-defined]
         id: UUID
         at: datetime
-        color: CodecColor
-        lines: list[CodecModelLine]
+        color: Color
+        lines: list[ModelLine]
         note: str | None = None
 
-    model = CodecModel(
+    model = Model(
         id=uuid4(),
         at=datetime(2024, 5, 1, 9, tzinfo=timezone.utc),
-        color=CodecColor.RED,
-        lines=[CodecModelLine(sku="a", price=Decimal("0.10"))],
+        color=Color.RED,
+        lines=[ModelLine(sku="a", price=Decimal("0.10"))],
     )
     data = decode_json(encode_json(model))
     assert data["lines"] == [{"sku": "a", "price": "0.10"}]
-    back = rebuild(CodecModel, data)
+    back = rebuild(Model, data)
     assert back == model
 
 
@@ -490,62 +489,62 @@ def test_objects_with_a_dict_encode_their_public_attributes() -> None:
 
 
 def test_domain_event_subclasses_register_themselves_under_their_type_key() -> None:
-    assert lookup("CodecPlainPlaced") is CodecPlainPlaced
-    assert lookup("CodecFrozenShipped") is CodecFrozenShipped
-    assert lookup("codec.typed") is CodecTyped
-    assert lookup("order.placed") is CodecEnumTyped
-    assert lookup(CodecKind.PLACED) is CodecEnumTyped
-    assert lookup("CodecPlainDataclass") is CodecPlainDataclass
+    assert lookup("PlainPlaced") is PlainPlaced
+    assert lookup("FrozenShipped") is FrozenShipped
+    assert lookup("codec.typed") is Typed
+    assert lookup("order.placed") is EnumTyped
+    assert lookup(Kind.PLACED) is EnumTyped
+    assert lookup("PlainDataclass") is PlainDataclass
     assert lookup("CodecNeverDefined") is None
 
 
 def test_type_key_follows_the_bus_rule() -> None:
-    assert type_key(CodecTyped) == CodecTyped().event_type == "codec.typed"
-    assert type_key(CodecOrderPlaced) == "CodecOrderPlaced"
+    assert type_key(Typed) == Typed().event_type == "codec.typed"
+    assert type_key(OrderPlaced) == "OrderPlaced"
 
     @dataclass
-    class CodecFieldTyped(DomainEvent):
+    class FieldTyped(DomainEvent):
         x: int
         event_type: str = "codec.field"
 
-    assert type_key(CodecFieldTyped) == CodecFieldTyped(1).event_type == "codec.field"
-    assert lookup("codec.field") is CodecFieldTyped
+    assert type_key(FieldTyped) == FieldTyped(1).event_type == "codec.field"
+    assert lookup("codec.field") is FieldTyped
 
 
 def test_register_event_returns_the_class_and_wins_over_automatic_registration() -> None:
     @register_event
-    class CodecExplicit(DomainEvent):
+    class Explicit(DomainEvent):
         pass
 
-    first = CodecExplicit
+    first = Explicit
 
-    class CodecExplicit(DomainEvent):  # type: ignore[no-redef]  # same key, automatic
+    class Explicit(DomainEvent):  # type: ignore[no-redef]  # same key, automatic
         pass
 
-    assert lookup("CodecExplicit") is first
+    assert lookup("Explicit") is first
 
 
 def test_rebuild_failures_name_the_class_and_field() -> None:
     with pytest.raises(
-        SerializationError, match=r"cannot rebuild CodecPlainDataclass\.when from 'yesterday'"
+        SerializationError, match=r"cannot rebuild PlainDataclass\.when from 'yesterday'"
     ):
-        rebuild(CodecPlainDataclass, {"name": "n", "when": "yesterday", "big": 1, "ratio": 1.0})
-    with pytest.raises(SerializationError, match="cannot rebuild CodecPlainDataclass from fields"):
-        rebuild(CodecPlainDataclass, {"name": "n"})  # required fields missing
+        rebuild(PlainDataclass, {"name": "n", "when": "yesterday", "big": 1, "ratio": 1.0})
+    with pytest.raises(SerializationError, match="cannot rebuild PlainDataclass from fields"):
+        rebuild(PlainDataclass, {"name": "n"})  # required fields missing
     with pytest.raises(SerializationError, match="expected a dict"):
-        rebuild(CodecPlainDataclass, [1, 2])  # type: ignore[arg-type]
+        rebuild(PlainDataclass, [1, 2])  # type: ignore[arg-type]
 
 
 # --- refusals --------------------------------------------------------------------------------
 
 
 def test_unsupported_value_error_names_the_field_path_and_the_type() -> None:
-    order = CodecBadOrder([CodecPricedItem(1), CodecPricedItem(2), CodecPricedItem(3 + 4j)])
+    order = BadOrder([PricedItem(1), PricedItem(2), PricedItem(3 + 4j)])
     with pytest.raises(SerializationError) as info:
         encode_json(order)
     message = str(info.value)
     assert message.startswith(
-        "cannot encode CodecBadOrder.items[2].price: value of type 'complex' is not JSON-encodable (supported: "
+        "cannot encode BadOrder.items[2].price: value of type 'complex' is not JSON-encodable (supported: "
     )
     assert isinstance(info.value, OxbusError) and isinstance(info.value, TypeError)
     assert oxbus.errors.SerializationError is SerializationError
@@ -562,18 +561,18 @@ def test_dict_paths_name_the_key() -> None:
 def test_nan_and_infinite_floats_are_refused(value: float) -> None:
     with pytest.raises(
         SerializationError,
-        match=r"cannot encode CodecPricedItem\.price: float -?(nan|inf) is not JSON-encodable",
+        match=r"cannot encode PricedItem\.price: float -?(nan|inf) is not JSON-encodable",
     ):
-        encode_json(CodecPricedItem(value))
+        encode_json(PricedItem(value))
 
 
-@pytest.mark.parametrize("key", [1, 1.5, None, (1, 2), CodecLevel.LOW])
+@pytest.mark.parametrize("key", [1, 1.5, None, (1, 2), Level.LOW])
 def test_non_str_dict_keys_are_refused(key: Any) -> None:
     with pytest.raises(
         SerializationError,
-        match=r"cannot encode CodecPricedItem\.price: dict key .* of type '\w+' is not a str",
+        match=r"cannot encode PricedItem\.price: dict key .* of type '\w+' is not a str",
     ):
-        encode_json(CodecPricedItem({key: 1}))
+        encode_json(PricedItem({key: 1}))
 
 
 def test_self_referencing_containers_are_refused_with_a_clear_error() -> None:
@@ -588,9 +587,9 @@ def test_self_referencing_containers_are_refused_with_a_clear_error() -> None:
     items.append(items)
     with pytest.raises(SerializationError, match="reference cycle"):
         encode_json(items)
-    item = CodecPricedItem(None)
+    item = PricedItem(None)
     item.price = item
-    with pytest.raises(SerializationError, match=r"CodecPricedItem\.price\.price.*reference cycle"):
+    with pytest.raises(SerializationError, match=r"PricedItem\.price\.price.*reference cycle"):
         encode_json(item)
 
 
@@ -640,10 +639,10 @@ def test_bytes_functions_sockets_and_slots_only_objects_are_refused() -> None:
             len,
             lambda: 1,
             sock,
-            CodecSlotsOnly(),
+            SlotsOnly(),
             1j,
             object(),
-            CodecLine,
+            Line,
             ValueError("x"),
         ]
         for value in cases:
@@ -676,9 +675,9 @@ def test_errors_raised_while_reading_a_value_are_wrapped_with_its_path() -> None
 
     with pytest.raises(
         SerializationError,
-        match=r"cannot encode CodecPricedItem\.price: reading it raised RuntimeError: boom",
+        match=r"cannot encode PricedItem\.price: reading it raised RuntimeError: boom",
     ) as info:
-        encode_json(CodecPricedItem(Bad()))
+        encode_json(PricedItem(Bad()))
     assert isinstance(info.value.__cause__, RuntimeError)
     assert encode_json(Exploding.A) == "1"
 
@@ -686,8 +685,8 @@ def test_errors_raised_while_reading_a_value_are_wrapped_with_its_path() -> None
 def test_dataclass_fields_of_every_kind_are_encoded_only_when_public() -> None:
     data = decode_json(
         encode_json(
-            CodecOrderPlaced("o", [], CodecAddress("s", "c"), CodecColor.RED, datetime(2024, 1, 1))
+            OrderPlaced("o", [], Address("s", "c"), Color.RED, datetime(2024, 1, 1))
         )
     )
     assert "_secret" not in data
-    assert {f.name for f in dataclasses.fields(CodecOrderPlaced)} - set(data) == {"_secret"}
+    assert {f.name for f in dataclasses.fields(OrderPlaced)} - set(data) == {"_secret"}

@@ -40,7 +40,7 @@ STATISTICS_KEYS = {
 }
 
 
-class CompatOrderPlaced(DomainEvent):
+class OrderPlaced(DomainEvent):
     def __init__(self, order_id: str, amount: float = 1.0) -> None:
         super().__init__()
         self.order_id = order_id
@@ -51,7 +51,7 @@ class CompatOrderPlaced(DomainEvent):
         return self.order_id
 
 
-class CompatPing(DomainEvent):
+class Ping(DomainEvent):
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n
@@ -91,14 +91,14 @@ async def test_factory_creates_an_in_memory_bus_with_the_given_worker_count() ->
     assert isinstance(bus, EventBus)
     seen: list[int] = []
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         seen.append(event.n)
 
-    bus.subscribe(CompatPing, handler)
+    bus.subscribe(Ping, handler)
     await bus.start()
     try:
         assert bus.get_statistics()["worker_count"] == 2
-        await bus.publish(CompatPing(1))
+        await bus.publish(Ping(1))
         await bus.drain()
         assert seen == [1]
     finally:
@@ -131,11 +131,11 @@ async def test_batch_settings_never_delay_dispatch_into_an_idle_bus(make_bus: An
     bus = await make_bus(cls=InMemoryEventBus, batch_size=1000, batch_timeout_seconds=30.0)
     handled = asyncio.get_running_loop().create_future()
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         handled.set_result(event.n)
 
-    bus.subscribe(CompatPing, handler)
-    await bus.publish(CompatPing(7))
+    bus.subscribe(Ping, handler)
+    await bus.publish(Ping(7))
     assert await asyncio.wait_for(handled, timeout=2.0) == 7
 
 
@@ -143,16 +143,16 @@ def test_bus_can_be_constructed_and_subscribed_outside_a_running_loop() -> None:
     bus = InMemoryEventBus(worker_count=2, max_queue_size=10)
     seen: list[int] = []
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         seen.append(event.n)
 
-    sid = bus.subscribe(CompatPing, handler)
+    sid = bus.subscribe(Ping, handler)
     assert isinstance(sid, str)
 
     async def main() -> None:
         async with bus:
-            await bus.publish(CompatPing(1))
-            await bus.publish(CompatPing(2))
+            await bus.publish(Ping(1))
+            await bus.publish(Ping(2))
             await bus.drain()
 
     asyncio.run(main())
@@ -165,10 +165,10 @@ async def test_subscribe_returns_a_str_id_synchronously(make_bus: Any) -> None:
     async def handler(event: Any) -> None:
         pass
 
-    sid = bus.subscribe(CompatPing, handler, is_async=True, priority=1, retry_count=3)
+    sid = bus.subscribe(Ping, handler, is_async=True, priority=1, retry_count=3)
     assert isinstance(sid, str) and sid
     assert not inspect.isawaitable(sid)
-    other = bus.subscribe(CompatPing, handler)
+    other = bus.subscribe(Ping, handler)
     assert other != sid
     assert bus.get_statistics()["subscription_count"] == 2
 
@@ -177,15 +177,15 @@ async def test_unsubscribe_by_id_returns_true_once_and_stops_delivery(make_bus: 
     bus = await make_bus()
     seen: list[int] = []
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         seen.append(event.n)
 
-    sid = bus.subscribe(CompatPing, handler)
-    await bus.publish(CompatPing(1))
+    sid = bus.subscribe(Ping, handler)
+    await bus.publish(Ping(1))
     await bus.drain()
     assert bus.unsubscribe(sid) is True
     assert bus.unsubscribe(sid) is False
-    await bus.publish(CompatPing(2))
+    await bus.publish(Ping(2))
     await bus.drain()
     assert seen == [1]
     assert bus.get_statistics()["subscription_count"] == 0
@@ -197,17 +197,17 @@ async def test_unsubscribe_by_event_class_and_handler_stops_only_that_handler(
     bus = await make_bus()
     seen: list[tuple[str, int]] = []
 
-    async def first(event: CompatPing) -> None:
+    async def first(event: Ping) -> None:
         seen.append(("first", event.n))
 
-    async def second(event: CompatPing) -> None:
+    async def second(event: Ping) -> None:
         seen.append(("second", event.n))
 
-    bus.subscribe(CompatPing, first)
-    bus.subscribe(CompatPing, second)
-    assert bus.unsubscribe(CompatPing, first) is True
-    assert bus.unsubscribe(CompatPing, first) is False
-    await bus.publish(CompatPing(1))
+    bus.subscribe(Ping, first)
+    bus.subscribe(Ping, second)
+    assert bus.unsubscribe(Ping, first) is True
+    assert bus.unsubscribe(Ping, first) is False
+    await bus.publish(Ping(1))
     await bus.drain()
     assert seen == [("second", 1)]
 
@@ -219,15 +219,15 @@ async def test_unsubscribe_by_class_and_bound_method_works(make_bus: Any) -> Non
         def __init__(self) -> None:
             self.seen: list[int] = []
 
-        async def on_ping(self, event: CompatPing) -> None:
+        async def on_ping(self, event: Ping) -> None:
             self.seen.append(event.n)
 
     svc = Service()
-    bus.subscribe(CompatPing, svc.on_ping)
-    await bus.publish(CompatPing(1))
+    bus.subscribe(Ping, svc.on_ping)
+    await bus.publish(Ping(1))
     await bus.drain()
-    assert bus.unsubscribe(CompatPing, svc.on_ping) is True
-    await bus.publish(CompatPing(2))
+    assert bus.unsubscribe(Ping, svc.on_ping) is True
+    await bus.publish(Ping(2))
     await bus.drain()
     assert svc.seen == [1]
 
@@ -235,7 +235,7 @@ async def test_unsubscribe_by_class_and_bound_method_works(make_bus: Any) -> Non
 async def test_publish_is_a_coroutine_function_returning_true(make_bus: Any) -> None:
     bus = await make_bus()
     assert inspect.iscoroutinefunction(EventBus.publish)
-    coro = bus.publish(CompatPing(1))
+    coro = bus.publish(Ping(1))
     assert asyncio.iscoroutine(coro)
     assert await coro is True
 
@@ -244,13 +244,13 @@ async def test_publish_works_with_create_task_and_gather(make_bus: Any) -> None:
     bus = await make_bus(worker_count=2)
     seen: list[int] = []
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         seen.append(event.n)
 
-    bus.subscribe(CompatPing, handler)
-    task = asyncio.create_task(bus.publish(CompatPing(0)))
+    bus.subscribe(Ping, handler)
+    task = asyncio.create_task(bus.publish(Ping(0)))
     assert await task is True
-    results = await asyncio.gather(*(bus.publish(CompatPing(i)) for i in range(1, 51)))
+    results = await asyncio.gather(*(bus.publish(Ping(i)) for i in range(1, 51)))
     assert results == [True] * 50
     await bus.drain()
     assert sorted(seen) == list(range(51))
@@ -260,13 +260,13 @@ async def test_publish_before_start_raises_bus_not_started_a_runtime_error() -> 
     bus = InMemoryEventBus(worker_count=1)
     assert issubclass(BusNotStarted, RuntimeError)
     with pytest.raises(BusNotStarted):
-        await bus.publish(CompatPing(1))
+        await bus.publish(Ping(1))
     with pytest.raises(RuntimeError):
-        await bus.publish(CompatPing(1))
+        await bus.publish(Ping(1))
     with pytest.raises(BusNotStarted):
-        bus.publish_nowait(CompatPing(1))
+        bus.publish_nowait(Ping(1))
     with pytest.raises(BusNotStarted):
-        await bus.publish_batch([CompatPing(1)])
+        await bus.publish_batch([Ping(1)])
     assert bus.get_statistics()["events_published"] == 0
 
 
@@ -276,12 +276,12 @@ async def test_publish_batch_publishes_every_event_in_order_and_returns_none(
     bus = await make_bus(cls=InMemoryEventBus, worker_count=4)
     seen: list[int] = []
 
-    async def handler(event: CompatOrderPlaced) -> None:
+    async def handler(event: OrderPlaced) -> None:
         await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         seen.append(int(event.amount))
 
-    bus.subscribe(CompatOrderPlaced, handler)
-    result = await bus.publish_batch([CompatOrderPlaced("o-1", i) for i in range(100)])
+    bus.subscribe(OrderPlaced, handler)
+    result = await bus.publish_batch([OrderPlaced("o-1", i) for i in range(100)])
     assert result is None
     await bus.drain()
     assert seen == list(range(100))  # one aggregate: publish order
@@ -292,11 +292,11 @@ async def test_publish_batch_accepts_a_generator(make_bus: Any) -> None:
     bus = await make_bus()
     seen: list[int] = []
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         seen.append(event.n)
 
-    bus.subscribe(CompatPing, handler)
-    await bus.publish_batch(CompatPing(i) for i in range(10))
+    bus.subscribe(Ping, handler)
+    await bus.publish_batch(Ping(i) for i in range(10))
     await bus.drain()
     assert seen == list(range(10))
 
@@ -328,18 +328,18 @@ async def test_get_statistics_counts_published_processed_and_failed(make_bus: An
         await asyncio.sleep(0.01)  # sleep-ok: a handler that takes a known time
         took.append(time.perf_counter() - t0)
 
-    async def ok(event: CompatPing) -> None:
+    async def ok(event: Ping) -> None:
         await known_time()
 
-    async def boom(event: CompatPing) -> None:
+    async def boom(event: Ping) -> None:
         await known_time()
         if event.n % 2:
             raise ValueError(f"odd {event.n}")
 
-    bus.subscribe(CompatPing, ok)
-    bus.subscribe(CompatPing, boom)
+    bus.subscribe(Ping, ok)
+    bus.subscribe(Ping, boom)
     for i in range(10):
-        await bus.publish(CompatPing(i))
+        await bus.publish(Ping(i))
     await bus.drain()
     stats = bus.get_statistics()
     assert stats["events_published"] == 10
@@ -361,11 +361,11 @@ async def test_get_failed_events_lists_final_failures_and_clear_empties_it(
 ) -> None:
     bus = await make_bus()
 
-    async def fails(event: CompatPing) -> None:
+    async def fails(event: Ping) -> None:
         raise KeyError(f"missing {event.n}")
 
-    bus.subscribe(CompatPing, fails, name="billing.fails")
-    event = CompatPing(3)
+    bus.subscribe(Ping, fails, name="billing.fails")
+    event = Ping(3)
     before = datetime.now(timezone.utc)
     await bus.publish(event)
     await bus.drain()
@@ -393,13 +393,13 @@ async def test_retry_count_retries_a_failing_handler_until_it_succeeds(make_bus:
     bus = await make_bus(retry=RetryPolicy(base_delay=0.001, max_delay=0.01, jitter=0.0))
     calls: list[int] = []
 
-    async def flaky(event: CompatPing) -> None:
+    async def flaky(event: Ping) -> None:
         calls.append(event.n)
         if len(calls) < 3:
             raise ConnectionError("try again")
 
-    bus.subscribe(CompatPing, flaky, is_async=True, priority=1, retry_count=3)
-    await bus.publish(CompatPing(1))
+    bus.subscribe(Ping, flaky, is_async=True, priority=1, retry_count=3)
+    await bus.publish(Ping(1))
     await bus.drain()  # waits for scheduled retries too
     assert calls == [1, 1, 1]
     stats = bus.get_statistics()
@@ -411,33 +411,35 @@ async def test_retry_count_retries_a_failing_handler_until_it_succeeds(make_bus:
 async def test_get_health_status_reports_status_queue_workers_and_memory(
     make_bus: Any,
 ) -> None:
-    bus = await make_bus(worker_count=3)
-    health = bus.get_health_status()
-    assert {"status", "queue_size", "worker_count", "memory_usage_mb", "cpu_percent"} <= set(
-        health
-    )
-    assert health["status"] == "healthy"
-    assert health["queue_size"] == 0
-    assert health["worker_count"] == 3
-    assert isinstance(health["memory_usage_mb"], (int, float))
-    assert health["memory_usage_mb"] > 1.0
+    with Window() as since_start:  # this process's own CPU clock, from just before start()
+        bus = await make_bus(worker_count=3)
+        health = bus.get_health_status()
+        assert {"status", "queue_size", "worker_count", "memory_usage_mb", "cpu_percent"} <= set(
+            health
+        )
+        assert health["status"] == "healthy"
+        assert health["queue_size"] == 0
+        assert health["worker_count"] == 3
+        assert isinstance(health["memory_usage_mb"], (int, float))
+        assert health["memory_usage_mb"] > 1.0
 
-    # cpu_percent: this process since the previous report, percent of one core; first an idle
-    # interval, then one where a handler burns 0.5 s of CPU.
-    def spin(event: CompatPing) -> None:
-        burn(0.5)
+        # cpu_percent: this process's CPU, percent of one core, over a fixed window (10 s at
+        # least; since start() while the bus is younger): an idle interval, then a handler
+        # burning 0.5 s of CPU, then two reports in a row.
+        def spin(event: Ping) -> None:
+            burn(0.5)
 
-    bus.subscribe(CompatPing, spin)
-    bus.get_health_status()
-    with Window() as idle:
+        bus.subscribe(Ping, spin)
         await asyncio.sleep(0.3)  # sleep-ok: an idle interval to measure CPU over
-    idle_report = bus.get_health_status()["cpu_percent"]
-    with Window() as busy:
-        await bus.publish(CompatPing(1))
+        await bus.publish(Ping(1))
         await bus.drain()
-    busy_report = bus.get_health_status()["cpu_percent"]
-    assert idle_report == pytest.approx(idle.percent, abs=TOLERANCE)
-    assert busy_report == pytest.approx(busy.percent, abs=TOLERANCE)
+        first = bus.get_health_status()
+        second = bus.get_health_status()
+    assert first["cpu_percent"] == pytest.approx(since_start.percent, abs=TOLERANCE)
+    assert first["cpu_window_seconds"] == pytest.approx(since_start.wall, abs=0.2)
+    # The second report is not over the millisecond since the first: the same window.
+    assert second["cpu_window_seconds"] >= first["cpu_window_seconds"]
+    assert second["cpu_percent"] == pytest.approx(first["cpu_percent"], abs=5.0)
     await bus.stop()
     assert bus.get_health_status()["status"] == "stopped"
 
@@ -445,13 +447,13 @@ async def test_get_health_status_reports_status_queue_workers_and_memory(
 async def test_get_stats_reports_published_received_processed_failed(make_bus: Any) -> None:
     bus = await make_bus()
 
-    def sync_handler(event: CompatPing) -> None:
+    def sync_handler(event: Ping) -> None:
         if event.n == 2:
             raise RuntimeError("two")
 
-    bus.subscribe(CompatPing, sync_handler)
+    bus.subscribe(Ping, sync_handler)
     for i in range(4):
-        await bus.publish(CompatPing(i))
+        await bus.publish(Ping(i))
     await bus.drain()
     stats = bus.get_stats()
     assert stats["published"] == 4
@@ -464,17 +466,17 @@ async def test_event_bus_manager_starts_and_stops_the_bus_draining_on_exit() -> 
     bus = InMemoryEventBus(worker_count=2)
     seen: list[int] = []
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         for _ in range(3):
             await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         seen.append(event.n)
 
-    bus.subscribe(CompatPing, handler)
+    bus.subscribe(Ping, handler)
     async with EventBusManager(bus) as started:
         assert started is bus
         assert bus.is_running
         for i in range(20):
-            await started.publish(CompatPing(i))
+            await started.publish(Ping(i))
     assert not bus.is_running
     assert sorted(seen) == list(range(20))
 
@@ -505,11 +507,11 @@ async def test_event_storage_store_event_is_awaited_before_publish_returns(
     storage = RecordingStorage(log)
     bus = await make_bus(cls=InMemoryEventBus, event_storage=storage, worker_count=2)
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         log.append(("handle", event.n))
 
-    bus.subscribe(CompatPing, handler)
-    event = CompatPing(1)
+    bus.subscribe(Ping, handler)
+    event = Ping(1)
     assert await bus.publish(event) is True
     assert storage.stored == [event]
     await bus.drain()
@@ -523,16 +525,16 @@ async def test_event_storage_is_marked_once_per_handler_call_after_the_call(
     storage = RecordingStorage(log)
     bus = await make_bus(cls=InMemoryEventBus, event_storage=storage, worker_count=2)
 
-    async def good(event: CompatPing) -> None:
+    async def good(event: Ping) -> None:
         log.append(("handle", "good", event.event_id))
 
-    async def bad(event: CompatPing) -> None:
+    async def bad(event: Ping) -> None:
         log.append(("handle", "bad", event.event_id))
         raise ValueError(f"bad {event.n}")
 
-    bus.subscribe(CompatPing, good, name="good")
-    bus.subscribe(CompatPing, bad, name="bad", priority=2)
-    events = [CompatPing(i) for i in range(3)]
+    bus.subscribe(Ping, good, name="good")
+    bus.subscribe(Ping, bad, name="bad", priority=2)
+    events = [Ping(i) for i in range(3)]
     for e in events:
         await bus.publish(e)
     await bus.drain()
@@ -565,11 +567,11 @@ async def test_event_storage_with_a_sync_mark_method_is_called_too(make_bus: Any
 
     bus = await make_bus(cls=InMemoryEventBus, event_storage=SyncMarkStorage())
 
-    async def handler(event: CompatPing) -> None:
+    async def handler(event: Ping) -> None:
         pass
 
-    bus.subscribe(CompatPing, handler)
-    e = CompatPing(1)
+    bus.subscribe(Ping, handler)
+    e = Ping(1)
     await bus.publish(e)
     await bus.drain()
     assert [(eid, r.success) for eid, r in marked] == [(e.event_id, True)]
@@ -593,7 +595,7 @@ async def test_publish_before_start_raises_without_storing_the_event() -> None:
     storage = RecordingStorage([])
     bus = InMemoryEventBus(event_storage=storage)
     with pytest.raises(BusNotStarted):
-        await bus.publish(CompatPing(1))
+        await bus.publish(Ping(1))
     assert storage.stored == []
 
 

@@ -14,24 +14,24 @@ import oxbus
 from oxbus import DomainEvent
 
 
-class CorrRoot(DomainEvent):
+class Root(DomainEvent):
     def __init__(self, name: str = "root") -> None:
         super().__init__()
         self.name = name
 
 
-class CorrChild(DomainEvent):
+class Child(DomainEvent):
     def __init__(self, name: str = "child") -> None:
         super().__init__()
         self.name = name
 
 
-class CorrGrandchild(DomainEvent):
+class Grandchild(DomainEvent):
     pass
 
 
 @dataclass(frozen=True)
-class CorrFrozenChild(DomainEvent):
+class FrozenChild(DomainEvent):
     name: str
 
 
@@ -57,11 +57,11 @@ async def test_current_envelope_is_none_outside_handlers(make_bus: Any) -> None:
     bus = await make_bus()
     assert oxbus.current_envelope() is None
 
-    async def handler(event: CorrRoot) -> None:
+    async def handler(event: Root) -> None:
         pass
 
-    bus.subscribe(CorrRoot, handler)
-    await bus.publish(CorrRoot())
+    bus.subscribe(Root, handler)
+    await bus.publish(Root())
     await bus.drain()
     assert oxbus.current_envelope() is None
 
@@ -70,11 +70,11 @@ async def test_root_event_correlation_is_its_own_id_and_has_no_cause(make_bus: A
     bus = await make_bus()
     seen: dict[str, Any] = {}
 
-    async def handler(event: CorrRoot) -> None:
+    async def handler(event: Root) -> None:
         seen["env"] = snapshot()
 
-    bus.subscribe(CorrRoot, handler, name="root-handler")
-    root = CorrRoot()
+    bus.subscribe(Root, handler, name="root-handler")
+    root = Root()
     await bus.publish(root)
     await bus.drain()
     assert seen["env"] == {
@@ -94,29 +94,29 @@ async def test_events_published_in_a_handler_inherit_correlation_and_name_their_
 ) -> None:
     bus = await make_bus(workers=workers)
     envs: dict[str, Any] = {}
-    children: list[CorrChild] = []
-    grandchildren: list[CorrGrandchild] = []
+    children: list[Child] = []
+    grandchildren: list[Grandchild] = []
 
-    async def on_root(event: CorrRoot) -> None:
+    async def on_root(event: Root) -> None:
         envs["root"] = snapshot()
-        child = CorrChild()
+        child = Child()
         children.append(child)
         await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         await bus.publish(child)
 
-    async def on_child(event: CorrChild) -> None:
+    async def on_child(event: Child) -> None:
         envs["child"] = snapshot()
-        g = CorrGrandchild()
+        g = Grandchild()
         grandchildren.append(g)
         await bus.publish(g)
 
-    async def on_grandchild(event: CorrGrandchild) -> None:
+    async def on_grandchild(event: Grandchild) -> None:
         envs["grandchild"] = snapshot()
 
-    bus.subscribe(CorrRoot, on_root)
-    bus.subscribe(CorrChild, on_child)
-    bus.subscribe(CorrGrandchild, on_grandchild)
-    root = CorrRoot()
+    bus.subscribe(Root, on_root)
+    bus.subscribe(Child, on_child)
+    bus.subscribe(Grandchild, on_grandchild)
+    root = Root()
     await bus.publish(root)
     await bus.drain()
     (child,) = children
@@ -137,17 +137,17 @@ async def test_sync_handler_publishing_via_create_task_inherits_correlation(
     bus = await make_bus()
     tasks: list[asyncio.Task[bool]] = []
     child_env: dict[str, Any] = {}
-    child = CorrChild()
+    child = Child()
 
-    def on_root(event: CorrRoot) -> None:
+    def on_root(event: Root) -> None:
         tasks.append(asyncio.get_running_loop().create_task(bus.publish(child)))
 
-    async def on_child(event: CorrChild) -> None:
+    async def on_child(event: Child) -> None:
         child_env.update(snapshot() or {})
 
-    bus.subscribe(CorrRoot, on_root)
-    bus.subscribe(CorrChild, on_child)
-    root = CorrRoot()
+    bus.subscribe(Root, on_root)
+    bus.subscribe(Child, on_child)
+    root = Root()
     await bus.publish(root)
     await bus.drain()
     assert await asyncio.gather(*tasks) == [True]
@@ -163,17 +163,17 @@ async def test_publish_through_create_task_inside_a_handler_inherits_correlation
     bus = await make_bus(workers=2)
     tasks: list[asyncio.Task[bool]] = []
     child_env: dict[str, Any] = {}
-    child = CorrChild()
+    child = Child()
 
-    async def on_root(event: CorrRoot) -> None:
+    async def on_root(event: Root) -> None:
         tasks.append(asyncio.create_task(bus.publish(child)))
 
-    async def on_child(event: CorrChild) -> None:
+    async def on_child(event: Child) -> None:
         child_env.update(snapshot() or {})
 
-    bus.subscribe(CorrRoot, on_root)
-    bus.subscribe(CorrChild, on_child)
-    root = CorrRoot()
+    bus.subscribe(Root, on_root)
+    bus.subscribe(Child, on_child)
+    root = Root()
     await bus.publish(root)
     await bus.drain()
     assert await asyncio.gather(*tasks) == [True]  # the task may run after the handler ended
@@ -185,19 +185,19 @@ async def test_publish_through_create_task_inside_a_handler_inherits_correlation
 
 async def test_frozen_dataclass_child_shows_inherited_ids(make_bus: Any) -> None:
     bus = await make_bus()
-    children: list[CorrFrozenChild] = []
+    children: list[FrozenChild] = []
 
-    async def on_root(event: CorrRoot) -> None:
-        c = CorrFrozenChild("frozen")
+    async def on_root(event: Root) -> None:
+        c = FrozenChild("frozen")
         children.append(c)
         await bus.publish(c)
 
-    async def on_child(event: CorrFrozenChild) -> None:
+    async def on_child(event: FrozenChild) -> None:
         pass
 
-    bus.subscribe(CorrRoot, on_root)
-    bus.subscribe(CorrFrozenChild, on_child)
-    root = CorrRoot()
+    bus.subscribe(Root, on_root)
+    bus.subscribe(FrozenChild, on_child)
+    root = Root()
     await bus.publish(root)
     await bus.drain()
     (child,) = children
@@ -209,7 +209,7 @@ async def test_plain_and_dict_events_carry_correlation_in_the_envelope(make_bus:
     bus = await make_bus()
     envs: list[dict[str, Any]] = []
 
-    async def on_root(event: CorrRoot) -> None:
+    async def on_root(event: Root) -> None:
         await bus.publish(PlainChild(1))
         await bus.publish({"event_type": "corr.dict", "event_id": "dict-1"})
 
@@ -219,10 +219,10 @@ async def test_plain_and_dict_events_carry_correlation_in_the_envelope(make_bus:
     async def on_dict(event: dict[str, Any]) -> None:
         envs.append(snapshot() or {})
 
-    bus.subscribe(CorrRoot, on_root)
+    bus.subscribe(Root, on_root)
     bus.subscribe(PlainChild, on_plain)
     bus.subscribe("corr.dict", on_dict)
-    root = CorrRoot()
+    root = Root()
     await bus.publish(root)
     await bus.drain()
     assert len(envs) == 2
@@ -241,20 +241,20 @@ async def test_publish_correlation_id_names_the_chain_on_envelope_and_event(
     # causation_id attributes show the same values" as the envelope.
     bus = await make_bus()
     envs: dict[str, Any] = {}
-    children: list[CorrChild] = []
+    children: list[Child] = []
 
-    async def on_root(event: CorrRoot) -> None:
+    async def on_root(event: Root) -> None:
         envs["root"] = snapshot()
-        c = CorrChild()
+        c = Child()
         children.append(c)
         await bus.publish(c)
 
-    async def on_child(event: CorrChild) -> None:
+    async def on_child(event: Child) -> None:
         envs["child"] = snapshot()
 
-    bus.subscribe(CorrRoot, on_root)
-    bus.subscribe(CorrChild, on_child)
-    root = CorrRoot()
+    bus.subscribe(Root, on_root)
+    bus.subscribe(Child, on_child)
+    root = Root()
     await bus.publish(root, correlation_id="request-42")
     await bus.drain()
     assert envs["root"]["correlation_id"] == "request-42"
@@ -269,11 +269,11 @@ async def test_threaded_sync_handler_sees_its_envelope(make_bus: Any) -> None:
     bus = await make_bus(sync_handlers="thread")
     seen: list[Any] = []
 
-    def handler(event: CorrRoot) -> None:
+    def handler(event: Root) -> None:
         seen.append(snapshot())
 
-    bus.subscribe(CorrRoot, handler)
-    root = CorrRoot()
+    bus.subscribe(Root, handler)
+    root = Root()
     await bus.publish(root)
     await bus.drain()
     assert seen[0] is not None
@@ -284,16 +284,16 @@ async def test_concurrent_handlers_each_see_their_own_envelope(make_bus: Any) ->
     bus = await make_bus(workers=4)
     mismatches: list[Any] = []
 
-    async def handler(event: CorrRoot) -> None:
+    async def handler(event: Root) -> None:
         for _ in range(3):
             env = oxbus.current_envelope()
             if env is None or env.event_id != event.event_id:
                 mismatches.append(event.name)
             await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
 
-    bus.subscribe(CorrRoot, handler)
+    bus.subscribe(Root, handler)
     for i in range(100):
-        await bus.publish(CorrRoot(f"r{i}"))
+        await bus.publish(Root(f"r{i}"))
     await bus.drain()
     assert mismatches == []
 
@@ -302,18 +302,18 @@ async def test_threaded_sync_handler_publishing_threadsafe_inherits_correlation(
     make_bus: Any,
 ) -> None:
     bus = await make_bus(workers=2, sync_handlers="thread")
-    child = CorrChild()
+    child = Child()
     child_env: dict[str, Any] = {}
 
-    def on_root(event: CorrRoot) -> None:
+    def on_root(event: Root) -> None:
         assert bus.publish_threadsafe(child).result(timeout=10) is True
 
-    async def on_child(event: CorrChild) -> None:
+    async def on_child(event: Child) -> None:
         child_env.update(snapshot() or {})
 
-    bus.subscribe(CorrRoot, on_root)
-    bus.subscribe(CorrChild, on_child)
-    root = CorrRoot()
+    bus.subscribe(Root, on_root)
+    bus.subscribe(Child, on_child)
+    root = Root()
     await bus.publish(root)
     await bus.drain(timeout=10)
     assert child_env["correlation_id"] == root.event_id

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from _failures import (
-    Fi4Job,
-    Fi4Other,
-    Fi4Outer,
-    Fi4PaymentDeclined,
+    Job,
+    Other,
+    Outer,
+    PaymentDeclined,
     policy,
     quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
     utc,
@@ -31,14 +31,14 @@ from oxbus.testing import ManualClock
 
 async def _dead_letter_of(
     bus: EventBus, clock: ManualClock, exc: BaseException
-) -> tuple[Fi4Job, DeadLetter]:
-    async def handle_payment(event: Fi4Job) -> None:
+) -> tuple[Job, DeadLetter]:
+    async def handle_payment(event: Job) -> None:
         raise exc
 
     bus.subscribe(
-        Fi4Job, handle_payment, name="payments", retry=policy(max_attempts=3, base_delay=1.0)
+        Job, handle_payment, name="payments", retry=policy(max_attempts=3, base_delay=1.0)
     )
-    event = Fi4Job(7, "acct-1")
+    event = Job(7, "acct-1")
     await bus.publish(event)
     await clock.drain(bus)
     (dl,) = bus.dead_letters.list()
@@ -51,7 +51,7 @@ async def test_a_dead_letter_keeps_the_event_subscription_attempts_times_and_err
     clock = ManualClock()
     bus = await make_bus(clock=clock)
     before = datetime.now(timezone.utc)
-    event, dl = await _dead_letter_of(bus, clock, Fi4PaymentDeclined("card 4242 declined"))
+    event, dl = await _dead_letter_of(bus, clock, PaymentDeclined("card 4242 declined"))
     after = datetime.now(timezone.utc)
     assert isinstance(dl, DeadLetter)
     assert isinstance(dl.id, str) and dl.id
@@ -60,15 +60,15 @@ async def test_a_dead_letter_keeps_the_event_subscription_attempts_times_and_err
     assert dl.attempts == 3
     assert utc(dl.first_failed_at) and utc(dl.last_failed_at)
     assert before <= dl.first_failed_at <= dl.last_failed_at <= after
-    assert dl.error_type == f"{Fi4PaymentDeclined.__module__}.Fi4PaymentDeclined"
+    assert dl.error_type == f"{PaymentDeclined.__module__}.PaymentDeclined"
     assert dl.error_message == "card 4242 declined"
-    assert isinstance(dl.traceback, str) and "Fi4PaymentDeclined" in dl.traceback
+    assert isinstance(dl.traceback, str) and "PaymentDeclined" in dl.traceback
 
 
 async def test_a_dead_letter_traceback_shows_where_the_handler_raised(make_bus: Any) -> None:
     clock = ManualClock()
     bus = await make_bus(clock=clock)
-    _, dl = await _dead_letter_of(bus, clock, Fi4PaymentDeclined("declined"))
+    _, dl = await _dead_letter_of(bus, clock, PaymentDeclined("declined"))
     assert dl.traceback.startswith("Traceback (most recent call last):"), dl.traceback
     assert "handle_payment" in dl.traceback  # the frame that raised
     assert "raise exc" in dl.traceback  # and its source line
@@ -78,31 +78,31 @@ async def test_a_dead_letter_names_builtin_and_nested_error_types(make_bus: Any)
     clock = ManualClock()
     bus = await make_bus(clock=clock)
 
-    async def builtin(event: Fi4Job) -> None:
+    async def builtin(event: Job) -> None:
         raise KeyError("k")
 
-    async def nested(event: Fi4Job) -> None:
-        raise Fi4Outer.Nested("inner")
+    async def nested(event: Job) -> None:
+        raise Outer.Nested("inner")
 
-    bus.subscribe(Fi4Job, builtin, name="builtin")
-    bus.subscribe(Fi4Job, nested, name="nested")
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, builtin, name="builtin")
+    bus.subscribe(Job, nested, name="nested")
+    await bus.publish(Job(1))
     await clock.drain(bus)
     types = {d.subscription: d.error_type for d in bus.dead_letters.list()}
     assert types == {
         "builtin": "KeyError",
-        "nested": f"{Fi4Outer.__module__}.Fi4Outer.Nested",
+        "nested": f"{Outer.__module__}.Outer.Nested",
     }
 
 
 async def test_first_failed_at_is_before_last_failed_at_across_real_retries(make_bus: Any) -> None:
     bus = await make_bus(retry=policy(max_attempts=3, base_delay=0.02))
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         raise ValueError
 
-    bus.subscribe(Fi4Job, fails)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, fails)
+    await bus.publish(Job(1))
     await bus.drain(timeout=10)
     (dl,) = bus.dead_letters.list()
     assert dl.last_failed_at - dl.first_failed_at >= timedelta(seconds=0.05)
@@ -115,18 +115,18 @@ async def test_retrying_one_dead_letter_redispatches_to_its_subscription_only(
     calls: list[tuple[str, int]] = []
     broken = True
 
-    async def ok(event: Fi4Job) -> None:
+    async def ok(event: Job) -> None:
         calls.append(("ok", event.n))
 
-    async def shaky(event: Fi4Job) -> None:
+    async def shaky(event: Job) -> None:
         calls.append(("shaky", event.n))
         if broken:
             raise ConnectionError("down")
 
-    bus.subscribe(Fi4Job, ok)
-    bus.subscribe(Fi4Job, shaky, name="shaky")
-    await bus.publish(Fi4Job(1))
-    await bus.publish(Fi4Job(2))
+    bus.subscribe(Job, ok)
+    bus.subscribe(Job, shaky, name="shaky")
+    await bus.publish(Job(1))
+    await bus.publish(Job(2))
     await bus.drain()
     first, second = bus.dead_letters.list()
     assert (first.event.n, second.event.n) == (1, 2)
@@ -157,11 +157,11 @@ async def test_retrying_all_dead_letters_sends_each_to_its_own_subscription(make
 
         return handle
 
-    bus.subscribe(Fi4Job, make("job"), name="job")
-    bus.subscribe(Fi4Other, make("other"), name="other")
-    await bus.publish(Fi4Job(1))
-    await bus.publish(Fi4Other(2))
-    await bus.publish(Fi4Job(3))
+    bus.subscribe(Job, make("job"), name="job")
+    bus.subscribe(Other, make("other"), name="other")
+    await bus.publish(Job(1))
+    await bus.publish(Other(2))
+    await bus.publish(Job(3))
     await bus.drain()
     assert len(bus.dead_letters) == 3
     calls.clear()
@@ -177,12 +177,12 @@ async def test_a_retried_dead_letter_that_fails_again_comes_back(make_bus: Any) 
     bus = await make_bus(clock=clock, retry=policy(max_attempts=2, base_delay=1.0))
     calls: list[float] = []
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         calls.append(clock.time())
         raise ValueError("still")
 
-    bus.subscribe(Fi4Job, fails)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, fails)
+    await bus.publish(Job(1))
     await clock.drain(bus)
     (old,) = bus.dead_letters.list()
     assert await bus.dead_letters.retry(old) == 1
@@ -197,13 +197,13 @@ async def test_discarding_a_dead_letter_drops_it_without_a_call(make_bus: Any) -
     bus = await make_bus()
     calls: list[int] = []
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         calls.append(event.n)
         raise ValueError
 
-    bus.subscribe(Fi4Job, fails)
-    await bus.publish(Fi4Job(1))
-    await bus.publish(Fi4Job(2))
+    bus.subscribe(Job, fails)
+    await bus.publish(Job(1))
+    await bus.publish(Job(2))
     await bus.drain()
     first, second = bus.dead_letters.list()
     assert bus.dead_letters.discard(first) == 1
@@ -219,12 +219,12 @@ async def test_discarding_a_dead_letter_drops_it_without_a_call(make_bus: Any) -
 async def test_purge_empties_the_dead_letter_queue_and_returns_the_count(make_bus: Any) -> None:
     bus = await make_bus()
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         raise ValueError
 
-    bus.subscribe(Fi4Job, fails)
+    bus.subscribe(Job, fails)
     for n in range(5):
-        await bus.publish(Fi4Job(n))
+        await bus.publish(Job(n))
     await bus.drain()
     assert len(bus.dead_letters) == 5
     assert bus.dead_letters.purge() == 5
@@ -259,22 +259,22 @@ async def test_health_degrades_when_the_dead_letter_queue_reaches_its_threshold(
     limit = bus.get_health_status()["thresholds"]["dead_letters"]
     assert isinstance(limit, int) and limit > 0
 
-    async def fine(event: Fi4Other) -> None:
+    async def fine(event: Other) -> None:
         pass
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         raise ValueError
 
-    bus.subscribe(Fi4Other, fine)
-    bus.subscribe(Fi4Job, fails)
+    bus.subscribe(Other, fine)
+    bus.subscribe(Job, fails)
     # Enough successful calls that the error rate stays far below its threshold.
-    await bus.publish_many(Fi4Other(i) for i in range(limit * 20))
-    await bus.publish_many(Fi4Job(i) for i in range(limit - 1))
+    await bus.publish_many(Other(i) for i in range(limit * 20))
+    await bus.publish_many(Job(i) for i in range(limit - 1))
     await bus.drain()
     h = bus.get_health_status()
     assert h["status"] == "healthy", h["reasons"]
     assert h["dead_letters"] == limit - 1
-    await bus.publish(Fi4Job(limit))
+    await bus.publish(Job(limit))
     await bus.drain()
     h = bus.get_health_status()
     assert h["status"] == "degraded"
@@ -289,17 +289,17 @@ async def test_health_degrades_when_the_error_rate_passes_ten_percent(make_bus: 
     assert h["thresholds"]["error_rate"] == pytest.approx(0.1)
     min_calls = h["thresholds"]["min_calls"]
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         if event.n < 0:
             raise ValueError
 
-    bus.subscribe(Fi4Job, handle)
-    await bus.publish_many(Fi4Job(i) for i in range(max(min_calls, 30) - 2))
-    await bus.publish_many([Fi4Job(-1), Fi4Job(-2)])  # 2 of 30: under 10 %
+    bus.subscribe(Job, handle)
+    await bus.publish_many(Job(i) for i in range(max(min_calls, 30) - 2))
+    await bus.publish_many([Job(-1), Job(-2)])  # 2 of 30: under 10 %
     await bus.drain()
     h = bus.get_health_status()
     assert h["status"] == "healthy", h["reasons"]
-    await bus.publish_many([Fi4Job(-3), Fi4Job(-4)])  # 4 of 32: 12.5 %
+    await bus.publish_many([Job(-3), Job(-4)])  # 4 of 32: 12.5 %
     await bus.drain()
     h = bus.get_health_status()
     assert h["status"] == "degraded"
@@ -311,17 +311,17 @@ async def test_dead_letters_of_a_durable_bus_survive_a_restart(tmp_path: Path) -
     calls: list[int] = []
     broken = True
 
-    async def billing(event: Fi4Job) -> None:
+    async def billing(event: Job) -> None:
         calls.append(event.n)
         if broken:
-            raise Fi4PaymentDeclined(f"declined {event.n}")
+            raise PaymentDeclined(f"declined {event.n}")
 
     bus = EventBus(store=path, retry=policy(max_attempts=2, base_delay=0.001))
-    bus.subscribe(Fi4Job, billing, name="billing")
+    bus.subscribe(Job, billing, name="billing")
     await bus.start()
-    original = Fi4Job(1, "acct-9")
+    original = Job(1, "acct-9")
     await bus.publish(original)
-    await bus.publish(Fi4Job(2, "acct-9"))
+    await bus.publish(Job(2, "acct-9"))
     await bus.drain(timeout=10)
     before = [(d.event.n, d.attempts, d.error_type) for d in bus.dead_letters.list()]
     await bus.stop()
@@ -330,7 +330,7 @@ async def test_dead_letters_of_a_durable_bus_survive_a_restart(tmp_path: Path) -
 
     calls.clear()
     bus = EventBus(store=path)
-    bus.subscribe(Fi4Job, billing, name="billing")
+    bus.subscribe(Job, billing, name="billing")
     await bus.start()
     try:
         await bus.drain(timeout=10)
@@ -338,13 +338,13 @@ async def test_dead_letters_of_a_durable_bus_survive_a_restart(tmp_path: Path) -
         entries = bus.dead_letters.list()
         assert [(d.event.n, d.attempts, d.error_type) for d in entries] == before
         first = entries[0]
-        assert isinstance(first.event, Fi4Job)
+        assert isinstance(first.event, Job)
         assert first.event.event_id == original.event_id
         assert first.subscription == "billing"
-        assert first.error_type == f"{Fi4PaymentDeclined.__module__}.Fi4PaymentDeclined"
+        assert first.error_type == f"{PaymentDeclined.__module__}.PaymentDeclined"
         assert first.error_message == "declined 1"
         assert utc(first.first_failed_at) and first.first_failed_at <= first.last_failed_at
-        assert "Fi4PaymentDeclined" in first.traceback
+        assert "PaymentDeclined" in first.traceback
         assert len(bus.get_failed_events()) == 2
         broken = False
         assert await bus.dead_letters.retry(first) == 1
@@ -355,7 +355,7 @@ async def test_dead_letters_of_a_durable_bus_survive_a_restart(tmp_path: Path) -
         await bus.stop()
 
     bus = EventBus(store=path)
-    bus.subscribe(Fi4Job, billing, name="billing")
+    bus.subscribe(Job, billing, name="billing")
     await bus.start()
     try:
         await bus.drain(timeout=10)
@@ -372,13 +372,13 @@ async def test_get_failed_events_after_a_durable_restart_keeps_the_final_result(
     # are the same as bus.dead_letters, which survive a restart.
     path = tmp_path / "final.db"
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         raise ConnectionError("gateway down")
 
-    event = Fi4Job(1)
+    event = Job(1)
     for run in range(2):
         bus = EventBus(store=path, retry=policy(max_attempts=2, base_delay=0.001))
-        bus.subscribe(Fi4Job, fails, name="payments")
+        bus.subscribe(Job, fails, name="payments")
         await bus.start()
         try:
             if run == 0:

@@ -164,12 +164,12 @@ async def _ids(db: Path) -> set[str]:
 
 
 @dataclass
-class FaultGood(DomainEvent):
+class Good(DomainEvent):
     n: int = 0
 
 
 @dataclass
-class FaultShape(DomainEvent):
+class Shape(DomainEvent):
     sku: str
     qty: int
 
@@ -178,12 +178,12 @@ async def _bad_rows(db: Path) -> dict[str, int]:
     """Writes good events and four rows nothing can decode, before any bus opens the file
     (sqlite3 here is safe: no oxbus connection is open); returns position by kind."""
     async with SqliteEventStore(str(db)) as store:
-        await store.append("good", [FaultGood(1), FaultGood(2)], expected_version=0)
+        await store.append("good", [Good(1), Good(2)], expected_version=0)
     rows = {
         "json": ("FaultBad", '{"n": 1', "{}", None),
         "date": ("FaultBad", '{"n": 2}', "{}", "not a date"),
         "digits": ("FaultBad", '{"n": ' + "9" * 100_000 + "}", "{}", None),
-        "shape": ("FaultShape", '{"colour": "red"}', "{}", None),
+        "shape": ("Shape", '{"colour": "red"}', "{}", None),
     }
     out = {}
     with closing(sqlite3.connect(db)) as conn, conn:
@@ -196,7 +196,7 @@ async def _bad_rows(db: Path) -> dict[str, int]:
             out[kind] = cur.lastrowid
         conn.execute(
             "INSERT INTO events (stream_id, version, event_type, event_version, event_id, data,"
-            " metadata, occurred_at, recorded_at) VALUES ('good', 3, 'FaultGood', 1, 'g3',"
+            " metadata, occurred_at, recorded_at) VALUES ('good', 3, 'Good', 1, 'g3',"
             " '{\"n\": 3}', '{}', NULL, '2026-01-01T00:00:00+00:00')"
         )
     return out
@@ -210,9 +210,9 @@ async def test_a_bad_row_is_a_dead_letter_of_the_subscriptions_it_matches_and_bl
     good: list[int] = []
     taken: list[object] = []
     bus = EventBus(store=str(db))
-    bus.subscribe(FaultGood, lambda e: good.append(e.n), name="good", from_beginning=True)
+    bus.subscribe(Good, lambda e: good.append(e.n), name="good", from_beginning=True)
     bus.subscribe("FaultBad", taken.append, name="bad", from_beginning=True)
-    bus.subscribe(FaultShape, taken.append, name="shape", from_beginning=True)
+    bus.subscribe(Shape, taken.append, name="shape", from_beginning=True)
     async with bus:
         await bus.drain(timeout=10)
         assert sorted(good) == [1, 2, 3]
@@ -225,10 +225,10 @@ async def test_a_bad_row_is_a_dead_letter_of_the_subscriptions_it_matches_and_bl
         for (_, position), d in dead.items():
             assert d.error_type == "oxbus.errors.UndecodableEvent"
             assert f"position {position}" in d.error_message
-        assert "FaultShape refuses its data" in dead[("shape", bad["shape"])].error_message
+        assert "Shape refuses its data" in dead[("shape", bad["shape"])].error_message
     # Recorded: the next start neither trips on them nor dead-letters them twice.
     bus2 = EventBus(store=str(db))
-    bus2.subscribe(FaultGood, lambda e: good.append(e.n), name="good", from_beginning=True)
+    bus2.subscribe(Good, lambda e: good.append(e.n), name="good", from_beginning=True)
     bus2.subscribe("FaultBad", taken.append, name="bad", from_beginning=True)
     async with bus2:
         await bus2.drain(timeout=10)

@@ -1,13 +1,17 @@
-"""The migration, trading and allocation examples print what they claim (key lines only)."""
+"""The migration, trading and allocation examples and the demo print what they claim (key
+lines only)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+
+from oxbus.demo import pipeline
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -87,3 +91,16 @@ def test_allocation() -> None:
     assert "batch-old: purchased 5, allocated 4 (order-2), available 1" in out
     assert "email to stock@made.com: Out of stock for MINIMAL-SOFA" in out
     assert "failed=1 dead_lettered=1" in out
+
+
+async def test_the_demo_prints_whole_correlation_and_causation_ids() -> None:
+    # Ids are time-ordered UUIDs: 8-character prefixes of ids made in one run all look alike.
+    lines: list[str] = []
+    await pipeline(out=lines.append)
+    audit = [m for line in lines if (m := re.search(r"corr=(\S+) cause=(\S+)", line))]
+    assert audit, lines
+    for m in audit:
+        corr, cause = m.groups()
+        assert str(uuid.UUID(corr)) == corr, m.group(0)  # a whole id, as the bus gives it
+        assert cause == "None" or str(uuid.UUID(cause)) == cause, m.group(0)
+    assert any(m.group(2) != "None" for m in audit), "a caused event is shown with its cause"

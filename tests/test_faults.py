@@ -6,8 +6,6 @@ subclasses; bad events (None, unhashable keys, over ``max_event_bytes``, not enc
 misuse of the lifecycle; the SQLite file deleted, read-only, locked, corrupt, on a full disk;
 the asyncio loop closed under the store. Cases that can kill or wedge a process run in a
 subprocess.
-
-Every class name starts with ``Flt`` (the registry is keyed by type key for the whole session).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from oxbus.errors import InvalidEvent, InvalidSubscription, OxbusError
 PY = sys.executable
 
 
-class FltEvent(DomainEvent):
+class Event(DomainEvent):
     def __init__(self, n: int, key: Any = None, payload: Any = "") -> None:
         super().__init__()
         self.n = n
@@ -54,7 +52,7 @@ class FltEvent(DomainEvent):
         return self.key
 
 
-class FltFatal(BaseException):
+class Fatal(BaseException):
     """A BaseException that is neither KeyboardInterrupt, SystemExit nor CancelledError."""
 
 
@@ -90,14 +88,14 @@ async def test_a_raising_handler_is_logged_and_dead_lettered_and_the_rest_is_han
     bus = await make_bus(workers=2)
     handled: list[int] = []
 
-    async def handle(event: FltEvent) -> None:
+    async def handle(event: Event) -> None:
         if event.n % 10 == 0:
             raise RuntimeError(f"bad {event.n}")
         handled.append(event.n)
 
-    bus.subscribe(FltEvent, handle)
+    bus.subscribe(Event, handle)
     for n in range(100):
-        await bus.publish(FltEvent(n))
+        await bus.publish(Event(n))
     await bus.drain()
     failed = sorted(d.event.n for d in bus.dead_letters.list())
     assert failed == list(range(0, 100, 10))
@@ -114,14 +112,14 @@ async def test_a_hanging_handler_with_a_timeout_does_not_stall_the_others(make_b
     bus = await make_bus(workers=2)
     handled: list[int] = []
 
-    async def handle(event: FltEvent) -> None:
+    async def handle(event: Event) -> None:
         if event.n == 0:
             await asyncio.Event().wait()  # never returns
         handled.append(event.n)
 
-    bus.subscribe(FltEvent, handle, timeout=0.1)
+    bus.subscribe(Event, handle, timeout=0.1)
     for n in range(20):
-        await bus.publish(FltEvent(n))
+        await bus.publish(Event(n))
     await bus.drain(timeout=10)
     assert sorted(handled) == list(range(1, 20))
     (dl,) = bus.dead_letters.list()
@@ -132,15 +130,15 @@ async def test_a_hanging_handler_without_a_timeout_makes_drain_time_out_and_stop
     bus = EventBus()
     observed: list[str] = []
 
-    async def hangs(event: FltEvent) -> None:
+    async def hangs(event: Event) -> None:
         try:
             await asyncio.Event().wait()
         finally:
             observed.append("finally")
 
-    bus.subscribe(FltEvent, hangs)
+    bus.subscribe(Event, hangs)
     await bus.start()
-    await bus.publish(FltEvent(1))
+    await bus.publish(Event(1))
     with pytest.raises(TimeoutError, match="1 in handlers"):
         await bus.drain(timeout=0.1)
     assert await bus.stop(timeout=0.1) == 1  # one handler call interrupted
@@ -154,19 +152,19 @@ async def test_a_handler_returning_a_plain_value_is_a_successful_sync_call(
     bus = await make_bus(sync_handlers=sync_handlers)
     ran: list[str] = []
 
-    def returns_int(event: FltEvent) -> int:
+    def returns_int(event: Event) -> int:
         ran.append("int")
         return 42
 
     class Callable_:
-        def __call__(self, event: FltEvent) -> object:
+        def __call__(self, event: Event) -> object:
             ran.append("obj")
             return object()
 
-    bus.subscribe(FltEvent, returns_int)
-    bus.subscribe(FltEvent, Callable_())
-    bus.subscribe(FltEvent, lambda e: ran.append("lambda"))
-    await bus.publish(FltEvent(1))
+    bus.subscribe(Event, returns_int)
+    bus.subscribe(Event, Callable_())
+    bus.subscribe(Event, lambda e: ran.append("lambda"))
+    await bus.publish(Event(1))
     await bus.drain()
     assert ran == ["int", "obj", "lambda"]  # the return value is ignored
     assert len(bus.dead_letters) == 0 and bus.get_statistics()["events_failed"] == 0
@@ -176,12 +174,12 @@ async def test_a_sync_handler_on_the_loop_returning_a_coroutine_has_it_awaited(m
     bus = await make_bus()
     ran: list[int] = []
 
-    async def work(event: FltEvent) -> None:
+    async def work(event: Event) -> None:
         await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         ran.append(event.n)
 
-    bus.subscribe(FltEvent, lambda e: work(e))
-    await bus.publish(FltEvent(1))
+    bus.subscribe(Event, lambda e: work(e))
+    await bus.publish(Event(1))
     await bus.drain()
     assert ran == [1]
 
@@ -195,17 +193,17 @@ async def test_a_thread_pool_handler_returning_a_coroutine_has_it_awaited(
     bus = await make_bus(sync_handlers="thread")
     ran: list[int] = []
 
-    async def work(event: FltEvent) -> None:
+    async def work(event: Event) -> None:
         ran.append(event.n)
 
     made: list[Any] = []
 
-    def returns_coroutine(event: FltEvent) -> Any:
+    def returns_coroutine(event: Event) -> Any:
         made.append(work(event))
         return made[-1]
 
-    bus.subscribe(FltEvent, returns_coroutine, name="returns_coroutine")
-    await bus.publish(FltEvent(1))
+    bus.subscribe(Event, returns_coroutine, name="returns_coroutine")
+    await bus.publish(Event(1))
     await bus.drain()
     for coro in made:
         coro.close()  # keep a dropped coroutine's warning out of the other tests
@@ -222,11 +220,11 @@ async def test_an_async_generator_handler_is_refused_at_subscribe_naming_it(
     # success that did nothing. subscribe() refuses it at once instead.
     bus = await make_bus()
 
-    async def agen_handler(event: FltEvent) -> Any:
+    async def agen_handler(event: Event) -> Any:
         yield None
 
     with pytest.raises(InvalidSubscription) as info:
-        bus.subscribe(FltEvent, agen_handler, name="agen")
+        bus.subscribe(Event, agen_handler, name="agen")
     assert isinstance(info.value, TypeError)
     assert "agen_handler is a generator function" in str(info.value)
     assert bus.get_statistics()["subscription_count"] == 0
@@ -238,14 +236,14 @@ async def test_a_handler_raising_cancelled_error_itself_is_a_failure_not_a_shutd
     bus = await make_bus()
     handled: list[int] = []
 
-    async def handle(event: FltEvent) -> None:
+    async def handle(event: Event) -> None:
         if event.n == 1:
             raise asyncio.CancelledError("handler gave up")
         handled.append(event.n)
 
-    bus.subscribe(FltEvent, handle)
+    bus.subscribe(Event, handle)
     for n in (1, 2, 3):
-        await bus.publish(FltEvent(n))
+        await bus.publish(Event(n))
     await bus.drain(timeout=10)
     assert handled == [2, 3]
     (dl,) = bus.dead_letters.list()
@@ -263,27 +261,27 @@ async def test_a_handler_raising_another_base_exception_does_not_wedge_the_bus_s
     bus = await make_bus()
     handled: list[int] = []
 
-    async def handle(event: FltEvent) -> None:
+    async def handle(event: Event) -> None:
         if event.n == 1:
-            raise FltFatal("fatal")
+            raise Fatal("fatal")
         handled.append(event.n)
 
-    bus.subscribe(FltEvent, handle, name="fatal")
-    await bus.publish(FltEvent(1))
-    await bus.publish(FltEvent(2))
+    bus.subscribe(Event, handle, name="fatal")
+    await bus.publish(Event(1))
+    await bus.publish(Event(2))
     try:
         await bus.drain(timeout=3)
     except TimeoutError:
         h = bus.get_health_status()
         pytest.fail(
-            f"FltFatal ended a worker silently: event 2 never handled, drain() hangs, "
+            f"Fatal ended a worker silently: event 2 never handled, drain() hangs, "
             f"health says {h['status']!r} {h['reasons']}"
         )
-    except (FltFatal, OxbusError):
+    except (Fatal, OxbusError):
         return  # surfaced to the caller
     assert handled == [2]
     assert [(d.event.n, d.error_type.rsplit(".", 1)[-1]) for d in bus.dead_letters.list()] == [
-        (1, "FltFatal")
+        (1, "Fatal")
     ]
 
 
@@ -337,7 +335,7 @@ def test_keyboard_interrupt_and_system_exit_in_a_handler_end_the_program(
 async def test_publishing_none_is_refused_by_every_publish_call(make_bus: Any) -> None:
     bus = await make_bus()
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n))
+    bus.subscribe(Event, lambda e: seen.append(e.n))
     with pytest.raises(InvalidEvent, match="None"):
         await bus.publish(None)
     with pytest.raises(InvalidEvent, match="None"):
@@ -348,7 +346,7 @@ async def test_publishing_none_is_refused_by_every_publish_call(make_bus: Any) -
     with pytest.raises(InvalidEvent):
         await asyncio.wrap_future(fut)
     assert bus.get_statistics()["events_published"] == 0
-    await bus.publish(FltEvent(1))
+    await bus.publish(Event(1))
     await bus.drain()
     assert seen == [1]
 
@@ -356,16 +354,16 @@ async def test_publishing_none_is_refused_by_every_publish_call(make_bus: Any) -
 async def test_an_unhashable_key_is_refused_and_the_bus_goes_on(make_bus: Any) -> None:
     bus = await make_bus(workers=2)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n))
+    bus.subscribe(Event, lambda e: seen.append(e.n))
     with pytest.raises(InvalidEvent, match=r"unhashable") as e:
-        await bus.publish(FltEvent(1), key=[{}])  # a list is a tuple key; this one holds a dict
+        await bus.publish(Event(1), key=[{}])  # a list is a tuple key; this one holds a dict
     assert "[{}]" in str(e.value) and "list" in str(e.value)
     with pytest.raises(InvalidEvent, match="dict"):
-        await bus.publish(FltEvent(2, key={"a": 1}))  # an unhashable aggregate_id
+        await bus.publish(Event(2, key={"a": 1}))  # an unhashable aggregate_id
     with pytest.raises(InvalidEvent):
-        bus.publish_nowait(FltEvent(3), key=set())
+        bus.publish_nowait(Event(3), key=set())
     assert bus.get_statistics()["events_published"] == 0
-    await bus.publish(FltEvent(4), key=(1, 2))  # a hashable key is fine
+    await bus.publish(Event(4), key=(1, 2))  # a hashable key is fine
     await bus.drain()
     assert seen == [4]
 
@@ -373,8 +371,8 @@ async def test_an_unhashable_key_is_refused_and_the_bus_goes_on(make_bus: Any) -
 async def test_a_bad_event_inside_publish_many_loses_nothing_silently(make_bus: Any) -> None:
     bus = await make_bus(workers=2)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n))
-    batch = [FltEvent(1), FltEvent(2), FltEvent(3, key={1}), FltEvent(4)]
+    bus.subscribe(Event, lambda e: seen.append(e.n))
+    batch = [Event(1), Event(2), Event(3, key={1}), Event(4)]
     with pytest.raises(InvalidEvent, match=r"key \{1\} \(type set\) is unhashable"):
         await bus.publish_many(batch)
     await bus.drain()
@@ -388,15 +386,15 @@ async def test_a_bad_event_inside_publish_many_loses_nothing_silently(make_bus: 
 async def test_an_event_over_max_event_bytes_is_refused_naming_its_size(make_bus: Any) -> None:
     bus = await make_bus(max_event_bytes=1000)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n))
+    bus.subscribe(Event, lambda e: seen.append(e.n))
     with pytest.raises(InvalidEvent, match="max_event_bytes=1000") as e:
-        await bus.publish(FltEvent(1, payload="x" * 5000))
-    assert "FltEvent" in str(e.value)
+        await bus.publish(Event(1, payload="x" * 5000))
+    assert "Event" in str(e.value)
     with pytest.raises(InvalidEvent, match="max_event_bytes"):
-        bus.publish_nowait(FltEvent(2, payload="x" * 5000))
+        bus.publish_nowait(Event(2, payload="x" * 5000))
     with pytest.raises(InvalidEvent, match="max_event_bytes"):
-        await asyncio.wrap_future(bus.publish_threadsafe(FltEvent(3, payload="x" * 5000)))
-    await bus.publish(FltEvent(4, payload="small"))
+        await asyncio.wrap_future(bus.publish_threadsafe(Event(3, payload="x" * 5000)))
+    await bus.publish(Event(4, payload="small"))
     await bus.drain()
     assert seen == [4]
 
@@ -408,9 +406,9 @@ async def test_publish_many_also_refuses_events_over_max_event_bytes(
     path = tmp_path / "many.db"
     bus = await make_bus(max_event_bytes=1000, **({"store": path} if durable else {}))
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n), name="h")
+    bus.subscribe(Event, lambda e: seen.append(e.n), name="h")
     with pytest.raises(InvalidEvent, match="max_event_bytes"):
-        await bus.publish_many([FltEvent(1, payload="x" * 5000)])
+        await bus.publish_many([Event(1, payload="x" * 5000)])
     await bus.drain()
     assert seen == []
     if durable:
@@ -421,12 +419,12 @@ async def test_publish_many_also_refuses_events_over_max_event_bytes(
 
 async def test_max_event_bytes_is_checked_before_anything_is_written(tmp_path: Path) -> None:
     bus = EventBus(store=tmp_path / "big.db", max_event_bytes=1000)
-    bus.subscribe(FltEvent, lambda e: None, name="h")
+    bus.subscribe(Event, lambda e: None, name="h")
     await bus.start()
     try:
         with pytest.raises(InvalidEvent):
-            await bus.publish(FltEvent(1, payload="x" * 5000))
-        await bus.publish(FltEvent(2))
+            await bus.publish(Event(1, payload="x" * 5000))
+        await bus.publish(Event(2))
         await bus.drain()
     finally:
         await bus.stop()
@@ -446,19 +444,19 @@ async def test_an_event_that_cannot_be_encoded_is_refused_by_a_durable_bus_and_n
     path = tmp_path / "enc.db"
     bus = EventBus(store=path)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n), name="h")
+    bus.subscribe(Event, lambda e: seen.append(e.n), name="h")
     await bus.start()
     try:
         with pytest.raises(SerializationError) as e:
-            await bus.publish(FltEvent(1, payload={"inner": [1, object()]}))
+            await bus.publish(Event(1, payload={"inner": [1, object()]}))
         msg = str(e.value)
         assert "payload" in msg and "object" in msg  # names the field path and the type
         with pytest.raises(SerializationError):
-            await bus.publish_many([FltEvent(2), FltEvent(3, payload=1 + 2j), FltEvent(4)])
+            await bus.publish_many([Event(2), Event(3, payload=1 + 2j), Event(4)])
         await bus.drain()
         assert seen == []
         assert bus.get_statistics()["events_published"] == 0
-        await bus.publish(FltEvent(5))
+        await bus.publish(Event(5))
         await bus.drain()
         assert seen == [5]
     finally:
@@ -476,14 +474,14 @@ async def test_an_event_that_cannot_be_encoded_is_refused_by_a_durable_bus_and_n
 def test_subscribing_a_non_callable_is_a_typed_error(value: Any) -> None:
     bus = EventBus()
     with pytest.raises(InvalidSubscription, match="callable"):
-        bus.subscribe(FltEvent, value)
+        bus.subscribe(Event, value)
     assert bus.subscriptions() == []
 
 
 async def test_double_start_is_idempotent_and_handles_each_event_once() -> None:
     bus = EventBus(workers=2)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n))
+    bus.subscribe(Event, lambda e: seen.append(e.n))
     await bus.start()
     await bus.start()
     try:
@@ -491,7 +489,7 @@ async def test_double_start_is_idempotent_and_handles_each_event_once() -> None:
         tasks = [t for t in asyncio.all_tasks() if (t.get_name() or "").startswith("oxbus-worker")]
         assert len(tasks) == 2
         for n in range(10):
-            await bus.publish(FltEvent(n))
+            await bus.publish(Event(n))
         await bus.drain()
         assert sorted(seen) == list(range(10))
     finally:
@@ -501,12 +499,12 @@ async def test_double_start_is_idempotent_and_handles_each_event_once() -> None:
 async def test_stop_before_start_is_a_no_op_and_the_bus_can_still_start() -> None:
     bus = EventBus()
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n))
+    bus.subscribe(Event, lambda e: seen.append(e.n))
     assert await bus.stop() == 0
     assert await bus.stop(drain=False) == 0
     await bus.start()
     try:
-        await bus.publish(FltEvent(1))
+        await bus.publish(Event(1))
         await bus.drain()
         assert seen == [1]
     finally:
@@ -515,19 +513,19 @@ async def test_stop_before_start_is_a_no_op_and_the_bus_can_still_start() -> Non
 
 async def test_publish_before_start_and_after_stop_are_typed_errors() -> None:
     bus = EventBus()
-    bus.subscribe(FltEvent, lambda e: None)
+    bus.subscribe(Event, lambda e: None)
     with pytest.raises(BusNotStarted):
-        await bus.publish(FltEvent(1))
+        await bus.publish(Event(1))
     with pytest.raises(RuntimeError):
-        bus.publish_nowait(FltEvent(1))
+        bus.publish_nowait(Event(1))
     await bus.start()
     await bus.stop()
     with pytest.raises(BusClosed):
-        await bus.publish(FltEvent(2))
+        await bus.publish(Event(2))
     with pytest.raises(BusClosed):
-        bus.publish_nowait(FltEvent(3))
+        bus.publish_nowait(Event(3))
     with pytest.raises(BusClosed):
-        await bus.publish_many([FltEvent(4)])
+        await bus.publish_many([Event(4)])
     assert await bus.stop() == 0  # stop twice: fine
 
 
@@ -535,14 +533,14 @@ async def test_publish_after_stop_on_a_durable_bus_writes_nothing(tmp_path: Path
     path = tmp_path / "closed.db"
     store = SqliteEventStore(str(path))
     bus = EventBus(store=store)
-    bus.subscribe(FltEvent, lambda e: None, name="h")
+    bus.subscribe(Event, lambda e: None, name="h")
     await bus.start()
-    await bus.publish(FltEvent(1))
+    await bus.publish(Event(1))
     await bus.stop()
     with pytest.raises(BusClosed):
-        await bus.publish(FltEvent(2))
+        await bus.publish(Event(2))
     with pytest.raises(BusClosed):
-        await bus.publish_many([FltEvent(3)])
+        await bus.publish_many([Event(3)])
     assert [s.data["n"] for s in await store.read_all()] == [1]
     store.close()
 
@@ -560,11 +558,11 @@ async def test_the_file_deleted_under_an_open_store_keeps_working_on_the_unlinke
     # crashes and nothing raises anything but a StorageError.
     path = tmp_path / "gone.db"
     store = SqliteEventStore(str(path))
-    await store.append("s", [FltEvent(1)], expected_version=0)
+    await store.append("s", [Event(1)], expected_version=0)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     try:
-        version = await store.append("s", [FltEvent(2)], expected_version=1)
+        version = await store.append("s", [Event(2)], expected_version=1)
     except StorageError as e:
         assert str(path) in str(e)
     else:
@@ -578,14 +576,14 @@ async def test_the_file_deleted_under_a_durable_bus_loses_no_accepted_event(tmp_
     path = tmp_path / "gone-bus.db"
     bus = EventBus(store=path)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n), name="h")
+    bus.subscribe(Event, lambda e: seen.append(e.n), name="h")
     await bus.start()
     try:
-        await bus.publish(FltEvent(1))
+        await bus.publish(Event(1))
         path.unlink()
         accepted = [1]
         try:
-            await bus.publish(FltEvent(2))
+            await bus.publish(Event(2))
             accepted.append(2)
         except StorageError:
             pass
@@ -691,11 +689,11 @@ async def test_a_file_locked_by_another_process_raises_storage_error_after_the_b
     path = tmp_path / "locked.db"
     store = SqliteEventStore(str(path))
     try:
-        await store.append("s", [FltEvent(1)], expected_version=0)
+        await store.append("s", [Event(1)], expected_version=0)
         holder = lock_holder(path, "stdin")
         with pytest.raises(StorageError, match="locked"):
             # A hang guard, not a limit: the store gives up after its busy timeout.
-            await asyncio.wait_for(store.append("s", [FltEvent(2)], expected_version=1), 60)
+            await asyncio.wait_for(store.append("s", [Event(2)], expected_version=1), 60)
         # Readers are not blocked in WAL mode.
         assert [s.data["n"] for s in await store.read("s")] == [1]
         holder.stdin.write("\n")
@@ -703,7 +701,7 @@ async def test_a_file_locked_by_another_process_raises_storage_error_after_the_b
         assert holder.stdout.readline().strip() == "released"
         # Recovery: the store works again once the lock is gone, and the failed append
         # left nothing behind.
-        assert await store.append("s", [FltEvent(3)], expected_version=1) == 2
+        assert await store.append("s", [Event(3)], expected_version=1) == 2
         assert [s.data["n"] for s in await store.read("s")] == [1, 3]
     finally:
         store.close()
@@ -715,13 +713,13 @@ async def test_a_short_lock_by_another_process_is_waited_out(
     path = tmp_path / "briefly.db"
     bus = EventBus(store=path)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n), name="h")
+    bus.subscribe(Event, lambda e: seen.append(e.n), name="h")
     await bus.start()
     try:
-        await bus.publish(FltEvent(1))
+        await bus.publish(Event(1))
         lock_holder(path, "1.0")
         try:
-            await asyncio.wait_for(bus.publish(FltEvent(2)), 60)
+            await asyncio.wait_for(bus.publish(Event(2)), 60)
             accepted = [1, 2]
         except StorageError:
             accepted = [1]
@@ -738,17 +736,17 @@ async def test_a_durable_publish_refused_by_a_lock_is_not_dispatched(
     path = tmp_path / "locked-bus.db"
     bus = EventBus(store=path)
     seen: list[int] = []
-    bus.subscribe(FltEvent, lambda e: seen.append(e.n), name="h")
+    bus.subscribe(Event, lambda e: seen.append(e.n), name="h")
     await bus.start()
     try:
-        await bus.publish(FltEvent(1))
+        await bus.publish(Event(1))
         holder = lock_holder(path, "stdin")
         with pytest.raises(StorageError):
-            await asyncio.wait_for(bus.publish(FltEvent(2)), 60)
+            await asyncio.wait_for(bus.publish(Event(2)), 60)
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.stdout.readline().strip() == "released"
-        await bus.publish(FltEvent(3))
+        await bus.publish(Event(3))
         await bus.drain(timeout=10)
         assert seen == [1, 3]  # the refused event was neither committed nor handled
     finally:
@@ -780,7 +778,7 @@ from oxbus import DomainEvent, EventBus, SqliteEventStore, StorageError
 
 mode, path, ballast = sys.argv[1], sys.argv[2], sys.argv[3]
 
-class FltBlob(DomainEvent):
+class Blob(DomainEvent):
     def __init__(self, n, data):
         super().__init__()
         self.n = n
@@ -789,7 +787,7 @@ class FltBlob(DomainEvent):
 async def main():
     bus = EventBus(store=path)
     seen = []
-    bus.subscribe(FltBlob, lambda e: seen.append(e.n), name="h")
+    bus.subscribe(Blob, lambda e: seen.append(e.n), name="h")
     await bus.start()
     if mode == "rlimit":
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of a signal
@@ -798,7 +796,7 @@ async def main():
     accepted, error = 0, None
     for i in range(5000):
         try:
-            await bus.publish(FltBlob(i, "x" * 20_000))
+            await bus.publish(Blob(i, "x" * 20_000))
         except StorageError as e:
             error = e
             break
@@ -811,7 +809,7 @@ async def main():
         resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     else:
         os.unlink(ballast)
-    await bus.publish(FltBlob(accepted, "after"))
+    await bus.publish(Blob(accepted, "after"))
     await bus.drain(timeout=20)
     print("RECOVERED", seen[-1] == accepted, flush=True)
     await bus.stop()
@@ -868,17 +866,17 @@ from oxbus import DomainEvent, EventBus, SqliteEventStore
 
 mode, path, ending = sys.argv[1], sys.argv[2], sys.argv[3]
 
-class FltLc(DomainEvent):
+class Lc(DomainEvent):
     def __init__(self, n):
         super().__init__()
         self.n = n
 
 store = SqliteEventStore(path)
 loop = asyncio.new_event_loop()
-loop.run_until_complete(store.append("s", [FltLc(0)], expected_version=0))
+loop.run_until_complete(store.append("s", [Lc(0)], expected_version=0))
 if mode == "bus":
     bus = EventBus(store=store)
-    bus.subscribe(FltLc, lambda e: None, name="h")
+    bus.subscribe(Lc, lambda e: None, name="h")
     loop.run_until_complete(bus.start())        # writes: before the lock is taken
 # Another process holds the write lock, so the next request stays pending in the writer.
 # (Another process, not a sqlite3 connection here: two SQLite libraries in one process do
@@ -890,9 +888,9 @@ holder = subprocess.Popen(
 )
 assert holder.stdout.readline().strip() == "locked"
 if mode == "store":
-    pending = loop.create_task(store.append("s", [FltLc(1)], expected_version=1))
+    pending = loop.create_task(store.append("s", [Lc(1)], expected_version=1))
 else:
-    pending = loop.create_task(bus.publish(FltLc(1)))
+    pending = loop.create_task(bus.publish(Lc(1)))
 for _ in range(10):
     loop.run_until_complete(asyncio.sleep(0))   # sleep-ok: the request reaches the writer thread
 print("PENDING", not pending.done(), flush=True)

@@ -4,8 +4,6 @@ published, with counts and failure rates. The demo's durable pipeline is the dat
 
 SVG and PNG need Graphviz's ``dot``: skipped without it, except in CI (``OXBUS_CI=1``), where
 ``.ci/run`` installs it and they must run.
-
-Every class name starts with ``Flo`` (the registry is keyed by type key for the session).
 """
 
 from __future__ import annotations
@@ -257,15 +255,15 @@ def test_svg_is_drawn_with_the_labels(demo_db: str) -> None:
 # ------------------------------------------------------------------ other logs, fallbacks
 
 
-class FloParent(DomainEvent):
+class Parent(DomainEvent):
     pass
 
 
-class FloChild(DomainEvent):
+class Child(DomainEvent):
     pass
 
 
-class FloOther(DomainEvent):
+class Other(DomainEvent):
     pass
 
 
@@ -274,24 +272,24 @@ async def test_a_log_without_handler_names_falls_back_to_the_parents_type(tmp_pa
     recorded): a parent type with one handler gets the child; else a dashed type → type edge."""
     path = str(tmp_path / "hand.db")
     async with SqliteEventStore(path) as store:
-        parent, other = FloParent(), FloOther()
+        parent, other = Parent(), Other()
         await store.append("s", [parent, other], expected_version=0)
         children = [
-            {"event_type": "FloChild", "causation_id": parent.event_id},
-            {"event_type": "FloChild", "causation_id": other.event_id},
-            {"event_type": "FloChild", "causation_id": other.event_id},
+            {"event_type": "Child", "causation_id": parent.event_id},
+            {"event_type": "Child", "causation_id": other.event_id},
+            {"event_type": "Child", "causation_id": other.event_id},
         ]
         await store.append("s", children, expected_version=2)
     with sqlite3.connect(path) as conn:  # parent handled by one subscription, other by none
         conn.execute("INSERT INTO progress VALUES ('only_handler', 1)")
     conn.close()
     f = flowmod.read_flow(path)
-    assert f.published == {("only_handler", "FloChild"): 1}
-    assert f.caused == {("FloOther", "FloChild"): 2}
+    assert f.published == {("only_handler", "Child"): 1}
+    assert f.caused == {("Other", "Child"): 2}
     text = flowmod.to_mermaid(f)
     n = mermaid_nodes(text)
-    assert f'{n["FloOther"]} -.->|"2 caused"| {n["FloChild"]}' in text
-    assert f'{n["only_handler"]} -->|"1 published"| {n["FloChild"]}' in text
+    assert f'{n["Other"]} -.->|"2 caused"| {n["Child"]}' in text
+    assert f'{n["only_handler"]} -->|"1 published"| {n["Child"]}' in text
     assert "style=dashed" in flowmod.to_dot(f)
 
 

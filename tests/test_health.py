@@ -15,7 +15,7 @@ import pytest
 from oxbus import DomainEvent
 
 
-class HealthJob(DomainEvent):
+class Job(DomainEvent):
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n
@@ -41,18 +41,18 @@ async def test_a_queue_80_percent_full_degrades_and_79_does_not(make_bus: Any) -
     bus = await make_bus(max_queue_size=10)
     gate = asyncio.Event()
 
-    async def held(event: HealthJob) -> None:
+    async def held(event: Job) -> None:
         await gate.wait()
 
-    bus.subscribe(HealthJob, held)
-    await bus.publish(HealthJob(0))  # taken by the one worker: in flight, not queued
+    bus.subscribe(Job, held)
+    await bus.publish(Job(0))  # taken by the one worker: in flight, not queued
     for n in range(1, 8):
-        await bus.publish(HealthJob(n))
+        await bus.publish(Job(n))
     await asyncio.sleep(0)  # sleep-ok: one loop tick, so the worker has taken event 0
     h = bus.get_health_status()
     assert (h["queue_size"], h["in_flight"]) == (7, 1)
     assert (h["status"], h["reasons"]) == ("healthy", [])
-    await bus.publish(HealthJob(8))  # 8 of 10 queued: 80%
+    await bus.publish(Job(8))  # 8 of 10 queued: 80%
     h = bus.get_health_status()
     assert h["queue_size"] == 8
     assert (h["status"], h["reasons"]) == ("degraded", ["queue 8/10 is at or above 80% full"])
@@ -68,12 +68,12 @@ async def test_an_event_queued_for_5_seconds_degrades(make_bus: Any) -> None:
     bus = await make_bus()
     gate = asyncio.Event()
 
-    async def held(event: HealthJob) -> None:
+    async def held(event: Job) -> None:
         await gate.wait()
 
-    bus.subscribe(HealthJob, held)
-    await bus.publish(HealthJob(0))  # in flight
-    await bus.publish(HealthJob(1))  # queued behind it
+    bus.subscribe(Job, held)
+    await bus.publish(Job(0))  # in flight
+    await bus.publish(Job(1))  # queued behind it
     await asyncio.sleep(0)  # sleep-ok: one loop tick, so the worker has taken event 0
     h = bus.get_health_status()
     assert (h["queue_size"], h["in_flight"]) == (1, 1)
@@ -97,18 +97,18 @@ async def test_an_event_queued_for_5_seconds_degrades(make_bus: Any) -> None:
 async def test_ten_percent_failed_calls_degrade_once_20_calls_were_made(make_bus: Any) -> None:
     bus = await make_bus()
 
-    async def handle(event: HealthJob) -> None:
+    async def handle(event: Job) -> None:
         if event.n < 0:
             raise ValueError(f"job {event.n}")
 
-    bus.subscribe(HealthJob, handle)
+    bus.subscribe(Job, handle)
     # 2 of 19 calls failed (10.5%), but fewer than 20 calls: the rate does not count yet.
-    await bus.publish_many([HealthJob(-1), HealthJob(-2)] + [HealthJob(n) for n in range(17)])
+    await bus.publish_many([Job(-1), Job(-2)] + [Job(n) for n in range(17)])
     await bus.drain()
     h = bus.get_health_status()
     assert (h["status"], h["reasons"]) == ("healthy", [])
     # The 20th call: 2 of 20, exactly 10%.
-    await bus.publish(HealthJob(17))
+    await bus.publish(Job(17))
     await bus.drain()
     h = bus.get_health_status()
     assert h["error_rate"] == pytest.approx(0.1)
@@ -117,7 +117,7 @@ async def test_ten_percent_failed_calls_degrade_once_20_calls_were_made(make_bus
         ["2 of 20 handler calls failed (limit 10%)"],
     )
     # 2 of 21: under 10% again.
-    await bus.publish(HealthJob(18))
+    await bus.publish(Job(18))
     await bus.drain()
     h = bus.get_health_status()
     assert (h["status"], h["reasons"]) == ("healthy", [])

@@ -5,8 +5,6 @@ Every event must be handled successfully exactly once, every failure retried (re
 failures), nothing dead-lettered, and memory bounded by ``max_queue_size`` (RSS growth read
 from ``get_health_status()["memory_usage_mb"]``). Run with ``-s`` to see the counts. Only counts
 are asserted: the speed of this workload is measured by ``benches/bench_load.py``.
-
-Every class name starts with ``Ld`` (the registry is keyed by type key for the whole session).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ RSS_GROWTH_LIMIT_MB = 150.0
 SAMPLE_EVERY = 25_000
 
 
-class LdEvent:
+class Event:
     """A small event: the test allocates a million of them."""
 
     __slots__ = ("n",)
@@ -36,7 +34,7 @@ class LdEvent:
         self.n = n
 
 
-class LdFlaky(Exception):
+class Flaky(Exception):
     pass
 
 
@@ -56,18 +54,18 @@ async def test_a_million_events_with_ten_percent_failing_once_lose_nothing() -> 
     attempts = bytearray(TOTAL)  # calls per event
     successes = bytearray(TOTAL)  # successful calls per event
 
-    async def handle(event: LdEvent) -> None:
+    async def handle(event: Event) -> None:
         n = event.n
         a = attempts[n]
         if a < 255:
             attempts[n] = a + 1
         if a == 0 and n % FAIL_EVERY == 0:
-            raise LdFlaky(n)
+            raise Flaky(n)
         s = successes[n]
         if s < 255:
             successes[n] = s + 1
 
-    bus.subscribe(LdEvent, handle, name="load")
+    bus.subscribe(Event, handle, name="load")
     await bus.start()
     gc.collect()
     baseline = bus.get_health_status()["memory_usage_mb"]
@@ -84,7 +82,7 @@ async def test_a_million_events_with_ten_percent_failing_once_lose_nothing() -> 
         base = p * PER_PUBLISHER
         publish = bus.publish
         for i in range(PER_PUBLISHER):
-            await publish(LdEvent(base + i))
+            await publish(Event(base + i))
             if i % SAMPLE_EVERY == 0:
                 sample()
 
@@ -124,7 +122,7 @@ async def test_a_million_events_with_ten_percent_failing_once_lose_nothing() -> 
     assert growth < RSS_GROWTH_LIMIT_MB, f"RSS grew {growth:.1f} MB (limit {RSS_GROWTH_LIMIT_MB})"
 
 
-class LdKeyed:
+class Keyed:
     __slots__ = ("aggregate_id", "n")
 
     def __init__(self, n: int, key: tuple[int, int]) -> None:
@@ -146,14 +144,14 @@ async def test_with_keys_the_retries_keep_per_key_order_under_load() -> None:
     last: dict[tuple[int, int], int] = {}
     out_of_order = 0
 
-    async def handle(event: LdKeyed) -> None:
+    async def handle(event: Keyed) -> None:
         nonlocal out_of_order
         n = event.n
         a = attempts[n]
         if a < 255:
             attempts[n] = a + 1
         if a == 0 and n % FAIL_EVERY == 0:
-            raise LdFlaky(n)
+            raise Flaky(n)
         if last.get(event.aggregate_id, -1) > n:
             out_of_order += 1
         last[event.aggregate_id] = n
@@ -161,7 +159,7 @@ async def test_with_keys_the_retries_keep_per_key_order_under_load() -> None:
         if s < 255:
             successes[n] = s + 1
 
-    bus.subscribe(LdKeyed, handle, name="keyed-load")
+    bus.subscribe(Keyed, handle, name="keyed-load")
     await bus.start()
     gc.collect()
     baseline = bus.get_health_status()["memory_usage_mb"]
@@ -172,7 +170,7 @@ async def test_with_keys_the_retries_keep_per_key_order_under_load() -> None:
         base = p * PER_PUBLISHER
         publish = bus.publish
         for i in range(PER_PUBLISHER):
-            await publish(LdKeyed(base + i, (p, i % 250)))
+            await publish(Keyed(base + i, (p, i % 250)))
             if i % SAMPLE_EVERY == 0:
                 peak = max(peak, bus.get_health_status()["memory_usage_mb"])
 

@@ -15,13 +15,13 @@ from oxbus import CorrelationFilter, DomainEvent, EventBus
 log = logging.getLogger("test_logging.app")
 
 
-class LogOrderPlaced(DomainEvent):
+class OrderPlaced(DomainEvent):
     def __init__(self, order_id: str) -> None:
         super().__init__()
         self.order_id = order_id
 
 
-class LogReceiptSent(DomainEvent):
+class ReceiptSent(DomainEvent):
     def __init__(self, order_id: str) -> None:
         super().__init__()
         self.order_id = order_id
@@ -63,17 +63,17 @@ async def test_records_logged_in_handlers_carry_the_envelope_ids(
     make_bus: Any, captured: ListHandler
 ) -> None:
     bus = await make_bus()
-    order = LogOrderPlaced("o-1")
+    order = OrderPlaced("o-1")
 
-    async def place(event: LogOrderPlaced) -> None:
+    async def place(event: OrderPlaced) -> None:
         log.info("placing %s", event.order_id)
-        await bus.publish(LogReceiptSent(event.order_id))
+        await bus.publish(ReceiptSent(event.order_id))
 
-    async def receipt(event: LogReceiptSent) -> None:
+    async def receipt(event: ReceiptSent) -> None:
         log.info("receipt for %s", event.order_id)
 
-    bus.subscribe(LogOrderPlaced, place)
-    bus.subscribe(LogReceiptSent, receipt)
+    bus.subscribe(OrderPlaced, place)
+    bus.subscribe(ReceiptSent, receipt)
     log.info("before publishing")
     await bus.publish(order)
     await bus.drain()
@@ -85,7 +85,7 @@ async def test_records_logged_in_handlers_carry_the_envelope_ids(
     assert placing.event_id == order.event_id  # type: ignore[attr-defined]
     assert placing.correlation_id == order.correlation_id  # type: ignore[attr-defined]
     assert placing.causation_id == "-"  # type: ignore[attr-defined]  # a root event
-    assert placing.event_type == "LogOrderPlaced"  # type: ignore[attr-defined]
+    assert placing.event_type == "OrderPlaced"  # type: ignore[attr-defined]
 
     child = captured.by_message("receipt for o-1")
     assert child.correlation_id == order.correlation_id  # type: ignore[attr-defined]
@@ -98,19 +98,19 @@ async def test_tasks_and_thread_pool_handlers_keep_the_ids(
     make_bus: Any, captured: ListHandler
 ) -> None:
     bus = await make_bus(sync_handlers="thread")
-    order = LogOrderPlaced("o-2")
+    order = OrderPlaced("o-2")
 
-    def sync_handler(event: LogOrderPlaced) -> None:
+    def sync_handler(event: OrderPlaced) -> None:
         log.info("from a pool thread")
 
-    async def spawner(event: LogOrderPlaced) -> None:
+    async def spawner(event: OrderPlaced) -> None:
         async def later() -> None:
             log.info("from a task")
 
         await asyncio.create_task(later())
 
-    bus.subscribe(LogOrderPlaced, sync_handler)
-    bus.subscribe(LogOrderPlaced, spawner)
+    bus.subscribe(OrderPlaced, sync_handler)
+    bus.subscribe(OrderPlaced, spawner)
     await bus.publish(order)
     await bus.drain()
     for text in ("from a pool thread", "from a task"):
@@ -125,19 +125,19 @@ async def test_the_bus_failure_record_carries_the_ids_without_any_filter(
     # caplog's handler has no CorrelationFilter: the fields come from the bus's logger.
     caplog.set_level(logging.ERROR, logger="oxbus")
     bus = await make_bus()
-    order = LogOrderPlaced("o-3")
+    order = OrderPlaced("o-3")
 
-    async def broken(event: LogOrderPlaced) -> None:
+    async def broken(event: OrderPlaced) -> None:
         raise ValueError("boom")
 
-    bus.subscribe(LogOrderPlaced, broken)
+    bus.subscribe(OrderPlaced, broken)
     await bus.publish(order)
     await bus.drain()
     (record,) = [r for r in caplog.records if r.name == "oxbus"]
     assert record.correlation_id == order.correlation_id  # type: ignore[attr-defined]
     assert record.event_id == order.event_id  # type: ignore[attr-defined]
     assert record.causation_id == "-"  # type: ignore[attr-defined]
-    assert record.event_type == "LogOrderPlaced"  # type: ignore[attr-defined]
+    assert record.event_type == "OrderPlaced"  # type: ignore[attr-defined]
 
 
 async def test_bus_records_outside_handlers_carry_dashes(
@@ -147,12 +147,12 @@ async def test_bus_records_outside_handlers_carry_dashes(
     bus = await make_bus()
     release = asyncio.Event()
 
-    async def stuck(event: LogOrderPlaced) -> None:
+    async def stuck(event: OrderPlaced) -> None:
         await release.wait()
 
-    bus.subscribe(LogOrderPlaced, stuck)
-    await bus.publish(LogOrderPlaced("o-4"))
-    await bus.publish(LogOrderPlaced("o-5"))
+    bus.subscribe(OrderPlaced, stuck)
+    await bus.publish(OrderPlaced("o-4"))
+    await bus.publish(OrderPlaced("o-5"))
     await bus.stop(drain=False)  # logs the discarded event, from outside any handler
     release.set()
     records = [r for r in caplog.records if r.name == "oxbus"]

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from _failures import (
-    Fi4Job,
-    Fi4Other,
+    Job,
+    Other,
     quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
 )
 from oxbus import (
@@ -24,14 +24,14 @@ async def _park_setup(
     seen: list[tuple[str, int]] = []
     state = {"broken": True}
 
-    async def ledger(event: Fi4Job) -> None:
+    async def ledger(event: Job) -> None:
         if state["broken"] and event.key == "K" and event.n == 1:
             raise ValueError("K1 is poison")
         seen.append((event.key or "", event.n))
 
-    bus.subscribe(Fi4Job, ledger, name="ledger", on_dead_letter=mode)
+    bus.subscribe(Job, ledger, name="ledger", on_dead_letter=mode)
     for key, n in [("K", 1), ("K", 2), ("L", 1), ("K", 3), ("L", 2)]:
-        await bus.publish(Fi4Job(n, key))
+        await bus.publish(Job(n, key))
     await bus.drain()
     return bus, seen, state
 
@@ -63,7 +63,7 @@ async def test_retrying_the_head_redispatches_it_then_the_parked_events_in_order
     assert seen == [("K", 1), ("K", 2), ("K", 3)]
     assert len(bus.dead_letters) == 0
     # The key is unparked: a new event of K is handled at once.
-    await bus.publish(Fi4Job(4, "K"))
+    await bus.publish(Job(4, "K"))
     await bus.drain()
     assert seen[-1] == ("K", 4) and len(bus.dead_letters) == 0
 
@@ -88,7 +88,7 @@ async def test_retrying_the_head_keeps_the_order_when_the_key_was_given_to_publi
     seen: list[int] = []
     broken = True
 
-    async def ledger(event: Fi4Other) -> None:
+    async def ledger(event: Other) -> None:
         if broken and event.n == 1:
             raise ValueError("poison")
         if event.n == 1:
@@ -96,9 +96,9 @@ async def test_retrying_the_head_keeps_the_order_when_the_key_was_given_to_publi
             await asyncio.sleep(0.01)  # sleep-ok
         seen.append(event.n)
 
-    bus.subscribe(Fi4Other, ledger, name="ledger", on_dead_letter="park")
+    bus.subscribe(Other, ledger, name="ledger", on_dead_letter="park")
     for n in (1, 2, 3):
-        await bus.publish(Fi4Other(n), key="K")
+        await bus.publish(Other(n), key="K")
     await bus.drain()
     head = bus.dead_letters.list()[0]
     assert [d.parked_behind for d in bus.dead_letters.list()] == [None, head.id, head.id]
@@ -120,7 +120,7 @@ async def test_discarding_the_head_dispatches_the_parked_events_in_order(make_bu
 
 async def test_events_published_while_parked_join_the_queue_behind_the_head(make_bus: Any) -> None:
     bus, seen, state = await _park_setup(make_bus)
-    await bus.publish(Fi4Job(4, "K"))
+    await bus.publish(Job(4, "K"))
     await bus.drain()
     assert [(d.event.n, d.error_type) for d in bus.dead_letters.list()] == [
         (1, "ValueError"),
@@ -148,14 +148,14 @@ async def test_skip_is_the_default(make_bus: Any) -> None:
     bus = await make_bus(workers=2, ordered=True)
     seen: list[int] = []
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         if event.n == 1:
             raise ValueError
         seen.append(event.n)
 
-    bus.subscribe(Fi4Job, handle)
+    bus.subscribe(Job, handle)
     for n in (1, 2, 3):
-        await bus.publish(Fi4Job(n, "K"))
+        await bus.publish(Job(n, "K"))
     await bus.drain()
     assert seen == [2, 3]
 
@@ -164,18 +164,18 @@ async def test_parking_is_per_subscription(make_bus: Any) -> None:
     bus = await make_bus(workers=2, ordered=True)
     seen: list[tuple[str, int]] = []
 
-    async def parks(event: Fi4Job) -> None:
+    async def parks(event: Job) -> None:
         if event.n == 1:
             raise ValueError
         seen.append(("parks", event.n))
 
-    async def audit(event: Fi4Job) -> None:
+    async def audit(event: Job) -> None:
         seen.append(("audit", event.n))
 
-    bus.subscribe(Fi4Job, parks, on_dead_letter="park", name="parks")
-    bus.subscribe(Fi4Job, audit, name="audit")
+    bus.subscribe(Job, parks, on_dead_letter="park", name="parks")
+    bus.subscribe(Job, audit, name="audit")
     for n in (1, 2, 3):
-        await bus.publish(Fi4Job(n, "K"))
+        await bus.publish(Job(n, "K"))
     await bus.drain()
     assert seen == [("audit", 1), ("audit", 2), ("audit", 3)]
     assert [d.subscription for d in bus.dead_letters.list()] == ["parks"] * 3
@@ -186,25 +186,25 @@ async def test_a_parked_key_stays_parked_across_a_durable_restart(tmp_path: Path
     seen: list[int] = []
     broken = True
 
-    async def ledger(event: Fi4Job) -> None:
+    async def ledger(event: Job) -> None:
         if broken and event.n == 1:
             raise ValueError("poison")
         seen.append(event.n)
 
     bus = EventBus(store=path, workers=2, ordered=True)
-    bus.subscribe(Fi4Job, ledger, name="ledger", on_dead_letter="park")
+    bus.subscribe(Job, ledger, name="ledger", on_dead_letter="park")
     await bus.start()
     for n in (1, 2):
-        await bus.publish(Fi4Job(n, "K"))
+        await bus.publish(Job(n, "K"))
     await bus.drain(timeout=10)
     await bus.stop()
     assert seen == []
 
     bus = EventBus(store=path, workers=2, ordered=True)
-    bus.subscribe(Fi4Job, ledger, name="ledger", on_dead_letter="park")
+    bus.subscribe(Job, ledger, name="ledger", on_dead_letter="park")
     await bus.start()
     try:
-        await bus.publish(Fi4Job(3, "K"))
+        await bus.publish(Job(3, "K"))
         await bus.drain(timeout=10)
         # K is still parked behind its dead letter: 3 may not overtake 1 and 2.
         assert seen == []

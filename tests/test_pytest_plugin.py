@@ -171,7 +171,9 @@ def test_the_plugin_is_registered_through_the_entry_point(pytester: pytest.Pytes
     write_ini(pytester)
     pytester.makepyfile(test_nothing="def test_nothing(): pass")
     result = pytester.runpytest("-p", "no:cacheprovider", "--fixtures")
-    for fixture in ("event_bus_options", "event_bus", "event_recorder", "handler_errors"):
+    for fixture in (
+        "event_bus_options", "event_bus", "event_recorder", "handler_errors", "event_registry"
+    ):
         result.stdout.fnmatch_lines([f"{fixture} -- *"])  # in whatever order pytest lists them
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:oxbus", "--fixtures")
     assert "event_recorder" not in result.stdout.str()
@@ -187,33 +189,121 @@ def test_the_readme_example_test_file_passes(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=3)
 
 
+REGISTRY_MODULE = """
+from dataclasses import dataclass
+
+from oxbus import DomainEvent, SqliteEventStore
+from oxbus.registry import lookup
+
+
+@dataclass(frozen=True)
+class OrderPlaced(DomainEvent):
+    {field}: str
+
+
+async def test_stored_events_come_back_as_this_module_s_class(tmp_path):
+    assert lookup("OrderPlaced") is OrderPlaced
+    with SqliteEventStore(str(tmp_path / "e.db")) as store:
+        await store.append("s", [OrderPlaced("x")])
+        (row,) = await store.read("s")
+    assert type(row.event) is OrderPlaced and row.event.{field} == "x"
+
+
+def test_a_class_defined_in_a_test_is_forgotten_after_it_{n}():
+    assert lookup("DefinedInATest") is None
+    class DefinedInATest(DomainEvent):
+        pass
+    assert lookup("DefinedInATest") is DefinedInATest
+"""
+
+
+HELPER_MODULE = """
+from oxbus import DomainEvent
+
+
+class Shipped(DomainEvent):
+    def __init__(self, parcel):
+        super().__init__()
+        self.parcel = parcel
+
+
+def shipped(parcel):
+    return Shipped(parcel)
+"""
+
+USES_HELPER = """
+from oxbus import SqliteEventStore
+from parcels import shipped
+
+
+async def test_a_helper_module_s_events_come_back_as_its_classes(tmp_path):
+    with SqliteEventStore(str(tmp_path / "e.db")) as store:
+        await store.append("s", [shipped("p-1")])
+        (row,) = await store.read("s")
+    assert type(row.event).__module__ == "parcels" and row.event.parcel == "p-1"
+"""
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_event_registry_lets_test_modules_reuse_event_class_names(
+    pytester: pytest.Pytester, isolated: bool
+) -> None:
+    write_ini(pytester)
+    if isolated:
+        pytester.makeconftest(
+            "import pytest\n\n"
+            "@pytest.fixture(autouse=True)\n"
+            "def _registry(event_registry):\n"
+            "    pass\n"
+        )
+    pytester.makepyfile(
+        test_billing=REGISTRY_MODULE.format(field="invoice", n=1),
+        test_shipping=REGISTRY_MODULE.format(field="parcel", n=2),
+    )
+    if isolated:
+        # A helper module writes the events a test reads back; the test imports a function
+        # only, and a module collected later has a class of the same name.
+        pytester.makepyfile(
+            parcels=HELPER_MODULE,
+            test_uses_a_helper=USES_HELPER,
+            test_zz_later="from oxbus import DomainEvent\n\n"
+            "class Shipped(DomainEvent):\n    pass\n\n"
+            "def test_nothing():\n    pass\n",
+        )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    if isolated:
+        result.assert_outcomes(passed=6)
+    else:  # the last module imported owns "OrderPlaced"; a test's class outlives it
+        result.assert_outcomes(passed=2, failed=2)
+
+
 # ---------------------------------------------------- the recorder itself, without pytester
 
 
-class PluginBase:
+class Base:
     pass
 
 
-class PluginChild(PluginBase):
+class Child(Base):
     pass
 
 
-class PluginKind(enum.Enum):
+class Kind(enum.Enum):
     SHIPPED = "order.shipped"
 
 
 async def test_the_recorder_matches_like_the_bus_and_changes_nothing(make_bus: Any) -> None:
     bus = await make_bus()
     with EventRecorder(bus) as rec:
-        await bus.publish(PluginChild())
+        await bus.publish(Child())
         await bus.publish({"event_type": "order.shipped"})
         await bus.publish({"event_type": "order.item.added"})
         assert len(rec) == 3  # recorded on acceptance, before any handler
-        assert [type(e) for e in rec.of_type(PluginBase)] == [PluginChild]
+        assert [type(e) for e in rec.of_type(Base)] == [Child]
         assert len(rec.of_type("order.*")) == 1
         assert len(rec.of_type("order.#")) == 2
-        assert rec.of_type(PluginKind.SHIPPED) == [{"event_type": "order.shipped"}]
-        assert rec.of_type("PluginChild") == rec.of_type(PluginChild)
+        assert rec.of_type(Kind.SHIPPED) == [{"event_type": "order.shipped"}]
+        assert rec.of_type("Child") == rec.of_type(Child)
         stats = bus.get_statistics()
         assert stats["subscription_count"] == 0 and stats["events_unrouted"] == 3
         with pytest.raises(TimeoutError, match="no order.shipped event matching the predicate"):
@@ -223,7 +313,7 @@ async def test_the_recorder_matches_like_the_bus_and_changes_nothing(make_bus: A
             await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
             await bus.publish({"event_type": "late"})
             await waiting
-    await bus.publish(PluginChild())
+    await bus.publish(Child())
     assert len(rec) == 4  # closed: no longer recording
 
 

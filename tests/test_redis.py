@@ -185,7 +185,7 @@ CONSUMER = textwrap.dedent(
     import asyncio, json, os, signal, sys
     from oxbus import DomainEvent, EventBus
 
-    class RdsTick(DomainEvent):
+    class Tick(DomainEvent):
         def __init__(self, n, **kw):
             super().__init__(**kw)
             self.n = n
@@ -209,7 +209,7 @@ CONSUMER = textwrap.dedent(
             sys.stdout.write(f"h {event.n}\\n")
             sys.stdout.flush()
 
-        bus.subscribe(RdsTick, handle)
+        bus.subscribe(Tick, handle)
         await bus.start()
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -301,7 +301,7 @@ async def _reap_consumers() -> Any:
         await _live.pop().kill()
 
 
-class RdsTick(DomainEvent):
+class Tick(DomainEvent):
     """The event consumer processes handle (same class name there)."""
 
     def __init__(self, n: int, **kw: Any) -> None:
@@ -309,7 +309,7 @@ class RdsTick(DomainEvent):
         self.n = n
 
 
-class RdsPaid(DomainEvent):
+class Paid(DomainEvent):
     def __init__(self, order_id: str, amount: float, **kw: Any) -> None:
         super().__init__(**kw)
         self.order_id = order_id
@@ -320,13 +320,13 @@ class RdsPaid(DomainEvent):
         return self.order_id
 
 
-class RdsReceiptSent(DomainEvent):
+class ReceiptSent(DomainEvent):
     def __init__(self, order_id: str, **kw: Any) -> None:
         super().__init__(**kw)
         self.order_id = order_id
 
 
-class RdsStep(DomainEvent):
+class Step(DomainEvent):
     def __init__(self, account: str, seq: int, **kw: Any) -> None:
         super().__init__(**kw)
         self.account = account
@@ -364,11 +364,11 @@ async def test_published_events_are_handled_once_by_the_local_consumer(
 ) -> None:
     bus = EventBus(transport=URL, group="billing", stream=stream)
     seen, done, handle = counted(500)
-    bus.subscribe(RdsTick, handle)
+    bus.subscribe(Tick, handle)
     await bus.start()
     try:
         for i in range(500):
-            await bus.publish(RdsTick(i))
+            await bus.publish(Tick(i))
         await asyncio.wait_for(done.wait(), 20)
         await bus.drain(10)
         assert sorted(e.n for e in seen) == list(range(500))
@@ -397,10 +397,10 @@ async def test_a_redis_streams_options_object_partitions_and_bounds_as_its_keywo
     )
     bus = EventBus(transport=options)
     seen, done, handle = counted(20)
-    bus.subscribe(RdsTick, handle)
+    bus.subscribe(Tick, handle)
     async with bus:
         for i in range(20):
-            await bus.publish(RdsTick(i), key=f"k{i % 2}")
+            await bus.publish(Tick(i), key=f"k{i % 2}")
         await asyncio.wait_for(done.wait(), 20)
         await bus.drain(10)
     assert sorted(e.n for e in seen) == list(range(20))
@@ -432,13 +432,13 @@ async def test_two_groups_each_get_every_event(stream: str) -> None:
     b = EventBus(transport=URL, group="shipping", stream=stream)
     seen_a, done_a, ha = counted(300)
     seen_b, done_b, hb = counted(300)
-    a.subscribe(RdsTick, ha)
-    b.subscribe(RdsTick, hb)
+    a.subscribe(Tick, ha)
+    b.subscribe(Tick, hb)
     await a.start()
     await b.start()
     try:
-        await a.publish_many(RdsTick(i) for i in range(200))
-        await b.publish_many(RdsTick(i) for i in range(200, 300))
+        await a.publish_many(Tick(i) for i in range(200))
+        await b.publish_many(Tick(i) for i in range(200, 300))
         await asyncio.wait_for(asyncio.gather(done_a.wait(), done_b.wait()), 20)
         await a.drain(10)
         await b.drain(10)
@@ -453,17 +453,17 @@ async def test_events_come_back_as_the_users_class_with_identity_and_correlation
     stream: str,
 ) -> None:
     bus = EventBus(transport=URL, group="g", stream=stream)
-    paid: list[RdsPaid] = []
-    receipts: list[RdsReceiptSent] = []
+    paid: list[Paid] = []
+    receipts: list[ReceiptSent] = []
     dicts: list[Any] = []
     got_receipt = asyncio.Event()
     got_dict = asyncio.Event()
 
-    async def on_paid(e: RdsPaid) -> None:
+    async def on_paid(e: Paid) -> None:
         paid.append(e)
-        await bus.publish(RdsReceiptSent(e.order_id))
+        await bus.publish(ReceiptSent(e.order_id))
 
-    async def on_receipt(e: RdsReceiptSent) -> None:
+    async def on_receipt(e: ReceiptSent) -> None:
         receipts.append(e)
         got_receipt.set()
 
@@ -471,12 +471,12 @@ async def test_events_come_back_as_the_users_class_with_identity_and_correlation
         dicts.append(e)
         got_dict.set()
 
-    bus.subscribe(RdsPaid, on_paid)
-    bus.subscribe(RdsReceiptSent, on_receipt)
+    bus.subscribe(Paid, on_paid)
+    bus.subscribe(ReceiptSent, on_receipt)
     bus.subscribe("rds.note", on_dict)
     await bus.start()
     try:
-        sent = RdsPaid("o-1", 9.5)
+        sent = Paid("o-1", 9.5)
         sent_id, sent_at = sent.event_id, sent.occurred_at
         await bus.publish(sent, correlation_id="corr-42")
         await bus.publish({"event_type": "rds.note", "text": "hi", "n": [1, 2]})
@@ -485,12 +485,12 @@ async def test_events_come_back_as_the_users_class_with_identity_and_correlation
     finally:
         await bus.stop(timeout=10)
     (p,) = paid
-    assert type(p) is RdsPaid and p is not sent
+    assert type(p) is Paid and p is not sent
     assert (p.order_id, p.amount, p.aggregate_id) == ("o-1", 9.5, "o-1")
     assert p.event_id == sent_id and p.occurred_at == sent_at
     assert p.correlation_id == "corr-42"
     (r,) = receipts
-    assert type(r) is RdsReceiptSent and r.order_id == "o-1"
+    assert type(r) is ReceiptSent and r.order_id == "o-1"
     assert r.correlation_id == "corr-42", "a handler's event keeps the chain's correlation id"
     assert r.causation_id == sent_id, "a handler's event is caused by the event it handled"
     (d,) = dicts
@@ -506,10 +506,10 @@ async def test_health_reports_lag_and_pending_entries_of_the_group(stream: str) 
         await gate.wait()
         await record(e)
 
-    bus.subscribe(RdsTick, slow)
+    bus.subscribe(Tick, slow)
     await bus.start()
     try:
-        await bus.publish_many(RdsTick(i) for i in range(50))
+        await bus.publish_many(Tick(i) for i in range(50))
 
         async def health_until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
             # XINFO GROUPS is read every ~2 s in the background: poll, bounded.
@@ -568,7 +568,7 @@ async def test_two_consumer_processes_in_one_group_share_10000_events_none_lost_
     try:
         n = 10_000
         for start in range(0, n, 1000):
-            await pub.publish_many(RdsTick(i) for i in range(start, start + 1000))
+            await pub.publish_many(Tick(i) for i in range(start, start + 1000))
         await tally.until(lambda t: len(t.seen) == n, 60, "every event handled")
     finally:
         await pub.stop(timeout=10)
@@ -593,7 +593,7 @@ async def test_entries_of_a_consumer_killed_mid_run_are_claimed_and_finished_by_
     victim = await Consumer.start(tmp_path, tally, consumer="victim", delay=0.01, **cfg)
     pub = await started(transport=URL, group="publisher", stream=stream)
     try:
-        await pub.publish_many(RdsTick(i) for i in range(n))
+        await pub.publish_many(Tick(i) for i in range(n))
     finally:
         await pub.stop(timeout=10)
     await tally.until(lambda t: t.calls >= 20, 30, "the victim to handle 20 events")
@@ -624,13 +624,13 @@ async def test_entries_delivered_max_deliveries_times_go_to_the_dead_stream_with
     # Watches the dead stream through the bus itself: no polling.
     watcher = EventBus(transport=URL, group="watch", stream=dead_stream)
     dead, got_dead, on_dead = counted(1)
-    watcher.subscribe(RdsTick, on_dead)
+    watcher.subscribe(Tick, on_dead)
     await watcher.start()
     cfg = {"url": URL, "stream": stream, "group": "billing", "max_deliveries": 2, "claim_idle": 0.2}
     first = await Consumer.start(tmp_path, tally, consumer="crash1", crash=True, **cfg)
     pub = await started(transport=URL, group="publisher", stream=stream)
     try:
-        sent = RdsTick(7)
+        sent = Tick(7)
         await pub.publish(sent)
         await asyncio.wait_for(first.proc.wait(), 20)  # delivery 1: it killed itself
         second = await Consumer.start(tmp_path, tally, consumer="crash2", crash=True, **cfg)
@@ -644,7 +644,7 @@ async def test_entries_delivered_max_deliveries_times_go_to_the_dead_stream_with
     assert first.proc.returncode == -signal.SIGKILL and second.proc.returncode == -signal.SIGKILL
     assert third.handled == [], "an entry delivered max_deliveries times was delivered again"
     (e,) = dead
-    assert type(e) is RdsTick and e.n == 7 and e.event_id == sent.event_id
+    assert type(e) is Tick and e.n == 7 and e.event_id == sent.event_id
     ((_, fields),) = rds.entries(dead_stream)
     assert fields["error"], "the dead entry has no error"
     assert fields["group"] == "billing" and fields["stream"] == stream
@@ -768,12 +768,12 @@ async def _bus_on(server: PrivateRedis) -> tuple[EventBus, Tally]:
         transport=server.url, group="g", stream="oxbus-test:restart", publish_timeout=0.5
     )
 
-    async def handle(e: RdsTick) -> None:
+    async def handle(e: Tick) -> None:
         tally.add(e.n)
 
-    bus.subscribe(RdsTick, handle)
+    bus.subscribe(Tick, handle)
     await bus.start()
-    await bus.publish(RdsTick(1))
+    await bus.publish(Tick(1))
     await tally.until(lambda t: 1 in t.seen, 10, "event 1 (Redis up)")
     return bus, tally
 
@@ -783,7 +783,7 @@ async def _until_consuming_again(bus: EventBus, tally: Tally, first: int) -> flo
     Returns how long that took. (Health's reachable flag cannot tell: a publish sets it.)"""
     t0 = time.monotonic()
     for n in range(first, first + 100):
-        await bus.publish(RdsTick(n))
+        await bus.publish(Tick(n))
         try:
             await tally.until(lambda t: any(m >= first for m in t.seen), 0.2, "")
             return time.monotonic() - t0
@@ -839,7 +839,7 @@ async def test_publish_fails_with_transport_error_after_publish_timeout_while_re
         await private_redis.kill()
         t0 = time.monotonic()
         with pytest.raises(TransportError) as info:
-            await asyncio.wait_for(bus.publish(RdsTick(2)), 10)  # a hang guard, not a limit
+            await asyncio.wait_for(bus.publish(Tick(2)), 10)  # a hang guard, not a limit
         elapsed = time.monotonic() - t0
         assert isinstance(info.value, oxbus.errors.OxbusError)
         assert str(private_redis.port) in str(info.value), "the error names the server"
@@ -852,7 +852,7 @@ async def test_publish_fails_with_transport_error_after_publish_timeout_while_re
         assert health["status"] == "degraded"
         assert any("Redis" in r for r in health["reasons"])
         with pytest.raises(TransportError):
-            await asyncio.wait_for(bus.publish_many([RdsTick(3), RdsTick(4)]), 10)
+            await asyncio.wait_for(bus.publish_many([Tick(3), Tick(4)]), 10)
     finally:
         await asyncio.wait_for(bus.stop(timeout=5), 20)
 
@@ -864,10 +864,10 @@ async def test_after_redis_restarts_events_published_at_once_are_handled(
     try:
         await private_redis.kill()
         with pytest.raises(TransportError):
-            await bus.publish(RdsTick(2))
+            await bus.publish(Tick(2))
         assert bus.get_health_status()["transport"]["reachable"] is False
         await private_redis.start()
-        await bus.publish(RdsTick(3))  # as soon as the server is back: Redis accepts it
+        await bus.publish(Tick(3))  # as soon as the server is back: Redis accepts it
         back = await _until_consuming_again(bus, tally, 100)
         await tally.until(
             lambda t: 3 in t.seen,
@@ -885,7 +885,7 @@ async def test_health_stays_reachable_once_redis_is_back(private_redis: PrivateR
     try:
         await private_redis.kill()
         with pytest.raises(TransportError):
-            await bus.publish(RdsTick(2))
+            await bus.publish(Tick(2))
         await private_redis.start()
         await _until_consuming_again(bus, tally, 100)
         readings = []
@@ -929,17 +929,17 @@ async def test_with_partitions_each_keys_events_are_handled_in_publish_order(
     done = asyncio.Event()
     rng = random.Random(5)
 
-    async def handle(e: RdsStep) -> None:
+    async def handle(e: Step) -> None:
         for _ in range(rng.randint(0, 3)):  # interleave handlers of different keys
             await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         order[e.account].append(e.seq)
         if sum(map(len, order.values())) == len(keys) * per_key:
             done.set()
 
-    bus.subscribe(RdsStep, handle)
+    bus.subscribe(Step, handle)
     await bus.start()
     try:
-        await bus.publish_many(RdsStep(k, i) for i in range(per_key) for k in keys)
+        await bus.publish_many(Step(k, i) for i in range(per_key) for k in keys)
         await asyncio.wait_for(done.wait(), 30)
     finally:
         await bus.stop(timeout=10)
@@ -1017,7 +1017,7 @@ async def test_an_unreachable_server_at_start_raises_transport_error() -> None:
     assert "s3cret" not in str(info.value), "the password leaked into the message"
     assert not bus.is_running
     with pytest.raises((oxbus.BusClosed, oxbus.BusNotStarted)):  # refused, not queued
-        await bus.publish(RdsTick(1))
+        await bus.publish(Tick(1))
 
 
 async def test_an_entry_the_consumer_cannot_take_goes_to_the_dead_stream_and_the_rest_of_its_batch_is_handled(

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from _failures import (
-    Fi4Job,
-    Fi4PaymentDeclined,
+    Job,
+    PaymentDeclined,
     policy,
     quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
     turns,
@@ -26,12 +26,12 @@ async def test_retry_count_n_means_n_retries_after_the_first_attempt(make_bus: A
     bus = await make_bus(clock=clock)
     calls: list[int] = []
 
-    async def always_fails(event: Fi4Job) -> None:
+    async def always_fails(event: Job) -> None:
         calls.append(event.n)
         raise ValueError("down")
 
-    bus.subscribe(Fi4Job, always_fails, retry_count=n, name="always_fails")
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, always_fails, retry_count=n, name="always_fails")
+    await bus.publish(Job(1))
     await clock.drain(bus)
     assert len(calls) == n + 1
     (dl,) = bus.dead_letters.list()
@@ -47,12 +47,12 @@ async def test_retry_count_uses_the_bus_backoff(make_bus: Any) -> None:
     bus = await make_bus(clock=clock, retry=policy(base_delay=2.0, multiplier=3.0))
     times: list[float] = []
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         times.append(clock.time())
         raise ValueError
 
-    bus.subscribe(Fi4Job, fails, retry_count=2)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, fails, retry_count=2)
+    await bus.publish(Job(1))
     await clock.drain(bus)
     assert times == [0.0, 2.0, 8.0]  # 2 s, then 2 * 3 s
 
@@ -67,12 +67,12 @@ async def test_exponential_backoff_schedule_runs_on_the_manual_clock_instantly(
     )
     times: list[float] = []
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         times.append(clock.time())
         raise ConnectionError("still down")
 
-    bus.subscribe(Fi4Job, fails)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, fails)
+    await bus.publish(Job(1))
     await clock.drain(bus)
     # Delays 0.5, 1, 2, then min(3, 4) = 3 and min(3, 8) = 3. The calls saw the manual clock
     # at each deadline: a backoff slept on the loop's real timers would leave it at 0.0.
@@ -90,13 +90,13 @@ async def test_the_same_schedule_twice_gives_the_same_call_times(make_bus: Any) 
         times: list[float] = []
 
         async def fails(
-            event: Fi4Job, times: list[float] = times, clock: ManualClock = clock
+            event: Job, times: list[float] = times, clock: ManualClock = clock
         ) -> None:
             times.append(clock.time())
             raise ValueError
 
-        bus.subscribe(Fi4Job, fails)
-        await bus.publish(Fi4Job(1))
+        bus.subscribe(Job, fails)
+        await bus.publish(Job(1))
         await clock.drain(bus)
         runs.append(times)
     assert runs[0] == runs[1] == [0.0, 0.25, 0.75, 1.75]
@@ -112,12 +112,12 @@ async def test_jitter_scales_each_delay_within_its_band(make_bus: Any) -> None:
     )
     times: list[float] = []
 
-    async def fails(event: Fi4Job) -> None:
+    async def fails(event: Job) -> None:
         times.append(clock.time())
         raise ValueError
 
-    bus.subscribe(Fi4Job, fails)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, fails)
+    await bus.publish(Job(1))
     await clock.drain(bus)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(gaps) == 39
@@ -130,17 +130,17 @@ async def test_a_subscription_policy_overrides_the_bus_policy(make_bus: Any) -> 
     bus = await make_bus(clock=clock, retry=policy(max_attempts=2, base_delay=1.0))
     calls: dict[str, list[float]] = {"bus": [], "own": []}
 
-    async def on_bus_policy(event: Fi4Job) -> None:
+    async def on_bus_policy(event: Job) -> None:
         calls["bus"].append(clock.time())
         raise ValueError
 
-    async def on_own_policy(event: Fi4Job) -> None:
+    async def on_own_policy(event: Job) -> None:
         calls["own"].append(clock.time())
         raise ValueError
 
-    bus.subscribe(Fi4Job, on_bus_policy)
-    bus.subscribe(Fi4Job, on_own_policy, retry=policy(max_attempts=3, base_delay=10.0))
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, on_bus_policy)
+    bus.subscribe(Job, on_own_policy, retry=policy(max_attempts=3, base_delay=10.0))
+    await bus.publish(Job(1))
     await clock.drain(bus)
     assert calls["bus"] == [0.0, 1.0]
     assert calls["own"] == [1.0, 11.0, 31.0]
@@ -151,21 +151,21 @@ async def test_the_failing_pair_is_retried_alone(make_bus: Any) -> None:
     bus = await make_bus(clock=clock, retry=policy(max_attempts=4, base_delay=1.0))
     calls: list[str] = []
 
-    async def first(event: Fi4Job) -> None:
+    async def first(event: Job) -> None:
         calls.append("first")
 
-    async def flaky(event: Fi4Job) -> None:
+    async def flaky(event: Job) -> None:
         calls.append("flaky")
         if calls.count("flaky") < 3:
             raise ValueError("flaky")
 
-    def last(event: Fi4Job) -> None:
+    def last(event: Job) -> None:
         calls.append("last")
 
-    bus.subscribe(Fi4Job, first, priority=0)
-    bus.subscribe(Fi4Job, flaky, priority=1)
-    bus.subscribe(Fi4Job, last, priority=2)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, first, priority=0)
+    bus.subscribe(Job, flaky, priority=1)
+    bus.subscribe(Job, last, priority=2)
+    await bus.publish(Job(1))
     await clock.drain(bus)
     assert calls == ["first", "flaky", "flaky", "flaky", "last"]
     assert len(bus.dead_letters) == 0
@@ -184,16 +184,16 @@ async def test_retry_on_limits_which_exceptions_are_retried(make_bus: Any) -> No
         1: ValueError("bad data"),  # not retried
         2: ConnectionError("down"),  # retried
         3: ConnectionRefusedError("refused"),  # a subclass: retried
-        4: Fi4PaymentDeclined("no"),  # not retried
+        4: PaymentDeclined("no"),  # not retried
     }
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         calls[event.n] = calls.get(event.n, 0) + 1
         raise raises[event.n]
 
-    bus.subscribe(Fi4Job, handle)
+    bus.subscribe(Job, handle)
     for n in raises:
-        await bus.publish(Fi4Job(n))
+        await bus.publish(Job(n))
     await clock.drain(bus)
     assert calls == {1: 1, 2: 4, 3: 4, 4: 1}
     attempts = {d.event.n: d.attempts for d in bus.dead_letters.list()}
@@ -214,7 +214,7 @@ async def test_with_keys_later_events_of_the_key_wait_for_the_retrying_one(make_
     a1_failed = asyncio.Event()
     others = asyncio.Event()
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         if event.key == "A" and event.n == 1 and sum(1 for s in seen if s[:2] == ("A!", 1)) < 2:
             seen.append(("A!", 1, clock.time()))
             a1_failed.set()
@@ -223,9 +223,9 @@ async def test_with_keys_later_events_of_the_key_wait_for_the_retrying_one(make_
         if {(k, n) for k, n, _ in seen} >= {("B", 1), ("B", 2), ("C", 1)}:
             others.set()
 
-    bus.subscribe(Fi4Job, handle)
+    bus.subscribe(Job, handle)
     for key, n in [("A", 1), ("A", 2), ("B", 1), ("B", 2), ("C", 1)]:
-        await bus.publish(Fi4Job(n, key))
+        await bus.publish(Job(n, key))
     await asyncio.wait_for(asyncio.gather(a1_failed.wait(), others.wait()), 5)
     await turns()
     # A1 waits for its retry (the clock has not moved): A2 waits behind it, B and C proceeded.
@@ -247,7 +247,7 @@ async def test_without_ordering_a_retrying_event_does_not_hold_back_its_key(make
     seen: list[tuple[int, float]] = []
     a2 = asyncio.Event()
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         if event.n == 1 and not any(n == -1 for n, _ in seen):
             seen.append((-1, clock.time()))
             raise ConnectionError
@@ -255,9 +255,9 @@ async def test_without_ordering_a_retrying_event_does_not_hold_back_its_key(make
         if event.n == 2:
             a2.set()
 
-    bus.subscribe(Fi4Job, handle)
-    await bus.publish(Fi4Job(1, "A"))
-    await bus.publish(Fi4Job(2, "A"))
+    bus.subscribe(Job, handle)
+    await bus.publish(Job(1, "A"))
+    await bus.publish(Job(2, "A"))
     await asyncio.wait_for(a2.wait(), 5)
     assert (2, 0.0) in seen and (1, 0.0) not in seen
     await clock.drain(bus)
@@ -269,13 +269,13 @@ async def test_drain_waits_for_a_scheduled_retry(make_bus: Any) -> None:
     bus = await make_bus(clock=clock, retry=policy(max_attempts=3, base_delay=1.0))
     calls: list[float] = []
 
-    async def flaky(event: Fi4Job) -> None:
+    async def flaky(event: Job) -> None:
         calls.append(clock.time())
         if len(calls) < 3:
             raise ConnectionError
 
-    bus.subscribe(Fi4Job, flaky)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, flaky)
+    await bus.publish(Job(1))
     # The clock does not move: the retry stays scheduled and drain() must not return.
     with pytest.raises(TimeoutError, match="waiting to retry"):
         await bus.drain(timeout=0.2)
@@ -289,13 +289,13 @@ async def test_drain_waits_for_retries_with_the_real_clock(make_bus: Any) -> Non
     bus = await make_bus(retry=policy(max_attempts=3, base_delay=0.02))
     calls: list[int] = []
 
-    async def flaky(event: Fi4Job) -> None:
+    async def flaky(event: Job) -> None:
         calls.append(event.n)
         if len(calls) < 3:
             raise ConnectionError
 
-    bus.subscribe(Fi4Job, flaky)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, flaky)
+    await bus.publish(Job(1))
     await bus.drain(timeout=10)
     assert calls == [1, 1, 1]
     assert len(bus.dead_letters) == 0
@@ -306,20 +306,20 @@ async def test_statistics_count_retries_dead_letters_and_failed_calls(make_bus: 
     bus = await make_bus(clock=clock, retry=policy(max_attempts=3, base_delay=1.0))
     attempts: dict[int, int] = {}
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         attempts[event.n] = attempts.get(event.n, 0) + 1
         if event.n == 2 and attempts[2] == 1:
             raise ValueError("once")
         if event.n == 3:
             raise ValueError("always")
 
-    async def fine(event: Fi4Job) -> None:
+    async def fine(event: Job) -> None:
         pass
 
-    bus.subscribe(Fi4Job, handle)
-    bus.subscribe(Fi4Job, fine)
+    bus.subscribe(Job, handle)
+    bus.subscribe(Job, fine)
     for n in (1, 2, 3):
-        await bus.publish(Fi4Job(n))
+        await bus.publish(Job(n))
     await clock.drain(bus)
     s = bus.get_statistics()
     assert s["events_published"] == 3

@@ -17,7 +17,7 @@ import oxbus
 from oxbus import DomainEvent, EventBus
 
 
-class RouteOrderEvent(DomainEvent):
+class OrderEvent(DomainEvent):
     def __init__(self, order_id: str) -> None:
         super().__init__()
         self.order_id = order_id
@@ -27,25 +27,25 @@ class RouteOrderEvent(DomainEvent):
         return self.order_id
 
 
-class RouteOrderPlaced(RouteOrderEvent):
+class OrderPlaced(OrderEvent):
     pass
 
 
-class RouteOrderPlacedExpress(RouteOrderPlaced):
+class OrderPlacedExpress(OrderPlaced):
     pass
 
 
-class RouteOrderShipped(RouteOrderEvent):
+class OrderShipped(OrderEvent):
     pass
 
 
-class RouteImpostor(DomainEvent):
-    """Not a RouteOrderPlaced, but claims its type string."""
+class Impostor(DomainEvent):
+    """Not a OrderPlaced, but claims its type string."""
 
-    event_type = "RouteOrderPlaced"
+    event_type = "OrderPlaced"
 
 
-class RenamedPlaced(RouteOrderPlaced):
+class RenamedPlaced(OrderPlaced):
     """A subclass whose type string differs from every class name."""
 
     event_type = "order.placed.renamed"
@@ -59,7 +59,7 @@ class Topic:
         self.n = n
 
 
-class RouteKind(enum.Enum):
+class Kind(enum.Enum):
     PLACED = "order.placed"
     SHIPPED = "order.shipped"
 
@@ -75,11 +75,11 @@ def collector(seen: list[Any], tag: str) -> Any:
 async def test_class_subscription_matches_the_class_and_its_subclasses(make_bus: Any) -> None:
     bus = await make_bus(workers=2)
     seen: list[Any] = []
-    bus.subscribe(RouteOrderPlaced, collector(seen, "placed"))
+    bus.subscribe(OrderPlaced, collector(seen, "placed"))
     placed, express, shipped = (
-        RouteOrderPlaced("o-1"),
-        RouteOrderPlacedExpress("o-2"),
-        RouteOrderShipped("o-3"),
+        OrderPlaced("o-1"),
+        OrderPlacedExpress("o-2"),
+        OrderShipped("o-3"),
     )
     for e in (placed, express, shipped):
         await bus.publish(e)
@@ -93,15 +93,15 @@ async def test_class_subscription_matches_the_class_and_its_subclasses(make_bus:
 async def test_base_class_subscription_receives_every_subclass(make_bus: Any) -> None:
     bus = await make_bus()
     seen: list[Any] = []
-    bus.subscribe(RouteOrderEvent, collector(seen, "any-order"))
+    bus.subscribe(OrderEvent, collector(seen, "any-order"))
     bus.subscribe(DomainEvent, collector(seen, "any-domain"))
-    await bus.publish(RouteOrderShipped("o-1"))
-    await bus.publish(RouteImpostor())
+    await bus.publish(OrderShipped("o-1"))
+    await bus.publish(Impostor())
     await bus.drain()
     assert [(t, type(e).__name__) for t, e in seen] == [
-        ("any-order", "RouteOrderShipped"),
-        ("any-domain", "RouteOrderShipped"),
-        ("any-domain", "RouteImpostor"),
+        ("any-order", "OrderShipped"),
+        ("any-domain", "OrderShipped"),
+        ("any-domain", "Impostor"),
     ]
 
 
@@ -110,9 +110,9 @@ async def test_class_subscription_never_matches_through_the_event_type_string(
 ) -> None:
     bus = await make_bus()
     seen: list[Any] = []
-    bus.subscribe(RouteOrderPlaced, collector(seen, "class"))
-    bus.subscribe("RouteOrderPlaced", collector(seen, "string"))
-    impostor = RouteImpostor()
+    bus.subscribe(OrderPlaced, collector(seen, "class"))
+    bus.subscribe("OrderPlaced", collector(seen, "string"))
+    impostor = Impostor()
     await bus.publish(impostor)
     await bus.drain()
     assert seen == [("string", impostor)]
@@ -123,9 +123,9 @@ async def test_class_subscription_matches_a_subclass_with_another_type_string(
 ) -> None:
     bus = await make_bus()
     seen: list[Any] = []
-    bus.subscribe(RouteOrderPlaced, collector(seen, "class"))
+    bus.subscribe(OrderPlaced, collector(seen, "class"))
     bus.subscribe("order.placed.renamed", collector(seen, "string"))
-    bus.subscribe("RouteOrderPlaced", collector(seen, "old-name"))
+    bus.subscribe("OrderPlaced", collector(seen, "old-name"))
     e = RenamedPlaced("o-1")
     await bus.publish(e)
     await bus.drain()
@@ -135,9 +135,9 @@ async def test_class_subscription_matches_a_subclass_with_another_type_string(
 async def test_string_subscription_matches_the_type_key(make_bus: Any) -> None:
     bus = await make_bus()
     seen: list[Any] = []
-    bus.subscribe("RouteOrderShipped", collector(seen, "class-name"))
+    bus.subscribe("OrderShipped", collector(seen, "class-name"))
     bus.subscribe("invoice.paid", collector(seen, "explicit"))
-    shipped = RouteOrderShipped("o-1")
+    shipped = OrderShipped("o-1")
     paid = Topic("invoice.paid")
     other = Topic("invoice.voided")
     for e in (shipped, paid, other):
@@ -162,12 +162,12 @@ async def test_plain_object_without_event_type_is_keyed_by_class_name(make_bus: 
 async def test_enum_member_subscription_matches_its_value(make_bus: Any) -> None:
     bus = await make_bus()
     seen: list[Any] = []
-    bus.subscribe(RouteKind.PLACED, collector(seen, "enum"))
-    as_enum = Topic(RouteKind.PLACED)
+    bus.subscribe(Kind.PLACED, collector(seen, "enum"))
+    as_enum = Topic(Kind.PLACED)
     as_str = Topic("order.placed")
     as_dict = {"event_type": "order.placed", "n": 1}
-    enum_dict = {"event_type": RouteKind.PLACED, "n": 2}
-    shipped = Topic(RouteKind.SHIPPED)
+    enum_dict = {"event_type": Kind.PLACED, "n": 2}
+    shipped = Topic(Kind.SHIPPED)
     for e in (as_enum, as_str, as_dict, enum_dict, shipped):
         await bus.publish(e)
     await bus.drain()
@@ -183,7 +183,7 @@ async def test_string_subscription_matches_an_event_whose_event_type_is_an_enum(
     bus = await make_bus()
     seen: list[Any] = []
     bus.subscribe("order.shipped", collector(seen, "s"))
-    e = Topic(RouteKind.SHIPPED)
+    e = Topic(Kind.SHIPPED)
     await bus.publish(e)
     await bus.drain()
     assert seen == [("s", e)]
@@ -207,7 +207,7 @@ async def test_string_subscription_matches_an_event_whose_event_type_is_an_enum(
             ["order", "order.placed", "order.placed.late"],
             ["invoice.placed", "orders.placed"],
         ),
-        ("#", ["order", "order.placed", "a.b.c.d", "RouteOrderPlaced"], []),
+        ("#", ["order", "order.placed", "a.b.c.d", "OrderPlaced"], []),
         ("order.*.late", ["order.placed.late"], ["order.late", "order.placed.early"]),
     ],
 )
@@ -231,7 +231,7 @@ async def test_hash_pattern_matches_class_named_and_dict_events(make_bus: Any) -
     bus = await make_bus()
     seen: list[Any] = []
     bus.subscribe("#", collector(seen, "all"))
-    a = RouteOrderPlaced("o-1")
+    a = OrderPlaced("o-1")
     b = {"event_type": "payment.received", "amount": 3}
     await bus.publish(a)
     await bus.publish(b)
@@ -252,14 +252,14 @@ async def test_smaller_priority_numbers_run_first_and_ties_keep_subscription_ord
 
         return h
 
-    bus.subscribe(RouteOrderPlaced, make("p5"), priority=5)
-    bus.subscribe(RouteOrderPlaced, make("p1-a"), priority=1)
-    bus.subscribe(RouteOrderEvent, make("p3"), priority=3)
-    bus.subscribe("RouteOrderPlaced", make("p1-b"))  # default priority is 1
-    bus.subscribe(RouteOrderPlaced, make("p1-c"), priority=1)
+    bus.subscribe(OrderPlaced, make("p5"), priority=5)
+    bus.subscribe(OrderPlaced, make("p1-a"), priority=1)
+    bus.subscribe(OrderEvent, make("p3"), priority=3)
+    bus.subscribe("OrderPlaced", make("p1-b"))  # default priority is 1
+    bus.subscribe(OrderPlaced, make("p1-c"), priority=1)
     bus.subscribe("#", make("p0"), priority=0)
-    bus.subscribe(RouteOrderPlaced, make("p10"), priority=10)
-    await bus.publish(RouteOrderPlaced("o-1"))
+    bus.subscribe(OrderPlaced, make("p10"), priority=10)
+    await bus.publish(OrderPlaced("o-1"))
     await bus.drain()
     assert order == ["p0", "p1-a", "p1-b", "p1-c", "p3", "p5", "p10"]
 
@@ -279,10 +279,10 @@ async def test_priority_order_holds_for_mixed_sync_and_async_handlers(make_bus: 
     def sync_3(event: Any) -> None:
         order.append("sync-3")
 
-    bus.subscribe(RouteOrderPlaced, sync_3, priority=3)
-    bus.subscribe(RouteOrderPlaced, slow_async, priority=2)
-    bus.subscribe(RouteOrderPlaced, sync_1, priority=1)
-    await bus.publish(RouteOrderPlaced("o-1"))
+    bus.subscribe(OrderPlaced, sync_3, priority=3)
+    bus.subscribe(OrderPlaced, slow_async, priority=2)
+    bus.subscribe(OrderPlaced, sync_1, priority=1)
+    await bus.publish(OrderPlaced("o-1"))
     await bus.drain()
     assert order == ["sync-1", "async-2", "sync-3"]
 
@@ -291,17 +291,17 @@ async def test_on_decorator_subscribes_and_returns_the_function(make_bus: Any) -
     bus = await make_bus()
     seen: list[Any] = []
 
-    @bus.on(RouteOrderPlaced, priority=2)
+    @bus.on(OrderPlaced, priority=2)
     async def second(event: Any) -> None:
         seen.append("second")
 
-    @bus.on(RouteOrderPlaced)
+    @bus.on(OrderPlaced)
     def first(event: Any) -> None:
         seen.append("first")
 
     assert callable(second) and second.__name__ == "second"
     assert first.__name__ == "first"
-    await bus.publish(RouteOrderPlaced("o-1"))
+    await bus.publish(OrderPlaced("o-1"))
     await bus.drain()
     assert seen == ["first", "second"]
 
@@ -311,13 +311,13 @@ async def test_subscribing_after_a_type_was_published_reaches_later_events(
 ) -> None:
     bus = await make_bus()
     seen: list[Any] = []
-    bus.subscribe(RouteOrderPlaced, collector(seen, "early"))
-    await bus.publish(RouteOrderPlaced("o-1"))
+    bus.subscribe(OrderPlaced, collector(seen, "early"))
+    await bus.publish(OrderPlaced("o-1"))
     await bus.drain()
-    bus.subscribe(RouteOrderEvent, collector(seen, "late-class"))
-    bus.subscribe("RouteOrderPlaced", collector(seen, "late-string"))
+    bus.subscribe(OrderEvent, collector(seen, "late-class"))
+    bus.subscribe("OrderPlaced", collector(seen, "late-string"))
     bus.subscribe("#", collector(seen, "late-pattern"))
-    await bus.publish(RouteOrderPlaced("o-2"))
+    await bus.publish(OrderPlaced("o-2"))
     await bus.drain()
     assert [(t, e.order_id) for t, e in seen] == [
         ("early", "o-1"),

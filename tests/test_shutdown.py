@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from _failures import (
-    Fi4Job,
+    Job,
     quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
     turns,
     until,
@@ -26,15 +26,15 @@ async def test_stop_with_a_timeout_lets_in_flight_handlers_finish() -> None:
     gate = asyncio.Event()
     finished: list[int] = []
 
-    async def slow(event: Fi4Job) -> None:
+    async def slow(event: Job) -> None:
         started.set()
         await gate.wait()
         finished.append(event.n)
 
-    bus.subscribe(Fi4Job, slow)
+    bus.subscribe(Job, slow)
     await bus.start()
-    await bus.publish(Fi4Job(1))
-    await bus.publish(Fi4Job(2))
+    await bus.publish(Job(1))
+    await bus.publish(Job(2))
     await asyncio.wait_for(started.wait(), 5)
     stopping = asyncio.create_task(bus.stop(timeout=10))
     await turns()
@@ -49,17 +49,17 @@ async def test_stop_whose_timeout_runs_out_reports_the_queued_events_discarded()
     started = asyncio.Event()
     observed: list[str] = []
 
-    async def stuck(event: Fi4Job) -> None:
+    async def stuck(event: Job) -> None:
         started.set()
         try:
             await asyncio.Event().wait()
         finally:
             observed.append(f"finally {event.n}")
 
-    bus.subscribe(Fi4Job, stuck)
+    bus.subscribe(Job, stuck)
     await bus.start()
     for n in range(1, 6):
-        await bus.publish(Fi4Job(n))
+        await bus.publish(Job(n))
     await asyncio.wait_for(started.wait(), 5)
     # 4 queued events discarded + 1 handler call interrupted (cancelled: its finally ran).
     assert await bus.stop(timeout=0.1) == 5
@@ -75,22 +75,22 @@ async def test_stop_without_drain_returns_how_many_queued_events_were_discarded(
 
     finished: list[int] = []
 
-    async def blocked(event: Fi4Job) -> None:
+    async def blocked(event: Job) -> None:
         started.set()
         handled.append(event.n)
         await gate.wait()
         finished.append(event.n)
 
-    bus.subscribe(Fi4Job, blocked)
+    bus.subscribe(Job, blocked)
     await bus.start()
     for n in range(10):
-        await bus.publish(Fi4Job(n))
+        await bus.publish(Job(n))
     await asyncio.wait_for(started.wait(), 5)
     # The running call may finish within the timeout; the 9 queued events are discarded.
     stopping = asyncio.create_task(bus.stop(drain=False, timeout=10))
     await turns()
     with pytest.raises(BusClosed):
-        await bus.publish(Fi4Job(99))  # refused at once, while the running call finishes
+        await bus.publish(Job(99))  # refused at once, while the running call finishes
     gate.set()
     assert await asyncio.wait_for(stopping, 20) == 9  # the queued ones, not the finished one
     assert handled == [0] and finished == [0]
@@ -99,9 +99,9 @@ async def test_stop_without_drain_returns_how_many_queued_events_were_discarded(
 async def test_stop_without_drain_on_an_idle_bus_discards_nothing() -> None:
     bus = EventBus()
     seen: list[int] = []
-    bus.subscribe(Fi4Job, lambda e: seen.append(e.n))
+    bus.subscribe(Job, lambda e: seen.append(e.n))
     await bus.start()
-    await bus.publish(Fi4Job(1))
+    await bus.publish(Job(1))
     await bus.drain()
     assert await bus.stop(drain=False) == 0
     assert seen == [1]
@@ -114,16 +114,16 @@ async def test_a_durable_bus_stopped_without_draining_delivers_the_rest_after_re
     started = asyncio.Event()
     first_run: list[int] = []
 
-    async def slow(event: Fi4Job) -> None:
+    async def slow(event: Job) -> None:
         first_run.append(event.n)
         started.set()
         await asyncio.Event().wait()
 
     bus = EventBus(store=path, workers=1)
-    bus.subscribe(Fi4Job, slow, name="worker")
+    bus.subscribe(Job, slow, name="worker")
     await bus.start()
     for n in range(1, 6):
-        await bus.publish(Fi4Job(n, "K"))
+        await bus.publish(Job(n, "K"))
     await asyncio.wait_for(started.wait(), 5)
     # Queued events are not handled; the running call gets 0.1 s, then is cancelled.
     await bus.stop(timeout=0.1, drain=False)
@@ -131,11 +131,11 @@ async def test_a_durable_bus_stopped_without_draining_delivers_the_rest_after_re
 
     second_run: list[int] = []
 
-    async def fast(event: Fi4Job) -> None:
+    async def fast(event: Job) -> None:
         second_run.append(event.n)
 
     bus = EventBus(store=path, workers=1)
-    bus.subscribe(Fi4Job, fast, name="worker")
+    bus.subscribe(Job, fast, name="worker")
     await bus.start()
     try:
         await bus.drain(timeout=10)
@@ -150,22 +150,22 @@ async def test_cancelling_a_publish_waiting_for_room_never_corrupts_the_bus() ->
     gate = asyncio.Event()
     handled: list[int] = []
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         await gate.wait()
         handled.append(event.n)
 
-    bus.subscribe(Fi4Job, handle)
+    bus.subscribe(Job, handle)
     await bus.start()
     try:
         for n in (1, 2, 3):  # 1 in the handler, 2 and 3 fill the queue
-            await bus.publish(Fi4Job(n))
-        waiting = asyncio.create_task(bus.publish(Fi4Job(4)))
+            await bus.publish(Job(n))
+        waiting = asyncio.create_task(bus.publish(Job(4)))
         await until(lambda: bus.get_statistics()["blocked_publishers"] == 1, "publish to block")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
         gate.set()
-        assert await bus.publish(Fi4Job(5)) is True
+        assert await bus.publish(Job(5)) is True
         await bus.drain(timeout=10)
         assert handled == [1, 2, 3, 5]
         s = bus.get_statistics()
@@ -181,15 +181,15 @@ async def test_many_cancelled_publishers_leave_consistent_counts() -> None:
     gate = asyncio.Event()
     handled: list[int] = []
 
-    async def handle(event: Fi4Job) -> None:
+    async def handle(event: Job) -> None:
         if not gate.is_set():
             await gate.wait()
         handled.append(event.n)
 
-    bus.subscribe(Fi4Job, handle)
+    bus.subscribe(Job, handle)
     await bus.start()
     try:
-        tasks = {n: asyncio.create_task(bus.publish(Fi4Job(n))) for n in range(200)}
+        tasks = {n: asyncio.create_task(bus.publish(Job(n))) for n in range(200)}
         await turns()
         victims = rng.sample(sorted(tasks), 80)
         for i, n in enumerate(victims):
@@ -215,7 +215,7 @@ async def test_many_cancelled_publishers_leave_consistent_counts() -> None:
         assert s["events_published"] == len(handled) == s["events_processed"]
         assert s["queue_size"] == 0 and s["blocked_publishers"] == 0
         # The bus still works.
-        await bus.publish_many(Fi4Job(n) for n in range(1000, 1010))
+        await bus.publish_many(Job(n) for n in range(1000, 1010))
         await bus.drain(timeout=10)
         assert len(handled) == s["events_processed"] + 10
         assert sorted(handled[-10:]) == list(range(1000, 1010))

@@ -6,8 +6,6 @@ through the registry, JSON encoding and its refusals, upcasters, snapshots, clos
 ``EventBus(store=...)``: commit before ``publish`` returns, durable subscription names,
 progress kept across restarts, replay of committed but unhandled events, new subscriptions
 starting from now, dead letters kept in the file.
-
-Every class name starts with ``Sto`` (the registry is keyed by type key for the whole session).
 """
 
 from __future__ import annotations
@@ -49,12 +47,12 @@ from oxbus.errors import ConfigurationError
 # --- event classes ---------------------------------------------------------------------------
 
 
-class StoColor(enum.Enum):
+class Color(enum.Enum):
     RED = "red"
     BLUE = "blue"
 
 
-class StoDeposited(DomainEvent):
+class Deposited(DomainEvent):
     """A plain DomainEvent subclass (its own ``__init__``)."""
 
     def __init__(self, account: str, amount: int) -> None:
@@ -68,51 +66,51 @@ class StoDeposited(DomainEvent):
 
 
 @dataclass
-class StoLine:
+class Line:
     sku: str
     price: Decimal
     tags: list[str] = field(default_factory=list)
 
 
 @dataclass
-class StoOrderPlaced(DomainEvent):
+class OrderPlaced(DomainEvent):
     """A dataclass DomainEvent with every supported kind of field."""
 
     order_id: UUID
     placed_at: datetime
     due: date
     total: Decimal
-    color: StoColor
-    lines: list[StoLine]
+    color: Color
+    lines: list[Line]
     extras: dict[str, Decimal]
     note: Optional[str] = None
 
 
 @register_event
 @dataclass(frozen=True)
-class StoParcelShipped:
+class ParcelShipped:
     """A plain (frozen) dataclass, registered explicitly."""
 
     parcel_id: UUID
     shipped_at: datetime
     weight: Decimal
-    color: StoColor
+    color: Color
     stops: list[dict[str, Any]]
 
 
 @register_event
-class StoInvoiceIssued(pydantic.BaseModel):
+class InvoiceIssued(pydantic.BaseModel):
     """A pydantic v2 model, registered explicitly."""
 
     invoice_id: UUID
     issued_at: datetime
     due: date
     amount: Decimal
-    color: StoColor
+    color: Color
     lines: list[dict[str, int]]
 
 
-class StoTick(DomainEvent):
+class Tick(DomainEvent):
     """For the durable bus."""
 
     def __init__(self, n: int, key: str = "k") -> None:
@@ -126,23 +124,23 @@ class StoTick(DomainEvent):
 
 
 @dataclass
-class StoRenamedV1:
-    """An old shape of ``StoRenamed``: used only to write v1 rows (not registered)."""
+class RenamedV1:
+    """An old shape of ``Renamed``: used only to write v1 rows (not registered)."""
 
-    event_type: ClassVar[str] = "StoRenamed"
+    event_type: ClassVar[str] = "Renamed"
     event_version: ClassVar[int] = 1
     name: str
 
 
 @dataclass
-class StoRenamedV2:
-    event_type: ClassVar[str] = "StoRenamed"
+class RenamedV2:
+    event_type: ClassVar[str] = "Renamed"
     event_version: ClassVar[int] = 2
     full_name: str
 
 
 @dataclass
-class StoRenamed(DomainEvent):
+class Renamed(DomainEvent):
     """The current shape, at version 3."""
 
     event_version: ClassVar[int] = 3
@@ -151,12 +149,12 @@ class StoRenamed(DomainEvent):
 
 
 @dataclass
-class StoUnencodable:
+class Unencodable:
     name: str
     items: list[Any]
 
 
-class StoPlainUnencodable(DomainEvent):
+class PlainUnencodable(DomainEvent):
     def __init__(self, items: list[Any]) -> None:
         super().__init__()
         self.items = items
@@ -199,14 +197,14 @@ def evt(i: int, **extra: Any) -> dict[str, Any]:
     return {"event_type": "StoNumbered", "i": i, **extra}
 
 
-def make_order() -> StoOrderPlaced:
-    return StoOrderPlaced(
+def make_order() -> OrderPlaced:
+    return OrderPlaced(
         order_id=uuid4(),
         placed_at=datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2))),
         due=date(2024, 6, 1),
         total=Decimal("19.90"),
-        color=StoColor.BLUE,
-        lines=[StoLine("a-1", Decimal("9.95"), ["x"]), StoLine("b-2", Decimal("9.95"))],
+        color=Color.BLUE,
+        lines=[Line("a-1", Decimal("9.95"), ["x"]), Line("b-2", Decimal("9.95"))],
         extras={"tip": Decimal("0.10")},
         note="leave at door",
     )
@@ -467,7 +465,7 @@ async def test_async_for_over_the_store_reads_past_the_default_batch(store: Any)
 
 async def test_stored_event_carries_every_field(store: Any) -> None:
     before = datetime.now(timezone.utc) - timedelta(milliseconds=1)
-    e = StoDeposited("acc-7", 250)
+    e = Deposited("acc-7", 250)
     await store.append("acc-7", [evt(0)], expected_version=0)
     await store.append("acc-7", [e], expected_version=1)
     after = datetime.now(timezone.utc) + timedelta(milliseconds=1)
@@ -476,7 +474,7 @@ async def test_stored_event_carries_every_field(store: Any) -> None:
     assert s.position == 2
     assert s.stream_id == "acc-7"
     assert s.version == 2
-    assert s.event_type == "StoDeposited"
+    assert s.event_type == "Deposited"
     assert s.event_version == 1
     assert s.data == {"account": "acc-7", "amount": 250}
     assert s.event_id == e.event_id
@@ -489,7 +487,7 @@ async def test_stored_event_carries_every_field(store: Any) -> None:
 
 
 async def test_metadata_keeps_explicit_correlation_and_causation_ids(store: Any) -> None:
-    e = StoDeposited("acc-8", 1)
+    e = Deposited("acc-8", 1)
     e.correlation_id = "corr-1"
     e.causation_id = "cause-1"
     await store.append("acc-8", [e])
@@ -505,12 +503,12 @@ async def test_events_appended_from_a_handler_carry_its_correlation_and_causatio
     store: Any,
 ) -> None:
     bus = EventBus()
-    origin = StoDeposited("acc-h", 5)
+    origin = Deposited("acc-h", 5)
 
-    async def handler(event: StoDeposited) -> None:
-        await store.append("follow-ups", [StoTick(1)])
+    async def handler(event: Deposited) -> None:
+        await store.append("follow-ups", [Tick(1)])
 
-    bus.subscribe(StoDeposited, handler)
+    bus.subscribe(Deposited, handler)
     async with bus:
         await bus.publish(origin)
         await bus.drain()
@@ -521,11 +519,11 @@ async def test_events_appended_from_a_handler_carry_its_correlation_and_causatio
 
 
 async def test_plain_domain_event_comes_back_as_its_class(store: Any) -> None:
-    e = StoDeposited("acc-1", 42)
+    e = Deposited("acc-1", 42)
     await store.append("acc-1", [e])
     (s,) = await store.read("acc-1")
     back = s.event
-    assert type(back) is StoDeposited
+    assert type(back) is Deposited
     assert (back.account, back.amount) == ("acc-1", 42)
     assert back.aggregate_id == "acc-1"
     assert back.event_id == e.event_id
@@ -537,41 +535,41 @@ async def test_dataclass_domain_event_with_every_supported_type_round_trips(stor
     await store.append("order-1", [e])
     (s,) = await store.read("order-1")
     back = s.event
-    assert type(back) is StoOrderPlaced
+    assert type(back) is OrderPlaced
     assert back == e
-    assert isinstance(back.lines[0], StoLine) and isinstance(back.lines[0].price, Decimal)
+    assert isinstance(back.lines[0], Line) and isinstance(back.lines[0].price, Decimal)
     assert back.placed_at.utcoffset() == timedelta(hours=2)
     assert back.event_id == e.event_id
 
 
 async def test_registered_plain_dataclass_round_trips(store: Any) -> None:
-    e = StoParcelShipped(
+    e = ParcelShipped(
         parcel_id=uuid4(),
         shipped_at=datetime(2024, 5, 2, 8, 0, tzinfo=timezone.utc),
         weight=Decimal("1.250"),
-        color=StoColor.RED,
+        color=Color.RED,
         stops=[{"city": "Lyon", "n": [1, 2, {"deep": True}]}],
     )
     await store.append("parcel-1", [e])
     (s,) = await store.read("parcel-1")
-    assert s.event_type == "StoParcelShipped"
+    assert s.event_type == "ParcelShipped"
     assert s.event == e
-    assert type(s.event) is StoParcelShipped
+    assert type(s.event) is ParcelShipped
 
 
 async def test_registered_pydantic_model_round_trips(store: Any) -> None:
-    e = StoInvoiceIssued(
+    e = InvoiceIssued(
         invoice_id=uuid4(),
         issued_at=datetime(2024, 5, 3, 9, 15, tzinfo=timezone.utc),
         due=date(2024, 6, 3),
         amount=Decimal("100.01"),
-        color=StoColor.BLUE,
+        color=Color.BLUE,
         lines=[{"qty": 2}, {"qty": 3}],
     )
     await store.append("inv-1", [e])
     (s,) = await store.read("inv-1")
-    assert s.event_type == "StoInvoiceIssued"
-    assert type(s.event) is StoInvoiceIssued
+    assert s.event_type == "InvoiceIssued"
+    assert type(s.event) is InvoiceIssued
     assert s.event == e
 
 
@@ -584,7 +582,7 @@ async def test_dict_events_store_json_values_and_come_back_as_their_dict(store: 
         "day": date(2024, 5, 1),
         "id": uid,
         "amount": Decimal("10.50"),
-        "color": StoColor.RED,
+        "color": Color.RED,
         "nested": {"list": [1, 2.5, None, True, {"at": when}], "tuple": (1, "two")},
     }
     await store.append("dicts", [e])
@@ -607,7 +605,7 @@ async def test_dict_events_store_json_values_and_come_back_as_their_dict(store: 
 
 
 async def test_stored_data_is_json_not_pickle(store: Any, db: str) -> None:
-    await store.append("j", [make_order(), StoDeposited("j", 1), {"event_type": "x", "v": 1}])
+    await store.append("j", [make_order(), Deposited("j", 1), {"event_type": "x", "v": 1}])
     assert all(isinstance(e.data, dict) for e in await store.read_all())
     assert all(isinstance(e.metadata, dict) for e in await store.read_all())
     with sqlite3.connect(db) as raw:
@@ -626,17 +624,17 @@ async def test_unencodable_dataclass_event_raises_serialization_error_naming_pat
     store: Any,
 ) -> None:
     with pytest.raises(SerializationError) as info:
-        await store.append("bad", [StoUnencodable("n", [1, {"x": 1j}])])
+        await store.append("bad", [Unencodable("n", [1, {"x": 1j}])])
     msg = str(info.value)
-    assert 'StoUnencodable.items[1]["x"]' in msg
+    assert 'Unencodable.items[1]["x"]' in msg
     assert "complex" in msg
 
 
 async def test_unencodable_plain_domain_event_names_the_attribute_path(store: Any) -> None:
     with pytest.raises(SerializationError) as info:
-        await store.append("bad", [StoPlainUnencodable([1, 2, object()])])
+        await store.append("bad", [PlainUnencodable([1, 2, object()])])
     msg = str(info.value)
-    assert "StoPlainUnencodable.items[2]" in msg, msg
+    assert "PlainUnencodable.items[2]" in msg, msg
     assert "'object'" in msg
 
 
@@ -650,7 +648,7 @@ async def test_unencodable_dict_event_names_the_key_path(store: Any) -> None:
 
 async def test_an_unencodable_event_in_a_batch_writes_nothing(store: Any) -> None:
     with pytest.raises(SerializationError):
-        await store.append("mixed", [evt(1), StoUnencodable("n", [1j]), evt(3)], expected_version=0)
+        await store.append("mixed", [evt(1), Unencodable("n", [1j]), evt(3)], expected_version=0)
     assert await store.read_all() == []
     assert await store.read("mixed") == []
     assert await store.append("mixed", [evt(1)], expected_version=0) == 1
@@ -668,23 +666,23 @@ def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_upcasters_chain_v1_to_v3_on_read(store: Any) -> None:
-    await store.append("person-1", [StoRenamedV1("ada lovelace")])
-    await store.append("person-1", [StoRenamedV2("Grace Hopper")])
-    await store.append("person-1", [StoRenamed("Alan Turing", "fr")])
+    await store.append("person-1", [RenamedV1("ada lovelace")])
+    await store.append("person-1", [RenamedV2("Grace Hopper")])
+    await store.append("person-1", [Renamed("Alan Turing", "fr")])
     raw = await store.read("person-1")
     assert [(e.event_type, e.event_version) for e in raw] == [
-        ("StoRenamed", 1),
-        ("StoRenamed", 2),
-        ("StoRenamed", 3),
+        ("Renamed", 1),
+        ("Renamed", 2),
+        ("Renamed", 3),
     ]
-    store.register_upcaster("StoRenamed", 1, _v1_to_v2)
-    store.register_upcaster("StoRenamed", 2, _v2_to_v3)
+    store.register_upcaster("Renamed", 1, _v1_to_v2)
+    store.register_upcaster("Renamed", 2, _v2_to_v3)
     v1, v2, v3 = await store.read("person-1")
     assert (v1.event_version, v1.data) == (3, {"full_name": "Ada Lovelace", "language": "en"})
     assert (v2.event_version, v2.data) == (3, {"full_name": "Grace Hopper", "language": "en"})
     assert (v3.event_version, v3.data) == (3, {"full_name": "Alan Turing", "language": "fr"})
-    assert v1.event == StoRenamed("Ada Lovelace", "en")
-    assert type(v1.event) is StoRenamed
+    assert v1.event == Renamed("Ada Lovelace", "en")
+    assert type(v1.event) is Renamed
     # read_all and replay upcast too
     assert [e.data["full_name"] for e in await store.read_all()] == [
         "Ada Lovelace",
@@ -695,10 +693,10 @@ async def test_upcasters_chain_v1_to_v3_on_read(store: Any) -> None:
 
 
 async def test_registering_an_upcaster_twice_raises(store: Any) -> None:
-    store.register_upcaster("StoRenamed", 1, _v1_to_v2)
+    store.register_upcaster("Renamed", 1, _v1_to_v2)
     with pytest.raises(ConfigurationError) as info:
-        store.register_upcaster("StoRenamed", 1, _v2_to_v3)
-    assert "StoRenamed" in str(info.value)
+        store.register_upcaster("Renamed", 1, _v2_to_v3)
+    assert "Renamed" in str(info.value)
 
 
 # --- snapshots -------------------------------------------------------------------------------
@@ -854,21 +852,21 @@ async def test_durable_publish_returns_after_the_event_is_in_the_log(db: str) ->
     gate = asyncio.Event()
     handled: list[int] = []
 
-    async def slow(event: StoTick) -> None:
+    async def slow(event: Tick) -> None:
         await gate.wait()
         handled.append(event.n)
 
     store = SqliteEventStore(db)
     reader = SqliteEventStore(db)  # another connection: the event must be committed
     bus = EventBus(store=store)
-    bus.subscribe(StoTick, slow, name="slow")
+    bus.subscribe(Tick, slow, name="slow")
     try:
         await bus.start()
-        e = StoTick(1)
+        e = Tick(1)
         assert await bus.publish(e) is True
         rows = await reader.read_all()
         assert [r.event_id for r in rows] == [e.event_id]
-        assert rows[0].event_type == "StoTick"
+        assert rows[0].event_type == "Tick"
         assert handled == []  # not yet handled: the log comes first
         gate.set()
         await bus.drain(timeout=10)
@@ -883,12 +881,12 @@ async def test_durable_publish_returns_after_the_event_is_in_the_log(db: str) ->
 async def test_durable_bus_given_a_path_commits_to_that_file(db: str) -> None:
     bus = EventBus(store=db)
 
-    async def h(event: StoTick) -> None:
+    async def h(event: Tick) -> None:
         pass
 
-    bus.subscribe(StoTick, h, name="h")
+    bus.subscribe(Tick, h, name="h")
     async with bus:
-        await bus.publish(StoTick(7))
+        await bus.publish(Tick(7))
         async with SqliteEventStore(db) as reader:
             rows = await reader.read_all()
         assert [r.event.n for r in rows] == [7]
@@ -900,27 +898,27 @@ async def test_duplicate_subscription_name_on_a_durable_bus_raises_value_error_a
 ) -> None:
     bus = EventBus(store=store)
 
-    async def h(event: StoTick) -> None:
+    async def h(event: Tick) -> None:
         pass
 
-    async def other(event: StoTick) -> None:
+    async def other(event: Tick) -> None:
         pass
 
-    bus.subscribe(StoTick, h, name="billing")
+    bus.subscribe(Tick, h, name="billing")
     with pytest.raises(ValueError) as info:
-        bus.subscribe(StoTick, other, name="billing")
+        bus.subscribe(Tick, other, name="billing")
     assert "billing" in str(info.value)
-    bus.subscribe(StoTick, h)  # default name: the qualified name
+    bus.subscribe(Tick, h)  # default name: the qualified name
     with pytest.raises(ValueError):
-        bus.subscribe("StoTick", h)
+        bus.subscribe("Tick", h)
     # in memory, duplicates are fine
     mem = EventBus()
-    mem.subscribe(StoTick, h, name="billing")
-    mem.subscribe(StoTick, other, name="billing")
+    mem.subscribe(Tick, h, name="billing")
+    mem.subscribe(Tick, other, name="billing")
 
 
 def _recording(seen: list[int]) -> Any:
-    async def record(event: StoTick) -> None:
+    async def record(event: Tick) -> None:
         seen.append(event.n)
 
     return record
@@ -929,26 +927,26 @@ def _recording(seen: list[int]) -> Any:
 async def test_after_restart_nothing_already_handled_is_delivered_again(db: str) -> None:
     first: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(first), name="ledger")
+    bus.subscribe(Tick, _recording(first), name="ledger")
     async with bus:
         for n in range(5):
-            await bus.publish(StoTick(n, key=f"k{n % 2}"))
+            await bus.publish(Tick(n, key=f"k{n % 2}"))
         await bus.drain(timeout=10)
     assert sorted(first) == [0, 1, 2, 3, 4]
 
     for _ in range(2):
         again: list[int] = []
         bus = EventBus(store=db)
-        bus.subscribe(StoTick, _recording(again), name="ledger")
+        bus.subscribe(Tick, _recording(again), name="ledger")
         async with bus:
             await bus.drain(timeout=10)
             assert again == []
     # and it still delivers new events
     later: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(later), name="ledger")
+    bus.subscribe(Tick, _recording(later), name="ledger")
     async with bus:
-        await bus.publish(StoTick(99))
+        await bus.publish(Tick(99))
         await bus.drain(timeout=10)
     assert later == [99]
 
@@ -961,21 +959,21 @@ async def test_events_committed_but_not_handled_before_stop_without_drain_come_a
     gate = asyncio.Event()
     entered = asyncio.Event()
 
-    async def stuck_from_3(event: StoTick) -> None:
+    async def stuck_from_3(event: Tick) -> None:
         first.append(event.n)
         if event.n >= 3:
             entered.set()
             await gate.wait()
 
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(fast_first), name="fast", priority=1)
-    bus.subscribe(StoTick, stuck_from_3, name="worker", priority=5)
+    bus.subscribe(Tick, _recording(fast_first), name="fast", priority=1)
+    bus.subscribe(Tick, stuck_from_3, name="worker", priority=5)
     await bus.start()
     for n in range(3):
-        await bus.publish(StoTick(n))
+        await bus.publish(Tick(n))
     await bus.drain(timeout=10)
     for n in range(3, 6):
-        await bus.publish(StoTick(n))
+        await bus.publish(Tick(n))
     await asyncio.wait_for(entered.wait(), 10)  # "worker" is inside event 3, "fast" is past it
     await bus.stop(drain=False)
     assert first == [0, 1, 2, 3]
@@ -984,8 +982,8 @@ async def test_events_committed_but_not_handled_before_stop_without_drain_come_a
     fast: list[int] = []
     second: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(fast), name="fast", priority=1)
-    bus.subscribe(StoTick, _recording(second), name="worker", priority=5)
+    bus.subscribe(Tick, _recording(fast), name="fast", priority=1)
+    bus.subscribe(Tick, _recording(second), name="worker", priority=5)
     await bus.start()
     try:
         await bus.drain(timeout=10)  # waits for the replay
@@ -998,13 +996,13 @@ async def test_events_committed_but_not_handled_before_stop_without_drain_come_a
 async def test_durable_log_metadata_keeps_correlation_and_causation(db: str) -> None:
     store = SqliteEventStore(db)
     bus = EventBus(store=store)
-    parent = StoTick(1)
+    parent = Tick(1)
 
-    async def fan_out(event: StoTick) -> None:
+    async def fan_out(event: Tick) -> None:
         if event.n == 1:
-            await bus.publish(StoTick(2))
+            await bus.publish(Tick(2))
 
-    bus.subscribe(StoTick, fan_out, name="fan_out")
+    bus.subscribe(Tick, fan_out, name="fan_out")
     try:
         async with bus:
             await bus.publish(parent, correlation_id="corr-42")
@@ -1023,35 +1021,35 @@ async def test_a_subscription_added_on_a_restarted_bus_starts_from_now_unless_fr
     db: str,
 ) -> None:
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording([]), name="old")
+    bus.subscribe(Tick, _recording([]), name="old")
     async with bus:
-        await bus.publish(StoTick(1))
-        await bus.publish(StoTick(2))
+        await bus.publish(Tick(1))
+        await bus.publish(Tick(2))
         await bus.drain(timeout=10)
 
     old: list[int] = []
     new: list[int] = []
     everything: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(old), name="old")
-    bus.subscribe(StoTick, _recording(new), name="new")
-    bus.subscribe(StoTick, _recording(everything), name="replayer", from_beginning=True)
+    bus.subscribe(Tick, _recording(old), name="old")
+    bus.subscribe(Tick, _recording(new), name="new")
+    bus.subscribe(Tick, _recording(everything), name="replayer", from_beginning=True)
     async with bus:
         await bus.drain(timeout=10)
         assert (old, new, everything) == ([], [], [1, 2])
-        await bus.publish(StoTick(3))
+        await bus.publish(Tick(3))
         await bus.drain(timeout=10)
     assert (old, new, everything) == ([3], [3], [1, 2, 3])
 
     # Once registered, "new" keeps its place: it does not skip what it missed while stopped.
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording([]), name="old")
+    bus.subscribe(Tick, _recording([]), name="old")
     async with bus:
-        await bus.publish(StoTick(4))
+        await bus.publish(Tick(4))
         await bus.drain(timeout=10)
     missed: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(missed), name="new")
+    bus.subscribe(Tick, _recording(missed), name="new")
     async with bus:
         await bus.drain(timeout=10)
     assert missed == [4]
@@ -1060,14 +1058,14 @@ async def test_a_subscription_added_on_a_restarted_bus_starts_from_now_unless_fr
 async def test_a_dead_letter_survives_restart_with_its_event_rebuilt(db: str) -> None:
     calls: list[int] = []
 
-    async def broken(event: StoTick) -> None:
+    async def broken(event: Tick) -> None:
         calls.append(event.n)
         raise ValueError(f"boom {event.n}")
 
-    original = StoTick(1, key="acct")
+    original = Tick(1, key="acct")
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, broken, name="broken")
-    bus.subscribe(StoTick, _recording([]), name="fine")
+    bus.subscribe(Tick, broken, name="broken")
+    bus.subscribe(Tick, _recording([]), name="fine")
     async with bus:
         await bus.publish(original)
         await bus.drain(timeout=10)
@@ -1076,14 +1074,14 @@ async def test_a_dead_letter_survives_restart_with_its_event_rebuilt(db: str) ->
 
     calls.clear()
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, broken, name="broken")
-    bus.subscribe(StoTick, _recording([]), name="fine")
+    bus.subscribe(Tick, broken, name="broken")
+    bus.subscribe(Tick, _recording([]), name="fine")
     async with bus:
         await bus.drain(timeout=10)
         assert calls == []  # a dead-lettered event is done: not delivered again
         (dl,) = bus.dead_letters.list()
         assert dl.subscription == "broken"
-        assert type(dl.event) is StoTick
+        assert type(dl.event) is Tick
         assert (dl.event.n, dl.event.key, dl.event.event_id) == (1, "acct", original.event_id)
         assert dl.error_type == "ValueError"
         assert dl.error_message == "boom 1"
@@ -1099,16 +1097,16 @@ async def test_concurrent_durable_publishes_are_all_in_the_log_when_they_return(
     seen: list[int] = []
     store = SqliteEventStore(db)
     bus = EventBus(store=store, workers=4)
-    bus.subscribe(StoTick, _recording(seen), name="many")
+    bus.subscribe(Tick, _recording(seen), name="many")
     try:
         await bus.start()
-        events = [StoTick(n, key=f"k{n % 5}") for n in range(300)]
+        events = [Tick(n, key=f"k{n % 5}") for n in range(300)]
         assert await asyncio.gather(*(bus.publish(e) for e in events)) == [True] * 300
         async with SqliteEventStore(db) as reader:
             rows = [r async for r in reader]
         assert sorted(r.event_id for r in rows) == sorted(e.event_id for e in events)
         assert len({r.position for r in rows}) == 300
-        assert await bus.publish_many([StoTick(n) for n in range(300, 310)]) == 10
+        assert await bus.publish_many([Tick(n) for n in range(300, 310)]) == 10
         assert len(await store.read_all(after_position=rows[-1].position)) == 10
         await bus.drain(timeout=10)
         assert sorted(seen) == list(range(310))
@@ -1118,22 +1116,22 @@ async def test_concurrent_durable_publishes_are_all_in_the_log_when_they_return(
 
 
 async def test_purged_dead_letters_stay_purged_after_restart(db: str) -> None:
-    async def broken(event: StoTick) -> None:
+    async def broken(event: Tick) -> None:
         raise RuntimeError("nope")
 
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, broken, name="broken")
+    bus.subscribe(Tick, broken, name="broken")
     async with bus:
-        await bus.publish(StoTick(1))
-        await bus.publish(StoTick(2))
+        await bus.publish(Tick(1))
+        await bus.publish(Tick(2))
         await bus.drain(timeout=10)
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, broken, name="broken")
+    bus.subscribe(Tick, broken, name="broken")
     async with bus:
         assert sorted(d.event.n for d in bus.dead_letters.list()) == [1, 2]
         assert bus.dead_letters.purge() == 2
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, broken, name="broken")
+    bus.subscribe(Tick, broken, name="broken")
     async with bus:
         await bus.drain(timeout=10)
         assert bus.dead_letters.list() == []
@@ -1145,25 +1143,25 @@ async def test_a_restarted_bus_replays_to_each_subscription_only_the_events_it_m
     ticks: list[int] = []
     deposits: list[int] = []
 
-    async def on_tick(event: StoTick) -> None:
+    async def on_tick(event: Tick) -> None:
         ticks.append(event.n)
 
-    async def on_deposit(event: StoDeposited) -> None:
+    async def on_deposit(event: Deposited) -> None:
         deposits.append(event.amount)
 
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, on_tick, name="ticks")
-    bus.subscribe(StoDeposited, on_deposit, name="deposits")
+    bus.subscribe(Tick, on_tick, name="ticks")
+    bus.subscribe(Deposited, on_deposit, name="deposits")
     async with bus:
-        await bus.publish(StoTick(1))
-        await bus.publish(StoDeposited("a-1", 5))
+        await bus.publish(Tick(1))
+        await bus.publish(Deposited("a-1", 5))
         await bus.drain(timeout=10)
     assert (ticks, deposits) == ([1], [5])
     # "ticks" never finished the deposit (it does not match it), nor "deposits" the tick:
     # a restart must not hand them over.
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, on_tick, name="ticks")
-    bus.subscribe(StoDeposited, on_deposit, name="deposits")
+    bus.subscribe(Tick, on_tick, name="ticks")
+    bus.subscribe(Deposited, on_deposit, name="deposits")
     async with bus:
         await bus.drain(timeout=10)
     assert (ticks, deposits) == ([1], [5])
@@ -1177,12 +1175,12 @@ async def test_two_durable_buses_on_one_file_log_the_same_keys_with_contiguous_v
     buses = [EventBus(store=SqliteEventStore(db)) for _ in range(2)]
     seen: list[int] = []
     for i, bus in enumerate(buses):
-        bus.subscribe(StoTick, _recording(seen), name=f"ledger-{i}")
+        bus.subscribe(Tick, _recording(seen), name=f"ledger-{i}")
     async with buses[0], buses[1]:
         for n in range(40):
-            await buses[n % 2].publish(StoTick(n, key=f"k{n % 3}"))
+            await buses[n % 2].publish(Tick(n, key=f"k{n % 3}"))
             if n % 7 == 0:
-                await buses[(n + 1) % 2].publish_many([StoTick(1000 + n, key="k0")])
+                await buses[(n + 1) % 2].publish_many([Tick(1000 + n, key="k0")])
         for bus in buses:
             await bus.drain(timeout=10)
     for bus in buses:
@@ -1207,9 +1205,9 @@ async def test_progress_recorded_by_workers_is_committed_when_the_bus_stops(db: 
     # the bus (which closes the store it opened) must commit the last ones too.
     first: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(first), name="ledger")
+    bus.subscribe(Tick, _recording(first), name="ledger")
     async with bus:
-        await bus.publish_many([StoTick(n, key=f"k{n % 4}") for n in range(200)])
+        await bus.publish_many([Tick(n, key=f"k{n % 4}") for n in range(200)])
         await bus.drain(timeout=10)
     assert sorted(first) == list(range(200))
     with sqlite3.connect(db) as conn:
@@ -1218,7 +1216,7 @@ async def test_progress_recorded_by_workers_is_committed_when_the_bus_stops(db: 
     assert done == (200,)
     again: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(again), name="ledger")
+    bus.subscribe(Tick, _recording(again), name="ledger")
     async with bus:
         await bus.drain(timeout=10)
     assert again == []
@@ -1234,18 +1232,18 @@ async def test_a_large_publish_many_is_one_ordered_group_and_an_unencodable_even
     # parts are inserted before the bad event is met, and must still vanish.
     seen: list[int] = []
     bus = EventBus(store=db)
-    bus.subscribe(StoTick, _recording(seen), name="ledger")
+    bus.subscribe(Tick, _recording(seen), name="ledger")
     async with bus:
-        bad = [StoTick(n, key=f"k{n % 5}") for n in range(1000)]
-        bad[900] = StoPlainUnencodable([1j])  # type: ignore[call-overload]
+        bad = [Tick(n, key=f"k{n % 5}") for n in range(1000)]
+        bad[900] = PlainUnencodable([1j])  # type: ignore[call-overload]
         with pytest.raises(SerializationError, match="items"):
             await bus.publish_many(bad)
         assert bus._store is not None
         assert await bus._store.read_all() == []
         # Other requests made while a group is open wait for it and are not lost.
-        good = [StoTick(n, key=f"k{n % 5}") for n in range(1000)]
+        good = [Tick(n, key=f"k{n % 5}") for n in range(1000)]
         many = asyncio.ensure_future(bus.publish_many(good))
-        await asyncio.gather(*(bus.publish(StoTick(5000 + i, key="other")) for i in range(20)))
+        await asyncio.gather(*(bus.publish(Tick(5000 + i, key="other")) for i in range(20)))
         assert await many == 1000
         await bus.drain(timeout=10)
         rows = await bus._store.read_all(limit=5000)
@@ -1256,7 +1254,7 @@ async def test_a_large_publish_many_is_one_ordered_group_and_an_unencodable_even
     assert positions == list(range(positions[0], positions[0] + 1000)), "one contiguous group"
 
 
-class StoTyped(DomainEvent):
+class Typed(DomainEvent):
     event_type = "sto.typed"  # a class attribute overriding the lazy default
 
     def __init__(self, n: int) -> None:
@@ -1264,7 +1262,7 @@ class StoTyped(DomainEvent):
         self.n = n
 
 
-class StoOwnIds(DomainEvent):
+class OwnIds(DomainEvent):
     def __init__(self, n: int) -> None:
         super().__init__(event_id=f"own-{n}", correlation_id="corr-x")
         self.n = n
@@ -1277,10 +1275,10 @@ class StoOwnIds(DomainEvent):
 async def test_logged_identity_is_what_the_event_shows_before_and_after_publishing(
     store: Any,
 ) -> None:
-    fresh = StoTick(1)
-    read_first = StoTick(2)
+    fresh = Tick(1)
+    read_first = Tick(2)
     read_first.event_id, read_first.occurred_at  # computed by Python first
-    typed, own = StoTyped(3), StoOwnIds(4)
+    typed, own = Typed(3), OwnIds(4)
     await store.append("ids", [fresh, read_first, typed, own])
     rows = await store.read("ids")
     for row, event in zip(rows, [fresh, read_first, typed, own]):
@@ -1290,7 +1288,7 @@ async def test_logged_identity_is_what_the_event_shows_before_and_after_publishi
         assert row.causation_id == event.causation_id
         assert row.event_type == event.event_type
     assert fresh.occurred_at.tzinfo is timezone.utc
-    assert [r.event_type for r in rows] == ["StoTick", "StoTick", "sto.typed", "StoOwnIds"]
+    assert [r.event_type for r in rows] == ["Tick", "Tick", "sto.typed", "OwnIds"]
     assert (rows[3].event_id, rows[3].correlation_id, rows[3].causation_id) == (
         "own-4", "corr-x", "cause-y",
     )

@@ -20,7 +20,7 @@ from oxbus import DomainEvent, RetryPolicy
 
 
 @dataclass(frozen=True)
-class TcJob(DomainEvent):
+class Job(DomainEvent):
     n: int
 
 
@@ -39,7 +39,7 @@ async def test_a_handler_that_catches_its_own_timeout_leaves_the_worker_dispatch
     bus = await make_bus(workers=1)
     seen: list[tuple[int, str]] = []
 
-    async def patient(event: TcJob) -> None:
+    async def patient(event: Job) -> None:
         try:
             await _sleep_with_own_timeout(3600, 0.02)
         except asyncio.TimeoutError:  # not the builtin one on 3.10
@@ -47,9 +47,9 @@ async def test_a_handler_that_catches_its_own_timeout_leaves_the_worker_dispatch
             return
         seen.append((event.n, "finished"))
 
-    bus.subscribe(TcJob, patient)
+    bus.subscribe(Job, patient)
     for n in range(3):
-        await bus.publish(TcJob(n))
+        await bus.publish(Job(n))
     await bus.drain(timeout=10)
     assert seen == [(0, "timed out"), (1, "timed out"), (2, "timed out")]
     s = bus.get_statistics()
@@ -63,13 +63,13 @@ async def test_a_handler_failing_after_its_own_timeout_is_retried_like_any_failu
     bus = await make_bus(workers=1, retry=RetryPolicy(max_attempts=2, base_delay=0.001))
     attempts: list[int] = []
 
-    async def flaky(event: TcJob) -> None:
+    async def flaky(event: Job) -> None:
         attempts.append(event.n)
         if len(attempts) == 1:
             await _sleep_with_own_timeout(3600, 0.02)  # raises a TimeoutError: a failure
 
-    bus.subscribe(TcJob, flaky)
-    await bus.publish(TcJob(7))
+    bus.subscribe(Job, flaky)
+    await bus.publish(Job(7))
     await bus.drain(timeout=10)
     assert attempts == [7, 7]
     assert len(bus.dead_letters) == 0
@@ -84,7 +84,7 @@ async def test_stop_still_interrupts_a_hung_handler_after_a_timeout_was_taken_ba
     started = asyncio.Event()
     observed: list[str] = []
 
-    async def first_times_out_then_hangs(event: TcJob) -> None:
+    async def first_times_out_then_hangs(event: Job) -> None:
         try:
             await _sleep_with_own_timeout(3600, 0.02)
         except asyncio.TimeoutError:  # not the builtin one on 3.10
@@ -96,8 +96,8 @@ async def test_stop_still_interrupts_a_hung_handler_after_a_timeout_was_taken_ba
             observed.append("cancelled")
             raise
 
-    bus.subscribe(TcJob, first_times_out_then_hangs)
-    await bus.publish(TcJob(1))
+    bus.subscribe(Job, first_times_out_then_hangs)
+    await bus.publish(Job(1))
     await asyncio.wait_for(started.wait(), 10)
     assert await bus.stop(drain=False) == 1
     assert observed == ["cancelled"]

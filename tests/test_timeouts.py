@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from _failures import (
-    Fi4Job,
+    Job,
     policy,
     quiet_oxbus_logs,  # noqa: F401 - an autouse fixture
     until,
@@ -24,7 +24,7 @@ async def test_an_async_handler_over_its_timeout_is_cancelled_and_counted_failed
     bus = await make_bus()
     observed: list[str] = []
 
-    async def slow(event: Fi4Job) -> None:
+    async def slow(event: Job) -> None:
         try:
             await asyncio.sleep(3600)  # sleep-ok: a handler that hangs
         except asyncio.CancelledError:
@@ -33,8 +33,8 @@ async def test_an_async_handler_over_its_timeout_is_cancelled_and_counted_failed
         finally:
             observed.append("finally")
 
-    bus.subscribe(Fi4Job, slow, timeout=0.05, name="slow")
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, slow, timeout=0.05, name="slow")
+    await bus.publish(Job(1))
     await bus.drain(timeout=10)
     assert observed == ["cancelled", "finally"]
     (dl,) = bus.dead_letters.list()
@@ -48,13 +48,13 @@ async def test_the_bus_handler_timeout_applies_and_a_timeout_is_retried(make_bus
     bus = await make_bus(handler_timeout=0.05, retry=policy(max_attempts=3, base_delay=0.001))
     attempts: list[int] = []
 
-    async def slow_then_fast(event: Fi4Job) -> None:
+    async def slow_then_fast(event: Job) -> None:
         attempts.append(event.n)
         if len(attempts) < 3:
             await asyncio.sleep(3600)  # sleep-ok: a handler that hangs
 
-    bus.subscribe(Fi4Job, slow_then_fast)
-    await bus.publish(Fi4Job(1))
+    bus.subscribe(Job, slow_then_fast)
+    await bus.publish(Job(1))
     await bus.drain(timeout=10)
     assert attempts == [1, 1, 1]
     assert len(bus.dead_letters) == 0
@@ -65,17 +65,17 @@ async def test_a_fast_handler_is_not_affected_by_its_timeout(make_bus: Any) -> N
     bus = await make_bus(handler_timeout=5.0)
     seen: list[int] = []
 
-    async def quick(event: Fi4Job) -> None:
+    async def quick(event: Job) -> None:
         await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
         seen.append(event.n)
 
-    def sync_quick(event: Fi4Job) -> None:
+    def sync_quick(event: Job) -> None:
         seen.append(-event.n)
 
-    bus.subscribe(Fi4Job, quick)
-    bus.subscribe(Fi4Job, sync_quick)
+    bus.subscribe(Job, quick)
+    bus.subscribe(Job, sync_quick)
     for n in range(1, 4):
-        await bus.publish(Fi4Job(n))
+        await bus.publish(Job(n))
     await bus.drain()
     assert seen == [1, -1, 2, -2, 3, -3]
     assert bus.get_statistics()["events_failed"] == 0
@@ -87,20 +87,20 @@ async def test_hung_thread_pool_handlers_are_abandoned_replaced_and_shown_in_hea
     handled: list[int] = []
     hung_threads: list[str] = []
 
-    def handler(event: Fi4Job) -> None:
+    def handler(event: Job) -> None:
         if event.n < 0:
             hung_threads.append(threading.current_thread().name)
             release.wait(60)
             return
         handled.append(event.n)
 
-    bus.subscribe(Fi4Job, handler, name="sync")
+    bus.subscribe(Job, handler, name="sync")
     await bus.start()
     try:
-        await bus.publish(Fi4Job(-1))
-        await bus.publish(Fi4Job(-2))
+        await bus.publish(Job(-1))
+        await bus.publish(Job(-2))
         for n in range(1, 6):
-            await bus.publish(Fi4Job(n))
+            await bus.publish(Job(n))
         await bus.drain(timeout=10)
         assert sorted(handled) == [1, 2, 3, 4, 5]  # replacement threads did the work
         assert len(set(hung_threads)) == 2

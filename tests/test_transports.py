@@ -16,7 +16,7 @@ from oxbus import EventBus, InMemoryEventBus, Memory, RedisStreams, Sqlite, Sqli
 from oxbus.errors import ConfigurationError
 
 
-class TrTick(oxbus.DomainEvent):
+class Tick(oxbus.DomainEvent):
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n
@@ -141,14 +141,14 @@ async def test_a_bus_on_sqlite_options_commits_delivers_and_closes_the_store_it_
     path = str(tmp_path / "events.db")
     seen: list[int] = []
 
-    async def handle(e: TrTick) -> None:
+    async def handle(e: Tick) -> None:
         seen.append(e.n)
 
     bus = EventBus(transport=Sqlite(path, synchronous="full"))
-    bus.subscribe(TrTick, handle, name="tr-ticks")
+    bus.subscribe(Tick, handle, name="tr-ticks")
     async with bus:
-        await bus.publish(TrTick(1))
-        assert await bus.publish_many([TrTick(2), TrTick(3)]) == 2
+        await bus.publish(Tick(1))
+        assert await bus.publish_many([Tick(2), Tick(3)]) == 2
         await bus.drain()
         store = bus._store
         assert store is not None
@@ -164,7 +164,7 @@ async def test_a_bus_on_an_open_store_leaves_it_open(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="keeps its own setting"):
         Sqlite(store, synchronous="full")
     async with EventBus(transport=Sqlite(store)) as bus:
-        await bus.publish(TrTick(1))
+        await bus.publish(Tick(1))
     assert not store.closed
     store.close()
 

@@ -32,7 +32,7 @@ def run_on_uvloop(main: Callable[[], Awaitable[T]]) -> T:
     return result
 
 
-class UvEvent(DomainEvent):
+class Event(DomainEvent):
     def __init__(self, key: str, seq: int) -> None:
         super().__init__()
         self.key = key
@@ -43,7 +43,7 @@ class UvEvent(DomainEvent):
         return self.key
 
 
-class UvChild(DomainEvent):
+class Child(DomainEvent):
     pass
 
 
@@ -55,7 +55,7 @@ def test_basic_flow_on_uvloop() -> None:
     envs: list[Any] = []
     rng = random.Random(3)
 
-    async def handler(event: UvEvent) -> None:
+    async def handler(event: Event) -> None:
         active[event.key] += 1
         if active[event.key] > 1:
             overlap.append(event.key)
@@ -64,19 +64,19 @@ def test_basic_flow_on_uvloop() -> None:
         order[event.key].append(event.seq)
         active[event.key] -= 1
         if event.seq == 0:
-            await bus.publish(UvChild())
+            await bus.publish(Child())
 
-    def on_child(event: UvChild) -> None:
+    def on_child(event: Child) -> None:
         env = oxbus.current_envelope()
         envs.append((env.correlation_id, env.causation_id, event.causation_id))
 
-    bus.subscribe(UvEvent, handler)
-    bus.subscribe(UvChild, on_child)
+    bus.subscribe(Event, handler)
+    bus.subscribe(Child, on_child)
 
     async def main() -> dict[str, Any]:
         async with EventBusManager(bus):
             assert bus.get_statistics()["worker_count"] == 4
-            results = [await bus.publish(UvEvent(f"k{i % 5}", i)) for i in range(500)]
+            results = [await bus.publish(Event(f"k{i % 5}", i)) for i in range(500)]
             assert results == [True] * 500
             await bus.drain()
             return bus.get_statistics()
@@ -99,29 +99,29 @@ def test_backpressure_drain_and_wait_for_on_uvloop() -> None:
         started = asyncio.Event()
         seen: list[int] = []
 
-        async def handler(event: UvEvent) -> None:
+        async def handler(event: Event) -> None:
             started.set()
             await gate.wait()
             seen.append(event.seq)
 
-        bus.subscribe(UvEvent, handler)
+        bus.subscribe(Event, handler)
         async with bus:
-            await bus.publish(UvEvent("a", 0))
+            await bus.publish(Event("a", 0))
             await asyncio.wait_for(started.wait(), 5)
-            await bus.publish(UvEvent("a", 1))
+            await bus.publish(Event("a", 1))
             with pytest.raises(QueueFull):
-                bus.publish_nowait(UvEvent("a", 2))
-            blocked = asyncio.create_task(bus.publish(UvEvent("a", 3)))
+                bus.publish_nowait(Event("a", 2))
+            blocked = asyncio.create_task(bus.publish(Event("a", 3)))
             for _ in range(10):
                 await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
             assert not blocked.done()
             with pytest.raises(TimeoutError):
                 await bus.drain(timeout=0.05)
-            waiter = asyncio.create_task(bus.wait_for(UvEvent, lambda e: e.seq == 4, timeout=5))
+            waiter = asyncio.create_task(bus.wait_for(Event, lambda e: e.seq == 4, timeout=5))
             await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
             gate.set()
             assert await blocked is True
-            await bus.publish(UvEvent("a", 4))
+            await bus.publish(Event("a", 4))
             assert (await waiter).seq == 4
             await bus.drain(timeout=5)
         assert seen == [0, 1, 3, 4]
@@ -134,14 +134,14 @@ def test_publish_threadsafe_on_uvloop() -> None:
         bus = EventBus(workers=2)
         seen: list[int] = []
 
-        async def handler(event: UvEvent) -> None:
+        async def handler(event: Event) -> None:
             seen.append(event.seq)
 
-        bus.subscribe(UvEvent, handler)
+        bus.subscribe(Event, handler)
         async with bus:
 
             def produce() -> list[bool]:
-                futs = [bus.publish_threadsafe(UvEvent("t", i)) for i in range(200)]
+                futs = [bus.publish_threadsafe(Event("t", i)) for i in range(200)]
                 return [f.result(timeout=30) for f in futs]
 
             t = threading.Thread(target=produce)

@@ -103,6 +103,14 @@ class Timer:
 class SagaManager:
     """The sagas of one bus."""
 
+    @classmethod
+    def of(cls, bus: EventBus) -> SagaManager:
+        """The bus's manager, made (and hooked to its failure bookkeeping) on first use."""
+        if bus._sagas is None:
+            bus._sagas = cls(bus)
+            bus._failures.on_give_up = bus._sagas.on_give_up
+        return bus._sagas
+
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self.runners: dict[str, Runner] = {}

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import inspect
 import logging
 import os
-from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union
+from enum import Enum
+from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union, overload
 
 from oxbus._oxbus import BusCore, RetryPolicy, Worker, current_envelope, encode_json
 from oxbus import heartbeat as _heartbeat
@@ -31,12 +31,11 @@ from oxbus.failures import FailureBook
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import (
     Subscription,
-    check_takes_one_event,
+    check_options,
     is_async as _is_async,
-    qualname as _qualname,
 )
 from oxbus.transports import URL_KEYWORDS, Transport, TransportSpec, resolve
-from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, InvalidSubscription, ReentrantCall
+from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, ReentrantCall
 
 __all__ = ["EventBus"]
 
@@ -46,6 +45,9 @@ Handler = Callable[[Any], Union[Awaitable[Any], Any]]
 H = TypeVar("H", bound=Handler)
 S = TypeVar("S", bound="type[Saga]")
 Target = Any  # a class, a type string or pattern, or an Enum member
+E = TypeVar("E")
+R = TypeVar("R")
+Named = str | Enum  # a type string, pattern or Enum member: says nothing of the event's class
 
 
 class EventBus:
@@ -280,6 +282,20 @@ class EventBus:
 
     # --------------------------------------------------------------- subscribing
 
+    @overload
+    def subscribe(
+        self, event_type: type[E], handler: Callable[[E], object], is_async: bool = True,
+        priority: int = 1, retry_count: int | None = None, *, retry: RetryPolicy | None = None,
+        name: str | None = None, from_beginning: bool = False, timeout: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None, on_dead_letter: str = "skip",
+    ) -> str: ...
+    @overload
+    def subscribe(
+        self, event_type: Named, handler: Callable[[Any], object], is_async: bool = True,
+        priority: int = 1, retry_count: int | None = None, *, retry: RetryPolicy | None = None,
+        name: str | None = None, from_beginning: bool = False, timeout: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None, on_dead_letter: str = "skip",
+    ) -> str: ...
     def subscribe(
         self,
         event_type: Target,
@@ -313,48 +329,14 @@ class EventBus:
         K wait behind it in the dead-letter queue, in order, until it is retried or discarded;
         ``"skip"`` (the default) lets them proceed.
         """
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidSubscription(f"priority must be an int, got {priority!r}")
-        if not -(2**63) <= priority < 2**63:
-            raise InvalidSubscription(f"priority must fit in 64 bits, got {priority!r}")
-        if name is not None and not isinstance(name, str):
-            raise InvalidSubscription(
-                f"name must be a str, got {name!r} (type {type(name).__name__})"
-            )
-        if retry_count is not None and retry is not None:
-            raise ConfigurationError("give retry_count or retry, not both")
-        if retry_count is not None:
-            if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
-                raise ConfigurationError(f"retry_count must be an int >= 0, got {retry_count!r}")
-            r = self._retry
-            retry = RetryPolicy(
-                retry_count + 1, r.base_delay, r.max_delay, r.multiplier, r.jitter, r.retry_on
-            )
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        if not callable(handler):
-            raise InvalidSubscription(
-                f"handler must be callable, got {handler!r} (type {type(handler).__name__})"
-            )
-        if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
-            raise InvalidSubscription(
-                f"handler {_qualname(handler)} is a generator function: calling it would not "
-                "run its body; use `def` or `async def` without `yield`"
-            )
-        check_takes_one_event(handler)
-        sub_name = name if name is not None else _qualname(handler)
+        retry, sub_name = check_options(
+            handler, priority, name, retry_count, retry, self._retry, on_dead_letter,
+            circuit_breaker,
+        )
         if self._store is not None and self._core.has_name(sub_name):
             raise ConfigurationError(
                 f"a subscription named {sub_name!r} exists already; on a durable bus each "
                 "subscription's progress is kept under its name, so give name="
-            )
-        if on_dead_letter not in ("skip", "park"):
-            raise ConfigurationError(
-                f"on_dead_letter must be 'skip' or 'park', got {on_dead_letter!r}"
-            )
-        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
-            raise ConfigurationError(
-                f"circuit_breaker must be a CircuitBreaker, got {circuit_breaker!r}"
             )
         t = _timeout("timeout", timeout) if timeout is not None else self._timeout
         policy = retry or self._retry
@@ -379,12 +361,19 @@ class EventBus:
                 self._spawn(self._store._core.register_subscription(sub_name, from_beginning))
         return f"sub-{sid}"
 
+    @overload
+    def on(
+        self, event_type: type[E], **options: Any
+    ) -> Callable[[Callable[[E], R]], Callable[[E], R]]: ...
+    @overload
+    def on(self, event_type: Named, **options: Any) -> Callable[[H], H]: ...
     def on(self, event_type: Target, **options: Any) -> Callable[[H], H]:
-        """Decorator form of [`subscribe`][oxbus.EventBus.subscribe]:
+        """Decorator form of [`subscribe`][oxbus.EventBus.subscribe] (for a class, mypy checks
+        the handler's argument type as `subscribe` does):
 
         ```python
         @bus.on(OrderPlaced, priority=5)
-        async def send_receipt(event): ...
+        async def send_receipt(event: OrderPlaced) -> None: ...
         ```
         """
 
@@ -412,32 +401,18 @@ class EventBus:
         return bool(self._core.unsubscribe_handler(subscription, handler))
 
     def register_saga(self, saga: S) -> S:
-        """Registers a saga class (see [`oxbus.Saga`][oxbus.Saga]): each of its steps'
-        event types is subscribed (subscriptions named ``Saga.step``), and events find their
-        instance by the saga's ``key``. Returns the class, so it can be a decorator.
-
-        A definition that cannot work raises [`InvalidSaga`][oxbus.errors.InvalidSaga] here,
-        naming the problem: no ``key``, no ``starts=True`` step, a step that is not
-        ``async def``, an event type taken by two steps, a name registered already.
-
-        ```python
-        bus.register_saga(OrderSaga)
-        ```
+        """Registers a saga class (see [`oxbus.Saga`][oxbus.Saga]) and returns it: its steps'
+        event types are subscribed (as ``Saga.step``); events find their instance by its
+        ``key``. A definition that cannot work raises
+        [`InvalidSaga`][oxbus.errors.InvalidSaga] naming the problem.
         """
-        if self._sagas is None:
-            self._sagas = SagaManager(self)
-            self._failures.on_give_up = self._sagas.on_give_up
-        self._sagas.register(saga)
+        SagaManager.of(self).register(saga)
         return saga
 
     @property
     def sagas(self) -> Sagas:
-        """The saga instances of this bus: ``await bus.sagas.instances(OrderSaga)``,
-        ``await bus.sagas.get(OrderSaga, key)`` (see ``oxbus.saga``)."""
-        if self._sagas is None:
-            self._sagas = SagaManager(self)
-            self._failures.on_give_up = self._sagas.on_give_up
-        return Sagas(self._sagas)
+        """The saga instances: ``await bus.sagas.instances(OrderSaga, state="running")``."""
+        return Sagas(SagaManager.of(self))
 
     def subscriptions(self) -> list[dict[str, Any]]:
         """Every subscription: id, name, priority and target, in subscription order."""
@@ -531,6 +506,16 @@ class EventBus:
                 f"{s['in_flight']} in handlers, {s['retry_queue_size']} waiting to retry"
             ) from None
 
+    @overload
+    def wait_for(
+        self, event_type: type[E], predicate: Callable[[E], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Awaitable[E]: ...
+    @overload
+    def wait_for(
+        self, event_type: Named, predicate: Callable[[Any], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Awaitable[Any]: ...
     def wait_for(
         self,
         event_type: Target,
@@ -580,12 +565,19 @@ class EventBus:
 
     def get_statistics(self) -> dict[str, Any]:
         """Counters: events_published, events_processed, events_failed (handler calls that
-        raised), retried, dead_lettered, avg_processing_time_ms, handler_latency_ms
-        (p50/p90/p99/max), queue_size, retry_queue_size, failed_events_count,
-        subscription_count, is_running, worker_count, by_event_type, uptime_seconds, and the
-        sagas' instances: sagas_started, sagas_completed, sagas_compensated (compensations
-        published), sagas_failed, sagas_ignored (events no instance took), sagas_duplicates
-        (events applied already), sagas_running."""
+        raised), handler_calls, retried, dead_lettered, avg_processing_time_ms,
+        handler_latency_ms (p50/p90/p99/max, over every call), queue_size, retry_queue_size,
+        failed_events_count, subscription_count, is_running, worker_count, by_event_type
+        (published, processed, failed), by_subscription (calls, failed, retried,
+        dead_lettered; keyed by subscription name), uptime_seconds, and the sagas' instances:
+        sagas_started, sagas_completed, sagas_compensated (compensations published),
+        sagas_failed, sagas_ignored (events no instance took), sagas_duplicates (events
+        applied already), sagas_running.
+
+        ```python
+        failed = bus.get_statistics()["by_subscription"]["billing"]["failed"]
+        ```
+        """
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
         s.update(empty_statistics() if self._sagas is None else self._sagas.statistics())

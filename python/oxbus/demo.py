@@ -218,14 +218,12 @@ async def durable_pipeline(
     def notify_customer(e: PaymentDeclined) -> None:
         pass
 
-    for handler, target in (
-        (take_payment, OrderPlaced),
-        (reserve_stock, OrderPlaced),
-        (send_receipt, PaymentTaken),
-        (ship_order, PaymentTaken),
-        (notify_customer, PaymentDeclined),
-    ):
-        bus.subscribe(target, handler, name=handler.__name__)  # durable names: unique, stable
+    # Durable subscriptions get explicit names: unique, and stable across code moves.
+    bus.subscribe(OrderPlaced, take_payment, name="take_payment")
+    bus.subscribe(OrderPlaced, reserve_stock, name="reserve_stock")
+    bus.subscribe(PaymentTaken, send_receipt, name="send_receipt")
+    bus.subscribe(PaymentTaken, ship_order, name="ship_order")
+    bus.subscribe(PaymentDeclined, notify_customer, name="notify_customer")
     async with bus:
         for i in range(orders):
             await bus.publish(OrderPlaced(f"order-{i}", 10.0 + 15 * i))

@@ -133,6 +133,7 @@ class BusCollector:
         stats = bus.get_statistics()
         health = bus.get_health_status()
         by_type: dict[str, dict[str, int]] = stats.get("by_event_type", {})
+        by_sub: dict[str, dict[str, int]] = stats.get("by_subscription", {})
 
         def counter(name: str, doc: str, value: float) -> None:
             family(CounterMetricFamily, name, doc).add_metric([bus_name], value)
@@ -147,28 +148,40 @@ class BusCollector:
                 "processed",
                 "Events whose every subscription finished (success or final failure).",
             ),
-            (
-                "oxbus_handler_failures",
-                "failed",
-                "Handler calls that raised (every attempt counts).",
-            ),
         ):
             f = family(CounterMetricFamily, name, doc, ["event_type"])
             for event_type, counts in sorted(by_type.items()):
                 f.add_metric([bus_name, event_type], counts.get(key, 0))
 
-        counter("oxbus_retries", "Retry attempts scheduled.", stats["retried"])
-        counter(
-            "oxbus_dead_lettered",
-            "(event, subscription) pairs sent to the dead-letter queue.",
-            stats["dead_lettered"],
+        # Per (event type, subscription) pair: a series for every pair an event was routed to,
+        # 0 until a call fails; sum by (event_type) or by (subscription) for either view.
+        f = family(
+            CounterMetricFamily,
+            "oxbus_handler_failures",
+            "Handler calls that raised (every attempt counts), by event type and subscription.",
+            ["event_type", "subscription"],
         )
+        for event_type, subscription, n in bus._core.failures():
+            f.add_metric([bus_name, event_type, subscription], n)
+
+        for name, key, doc in (
+            ("oxbus_handler_calls", "calls", "Handler calls made (every attempt)."),
+            ("oxbus_retries", "retried", "Retry attempts scheduled."),
+            (
+                "oxbus_dead_lettered",
+                "dead_lettered",
+                "(event, subscription) pairs sent to the dead-letter queue.",
+            ),
+        ):
+            f = family(CounterMetricFamily, name, doc, ["subscription"])
+            for subscription, counts in sorted(by_sub.items()):
+                f.add_metric([bus_name, subscription], counts.get(key, 0))
+
         counter(
             "oxbus_events_unrouted",
             "Events accepted that no subscription matched.",
             stats.get("events_unrouted", 0),
         )
-        counter("oxbus_handler_calls", "Handler calls made.", stats.get("handler_calls", 0))
 
         for name, doc, number in (
             ("oxbus_dead_letters", "Entries in the dead-letter queue now.", len(bus.dead_letters)),
@@ -204,15 +217,15 @@ class BusCollector:
         ):
             gauge(name, doc, number)
 
-        # The engine samples handler timings (see README, "Statistics and health"): the
-        # histogram's count is of timed calls, not of every call (oxbus_handler_calls_total).
+        # The engine times every handler call: the count is the calls made (the sum of
+        # oxbus_handler_calls_total over the subscriptions).
         cumulative, count, total = bus._core.latency_buckets(self._bounds)
         buckets = [(_le(b), float(c)) for b, c in zip(self._bounds, cumulative)]
         buckets.append(("+Inf", float(count)))
         family(
             HistogramMetricFamily,
             "oxbus_handler_duration_seconds",
-            "Handler call durations (sampled).",
+            "Handler call durations (every call).",
         ).add_metric([bus_name], buckets=buckets, sum_value=total)
 
         # The process's own memory and CPU: prometheus_client's ProcessCollector

@@ -15,6 +15,11 @@ Fixtures:
   ``await recorder.wait_for(...)`` — next, as ``bus.wait_for``), and the calls of its
   handlers (``recorder.calls(handler)``, ``await recorder.assert_handled(handler, event)``).
 * ``handler_errors`` — the [`HandlerErrors`][oxbus.testing.HandlerErrors] of that bus.
+* ``event_registry`` — runs the test in its own view of the event registry
+  ([`isolated`][oxbus.registry.isolated]): the event classes of the test module, and of the
+  modules it imports from, win over same-named classes of other modules, and classes the test defines are forgotten after it,
+  so event classes in tests need no unique names. Not automatic: make it so in a
+  ``conftest.py`` with ``@pytest.fixture(autouse=True)`` ``def _registry(event_registry): ...``.
 
 ```python
 async def test_a_receipt_follows_each_order(event_bus, event_recorder):
@@ -40,14 +45,20 @@ and for plain ``def`` tests alike.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar, cast
 
 import pytest
 
+from oxbus import registry
 from oxbus.bus import EventBus
 from oxbus.testing import EventRecorder, HandlerErrors, record_calls
 
-__all__ = ["DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder", "handler_errors"]
+__all__ = [
+    "DRAIN_TIMEOUT", "event_bus", "event_bus_options", "event_recorder", "event_registry",
+    "handler_errors",
+]
 
 #: Seconds the teardown waits for the bus to drain before it reports a teardown error
 #: (the ``oxbus_drain_timeout`` ini option overrides it).
@@ -158,3 +169,42 @@ def event_recorder(event_bus: EventBus) -> Iterator[EventRecorder]:
         yield recorder
     finally:
         recorder.close()
+
+
+@pytest.fixture
+def event_registry(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test in its own view of the event registry
+    ([`isolated`][oxbus.registry.isolated]): the event classes of the modules its module
+    imports from, then of its module, registered on top (a helper module that writes events
+    gets them read back as its own classes); what the test registers forgotten after it. Not
+    automatic; in a `conftest.py`:
+
+    ```python
+    @pytest.fixture(autouse=True)
+    def _registry(event_registry):
+        pass
+    ```
+    """
+    try:
+        modules = _imported_from(request.module)
+    except AttributeError:  # not collected from a module (a doctest, say)
+        modules = []
+    with registry.isolated(*modules):
+        yield
+
+
+def _imported_from(module: types.ModuleType) -> list[types.ModuleType]:
+    """The modules ``module`` imports (or imports names from), then ``module`` itself."""
+    found: dict[str, types.ModuleType] = {}
+    for value in list(vars(module).values()):
+        if isinstance(value, types.ModuleType):
+            name: object = value.__name__
+        else:
+            try:
+                name = getattr(value, "__module__", None) if callable(value) else None
+            except Exception:  # noqa: BLE001, S112 - an object whose attributes raise: not a lead
+                continue
+        other = sys.modules.get(name) if isinstance(name, str) else None
+        if other is not None and other is not module:
+            found[other.__name__] = other
+    return [*found.values(), module]

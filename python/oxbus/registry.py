@@ -19,13 +19,15 @@ rebuild(cls, {"parcel_id": "p1", "shipped_at": "2024-05-01T12:00:00+00:00"})
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import threading
 import types
 import typing
+import weakref
 from collections import abc
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
@@ -34,7 +36,7 @@ from uuid import UUID
 
 from oxbus.errors import SerializationError
 
-__all__ = ["lookup", "matches", "rebuild", "register_event", "type_key"]
+__all__ = ["isolated", "lookup", "matches", "rebuild", "register_event", "type_key"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
@@ -46,6 +48,9 @@ _lock = threading.Lock()
 _by_key: dict[str, type] = {}
 _explicit: set[str] = set()  # keys given by register_event: automatic registration keeps off
 _pending: list[type] = []  # DomainEvent subclasses created but not yet keyed
+# Every class registered, automatically (False) or by register_event (True): what `_isolated`
+# may put back on top.
+_known: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def type_key(cls: type) -> str:
@@ -89,6 +94,7 @@ def register_event(cls: C) -> C:
         _flush()
         _by_key[key] = cls
         _explicit.add(key)
+        _known[cls] = True
     return cls
 
 
@@ -99,6 +105,7 @@ def _auto_register(cls: type) -> None:
     (``slots=True``)."""
     with _lock:
         _pending.append(cls)
+        _known.setdefault(cls, False)
 
 
 def _flush() -> None:
@@ -127,6 +134,76 @@ def lookup(event_type: Any) -> type | None:
         if _pending:
             _flush()
         return _by_key.get(event_type)
+
+
+def isolated(*modules: types.ModuleType) -> contextlib.AbstractContextManager[None]:
+    """A block with its own view of the registry, for tests: on entry the event classes of
+    `modules` (defined or imported there) are registered on top, so they win over classes of
+    the same type key from other modules (a later module over an earlier one; within one
+    module, as anywhere, an explicit registration over an automatic one); on exit every registration made in the block is
+    undone (classes defined in a test, whatever their names). The pytest plugin's
+    `event_registry` fixture runs each test in one for its module, so test classes need no
+    unique names:
+
+    ```python
+    with isolated(sys.modules[__name__]):
+        class OrderPlaced(DomainEvent): ...      # forgotten after the block
+        ...
+    ```
+
+    Kept on exit: the classes of a module first imported inside the block, when their type
+    key was free before (the module is not imported again, so they would not come back).
+    """
+    return _isolated([list(vars(m).values()) for m in modules])
+
+
+def _module_level(cls: type) -> bool:
+    """Whether ``cls`` is an attribute of its module, under its qualified name."""
+    obj: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    return obj is cls
+
+
+@contextlib.contextmanager
+def _isolated(groups: Iterable[Iterable[Any]]) -> Iterator[None]:
+    with _lock:
+        _flush()
+        saved, saved_explicit = dict(_by_key), set(_explicit)
+        chosen: dict[str, type] = {}
+        for group in groups:  # a later group over an earlier one
+            mine: dict[str, type] = {}
+            for cls in group:
+                if not isinstance(cls, type) or cls not in _known:
+                    continue
+                key = type_key(cls)
+                # Within a group the registry's rule: explicit over automatic, else the later.
+                prev = mine.get(key)
+                if prev is None or _known[cls] or not _known[prev]:
+                    mine[key] = cls
+            chosen.update(mine)
+        for key, cls in chosen.items():
+            _by_key[key] = cls
+            if _known[cls]:
+                _explicit.add(key)
+            else:
+                _explicit.discard(key)
+    try:
+        yield
+    finally:
+        with _lock:
+            _flush()
+            added = [(key, cls) for key, cls in _by_key.items() if key not in saved]
+        # Outside the lock: a module's __getattr__ may run code that defines events.
+        kept = {key: cls for key, cls in added if _module_level(cls)}
+        with _lock:
+            _flush()
+            _by_key.clear()
+            _by_key.update(saved)
+            _by_key.update(kept)
+            _explicit.clear()
+            _explicit.update(saved_explicit)
+            _explicit.update(k for k in kept if _known.get(kept[k], False))
 
 
 def matches(target: Any, event_type: str) -> bool:

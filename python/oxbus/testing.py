@@ -423,7 +423,7 @@ class _CallLog:
     def wrapper(self, handler: Any) -> Callable[..., Any]:
         """The one recording wrapper of ``handler`` (the same for each of its subscriptions,
         so ``unsubscribe(event_type, handler)`` finds it)."""
-        from oxbus.bus import _is_async
+        from oxbus.subscription import is_async as _is_async
 
         entry = self._by_handler.get(id(handler))
         if entry is not None:
@@ -484,7 +484,7 @@ def record_calls(bus: EventBus) -> None:
     name; ``unsubscribe(event_type, handler)`` still takes the original. Idempotent."""
     if bus in _call_logs:
         return
-    from oxbus.bus import _qualname
+    from oxbus.subscription import qualname as _qualname
 
     log = _CallLog(bus)
     _call_logs[bus] = log
@@ -502,7 +502,7 @@ def record_calls(bus: EventBus) -> None:
 
     functools.update_wrapper(subscribe, log._subscribe)
     functools.update_wrapper(unsubscribe, log._unsubscribe)
-    bus.subscribe = subscribe  # type: ignore[method-assign]
+    bus.subscribe = subscribe  # type: ignore[method-assign,assignment]
     bus.unsubscribe = unsubscribe  # type: ignore[method-assign]
 
 

@@ -19,13 +19,14 @@
 //!   of its handler's turn, so it counts as being handled).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::core::errors::{CoreError, Result};
 use crate::core::health::{Readings, Thresholds};
 use crate::core::lanes::Lanes;
-use crate::core::routing::Router;
+use crate::core::routing::{Matcher, Router, Subscription};
 use crate::core::stats::Stats;
 
 /// Where the bus is in its life.
@@ -415,8 +416,22 @@ impl<E, W, H> Engine<E, W, H> {
         self.stats.processed += 1;
     }
 
-    /// A handler call ended: counted (with its duration when timed).
-    pub fn record_call(&mut self, ns: Option<u64>, ok: bool) {
+    /// Adds a subscription, with the counters the statistics keep for its name.
+    pub fn subscribe(
+        &mut self,
+        matcher: Matcher,
+        priority: i64,
+        name: &str,
+        payload: H,
+    ) -> Arc<Subscription<H>> {
+        let name: Arc<str> = name.into();
+        let counters = self.stats.sub_counters(&name);
+        self.router
+            .subscribe(matcher, priority, name, counters, payload)
+    }
+
+    /// A handler call ended: counted, with its duration (every call is timed).
+    pub fn record_call(&mut self, ns: u64, ok: bool) {
         self.stats.record_call(ns, ok);
     }
 

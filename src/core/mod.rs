@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod errors;
 pub mod health;
 pub mod lanes;
+pub mod report;
 pub mod retry;
 pub mod routing;
 pub mod stats;

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::core::stats::SubCounters;
 use crate::core::{CoreError, Result};
 
 /// How a subscription recognises an event.
@@ -124,6 +125,8 @@ pub struct Subscription<H> {
     pub priority: i64,
     /// The subscription's name (for statistics, dead letters, durable progress).
     pub name: Arc<str>,
+    /// Its calls, failures and dead letters, shared by the subscriptions of one name.
+    pub counters: Arc<SubCounters>,
     /// Whatever the caller attaches: the handler and its settings.
     pub payload: H,
 }
@@ -154,12 +157,14 @@ impl<H> Router<H> {
         Self::default()
     }
 
-    /// Adds a subscription and returns it.
+    /// Adds a subscription and returns it (`Engine::subscribe` passes the counters its
+    /// statistics keep for `name`).
     pub fn subscribe(
         &mut self,
         matcher: Matcher,
         priority: i64,
-        name: String,
+        name: Arc<str>,
+        counters: Arc<SubCounters>,
         payload: H,
     ) -> Arc<Subscription<H>> {
         let id = self.next_id;
@@ -171,7 +176,8 @@ impl<H> Router<H> {
             id,
             matcher,
             priority,
-            name: name.into(),
+            name,
+            counters,
             payload,
         });
         self.subs.push(Arc::clone(&sub));
@@ -275,9 +281,15 @@ mod tests {
     #[test]
     fn smaller_priority_runs_first_and_ties_keep_subscription_order() {
         let mut r = Router::new();
-        r.subscribe(Matcher::Class(7), 5, "late".into(), ());
-        r.subscribe(Matcher::Class(7), 1, "first".into(), ());
-        r.subscribe(Matcher::Exact("T".into()), 1, "second".into(), ());
+        r.subscribe(Matcher::Class(7), 5, "late".into(), Arc::default(), ());
+        r.subscribe(Matcher::Class(7), 1, "first".into(), Arc::default(), ());
+        r.subscribe(
+            Matcher::Exact("T".into()),
+            1,
+            "second".into(),
+            Arc::default(),
+            (),
+        );
         let names: Vec<_> = r
             .resolve("T", &[7, 1])
             .iter()
@@ -289,7 +301,7 @@ mod tests {
     #[test]
     fn class_matchers_see_bases_but_not_the_type_key() {
         let mut r = Router::new();
-        r.subscribe(Matcher::Class(1), 1, "base".into(), ());
+        r.subscribe(Matcher::Class(1), 1, "base".into(), Arc::default(), ());
         assert_eq!(r.resolve("Whatever", &[2, 1]).len(), 1);
         assert_eq!(r.resolve("1", &[3]).len(), 0);
         assert!(!r.needs_type_key());
@@ -298,7 +310,13 @@ mod tests {
     #[test]
     fn unsubscribe_changes_generation_and_string_count() {
         let mut r = Router::new();
-        let s = r.subscribe(Matcher::Exact("A".into()), 1, "a".into(), ());
+        let s = r.subscribe(
+            Matcher::Exact("A".into()),
+            1,
+            "a".into(),
+            Arc::default(),
+            (),
+        );
         assert!(r.needs_type_key());
         let g = r.generation();
         assert!(r.unsubscribe(s.id));

@@ -1,9 +1,13 @@
 //! Counters and a latency histogram.
 //!
-//! All of it lives behind the bus's lock, with a single writer at a time; per-type counters are
-//! shared with route caches as `Arc<TypeCounters>` so the hot path bumps them without a map
-//! lookup. They are atomics only so the struct is `Send + Sync`: with one writer a relaxed load
-//! and store is enough and avoids a locked instruction per event.
+//! All of it has a single writer at a time: the bus's lock, or for the shared counters below
+//! whatever serialises the bus's workers (the glue's workers all run on the asyncio thread,
+//! under the GIL). Per-type and per-subscription counters are shared with route caches and
+//! subscriptions as `Arc<TypeCounters>` / `Arc<SubCounters>`, so the hot path bumps them
+//! without a map lookup. They are atomics only so the struct is `Send + Sync`: with one writer
+//! a relaxed load and store is enough and avoids a locked instruction per event.
+//!
+//! Every handler call is timed: the histogram's count equals the calls made.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -27,6 +31,23 @@ pub struct TypeCounters {
     /// Handler calls for this type that raised.
     pub failed: AtomicU64,
 }
+
+/// Counts for one subscription name (subscriptions sharing a name share them, and they
+/// outlive an `unsubscribe`, as Prometheus counters must).
+#[derive(Debug, Default)]
+pub struct SubCounters {
+    /// Handler calls made (every attempt).
+    pub calls: AtomicU64,
+    /// Handler calls that raised (every attempt).
+    pub failed: AtomicU64,
+    /// Retry attempts scheduled.
+    pub retried: AtomicU64,
+    /// (event, subscription) pairs sent to the dead-letter queue, parked ones included.
+    pub dead_lettered: AtomicU64,
+}
+
+/// One subscription name's counters, read: (name, calls, failed, retried, dead-lettered).
+pub type SubRow = (String, u64, u64, u64, u64);
 
 /// Sub-buckets per power of two: the histogram's relative error is under 1/8.
 const SUB: usize = 8;
@@ -144,9 +165,13 @@ pub struct Stats {
     pub interrupted: u64,
     /// Sum of handler durations, ns.
     pub handler_ns: u128,
-    /// Handler call durations.
+    /// Handler call durations, every call.
     pub latency: Histogram,
     types: FxHashMap<String, Arc<TypeCounters>>,
+    subs: FxHashMap<Arc<str>, Arc<SubCounters>>,
+    /// Failed calls by event type, then by subscription name: an entry for every pair an
+    /// event was routed to (0 until one fails), so the series exist before the first failure.
+    failures: FxHashMap<String, FxHashMap<Arc<str>, u64>>,
 }
 
 impl Default for Stats {
@@ -164,6 +189,8 @@ impl Default for Stats {
             handler_ns: 0,
             latency: Histogram::default(),
             types: FxHashMap::default(),
+            subs: FxHashMap::default(),
+            failures: FxHashMap::default(),
         }
     }
 }
@@ -179,13 +206,45 @@ impl Stats {
         c
     }
 
-    /// Records one handler call's outcome, and its duration when it was timed (calls may be
-    /// sampled; the mean and quantiles are over the timed ones).
-    pub fn record_call(&mut self, ns: Option<u64>, ok: bool) {
-        if let Some(ns) = ns {
-            self.handler_ns += u128::from(ns);
-            self.latency.record(ns);
+    /// The shared counters of one subscription name (created on first use).
+    pub fn sub_counters(&mut self, name: &Arc<str>) -> Arc<SubCounters> {
+        Arc::clone(self.subs.entry(Arc::clone(name)).or_default())
+    }
+
+    /// An event type was routed to these subscriptions: their failure pairs exist from now on
+    /// (at 0).
+    pub fn routed<'a>(&mut self, type_key: &str, names: impl IntoIterator<Item = &'a Arc<str>>) {
+        if !self.failures.contains_key(type_key) {
+            self.failures
+                .insert(type_key.to_owned(), FxHashMap::default());
         }
+        let Some(by_sub) = self.failures.get_mut(type_key) else {
+            return; // inserted above
+        };
+        for name in names {
+            if !by_sub.contains_key(&**name) {
+                by_sub.insert(Arc::clone(name), 0);
+            }
+        }
+    }
+
+    /// A handler call of subscription `name` raised on an event of `type_key` (the call itself
+    /// is counted by `record_call`).
+    pub fn call_failed(&mut self, type_key: &str, name: &Arc<str>) {
+        self.routed(type_key, [name]);
+        if let Some(n) = self
+            .failures
+            .get_mut(type_key)
+            .and_then(|m| m.get_mut(&**name))
+        {
+            *n += 1;
+        }
+    }
+
+    /// Records one handler call's outcome and duration.
+    pub fn record_call(&mut self, ns: u64, ok: bool) {
+        self.handler_ns += u128::from(ns);
+        self.latency.record(ns);
         if ok {
             self.succeeded += 1;
         } else {
@@ -215,6 +274,39 @@ impl Stats {
                     c.processed.load(Relaxed),
                     c.failed.load(Relaxed),
                 )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Per-subscription (name, calls, failed, retried, dead-lettered), sorted by name.
+    pub fn by_subscription(&self) -> Vec<SubRow> {
+        let mut v: Vec<_> = self
+            .subs
+            .iter()
+            .map(|(k, c)| {
+                (
+                    k.to_string(),
+                    c.calls.load(Relaxed),
+                    c.failed.load(Relaxed),
+                    c.retried.load(Relaxed),
+                    c.dead_lettered.load(Relaxed),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Failed calls per (event type, subscription name) pair an event was routed to, sorted.
+    pub fn failures_by_pair(&self) -> Vec<(String, String, u64)> {
+        let mut v: Vec<_> = self
+            .failures
+            .iter()
+            .flat_map(|(t, subs)| {
+                subs.iter()
+                    .map(move |(s, n)| (t.clone(), s.to_string(), *n))
             })
             .collect();
         v.sort();
@@ -278,6 +370,54 @@ mod tests {
         bump(&a.published, 2);
         bump(&s.type_counters("A").published, 1);
         assert_eq!(s.by_type(), vec![("A".to_owned(), 3, 0, 0)]);
+    }
+
+    #[test]
+    fn every_recorded_call_is_in_the_histogram() {
+        let mut s = Stats::default();
+        for i in 0..10u64 {
+            s.record_call(i * 1_000, i % 3 != 0);
+        }
+        assert_eq!(s.latency.count(), 10);
+        assert_eq!(s.succeeded + s.failed, 10);
+        assert_eq!(s.handler_ns, 45_000);
+    }
+
+    #[test]
+    fn subscription_counters_are_shared_per_name() {
+        let mut s = Stats::default();
+        let name: Arc<str> = "billing.charge".into();
+        let a = s.sub_counters(&name);
+        bump(&a.calls, 2);
+        bump(&s.sub_counters(&"billing.charge".into()).failed, 1);
+        bump(&s.sub_counters(&"audit".into()).dead_lettered, 1);
+        assert_eq!(
+            s.by_subscription(),
+            vec![
+                ("audit".to_owned(), 0, 0, 0, 1),
+                ("billing.charge".to_owned(), 2, 1, 0, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn failures_are_counted_per_type_and_subscription_pair() {
+        let mut s = Stats::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        s.routed("T", [&a, &b]);
+        s.call_failed("T", &b);
+        s.call_failed("T", &b);
+        s.call_failed("U", &a); // never routed before: counted all the same
+        assert_eq!(
+            s.failures_by_pair(),
+            vec![
+                ("T".to_owned(), "a".to_owned(), 0),
+                ("T".to_owned(), "b".to_owned(), 2),
+                ("U".to_owned(), "a".to_owned(), 1)
+            ]
+        );
+        s.routed("T", [&a]); // routing again keeps the counts
+        assert_eq!(s.failures_by_pair()[1].2, 2);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyDict, PyIterator, PyList};
+use pyo3::types::{PyDict, PyIterator};
 use rustc_hash::FxHashMap;
 
 use crate::core::breaker::Breaker;
@@ -137,6 +137,10 @@ impl PyBusCore {
             inner.routes_gen = inner.engine.router.generation();
         }
         let subs = inner.engine.router.resolve(&key_name, &mro);
+        inner
+            .engine
+            .stats
+            .routed(&key_name, subs.iter().map(|s| &s.name));
         let skip = self.progress.get().map(|_| {
             let out: Names = inner
                 .engine
@@ -506,7 +510,7 @@ impl PyBusCore {
         target: &Bound<'_, PyAny>,
         handler: &Bound<'_, PyAny>,
         priority: i64,
-        name: String,
+        name: &str,
         threaded: bool,
         retry: Option<Bound<'_, PyRetryPolicy>>,
         retry_on: Option<Py<PyAny>>,
@@ -539,11 +543,7 @@ impl PyBusCore {
             park,
         };
         let mut inner = self.inner.lock(py);
-        Ok(inner
-            .engine
-            .router
-            .subscribe(matcher, priority, name, payload)
-            .id)
+        Ok(inner.engine.subscribe(matcher, priority, name, payload).id)
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
@@ -945,57 +945,15 @@ impl PyBusCore {
 
     /// The counters, as a dict (see `EventBus.get_statistics`). Read under the lock, built
     /// into Python objects after it.
-    fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (ints, floats, latency, by_type) = {
-            let inner = self.inner.lock(py);
-            let e = &inner.engine;
-            let s = &e.stats;
-            let ints: [(&str, u64); 17] = [
-                ("events_published", s.published),
-                ("events_processed", s.processed),
-                ("events_failed", s.failed),
-                // The same counters under the names the contract also promises.
-                ("published", s.published),
-                ("processed", s.processed),
-                ("failed", s.failed),
-                ("events_unrouted", s.unrouted),
-                ("events_interrupted", s.interrupted),
-                ("handler_calls", s.failed + s.succeeded),
-                ("retried", s.retried),
-                ("dead_lettered", s.dead_lettered),
-                ("queue_size", e.queue_size() as u64),
-                ("blocked_publishers", e.blocked_publishers() as u64),
-                ("in_flight", e.in_flight() as u64),
-                ("retry_queue_size", e.retrying() as u64),
-                ("subscription_count", e.router.len() as u64),
-                ("max_queue_size", e.settings().capacity as u64),
-            ];
-            let floats = [
-                ("uptime_seconds", s.uptime_seconds()),
-                ("avg_processing_time_ms", s.avg_handler_ms()),
-            ];
-            let latency = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)]
-                .map(|(name, q)| (name, s.latency.quantile(q) as f64 / 1e6));
-            (ints, floats, (latency, e.is_running()), s.by_type())
-        };
-        let d = PyDict::new(py);
-        for (k, v) in floats {
-            d.set_item(k, v)?;
-        }
-        for (k, v) in ints {
-            d.set_item(k, v)?;
-        }
-        let (latency, running) = latency;
-        d.set_item("handler_latency_ms", latency.into_py_dict(py)?)?;
-        d.set_item("is_running", running)?;
-        d.set_item("worker_count", self.settings.workers)?;
-        let types = PyDict::new(py);
-        for (k, p, done, f) in by_type {
-            let t = [("published", p), ("processed", done), ("failed", f)];
-            types.set_item(k, t.into_py_dict(py)?)?;
-        }
-        d.set_item("by_event_type", types)?;
-        Ok(d)
+    fn statistics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let stats = self.inner.lock(py).engine.statistics();
+        Ok(pythonize::pythonize(py, &stats)?)
+    }
+
+    /// Failed handler calls per (event type, subscription name) pair an event was routed to,
+    /// 0 until one fails, sorted: for Prometheus.
+    fn failures(&self, py: Python<'_>) -> Vec<(String, String, u64)> {
+        self.inner.lock(py).engine.stats.failures_by_pair()
     }
 
     /// Handler latency histogram: cumulative counts at the given bounds (seconds), the count and
@@ -1019,65 +977,15 @@ impl PyBusCore {
 
     /// The health report, as a dict (see `EventBus.get_health_status`). Read under the lock,
     /// built into Python objects after it.
-    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         // Sample the process outside the bus lock: it reads /proc.
         let mut probe = self.inner.lock(py).probe.take().unwrap_or_default();
         let sample = py.detach(|| probe.sample());
-        let (readings, oldest, blocked, lane_count, longest, in_flight, uptime) = {
+        let report = {
             let mut inner = self.inner.lock(py);
             inner.probe = Some(probe);
-            let e = &inner.engine;
-            let readings = e.readings(health::coarse_now_ns());
-            let longest: Vec<usize> = e
-                .lanes()
-                .longest_lanes(5)
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            (
-                readings,
-                readings.oldest_age_s,
-                e.blocked_publishers(),
-                e.lanes().lane_count(),
-                longest,
-                e.in_flight(),
-                e.stats.uptime_seconds(),
-            )
+            inner.engine.health_report(health::coarse_now_ns(), sample)
         };
-        let (status, reasons) = health::status(&readings, &self.settings.thresholds);
-        let d = PyDict::new(py);
-        d.set_item("status", status)?;
-        d.set_item("reasons", PyList::new(py, reasons)?)?;
-        d.set_item("is_running", readings.running)?;
-        d.set_item("queue_size", readings.queued)?;
-        d.set_item("max_queue_size", readings.capacity)?;
-        d.set_item("blocked_publishers", blocked)?;
-        d.set_item("lane_count", lane_count)?;
-        d.set_item("longest_lanes", longest)?;
-        d.set_item("in_flight", in_flight)?;
-        d.set_item("oldest_queued_age_seconds", oldest)?;
-        d.set_item("worker_count", self.settings.workers)?;
-        d.set_item("uptime_seconds", uptime)?;
-        d.set_item("memory_usage_mb", sample.rss_mb)?;
-        d.set_item("cpu_percent", sample.cpu_percent)?;
-        d.set_item("system_memory_total_mb", sample.system_total_mb)?;
-        d.set_item("system_memory_available_mb", sample.system_available_mb)?;
-        d.set_item(
-            "error_rate",
-            if readings.calls == 0 {
-                0.0
-            } else {
-                readings.failed_calls as f64 / readings.calls as f64
-            },
-        )?;
-        d.set_item("dead_letters", readings.dead_letters)?;
-        let t = PyDict::new(py);
-        t.set_item("queue_fill", self.settings.thresholds.queue_fill)?;
-        t.set_item("oldest_age_seconds", self.settings.thresholds.oldest_age_s)?;
-        t.set_item("error_rate", self.settings.thresholds.error_rate)?;
-        t.set_item("min_calls", self.settings.thresholds.min_calls)?;
-        t.set_item("dead_letters", self.settings.thresholds.dead_letters)?;
-        d.set_item("thresholds", t)?;
-        Ok(d)
+        Ok(pythonize::pythonize(py, &report)?)
     }
 }

@@ -557,13 +557,13 @@ fn drain_waits_while_a_retry_sleeps() {
     let mut e = idle(1, 0);
     publish(&mut e, 1, None).unwrap();
     let (_, lane) = e.take().unwrap();
-    e.record_call(None, false);
+    e.record_call(0, false);
     e.retry_decided();
     e.backoff_started();
     assert_eq!(e.retrying(), 1);
     assert_eq!(e.add_drain_waiter(5), None);
     e.backoff_ended();
-    e.record_call(None, true);
+    e.record_call(0, true);
     e.finish(lane);
     assert_eq!(e.take_drain_waiters(), [5]);
     assert_eq!((e.retrying(), e.stats.retried), (0, 1));
@@ -627,11 +627,11 @@ fn statistics_count_calls_failures_retries_and_dead_letters() {
     let mut e = idle(1, 0);
     publish(&mut e, 1, None).unwrap();
     let (_, lane) = e.take().unwrap();
-    e.record_call(Some(1_000_000), false);
+    e.record_call(1_000_000, false);
     e.retry_decided();
     e.backoff_started();
     e.backoff_ended();
-    e.record_call(Some(3_000_000), false);
+    e.record_call(3_000_000, false);
     e.dead_lettered(None);
     e.finish(lane);
     let s = &e.stats;
@@ -646,6 +646,20 @@ fn statistics_count_calls_failures_retries_and_dead_letters() {
         (1, 1, 2, 1, 1)
     );
     assert!((s.avg_handler_ms() - 2.0).abs() < 1e-9);
+}
+
+#[test]
+fn subscriptions_of_one_name_share_counters_that_outlive_them() {
+    let mut e = idle(1, 0);
+    let a = e.subscribe(Matcher::Exact("T".into()), 1, "billing", ());
+    let b = e.subscribe(Matcher::Exact("U".into()), 1, "billing", ());
+    assert!(Arc::ptr_eq(&a.counters, &b.counters));
+    crate::core::stats::bump(&a.counters.failed, 1);
+    assert!(e.router.unsubscribe(a.id) && e.router.unsubscribe(b.id));
+    assert_eq!(
+        e.stats.by_subscription(),
+        vec![("billing".to_owned(), 0, 1, 0, 0)]
+    );
 }
 
 #[test]
@@ -688,8 +702,8 @@ fn readings_report_the_queue_and_the_oldest_event() {
 #[test]
 fn readings_count_failed_calls_and_dead_letters() {
     let mut e = idle(1, 0);
-    e.record_call(None, true);
-    e.record_call(None, false);
+    e.record_call(0, true);
+    e.record_call(0, false);
     e.set_dead_letters(4);
     let r = e.readings(0);
     assert_eq!((r.calls, r.failed_calls, r.dead_letters), (2, 1, 4));
@@ -712,4 +726,74 @@ fn health_is_stopped_after_close() {
     e.close(false);
     let (status, _) = crate::core::health::status(&e.readings(0), &Thresholds::default());
     assert_eq!(status, "stopped");
+}
+
+// ------------------------------------------------------------------- reports
+
+#[test]
+fn statistics_count_published_calls_and_what_waits() {
+    let mut e = idle(1, 10);
+    publish(&mut e, 1, None).unwrap();
+    publish(&mut e, 2, None).unwrap();
+    e.take().unwrap();
+    e.record_call(2_000_000, true);
+    e.record_call(4_000_000, false);
+    let s = e.statistics();
+    assert_eq!((s.published, s.events_published), (2, 2));
+    assert_eq!((s.handler_calls, s.failed), (2, 1));
+    assert_eq!((s.queue_size, s.in_flight, s.max_queue_size), (1, 1, 10));
+    assert!(s.is_running);
+    assert_eq!(s.worker_count, 1);
+    assert!((s.avg_processing_time_ms - 3.0).abs() < 1e-9);
+    assert!(s.handler_latency_ms.max >= s.handler_latency_ms.p50);
+    assert!(
+        s.handler_latency_ms.max >= 3.9,
+        "{:?}",
+        s.handler_latency_ms
+    );
+}
+
+#[test]
+fn statistics_list_event_types_and_subscriptions_by_name() {
+    let mut e = idle(1, 0);
+    let (a, b): (Arc<str>, Arc<str>) = ("audit".into(), "billing".into());
+    e.stats.type_counters("Paid");
+    e.stats.sub_counters(&b);
+    e.stats.sub_counters(&a);
+    e.stats.routed("Paid", [&b, &a]);
+    e.stats.call_failed("Paid", &a);
+    let s = e.statistics();
+    assert_eq!(
+        s.by_event_type.keys().collect::<Vec<_>>(),
+        vec!["Paid"],
+        "{s:?}"
+    );
+    assert_eq!(
+        s.by_subscription.keys().cloned().collect::<Vec<_>>(),
+        vec!["audit".to_owned(), "billing".to_owned()]
+    );
+}
+
+#[test]
+fn a_health_report_of_a_stopped_bus_says_stopped_and_shows_its_limits() {
+    let e = engine(2, 100);
+    let r = e.health_report(0, crate::core::health::ProcessSample::default());
+    assert_eq!(r.status, "stopped");
+    assert!(r.reasons.is_empty());
+    assert_eq!((r.worker_count, r.max_queue_size), (2, 100));
+    assert!((r.thresholds.queue_fill - 0.8).abs() < 1e-12);
+    assert!(r.error_rate.abs() < 1e-12);
+}
+
+#[test]
+fn a_health_report_turns_degraded_naming_a_full_queue() {
+    let mut e = idle(2, 10);
+    for n in 0..9 {
+        publish(&mut e, n, Some(7)).unwrap();
+    }
+    let r = e.health_report(0, crate::core::health::ProcessSample::default());
+    assert_eq!(r.status, "degraded");
+    assert!(r.reasons[0].contains("9/10"), "{:?}", r.reasons);
+    assert_eq!((r.queue_size, r.lane_count), (9, 1));
+    assert_eq!(r.longest_lanes, vec![9]);
 }

@@ -22,12 +22,12 @@ from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
 from oxbus._saga_manager import SagaManager, Sagas, empty_statistics
-from oxbus.saga import Saga
 from oxbus._threadsafe import ThreadsafePublisher
 from oxbus.backends import admit, backend_for, store_of
 from oxbus.config import BusSettings, CircuitBreaker, seconds as _timeout
 from oxbus.dead_letters import DeadLetters
 from oxbus.failures import FailureBook
+from oxbus.saga import Saga
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import (
     Subscription,

@@ -437,3 +437,47 @@ async def test_the_steps_are_subscriptions_named_after_the_saga_and_the_step() -
         "SgOrderSaga.failed[SgPaymentFailed]",
     ]
     assert bus.sagas.names == ["SgOrderSaga"]
+
+
+async def test_deadlines_fire_only_while_the_bus_runs() -> None:
+    clock = ManualClock()
+    bus = EventBus(clock=clock)
+    bus.register_saga(SgOrderSaga)
+    async with bus:
+        await bus.publish(order("o-13"))
+        await bus.drain(timeout=10)
+    clock.advance(PAYMENT_TIMEOUT)
+    with pytest.raises(oxbus.BusClosed):
+        await bus.sagas.fire_due()
+    inst = await bus.sagas.get(SgOrderSaga, "o-13")
+    assert inst is not None and inst.deadlines == {"SgPaymentTimedOut": PAYMENT_TIMEOUT}
+
+
+async def test_statistics_and_metrics_count_instances_per_saga(started: Any) -> None:
+    services = Services(fail="inventory")
+    bus = await started(services)
+    await bus.publish(order("o-14"))
+    await bus.publish(SgPaymentProcessed("nobody", payment_id="p"))
+    await bus.drain(timeout=10)
+    s = bus.get_statistics()
+    assert s["by_saga"] == {
+        "SgOrderSaga": {
+            "started": 1,
+            "completed": 0,
+            "compensated": 1,
+            "failed": 0,
+            "ignored": 1,
+            "duplicates": 0,
+            "running": 0,
+        }
+    }
+    text = bus.metrics()
+    assert (
+        'oxbus_saga_instances_total{bus="oxbus",outcome="compensated",saga="SgOrderSaga"} 1.0'
+        in text
+    )
+    assert (
+        'oxbus_saga_events_skipped_total{bus="oxbus",reason="ignored",saga="SgOrderSaga"} 1.0'
+        in text
+    )
+    assert 'oxbus_saga_instances_running{bus="oxbus",saga="SgOrderSaga"} 0.0' in text

@@ -11,7 +11,6 @@ import itertools
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -115,7 +114,6 @@ class SagaManager:
         self.bus = bus
         self.runners: dict[str, Runner] = {}
         self.by_sub: dict[int, tuple[Runner, StepDef, str]] = {}
-        self.stats: Counter[str] = Counter()
         self.timer = Timer(bus.clock)
         store = bus._store
         if store is not None:
@@ -208,14 +206,25 @@ class SagaManager:
                 await admit(core, waiter)
 
     def statistics(self) -> dict[str, Any]:
-        s: dict[str, Any] = {f"sagas_{c}": self.stats[c] for c in COUNTERS}
-        s["sagas_running"] = sum(len(r.live) for r in self.runners.values())
+        """The ``sagas_*`` totals of ``get_statistics()`` and ``by_saga``, the same per saga
+        (without the prefix)."""
+        by_saga: dict[str, dict[str, int]] = {}
+        for name, r in self.runners.items():
+            counts = {c: r.stats[c] for c in COUNTERS}
+            counts["running"] = len(r.live)
+            by_saga[name] = counts
+        s = empty_statistics()
+        for counts in by_saga.values():
+            for c, n in counts.items():
+                s[f"sagas_{c}"] += n
+        s["by_saga"] = by_saga
         return s
 
 
 def empty_statistics() -> dict[str, Any]:
-    s: dict[str, Any] = {f"sagas_{c}": 0 for c in COUNTERS}
-    s["sagas_running"] = 0
+    """The saga statistics of a bus without sagas."""
+    s: dict[str, Any] = {f"sagas_{c}": 0 for c in (*COUNTERS, "running")}
+    s["by_saga"] = {}
     return s
 
 

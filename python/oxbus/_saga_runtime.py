@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -266,6 +267,8 @@ class Runner:
         self.sdef = sdef
         self.name = sdef.name
         self.live: dict[str, Instance] = {}
+        #: COUNTERS of this saga, since the bus was made
+        self.stats: Counter[str] = Counter()
         self.lock = _Locks()
         self._loaded: asyncio.Future[None] | None = None
         self._class_targets = {t: s for s in sdef.steps for t in s.targets if isinstance(t, type)}
@@ -369,7 +372,7 @@ class Runner:
         env = current_envelope()
         ref = _ref(env, event)
         await self.ensure_loaded()
-        stats = self.manager.stats
+        stats = self.stats
         async with self.lock(key):
             inst = await self._find(key)
             new = inst is None
@@ -473,7 +476,7 @@ class Runner:
             positions = await book.commit(self, change)
         except Applied:
             # The file has it although this instance did not know: read it again next time.
-            self.manager.stats["duplicates"] += 1
+            self.stats["duplicates"] += 1
             self.live.pop(inst.key, None)
             return
         inst_applied = inst.applied
@@ -486,7 +489,7 @@ class Runner:
                     self.manager.timer.add(due, self, inst.key, name)
         else:
             self.live.pop(inst.key, None)
-        stats = self.manager.stats
+        stats = self.stats
         stats["started"] += new
         stats["compensated"] += fx.compensated
         if status in ("completed", "failed"):
@@ -494,7 +497,9 @@ class Runner:
         await self.manager.dispatch(fx.published, positions, change.correlation_id)
 
     async def fire(self, key: str, name: str, due: float) -> bool:
-        """Publishes a deadline's event if it is still set for ``due``."""
+        """Publishes a deadline's event if it is still set for ``due``. Raises
+        ``BusNotStarted`` / ``BusClosed`` (changing nothing) when the bus takes no events."""
+        self.manager.bus._core.ensure_running()
         async with self.lock(key):
             inst = self.live.get(key)
             entry = None if inst is None else inst.deadlines.get(name)

@@ -572,7 +572,7 @@ class EventBus:
         dead_lettered; keyed by subscription name), uptime_seconds, and the sagas' instances:
         sagas_started, sagas_completed, sagas_compensated (compensations published),
         sagas_failed, sagas_ignored (events no instance took), sagas_duplicates (events
-        applied already), sagas_running.
+        applied already), sagas_running, and by_saga (the same per saga).
 
         ```python
         failed = bus.get_statistics()["by_subscription"]["billing"]["failed"]

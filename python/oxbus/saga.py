@@ -119,7 +119,8 @@ class Saga:
     ``self.current_step`` (the last step applied), ``await self.publish(event)``,
     ``self.on_failure(event)``, ``self.deadline(seconds, event)``,
     ``self.cancel_deadline(name)``, ``await self.compensate()``, ``self.complete()``,
-    ``self.fail(reason)``. An instance object lives for one step: keep data in ``state``.
+    ``self.fail(reason)`` (the last of the three in a step decides how the instance ends).
+    An instance object lives for one step: keep data in ``state``.
     """
 
     key: ClassVar[str]

@@ -13,19 +13,46 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from oxbus._oxbus import Envelope
 from oxbus._saga_runtime import COUNTERS, Book, MemoryBook, Runner
 from oxbus.errors import BusClosed, BusNotStarted, ConfigurationError, InvalidSaga
 from oxbus.saga import STATES, SagaDef, SagaInstance, StepDef, define, target_label
 
-if TYPE_CHECKING:
-    from oxbus.bus import EventBus
-
 __all__ = ["SagaManager", "Sagas", "Timer", "empty_statistics"]
 
 logger = logging.getLogger("oxbus")
+
+
+class Bus(Protocol):
+    """What the sagas use of an ``oxbus.EventBus`` (spelled here, so this module does not
+    import the bus, which imports it)."""
+
+    _sagas: SagaManager | None
+    _failures: Any
+    _store: Any
+    _core: Any
+
+    @property
+    def clock(self) -> Any: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    def subscribe(
+        self,
+        event_type: Any,
+        handler: Callable[[Any], Any],
+        *,
+        name: str | None = ...,
+        retry: Any = ...,
+        timeout: float | None = ...,
+    ) -> str: ...
+
+    async def publish(self, event: Any, key: Any = None, correlation_id: Any = None) -> bool: ...
+
+    def _spawn(self, aw: Awaitable[Any]) -> None: ...
 
 
 class Timer:
@@ -103,14 +130,14 @@ class SagaManager:
     """The sagas of one bus."""
 
     @classmethod
-    def of(cls, bus: EventBus) -> SagaManager:
+    def of(cls, bus: Bus) -> SagaManager:
         """The bus's manager, made (and hooked to its failure bookkeeping) on first use."""
         if bus._sagas is None:
             bus._sagas = cls(bus)
             bus._failures.on_give_up = bus._sagas.on_give_up
         return bus._sagas
 
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.runners: dict[str, Runner] = {}
         self.by_sub: dict[int, tuple[Runner, StepDef, str]] = {}
@@ -185,6 +212,9 @@ class SagaManager:
                 store._core.mark_done(subscription, env.position)
 
         return gave_up
+
+    def ensure_running(self) -> None:
+        self.bus._core.ensure_running()
 
     async def dispatch(
         self, events: list[tuple[Any, Any]], positions: list[int] | None, correlation_id: Any

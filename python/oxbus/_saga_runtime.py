@@ -26,14 +26,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from oxbus._oxbus import Envelope, current_envelope, decode_json, encode_json
 from oxbus.errors import ConfigurationError, InvalidEvent, InvalidSaga
 from oxbus.saga import Saga, SagaDef, SagaInstance, StepDef
-
-if TYPE_CHECKING:
-    from oxbus._saga_manager import SagaManager
 
 __all__ = ["Applied", "Book", "Change", "Effects", "Instance", "MemoryBook", "Runner"]
 
@@ -156,6 +153,33 @@ class Effects:
         self.status, self.error = status, error
 
 
+class Clock(Protocol):
+    """The deadline timer, as a runner uses it (``oxbus._saga_manager.Timer``)."""
+
+    now: Callable[[], float]
+
+    def add(self, due: float, runner: Runner, key: str, name: str) -> None: ...
+
+
+class Manager(Protocol):
+    """A bus's sagas, as a runner uses them (``oxbus._saga_manager.SagaManager``; spelled
+    here so this module does not import it, which imports this one)."""
+
+    @property
+    def book(self) -> Book: ...
+
+    @property
+    def timer(self) -> Clock: ...
+
+    def ensure_running(self) -> None:
+        """Raises ``BusNotStarted`` / ``BusClosed`` when the bus takes no events."""
+
+    async def dispatch(
+        self, events: list[tuple[Any, Any]], positions: list[int] | None, correlation_id: Any
+    ) -> None:
+        """Publishes the events of a recorded change."""
+
+
 class Book(Protocol):
     """Where a saga's instances are kept."""
 
@@ -262,7 +286,7 @@ def _ref(env: Envelope | None, event: Any) -> str:
 class Runner:
     """One saga class on one bus."""
 
-    def __init__(self, manager: SagaManager, sdef: SagaDef) -> None:
+    def __init__(self, manager: Manager, sdef: SagaDef) -> None:
         self.manager = manager
         self.sdef = sdef
         self.name = sdef.name
@@ -499,7 +523,7 @@ class Runner:
     async def fire(self, key: str, name: str, due: float) -> bool:
         """Publishes a deadline's event if it is still set for ``due``. Raises
         ``BusNotStarted`` / ``BusClosed`` (changing nothing) when the bus takes no events."""
-        self.manager.bus._core.ensure_running()
+        self.manager.ensure_running()
         async with self.lock(key):
             inst = self.live.get(key)
             entry = None if inst is None else inst.deadlines.get(name)

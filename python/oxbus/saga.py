@@ -59,13 +59,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from oxbus._oxbus import RetryPolicy
 from oxbus.errors import InvalidSaga
-
-if TYPE_CHECKING:
-    from oxbus._saga_runtime import Effects
 
 __all__ = ["STATES", "Saga", "SagaInstance", "step"]
 
@@ -75,6 +72,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: ``compensated`` (``compensate()``) or ``failed`` (``fail(reason)``, or a step the retry
 #: policy gave up on).
 STATES = ("running", "completed", "compensated", "failed")
+
+
+class Effects(Protocol):
+    """What a step's calls record (kept by the bus's saga runtime while the step runs)."""
+
+    def publish(self, event: Any, key: Any) -> None: ...
+    def on_failure(self, event: Any) -> None: ...
+    def deadline(self, seconds: Any, event: Any, name: str | None) -> str: ...
+    def cancel_deadline(self, name: Any) -> bool: ...
+    def compensate(self) -> None: ...
+    def end(self, status: str, error: str | None) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ ERRORS: list[tuple[list[str], str | None, int, str]] = [
     (["replay", "{db}", "--to", "no_such_module_xyz:h"], None, 2, "UsageError"),
     (["replay", "{missing}", "--to", "os:getcwd"], None, 3, "Unreachable"),
     (["health", "{dead}", "--timeout", "5"], None, 3, "Unreachable"),
-    (["health", "redis://127.0.0.1:6379"], None, 2, "UsageError"),
+    (["health", "ftp://127.0.0.1:21"], None, 2, "UsageError"),
     (["stats", "{missing}"], None, 3, "Unreachable"),
     (["flow", "{empty}"], None, 1, "Failed"),
     (["flow", "{db}", "--format", "gif"], None, 2, "UsageError"),

@@ -33,92 +33,17 @@ import oxbus
 import pytest
 
 from _env import unavailable
+from _redis import HOST, URL, Resp, redis_ping
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
-
-HOST, PORT = "127.0.0.1", 6379
-URL = f"redis://{HOST}:{PORT}/0"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-class RespError(Exception):
-    """An error reply from Redis."""
-
-
-class Resp:
-    """A minimal synchronous RESP2 client, enough to inspect streams and delete keys."""
-
-    def __init__(self, host: str = HOST, port: int = PORT, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.file = self.sock.makefile("rb")
-
-    def __call__(self, *args: Any) -> Any:
-        parts = [b"*%d\r\n" % len(args)]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        self.sock.sendall(b"".join(parts))
-        return self._read()
-
-    def _read(self) -> Any:
-        line = self.file.readline()
-        if not line:
-            raise ConnectionError("Redis closed the connection")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RespError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            return self.file.read(n + 2)[:-2].decode()
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._read() for _ in range(n)]
-        raise ValueError(f"unexpected RESP line {line!r}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def entries(self, stream: str) -> list[tuple[str, dict[str, str]]]:
-        """XRANGE stream - +, as (id, fields)."""
-        return [
-            (eid, dict(zip(flat[::2], flat[1::2])))
-            for eid, flat in self("XRANGE", stream, "-", "+")
-        ]
-
-    def delete_prefix(self, prefix: str) -> None:
-        cursor = "0"
-        while True:
-            cursor, keys = self("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
-            if keys:
-                self("DEL", *keys)
-            if cursor == "0":
-                return
-
-
-def _redis_ping() -> str | None:
-    """None when Redis answers PING, else why not."""
-    try:
-        r = Resp(timeout=2.0)
-        try:
-            return None if r("PING") == "PONG" else "Redis did not answer PONG"
-        finally:
-            r.close()
-    except (OSError, RespError) as e:
-        return f"Redis at {HOST}:{PORT} is unreachable ({e})"
-
-
 @pytest.fixture(scope="module")
 def redis_up() -> None:
-    reason = _redis_ping()
+    reason = redis_ping()
     if reason is not None:
         unavailable(reason)
 
@@ -379,6 +304,10 @@ async def test_published_events_are_handled_once_by_the_local_consumer(
         assert t == {
             "kind": "redis", "reachable": True, "published": 500, "received": 500,
             "claimed": 0, "dead_lettered": 0, "last_error": None,
+            # One stream, read by every member of the group: no leases.
+            "partitions": {
+                "count": 1, "leased": False, "owned": [0], "members": [], "assignment": [],
+            },
         }
     finally:
         await bus.stop(timeout=10)
@@ -951,6 +880,39 @@ async def test_with_partitions_each_keys_events_are_handled_in_publish_order(
             where[json.loads(fields["d"])["data"]["account"]].add(p)
     assert all(len(ps) == 1 for ps in where.values()), f"a key spread over partitions: {where}"
     assert rds("EXISTS", stream) == 0, "with partitions, the unsuffixed stream is not used"
+
+
+async def test_a_key_given_to_publish_travels_with_the_event_and_orders_the_consumer(
+    rds: Resp, stream: str
+) -> None:
+    # Tick has no aggregate_id: only the key given to publish() can order its events.
+    keys, per_key = [("acct", 1), ("acct", 2), uuid.UUID(int=7)], 60
+    bus = EventBus(transport=URL, group="g", stream=stream, partitions=2, workers=4)
+    order: dict[Any, list[int]] = {}
+    done = asyncio.Event()
+    rng = random.Random(3)
+
+    async def handle(e: Tick) -> None:
+        env = oxbus.current_envelope()
+        assert env is not None
+        for _ in range(rng.randint(0, 3)):  # interleave handlers of different keys
+            await asyncio.sleep(0)  # sleep-ok: a real suspension, not a wait for the bus
+        order.setdefault(env.key, []).append(e.n)
+        if sum(map(len, order.values())) == len(keys) * per_key:
+            done.set()
+
+    bus.subscribe(Tick, handle)
+    await bus.start()
+    try:
+        for i in range(per_key):
+            for k in keys:
+                await bus.publish(Tick(i), key=k)
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await bus.stop(timeout=10)
+    # The consumer sees each key in its canonical form (a tuple, a UUID's text), in order.
+    assert set(order) == {("acct", 1), ("acct", 2), str(uuid.UUID(int=7))}
+    assert all(seq == list(range(per_key)) for seq in order.values()), order
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -281,7 +281,14 @@ class StoreCore:
 @final
 class TransportCore:
     @staticmethod
-    def redis(settings: dict[str, Any]) -> Awaitable[TransportCore]: ...
+    def redis(settings: dict[str, Any]) -> Awaitable[TransportCore]:
+        """Redis Streams with `settings` (`oxbus.RedisStreams.native()`): a connected core."""
+    @staticmethod
+    def redis_group(
+        url: str, stream: str, group: str
+    ) -> Awaitable[tuple[int, float, list[tuple[str, float]], list[tuple[str, float] | None]]]:
+        """A Redis Streams group's members and partition holders, read from Redis:
+        (partitions, lease TTL in s, [(member, s left)], [(holder, s left) or None])."""
     @property
     def kind(self) -> str: ...
     def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...

@@ -64,6 +64,9 @@ class Backend:
     def health(self, report: dict[str, Any]) -> None:
         """Adds the transport's part to ``get_health_status()``'s report."""
 
+    def statistics(self, stats: dict[str, Any]) -> None:
+        """Adds the transport's part to ``get_statistics()``."""
+
     async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
         waiter = self.core.publish(event, key, correlation_id)
         if waiter is not None:
@@ -215,12 +218,14 @@ class BrokerBackend(_Waiting):
     def __init__(self, core: BusCore, options: Broker) -> None:
         super().__init__(core, options)
         self.broker: TransportCore | None = None
+        self.consuming = False
 
     async def start(self) -> None:
         consume = self.options.consume
         if consume is None:  # a bus with subscriptions joins its group
             consume = bool(self.core.subscriptions())
         self.broker = await self.options.connect(consume)
+        self.consuming = consume
         self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
         logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
                     self.options, consume)
@@ -265,11 +270,34 @@ class BrokerBackend(_Waiting):
         if self.broker is None:
             return
         transport = report["transport"] = self.broker.health()
+        transport["partitions"] = self._partitions(transport)
         if not transport["reachable"] and report["status"] == "healthy":
             report["status"] = "degraded"
             report["reasons"].append(
                 f"{self.options.title} unreachable: {transport['last_error']}"
             )
+
+    def statistics(self, stats: dict[str, Any]) -> None:
+        if self.broker is not None:
+            stats["partitions"] = self._partitions(self.broker.health())
+
+    def _partitions(self, transport: dict[str, Any]) -> dict[str, Any]:
+        """``count``; ``leased`` (each partition read by one member of the group at a time);
+        ``owned``: the partitions (indexes) this member reads; with leases, the group's live
+        ``members`` and ``assignment`` (each partition's holder, ``None`` while free) as of
+        the last heartbeat. Takes ``owned``, ``members`` and ``assignment`` out of
+        ``transport``, the native reading."""
+        count = getattr(self.options, "partitions", 1)
+        leased = self.consuming and count > 1
+        owned = transport.pop("owned", [])
+        members = transport.pop("members", [])
+        assignment = transport.pop("assignment", [])
+        if not leased:
+            owned = list(range(count)) if self.consuming else []
+        return {
+            "count": count, "leased": leased, "owned": owned, "members": members,
+            "assignment": assignment,
+        }
 
 
 def backend_for(

@@ -107,6 +107,7 @@ class EventBus:
         publish_timeout: float | None = None,
         prefetch: int | None = None,
         consume: bool | None = None,
+        lease_ttl: float | None = None,
         clock: Any = None,
         max_event_bytes: int | None = None,
         name: str = "oxbus",
@@ -569,10 +570,11 @@ class EventBus:
         handler_latency_ms (p50/p90/p99/max, over every call), queue_size, retry_queue_size,
         failed_events_count, subscription_count, is_running, worker_count, by_event_type
         (published, processed, failed), by_subscription (calls, failed, retried,
-        dead_lettered; keyed by subscription name), uptime_seconds, and the sagas' instances:
-        sagas_started, sagas_completed, sagas_compensated (compensations published),
-        sagas_failed, sagas_ignored (events no instance took), sagas_duplicates (events
-        applied already), sagas_running, and by_saga (the same per saga).
+        dead_lettered; keyed by subscription name), uptime_seconds, for a broker bus
+        partitions (the partitions this member reads, the group's assignment), and the sagas'
+        instances: sagas_started, sagas_completed, sagas_compensated (compensations
+        published), sagas_failed, sagas_ignored (events no instance took), sagas_duplicates
+        (events applied already), sagas_running, and by_saga (the same per saga).
 
         ```python
         failed = bus.get_statistics()["by_subscription"]["billing"]["failed"]
@@ -580,6 +582,7 @@ class EventBus:
         """
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
+        self._backend.statistics(s)
         s.update(empty_statistics() if self._sagas is None else self._sagas.statistics())
         return s
 

@@ -166,7 +166,10 @@ class RedisStreams(Broker):
     that many times goes to ``<stream>:dead``. ``publish_timeout``: seconds a publish retries
     before ``TransportError``. ``prefetch``: entries delivered and not yet acknowledged.
     ``consume``: whether the bus reads from its group (``None``: when it has subscriptions at
-    ``start()``):
+    ``start()``). ``lease_ttl``: with ``partitions`` > 1, each partition is read by one member
+    of the group at a time, holding a lease it renews every third of ``lease_ttl`` seconds (and
+    at least every second); a member that dies loses its partitions after ``lease_ttl``
+    seconds (0.1 to 86400, default 10):
 
     ```python
     EventBus(transport=oxbus.RedisStreams("redis://127.0.0.1:6379/0", group="billing",
@@ -185,6 +188,7 @@ class RedisStreams(Broker):
     publish_timeout: float
     prefetch: int
     consume: Union[bool, None]
+    lease_ttl: float
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix")
     kind: ClassVar[str] = "redis"
     title: ClassVar[str] = "Redis"
@@ -203,6 +207,7 @@ class RedisStreams(Broker):
         publish_timeout: float = 5.0,
         prefetch: int = 1000,
         consume: bool | None = None,
+        lease_ttl: float = 10.0,
     ) -> None:
         if not isinstance(url, str) or not url.lower().startswith(
             tuple(f"{s}://" for s in self.schemes)
@@ -230,6 +235,7 @@ class RedisStreams(Broker):
             "publish_timeout": seconds("publish_timeout", publish_timeout),
             "prefetch": positive_int("prefetch", prefetch),
             "consume": consume,
+            "lease_ttl": _lease_ttl(lease_ttl),
         }
         for field_name, checked_value in checked.items():
             object.__setattr__(self, field_name, checked_value)
@@ -271,7 +277,23 @@ class RedisStreams(Broker):
             "dead_stream": f"{self.stream}:dead",
             "publish_timeout": self.publish_timeout,
             "consume": consume,
+            # Partition leases: one member per partition at a time (per-key order across
+            # processes); a single stream is shared by every member.
+            "stream": self.stream,
+            "lease_ttl": self.lease_ttl if self.partitions > 1 else None,
         }
+
+
+def _lease_ttl(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.1 <= value <= 86_400
+    ):
+        raise ConfigurationError(
+            f"lease_ttl must be a number of seconds from 0.1 to 86400, got {value!r}"
+        )
+    return float(value)
 
 
 #: The transports a URL may name, in the order their schemes are tried.
@@ -284,7 +306,7 @@ TransportSpec = Union[str, Transport]
 #: a broker that takes some of them, such as ``group`` or ``prefetch``, takes them too).
 URL_KEYWORDS = (
     "group", "consumer", "stream", "partitions", "claim_idle", "maxlen", "max_deliveries",
-    "publish_timeout", "prefetch", "consume",
+    "publish_timeout", "prefetch", "consume", "lease_ttl",
 )
 
 

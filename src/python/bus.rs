@@ -300,11 +300,14 @@ impl PyBusCore {
         &self,
         py: Python<'_>,
         event: &Bound<'_, PyAny>,
+        key: Option<Bound<'_, PyAny>>,
         correlation_id: Option<Bound<'_, PyAny>>,
         causation_id: Option<Bound<'_, PyAny>>,
         ack: envelope::Ack,
     ) -> PyResult<()> {
-        let (mut item, lane) = self.envelope(py, event, None, None, None)?;
+        // The key as JSON gave it back (a list for a tuple): in its canonical form again.
+        let key = key.map(|k| events::canonical_key(&k)).transpose()?;
+        let (mut item, lane) = self.envelope(py, event, key.clone(), None, None)?;
         let origin = match (correlation_id, causation_id) {
             (Some(c), Some(cause)) => Origin::Child(c.unbind(), cause.unbind()),
             (c, None) => Origin::Root(c.map(Bound::unbind)),
@@ -313,7 +316,7 @@ impl PyBusCore {
         let env = EnvData::new(
             event.clone().unbind(),
             origin,
-            None,
+            key.map(Bound::unbind),
             Arc::clone(item.item.route()),
             None,
         );

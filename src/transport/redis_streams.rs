@@ -1,7 +1,8 @@
 //! A Redis Streams transport: pipelined `XADD` publishing, `XREADGROUP` consumption in a
 //! consumer group, batched `XACK`, reclaiming of entries left pending by dead consumers
 //! (`XPENDING` + `XCLAIM` after `claim_idle`), a dead-letter stream for entries delivered too
-//! often, and a periodic health reading (`XINFO GROUPS`).
+//! often, and a periodic health reading (`XINFO GROUPS`). With partition leases (see
+//! `leases`), a member reads and claims only the partitions it holds.
 //!
 //! Threads: none of its own. The transport's tasks run on the tokio runtime whose handle it is
 //! given (one runtime for the whole process; tests build their own). Publishing and acking
@@ -22,6 +23,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
+use super::leases::{self, LeaseConfig, Table};
 use super::{Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
 
 /// Settings of one transport.
@@ -51,6 +53,9 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Whether to consume at all (a publish-only bus does not).
     pub consume: bool,
+    /// Partition leases: each partition read by one member of the group at a time (`None`:
+    /// every member reads every partition). Used only when consuming.
+    pub leases: Option<LeaseConfig>,
 }
 
 struct Shared {
@@ -65,6 +70,8 @@ struct Shared {
     paused: AtomicBool,
     room: Notify,
     health: Mutex<Health>,
+    /// What each partition is doing here (leased, being read, entries in flight).
+    parts: Table,
 }
 
 impl Shared {
@@ -87,6 +94,15 @@ impl Shared {
         }
     }
 
+    /// The index of a stream name among the partitions (0 if unknown).
+    fn index(&self, stream: &str) -> usize {
+        self.cfg
+            .streams
+            .iter()
+            .position(|s| s == stream)
+            .unwrap_or(0)
+    }
+
     fn note(&self, ok: bool, err: Option<String>) {
         let mut h = self.health.lock();
         h.reachable = ok;
@@ -103,6 +119,10 @@ pub struct RedisStreams {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     pub_tx: mpsc::UnboundedSender<(u64, Vec<(usize, String)>)>,
     ack_tx: mpsc::UnboundedSender<Settle>,
+    /// With partition leases: the keeper task (stopped first by `stop`, which then releases
+    /// the leases), and the client and keys to release them with.
+    keeper: Mutex<Option<JoinHandle<()>>>,
+    leases: Option<(Client, leases::Keys)>,
 }
 
 impl std::fmt::Debug for RedisStreams {
@@ -166,6 +186,8 @@ impl RedisStreams {
         ensure_tls();
         let client = Client::open(cfg.url.as_str())
             .map_err(|e| TransportError::Invalid(format!("invalid Redis URL {safe_url}: {e}")))?;
+        let leased = cfg.leases.clone().filter(|_| cfg.consume);
+        let parts = Table::new(cfg.streams.len(), leased.is_some());
         let shared = Arc::new(Shared {
             cfg,
             safe_url,
@@ -176,6 +198,7 @@ impl RedisStreams {
             paused: AtomicBool::new(false),
             room: Notify::new(),
             health: Mutex::new(Health::default()),
+            parts,
         });
         // Connect and create the groups up front (on the runtime: the connection's driver
         // task lives there).
@@ -220,13 +243,35 @@ impl RedisStreams {
                 client.clone(),
                 Arc::clone(&sink),
             )));
-            tasks.push(runtime.spawn(claimer(Arc::clone(&shared), client, sink)));
+            tasks.push(runtime.spawn(claimer(
+                Arc::clone(&shared),
+                client.clone(),
+                Arc::clone(&sink),
+            )));
+        }
+        let (mut keeper, mut lease_keys) = (None, None);
+        if let Some(lc) = leased {
+            let keys = leases::Keys::new(&lc.stream, &shared.cfg.group, shared.cfg.streams.len());
+            let holder = Arc::new(Keeper {
+                shared: Arc::clone(&shared),
+                sink,
+            });
+            keeper = Some(runtime.spawn(leases::keep(
+                holder,
+                client.clone(),
+                keys.clone(),
+                shared.cfg.consumer.clone(),
+                lc.ttl,
+            )));
+            lease_keys = Some((client, keys));
         }
         Ok(Self {
             shared,
             tasks: Mutex::new(tasks),
             pub_tx,
             ack_tx,
+            keeper: Mutex::new(keeper),
+            leases: lease_keys,
         })
     }
 
@@ -241,17 +286,33 @@ impl RedisStreams {
     }
 
     fn settle(&self, stream: &str, id: String, dead: Option<Box<(String, String)>>) {
-        let idx = self
-            .shared
-            .cfg
-            .streams
-            .iter()
-            .position(|s| s == stream)
-            .unwrap_or(0);
+        let idx = self.shared.index(stream);
         self.shared.acks_queued.fetch_add(1, Ordering::AcqRel);
         if self.ack_tx.send(Settle { idx, id, dead }).is_err() {
             self.shared.acks_queued.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// With partition leases: ends the keeper, then releases what it held and leaves the
+    /// group's members (waiting up to 2 s for Redis), so other members take the partitions
+    /// over at once. Entries still pending here are claimed by the next holder.
+    async fn release(&self) {
+        let keeper = self.keeper.lock().take();
+        let Some(keeper) = keeper else { return };
+        keeper.abort();
+        let _ = keeper.await;
+        if let Some((client, keys)) = &self.leases {
+            let owned = self.shared.parts.owned();
+            let left = tokio::time::timeout(
+                Duration::from_secs(2),
+                leases::leave(client, keys, &self.shared.cfg.consumer, &owned),
+            )
+            .await;
+            if let Ok(Err(e)) = &left {
+                self.shared.command_failed(e);
+            }
+        }
+        self.shared.health.lock().owned.clear();
     }
 
     /// Marks the transport stopped and cancels its tasks (at their next await); returns them.
@@ -259,7 +320,8 @@ impl RedisStreams {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.stopped.notify_waiters();
         self.shared.room.notify_waiters();
-        let tasks = std::mem::take(&mut *self.tasks.lock());
+        let mut tasks = std::mem::take(&mut *self.tasks.lock());
+        tasks.extend(self.keeper.lock().take());
         for t in &tasks {
             t.abort();
         }
@@ -304,7 +366,8 @@ impl Transport for RedisStreams {
         self.shared.health.lock().clone()
     }
 
-    /// Waits up to 2 s for the acknowledgements still queued to reach Redis.
+    /// Waits up to 2 s for the acknowledgements still queued to reach Redis, then releases
+    /// the partition leases (up to 2 s more).
     fn stop(&self) -> Stopping<'_> {
         Box::pin(async move {
             self.pause();
@@ -312,6 +375,7 @@ impl Transport for RedisStreams {
             while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            self.release().await;
             let tasks = self.halt();
             for t in tasks {
                 let _ = t.await;
@@ -495,6 +559,8 @@ async fn acker(
                 }
             }
         }
+        let settled: Vec<usize> = by_stream.iter().map(Vec::len).collect();
+        shared.parts.settled(&settled);
         shared.in_flight.fetch_sub(n, Ordering::AcqRel);
         shared.acks_queued.fetch_sub(n, Ordering::AcqRel);
         shared.room.notify_waiters();
@@ -557,6 +623,16 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
                 }
             }
         }
+        // Only the partitions this member may read (all of them without leases).
+        let parts = shared.parts.start_read();
+        if parts.is_empty() {
+            tokio::select! {
+                () = shared.parts.changed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = shared.stopped.notified() => break,
+            }
+            continue;
+        }
         let c = conn.as_mut().expect("connected above");
         let room = cfg
             .prefetch
@@ -571,16 +647,20 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
             .arg("BLOCK")
             .arg(1000)
             .arg("STREAMS");
-        for s in &cfg.streams {
-            cmd.arg(s);
+        for &p in &parts {
+            cmd.arg(&cfg.streams[p]);
         }
-        for _ in &cfg.streams {
+        for _ in &parts {
             cmd.arg(">");
         }
         let read = tokio::select! {
             r = cmd.query_async::<Option<StreamReadReply>>(c) => r,
-            () = shared.stopped.notified() => break,
+            () = shared.stopped.notified() => {
+                shared.parts.end_read(&parts);
+                break;
+            }
         };
+        let mut delivered = vec![0; cfg.streams.len()];
         match read {
             Ok(Some(reply)) => {
                 shared.note(true, None);
@@ -589,14 +669,25 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
                     .iter()
                     .flat_map(|k| k.ids.iter().map(move |id| entry_of(&k.key, id, 1)))
                     .collect();
+                for k in &reply.keys {
+                    delivered[shared.index(&k.key)] += k.ids.len();
+                }
                 if !entries.is_empty() {
+                    // Counted in flight before they can be acknowledged, and before the read
+                    // ends: a partition being given up is never seen quiet in between.
+                    shared.parts.delivered(&delivered);
                     shared.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
                     shared.health.lock().received += entries.len() as u64;
                     sink.delivered(entries);
                 }
+                shared.parts.end_read(&parts);
             }
-            Ok(None) => shared.note(true, None),
+            Ok(None) => {
+                shared.parts.end_read(&parts);
+                shared.note(true, None);
+            }
             Err(e) => {
+                shared.parts.end_read(&parts);
                 shared.command_failed(&e);
                 conn = None;
                 tokio::time::sleep(backoff(attempt)).await;
@@ -607,7 +698,8 @@ async fn reader(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
 }
 
 /// Claims entries idle on other consumers for `claim_idle`, sending those delivered more than
-/// `max_deliveries` times to the dead-letter stream instead.
+/// `max_deliveries` times to the dead-letter stream instead. With leases, only in the
+/// partitions this member holds (a hand-over claims the rest of a partition at once).
 async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
     let cfg = &shared.cfg;
     let period = (cfg.claim_idle / 2).max(Duration::from_millis(100));
@@ -628,110 +720,189 @@ async fn claimer(shared: Arc<Shared>, client: Client, sink: Arc<dyn Sink>) {
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        if let Err(e) = claim_round(&shared, c, idle_ms, &sink).await {
-            shared.command_failed(&e);
-            conn = None;
+        // Marked as being read: a partition is not handed over while claims of it run.
+        let parts = shared.parts.start_claim();
+        for &i in &parts {
+            if let Err(e) = claim_partition(&shared, c, i, idle_ms, false, &sink).await {
+                shared.command_failed(&e);
+                conn = None;
+                break;
+            }
         }
+        shared.parts.end_read(&parts);
     }
 }
 
-async fn claim_round(
+/// Claims the entries of partition `i` pending on other consumers (and on this one when
+/// `own`) for at least `idle_ms`, page by page in id order, and hands them on in id order;
+/// those delivered `max_deliveries` times go to the dead-letter stream instead.
+async fn claim_partition(
     shared: &Shared,
     c: &mut MultiplexedConnection,
+    i: usize,
     idle_ms: u64,
+    own: bool,
     sink: &Arc<dyn Sink>,
 ) -> redis::RedisResult<()> {
     let cfg = &shared.cfg;
-    for stream in &cfg.streams {
+    let stream = &cfg.streams[i];
+    let mut from = "-".to_owned();
+    loop {
         // [[id, consumer, idle, deliveries], ...]
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
             .arg(stream)
             .arg(&cfg.group)
             .arg("IDLE")
             .arg(idle_ms)
-            .arg("-")
+            .arg(&from)
             .arg("+")
             .arg(cfg.batch)
             .query_async(c)
             .await?;
+        let Some((last, ..)) = pending.last() else {
+            return Ok(());
+        };
+        let full = pending.len() >= cfg.batch;
+        from = format!("({last}");
         let mut claim = Vec::new();
         for (id, consumer, _, deliveries) in pending {
-            if consumer == cfg.consumer {
+            if consumer == cfg.consumer && !own {
                 continue; // ours: still being handled
             }
             if deliveries >= u64::from(cfg.max_deliveries) {
-                let entries: Vec<StreamId> = redis::cmd("XRANGE")
-                    .arg(stream)
-                    .arg(&id)
-                    .arg(&id)
-                    .query_async::<redis::streams::StreamRangeReply>(c)
-                    .await?
-                    .ids;
-                let payload = entries
-                    .first()
-                    .map(|e| entry_of(stream, e, 0).payload)
-                    .unwrap_or_default();
-                redis::pipe()
-                    .cmd("XADD")
-                    .arg(&cfg.dead_stream)
-                    .arg("*")
-                    .arg("d")
-                    .arg(payload)
-                    .arg("stream")
-                    .arg(stream)
-                    .arg("id")
-                    .arg(&id)
-                    .arg("group")
-                    .arg(&cfg.group)
-                    .arg("deliveries")
-                    .arg(deliveries)
-                    .arg("error")
-                    .arg(format!(
-                        "delivered {deliveries} times without being acknowledged"
-                    ))
-                    .ignore()
-                    .cmd("XACK")
-                    .arg(stream)
-                    .arg(&cfg.group)
-                    .arg(&id)
-                    .ignore()
-                    .query_async::<()>(c)
-                    .await?;
-                shared.health.lock().dead += 1;
+                dead_letter_pending(shared, c, stream, &id, deliveries).await?;
             } else {
                 claim.push((id, deliveries));
             }
         }
-        if claim.is_empty() {
-            continue;
+        if !claim.is_empty() {
+            let ids: Vec<&String> = claim.iter().map(|(id, _)| id).collect();
+            let claimed: redis::streams::StreamClaimReply = redis::cmd("XCLAIM")
+                .arg(stream)
+                .arg(&cfg.group)
+                .arg(&cfg.consumer)
+                .arg(idle_ms)
+                .arg(&ids)
+                .query_async(c)
+                .await?;
+            let mut entries: Vec<Message> = claimed
+                .ids
+                .iter()
+                .map(|sid| {
+                    let d = claim
+                        .iter()
+                        .find(|(id, _)| id == &sid.id)
+                        .map_or(1, |(_, d)| d + 1);
+                    entry_of(stream, sid, u32::try_from(d).unwrap_or(u32::MAX))
+                })
+                .collect();
+            entries.sort_by_key(|e| id_order(&e.id));
+            if !entries.is_empty() {
+                let mut delivered = vec![0; cfg.streams.len()];
+                delivered[i] = entries.len();
+                shared.parts.delivered(&delivered);
+                shared.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
+                shared.health.lock().claimed += entries.len() as u64;
+                sink.delivered(entries);
+            }
         }
-        let ids: Vec<&String> = claim.iter().map(|(id, _)| id).collect();
-        let claimed: redis::streams::StreamClaimReply = redis::cmd("XCLAIM")
-            .arg(stream)
-            .arg(&cfg.group)
-            .arg(&cfg.consumer)
-            .arg(idle_ms)
-            .arg(&ids)
-            .query_async(c)
-            .await?;
-        let entries: Vec<Message> = claimed
-            .ids
-            .iter()
-            .map(|sid| {
-                let d = claim
-                    .iter()
-                    .find(|(id, _)| id == &sid.id)
-                    .map_or(1, |(_, d)| d + 1);
-                entry_of(stream, sid, u32::try_from(d).unwrap_or(u32::MAX))
-            })
-            .collect();
-        if !entries.is_empty() {
-            shared.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
-            shared.health.lock().claimed += entries.len() as u64;
-            sink.delivered(entries);
+        if !full {
+            return Ok(());
         }
     }
+}
+
+/// Moves a pending entry delivered too often to the dead-letter stream, then acknowledges it.
+async fn dead_letter_pending(
+    shared: &Shared,
+    c: &mut MultiplexedConnection,
+    stream: &str,
+    id: &str,
+    deliveries: u64,
+) -> redis::RedisResult<()> {
+    let cfg = &shared.cfg;
+    let entries: Vec<StreamId> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg(id)
+        .arg(id)
+        .query_async::<redis::streams::StreamRangeReply>(c)
+        .await?
+        .ids;
+    let payload = entries
+        .first()
+        .map(|e| entry_of(stream, e, 0).payload)
+        .unwrap_or_default();
+    redis::pipe()
+        .cmd("XADD")
+        .arg(&cfg.dead_stream)
+        .arg("*")
+        .arg("d")
+        .arg(payload)
+        .arg("stream")
+        .arg(stream)
+        .arg("id")
+        .arg(id)
+        .arg("group")
+        .arg(&cfg.group)
+        .arg("deliveries")
+        .arg(deliveries)
+        .arg("error")
+        .arg(format!(
+            "delivered {deliveries} times without being acknowledged"
+        ))
+        .ignore()
+        .cmd("XACK")
+        .arg(stream)
+        .arg(&cfg.group)
+        .arg(id)
+        .ignore()
+        .query_async::<()>(c)
+        .await?;
+    shared.health.lock().dead += 1;
     Ok(())
+}
+
+/// A stream entry id (`<ms>-<seq>`) as a sortable pair.
+fn id_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// The transport's side of its lease keeper.
+struct Keeper {
+    shared: Arc<Shared>,
+    sink: Arc<dyn Sink>,
+}
+
+impl leases::Holder for Keeper {
+    fn table(&self) -> &Table {
+        &self.shared.parts
+    }
+
+    fn ending(&self) -> bool {
+        self.shared.paused.load(Ordering::Acquire) || self.shared.stop.load(Ordering::Acquire)
+    }
+
+    fn take_over(
+        &self,
+        conn: &mut MultiplexedConnection,
+        i: usize,
+        own: bool,
+    ) -> impl std::future::Future<Output = redis::RedisResult<()>> + Send {
+        claim_partition(&self.shared, conn, i, 0, own, &self.sink)
+    }
+
+    fn report(&self, members: Vec<String>, owners: Vec<Option<String>>) {
+        let owned = self.shared.parts.owned();
+        let mut h = self.shared.health.lock();
+        h.owned = owned;
+        h.members = members;
+        h.assignment = owners;
+    }
+
+    fn failed(&self, e: &redis::RedisError) {
+        self.shared.command_failed(e);
+    }
 }
 
 /// Reads lag and pending of the group every few seconds (not a busy loop: one small command).
@@ -848,6 +1019,7 @@ mod tests {
             dead_stream: format!("{stream}:dead"),
             publish_timeout: Duration::from_secs(5),
             consume,
+            leases: None,
         }
     }
 

@@ -2,13 +2,15 @@
 JSON object with ``--json``); exit 0 when healthy, 1 when degraded or stopped.
 
 A report is a dict with at least ``status``; where it comes from depends on the URL's scheme
-(:data:`SOURCES`): a source is ``(url, timeout) -> dict`` and fails with exit code 3 when
-nothing answers. A new source (a broker's own view of a group, say) is one function and one
-entry there; the printing and the exit code stay as they are.
+(:data:`SOURCES`): a source is ``(url, timeout, where) -> dict`` (``where``: the ``--group``
+and ``--stream`` given) and fails with exit code 3 when nothing answers. A new source (a
+broker's own view of a group, say) is one function and one entry there, plus its text form
+in :data:`TEXT` if ``key: value`` lines do not suit it; the exit code stays as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import urllib.error
@@ -21,7 +23,7 @@ import click
 from oxbus.cli._output import FAILED, UNREACHABLE, emit, fail, json_mode, json_option
 
 
-def _metrics_endpoint(url: str, timeout: float) -> dict[str, Any]:
+def _metrics_endpoint(url: str, timeout: float, where: dict[str, str]) -> dict[str, Any]:
     """GET URL/health of ``oxbus.metrics.serve``: the bus's ``get_health_status()``."""
     target = url.rstrip("/")
     target = target if target.endswith("/health") else target + "/health"
@@ -44,25 +46,63 @@ def _metrics_endpoint(url: str, timeout: float) -> dict[str, Any]:
     return report  # type: ignore[no-any-return]
 
 
+def _redis_group(url: str, timeout: float, where: dict[str, str]) -> dict[str, Any]:
+    """A Redis Streams group with partitions, read from Redis: its live members and which one
+    holds each partition (see ``oxbus._group_health``)."""
+    from oxbus import _group_health
+    from oxbus.errors import TransportError
+    from oxbus.transports import redact
+
+    async def read() -> dict[str, Any]:
+        return await asyncio.wait_for(_group_health.read(url, **where), timeout)
+
+    try:
+        return asyncio.run(read())
+    except (TransportError, asyncio.TimeoutError) as e:
+        fail(f"{redact(url)}: unreachable: {e or 'timed out'}", UNREACHABLE)
+
+
 #: Where a report comes from, by the URL's scheme (a URL without one is http://).
-SOURCES: dict[str, Callable[[str, float], dict[str, Any]]] = {
+SOURCES: dict[str, Callable[[str, float, dict[str, str]], dict[str, Any]]] = {
     "http": _metrics_endpoint,
     "https": _metrics_endpoint,
+    "redis": _redis_group,
+    "rediss": _redis_group,
+    "unix": _redis_group,
 }
 
 
-def _report(url: str, timeout: float) -> dict[str, Any]:
+def _group_lines(report: dict[str, Any]) -> list[str]:
+    from oxbus import _group_health
+
+    return _group_health.lines(report)
+
+
+#: A report's text form, by the URL's scheme, where ``key: value`` lines do not suit it.
+TEXT: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "redis": _group_lines,
+    "rediss": _group_lines,
+    "unix": _group_lines,
+}
+
+
+def _scheme(url: str) -> tuple[str, str]:
+    """The URL (http:// added when it has no scheme) and its scheme."""
     if "://" not in url:
         url = "http://" + url
-    scheme = url.partition("://")[0].lower()
+    return url, url.partition("://")[0].lower()
+
+
+def _report(url: str, timeout: float, where: dict[str, str]) -> dict[str, Any]:
+    url, scheme = _scheme(url)
     source = SOURCES.get(scheme)
     if source is None:
         raise click.BadParameter(
-            f"{url!r}: health is read from a bus's metrics endpoint "
+            f"{url!r}: health is read from a bus's metrics endpoint or a Redis group "
             f"({' or '.join(s + '://' for s in SOURCES)}), not from {scheme}://",
             param_hint="URL",
         )
-    return source(url, timeout)
+    return source(url, timeout, where)
 
 
 def _show(report: dict[str, Any]) -> None:
@@ -70,7 +110,7 @@ def _show(report: dict[str, Any]) -> None:
         click.echo(f"{k + ':':<28}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
 
 
-@click.command(short_help="A running bus's health, from its metrics endpoint.")
+@click.command(short_help="A running bus's health (its metrics endpoint), or a Redis group's.")
 @click.argument("url")
 @click.option(
     "--timeout",
@@ -79,18 +119,26 @@ def _show(report: dict[str, Any]) -> None:
     show_default=True,
     help="Seconds to wait for an answer.",
 )
+@click.option("--group", default="default", show_default=True, help="With a redis:// URL.")
+@click.option("--stream", default="oxbus:events", show_default=True, help="With a redis:// URL.")
 @json_option
-def health(url: str, timeout: float) -> None:
+def health(url: str, timeout: float, group: str, stream: str) -> None:
     """Print a running bus's health, from its metrics endpoint (GET URL/health, as served by
     oxbus.metrics.serve(bus, port=...)). URL is like http://localhost:9100 or localhost:9100.
     --json prints the report as one object.
 
-    Exit 0 when the status is healthy, 1 when degraded or stopped, 3 when URL does not
-    answer with health JSON.
+    With a redis://, rediss:// or unix:// URL: the consumer group GROUP on STREAM as Redis
+    holds it (with partitions=N): its live members and which one holds each partition.
+
+    Exit 0 when the status is healthy, 1 when degraded or stopped (a Redis group: a partition
+    held by no live member, or no member at all), 3 when URL does not answer.
     """
-    report = _report(url, timeout)
+    report = _report(url, timeout, {"group": group, "stream": stream})
+    text = TEXT.get(_scheme(url)[1])
     if json_mode():
         emit(report)
+    elif text is not None:
+        click.echo("\n".join(text(report)))
     else:
         _show(report)
     if report["status"] != "healthy":

@@ -26,7 +26,9 @@ use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::errors::to_py;
 use crate::python::store::record_of;
 use crate::python::{errors, events, json, runtime};
-use crate::transport::{Confirm, Message, Outgoing, RedisStreams, Sink, Transport, TransportError};
+use crate::transport::{
+    Confirm, Key, Message, Outgoing, RedisStreams, Sink, Transport, TransportError,
+};
 
 /// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
 struct PySink {
@@ -73,7 +75,13 @@ fn outgoing(
     correlation_id: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Outgoing> {
     let key = events::event_key(event, key)?
-        .map(|k| events::portable_key(&k)?.str().map(|s| s.to_string()))
+        .map(|k| {
+            let k = events::portable_key(&k)?;
+            Ok::<_, PyErr>(Key {
+                text: k.str()?.to_string(),
+                json: json::encode(&k)?,
+            })
+        })
         .transpose()?;
     Ok(Outgoing {
         event: record_of(event, correlation_id)?,
@@ -127,6 +135,19 @@ impl PyTransportCore {
     fn redis(py: Python<'_>, settings: redis::RedisSettings) -> PyResult<Bound<'_, PyAny>> {
         let cfg = settings.config()?;
         connect(py, move |sink, rt| RedisStreams::connect(cfg, sink, rt))
+    }
+
+    /// The members of a Redis Streams `group` on `stream` and who holds each partition,
+    /// read from Redis (changes nothing) -> awaitable of (partitions, lease TTL in s,
+    /// [(member, s left)], [(holder, s left) or None per partition]).
+    #[staticmethod]
+    fn redis_group(
+        py: Python<'_>,
+        url: String,
+        stream: String,
+        group: String,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        runtime::future_into_py(py, redis::read_group(url, stream, group))
     }
 
     /// "redis", "rabbitmq", ...
@@ -189,9 +210,14 @@ impl PyTransportCore {
                     let message = m.clone();
                     let ack: crate::python::envelope::Ack =
                         Box::new(move || transport.ack(&message));
+                    let key = payload
+                        .get_item(intern!(py, "key"))
+                        .ok()
+                        .filter(|k| !k.is_none());
                     bus.get().accept_remote(
                         py,
                         &event,
+                        key,
                         field("correlation_id"),
                         field("causation_id"),
                         ack,
@@ -212,7 +238,7 @@ impl PyTransportCore {
     }
 
     /// The transport's reading: kind, reachable, lag, pending, published, received, claimed,
-    /// dead_lettered, last_error.
+    /// dead_lettered, last_error, and with partition ownership owned, members, assignment.
     fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let h = self.transport.health();
         let d = PyDict::new(py);
@@ -225,6 +251,9 @@ impl PyTransportCore {
         d.set_item("claimed", h.claimed)?;
         d.set_item("dead_lettered", h.dead)?;
         d.set_item("last_error", h.last_error)?;
+        d.set_item("owned", h.owned)?;
+        d.set_item("members", h.members)?;
+        d.set_item("assignment", h.assignment)?;
         Ok(d)
     }
 

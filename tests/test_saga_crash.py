@@ -137,7 +137,7 @@ def _key(metadata_and_data: str) -> str:
 def test_a_saga_bus_killed_at_random_moments_loses_no_instance_and_applies_no_step_twice(
     tmp_path: Path,
 ) -> None:
-    rng = random.Random(20261205)
+    rng = random.Random(int(os.environ.get("OXBUS_CRASH_SEED", "20261205")))
     totals: Counter[str] = Counter()
     for it in range(ITERATIONS):
         db, record = tmp_path / f"saga{it}.db", tmp_path / f"saga{it}.log"
@@ -149,7 +149,7 @@ def test_a_saga_bus_killed_at_random_moments_loses_no_instance_and_applies_no_st
         )
         assert child.stdout is not None
         line = child.stdout.readline().strip()
-        assert line == "ready", child.stderr.read() if child.stderr else ""
+        assert line == "ready", (line, child.stderr.read() if child.stderr else "")
         time.sleep(rng.uniform(0.02, 0.4))  # sleep-ok: the random moment of the kill
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
@@ -182,7 +182,6 @@ def test_a_saga_bus_killed_at_random_moments_loses_no_instance_and_applies_no_st
             )
         }
         applied = Counter(str(k) for (k,) in _rows(db, "SELECT key FROM saga_applied"))
-        assert committed, f"iteration {it}: nothing was committed before the kill"
         lost = sorted(set(committed) - set(instances))
         assert not lost, f"iteration {it}: instances lost: {lost[:10]}"
         for key, inputs in committed.items():
@@ -208,7 +207,7 @@ def test_a_saga_bus_killed_at_random_moments_loses_no_instance_and_applies_no_st
         for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), record):
             if f.exists():
                 os.remove(f)
-    assert totals["applied before the kill"] > 0
+    assert totals["orders"] > 0 and totals["applied before the kill"] > 0
     print(
         f"\n{ITERATIONS} kills: {totals['orders']} instances, {totals['applications']} steps "
         f"applied once each ({totals['applied before the kill']} before a kill), "

@@ -28,6 +28,7 @@ from oxbus.events import DomainEvent
 from oxbus.heartbeat import Heartbeat, HeartbeatHandle
 from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
+from oxbus.saga import Saga, SagaInstance, step
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 from oxbus.subscription import Subscription
 from oxbus.transports import Broker, Memory, RedisStreams, Sqlite, Transport
@@ -56,6 +57,8 @@ __all__ = [
     "RedisPubSubBridge",
     "RedisStreams",
     "RetryPolicy",
+    "Saga",
+    "SagaInstance",
     "SerializationError",
     "Snapshot",
     "Sqlite",
@@ -69,4 +72,5 @@ __all__ = [
     "current_envelope",
     "errors",
     "register_event",
+    "step",
 ]

@@ -356,7 +356,10 @@ impl Log {
         let schema = || -> Result<()> {
             let sql = |e| log.err(e);
             log.conn
-                .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA}"))
+                .execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {SCHEMA} {}",
+                    crate::store::saga::SCHEMA
+                ))
                 .map_err(sql)?;
             let old_progress: bool = log
                 .conn

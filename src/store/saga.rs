@@ -10,7 +10,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::log::{now_iso, NewEvent};
+use crate::store::record::{now_iso, NewEvent};
 use crate::store::{Result, StoreError};
 
 /// The saga tables, created with the log's schema.

@@ -29,6 +29,7 @@ from oxbus.events import DomainEvent
 from oxbus.heartbeat import Heartbeat, HeartbeatHandle
 from oxbus.log import CorrelationFilter
 from oxbus.registry import register_event
+from oxbus.saga import Saga, SagaInstance, step
 from oxbus.store import Snapshot, SqliteEventStore, StoredEvent
 from oxbus.subscription import Subscription
 from oxbus.transports import Broker, Memory, RabbitMQ, RedisStreams, Sqlite, Transport
@@ -59,6 +60,8 @@ __all__ = [
     "RedisPubSubBridge",
     "RedisStreams",
     "RetryPolicy",
+    "Saga",
+    "SagaInstance",
     "SerializationError",
     "Snapshot",
     "Sqlite",
@@ -72,4 +75,5 @@ __all__ = [
     "current_envelope",
     "errors",
     "register_event",
+    "step",
 ]

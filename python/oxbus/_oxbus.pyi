@@ -268,6 +268,16 @@ class StoreCore:
         list[tuple[int, int, str, int, str, str, str, str, str, int | None, int | None]]
     ]: ...
     def remove_dead_letters(self, ids: list[int] | None = None) -> asyncio.Future[int]: ...
+    def saga_write(
+        self,
+        saga: str,
+        key: str,
+        instance: tuple[str, str | None, str, str, str | None, str | None, int, bool] | None,
+        applied: str | None,
+        deadlines: list[tuple[str, float, str]] | None,
+        events: list[tuple[Any, Any, Any, tuple[str, str] | None]],
+        done: tuple[str, int] | None,
+    ) -> asyncio.Future[list[int] | None]: ...
 
 @final
 class AmqpBridgeCore:

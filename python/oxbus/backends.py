@@ -141,15 +141,19 @@ class DurableBackend(_Waiting):
         store = self.store
         targets = {sid: target for sid, _, _, target in self.core.subscriptions()}
         owed = 0
+        pending: list[tuple[int, int, Any, Any]] = []
         for sid, (name, from_beginning) in list(self.durable.items()):
             start_after = await store._core.register_subscription(name, from_beginning)
             # A row that cannot be decoded becomes a dead letter of this subscription.
             for stored, event in await store._undelivered(name, start_after, targets.get(sid)):
-                owed += bool(
-                    self.core.redeliver(
-                        event, sid, stored.position, stored.correlation_id, stored.causation_id
-                    )
-                )
+                pending.append((stored.position, sid, stored, event))
+        # In log order across subscriptions: a saga's steps are several subscriptions, and
+        # its instance must see their events in the order they were published.
+        pending.sort(key=lambda p: p[0])
+        for position, sid, stored, event in pending:
+            owed += bool(
+                self.core.redeliver(event, sid, position, stored.correlation_id, stored.causation_id)
+            )
         await self.dead_letters._load()
         logger.info(
             "durable recovery: %d undelivered (event, subscription) pair(s) queued for %d "

@@ -21,11 +21,13 @@ from oxbus._oxbus import BusCore, RetryPolicy, Worker, current_envelope, encode_
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
+from oxbus._saga_manager import SagaManager, Sagas, empty_statistics
 from oxbus._threadsafe import ThreadsafePublisher
 from oxbus.backends import admit, backend_for, store_of
 from oxbus.config import BusSettings, CircuitBreaker, seconds as _timeout
 from oxbus.dead_letters import DeadLetters
 from oxbus.failures import FailureBook
+from oxbus.saga import Saga
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import (
     Subscription,
@@ -41,6 +43,7 @@ logger = logging.getLogger("oxbus")
 
 Handler = Callable[[Any], Union[Awaitable[Any], Any]]
 H = TypeVar("H", bound=Handler)
+S = TypeVar("S", bound="type[Saga]")
 Target = Any  # a class, a type string or pattern, or an Enum member
 E = TypeVar("E")
 R = TypeVar("R")
@@ -153,6 +156,7 @@ class EventBus:
         # Every subscription made, by id (kept after unsubscribe: dead letters name them).
         self._subscriptions: dict[int, Subscription] = {}
         self._threadsafe = ThreadsafePublisher()
+        self._sagas: SagaManager | None = None
 
     @property
     def transport(self) -> Transport:
@@ -176,6 +180,8 @@ class EventBus:
             task.add_done_callback(self._on_worker_done)
         try:
             await self._backend.start()  # the durable bus's replay; connecting to a broker
+            if self._sagas is not None:
+                await self._sagas.start()  # instances loaded, deadlines armed
         except BaseException:
             await self.stop(drain=False)  # a failed start leaves the bus stopped
             raise
@@ -212,6 +218,8 @@ class EventBus:
         self._refuse_inside_handler("stop")
         if self._heartbeats is not None:
             await self._heartbeats.stop()
+        if self._sagas is not None:
+            await self._sagas.stop()  # no deadline fires from here on
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # Intake closes first: a publish from outside the bus is refused (BusClosed) from
@@ -397,6 +405,20 @@ class EventBus:
             return sid >= 0 and bool(self._core.unsubscribe(sid))
         return bool(self._core.unsubscribe_handler(subscription, handler))
 
+    def register_saga(self, saga: S) -> S:
+        """Registers a saga class (see [`oxbus.Saga`][oxbus.Saga]) and returns it: its steps'
+        event types are subscribed (as ``Saga.step``); events find their instance by its
+        ``key``. A definition that cannot work raises
+        [`InvalidSaga`][oxbus.errors.InvalidSaga] naming the problem.
+        """
+        SagaManager.of(self).register(saga)
+        return saga
+
+    @property
+    def sagas(self) -> Sagas:
+        """The saga instances: ``await bus.sagas.instances(OrderSaga, state="running")``."""
+        return Sagas(SagaManager.of(self))
+
     def subscriptions(self) -> list[dict[str, Any]]:
         """Every subscription: id, name, priority and target, in subscription order."""
         return [
@@ -552,8 +574,11 @@ class EventBus:
         handler_latency_ms (p50/p90/p99/max, over every call), queue_size, retry_queue_size,
         failed_events_count, subscription_count, is_running, worker_count, by_event_type
         (published, processed, failed), by_subscription (calls, failed, retried,
-        dead_lettered; keyed by subscription name), uptime_seconds, and for a broker bus
-        partitions (the partitions this member reads, the group's assignment).
+        dead_lettered; keyed by subscription name), uptime_seconds, for a broker bus
+        partitions (the partitions this member reads, the group's assignment), and the sagas'
+        instances: sagas_started, sagas_completed, sagas_compensated (compensations
+        published), sagas_failed, sagas_ignored (events no instance took), sagas_duplicates
+        (events applied already), sagas_running, and by_saga (the same per saga).
 
         ```python
         failed = bus.get_statistics()["by_subscription"]["billing"]["failed"]
@@ -562,6 +587,7 @@ class EventBus:
         s: dict[str, Any] = self._core.statistics()
         s["failed_events_count"] = len(self.dead_letters)
         self._backend.statistics(s)
+        s.update(empty_statistics() if self._sagas is None else self._sagas.statistics())
         return s
 
     def get_stats(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ __all__ = [
     "ConcurrencyError",
     "ConfigurationError",
     "InvalidEvent",
+    "InvalidSaga",
     "InvalidSubscription",
     "OxbusError",
     "QueueFull",
@@ -49,6 +50,13 @@ class QueueFull(OxbusError, asyncio.QueueFull):
 
 class ConfigurationError(OxbusError, ValueError):
     """A constructor or policy setting is out of range; the message names it and its value."""
+
+
+class InvalidSaga(ConfigurationError):
+    """``bus.register_saga(cls)`` refused a saga definition (no ``key``, no ``starts=True``
+    step, a step that is not ``async def``, an event type taken by two steps, ...), or a saga
+    step misused its instance (an event a durable bus could not store); the message names
+    the saga and the problem."""
 
 
 class InvalidEvent(OxbusError, TypeError):

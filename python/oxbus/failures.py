@@ -14,7 +14,7 @@ import inspect
 import logging
 import traceback
 from datetime import datetime, timezone
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Callable
 
 from oxbus._oxbus import Envelope
 from oxbus.dead_letters import DeadLetter, DeadLetters, ProcessingResult
@@ -39,6 +39,9 @@ class FailureBook:
         self._dead = dead_letters
         self._store = store
         self._mark = getattr(event_storage, "mark_event_processed", None)
+        #: sub_id -> the coroutine function to await when the retry policy gives up on a call
+        #: of that subscription (a saga step: its compensations), or None
+        self.on_give_up: Callable[[int], Callable[[Envelope, BaseException], Awaitable[None]] | None] | None = None
         #: when each (event, subscription) pair first failed, until it succeeds or gives up
         self._first_failures: dict[tuple[int, str], datetime] = {}
 
@@ -83,13 +86,27 @@ class FailureBook:
             self._failure(env, sub_id, subscription, error, attempt, final, result, park_key)  # type: ignore[arg-type]
         elif attempt > 1:
             self._first_failures.pop((id(env.event), subscription), None)
-        if self._mark is not None:
-            return self._call_mark(env.event_id, result)
+        gave_up = None
+        if error is not None and final and self.on_give_up is not None:
+            gave_up = self.on_give_up(sub_id)
+        marked = None if self._mark is None else self._call_mark(env.event_id, result)
+        if gave_up is not None:
+            # A saga step: the hook records the instance's failure together with the event's
+            # progress (one transaction on a durable bus).
+            return self._both(gave_up(env, error), marked)  # type: ignore[arg-type]
+        if marked is not None or self._mark is not None:
+            return marked
         if self._store is not None and position is not None and error is not None and final:
             # Dead-lettered: not delivered again after a restart (successes are recorded by
             # the worker itself).
             self._store._core.mark_done(subscription, position)
         return None
+
+    @staticmethod
+    async def _both(first: Awaitable[Any], second: Awaitable[Any] | None) -> None:
+        await first
+        if second is not None:
+            await second
 
     def _failure(
         self,

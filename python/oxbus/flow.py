@@ -17,6 +17,10 @@ Where the numbers come from (tables and views of the SQLite log):
   ``subscription``. Logs written before the name was recorded (or events whose causation was
   set by hand) are attributed to the parent's type: to its only handler when it has one, else
   drawn as a dashed type → type edge.
+- **sagas**: a saga's steps are subscriptions named ``Saga.step`` (see ``oxbus.saga``);
+  ``saga_instances`` names the sagas, so their steps are drawn together, in a box titled with
+  the saga's instances per state. A deadline's event is drawn as published by the step that
+  set it, a compensation published when a step gave up as published by that step.
 
 Rendering SVG or PNG runs Graphviz's ``dot`` (``apt-get install graphviz``); Mermaid and DOT
 are plain text and need nothing.
@@ -161,6 +165,15 @@ class Flow:
     undecodable: dict[str, list[int]] = field(default_factory=dict)
     #: a title for the picture (the file name)
     title: str = ""
+    #: saga name -> {state: instances}
+    sagas: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def saga_of(self, subscription: str) -> str | None:
+        """The saga whose step ``subscription`` is, if any."""
+        for name in self.sagas:
+            if subscription.startswith(f"{name}."):
+                return name
+        return None
 
     @property
     def handlers(self) -> list[str]:
@@ -208,6 +221,14 @@ class Flow:
                 {"event_type": t, "count": len(ps), "positions": ps[:100]}
                 for t, ps in sorted(self.undecodable.items())
             ],
+            "sagas": [
+                {
+                    "name": name,
+                    "steps": [h for h in self.handlers if self.saga_of(h) == name],
+                    "instances": dict(sorted(states.items())),
+                }
+                for name, states in sorted(self.sagas.items())
+            ],
         }
 
 
@@ -244,7 +265,14 @@ def read_flow(path: str | os.PathLike[str]) -> Flow:
                 ),
             ]
         )
+        sagas = (
+            log.query("SELECT saga, status, COUNT(*) FROM saga_instances GROUP BY 1, 2")
+            if log.query("SELECT 1 FROM sqlite_master WHERE name = 'saga_instances'")
+            else []
+        )
     flow = Flow(title=os.path.basename(os.fspath(path)))
+    for saga, status, n in sagas:
+        flow.sagas.setdefault(saga, {})[status] = n
     flow.events = {t: n for t, n in types}
     flow.deliveries = {(t, s): n for t, s, n in deliveries}
     flow.dead_letters = {(t, s): n for t, s, n in dead}
@@ -291,6 +319,21 @@ def _delivery_label(flow: Flow, t: str, s: str, sep: str) -> tuple[str, bool]:
     )
 
 
+def _saga_title(flow: Flow, saga: str) -> str:
+    states = flow.sagas[saga]
+    total = sum(states.values())
+    parts = ", ".join(f"{n:,} {s}" for s, n in sorted(states.items()))
+    return f"saga {saga}: {_plural(total, 'instance')} ({parts})"
+
+
+def _by_saga(flow: Flow, hd: dict[str, str]) -> dict[str | None, list[tuple[str, str]]]:
+    """Handler nodes grouped by the saga they are steps of (None: plain handlers)."""
+    groups: dict[str | None, list[tuple[str, str]]] = {}
+    for name, i in hd.items():
+        groups.setdefault(flow.saga_of(name), []).append((name, i))
+    return groups
+
+
 def _ids(flow: Flow) -> tuple[dict[str, str], dict[str, str]]:
     events = {t: f"e{i}" for i, t in enumerate(sorted(flow.events))}
     handlers = {s: f"h{i}" for i, s in enumerate(flow.handlers)}
@@ -308,8 +351,14 @@ def to_mermaid(flow: Flow) -> str:
     lines = ["flowchart LR"]
     for t, i in ev.items():
         lines.append(f'    {i}(["{q(t)}<br/>{_plural(flow.events[t], "event")}"]):::event')
-    for s, i in hd.items():
-        lines.append(f'    {i}[["{q(s)}"]]:::handler')
+    for saga, handlers in _by_saga(flow, hd).items():
+        if saga is not None:
+            n = sorted(flow.sagas).index(saga)
+            lines.append(f'    subgraph s{n}["{q(_saga_title(flow, saga))}"]')
+        for s, i in handlers:
+            lines.append(f'    {"  " if saga else ""}{i}[["{q(s)}"]]:::handler')
+        if saga is not None:
+            lines.append("    end")
     red: list[int] = []
     n = 0
     for t, s in sorted(set(flow.deliveries) | set(flow.dead_letters)):
@@ -372,11 +421,22 @@ def to_dot(flow: Flow) -> str:
             f'penwidth=1.5, label=<<B>{html.escape(t)}</B><BR/><FONT POINT-SIZE="11">'
             f"{_plural(flow.events[t], 'event')}</FONT>>];"
         )
-    for name, i in hd.items():
-        out.append(
-            f'    {i} [shape=box, style=filled, fillcolor="{HANDLER_FILL}", color="{HANDLER_LINE}", '
-            f"label=<<I>{html.escape(name)}</I>>];"
-        )
+    for saga, handlers in _by_saga(flow, hd).items():
+        pad = "    "
+        if saga is not None:
+            n = sorted(flow.sagas).index(saga)
+            out.append(
+                f"    subgraph cluster_s{n} {{ label={s(_saga_title(flow, saga))}; "
+                f'style="rounded,dashed"; color="{HANDLER_LINE}"; fontsize=12;'
+            )
+            pad = "        "
+        for name, i in handlers:
+            out.append(
+                f'{pad}{i} [shape=box, style=filled, fillcolor="{HANDLER_FILL}", '
+                f'color="{HANDLER_LINE}", label=<<I>{html.escape(name)}</I>>];'
+            )
+        if saga is not None:
+            out.append("    }")
     for t, name in sorted(set(flow.deliveries) | set(flow.dead_letters)):
         label, failing = _delivery_label(flow, t, name, "\n")
         n = max(flow.deliveries.get((t, name), 0), flow.dead_letters.get((t, name), 0))

@@ -217,6 +217,33 @@ class BusCollector:
         ):
             gauge(name, doc, number)
 
+        # Sagas (oxbus.saga), by saga: seed 001's saga completions by status, and more.
+        by_saga: dict[str, dict[str, int]] = stats.get("by_saga", {})
+        if by_saga:
+            f = family(
+                CounterMetricFamily,
+                "oxbus_saga_instances",
+                "Saga instances started, completed, compensated (compensations published) "
+                "and failed.",
+                ["saga", "outcome"],
+            )
+            skipped = family(
+                CounterMetricFamily,
+                "oxbus_saga_events_skipped",
+                "Events a saga did not apply: ignored (no instance took them) or duplicate "
+                "(applied already).",
+                ["saga", "reason"],
+            )
+            running = family(
+                GaugeMetricFamily, "oxbus_saga_instances_running", "Running instances.", ["saga"]
+            )
+            for saga, counts in sorted(by_saga.items()):
+                for outcome in ("started", "completed", "compensated", "failed"):
+                    f.add_metric([bus_name, saga, outcome], counts.get(outcome, 0))
+                skipped.add_metric([bus_name, saga, "ignored"], counts.get("ignored", 0))
+                skipped.add_metric([bus_name, saga, "duplicate"], counts.get("duplicates", 0))
+                running.add_metric([bus_name, saga], counts.get("running", 0))
+
         # The engine times every handler call: the count is the calls made (the sum of
         # oxbus_handler_calls_total over the subscriptions).
         cumulative, count, total = bus._core.latency_buckets(self._bounds)

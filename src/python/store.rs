@@ -19,6 +19,7 @@ use crate::python::json::records::Metadata;
 use crate::python::runtime;
 use crate::python::{errors, events, json};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
+use crate::store::saga::{DeadlineRow, SagaRow, SagaWrite};
 use crate::store::writer::{Op, Reply, Sink, Writer};
 use crate::store::StoreError;
 use rusqlite::types::Value;
@@ -152,6 +153,10 @@ fn reply_to_py(py: Python<'_>, r: Reply) -> PyResult<Py<PyAny>> {
             PyList::new(py, items)?.into_any().unbind()
         }
         Reply::Requeued(rows) => PyList::new(py, rows)?.into_any().unbind(),
+        Reply::Saga(positions) => match positions {
+            Some(ps) => PyList::new(py, ps)?.into_any().unbind(),
+            None => py.None(),
+        },
         Reply::Dead(ds) => {
             let items = ds
                 .into_iter()
@@ -720,6 +725,92 @@ impl PyStoreCore {
     #[pyo3(signature = (ids=None))]
     fn requeue_dead_letters(&self, py: Python<'_>, ids: Option<Vec<i64>>) -> PyResult<Py<PyAny>> {
         self.submit(py, Op::Requeue(ids))
+    }
+
+    /// Changes a saga instance -> future of the positions of `events` (logged in the same
+    /// transaction, with the progress mark `done`), or of None when `applied` was applied
+    /// already (nothing written). `instance`: (status, step, state JSON, compensations JSON,
+    /// error, correlation id, steps, compensated), None to keep it; `deadlines`: every
+    /// (name, due, event JSON) of the instance, None to keep them; `events`: (event, key,
+    /// correlation id, cause) to log, cause being None or (subscription, causation id): the
+    /// step a deadline or a give-up publishes for.
+    #[pyo3(signature = (saga, key, instance, applied, deadlines, events, done))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn saga_write(
+        &self,
+        py: Python<'_>,
+        saga: String,
+        key: String,
+        instance: Option<(
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            bool,
+        )>,
+        applied: Option<String>,
+        deadlines: Option<Vec<(String, f64, String)>>,
+        events: &Bound<'_, PyAny>,
+        done: Option<(String, i64)>,
+    ) -> PyResult<Py<PyAny>> {
+        let instance = instance.map(
+            |(status, step, state, compensations, error, correlation_id, steps, compensated)| {
+                SagaRow {
+                    status,
+                    step,
+                    state,
+                    compensations,
+                    error,
+                    correlation_id,
+                    steps,
+                    compensated,
+                }
+            },
+        );
+        let deadlines = deadlines.map(|ds| {
+            ds.into_iter()
+                .map(|(name, due, event)| DeadlineRow { name, due, event })
+                .collect()
+        });
+        let events = events
+            .try_iter()?
+            .map(|item| {
+                let (e, k, c, cause): (
+                    Bound<'_, PyAny>,
+                    Option<Bound<'_, PyAny>>,
+                    Option<Bound<'_, PyAny>>,
+                    Option<(String, String)>,
+                ) = item?.extract()?;
+                let mut record = record_of(&e, c.as_ref())?;
+                if let Some((subscription, causation_id)) = cause {
+                    // Published for a step outside its call (a deadline, a give-up): the
+                    // metadata names the step and its event, as a call's publish would.
+                    record.metadata = serde_json::to_string(&Metadata {
+                        correlation_id: meta_value(c.as_ref())?,
+                        causation_id: Some(serde_json::Value::String(causation_id)),
+                        subscription: Some(subscription),
+                    })
+                    .map_err(|e| {
+                        errors::serialization_error(format!("cannot encode metadata: {e}"))
+                    })?;
+                }
+                Ok((log_stream(&e, k.as_ref())?, record))
+            })
+            .collect::<PyResult<_>>()?;
+        let write = SagaWrite {
+            saga,
+            key,
+            instance,
+            applied,
+            deadlines,
+            events,
+            done,
+        };
+        write.check().map_err(|e| to_py(&e))?;
+        self.submit(py, Op::Saga(Box::new(write)))
     }
 
     fn dead_letters(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {

@@ -7,27 +7,14 @@
 //! against another process writing the same file. Versions start at 1; `expected_version` is
 //! the stream's version before the append (0 for a new stream).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+pub use crate::store::record::{now_iso, NewEvent};
 use crate::store::{Result, StoreError};
-
-/// An event to append, already encoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEvent {
-    /// Unique id (a UUID string).
-    pub event_id: String,
-    /// The type key.
-    pub event_type: String,
-    /// The schema version of `data`.
-    pub event_version: i64,
-    /// The event's fields as a JSON object.
-    pub data: String,
-    /// Correlation and causation ids and the like, as a JSON object.
-    pub metadata: String,
-    /// When the event happened (ISO 8601), if known.
-    pub occurred_at: Option<String>,
-}
 
 /// A row of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,41 +223,12 @@ pub fn in_memory(path: &str) -> bool {
     path.is_empty() || path == ":memory:" || path.contains("mode=memory")
 }
 
-/// The current UTC time, ISO 8601 with microseconds.
-pub fn now_iso() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}+00:00",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_micros()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's method).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// One connection to the log.
 pub struct Log {
     conn: Connection,
     path: String,
+    /// Set by the WAL hook when the WAL outgrew `delegate_checkpoints`'s `inline_at`.
+    overdue: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Log {
@@ -307,6 +265,7 @@ impl Log {
             source: e,
         })?;
         let log = Self {
+            overdue: Arc::default(),
             conn,
             path: path.to_owned(),
         };
@@ -350,7 +309,10 @@ impl Log {
         let schema = || -> Result<()> {
             let sql = |e| log.err(e);
             log.conn
-                .execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA}"))
+                .execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {SCHEMA} {}",
+                    crate::store::saga::SCHEMA
+                ))
                 .map_err(sql)?;
             let old_progress: bool = log
                 .conn
@@ -432,6 +394,7 @@ impl Log {
                     source: e,
                 })?;
             let log = Self {
+                overdue: Arc::default(),
                 conn,
                 path: path.to_owned(),
             };
@@ -568,17 +531,47 @@ impl Log {
                 source: e,
             })?;
         let path = self.path.clone();
+        let overdue = Arc::clone(&self.overdue);
         self.conn
-            .wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+            .wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
                 wake(pages);
                 if pages >= inline_at {
-                    // Passive; BUSY while the other thread checkpoints: the next commit tries
-                    // again. Never an error from here: the commit itself has succeeded.
-                    let _ = wal.checkpoint();
+                    overdue.store(true, Ordering::Relaxed); // see `checkpoint_if_overdue`
                 }
                 Ok(())
             }))
             .map_err(|e| StoreError::Sqlite { path, source: e })
+    }
+
+    /// When the WAL outgrew the inline threshold (the checkpoint thread fell behind: a loaded
+    /// machine starved it), a RESTART checkpoint on this connection, between two transactions,
+    /// retried for up to a second: it copies every frame and lets the next commit start the WAL
+    /// over. A PASSIVE one could not: this writer appends between two of them, so the WAL
+    /// would never be wholly copied and would keep growing. It is retried because a checkpoint
+    /// the other thread runs makes it BUSY at once (SQLite waits for writers and readers, not
+    /// for another checkpointer); with no commit meanwhile, that one completes too. Still busy
+    /// after the second: the next call tries again. So commits pause only when the WAL has
+    /// already grown large.
+    pub fn checkpoint_if_overdue(&self) {
+        if !self.overdue.load(Ordering::Relaxed) {
+            return;
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let busy = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+            match busy {
+                Ok(0) => {
+                    self.overdue.store(false, Ordering::Relaxed);
+                    return;
+                }
+                Ok(_) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                _ => return,
+            }
+        }
     }
 
     /// The file path as given.
@@ -1102,13 +1095,6 @@ mod tests {
         assert_eq!(positions(&log, "sub", 0), [3]);
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn iso_dates_are_right() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert!(now_iso().ends_with("+00:00"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The SQLite event log: streams with optimistic concurrency, a global order, snapshots,
-//! durable subscription progress and dead letters.
+//! durable subscription progress, dead letters and saga instances.
 //!
 //! `log` is the schema and the queries on one connection; `writer` owns that connection on a
 //! thread of its own and applies requests in batches (group commit), handing results back in
@@ -7,6 +7,8 @@
 
 pub mod errors;
 pub mod log;
+pub mod record;
+pub mod saga;
 pub mod writer;
 
 pub use errors::{Result, StoreError};

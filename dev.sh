@@ -68,6 +68,7 @@ suite() {  # suite PYTHON: the wheel into a fresh venv of PYTHON, then pytest an
   # Run from tests/ so `import oxbus` finds the installed wheel, not ./python.
   (cd tests && "../$dir/bin/python" -m pytest -c ../pyproject.toml --rootdir .. "${PYTEST_ARGS[@]}")
   "$dir/bin/python" -m mypy.stubtest oxbus._oxbus
+  "$dir/bin/python" -m mypy python/oxbus  # the package's own sources, strict (pyproject)
   "$dir/bin/python" -m mypy --strict examples/typed_example.py
 }
 

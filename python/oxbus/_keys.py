@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dis
 import types
-from typing import Any
+from typing import Any, cast
 
 from oxbus.events import DomainEvent
 
@@ -53,7 +53,7 @@ def _attribute_returned(getter: Any) -> str | None:
 def key_reader(cls: type) -> tuple[str, Any, str | None] | None:
     """``("attr", descriptor, name)``, ``("default", descriptor, None)``, or None (read
     ``aggregate_id`` as usual)."""
-    if cls.__getattribute__ is not object.__getattribute__:
+    if cast(Any, cls).__getattribute__ is not object.__getattribute__:
         return None
     for klass in cls.__mro__:
         if "aggregate_id" in klass.__dict__:

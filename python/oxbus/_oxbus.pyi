@@ -1,7 +1,7 @@
 """Stubs of the native module. Import ``oxbus``, not this module."""
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, final
 
 __all__ = [
@@ -137,7 +137,7 @@ class Worker:
 @final
 class Publish:
     """The awaitable of ``await bus.publish(event)`` on an in-memory bus (a coroutine)."""
-    def __await__(self) -> Publish: ...
+    def __await__(self) -> Generator[Any, Any, bool]: ...
     def __iter__(self) -> Publish: ...
     def __next__(self) -> Any: ...
     def send(self, value: Any) -> Any: ...

@@ -33,7 +33,7 @@ class ElasticPool(concurrent.futures.Executor):
         self._started = 0
         self._shutdown = False
 
-    def submit(  # type: ignore[override]
+    def submit(
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[Any]:
         with self._guard:

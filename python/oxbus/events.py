@@ -134,7 +134,7 @@ class DomainEvent:
     @_Default
     def correlation_id(self) -> str:
         """The id shared by a causal chain; a root event's is its own ``event_id``."""
-        return self.event_id  # type: ignore[no-any-return]
+        return self.event_id
 
     @_Default
     def causation_id(self) -> str | None:

@@ -27,7 +27,7 @@ import types
 import typing
 import weakref
 from collections import abc
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
@@ -290,23 +290,28 @@ def _rebuild(cls: type, data: Mapping[str, Any]) -> Any:
     return _rebuild_object(cls, data)
 
 
-_plans: dict[type, list[tuple[str, bool, Conv]]] = {}
+#: per dataclass: (name, init, converter) of each field, and the field names
+_plans: dict[type, tuple[list[tuple[str, bool, Conv]], frozenset[str]]] = {}
 
 
 def _rebuild_dataclass(cls: type, data: Mapping[str, Any]) -> Any:
-    plan = _plans.get(cls)
-    if plan is None:
+    cached = _plans.get(cls)
+    if cached is None:
         hints = _hints(cls)
-        plan = [
-            (f.name, f.init, _converter(hints.get(f.name, Any))) for f in dataclasses.fields(cls)
-        ]
-        _plans[cls] = plan
+        fields = dataclasses.fields(cls)
+        cached = _plans[cls] = (
+            [(f.name, f.init, _converter(hints.get(f.name, Any))) for f in fields],
+            frozenset(f.name for f in fields),
+        )
+    plan, names = cached
     kwargs: dict[str, Any] = {}
     late: list[tuple[str, Any]] = []
     for name, init, conv in plan:
         if name not in data:
             continue
-        value = _convert(cls, name, conv, data[name])
+        value = data[name]
+        if conv is not None and value is not None:
+            value = _convert(cls, name, conv, value)
         if init:
             kwargs[name] = value
         else:
@@ -315,8 +320,7 @@ def _rebuild_dataclass(cls: type, data: Mapping[str, Any]) -> Any:
     for name, value in late:
         object.__setattr__(obj, name, value)  # frozen dataclasses too
     if getattr(cls, "__oxbus_domain_event__", False):
-        fields = {name for name, _, _ in plan}
-        _restore_identity(obj, data, fields)
+        _restore_identity(obj, data, names)
     return obj
 
 
@@ -341,7 +345,7 @@ def _rebuild_object(cls: type, data: Mapping[str, Any]) -> Any:
     return obj
 
 
-def _restore_identity(obj: Any, data: Mapping[str, Any], fields: set[str]) -> None:
+def _restore_identity(obj: Any, data: Mapping[str, Any], fields: Set[str]) -> None:
     # The identity attributes are non-data descriptors: the instance __dict__ wins.
     d = obj.__dict__
     for name in _IDENTITY:

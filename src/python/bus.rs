@@ -296,6 +296,7 @@ impl PyBusCore {
     }
 
     /// Accepts an event delivered by a transport; `ack` runs once every subscription is done.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept_remote(
         &self,
         py: Python<'_>,
@@ -303,28 +304,54 @@ impl PyBusCore {
         key: Option<Bound<'_, PyAny>>,
         correlation_id: Option<Bound<'_, PyAny>>,
         causation_id: Option<Bound<'_, PyAny>>,
+        only: Option<&str>,
         ack: envelope::Ack,
     ) -> PyResult<()> {
         // The key as JSON gave it back (a list for a tuple): in its canonical form again.
         let key = key.map(|k| events::canonical_key(&k)).transpose()?;
         let (mut item, lane) = self.envelope(py, event, key.clone(), None, None)?;
+        let route = match only {
+            // A retried dead letter: for the subscription that failed only.
+            Some(name) => Arc::new(Self::route_for(py, item.item.route(), name)?),
+            None => Arc::clone(item.item.route()),
+        };
         let origin = match (correlation_id, causation_id) {
             (Some(c), Some(cause)) => Origin::Child(c.unbind(), cause.unbind()),
             (c, None) => Origin::Root(c.map(Bound::unbind)),
             (None, Some(cause)) => Origin::Child(item.item.id(py)?.unbind(), cause.unbind()),
         };
-        let env = EnvData::new(
-            event.clone().unbind(),
-            origin,
-            key.map(Bound::unbind),
-            Arc::clone(item.item.route()),
-            None,
-        );
+        let env = EnvData::new(event.clone().unbind(), origin, key.map(Bound::unbind), route, None);
         *env.ack.lock() = Some(ack);
         item.item = Arc::new(env);
         // A full queue parks it with the blocked publishers: the transport's prefetch bounds them.
         drop(self.accept(py, item, lane, true, true)?);
         Ok(())
+    }
+
+    /// `full` restricted to the subscription named `name`, or `InvalidSubscription`.
+    fn route_for(py: Python<'_>, full: &Route, name: &str) -> PyResult<Route> {
+        let subs: Vec<_> = full
+            .subs
+            .iter()
+            .filter(|s| &*s.name == name)
+            .map(Arc::clone)
+            .collect();
+        if subs.is_empty() {
+            return Err(errors::invalid_subscription(format!(
+                "a retried dead letter is for subscription {name:?}, which this bus does not \
+                 have for {:?}",
+                full.type_key
+            )));
+        }
+        Ok(Route {
+            class: full.class.clone_ref(py),
+            subs,
+            skip: None,
+            type_key: full.type_key.clone(),
+            mro: full.mro.clone(),
+            class_has_key: full.class_has_key,
+            counters: Arc::clone(&full.counters),
+        })
     }
 
     /// Tells publishers they were given room, and the `wait_for` callers of events pushed

@@ -15,6 +15,7 @@ use pyo3::types::{PyDict, PyString};
 
 use crate::python::events;
 use crate::python::route::Route;
+use crate::transport::HandlerFailure;
 
 /// A new random event id (UUID4, as a string).
 #[pyfunction]
@@ -33,8 +34,31 @@ pub enum Origin {
 /// What travels with an event through the queue: the event, where it came from, its route,
 /// and which call is running. Plain Rust behind an `Arc`: the Python `Envelope` is made only
 /// when someone asks (`current_envelope()`, the after-call hook).
-/// Called once when a delivered event has been handled (a Redis entry's `XACK`).
-pub type Ack = Box<dyn FnOnce() + Send + Sync>;
+/// Settles a delivered event with its transport, once every subscription finished it (a
+/// Redis entry's `XACK`), with the dead letters of the subscriptions that gave up on it.
+pub trait Settle: Send + Sync {
+    /// A subscription gave up: its dead letter goes to the broker with the settlement.
+    fn dead_letter(&self, failure: HandlerFailure);
+    /// Every subscription finished (called once).
+    fn finish(self: Box<Self>);
+}
+
+/// See [`Settle`].
+pub type Ack = Box<dyn Settle>;
+
+/// A subscription's dead letter as the after-call hook gives it (a dict), for the broker.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct DeadLetterFields {
+    id: String,
+    subscription: String,
+    error_type: String,
+    error_message: String,
+    traceback: String,
+    attempts: u32,
+    first_failed_at: String,
+    last_failed_at: String,
+}
 
 pub struct EnvData {
     /// The event's position in the durable log, when the bus has one.
@@ -142,7 +166,7 @@ impl EnvData {
     pub fn acknowledge(&self) {
         let ack = self.ack.lock().take();
         if let Some(a) = ack {
-            a();
+            a.finish();
         }
     }
 
@@ -227,6 +251,27 @@ impl PyEnvelope {
     #[getter]
     fn event_type(&self) -> &str {
         &self.data.route.type_key
+    }
+
+    /// An event delivered by a broker: `fields` (id, subscription, error_type, error_message,
+    /// traceback, attempts, first_failed_at, last_failed_at) become a dead letter on the
+    /// broker, written before the message is acknowledged. False for an event of this process.
+    fn _dead_letter(&self, fields: DeadLetterFields) -> bool {
+        let ack = self.data.ack.lock();
+        let Some(settle) = ack.as_ref() else {
+            return false;
+        };
+        settle.dead_letter(HandlerFailure {
+            id: fields.id,
+            subscription: fields.subscription,
+            error_type: fields.error_type,
+            error_message: fields.error_message,
+            traceback: fields.traceback,
+            attempts: fields.attempts,
+            first_failed_at: fields.first_failed_at,
+            last_failed_at: fields.last_failed_at,
+        });
+        true
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {

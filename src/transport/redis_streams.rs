@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::leases::{self, LeaseConfig, Table};
-use super::{Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
+use super::{Failure, Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
 
 /// Settings of one transport.
 #[derive(Debug, Clone)]
@@ -285,7 +285,7 @@ impl RedisStreams {
             .map_err(|_| TransportError::Stopped("redis"))
     }
 
-    fn settle(&self, stream: &str, id: String, dead: Option<Box<(String, String)>>) {
+    fn settle(&self, stream: &str, id: String, dead: Option<Box<(String, Vec<Failure>)>>) {
         let idx = self.shared.index(stream);
         self.shared.acks_queued.fetch_add(1, Ordering::AcqRel);
         if self.ack_tx.send(Settle { idx, id, dead }).is_err() {
@@ -348,12 +348,12 @@ impl Transport for RedisStreams {
         self.settle(&message.source, message.id.clone(), None);
     }
 
-    /// To `dead_stream` with the reason, then `XACK`.
-    fn dead_letter(&self, message: Message, reason: String) {
+    /// To `dead_stream`, one entry per failure with its fields, then `XACK`.
+    fn dead_letter(&self, message: Message, failures: Vec<Failure>) {
         self.settle(
             &message.source,
             message.id,
-            Some(Box::new((message.payload, reason))),
+            Some(Box::new((message.payload, failures))),
         );
     }
 
@@ -508,23 +508,27 @@ async fn acker(
             let mut pipe = redis::pipe();
             // Dead letters are written before their entries are acknowledged (one pipeline,
             // in order): a failure in between redelivers the entry, it is never lost.
-            for (s, id, (payload, error)) in &dead {
-                pipe.cmd("XADD")
-                    .arg(&cfg.dead_stream)
-                    .arg("*")
-                    .arg("d")
-                    .arg(payload)
-                    .arg("stream")
-                    .arg(&cfg.streams[*s])
-                    .arg("id")
-                    .arg(id)
-                    .arg("group")
-                    .arg(&cfg.group)
-                    .arg("deliveries")
-                    .arg(1)
-                    .arg("error")
-                    .arg(error)
-                    .ignore();
+            for (s, id, (payload, failures)) in &dead {
+                for failure in failures {
+                    let xadd = pipe
+                        .cmd("XADD")
+                        .arg(&cfg.dead_stream)
+                        .arg("*")
+                        .arg("d")
+                        .arg(payload)
+                        .arg("stream")
+                        .arg(&cfg.streams[*s])
+                        .arg("id")
+                        .arg(id)
+                        .arg("group")
+                        .arg(&cfg.group)
+                        .arg("deliveries")
+                        .arg(1);
+                    for (name, value) in failure.fields() {
+                        xadd.arg(name).arg(value);
+                    }
+                    xadd.ignore();
+                }
             }
             for (s, ids) in by_stream
                 .iter()
@@ -541,7 +545,7 @@ async fn acker(
                 Ok(()) => {
                     shared.note(true, None);
                     if !dead.is_empty() {
-                        shared.health.lock().dead += dead.len() as u64;
+                        shared.health.lock().dead += dead.iter().map(|(_, _, (_, f))| f.len() as u64).sum::<u64>();
                     }
                     break;
                 }
@@ -571,7 +575,7 @@ async fn acker(
 struct Settle {
     idx: usize,
     id: String,
-    dead: Option<Box<(String, String)>>,
+    dead: Option<Box<(String, Vec<Failure>)>>,
 }
 
 fn entry_of(stream: &str, sid: &StreamId, deliveries: u32) -> Message {

@@ -1,4 +1,6 @@
-"""``oxbus dlq DB list|show|retry|purge``: the dead letters stored in a durable bus's log."""
+"""``oxbus dlq DB list|show|retry|purge``: the dead letters stored in a durable bus's log, or,
+with an ``amqp://`` URL for DB and ``--group``, those of a RabbitMQ group on the broker (its
+``<queue>.dead``; see :mod:`oxbus.cli._dlq_broker`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 import click
 
+from oxbus.cli import _dlq_broker
 from oxbus.cli._db import connect, db_argument, json_or_raw, query
 from oxbus.cli._output import UNREACHABLE, emit, emit_line, fail, json_mode, json_option, table
 from oxbus.errors import StorageError
@@ -58,9 +61,17 @@ def _plural(n: int) -> str:
 
 @click.group(short_help="Dead letters: list, show, retry, purge.")
 @db_argument
+@click.option("--group", default="default", show_default=True, help="With an amqp:// URL.")
+@click.option("--exchange", default="oxbus.events", show_default=True, help="With an amqp:// URL.")
+@click.option("--queue", default=None, help="With an amqp:// URL: the group's queue, if not "
+              "<exchange>.<group>.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="With an amqp:// URL: seconds to wait for RabbitMQ.")
 @json_option
 @click.pass_context
-def dlq(ctx: click.Context, db: str) -> None:
+def dlq(
+    ctx: click.Context, db: str, group: str, exchange: str, queue: str | None, timeout: float
+) -> None:
     """Dead letters stored in the durable bus's log DB: list, show, retry, purge.
 
     \b
@@ -70,16 +81,27 @@ def dlq(ctx: click.Context, db: str) -> None:
       oxbus dlq DB purge [--yes]
 
     Ids are those `list` prints; `db-7` (as bus.dead_letters shows it) works too.
+
+    With an amqp:// (or amqps://) URL instead of DB: the dead letters of the RabbitMQ group
+    GROUP (its queue <exchange>.<group>.dead), as every member's bus.dead_letters sees them:
+    `retry` sends them back to the group, each for the subscription that failed only, and
+    `purge` empties the queue.
+
+    \b
+      oxbus dlq amqp://guest:guest@127.0.0.1:5672/%2f --group billing list
     """
-    ctx.obj = db
+    ctx.obj = _dlq_broker.source(db, group=group, exchange=exchange, queue=queue,
+                                 timeout=timeout)
 
 
 @dlq.command("list", short_help="List dead letters.")
 @click.pass_obj
 @json_option
-def dlq_list(db: str) -> None:
+def dlq_list(db: str | _dlq_broker.Source) -> None:
     """List the dead letters, oldest first (--json: JSON Lines, without the tracebacks).
     Exit 0 (also when there are none), 3 when DB cannot be read."""
+    if isinstance(db, _dlq_broker.Source):
+        return _dlq_broker.list_(db)
     with connect(db) as log:
         rows = _dlq_rows(log)
     if json_mode():
@@ -112,8 +134,10 @@ def dlq_list(db: str) -> None:
 @click.pass_obj
 @click.argument("dead_letter_id", metavar="ID")
 @json_option
-def dlq_show(db: str, dead_letter_id: str) -> None:
+def dlq_show(db: str | _dlq_broker.Source, dead_letter_id: str) -> None:
     """Show one dead letter with its event and traceback. Exit 1 when there is no such id."""
+    if isinstance(db, _dlq_broker.Source):
+        return _dlq_broker.show(db, dead_letter_id)
     did = _dl_id(dead_letter_id)
     with connect(db) as log:
         rows = _dlq_rows(log, [did])
@@ -150,7 +174,7 @@ def dlq_show(db: str, dead_letter_id: str) -> None:
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
 @json_option
-def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool) -> None:
+def dlq_retry(db: str | _dlq_broker.Source, ids: tuple[str, ...], retry_all: bool) -> None:
     """Re-queue dead letters: each is delivered again, to its subscription only, the next time
     a durable bus with that subscription starts on DB.
 
@@ -160,6 +184,8 @@ def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool) -> None:
     """
     if bool(ids) == retry_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
+    if isinstance(db, _dlq_broker.Source):
+        return _dlq_broker.retry(db, None if retry_all else list(ids))
     wanted = None if retry_all else sorted({_dl_id(i) for i in ids})
     with connect(db, write=True) as log:
         try:
@@ -181,9 +207,11 @@ def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool) -> None:
 @click.pass_obj
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @json_option
-def dlq_purge(db: str, yes: bool) -> None:
+def dlq_purge(db: str | _dlq_broker.Source, yes: bool) -> None:
     """Delete every dead letter of DB for good (their events stay in the log and are not
     delivered again). Asks first unless --yes; exit 1 when declined."""
+    if isinstance(db, _dlq_broker.Source):
+        return _dlq_broker.purge(db, yes)
     with connect(db, write=True) as log:
         ((n,),) = query(log, "SELECT COUNT(*) FROM dead_letters")
         if n and not yes and not click.confirm(f"delete {n} dead letters from {db}?", err=True):

@@ -29,8 +29,10 @@ use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::errors::to_py;
 use crate::python::store::record_of;
 use crate::python::{errors, events, json, runtime};
+use crate::python::envelope::{Ack, Settle};
 use crate::transport::{
-    Confirm, Key, Message, Outgoing, RabbitMq, RedisStreams, Sink, Transport, TransportError,
+    Confirm, Failure, HandlerFailure, Key, Message, Outgoing, Place, RabbitMq, RedisStreams,
+    Sink, Transport, TransportError, RETRY_FIELD,
 };
 
 /// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
@@ -78,6 +80,58 @@ impl Sink for PySink {
     fn delivered(&self, messages: Vec<Message>) {
         self.inbox.push(messages);
     }
+}
+
+/// A delivered message in the bus: acknowledged once every subscription finished it, after
+/// the dead letters of those that gave up (written first, by the transport).
+struct Delivery {
+    transport: Arc<dyn Transport>,
+    message: Message,
+    failures: parking_lot::Mutex<Vec<Failure>>,
+}
+
+impl Settle for Delivery {
+    fn dead_letter(&self, failure: HandlerFailure) {
+        self.failures.lock().push(Failure::Handler(failure));
+    }
+
+    fn finish(self: Box<Self>) {
+        let failures = self.failures.into_inner();
+        if failures.is_empty() {
+            self.transport.ack(&self.message);
+        } else {
+            self.transport.dead_letter(self.message, failures);
+        }
+    }
+}
+
+/// Where a group's dead letters are, as Python names it (a dict).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PlaceSpec {
+    kind: String,
+    url: String,
+    #[pyo3(default)]
+    queue: Option<String>,
+}
+
+impl PlaceSpec {
+    fn place(self) -> PyResult<Place> {
+        match (self.kind.as_str(), self.queue) {
+            ("rabbitmq", Some(queue)) => Ok(Place::RabbitMq {
+                url: self.url,
+                queue,
+            }),
+            (kind, _) => Err(errors::configuration_error(format!(
+                "no dead-letter place of kind {kind:?} with these settings"
+            ))),
+        }
+    }
+}
+
+/// A timeout in seconds, clamped to 0.1 s .. 1 h.
+fn seconds(s: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(if s.is_finite() { s.clamp(0.1, 3600.0) } else { 3600.0 })
 }
 
 /// The native half of a broker-backed `oxbus.EventBus`.
@@ -189,6 +243,57 @@ impl PyTransportCore {
         })
     }
 
+    /// The dead letters at `place` (`{"kind": "rabbitmq", "url": ..., "queue": <dead queue>}`)
+    /// -> awaitable of [(id, source, payload, fields)], oldest first (changes nothing).
+    #[staticmethod]
+    fn dead_letters(py: Python<'_>, place: PlaceSpec, timeout: f64) -> PyResult<Bound<'_, PyAny>> {
+        let (place, timeout) = (place.place()?, seconds(timeout));
+        runtime::future_into_py(py, async move {
+            let entries = place.list(timeout).await.map_err(|e| to_py(&e))?;
+            Ok(entries
+                .into_iter()
+                .map(|e| (e.id, e.source, e.payload, e.fields))
+                .collect::<Vec<_>>())
+        })
+    }
+
+    /// Sends the dead letters of `ids` (None: all) at `place` back to their group, each for
+    /// the subscription that failed only, and removes them -> awaitable of how many.
+    #[staticmethod]
+    #[pyo3(signature = (place, ids, timeout))]
+    fn retry_dead_letters(
+        py: Python<'_>,
+        place: PlaceSpec,
+        ids: Option<Vec<String>>,
+        timeout: f64,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let (place, timeout) = (place.place()?, seconds(timeout));
+        runtime::future_into_py(py, async move {
+            place
+                .retry(ids.as_deref(), timeout)
+                .await
+                .map_err(|e| to_py(&e))
+        })
+    }
+
+    /// Removes the dead letters of `ids` (None: all) at `place` -> awaitable of how many.
+    #[staticmethod]
+    #[pyo3(signature = (place, ids, timeout))]
+    fn remove_dead_letters(
+        py: Python<'_>,
+        place: PlaceSpec,
+        ids: Option<Vec<String>>,
+        timeout: f64,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let (place, timeout) = (place.place()?, seconds(timeout));
+        runtime::future_into_py(py, async move {
+            place
+                .remove(ids.as_deref(), timeout)
+                .await
+                .map_err(|e| to_py(&e))
+        })
+    }
+
     /// "redis", "rabbitmq", ...
     #[getter]
     fn kind(&self) -> &'static str {
@@ -245,20 +350,28 @@ impl PyTransportCore {
                             .and_then(|m| m.get_item(name).ok())
                             .filter(|v| !v.is_none())
                     };
-                    let transport = Arc::clone(&self.transport);
-                    let message = m.clone();
-                    let ack: crate::python::envelope::Ack =
-                        Box::new(move || transport.ack(&message));
+                    let ack: Ack = Box::new(Delivery {
+                        transport: Arc::clone(&self.transport),
+                        message: m.clone(),
+                        failures: parking_lot::Mutex::new(Vec::new()),
+                    });
                     let key = payload
                         .get_item(intern!(py, "key"))
                         .ok()
                         .filter(|k| !k.is_none());
+                    let only = payload
+                        .get_item(RETRY_FIELD)
+                        .ok()
+                        .filter(|s| !s.is_none())
+                        .map(|s| s.extract::<String>())
+                        .transpose()?;
                     bus.get().accept_remote(
                         py,
                         &event,
                         key,
                         field("correlation_id"),
                         field("causation_id"),
+                        only.as_deref(),
                         ack,
                     )
                 });
@@ -270,7 +383,7 @@ impl PyTransportCore {
                 // the rest of the batch goes on.
                 let reason = format!("{}: {}", err.get_type(py).name()?, err.value(py));
                 refused.push(format!("message {} of {}: {reason}", m.id, m.source));
-                self.transport.dead_letter(m, reason);
+                self.transport.dead_letter(m, vec![Failure::Refused(reason)]);
             }
         }
         Ok((n, refused))

@@ -226,14 +226,11 @@ class BrokerBackend(_Waiting):
         if consume is None:  # a bus with subscriptions joins its group
             consume = bool(self.core.subscriptions())
         targets = [target for _, _, _, target in self.core.subscriptions()]
-        self.broker = await self.options.connect(consume, targets)
-        self.consuming = consume
-        self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
-        logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
-                    self.options, consume)
+        broker = await self.options.connect(consume, targets)
         place = self.options.dead_letter_place()
         if consume and place is not None:
-            # The group's dead letters are on the broker: bus.dead_letters lists them.
+            # The group's dead letters are on the broker: bus.dead_letters lists them. Read
+            # before messages are dispatched (they wait in the inbox meanwhile).
             self.dead_letters._attach_broker(place, _event_from_payload)
             try:
                 n = await self.dead_letters.refresh()
@@ -242,6 +239,11 @@ class BrokerBackend(_Waiting):
             else:
                 logger.info("%s: %d dead letter(s) in the group's dead-letter place",
                             self.options.title, n)
+        self.broker = broker
+        self.consuming = consume
+        self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
+        logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
+                    self.options, consume)
 
     def _on_messages(self) -> None:
         # Messages that arrive while the bus stops stay unacknowledged: the broker delivers

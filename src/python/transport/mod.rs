@@ -300,9 +300,16 @@ impl PyTransportCore {
         self.transport.kind()
     }
 
-    /// Where deliveries go: `callback()` is scheduled on `loop_` when messages arrive.
-    fn set_target(&self, loop_: Py<PyAny>, callback: Py<PyAny>) {
+    /// Where deliveries go: `callback()` is scheduled on `loop_` when messages arrive, and at
+    /// once when some arrived before.
+    fn set_target(&self, py: Python<'_>, loop_: Py<PyAny>, callback: Py<PyAny>) -> PyResult<()> {
+        let (l, c) = (loop_.clone_ref(py), callback.clone_ref(py));
         self.inbox.set_target(Some((loop_, callback)));
+        if !self.inbox.is_empty() {
+            l.bind(py)
+                .call_method1(intern!(py, "call_soon_threadsafe"), (c,))?;
+        }
+        Ok(())
     }
 
     /// Publishes events in one request -> future of their receipts, resolved once the broker

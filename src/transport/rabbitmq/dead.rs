@@ -85,10 +85,14 @@ pub async fn remove(
     bounded(url, timeout, async {
         let conn = connect(url).await?;
         let ch = conn.create_channel().await.map_err(|e| broker(url, &e))?;
-        let n = ch
+        let n = match ch
             .queue_purge(queue.into(), QueuePurgeOptions::default())
             .await
-            .map_err(|e| broker(url, &e))?;
+        {
+            Ok(n) => n,
+            Err(e) if not_found(&e) => 0,
+            Err(e) => return Err(broker(url, &e)),
+        };
         let _ = conn.close(200, "bye".into()).await;
         Ok(n as usize)
     })
@@ -108,6 +112,10 @@ fn broker(url: &str, e: &dyn std::fmt::Display) -> TransportError {
         url: redact(url),
         message: e.to_string(),
     }
+}
+
+fn not_found(e: &lapin::Error) -> bool {
+    e.to_string().contains("NOT_FOUND")
 }
 
 async fn connect(url: &str) -> Result<Connection, TransportError> {
@@ -161,12 +169,15 @@ async fn walk(
         let mut left: Option<u32> = None;
         let mut index = 0usize;
         while left != Some(0) {
-            let Some(got) = ch
+            let got = match ch
                 .basic_get(queue.into(), BasicGetOptions { no_ack: false })
                 .await
-                .map_err(err)?
-            else {
-                break;
+            {
+                Ok(Some(got)) => got,
+                Ok(None) => break,
+                // No dead letter yet: the group's first consumer declares the queue.
+                Err(e) if index == 0 && not_found(&e) => break,
+                Err(e) => return Err(err(e)),
             };
             // Only what was there when the walk began: a retry that fails again comes back
             // here, and is not retried twice in one walk.

@@ -1160,3 +1160,54 @@ async def test_clear_empties_the_dead_queue_and_broker_dead_letters_show_their_r
         assert len(bus.dead_letters) == 0
         assert await bus.dead_letters.refresh() == 0
     assert await amqp.depth(f"{amqp.queue('billing')}.dead") == 0
+
+
+async def test_oxbus_dlq_lists_shows_retries_and_purges_a_groups_dead_letters(
+    amqp: Broker,
+) -> None:
+    _, gave_up, flaky = failing("flaky", 2)
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, flaky, name="flaky")
+    async with bus:
+        await bus.publish_many([AmqpTick(1), AmqpTick(2)])
+        await asyncio.wait_for(gave_up.wait(), 20)
+        await bus.drain()
+    group = ("--group", "billing", "--exchange", amqp.exchange)
+    rc, out = await _cli("dlq", URL, "list", *group, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and len(rows) == 2, out
+    assert sorted(r["data"]["n"] for r in rows) == [1, 2]
+    for r in rows:
+        assert (r["subscription"], r["error_type"], r["event_type"]) == (
+            "flaky", "ValueError", "AmqpTick",
+        )
+        assert r["queue"] == amqp.queue("billing") and "traceback" not in r
+    first, second = rows
+    rc, out = await _cli("dlq", URL, "show", first["id"], *group, "--json")
+    shown = json.loads(out)
+    assert rc == 0 and shown["id"] == first["id"] and "ValueError" in shown["traceback"], out
+    rc, out = await _cli("dlq", URL, "show", "no-such-id", *group)
+    assert rc == 1 and "no-such-id" in out, out
+    rc, out = await _cli("dlq", URL, "list", *group)
+    assert rc == 0 and "flaky" in out and "ValueError: flaky refuses" in out, out
+    # A retry goes back to the group, for the failed subscription: a member handles it.
+    fixed, done, handle = counted(1)
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, handle, name="flaky")
+    async with bus:
+        rc, out = await _cli("dlq", URL, "retry", first["id"], *group, "--json")
+        assert rc == 0 and json.loads(out) == {"retried": 1, "ids": [first["id"]]}, out
+        await asyncio.wait_for(done.wait(), 20)
+        await bus.drain()
+    assert [e.n for e in fixed] == [first["data"]["n"]]
+    rc, out = await _cli("dlq", URL, "retry", "no-such-id", *group, "--json")
+    assert rc == 1 and json.loads(out)["error"]["exit_code"] == 1, out
+    rc, out = await _cli("dlq", URL, "list", *group, "--json")
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [second["id"]], out
+    rc, out = await _cli("dlq", URL, "purge", "--yes", *group, "--json")
+    assert rc == 0 and json.loads(out) == {"purged": 1}, out
+    rc, out = await _cli("dlq", URL, "list", *group)
+    assert rc == 0 and "no dead letters" in out, out
+    assert await amqp.depth(f"{amqp.queue('billing')}.dead") == 0
+    rc, out = await _cli("dlq", f"amqp://guest:s3cret@{HOST}:{free_port()}/%2f", "list")
+    assert rc == 3 and "s3cret" not in out, out

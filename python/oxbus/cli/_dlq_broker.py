@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import click
 
@@ -50,9 +50,11 @@ def source(
     return Source(place, f"{redact(target)} {place['queue']}", timeout)
 
 
-def _run(src: Source, aw: Awaitable[T]) -> T:
+def _run(src: Source, call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()`` in a new event loop (the native awaitables need a running one)."""
+
     async def go() -> T:
-        return await aw
+        return await call()
 
     try:
         return asyncio.run(go())
@@ -65,7 +67,8 @@ def _rows(src: Source) -> list[dict[str, Any]]:
     from oxbus._oxbus import TransportCore
 
     out = []
-    for did, queue, payload, headers in _run(src, TransportCore.dead_letters(src.place, src.timeout)):
+    rows = _run(src, lambda: TransportCore.dead_letters(src.place, src.timeout))
+    for did, queue, payload, headers in rows:
         try:
             body = json.loads(payload)
         except ValueError:
@@ -144,7 +147,7 @@ def retry(src: Source, ids: list[str] | None) -> None:
     missing = [i for i in ids or () if i not in listed]
     if missing:
         fail(f"no dead letter with id {missing[0]} in {src.shown}; nothing retried")
-    n = _run(src, TransportCore.retry_dead_letters(src.place, ids, src.timeout))
+    n = _run(src, lambda: TransportCore.retry_dead_letters(src.place, ids, src.timeout))
     if json_mode():
         emit({"retried": n, "ids": listed if ids is None else ids})
     else:
@@ -157,7 +160,7 @@ def purge(src: Source, yes: bool) -> None:
     n = len(_rows(src))
     if n and not yes and not click.confirm(f"delete {n} dead letters from {src.shown}?", err=True):
         fail("nothing purged")
-    n = _run(src, TransportCore.remove_dead_letters(src.place, None, src.timeout))
+    n = _run(src, lambda: TransportCore.remove_dead_letters(src.place, None, src.timeout))
     if json_mode():
         emit({"purged": n})
     else:

@@ -61,17 +61,9 @@ def _plural(n: int) -> str:
 
 @click.group(short_help="Dead letters: list, show, retry, purge.")
 @db_argument
-@click.option("--group", default="default", show_default=True, help="With an amqp:// URL.")
-@click.option("--exchange", default="oxbus.events", show_default=True, help="With an amqp:// URL.")
-@click.option("--queue", default=None, help="With an amqp:// URL: the group's queue, if not "
-              "<exchange>.<group>.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="With an amqp:// URL: seconds to wait for RabbitMQ.")
 @json_option
 @click.pass_context
-def dlq(
-    ctx: click.Context, db: str, group: str, exchange: str, queue: str | None, timeout: float
-) -> None:
+def dlq(ctx: click.Context, db: str) -> None:
     """Dead letters stored in the durable bus's log DB: list, show, retry, purge.
 
     \b
@@ -82,26 +74,48 @@ def dlq(
 
     Ids are those `list` prints; `db-7` (as bus.dead_letters shows it) works too.
 
-    With an amqp:// (or amqps://) URL instead of DB: the dead letters of the RabbitMQ group
-    GROUP (its queue <exchange>.<group>.dead), as every member's bus.dead_letters sees them:
-    `retry` sends them back to the group, each for the subscription that failed only, and
-    `purge` empties the queue.
+    With an amqp:// (or amqps://) URL instead of DB, and --group (--exchange, --queue) after
+    the subcommand: the dead letters of that RabbitMQ group on the broker (its queue
+    <exchange>.<group>.dead), as every member's bus.dead_letters sees them. `retry` sends
+    them back to the group, each for the subscription that failed only (a running member
+    handles it); `purge` empties the queue.
 
     \b
-      oxbus dlq amqp://guest:guest@127.0.0.1:5672/%2f --group billing list
+      oxbus dlq amqp://guest:guest@127.0.0.1:5672/%2f list --group billing
     """
-    ctx.obj = _dlq_broker.source(db, group=group, exchange=exchange, queue=queue,
-                                 timeout=timeout)
+    ctx.obj = db
+
+
+def _where(f: Any) -> Any:
+    """The options naming a broker group, for an amqp:// URL."""
+    for option in reversed((
+        click.option("--group", default="default", show_default=True,
+                     help="With an amqp:// URL: the consumer group."),
+        click.option("--exchange", default="oxbus.events", show_default=True,
+                     help="With an amqp:// URL."),
+        click.option("--queue", default=None,
+                     help="With an amqp:// URL: the group's queue, if not <exchange>.<group>."),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0,
+                     show_default=True, help="With an amqp:// URL: seconds to wait for it."),
+    )):
+        f = option(f)
+    return f
+
+
+def _source(db: str, where: dict[str, Any]) -> str | _dlq_broker.Source:
+    return _dlq_broker.source(db, **where)
 
 
 @dlq.command("list", short_help="List dead letters.")
 @click.pass_obj
+@_where
 @json_option
-def dlq_list(db: str | _dlq_broker.Source) -> None:
+def dlq_list(db: str, **where: Any) -> None:
     """List the dead letters, oldest first (--json: JSON Lines, without the tracebacks).
     Exit 0 (also when there are none), 3 when DB cannot be read."""
-    if isinstance(db, _dlq_broker.Source):
-        return _dlq_broker.list_(db)
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.list_(src)
     with connect(db) as log:
         rows = _dlq_rows(log)
     if json_mode():
@@ -133,11 +147,13 @@ def dlq_list(db: str | _dlq_broker.Source) -> None:
 @dlq.command("show", short_help="One dead letter: event, error, traceback.")
 @click.pass_obj
 @click.argument("dead_letter_id", metavar="ID")
+@_where
 @json_option
-def dlq_show(db: str | _dlq_broker.Source, dead_letter_id: str) -> None:
+def dlq_show(db: str, dead_letter_id: str, **where: Any) -> None:
     """Show one dead letter with its event and traceback. Exit 1 when there is no such id."""
-    if isinstance(db, _dlq_broker.Source):
-        return _dlq_broker.show(db, dead_letter_id)
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.show(src, dead_letter_id)
     did = _dl_id(dead_letter_id)
     with connect(db) as log:
         rows = _dlq_rows(log, [did])
@@ -173,8 +189,9 @@ def dlq_show(db: str | _dlq_broker.Source, dead_letter_id: str) -> None:
 @click.pass_obj
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
+@_where
 @json_option
-def dlq_retry(db: str | _dlq_broker.Source, ids: tuple[str, ...], retry_all: bool) -> None:
+def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool, **where: Any) -> None:
     """Re-queue dead letters: each is delivered again, to its subscription only, the next time
     a durable bus with that subscription starts on DB.
 
@@ -184,8 +201,9 @@ def dlq_retry(db: str | _dlq_broker.Source, ids: tuple[str, ...], retry_all: boo
     """
     if bool(ids) == retry_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
-    if isinstance(db, _dlq_broker.Source):
-        return _dlq_broker.retry(db, None if retry_all else list(ids))
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.retry(src, None if retry_all else list(ids))
     wanted = None if retry_all else sorted({_dl_id(i) for i in ids})
     with connect(db, write=True) as log:
         try:
@@ -206,12 +224,14 @@ def dlq_retry(db: str | _dlq_broker.Source, ids: tuple[str, ...], retry_all: boo
 @dlq.command("purge", short_help="Delete every dead letter.")
 @click.pass_obj
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_where
 @json_option
-def dlq_purge(db: str | _dlq_broker.Source, yes: bool) -> None:
+def dlq_purge(db: str, yes: bool, **where: Any) -> None:
     """Delete every dead letter of DB for good (their events stay in the log and are not
     delivered again). Asks first unless --yes; exit 1 when declined."""
-    if isinstance(db, _dlq_broker.Source):
-        return _dlq_broker.purge(db, yes)
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.purge(src, yes)
     with connect(db, write=True) as log:
         ((n,),) = query(log, "SELECT COUNT(*) FROM dead_letters")
         if n and not yes and not click.confirm(f"delete {n} dead letters from {db}?", err=True):

@@ -7,8 +7,9 @@ for entry in bus.dead_letters:
 await bus.dead_letters.retry()        # all of them, each to its subscription only
 ```
 
-On a broker bus (RabbitMQ) the dead letters live on the broker, in the group's dead-letter
-queue, where every member of the group (and ``oxbus dlq amqp://...``) sees them. The list is
+On a broker bus (RabbitMQ, Redis Streams) the dead letters live on the broker, in the group's
+dead-letter queue (``<queue>.dead``) or its entries of the dead-letter stream
+(``<stream>:dead``), where every member of the group (and ``oxbus dlq URL``) sees them. The list is
 read from there when the bus starts and by ``await bus.dead_letters.refresh()``; the dead
 letters this bus writes join it as they happen. ``retry()`` sends dead letters back to the
 group (each for the subscription that failed only) and removes them from the broker;
@@ -70,8 +71,8 @@ class DeadLetter:
     parked_behind: str | None = field(repr=False, compare=False, default=None)
     #: the ordering key it was published with (explicit or its aggregate_id)
     key: Any = field(repr=False, compare=False, default=None)
-    #: on a broker: what was written beside the message (AMQP headers), as text; the
-    #: broker's own reason (``x-first-death-reason``) where it dead-lettered the message itself
+    #: on a broker: what was written beside the message (AMQP headers, stream entry fields),
+    #: as text (see :func:`broker_fields`)
     headers: dict[str, str] | None = field(repr=False, compare=False, default=None)
 
 
@@ -83,21 +84,22 @@ def _time(text: str | None) -> datetime | None:
 
 
 def broker_fields(headers: dict[str, str]) -> dict[str, Any]:
-    """What a dead letter's headers on the broker say: ``subscription`` (``""`` when no
-    handler gave up on it), ``error_type`` (the handler's exception; ``rabbitmq.<reason>``
-    where the broker dead-lettered the message itself, ``oxbus.Refused`` where the bus could
-    not take it), ``error_message`` (for the last two, the reason), ``traceback``,
-    ``attempts``, ``first_failed_at`` and ``last_failed_at`` (datetimes; when the broker
-    dead-lettered it, the time it did)."""
-    reason = headers.get("x-first-death-reason")
-    etype = headers.get("error_type") or (f"rabbitmq.{reason}" if reason else "oxbus.Refused")
+    """What a dead letter's fields on the broker (AMQP headers, stream entry fields) say:
+    ``subscription`` (``""`` when no handler gave up on it), ``error_type`` (the handler's
+    exception; ``oxbus.Refused`` where the bus could not take the message;
+    ``rabbitmq.delivery_limit``, ``redis.delivery_limit`` or another reason of the broker's
+    where it moved the message there itself), ``error_message``, ``traceback``, ``attempts``,
+    ``first_failed_at`` and ``last_failed_at`` (datetimes)."""
     last = _time(headers.get("last_failed_at")) or datetime.now(timezone.utc)
     return {
         "subscription": headers.get("subscription", ""),
-        "error_type": etype,
+        "error_type": headers.get("error_type", "oxbus.Refused"),
         "error_message": headers.get("error_message") or headers.get("error", ""),
         "traceback": headers.get("traceback", ""),
-        "attempts": int(headers.get("attempts") or headers.get("x-delivery-count") or 0),
+        "attempts": int(
+            headers.get("attempts") or headers.get("deliveries")
+            or headers.get("x-delivery-count") or 0
+        ),
         "first_failed_at": _time(headers.get("first_failed_at")) or last,
         "last_failed_at": last,
     }

@@ -275,6 +275,13 @@ class RedisStreams(Broker):
 
         return await TransportCore.redis(self.native(consume))
 
+    def dead_letter_place(self) -> dict[str, Any]:
+        """The group's entries in the dead-letter stream, ``<stream>:dead``."""
+        return {
+            "kind": self.kind, "url": self.url, "stream": f"{self.stream}:dead",
+            "group": self.group,
+        }
+
     def native(self, consume: bool) -> dict[str, Any]:
         """The settings of the native transport, by name."""
         return {

@@ -5,7 +5,13 @@
 //! A retried dead letter goes back to its group as a message whose payload names, under
 //! [`RETRY_FIELD`], the subscription that failed: the member that receives it runs that
 //! subscription only. One without a subscription (the broker dead-lettered it, or the bus
-//! refused it) goes back to every subscription of the group.
+//! refused it) goes back to every subscription of the group. Where every group reads the same
+//! stream (Redis), it names the group too, and the other groups acknowledge it unhandled.
+//!
+//! Whoever reads dead letters back sees the same fields from every broker: `error_type` is
+//! the handler's exception, `oxbus.Refused` for a message the bus could not take, and
+//! `<broker>.delivery_limit` (or another reason the broker gives) for one the broker moved
+//! there itself; `error_message` says why; `last_failed_at` is always there.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,7 +20,8 @@ use serde_json::value::RawValue;
 
 use super::TransportError;
 
-/// The payload field naming the one subscription a retried message is for.
+/// The payload field of a retried message: `{"group": ..., "subscription": ...}`, the one
+/// group (on a broker whose streams every group reads) and subscription it is for.
 pub const RETRY_FIELD: &str = "retry";
 
 /// A handler that gave up on a message: its subscription and the last error.
@@ -49,7 +56,8 @@ pub enum Failure {
 
 impl Failure {
     /// The fields written beside the message: `error` (one line), `dead_letter_id` (a new
-    /// UUID for a refusal) and `last_failed_at` always; with a handler, `subscription`, `error_type`, `error_message`, `traceback`,
+    /// UUID for a refusal), `error_type`, `error_message` and `last_failed_at` always; with a
+    /// handler, `subscription`, `error_type`, `error_message`, `traceback`,
     /// `attempts`, `first_failed_at`, `last_failed_at`.
     #[must_use]
     pub fn fields(&self) -> Vec<(&'static str, String)> {
@@ -57,6 +65,8 @@ impl Failure {
             Self::Refused(reason) => vec![
                 ("error", reason.clone()),
                 ("dead_letter_id", uuid::Uuid::now_v7().to_string()),
+                ("error_type", "oxbus.Refused".to_owned()),
+                ("error_message", reason.clone()),
                 ("last_failed_at", crate::store::record::now_iso()),
             ],
             Self::Handler(h) => vec![
@@ -106,22 +116,42 @@ impl DeadEntry {
     }
 }
 
-/// The body of a retried message: `payload` with [`RETRY_FIELD`] set to `subscription` (or
-/// taken out without one: the whole group handles it again). A body that is not a JSON object
-/// goes back as it is (the bus refuses it again, with the reason).
+/// The body of a retried message: `payload` with [`RETRY_FIELD`] naming `group` and
+/// `subscription` (taken out when both are `None`: every group and subscription handles it
+/// again). A body that is not a JSON object goes back as it is (the bus refuses it again,
+/// with the reason).
 #[must_use]
-pub fn retry_payload(payload: &str, subscription: Option<&str>) -> String {
+pub fn retry_payload(payload: &str, group: Option<&str>, subscription: Option<&str>) -> String {
     let Ok(mut fields) = serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(payload) else {
         return payload.to_owned();
     };
     fields.remove(RETRY_FIELD);
-    if let Some(name) = subscription {
-        let Ok(raw) = serde_json::value::to_raw_value(name) else {
+    if group.is_some() || subscription.is_some() {
+        let target = serde_json::json!({"group": group, "subscription": subscription});
+        let Ok(raw) = serde_json::value::to_raw_value(&target) else {
             return payload.to_owned();
         };
         fields.insert(RETRY_FIELD.to_owned(), raw);
     }
     serde_json::to_string(&fields).unwrap_or_else(|_| payload.to_owned())
+}
+
+/// Bounds a reading of the broker by `timeout`; past it, an error naming the broker.
+pub(crate) async fn bounded<T>(
+    broker: &'static str,
+    url: &str,
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(TransportError::Broker {
+                broker,
+                url: url.to_owned(),
+                message: format!("no answer within {:.1}s", timeout.as_secs_f64()),
+            })
+        })
 }
 
 /// Where a group's dead letters are, on each kind of broker.
@@ -134,6 +164,16 @@ pub enum Place {
         /// The dead-letter queue.
         queue: String,
     },
+    /// A Redis Streams group: its entries in the dead-letter stream (`<stream>:dead`, which
+    /// every group of the stream shares).
+    Redis {
+        /// The server.
+        url: String,
+        /// The dead-letter stream.
+        stream: String,
+        /// The consumer group.
+        group: String,
+    },
 }
 
 impl Place {
@@ -144,6 +184,9 @@ impl Place {
     pub async fn list(&self, timeout: Duration) -> Result<Vec<DeadEntry>, TransportError> {
         match self {
             Self::RabbitMq { url, queue } => super::rabbitmq::dead::list(url, queue, timeout).await,
+            Self::Redis { url, stream, group } => {
+                super::redis_streams::dead::list(url, stream, group, timeout).await
+            }
         }
     }
 
@@ -161,6 +204,9 @@ impl Place {
             Self::RabbitMq { url, queue } => {
                 super::rabbitmq::dead::retry(url, queue, ids, timeout).await
             }
+            Self::Redis { url, stream, group } => {
+                super::redis_streams::dead::retry(url, stream, group, ids, timeout).await
+            }
         }
     }
 
@@ -177,6 +223,9 @@ impl Place {
             Self::RabbitMq { url, queue } => {
                 super::rabbitmq::dead::remove(url, queue, ids, timeout).await
             }
+            Self::Redis { url, stream, group } => {
+                super::redis_streams::dead::remove(url, stream, group, ids, timeout).await
+            }
         }
     }
 }
@@ -188,16 +237,19 @@ mod tests {
     #[test]
     fn a_retried_payload_names_the_subscription_and_keeps_the_rest_as_it_was() {
         let p = r#"{"event_id":"e-1","data":{"n":12345678901234567890123},"metadata":{}}"#;
-        let r = retry_payload(p, Some("billing.charge"));
+        let r = retry_payload(p, Some("g"), Some("billing.charge"));
         let v: BTreeMap<String, Box<RawValue>> = serde_json::from_str(&r).unwrap();
-        assert_eq!(v["retry"].get(), r#""billing.charge""#);
+        assert_eq!(
+            v["retry"].get(),
+            r#"{"group":"g","subscription":"billing.charge"}"#
+        );
         assert_eq!(v["data"].get(), r#"{"n":12345678901234567890123}"#);
-        // Retried again for the whole group: the field goes.
-        let again = retry_payload(&r, None);
+        // Retried again for every group and subscription: the field goes.
+        let again = retry_payload(&r, None, None);
         assert!(!again.contains("retry"), "{again}");
         assert!(again.contains(r#""event_id":"e-1""#));
         // Not an object: as it is.
-        assert_eq!(retry_payload("not json", Some("s")), "not json");
+        assert_eq!(retry_payload("not json", None, Some("s")), "not json");
     }
 
     #[test]
@@ -220,6 +272,7 @@ mod tests {
         let refused = Failure::Refused("bad".into()).fields();
         assert_eq!(refused[0], ("error", "bad".to_owned()));
         assert_eq!(refused[1].0, "dead_letter_id");
+        assert_eq!(refused[2], ("error_type", "oxbus.Refused".to_owned()));
         assert_ne!(refused[1], Failure::Refused("bad".into()).fields()[1]);
         let e = DeadEntry {
             id: "d-1".into(),

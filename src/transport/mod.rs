@@ -220,6 +220,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Its kind: "redis", "rabbitmq".
     fn kind(&self) -> &'static str;
 
+    /// Its consumer group (a retried dead letter names the group it is for).
+    fn group(&self) -> &str;
+
     /// Queues `batch` under `token`; its outcome reaches [`Sink::confirmed`].
     ///
     /// # Errors

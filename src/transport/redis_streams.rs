@@ -11,6 +11,8 @@
 //! error with a capped backoff; a publish batch that cannot reach Redis within
 //! `publish_timeout` fails with an error instead of waiting forever.
 
+pub mod dead;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -332,6 +334,10 @@ impl RedisStreams {
 impl Transport for RedisStreams {
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn group(&self) -> &str {
+        self.shared.cfg.group.as_str()
     }
 
     /// One pipelined `XADD` per event, each on its key's partition stream.

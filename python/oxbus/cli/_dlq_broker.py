@@ -1,10 +1,10 @@
-"""``oxbus dlq amqp://... --group G list|show|retry|purge``: a broker group's dead letters,
-read from (and retried to, purged from) the broker itself, as every member's
-``bus.dead_letters`` sees them. Same output shapes as the SQLite form, with ``queue`` (where
-a retry sends the message) in place of ``position``.
+"""``oxbus dlq amqp://... (or redis://...) list|show|retry|purge --group G``: a broker
+group's dead letters, read from (and retried to, purged from) the broker itself, as every
+member's ``bus.dead_letters`` sees them. Same output shapes as the SQLite form, with ``queue``
+(the queue or stream a retry sends the message back to) in place of ``position``.
 
-A new broker is its options class's ``dead_letter_place()`` and its URL schemes in
-:data:`SCHEMES`.
+A new broker is its options class's ``dead_letter_place()`` (its URL schemes are read from
+``oxbus.transports``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from oxbus.cli._output import UNREACHABLE, emit, emit_line, fail, json_mode, tab
 from oxbus.dead_letters import broker_fields
 from oxbus.errors import TransportError
 
-__all__ = ["SCHEMES", "Source", "list_", "purge", "retry", "show", "source"]
+__all__ = ["Source", "list_", "purge", "retry", "show", "source"]
 
-#: The URL schemes read as a broker group rather than a DB file.
-SCHEMES = ("amqp://", "amqps://")
 
 T = TypeVar("T")
 
@@ -38,16 +36,24 @@ class Source:
 
 
 def source(
-    target: str, *, group: str, exchange: str, queue: str | None, timeout: float
+    target: str, *, group: str, exchange: str, queue: str | None, stream: str, timeout: float
 ) -> str | Source:
-    """``target`` as a DB path, or a broker group's dead-letter place when it is a URL."""
-    if not target.lower().startswith(SCHEMES):
-        return target
-    from oxbus.transports import RabbitMQ, redact
+    """``target`` as a DB path, or a broker group's dead-letter place when it is a broker's
+    URL (``amqp://``, ``redis://``, ...)."""
+    from oxbus.transports import Broker, RabbitMQ, RedisStreams, redact
 
-    options = RabbitMQ(target, group=group, exchange=exchange, queue=queue)
+    scheme = target.partition("://")[0].lower() if "://" in target else ""
+    options: Broker
+    if scheme in RabbitMQ.schemes:
+        options = RabbitMQ(target, group=group, exchange=exchange, queue=queue)
+    elif scheme in RedisStreams.schemes:
+        options = RedisStreams(target, group=group, stream=stream)
+    else:
+        return target
     place = options.dead_letter_place()
-    return Source(place, f"{redact(target)} {place['queue']}", timeout)
+    assert place is not None
+    where = place.get("queue") or f"{place['stream']} group {group}"
+    return Source(place, f"{redact(target)} {where}", timeout)
 
 
 def _run(src: Source, call: Callable[[], Awaitable[T]]) -> T:

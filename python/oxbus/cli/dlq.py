@@ -1,6 +1,6 @@
 """``oxbus dlq DB list|show|retry|purge``: the dead letters stored in a durable bus's log, or,
-with an ``amqp://`` URL for DB and ``--group``, those of a RabbitMQ group on the broker (its
-``<queue>.dead``; see :mod:`oxbus.cli._dlq_broker`)."""
+with a broker's URL (``amqp://``, ``redis://``) for DB and ``--group``, those of a consumer
+group on the broker (see :mod:`oxbus.cli._dlq_broker`)."""
 
 from __future__ import annotations
 
@@ -74,29 +74,33 @@ def dlq(ctx: click.Context, db: str) -> None:
 
     Ids are those `list` prints; `db-7` (as bus.dead_letters shows it) works too.
 
-    With an amqp:// (or amqps://) URL instead of DB, and --group (--exchange, --queue) after
-    the subcommand: the dead letters of that RabbitMQ group on the broker (its queue
-    <exchange>.<group>.dead), as every member's bus.dead_letters sees them. `retry` sends
-    them back to the group, each for the subscription that failed only (a running member
-    handles it); `purge` empties the queue.
+    With a broker URL instead of DB, and --group after the subcommand: the dead letters of
+    that group on the broker, as every member's bus.dead_letters sees them. An amqp:// (or
+    amqps://) URL: RabbitMQ's queue <exchange>.<group>.dead (--exchange, --queue); a
+    redis:// (rediss://, unix://) URL: the group's entries of the stream <stream>:dead
+    (--stream). `retry` sends them back to the group, each for the subscription that failed
+    only (a running member handles it); `purge` removes them all.
 
     \b
       oxbus dlq amqp://guest:guest@127.0.0.1:5672/%2f list --group billing
+      oxbus dlq redis://127.0.0.1:6379/0 retry --all --group billing
     """
     ctx.obj = db
 
 
 def _where(f: Any) -> Any:
-    """The options naming a broker group, for an amqp:// URL."""
+    """The options naming a broker group, for an amqp:// or redis:// URL."""
     for option in reversed((
         click.option("--group", default="default", show_default=True,
-                     help="With an amqp:// URL: the consumer group."),
+                     help="With a broker URL: the consumer group."),
         click.option("--exchange", default="oxbus.events", show_default=True,
                      help="With an amqp:// URL."),
         click.option("--queue", default=None,
                      help="With an amqp:// URL: the group's queue, if not <exchange>.<group>."),
+        click.option("--stream", default="oxbus:events", show_default=True,
+                     help="With a redis:// URL: the stream (dead letters: <stream>:dead)."),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0,
-                     show_default=True, help="With an amqp:// URL: seconds to wait for it."),
+                     show_default=True, help="With a broker URL: seconds to wait for it."),
     )):
         f = option(f)
     return f

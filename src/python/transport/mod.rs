@@ -113,20 +113,46 @@ struct PlaceSpec {
     url: String,
     #[pyo3(default)]
     queue: Option<String>,
+    #[pyo3(default)]
+    stream: Option<String>,
+    #[pyo3(default)]
+    group: Option<String>,
 }
 
 impl PlaceSpec {
     fn place(self) -> PyResult<Place> {
-        match (self.kind.as_str(), self.queue) {
-            ("rabbitmq", Some(queue)) => Ok(Place::RabbitMq {
+        match (self.kind.as_str(), self.queue, self.stream, self.group) {
+            ("rabbitmq", Some(queue), _, _) => Ok(Place::RabbitMq {
                 url: self.url,
                 queue,
             }),
-            (kind, _) => Err(errors::configuration_error(format!(
+            ("redis", _, Some(stream), Some(group)) => Ok(Place::Redis {
+                url: self.url,
+                stream,
+                group,
+            }),
+            (kind, ..) => Err(errors::configuration_error(format!(
                 "no dead-letter place of kind {kind:?} with these settings"
             ))),
         }
     }
+}
+
+/// A retried dead letter's target, from its payload: (group, subscription).
+fn retry_target(payload: &Bound<'_, PyAny>) -> PyResult<(Option<String>, Option<String>)> {
+    let Some(target) = payload.get_item(RETRY_FIELD).ok().filter(|t| !t.is_none()) else {
+        return Ok((None, None));
+    };
+    let field = |name: &str| -> PyResult<Option<String>> {
+        target
+            .get_item(name)
+            .ok()
+            .filter(|v| !v.is_none())
+            .map(|v| v.extract::<String>())
+            .transpose()
+            .map_err(Into::into)
+    };
+    Ok((field("group")?, field("subscription")?))
 }
 
 /// A timeout in seconds, clamped to 0.1 s .. 1 h.
@@ -243,8 +269,9 @@ impl PyTransportCore {
         })
     }
 
-    /// The dead letters at `place` (`{"kind": "rabbitmq", "url": ..., "queue": <dead queue>}`)
-    /// -> awaitable of [(id, source, payload, fields)], oldest first (changes nothing).
+    /// The dead letters at `place` (`{"kind": "rabbitmq", "url", "queue": <dead queue>}` or
+    /// `{"kind": "redis", "url", "stream": <dead stream>, "group"}`) -> awaitable of
+    /// [(id, source, payload, fields)], oldest first (changes nothing).
     #[staticmethod]
     fn dead_letters(py: Python<'_>, place: PlaceSpec, timeout: f64) -> PyResult<Bound<'_, PyAny>> {
         let (place, timeout) = (place.place()?, seconds(timeout));
@@ -366,12 +393,12 @@ impl PyTransportCore {
                         .get_item(intern!(py, "key"))
                         .ok()
                         .filter(|k| !k.is_none());
-                    let only = payload
-                        .get_item(RETRY_FIELD)
-                        .ok()
-                        .filter(|s| !s.is_none())
-                        .map(|s| s.extract::<String>())
-                        .transpose()?;
+                    let (group, only) = retry_target(&payload)?;
+                    if group.is_some_and(|g| g != self.transport.group()) {
+                        // Another group's retried dead letter (a stream every group reads).
+                        self.transport.ack(&m);
+                        return Ok(());
+                    }
                     bus.get().accept_remote(
                         py,
                         &event,

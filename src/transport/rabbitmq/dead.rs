@@ -130,14 +130,7 @@ async fn bounded<T>(
     timeout: Duration,
     work: impl std::future::Future<Output = Result<T, TransportError>>,
 ) -> Result<T, TransportError> {
-    tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or_else(|_| {
-            Err(broker(
-                url,
-                &format!("no answer within {:.1}s", timeout.as_secs_f64()),
-            ))
-        })
+    crate::transport::dead::bounded("rabbitmq", &redact(url), timeout, work).await
 }
 
 /// Takes the messages `queue` holds now, one by one, and does what `decide` says with each;
@@ -227,7 +220,8 @@ async fn send_back(
     entry: &DeadEntry,
     original: &BasicProperties,
 ) -> Result<(), String> {
-    let body = retry_payload(&entry.payload, entry.subscription());
+    // The queue is the group's: no group to name.
+    let body = retry_payload(&entry.payload, None, entry.subscription());
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
@@ -273,7 +267,8 @@ fn text(v: &AMQPValue) -> Option<String> {
 }
 
 /// A dead letter as read: its fields from the headers; where RabbitMQ dead-lettered it itself
-/// (`x-first-death-*` headers), `error` says why and `queue` where from.
+/// (`x-first-death-*` headers), `error_type` and `error_message` say why, `queue` where from
+/// and `last_failed_at` when.
 fn entry_of(queue: &str, index: usize, d: &lapin::message::Delivery) -> DeadEntry {
     let empty = FieldTable::default();
     let headers = d.properties.headers().as_ref().unwrap_or(&empty).inner();
@@ -281,17 +276,25 @@ fn entry_of(queue: &str, index: usize, d: &lapin::message::Delivery) -> DeadEntr
         .iter()
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), text(v)?)))
         .collect();
-    if !fields.contains_key("error") {
-        if let Some(reason) = fields.get("x-first-death-reason") {
-            let why = match reason.as_str() {
-                "delivery_limit" => "delivered max_deliveries times without being acknowledged",
-                "rejected" => "rejected by a consumer",
-                "expired" => "expired",
-                _ => "dead-lettered",
-            };
-            let error = format!("dead-lettered by RabbitMQ ({reason}): {why}");
-            fields.insert("error".into(), error);
-        }
+    if !fields.contains_key("error_type") {
+        // RabbitMQ moved it here itself (x-delivery-limit, a consumer's reject, a TTL), or an
+        // older bus refused it (an `error` only).
+        let (error_type, message) = match fields.get("x-first-death-reason") {
+            Some(reason) => {
+                let why = match reason.as_str() {
+                    "delivery_limit" => "delivered max_deliveries times without being acknowledged",
+                    "rejected" => "rejected by a consumer",
+                    "expired" => "expired",
+                    _ => "dead-lettered by RabbitMQ",
+                };
+                (format!("rabbitmq.{reason}"), why.to_owned())
+            }
+            None => ("oxbus.Refused".to_owned(), String::new()),
+        };
+        let message = fields.get("error").cloned().unwrap_or(message);
+        fields.insert("error_type".into(), error_type);
+        fields.insert("error_message".into(), message.clone());
+        fields.entry("error".into()).or_insert(message);
     }
     if !fields.contains_key("last_failed_at") {
         // RabbitMQ's own record: x-death, newest first, each with its time in seconds.

@@ -364,6 +364,10 @@ impl Transport for RabbitMq {
         KIND
     }
 
+    fn group(&self) -> &str {
+        self.shared.cfg.group.as_str()
+    }
+
     /// The batch goes to the publisher task as it is: encoding happens there, off the
     /// caller's thread.
     fn publish(&self, token: u64, batch: Vec<Outgoing>) -> Result<(), TransportError> {

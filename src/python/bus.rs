@@ -320,7 +320,13 @@ impl PyBusCore {
             (c, None) => Origin::Root(c.map(Bound::unbind)),
             (None, Some(cause)) => Origin::Child(item.item.id(py)?.unbind(), cause.unbind()),
         };
-        let env = EnvData::new(event.clone().unbind(), origin, key.map(Bound::unbind), route, None);
+        let env = EnvData::new(
+            event.clone().unbind(),
+            origin,
+            key.map(Bound::unbind),
+            route,
+            None,
+        );
         *env.ack.lock() = Some(ack);
         item.item = Arc::new(env);
         // A full queue parks it with the blocked publishers: the transport's prefetch bounds them.

@@ -112,7 +112,7 @@ impl DeadEntry {
     /// Whether it is one of `ids` (`None`: all).
     #[must_use]
     pub fn chosen(&self, ids: Option<&[String]>) -> bool {
-        ids.is_none_or(|ids| ids.iter().any(|i| *i == self.id))
+        ids.map_or(true, |ids| ids.contains(&self.id))
     }
 }
 
@@ -276,10 +276,7 @@ mod tests {
         assert_ne!(refused[1], Failure::Refused("bad".into()).fields()[1]);
         let e = DeadEntry {
             id: "d-1".into(),
-            fields: fields
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
+            fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             ..DeadEntry::default()
         };
         assert_eq!(e.subscription(), Some("s"));

@@ -551,7 +551,10 @@ async fn acker(
                 Ok(()) => {
                     shared.note(true, None);
                     if !dead.is_empty() {
-                        shared.health.lock().dead += dead.iter().map(|(_, _, (_, f))| f.len() as u64).sum::<u64>();
+                        shared.health.lock().dead += dead
+                            .iter()
+                            .map(|(_, _, (_, f))| f.len() as u64)
+                            .sum::<u64>();
                     }
                     break;
                 }

@@ -26,13 +26,13 @@ use inbox::Inbox;
 
 use crate::python::bus::PyBusCore;
 use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::envelope::{Ack, Settle};
 use crate::python::errors::to_py;
 use crate::python::store::record_of;
 use crate::python::{errors, events, json, runtime};
-use crate::python::envelope::{Ack, Settle};
 use crate::transport::{
-    Confirm, Failure, HandlerFailure, Key, Message, Outgoing, Place, RabbitMq, RedisStreams,
-    Sink, Transport, TransportError, RETRY_FIELD,
+    Confirm, Failure, HandlerFailure, Key, Message, Outgoing, Place, RabbitMq, RedisStreams, Sink,
+    Transport, TransportError, RETRY_FIELD,
 };
 
 /// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
@@ -150,14 +150,17 @@ fn retry_target(payload: &Bound<'_, PyAny>) -> PyResult<(Option<String>, Option<
             .filter(|v| !v.is_none())
             .map(|v| v.extract::<String>())
             .transpose()
-            .map_err(Into::into)
     };
     Ok((field("group")?, field("subscription")?))
 }
 
 /// A timeout in seconds, clamped to 0.1 s .. 1 h.
 fn seconds(s: f64) -> std::time::Duration {
-    std::time::Duration::from_secs_f64(if s.is_finite() { s.clamp(0.1, 3600.0) } else { 3600.0 })
+    std::time::Duration::from_secs_f64(if s.is_finite() {
+        s.clamp(0.1, 3600.0)
+    } else {
+        3600.0
+    })
 }
 
 /// The native half of a broker-backed `oxbus.EventBus`.
@@ -417,7 +420,8 @@ impl PyTransportCore {
                 // the rest of the batch goes on.
                 let reason = format!("{}: {}", err.get_type(py).name()?, err.value(py));
                 refused.push(format!("message {} of {}: {reason}", m.id, m.source));
-                self.transport.dead_letter(m, vec![Failure::Refused(reason)]);
+                self.transport
+                    .dead_letter(m, vec![Failure::Refused(reason)]);
             }
         }
         Ok((n, refused))

@@ -34,7 +34,7 @@ pub async fn list(
     let mut out = Vec::new();
     walk(url, queue, timeout, None, |entry| {
         out.push(entry.clone());
-        Keep::Keep
+        Action::Leave
     })
     .await?;
     Ok(out)
@@ -54,9 +54,9 @@ pub async fn retry(
 ) -> Result<usize, TransportError> {
     walk(url, queue, timeout, Some(()), |entry| {
         if entry.chosen(ids) {
-            Keep::Retry
+            Action::Retry
         } else {
-            Keep::Keep
+            Action::Leave
         }
     })
     .await
@@ -75,9 +75,9 @@ pub async fn remove(
     if ids.is_some() {
         return walk(url, queue, timeout, None, |entry| {
             if entry.chosen(ids) {
-                Keep::Drop
+                Action::Drop
             } else {
-                Keep::Keep
+                Action::Leave
             }
         })
         .await;
@@ -100,8 +100,8 @@ pub async fn remove(
 }
 
 /// What to do with one dead letter.
-enum Keep {
-    Keep,
+enum Action {
+    Leave,
     Retry,
     Drop,
 }
@@ -141,7 +141,7 @@ async fn walk(
     queue: &str,
     timeout: Duration,
     retrying: Option<()>,
-    mut decide: impl FnMut(&DeadEntry) -> Keep,
+    mut decide: impl FnMut(&DeadEntry) -> Action,
 ) -> Result<usize, TransportError> {
     bounded(url, timeout, async {
         let err = |e: lapin::Error| broker(url, &e);
@@ -179,18 +179,18 @@ async fn walk(
             let entry = entry_of(queue, index, &d);
             index += 1;
             match decide(&entry) {
-                Keep::Keep => {
+                Action::Leave => {
                     kept = Some(d.delivery_tag);
                     continue;
                 }
-                Keep::Retry => {
+                Action::Retry => {
                     if let Some(p) = &publisher {
                         send_back(p, &entry, &d.properties)
                             .await
                             .map_err(|e| broker(url, &e))?;
                     }
                 }
-                Keep::Drop => {}
+                Action::Drop => {}
             }
             ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
                 .await
@@ -321,7 +321,7 @@ fn entry_of(queue: &str, index: usize, d: &lapin::message::Delivery) -> DeadEntr
     let id = fields
         .get("dead_letter_id")
         .cloned()
-        .or_else(|| d.properties.message_id().as_ref().map(|m| m.to_string()))
+        .or_else(|| d.properties.message_id().as_ref().map(ToString::to_string))
         .unwrap_or_else(|| index.to_string());
     DeadEntry {
         id,

@@ -29,8 +29,12 @@ pub async fn list(
     group: &str,
     timeout: Duration,
 ) -> Result<Vec<DeadEntry>, TransportError> {
-    run(url, timeout, async |c| {
-        Ok(read(c, stream, group).await?.into_iter().map(|(_, e)| e).collect())
+    let (safe, mut c) = (redact(url), connect(url, timeout).await?);
+    bounded("redis", &safe, timeout, async {
+        let entries = read(&mut c, stream, group)
+            .await
+            .map_err(|e| broker(&safe, &e))?;
+        Ok(entries.into_iter().map(|(_, e)| e).collect())
     })
     .await
 }
@@ -48,9 +52,12 @@ pub async fn retry(
     ids: Option<&[String]>,
     timeout: Duration,
 ) -> Result<usize, TransportError> {
-    run(url, timeout, async |c| {
+    let (safe, mut c) = (redact(url), connect(url, timeout).await?);
+    let c = &mut c;
+    bounded("redis", &safe, timeout, async {
+        let err = |e: redis::RedisError| broker(&safe, &e);
         let mut n = 0;
-        for (entry_id, e) in read(c, stream, group).await? {
+        for (entry_id, e) in read(c, stream, group).await.map_err(err)? {
             if !e.chosen(ids) || e.source.is_empty() {
                 continue;
             }
@@ -68,7 +75,8 @@ pub async fn retry(
                 .arg(&entry_id)
                 .ignore()
                 .query_async::<()>(c)
-                .await?;
+                .await
+                .map_err(err)?;
             n += 1;
         }
         Ok(n)
@@ -88,9 +96,13 @@ pub async fn remove(
     ids: Option<&[String]>,
     timeout: Duration,
 ) -> Result<usize, TransportError> {
-    run(url, timeout, async |c| {
+    let (safe, mut c) = (redact(url), connect(url, timeout).await?);
+    let c = &mut c;
+    bounded("redis", &safe, timeout, async {
+        let err = |e: redis::RedisError| broker(&safe, &e);
         let gone: Vec<String> = read(c, stream, group)
-            .await?
+            .await
+            .map_err(err)?
             .into_iter()
             .filter(|(_, e)| e.chosen(ids))
             .map(|(entry_id, _)| entry_id)
@@ -102,32 +114,31 @@ pub async fn remove(
             .arg(stream)
             .arg(&gone)
             .query_async(c)
-            .await?;
+            .await
+            .map_err(err)?;
         Ok(n)
     })
     .await
 }
 
-/// Connects and runs `work` within `timeout`; errors name the server, never the password.
-async fn run<T>(
-    url: &str,
-    timeout: Duration,
-    work: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
-) -> Result<T, TransportError> {
-    let safe = redact(url);
-    let broker = |e: redis::RedisError| TransportError::Broker {
+fn broker(safe_url: &str, e: &redis::RedisError) -> TransportError {
+    TransportError::Broker {
         broker: "redis",
-        url: safe.clone(),
+        url: safe_url.to_owned(),
         message: e.to_string(),
-    };
+    }
+}
+
+/// A connection within `timeout`; errors name the server, never the password.
+async fn connect(url: &str, timeout: Duration) -> Result<MultiplexedConnection, TransportError> {
+    let safe = redact(url);
+    ensure_tls();
+    let client = redis::Client::open(url).map_err(|e| broker(&safe, &e))?;
     bounded("redis", &safe, timeout, async {
-        ensure_tls();
-        let client = redis::Client::open(url).map_err(broker)?;
-        let mut c = client
+        client
             .get_multiplexed_async_connection()
             .await
-            .map_err(broker)?;
-        work(&mut c).await.map_err(broker)
+            .map_err(|e| broker(&safe, &e))
     })
     .await
 }
@@ -197,10 +208,7 @@ fn entry_of(entry_id: &str, fields: &mut BTreeMap<String, String>) -> DeadEntry 
             .and_then(|ms| ms.parse().ok())
             .unwrap_or(0);
         let micros = u32::try_from(ms.rem_euclid(1000) * 1000).unwrap_or(0);
-        fields.insert(
-            "last_failed_at".into(),
-            iso_of(ms.div_euclid(1000), micros),
-        );
+        fields.insert("last_failed_at".into(), iso_of(ms.div_euclid(1000), micros));
     }
     DeadEntry {
         id: fields
@@ -234,7 +242,10 @@ mod tests {
         assert_eq!((e.source.as_str(), e.payload.as_str()), ("s:0", "{}"));
         assert_eq!(e.fields["error_type"], "redis.delivery_limit");
         assert!(e.fields["error_message"].starts_with("delivered 5 times"));
-        assert_eq!(e.fields["last_failed_at"], "1970-01-02T00:00:01.000000+00:00");
+        assert_eq!(
+            e.fields["last_failed_at"],
+            "1970-01-02T00:00:01.000000+00:00"
+        );
         assert_eq!(e.subscription(), None);
     }
 }

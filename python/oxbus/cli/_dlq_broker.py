@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -81,22 +82,24 @@ def _rows(src: Source) -> list[dict[str, Any]]:
             body = None
         b = body if isinstance(body, dict) else {}
         f = broker_fields(headers)
-        out.append({
-            "id": did,
-            "queue": queue,
-            "subscription": f["subscription"],
-            "attempts": f["attempts"],
-            "first_failed_at": f["first_failed_at"].isoformat(),
-            "last_failed_at": f["last_failed_at"].isoformat(),
-            "error_type": f["error_type"],
-            "error_message": f["error_message"],
-            "traceback": f["traceback"],
-            "event_type": b.get("event_type"),
-            "event_id": b.get("event_id"),
-            "key": b.get("key"),
-            "data": b.get("data") if body is not None else payload,
-            "metadata": b.get("metadata"),
-        })
+        out.append(
+            {
+                "id": did,
+                "queue": queue,
+                "subscription": f["subscription"],
+                "attempts": f["attempts"],
+                "first_failed_at": f["first_failed_at"].isoformat(),
+                "last_failed_at": f["last_failed_at"].isoformat(),
+                "error_type": f["error_type"],
+                "error_message": f["error_message"],
+                "traceback": f["traceback"],
+                "event_type": b.get("event_type"),
+                "event_id": b.get("event_id"),
+                "key": b.get("key"),
+                "data": b.get("data") if body is not None else payload,
+                "metadata": b.get("metadata"),
+            }
+        )
     return out
 
 
@@ -113,16 +116,22 @@ def list_(src: Source) -> None:
     if not rows:
         click.echo("no dead letters")
         return
-    click.echo(table(
-        [
-            (
-                r["id"], r["subscription"] or "(group)", r["event_type"], r["attempts"],
-                r["last_failed_at"][:19], f"{r['error_type']}: {r['error_message']}"[:70],
-            )
-            for r in rows
-        ],
-        ("ID", "SUBSCRIPTION", "EVENT TYPE", "ATTEMPTS", "LAST FAILED", "ERROR"),
-    ))
+    click.echo(
+        table(
+            [
+                (
+                    r["id"],
+                    r["subscription"] or "(group)",
+                    r["event_type"],
+                    r["attempts"],
+                    r["last_failed_at"][:19],
+                    f"{r['error_type']}: {r['error_message']}"[:70],
+                )
+                for r in rows
+            ],
+            ("ID", "SUBSCRIPTION", "EVENT TYPE", "ATTEMPTS", "LAST FAILED", "ERROR"),
+        )
+    )
 
 
 def show(src: Source, did: str) -> None:
@@ -133,8 +142,19 @@ def show(src: Source, did: str) -> None:
     if json_mode():
         emit(r)
         return
-    for k in ("id", "subscription", "attempts", "first_failed_at", "last_failed_at",
-              "error_type", "error_message", "queue", "event_type", "event_id", "key"):
+    for k in (
+        "id",
+        "subscription",
+        "attempts",
+        "first_failed_at",
+        "last_failed_at",
+        "error_type",
+        "error_message",
+        "queue",
+        "event_type",
+        "event_id",
+        "key",
+    ):
         click.echo(f"{k + ':':<17}{r[k]}")
     click.echo(f"{'data:':<17}{json.dumps(r['data'], ensure_ascii=False)}")
     click.echo(f"{'metadata:':<17}{json.dumps(r['metadata'], ensure_ascii=False)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import Any, ClassVar, Iterable
+from typing import Any, Awaitable, ClassVar, Iterable
 
 from oxbus._oxbus import BusCore, TransportCore
 from oxbus.dead_letters import DeadLetters
@@ -231,7 +231,7 @@ class BrokerBackend(_Waiting):
         if consume and place is not None:
             # The group's dead letters are on the broker: bus.dead_letters lists them. Read
             # before messages are dispatched (they wait in the inbox meanwhile).
-            self.dead_letters._attach_broker(place, _event_from_payload)
+            self.dead_letters._attach_broker(place, _event_from_payload, self._flush)
             try:
                 n = await self.dead_letters.refresh()
             except OxbusError as e:  # the bus runs; the list is read at the next refresh()
@@ -244,6 +244,11 @@ class BrokerBackend(_Waiting):
         self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
         logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
                     self.options, consume)
+
+    def _flush(self) -> Awaitable[None] | None:
+        """Waits until the dead letters this bus wrote reached the broker (None: not
+        connected)."""
+        return None if self.broker is None else self.broker.flush()
 
     def _on_messages(self) -> None:
         # Messages that arrive while the bus stops stay unacknowledged: the broker delivers

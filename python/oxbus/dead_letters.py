@@ -149,6 +149,7 @@ class DeadLetters:
         #: a broker bus: where its group's dead letters are, and how to rebuild their events
         self._place: dict[str, Any] | None = None
         self._make_event: Callable[[Any], Any] = lambda body: body
+        self._flush: Callable[[], Awaitable[Any] | None] = lambda: None
         self._timeout = 30.0
 
     def _attach(self, store: SqliteEventStore) -> None:
@@ -156,11 +157,25 @@ class DeadLetters:
         self._store = store
 
     def _attach_broker(
-        self, place: dict[str, Any], make_event: Callable[[Any], Any], timeout: float = 30.0
+        self,
+        place: dict[str, Any],
+        make_event: Callable[[Any], Any],
+        flush: Callable[[], Awaitable[Any] | None],
+        timeout: float = 30.0,
     ) -> None:
         """A broker bus: its dead letters are read from, retried to and removed from ``place``
-        (see ``TransportCore.dead_letters``)."""
+        (see ``TransportCore.dead_letters``); ``flush()`` waits until those this bus wrote
+        reached the broker (``None`` while it is not connected)."""
         self._place, self._make_event, self._timeout = place, make_event, timeout
+        self._flush = flush
+
+    async def _flushed(self) -> dict[str, Any]:
+        """The broker's place, once the dead letters this bus wrote reached it."""
+        assert self._place is not None
+        pending = self._flush()
+        if pending is not None:
+            await pending
+        return self._place
 
     async def refresh(self) -> int:
         """A broker bus: reads the group's dead letters from the broker (every member's, and
@@ -168,11 +183,12 @@ class DeadLetters:
         Other buses: nothing to read, returns ``len(self)``.
 
         The bus reads them when it starts; call this to see what other members (or
-        ``oxbus dlq``) changed since.
+        ``oxbus dlq``) changed since. It first waits (up to 2 s) until the dead letters this
+        bus wrote reached the broker, as ``retry()`` and ``clear()`` do.
         """
         if self._place is None:
             return len(self)
-        rows = await TransportCore.dead_letters(self._place, self._timeout)
+        rows = await TransportCore.dead_letters(await self._flushed(), self._timeout)
         self._entries = {}
         for row in rows:
             entry = _from_broker(row, self._make_event)
@@ -192,7 +208,8 @@ class DeadLetters:
                 self._release(e)
         self._forget(entries, remote=False)
         if self._place is not None:
-            return int(await TransportCore.remove_dead_letters(self._place, None, self._timeout))
+            place = await self._flushed()
+            return int(await TransportCore.remove_dead_letters(place, None, self._timeout))
         assert self._store is not None
         return int(await self._store._core.remove_dead_letters(None))
 
@@ -392,7 +409,7 @@ class DeadLetters:
         for e in chosen:
             if e.parked_behind is None and e.subscription_id:
                 self._release(e)
-        n = await TransportCore.retry_dead_letters(self._place, ids, self._timeout)
+        n = await TransportCore.retry_dead_letters(await self._flushed(), ids, self._timeout)
         self._forget(chosen, remote=False)
         return int(n)
 

@@ -245,6 +245,10 @@ pub trait Transport: Send + Sync + 'static {
     /// The latest reading.
     fn health(&self) -> Health;
 
+    /// Waits (up to 2 s) until the acknowledgements and dead letters queued so far reached the
+    /// broker: a reading of the dead-letter place then includes what this member wrote.
+    fn flush(&self) -> Stopping<'_>;
+
     /// Sends the acknowledgements still queued (bounded wait), ends every task and waits
     /// until they are gone: the sink is called no more. Idempotent.
     fn stop(&self) -> Stopping<'_>;

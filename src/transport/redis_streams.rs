@@ -372,15 +372,21 @@ impl Transport for RedisStreams {
         self.shared.health.lock().clone()
     }
 
+    fn flush(&self) -> Stopping<'_> {
+        Box::pin(async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    }
+
     /// Waits up to 2 s for the acknowledgements still queued to reach Redis, then releases
     /// the partition leases (up to 2 s more).
     fn stop(&self) -> Stopping<'_> {
         Box::pin(async move {
             self.pause();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            self.flush().await;
             self.release().await;
             let tasks = self.halt();
             for t in tasks {

@@ -447,6 +447,16 @@ impl PyTransportCore {
         Ok(d)
     }
 
+    /// Waits (up to 2 s) until the acknowledgements and dead letters queued so far reached
+    /// the broker -> awaitable (the loop thread never waits for the broker).
+    fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let t = Arc::clone(&self.transport);
+        runtime::future_into_py(py, async move {
+            t.flush().await;
+            Ok(())
+        })
+    }
+
     /// Takes no new messages (before the bus drains what it has).
     fn pause(&self) {
         self.transport.pause();

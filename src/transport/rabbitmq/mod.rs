@@ -398,15 +398,21 @@ impl Transport for RabbitMq {
         self.shared.health.lock().clone()
     }
 
+    fn flush(&self) -> Stopping<'_> {
+        Box::pin(async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    }
+
     /// Waits up to 2 s for the acknowledgements still queued, then closes the connections
     /// (the broker requeues whatever is still unacknowledged).
     fn stop(&self) -> Stopping<'_> {
         Box::pin(async move {
             self.pause();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            self.flush().await;
             for mut t in self.halt() {
                 // Tasks close their connections as they end; a broker that does not answer
                 // the close does not hold the bus.

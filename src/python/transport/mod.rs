@@ -387,6 +387,12 @@ impl PyTransportCore {
                             .and_then(|m| m.get_item(name).ok())
                             .filter(|v| !v.is_none())
                     };
+                    let (group, only) = retry_target(&payload)?;
+                    if group.is_some_and(|g| g != self.transport.group()) {
+                        // Another group's retried dead letter (a stream every group reads).
+                        self.transport.ack(&m);
+                        return Ok(());
+                    }
                     let ack: Ack = Box::new(Delivery {
                         transport: Arc::clone(&self.transport),
                         message: m.clone(),
@@ -396,12 +402,6 @@ impl PyTransportCore {
                         .get_item(intern!(py, "key"))
                         .ok()
                         .filter(|k| !k.is_none());
-                    let (group, only) = retry_target(&payload)?;
-                    if group.is_some_and(|g| g != self.transport.group()) {
-                        // Another group's retried dead letter (a stream every group reads).
-                        self.transport.ack(&m);
-                        return Ok(());
-                    }
                     bus.get().accept_remote(
                         py,
                         &event,

@@ -1,7 +1,8 @@
 """A durable bus killed with SIGKILL at random moments loses nothing (issue 3).
 
-Each iteration runs a publisher process on a fresh SQLite file and kills it with SIGKILL after
-a random delay, then restarts a bus on the same file in another process and drains it. Every
+Each iteration runs a publisher process on a fresh SQLite file (publishing batches, or one event
+per await: committed on the asyncio thread itself, see src/store/now.rs) and kills it with
+SIGKILL after a random delay, then restarts a bus on the same file in another process and drains it. Every
 handler call appends "subscription position key" to a record file with one unbuffered
 ``os.write`` (it survives the kill). Afterwards every committed event must have been handled by
 every subscription at least once (losses must be 0), first deliveries must follow publish order
@@ -58,6 +59,24 @@ CHILD = textwrap.dedent(
                          for j in range(50)]
                     )
                     i += 50
+            if mode == "publish-each":
+                # One event per await from one task, then from four at once: commits made on
+                # the asyncio thread itself, alone and shared by a batch.
+                print("ready", flush=True)
+                counter = iter(range(10**9))
+
+                async def publisher():
+                    while True:
+                        i = next(counter)
+                        await bus.publish({"event_type": "order", "aggregate_id": f"k{i % 7}", "n": i})
+
+                async def alone():
+                    for _ in range(300):
+                        i = next(counter)
+                        await bus.publish({"event_type": "order", "aggregate_id": f"k{i % 7}", "n": i})
+
+                await alone()
+                await asyncio.gather(*(publisher() for _ in range(4)))
         print("drained", flush=True)
 
     asyncio.run(main())
@@ -94,14 +113,17 @@ def _records(path: Path) -> list[tuple[str, int, str]]:
 
 
 @pytest.mark.timeout(600)
-def test_a_bus_killed_at_random_moments_redelivers_every_committed_event(tmp_path: Path) -> None:
+@pytest.mark.parametrize("publishing", ["publish", "publish-each"])
+def test_a_bus_killed_at_random_moments_redelivers_every_committed_event(
+    tmp_path: Path, publishing: str
+) -> None:
     rng = random.Random(20261126)
     total_events = total_deliveries = total_repeats = total_done = 0
     for it in range(ITERATIONS):
         db = tmp_path / f"crash{it}.db"
         record, again = tmp_path / f"crash{it}.log", tmp_path / f"crash{it}-restart.log"
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(db), str(record), "publish"],
+            [sys.executable, "-c", CHILD, str(db), str(record), publishing],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         assert child.stdout is not None

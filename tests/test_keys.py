@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from oxbus import EventBus, SqliteEventStore
+from oxbus import DomainEvent, EventBus, SqliteEventStore, current_envelope
 from oxbus.errors import InvalidEvent
 
 
@@ -99,3 +99,61 @@ async def test_in_memory_any_hashable_key_orders_and_lists_equal_tuples(make_bus
         await bus.publish({"event_type": "step", "n": 4}, key={"a": 1})
     await bus.drain()
     assert sorted(seen) == [1, 2, 3]
+
+
+class KeyByProperty(DomainEvent):
+    def __init__(self, order_id: str) -> None:
+        super().__init__()
+        self.order_id = order_id
+
+    @property
+    def aggregate_id(self) -> str:
+        return self.order_id
+
+
+class KeyByDefault(DomainEvent):
+    pass
+
+
+async def test_the_key_follows_aggregate_id_even_when_the_class_is_patched(
+    make_bus: Any,
+) -> None:
+    # A property that only returns an attribute is read as that attribute: the same value,
+    # also after the class changed its aggregate_id.
+    bus = await make_bus(workers=4)
+    keys: list[Any] = []
+    bus.subscribe(KeyByProperty, lambda e: keys.append(current_envelope().key))
+    bus.subscribe(KeyByDefault, lambda e: keys.append(current_envelope().key))
+    await bus.publish(KeyByProperty("o-1"))
+    await bus.drain()
+    original = KeyByProperty.aggregate_id
+    KeyByProperty.aggregate_id = property(lambda self: self.order_id.upper())  # type: ignore[assignment, method-assign]
+    try:
+        await bus.publish(KeyByProperty("o-2"))
+        await bus.drain()
+    finally:
+        KeyByProperty.aggregate_id = original  # type: ignore[method-assign]
+    await bus.publish(KeyByProperty("o-3"))
+    plain, own = KeyByDefault(), KeyByDefault()
+    own.__dict__["aggregate_id"] = "mine"
+    await bus.publish(plain)
+    await bus.publish(own)
+    await bus.drain()
+    assert keys == ["o-1", "O-2", "o-3", None, "mine"]
+    assert plain.aggregate_id is None and own.aggregate_id == "mine"
+
+
+async def test_a_property_reading_a_missing_attribute_is_refused_at_publish(
+    make_bus: Any,
+) -> None:
+    bus = await make_bus(workers=2)
+    bus.subscribe(KeyByProperty, lambda e: None)
+    broken = KeyByProperty("o-1")
+    del broken.order_id
+    with pytest.raises(
+        InvalidEvent,
+        match=r"reading aggregate_id of a KeyByProperty event raised AttributeError: "
+        r".*order_id",
+    ):
+        await bus.publish(broken)
+    assert bus.get_statistics()["events_published"] == 0

@@ -67,7 +67,7 @@ class Backend:
     def statistics(self, stats: dict[str, Any]) -> None:
         """Adds the transport's part to ``get_statistics()``."""
 
-    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+    async def publish(self, event: Any, key: Any = None, correlation_id: Any = None) -> bool:
         waiter = self.core.publish(event, key, correlation_id)
         if waiter is not None:
             await admit(self.core, waiter)
@@ -105,7 +105,7 @@ class EventStorageBackend(_Waiting):
         super().__init__(core, options)
         self.storage = event_storage
 
-    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+    async def publish(self, event: Any, key: Any = None, correlation_id: Any = None) -> bool:
         self.core.ensure_running()  # never store an event the bus then refuses
         await self.storage.store_event(event)
         return await super().publish(event, key, correlation_id)
@@ -165,10 +165,20 @@ class DurableBackend(_Waiting):
         if self.owns_store:
             await self.store._core.close_async()  # never waits on the loop thread
 
-    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+    async def publish(self, event: Any, key: Any = None, correlation_id: Any = None) -> bool:
         self.core.ensure_running()  # never commit an event the bus then refuses
-        (position,) = await self.store._core.log(event, key, correlation_id)
-        waiter = self.core.publish(event, key, correlation_id, position)
+        store = self.store._core
+        # Committed at once on this thread when nothing waits before it (an int), else a
+        # future; either way dispatched only once committed, in publish order.
+        logged = store.log(event, key, correlation_id)
+        if type(logged) is int:
+            waiter = self.core.publish(event, key, correlation_id, logged)
+        else:
+            try:
+                (position,) = await logged
+                waiter = self.core.publish(event, key, correlation_id, position)
+            finally:
+                store.settled()  # dispatched (or given up): later publishes may go ahead
         if waiter is not None:
             await admit(self.core, waiter)
         return True
@@ -179,11 +189,16 @@ class DurableBackend(_Waiting):
         items = list(events)
         if not items:
             return 0
-        positions = await self.store._core.log_many(items)
-        for e, position in zip(items, positions):
-            waiter = self.core.publish(e, None, None, position)
-            if waiter is not None:
-                await admit(self.core, waiter)
+        store = self.store._core
+        logged = store.log_many(items)
+        try:
+            positions = await logged
+            for e, position in zip(items, positions):
+                waiter = self.core.publish(e, None, None, position)
+                if waiter is not None:
+                    await admit(self.core, waiter)
+        finally:
+            store.settled()
         return len(items)
 
 
@@ -275,7 +290,7 @@ class BrokerBackend(_Waiting):
             )
         return self.broker
 
-    async def publish(self, event: Any, key: Any, correlation_id: Any) -> bool:
+    async def publish(self, event: Any, key: Any = None, correlation_id: Any = None) -> bool:
         await self._connected().publish(event, key, correlation_id)
         return True
 

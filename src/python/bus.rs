@@ -23,6 +23,7 @@ use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
 use crate::python::futures::{fail, is_done, resolve, resolve_all};
+use crate::python::publish::PyPublish;
 use crate::python::retry::PyRetryPolicy;
 use crate::python::route::{Handler, Names, Route};
 use crate::python::store::PyStoreCore;
@@ -47,6 +48,8 @@ pub struct Inner {
     /// Run state, admission, lanes, idle workers, drain waiters, parking, counters.
     pub engine: BusEngine,
     routes: FxHashMap<(usize, Option<String>), Arc<Route>>,
+    /// The route found last by class alone (valid while `routes_gen` is current).
+    last_route: Option<(usize, Arc<Route>)>,
     routes_gen: u64,
     waiters: Vec<Waiter>,
     next_waiter: u64,
@@ -55,7 +58,7 @@ pub struct Inner {
     pub loop_: Option<Py<PyAny>>,
     pub after_call: Option<Py<PyAny>>,
     /// The thread of the loop the bus runs on.
-    pub loop_thread: Option<std::thread::ThreadId>,
+    pub loop_thread: Option<libc::pthread_t>,
     /// `clock.sleep(seconds)` and `clock.time()`; the loop's by default.
     pub sleep: Option<Py<PyAny>>,
     pub now: Option<Py<PyAny>>,
@@ -99,13 +102,20 @@ impl PyBusCore {
         let ty = event.get_type();
         let ty_id = ty.as_ptr() as usize;
         let is_dict = event.cast::<PyDict>().is_ok();
-        // The common case in one lock: no string subscriptions, not a dict, class cached.
+        // The common case in one lock: no string subscriptions, not a dict, class cached (the
+        // class of the previous event first).
         let by_key = {
-            let inner = self.inner.lock(py);
+            let mut inner = self.inner.lock(py);
             let by_key = inner.engine.router.needs_type_key();
             if !by_key && !is_dict && inner.routes_gen == inner.engine.router.generation() {
-                if let Some(r) = inner.routes.get(&(ty_id, None)) {
-                    return Ok(Arc::clone(r));
+                if let Some((t, r)) = &inner.last_route {
+                    if *t == ty_id {
+                        return Ok(Arc::clone(r));
+                    }
+                }
+                if let Some(r) = inner.routes.get(&(ty_id, None)).map(Arc::clone) {
+                    inner.last_route = Some((ty_id, Arc::clone(&r)));
+                    return Ok(r);
                 }
             }
             by_key
@@ -130,10 +140,11 @@ impl PyBusCore {
             None => events::type_key(event)?,
         };
         let mro = events::mro_ids(&ty)?;
-        let class_has_key = events::class_has_key(&ty)?;
+        let key_read = events::key_read(&ty)?;
         let mut inner = self.inner.lock(py);
         if inner.routes_gen != inner.engine.router.generation() {
             inner.routes.clear();
+            inner.last_route = None;
             inner.routes_gen = inner.engine.router.generation();
         }
         let subs = inner.engine.router.resolve(&key_name, &mro);
@@ -158,7 +169,7 @@ impl PyBusCore {
             counters: inner.engine.stats.type_counters(&key_name),
             type_key: key_name,
             mro,
-            class_has_key,
+            key_read,
         });
         inner.routes.insert(cache_key, Arc::clone(&route));
         Ok(route)
@@ -180,7 +191,7 @@ impl PyBusCore {
         let lane = if self.settings.keyed {
             match &key {
                 Some(k) => Some(events::lane_of(k)?),
-                None => match events::aggregate_key(event, route.class_has_key)? {
+                None => match events::aggregate_key(event, &route.key_read)? {
                     Some(k) => Some(events::lane_of(&k)?),
                     None => None,
                 },
@@ -320,14 +331,14 @@ impl PyBusCore {
             (c, None) => Origin::Root(c.map(Bound::unbind)),
             (None, Some(cause)) => Origin::Child(item.item.id(py)?.unbind(), cause.unbind()),
         };
-        let env = EnvData::new(
+        let mut env = EnvData::new(
             event.clone().unbind(),
             origin,
             key.map(Bound::unbind),
             route,
             None,
         );
-        *env.ack.lock() = Some(ack);
+        env.set_ack(ack);
         item.item = Arc::new(env);
         // A full queue parks it with the blocked publishers: the transport's prefetch bounds them.
         drop(self.accept(py, item, lane, true, true)?);
@@ -355,7 +366,7 @@ impl PyBusCore {
             skip: None,
             type_key: full.type_key.clone(),
             mro: full.mro.clone(),
-            class_has_key: full.class_has_key,
+            key_read: full.key_read.clone_ref(py),
             counters: Arc::clone(&full.counters),
         })
     }
@@ -383,19 +394,16 @@ impl PyBusCore {
         wait: bool,
         internal: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let env = Arc::clone(&item.item);
-        let route = Arc::clone(env.route());
         // An event published by a running handler is always accepted: the bound applies to
         // what comes from outside, and making a handler wait for room that only handlers can
         // make would freeze the bus.
-        let from_handler = env.is_child();
-        let routed = !route.subs.is_empty();
+        let from_handler = item.item.is_child();
+        let routed = !item.item.route().subs.is_empty();
+        // The envelope is needed after it is queued only by `wait_for` callers: no reference
+        // count taken otherwise (the hot path of a publish takes none).
+        let watched = (self.waiter_count.load(Relaxed) > 0).then(|| Arc::clone(&item.item));
         let mut inner = self.inner.lock(py);
-        if routed
-            && inner
-                .loop_thread
-                .is_some_and(|t| t != std::thread::current().id())
-        {
+        if routed && inner.loop_thread.is_some_and(|t| t != current_thread()) {
             inner
                 .engine
                 .check_intake(internal || from_handler)
@@ -405,28 +413,40 @@ impl PyBusCore {
                  from another thread use bus.publish_threadsafe(event)",
             ));
         }
+        inner
+            .engine
+            .check_intake(internal || from_handler)
+            .map_err(|e| errors::to_py(&e))?;
+        // Counted before the queue takes it (after this check it is queued, finished at once,
+        // or handed back as full, which takes the count back below).
+        bump(&item.item.route().counters.published, 1);
         let outcome = inner
             .engine
             .accept(item, lane, routed, from_handler, internal)
             .map_err(|e| errors::to_py(&e))?;
         let item = match outcome {
-            Accepted::Unrouted(_) => {
+            Accepted::Unrouted(item) => {
                 // Nothing to run: accepted and finished at once.
                 drop(inner);
-                bump(&route.counters.published, 1);
-                bump(&route.counters.processed, 1);
+                let env = item.item;
+                bump(&env.route().counters.processed, 1);
                 env.acknowledge();
                 self.notify_waiters(py, &env);
                 return Ok(None);
             }
             Accepted::Queued { wake } => {
                 drop(inner);
-                bump(&route.counters.published, 1);
                 self.wake(py, wake);
-                self.notify_waiters(py, &env);
+                if let Some(env) = watched {
+                    self.notify_waiters(py, &env);
+                }
                 return Ok(None);
             }
-            Accepted::Full(item) => item,
+            Accepted::Full(item) => {
+                let published = &item.item.route().counters.published;
+                published.store(published.load(Relaxed) - 1, Relaxed);
+                item
+            }
         };
         if !wait {
             return Err(errors::to_py(&inner.engine.queue_full()));
@@ -452,6 +472,40 @@ impl PyBusCore {
         });
         Ok(Some(fut))
     }
+}
+
+impl PyBusCore {
+    /// Publishes one event: None when accepted now, else a future resolved once accepted.
+    /// `position` is the event's place in the durable log, if any.
+    pub fn publish_event(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<Bound<'_, PyAny>>,
+        correlation_id: Option<Bound<'_, PyAny>>,
+        position: Option<i64>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let (item, lane) = self.envelope(py, event, key, correlation_id, position)?;
+        // A durable bus: the subscriptions this event is not for move past its position.
+        let skip = match (position, self.progress(), &item.item.route().skip) {
+            (Some(p), Some(log), Some((t, subs))) => {
+                Some((p, Arc::clone(log), Arc::clone(t), Arc::clone(subs)))
+            }
+            _ => None,
+        };
+        let accepted = self.accept(py, item, lane, true, false)?;
+        if let Some((p, log, t, subs)) = skip {
+            let _ = log.skip(p, t, subs);
+        }
+        Ok(accepted)
+    }
+}
+
+/// The running thread, as `pthread_self()` (a register read, where `thread::current()` takes
+/// and drops a reference count: this is asked on every publish).
+fn current_thread() -> libc::pthread_t {
+    // SAFETY: always safe to call.
+    unsafe { libc::pthread_self() }
 }
 
 /// On a `DomainEvent` published from a handler or with `correlation_id=`, shows the ids of
@@ -515,6 +569,7 @@ impl PyBusCore {
             inner: GilMutex::new(Inner {
                 engine: Engine::new(settings),
                 routes: FxHashMap::default(),
+                last_route: None,
                 routes_gen: 0,
                 waiters: Vec::new(),
                 next_waiter: 1,
@@ -631,7 +686,7 @@ impl PyBusCore {
             skip: None,
             type_key: full.type_key.clone(),
             mro: full.mro.clone(),
-            class_has_key: full.class_has_key,
+            key_read: full.key_read.clone_ref(py),
             counters: Arc::clone(&full.counters),
         };
         let env = Arc::clone(&item.item);
@@ -760,7 +815,7 @@ impl PyBusCore {
                 return;
             }
             inner.loop_ = Some(loop_);
-            inner.loop_thread = Some(std::thread::current().id());
+            inner.loop_thread = Some(current_thread());
             if inner.probe.is_none() {
                 inner.probe = Some(Probe::new());
             }
@@ -861,19 +916,25 @@ impl PyBusCore {
         correlation_id: Option<Bound<'_, PyAny>>,
         position: Option<i64>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let (item, lane) = self.envelope(py, event, key, correlation_id, position)?;
-        // A durable bus: the subscriptions this event is not for move past its position.
-        let skip = match (position, self.progress(), &item.item.route().skip) {
-            (Some(p), Some(log), Some((t, subs))) => {
-                Some((p, Arc::clone(log), Arc::clone(t), Arc::clone(subs)))
-            }
-            _ => None,
-        };
-        let accepted = self.accept(py, item, lane, true, false)?;
-        if let Some((p, log, t, subs)) = skip {
-            let _ = log.skip(p, t, subs);
-        }
-        Ok(accepted)
+        self.publish_event(py, event, key, correlation_id, position)
+    }
+
+    /// `await bus.publish(event)` on an in-memory bus: an awaitable that publishes when first
+    /// stepped (see `oxbus._oxbus.Publish`).
+    #[pyo3(signature = (event, key=None, correlation_id=None))]
+    fn publishing(
+        slf: &Bound<'_, Self>,
+        event: Py<PyAny>,
+        key: Option<Py<PyAny>>,
+        correlation_id: Option<Py<PyAny>>,
+    ) -> PyPublish {
+        PyPublish::new(slf.clone().unbind(), event, key, correlation_id)
+    }
+
+    /// `publishing` as a builtin bound to this core, which `EventBus` installs as
+    /// `bus.publish`: it reads its arguments without PyO3's general parser.
+    fn publisher(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        crate::python::publish::publisher(slf)
     }
 
     /// Publishes one event now or raises `QueueFull`.

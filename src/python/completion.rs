@@ -42,11 +42,7 @@ pub struct Completions {
 impl Completions {
     /// A new future on the running loop and the token that completes it.
     pub fn register<'py>(&self, py: Python<'py>) -> PyResult<(u64, Py<PyAny>, Bound<'py, PyAny>)> {
-        static GET_RUNNING_LOOP: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
-        let get = GET_RUNNING_LOOP.get_or_try_init(py, || {
-            Ok::<_, PyErr>(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
-        })?;
-        let loop_ = get.bind(py).call0()?;
+        let loop_ = Self::running_loop(py)?;
         let fut = loop_.call_method0(intern!(py, "create_future"))?;
         let token = self.next.fetch_add(1, Relaxed) + 1;
         self.pending
@@ -62,11 +58,40 @@ impl Completions {
 
     /// Fails a registered future at once (on the loop thread).
     pub fn fail_now(&self, py: Python<'_>, token: u64, err: &PyErr) {
-        if let Some((fut, _)) = self.pending.lock().remove(&token) {
+        let found = self.pending.lock().remove(&token);
+        if let Some((fut, _)) = found {
             let _ = fut
                 .bind(py)
                 .call_method1(intern!(py, "set_exception"), (err.value(py),));
         }
+    }
+
+    /// Resolves a registered future at once (on the loop thread): a request answered without
+    /// the writer thread (`Writer::log_now`).
+    pub fn resolve_now(&self, py: Python<'_>, token: u64, value: &Bound<'_, PyAny>) {
+        let found = self.pending.lock().remove(&token);
+        if let Some((fut, _)) = found {
+            crate::python::futures::resolve(py, &fut, value);
+        }
+    }
+
+    /// Whether every one of `tokens` is pending on `loop_` (so can be resolved from its thread).
+    pub fn all_on(&self, tokens: &[u64], loop_: &Bound<'_, PyAny>) -> bool {
+        let pending = self.pending.lock();
+        tokens.iter().all(|t| {
+            pending
+                .get(t)
+                .is_some_and(|(_, l)| l.as_ptr() == loop_.as_ptr())
+        })
+    }
+
+    /// The running loop.
+    pub fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+        static GET_RUNNING_LOOP: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+        let get = GET_RUNNING_LOOP.get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
+        })?;
+        get.bind(py).call0()
     }
 
     /// Called from any thread: hands each loop involved the outcomes of its own futures, with

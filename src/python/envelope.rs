@@ -4,7 +4,10 @@
 //! Ids are computed lazily: an envelope that nobody asks about costs one allocation.
 
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicPtr, AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
 use std::sync::Arc;
 
 use pyo3::ffi;
@@ -13,6 +16,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
 
+use crate::python::context;
 use crate::python::events;
 use crate::python::route::Route;
 use crate::transport::HandlerFailure;
@@ -60,18 +64,34 @@ struct DeadLetterFields {
     last_failed_at: String,
 }
 
+// The `Arc` (two counts and this) must fit the allocator's fast bins: one is made per event.
+const _: () = assert!(std::mem::size_of::<EnvData>() <= 104);
+
 pub struct EnvData {
     /// The event's position in the durable log, when the bus has one.
     pub position: Option<i64>,
-    /// What to do once every subscription finished the event (remote deliveries).
-    pub ack: parking_lot::Mutex<Option<Ack>>,
+    /// What to do once every subscription finished the event (remote deliveries): a
+    /// `Box<Ack>` made by `Box::into_raw`, or null. A pointer rather than a locked `Option`:
+    /// the common case (nothing to do) reads one word, with no atomic read-modify-write.
+    ack: AtomicPtr<Ack>,
     event: Py<PyAny>,
     origin: Origin,
     key: Option<Py<PyAny>>,
     route: Arc<Route>,
     event_id: PyOnceLock<Py<PyAny>>,
-    sub_index: AtomicUsize,
-    attempt: AtomicU32,
+    /// The running call: subscription index (high half) and attempt (low half), in one word
+    /// so that the whole `Arc` stays within the allocator's fast bins (120 bytes).
+    call: AtomicU64,
+}
+
+impl Drop for EnvData {
+    fn drop(&mut self) {
+        let ack = *self.ack.get_mut();
+        if !ack.is_null() {
+            // SAFETY: made by `Box::into_raw` in `set_ack` and never run: ours to free.
+            drop(unsafe { Box::from_raw(ack) });
+        }
+    }
 }
 
 impl EnvData {
@@ -84,21 +104,32 @@ impl EnvData {
     ) -> Self {
         Self {
             position,
-            ack: parking_lot::Mutex::new(None),
+            ack: AtomicPtr::new(std::ptr::null_mut()),
             event,
             origin,
             key,
             route,
             event_id: PyOnceLock::new(),
-            sub_index: AtomicUsize::new(0),
-            attempt: AtomicU32::new(1),
+            call: AtomicU64::new(1),
         }
+    }
+
+    /// The index of the subscription running now.
+    #[allow(clippy::cast_possible_truncation)] // stored from a usize below
+    fn sub_index(&self) -> usize {
+        (self.call.load(Relaxed) >> 32) as usize
+    }
+
+    /// 1 for the first call of a handler, 2 for its first retry, ...
+    #[allow(clippy::cast_possible_truncation)] // the low half
+    pub fn attempt(&self) -> u32 {
+        self.call.load(Relaxed) as u32
     }
 
     /// Records which subscription and attempt is running now.
     pub fn set_call(&self, sub_index: usize, attempt: u32) {
-        self.sub_index.store(sub_index, Relaxed);
-        self.attempt.store(attempt, Relaxed);
+        self.call
+            .store(((sub_index as u64) << 32) | u64::from(attempt), Relaxed);
     }
 
     pub fn event_ref(&self) -> &Py<PyAny> {
@@ -159,15 +190,44 @@ impl EnvData {
         if let Some(k) = &self.key {
             return Ok(Some(k.bind(py).clone()));
         }
-        events::aggregate_key(self.event.bind(py), self.route.class_has_key)
+        events::aggregate_key(self.event.bind(py), &self.route.key_read)
+    }
+
+    /// Sets what to run once every subscription finished the event (before it is shared).
+    pub fn set_ack(&mut self, ack: Ack) {
+        let old = std::mem::replace(self.ack.get_mut(), Box::into_raw(Box::new(ack)));
+        if !old.is_null() {
+            // SAFETY: a pointer made by `Box::into_raw` above, owned by this envelope.
+            drop(unsafe { Box::from_raw(old) });
+        }
     }
 
     /// Runs the acknowledgement, if any (once).
     pub fn acknowledge(&self) {
-        let ack = self.ack.lock().take();
-        if let Some(a) = ack {
-            a.finish();
+        if self.ack.load(Acquire).is_null() {
+            return;
         }
+        let ack = self.ack.swap(std::ptr::null_mut(), AcqRel);
+        if !ack.is_null() {
+            // SAFETY: made by `Box::into_raw` in `set_ack`; the swap hands it out once.
+            let ack = unsafe { Box::from_raw(ack) };
+            ack.finish();
+        }
+    }
+
+    /// Hands a subscription's dead letter to the acknowledgement, if the event has one (a
+    /// broker delivery): written to the broker before the message is acknowledged. Whether
+    /// it had one.
+    pub fn dead_letter(&self, failure: HandlerFailure) -> bool {
+        let ack = self.ack.load(Acquire);
+        if ack.is_null() {
+            return false;
+        }
+        // SAFETY: made by `Box::into_raw` in `set_ack`; only `acknowledge` and `drop` free it.
+        // Both run on the loop thread under the GIL, as this does (the after-call hook), so
+        // neither runs meanwhile, and `&self` keeps the envelope alive.
+        unsafe { (*ack).dead_letter(failure) };
+        true
     }
 
     /// Whether a running handler published it.
@@ -179,7 +239,7 @@ impl EnvData {
     pub fn subscription(&self) -> Option<Arc<str>> {
         self.route
             .subs
-            .get(self.sub_index.load(Relaxed))
+            .get(self.sub_index())
             .map(|s| s.name.clone())
     }
 }
@@ -232,7 +292,7 @@ impl PyEnvelope {
     /// 1 for the first call of a handler, 2 for its first retry, ...
     #[getter]
     fn attempt(&self) -> u32 {
-        self.data.attempt.load(Relaxed)
+        self.data.attempt()
     }
 
     /// The name of the subscription being run.
@@ -257,11 +317,7 @@ impl PyEnvelope {
     /// traceback, attempts, first_failed_at, last_failed_at) become a dead letter on the
     /// broker, written before the message is acknowledged. False for an event of this process.
     fn _dead_letter(&self, fields: DeadLetterFields) -> bool {
-        let ack = self.data.ack.lock();
-        let Some(settle) = ack.as_ref() else {
-            return false;
-        };
-        settle.dead_letter(HandlerFailure {
+        self.data.dead_letter(HandlerFailure {
             id: fields.id,
             subscription: fields.subscription,
             error_type: fields.error_type,
@@ -270,8 +326,7 @@ impl PyEnvelope {
             attempts: fields.attempts,
             first_failed_at: fields.first_failed_at,
             last_failed_at: fields.last_failed_at,
-        });
-        true
+        })
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -313,10 +368,37 @@ unsafe extern "C" fn drop_capsule(capsule: *mut ffi::PyObject) {
     }
 }
 
+/// The capsule a worker last put in the envelope's context variable, and the `Arc<EnvData>`
+/// pointer it holds (so that replacing it needs no name check).
+pub struct Slot {
+    capsule: Py<PyAny>,
+    /// From `Arc::into_raw`, owned by the capsule.
+    raw: usize,
+}
+
 /// Sets the envelope of the event being handled in the running context (the worker task's).
 /// The value is a capsule holding an `Arc`: not tracked by the cycle collector, so a busy bus
-/// does not feed the GC one object per event.
-pub fn set_current(py: Python<'_>, env: &Arc<EnvData>) -> PyResult<()> {
+/// does not feed the GC one object per event. `slot` is the capsule this worker set last (the
+/// worker keeps it): when it is still the running context's value and seen by that context
+/// alone (no copy of the context shares it: see `context::value_is_private`), its pointer is
+/// replaced in place, for a fraction of the cost of setting the variable.
+pub fn set_current(py: Python<'_>, env: &Arc<EnvData>, slot: &mut Option<Slot>) -> PyResult<()> {
+    if let Some(s) = slot.as_mut() {
+        if context::value_is_private(py, s.capsule.bind(py), 1)? {
+            let raw = Arc::into_raw(Arc::clone(env))
+                .cast_mut()
+                .cast::<std::ffi::c_void>();
+            // SAFETY: a capsule made below, holding `s.raw` (an `Arc<EnvData>` made by
+            // `Arc::into_raw`), given another such pointer (never NULL, so the call cannot
+            // fail); the old reference is released once it is out of the capsule.
+            unsafe {
+                ffi::PyCapsule_SetPointer(s.capsule.as_ptr(), raw);
+                drop(Arc::from_raw(s.raw as *const EnvData));
+            }
+            s.raw = raw as usize;
+            return Ok(());
+        }
+    }
     let var = current_var(py)?;
     let raw = Arc::into_raw(Arc::clone(env))
         .cast_mut()
@@ -331,7 +413,12 @@ pub fn set_current(py: Python<'_>, env: &Arc<EnvData>) -> PyResult<()> {
     }
     // SAFETY: `capsule` is a new reference we own; the var keeps its own reference.
     let capsule = unsafe { Bound::from_owned_ptr(py, capsule) };
-    set_var(var, &capsule)
+    set_var(var, &capsule)?;
+    *slot = Some(Slot {
+        capsule: capsule.unbind(),
+        raw: raw as usize,
+    });
+    Ok(())
 }
 
 /// `var.set(value)`, the token dropped (we never reset: the next event overwrites).

@@ -73,25 +73,122 @@ pub fn mro_ids(ty: &Bound<'_, PyType>) -> PyResult<Vec<usize>> {
     Ok(mro.iter().map(|t| t.as_ptr() as usize).collect())
 }
 
-/// Whether instances of `ty` carry `aggregate_id` on the class (property or class attribute).
-pub fn class_has_key(ty: &Bound<'_, PyType>) -> PyResult<bool> {
-    ty.hasattr(intern!(ty.py(), "aggregate_id"))
+/// How an event class's `aggregate_id` is read (decided once per class: `key_read`).
+pub enum KeyRead {
+    /// The class has none: the instance's `__dict__` may (a dataclass field, say).
+    Instance,
+    /// The attribute, as Python reads it.
+    Attribute,
+    /// A property whose getter is `return self.<name>`: `<name>` is read instead, without the
+    /// getter's Python frame, while the class still has that very `descriptor`.
+    Via {
+        descriptor: Py<PyAny>,
+        name: Py<PyString>,
+    },
+    /// `DomainEvent`'s default (None unless set on the instance): the instance's `__dict__`,
+    /// while the class still has that `descriptor`.
+    Default { descriptor: Py<PyAny> },
+}
+
+impl KeyRead {
+    pub fn clone_ref(&self, py: Python<'_>) -> Self {
+        match self {
+            Self::Instance => Self::Instance,
+            Self::Attribute => Self::Attribute,
+            Self::Via { descriptor, name } => Self::Via {
+                descriptor: descriptor.clone_ref(py),
+                name: name.clone_ref(py),
+            },
+            Self::Default { descriptor } => Self::Default {
+                descriptor: descriptor.clone_ref(py),
+            },
+        }
+    }
+}
+
+static KEY_READER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// How instances of `ty` give their `aggregate_id` (see `oxbus._keys`).
+pub fn key_read(ty: &Bound<'_, PyType>) -> PyResult<KeyRead> {
+    let py = ty.py();
+    if !ty.hasattr(intern!(py, "aggregate_id"))? {
+        return Ok(KeyRead::Instance);
+    }
+    if cfg!(feature = "abi3") {
+        return Ok(KeyRead::Attribute); // no `_PyType_Lookup` to check the class with
+    }
+    let reader = KEY_READER.import(py, "oxbus._keys", "key_reader")?;
+    let found = reader.call1((ty,))?;
+    if found.is_none() {
+        return Ok(KeyRead::Attribute);
+    }
+    let (kind, descriptor, name): (String, Py<PyAny>, Option<Py<PyString>>) = found.extract()?;
+    Ok(match (kind.as_str(), name) {
+        ("attr", Some(name)) => KeyRead::Via { descriptor, name },
+        ("default", _) => KeyRead::Default { descriptor },
+        _ => KeyRead::Attribute,
+    })
+}
+
+#[cfg(not(feature = "abi3"))]
+extern "C" {
+    /// The attribute `name` as found on the type and its bases (borrowed, no error set),
+    /// through the type attribute cache. In CPython's C API since 2.x (`cpython/object.h`);
+    /// PyO3's bindings leave it out as private.
+    fn _PyType_Lookup(ty: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
+/// Whether the class of `event` still has `descriptor` as its `aggregate_id`.
+#[cfg(not(feature = "abi3"))]
+fn class_still_has(event: &Bound<'_, PyAny>, descriptor: &Py<PyAny>) -> bool {
+    let name = intern!(event.py(), "aggregate_id");
+    // SAFETY: the GIL is held; both are live objects; the result is borrowed and only compared.
+    let found = unsafe { _PyType_Lookup(ffi::Py_TYPE(event.as_ptr()), name.as_ptr()) };
+    found == descriptor.as_ptr()
+}
+
+#[cfg(feature = "abi3")]
+fn class_still_has(_event: &Bound<'_, PyAny>, _descriptor: &Py<PyAny>) -> bool {
+    false
+}
+
+/// The instance's own `aggregate_id` (its `__dict__`'s).
+fn instance_key<'py>(event: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = event.py();
+    match event.getattr_opt(intern!(py, "__dict__"))? {
+        Some(d) => match d.cast::<PyDict>() {
+            Ok(d) => d.get_item(intern!(py, "aggregate_id")),
+            Err(_) => Ok(None),
+        },
+        None => Ok(None),
+    }
 }
 
 /// The event's ordering key: a dict's `"aggregate_id"` item, or the `aggregate_id` attribute
-/// (looked up on the class when it defines one, else in the instance's `__dict__`, so events
-/// without one never pay for an `AttributeError`). `None` when absent or `None`.
+/// (read as `read` says: on the class when it defines one, else in the instance's `__dict__`,
+/// so events without one never pay for an `AttributeError`). `None` when absent or `None`.
 pub fn aggregate_key<'py>(
     event: &Bound<'py, PyAny>,
-    class_has_key: bool,
+    read: &KeyRead,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     let py = event.py();
     let found = if let Ok(d) = event.cast::<PyDict>() {
         d.get_item(intern!(py, "aggregate_id"))?
-    } else if class_has_key {
-        match event.getattr(intern!(py, "aggregate_id")) {
-            Ok(k) => Some(k),
-            Err(e) => {
+    } else {
+        let attribute = match read {
+            KeyRead::Instance => None,
+            KeyRead::Via { descriptor, name } if class_still_has(event, descriptor) => {
+                Some(event.getattr(name.bind(py)))
+            }
+            KeyRead::Default { descriptor } if class_still_has(event, descriptor) => None,
+            KeyRead::Attribute | KeyRead::Via { .. } | KeyRead::Default { .. } => {
+                Some(event.getattr(intern!(py, "aggregate_id")))
+            }
+        };
+        match attribute {
+            None => instance_key(event)?,
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
                 let msg = format!(
                     "reading aggregate_id of a {} event raised {}: {}",
                     type_name(event),
@@ -100,14 +197,6 @@ pub fn aggregate_key<'py>(
                 );
                 return Err(chained(errors::invalid_event(msg), py, e));
             }
-        }
-    } else {
-        match event.getattr_opt(intern!(py, "__dict__"))? {
-            Some(d) => match d.cast::<PyDict>() {
-                Ok(d) => d.get_item(intern!(py, "aggregate_id"))?,
-                Err(_) => None,
-            },
-            None => None,
         }
     };
     Ok(found.filter(|k| !k.is_none()))
@@ -120,7 +209,15 @@ pub fn event_key<'py>(
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     match explicit {
         Some(k) if !k.is_none() => Ok(Some(k.clone())),
-        _ => aggregate_key(event, class_has_key(&event.get_type())?),
+        _ => {
+            let ty = event.get_type();
+            let read = if ty.hasattr(intern!(ty.py(), "aggregate_id"))? {
+                KeyRead::Attribute
+            } else {
+                KeyRead::Instance
+            };
+            aggregate_key(event, &read)
+        }
     }
 }
 
@@ -252,11 +349,19 @@ pub enum Step<'py> {
 
 /// Sends `None` into an iterator-like awaitable (a coroutine, or the iterator of `__await__`).
 pub fn send_none<'py>(it: &Bound<'py, PyAny>) -> PyResult<Step<'py>> {
+    send(it, None)
+}
+
+/// Sends `value` (`None` when absent) into an iterator-like awaitable.
+pub fn send<'py>(it: &Bound<'py, PyAny>, value: Option<&Bound<'_, PyAny>>) -> PyResult<Step<'py>> {
     let py = it.py();
     let mut out: *mut ffi::PyObject = std::ptr::null_mut();
-    // SAFETY: `it` is a live object while the GIL is held; `out` receives a new reference (or
-    // NULL with an exception set), which we take ownership of right away.
-    let status = unsafe { ffi::PyIter_Send(it.as_ptr(), ffi::Py_None(), &raw mut out) };
+    // SAFETY: None is immortal enough to borrow; `value` outlives the call.
+    let arg = value.map_or_else(|| unsafe { ffi::Py_None() }, Bound::as_ptr);
+    // SAFETY: `it` and `arg` are live objects while the GIL is held (`PyIter_Send` borrows
+    // `arg`); `out` receives a new reference (or NULL with an exception set), which we take
+    // ownership of right away.
+    let status = unsafe { ffi::PyIter_Send(it.as_ptr(), arg, &raw mut out) };
     match status {
         ffi::PySendResult::PYGEN_NEXT => {
             // SAFETY: PYGEN_NEXT returns a new, non-null reference.

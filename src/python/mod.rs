@@ -3,11 +3,14 @@
 
 mod bus;
 mod completion;
+mod context;
 mod envelope;
 mod errors;
 mod events;
 mod futures;
 mod json;
+mod pacing;
+mod publish;
 mod retry;
 mod route;
 mod runtime;
@@ -32,6 +35,10 @@ mod _oxbus {
     #[pymodule_export]
     use super::json::{decode_json, encode_json};
     #[pymodule_export]
+    use super::pacing::PyTurnEnd;
+    #[pymodule_export]
+    use super::publish::PyPublish;
+    #[pymodule_export]
     use super::retry::PyRetryPolicy;
     #[pymodule_export]
     use super::store::{PyFlusher, PyStoreCore};
@@ -42,6 +49,7 @@ mod _oxbus {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        super::publish::install_slots(m.py())?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         super::runtime::register(m)
     }

@@ -8,6 +8,7 @@ use crate::core::breaker::Breaker;
 use crate::core::retry::RetryPolicy;
 use crate::core::routing::Subscription;
 use crate::core::stats::TypeCounters;
+use crate::python::events::KeyRead;
 
 /// What a subscription runs.
 pub struct Handler {
@@ -42,6 +43,7 @@ pub struct Route {
     pub skip: Option<(Arc<str>, Names)>,
     pub type_key: String,
     pub mro: Vec<usize>,
-    pub class_has_key: bool,
+    /// How its `aggregate_id` is read.
+    pub key_read: KeyRead,
     pub counters: Arc<TypeCounters>,
 }

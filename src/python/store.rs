@@ -4,6 +4,7 @@
 //! writer thread holds the GIL only for that hand-off, never while SQLite works, and uses
 //! `runtime::attach` so it never touches an exiting interpreter.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -16,9 +17,11 @@ use crate::python::completion::{Completions, Outcome, PyResolver};
 use crate::python::envelope::{self, new_event_id};
 use crate::python::errors::to_py;
 use crate::python::json::records::Metadata;
+use crate::python::pacing::{Pacing, PyTurnEnd};
 use crate::python::runtime;
 use crate::python::{errors, events, json};
 use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
+use crate::store::now::Logged;
 use crate::store::saga::{DeadlineRow, SagaRow, SagaWrite};
 use crate::store::writer::{Op, Reply, Sink, Writer};
 use crate::store::StoreError;
@@ -180,11 +183,22 @@ pub struct PyFlusher {
     writer: Arc<Writer>,
     outbox: Arc<Outbox>,
     completions: Arc<Completions>,
+    pacing: Arc<Pacing>,
 }
 
 impl PyFlusher {
     fn flush(&self, py: Python<'_>) {
         let ops = std::mem::take(&mut *self.outbox.ops.lock());
+        let logs = ops
+            .iter()
+            .filter(|(_, op)| matches!(op, Op::Log { .. }))
+            .count();
+        if logs > 0 {
+            self.pacing.last_batch.store(logs, Relaxed);
+        }
+        let Err(ops) = self.commit_now(py, ops) else {
+            return;
+        };
         let tokens: Vec<u64> = ops.iter().map(|(t, _)| *t).filter(|t| *t != 0).collect();
         if let Err(e) = self.writer.submit_many(ops) {
             // Closed under our feet: fail the waiting futures instead of losing them.
@@ -193,6 +207,69 @@ impl PyFlusher {
                 self.completions.fail_now(py, t, &err);
             }
         }
+    }
+
+    /// Commits a batch of bus-log requests on this thread, as one transaction, and resolves
+    /// their futures (see `pacing`); hands the batch back when it cannot: other requests in it,
+    /// earlier bus-log requests still unsettled, futures of another loop, the writer busy, or
+    /// an error (the writer thread then runs it, isolating the failing request).
+    fn commit_now(&self, py: Python<'_>, mut ops: Vec<(u64, Op)>) -> Result<(), Vec<(u64, Op)>> {
+        let all_logs = !ops.is_empty()
+            && ops
+                .iter()
+                .all(|(t, op)| *t != 0 && matches!(op, Op::Log { .. }));
+        if !all_logs || self.pacing.waiting.load(Relaxed) != ops.len() {
+            return Err(ops);
+        }
+        let Ok(loop_) = Completions::running_loop(py) else {
+            return Err(ops);
+        };
+        let tokens: Vec<u64> = ops.iter().map(|(t, _)| *t).collect();
+        if !self.completions.all_on(&tokens, &loop_) {
+            return Err(ops);
+        }
+        let mut counts = Vec::with_capacity(ops.len());
+        let mut items = Vec::new();
+        for (_, op) in &mut ops {
+            if let Op::Log { items: part } = op {
+                counts.push(part.len());
+                items.append(part);
+            }
+        }
+        let writer = &self.writer;
+        let logged = py.detach(|| writer.log_now(&items));
+        let positions = match logged {
+            Some(Ok(Logged::Positions(p))) => p,
+            Some(Ok(Logged::Unconfirmed(p))) => {
+                // The writer thread checks (and saves) the WAL before they are acknowledged.
+                let mut rest = p.into_iter();
+                return Err(tokens
+                    .into_iter()
+                    .zip(counts)
+                    .map(|(t, n)| (t, Op::Confirm(rest.by_ref().take(n).collect())))
+                    .collect());
+            }
+            Some(Err(_)) | None => {
+                let mut rest = items.into_iter();
+                return Err(tokens
+                    .into_iter()
+                    .zip(counts)
+                    .map(|(t, n)| {
+                        let items = rest.by_ref().take(n).collect();
+                        (t, Op::Log { items })
+                    })
+                    .collect());
+            }
+        };
+        let mut rest = positions.into_iter();
+        for (t, n) in tokens.into_iter().zip(counts) {
+            let part: Vec<i64> = rest.by_ref().take(n).collect();
+            match PyList::new(py, part) {
+                Ok(list) => self.completions.resolve_now(py, t, list.as_any()),
+                Err(e) => self.completions.fail_now(py, t, &e),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -210,6 +287,9 @@ pub struct PyStoreCore {
     completions: Arc<Completions>,
     outbox: Arc<Outbox>,
     flusher: Py<PyFlusher>,
+    /// When a publish may commit on the asyncio thread (see `pacing`).
+    pacing: Arc<Pacing>,
+    turn_end: Py<PyTurnEnd>,
     path: String,
 }
 
@@ -458,19 +538,24 @@ impl PyStoreCore {
             .map_err(|e| to_py(&e))?,
         );
         let outbox = Arc::new(Outbox::default());
+        let pacing = Arc::new(Pacing::default());
         let flusher = Py::new(
             py,
             PyFlusher {
                 writer: Arc::clone(&writer),
                 outbox: Arc::clone(&outbox),
                 completions: Arc::clone(&completions),
+                pacing: Arc::clone(&pacing),
             },
         )?;
+        let turn_end = Py::new(py, PyTurnEnd(Arc::clone(&pacing)))?;
         Ok(Self {
             writer,
             completions,
             outbox,
             flusher,
+            pacing,
+            turn_end,
             path,
         })
     }
@@ -536,7 +621,9 @@ impl PyStoreCore {
         )
     }
 
-    /// Logs one event published on a durable bus -> future of its position.
+    /// Logs one event published on a durable bus: its position (an int) when it was committed
+    /// at once on this thread, else a future of `[position]`, after which the publisher calls
+    /// `settled()` once it has dispatched the event (see `pacing`).
     #[pyo3(signature = (event, key=None, correlation_id=None))]
     fn log(
         &self,
@@ -545,8 +632,35 @@ impl PyStoreCore {
         key: Option<&Bound<'_, PyAny>>,
         correlation_id: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let item = (log_stream(event, key)?, record_of(event, correlation_id)?);
-        self.submit(py, Op::Log { items: vec![item] })
+        let items = vec![(log_stream(event, key)?, record_of(event, correlation_id)?)];
+        if self.pacing.may_commit_now() {
+            let writer = &self.writer;
+            match py.detach(|| writer.log_now(&items)) {
+                Some(Ok(Logged::Positions(p))) => {
+                    if self.pacing.committed_now() {
+                        Completions::running_loop(py)?
+                            .call_method1(intern!(py, "call_soon"), (self.turn_end.bind(py),))?;
+                    }
+                    return Ok(p[0].into_pyobject(py)?.into_any().unbind());
+                }
+                Some(Ok(Logged::Unconfirmed(p))) => {
+                    let fut = self.submit(py, Op::Confirm(p))?;
+                    self.pacing.wait();
+                    return Ok(fut);
+                }
+                Some(Err(e)) => return Err(to_py(&e)),
+                None => {}
+            }
+        }
+        let fut = self.submit(py, Op::Log { items })?;
+        self.pacing.wait();
+        Ok(fut)
+    }
+
+    /// A publisher that got a future from `log` or `log_many` has dispatched its events (or
+    /// given up): later publishes may commit at once again.
+    fn settled(&self) {
+        self.pacing.settled();
     }
 
     /// Logs several events in one atomic group -> future of their positions. A large group
@@ -569,13 +683,16 @@ impl PyStoreCore {
         }
         if !group.started() {
             // Small: one request with the others of this loop turn.
-            return self.submit(py, Op::Log { items: chunk });
+            let fut = self.submit(py, Op::Log { items: chunk })?;
+            self.pacing.wait();
+            return Ok(fut);
         }
         let (token, fut, _) = self.completions.register(py)?;
         if let Err(e) = group.end(token, chunk) {
             self.completions.forget(token);
             return Err(to_py(&e));
         }
+        self.pacing.wait();
         Ok(fut)
     }
 

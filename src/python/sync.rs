@@ -29,4 +29,9 @@ impl<T: Send> GilMutex<T> {
         }
         py.detach(|| self.0.lock())
     }
+
+    /// The value, through exclusive access (no locking needed).
+    pub fn get_mut(&mut self) -> &mut T {
+        self.0.get_mut()
+    }
 }

@@ -23,7 +23,7 @@ use crate::python::bus::{Inner, PyBusCore};
 use crate::python::envelope::{self, EnvData, PyEnvelope};
 use crate::python::events::{self, Step};
 use crate::python::futures::resolve_all;
-use crate::python::route::{Route, Sub};
+use crate::python::route::Sub;
 use crate::python::sync::GilMutex;
 
 /// Events one worker handles before it yields to the loop once.
@@ -70,14 +70,22 @@ struct State {
     /// The end of the previous call, reused as the start of the next one when nothing but
     /// the worker's own bookkeeping ran in between (no suspension, no hook, no idle wait).
     clock: Option<Instant>,
+    /// The capsule this worker last put in the envelope's context variable (see
+    /// `envelope::set_current`).
+    slot: Option<envelope::Slot>,
 }
 
 #[derive(Default)]
 struct Pending {
     /// Successful handler calls, with their duration (ns).
     calls: Vec<u64>,
-    /// A finished event: its lane to release and its per-type counters.
-    finished: Option<(Option<u64>, Arc<Route>)>,
+    /// A finished event.
+    finished: Option<Finished>,
+}
+
+/// An event whose every subscription is done: its lane is released at the next flush.
+struct Finished {
+    lane: Option<u64>,
 }
 
 impl Pending {
@@ -85,9 +93,8 @@ impl Pending {
         for ns in self.calls.drain(..) {
             inner.engine.record_call(ns, true);
         }
-        if let Some((lane, route)) = self.finished.take() {
+        if let Some(Finished { lane }) = self.finished.take() {
             inner.engine.finish(lane);
-            bump(&route.counters.processed, 1);
         }
     }
 }
@@ -209,7 +216,7 @@ impl PyWorker {
                 let admitted = core.admit_blocked(py);
                 core.admitted(py, admitted);
             }
-            envelope::set_current(py, &item.item)?;
+            envelope::set_current(py, &item.item, &mut st.slot)?;
             st.cur = Some(Current {
                 delivery: Delivery::new(item.item.route().subs.len()),
                 env: item.item,
@@ -251,30 +258,47 @@ impl PyWorker {
     /// Calls the next subscription of the current event, or finishes the event.
     fn call_next(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
         let cur = st.cur.as_mut().expect("an event is current");
-        let env = Arc::clone(&cur.env);
-        let route = Arc::clone(env.route());
         let Next::Call { sub: idx, attempt } = cur.delivery.next() else {
             Self::finish_event(st);
             return Ok(());
         };
-        let sub = &route.subs[idx];
-        env.set_call(idx, attempt);
-        let event = env.event_ref().bind(py);
-        if sub.payload.park {
-            if let Some(h) = Self::key_hash(py, cur)? {
-                if self.core().inner.lock(py).engine.is_parked(sub.id, h) {
-                    return self.park(py, st, h);
+        let special = {
+            let sub = &cur.env.route().subs[idx];
+            sub.payload.park || sub.payload.breaker.as_ref().is_some_and(|b| !b.is_closed())
+        };
+        if special {
+            // Parking and an open breaker: rare, with their own lookups.
+            let env = Arc::clone(&cur.env);
+            let sub = &env.route().subs[idx];
+            env.set_call(idx, attempt);
+            if sub.payload.park {
+                if let Some(h) = Self::key_hash(py, cur)? {
+                    if self.core().inner.lock(py).engine.is_parked(sub.id, h) {
+                        return self.park(py, st, h);
+                    }
+                }
+            }
+            if let Some(b) = sub.payload.breaker.as_ref().filter(|b| !b.is_closed()) {
+                if let Some(wait) = b.wait(self.now(py)?) {
+                    // Open: wait out the cool-down, then try once (half-open).
+                    let it = self.sleep(py, wait)?;
+                    st.awaiting = Some((it.unbind(), Kind::Pause));
+                    return Ok(());
                 }
             }
         }
-        if let Some(b) = sub.payload.breaker.as_ref().filter(|b| !b.is_closed()) {
-            if let Some(wait) = b.wait(self.now(py)?) {
-                // Open: wait out the cool-down, then try once (half-open).
-                let it = self.sleep(py, wait)?;
-                st.awaiting = Some((it.unbind(), Kind::Pause));
-                return Ok(());
-            }
-        }
+        // Borrowed, not cloned: the common path of an event takes no reference count.
+        let State {
+            cur,
+            clock,
+            awaiting,
+            ..
+        } = st;
+        let cur = cur.as_mut().expect("an event is current");
+        let env = &*cur.env;
+        let sub = &env.route().subs[idx];
+        env.set_call(idx, attempt);
+        let event = env.event_ref().bind(py);
         // Every call is timed, so the histogram's count is the number of calls (issue 14).
         // `quanta::Instant::now` reads the TSC (10-17 ns here), and a call that follows
         // another without a suspension starts at the previous call's end: one read per call.
@@ -282,7 +306,7 @@ impl PyWorker {
         // event (bench_inmemory's oxbus cases, 6 alternating rounds, medians): about 20 ns
         // per call, -5.5% events/s geometric mean, -11% worst (sync handler x4, 1 worker:
         // trivial handlers, where the clock is the largest part of a call).
-        cur.started = Some(st.clock.take().unwrap_or_else(Instant::now));
+        cur.started = Some(clock.take().unwrap_or_else(Instant::now));
         let wrap = match sub.payload.timeout {
             Some(t) => self
                 .core()
@@ -309,7 +333,7 @@ impl PyWorker {
         }
         match result.and_then(|r| events::awaitable_iter(&r)) {
             Ok(Some(it)) => {
-                st.awaiting = Some((it.unbind(), Kind::Handler));
+                *awaiting = Some((it.unbind(), Kind::Handler));
                 Ok(())
             }
             Ok(None) => self.call_done(py, st, None),
@@ -434,6 +458,9 @@ impl PyWorker {
             }
         }
         let core = self.core();
+        if err.is_none() && self.succeeded(st) {
+            return self.advance(py, st);
+        }
         if st.cancelled && err.as_ref().is_some_and(|e| is_cancelled_error(py, e)) {
             // Interrupted because the worker itself is being cancelled (shutdown): not a
             // handler failure to count, log or dead-letter; `stop()` reports it. The worker
@@ -533,6 +560,36 @@ impl PyWorker {
         self.advance(py, st)
     }
 
+    /// Books a successful first attempt with no breaker and no after-call hook (the common
+    /// case) without a reference count or a lock; false, with nothing done, otherwise.
+    fn succeeded(&self, st: &mut State) -> bool {
+        let core = self.core();
+        let cur = st.cur.as_mut().expect("an event is current");
+        let sub = &cur.env.route().subs[cur.delivery.sub()];
+        if cur.delivery.attempt() != 1 || sub.payload.breaker.is_some() || core.hook_on_success() {
+            return false;
+        }
+        let verdict = cur
+            .delivery
+            .ended(true, &sub.payload.retry, true, st.cancelled);
+        debug_assert!(verdict == Verdict::Ok);
+        if let (Some(log), Some(position)) = (core.progress(), cur.env.position) {
+            // Only fails once the store is closed; the event is then redelivered after a
+            // restart, which at-least-once allows.
+            let _ = log.mark_done(Arc::clone(&sub.name), position);
+        }
+        bump(&sub.counters.calls, 1);
+        if let Some(started) = cur.started.take() {
+            let now = Instant::now();
+            st.clock = Some(now);
+            #[allow(clippy::cast_possible_truncation)]
+            st.pending
+                .calls
+                .push(now.duration_since(started).as_nanos() as u64);
+        }
+        true
+    }
+
     /// After a call and its hook: sleep then retry the same subscription, or go to the next.
     fn advance(&self, py: Python<'_>, st: &mut State) -> PyResult<()> {
         let cur = st.cur.as_mut().expect("an event is current");
@@ -618,7 +675,10 @@ impl PyWorker {
     fn finish_event(st: &mut State) {
         let cur = st.cur.take().expect("an event is current");
         cur.env.acknowledge();
-        st.pending.finished = Some((cur.lane, Arc::clone(cur.env.route())));
+        // The type's counter now (a single-writer counter, no lock); the engine's at the next
+        // lock this worker takes anyway, before any Python code runs.
+        bump(&cur.env.route().counters.processed, 1);
+        st.pending.finished = Some(Finished { lane: cur.lane });
     }
 }
 

@@ -536,7 +536,10 @@ impl Log {
             .wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
                 wake(pages);
                 if pages >= inline_at {
-                    overdue.store(true, Ordering::Relaxed); // see `checkpoint_if_overdue`
+                    // Only recorded: the writer thread checkpoints between two of its
+                    // transactions (see `checkpoint_if_overdue`), never a commit made on the
+                    // asyncio thread (`Writer::log_now`), which refuses while one is overdue.
+                    overdue.store(true, Ordering::Relaxed);
                 }
                 Ok(())
             }))
@@ -572,6 +575,11 @@ impl Log {
                 _ => return,
             }
         }
+    }
+
+    /// Whether the WAL outgrew the inline threshold and waits for the writer's checkpoint.
+    pub fn checkpoint_overdue(&self) -> bool {
+        self.overdue.load(Ordering::Relaxed)
     }
 
     /// The file path as given.

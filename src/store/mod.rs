@@ -7,6 +7,7 @@
 
 pub mod errors;
 pub mod log;
+pub mod now;
 pub mod record;
 pub mod saga;
 pub mod writer;

@@ -106,6 +106,10 @@ pub enum Op {
     /// same savepoint (replies with the events' positions, or `Saga(None)` when the event was
     /// applied to the instance already: then nothing is written).
     Saga(Box<SagaWrite>),
+    /// Positions committed on another thread while the WAL was being replaced
+    /// (`Logged::Unconfirmed`): answered with the same positions once this thread has checked
+    /// the WAL (and saved it), or with the error that says it could not.
+    Confirm(Vec<i64>),
 }
 
 impl Op {
@@ -190,7 +194,7 @@ type Skip = (i64, Arc<str>, Arc<[Arc<str>]>);
 /// transaction. Workers and the bus push here without a request, a future or the GIL; the
 /// first push after the writer emptied the buffer wakes the writer once.
 #[derive(Default)]
-struct Marks(Mutex<Waiting>);
+pub(crate) struct Marks(Mutex<Waiting>);
 
 /// Finished deliveries and skipped events.
 type Waiting = (Vec<(Arc<str>, i64)>, Vec<Skip>);
@@ -198,7 +202,7 @@ type Waiting = (Vec<(Arc<str>, i64)>, Vec<Skip>);
 impl Marks {
     /// Everything waiting, skips turned into marks; the (subscription, type) pairs skipped go
     /// to `types`.
-    fn take(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
+    pub(crate) fn take(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
         let (mut marks, skips) = std::mem::take(&mut *self.0.lock());
         for (position, event_type, subs) in skips {
             for sub in subs.iter() {
@@ -216,16 +220,35 @@ impl Marks {
         f(&mut m);
         was_empty
     }
+
+    /// Puts back marks taken for a transaction that did not commit: the writer commits them
+    /// with its next one.
+    pub(crate) fn restore(&self, marks: Vec<(Arc<str>, i64)>) {
+        self.0.lock().0.extend(marks);
+    }
+}
+
+/// What the writer thread works with, behind one lock: the thread holds it while it applies a
+/// batch (or a large log group) and leaves it free between batches, when the asyncio thread
+/// may commit small bus-log groups itself (`Writer::log_now`).
+pub(crate) struct Core {
+    pub(crate) log: Log,
+    pub(crate) known: Known,
+    pub(crate) guard: WalGuard,
 }
 
 /// A handle on the writer thread.
 pub struct Writer {
+    /// None once the thread has ended (the connection is then closed).
+    pub(crate) core: Arc<Mutex<Option<Core>>>,
+    /// Commits do not fsync (WAL with synchronous=NORMAL, or an in-memory database).
+    pub(crate) no_fsync: bool,
     tx: Sender<Msg>,
     handle: Mutex<Option<JoinHandle<()>>>,
     /// Runs WAL checkpoints off the writer thread (file databases only).
     checkpointer: Mutex<Option<JoinHandle<()>>>,
     path: String,
-    marks: Arc<Marks>,
+    pub(crate) marks: Arc<Marks>,
     groups: std::sync::atomic::AtomicU64,
 }
 
@@ -290,6 +313,7 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Opens the log (errors are reported here, at once) and starts its thread.
     pub fn open(path: &str, sync: Synchronous, sink: Arc<dyn Sink>) -> Result<Self> {
+        let no_fsync = sync == Synchronous::Normal || in_memory(path);
         let mut log = Log::open(path, sync)?;
         let checkpointer = if in_memory(path) {
             None
@@ -322,13 +346,13 @@ impl Writer {
             })?;
             Some(handle)
         };
-        Self::start(log, checkpointer, sink, true)
+        Self::start(log, checkpointer, sink, true, no_fsync)
     }
 
     /// Opens an existing log for reading only (see `Log::open_read_only`) and starts its
     /// thread: reads are answered, writes fail with SQLite's read-only error.
     pub fn open_read_only(path: &str, sink: Arc<dyn Sink>) -> Result<Self> {
-        Self::start(Log::open_read_only(path)?, None, sink, false)
+        Self::start(Log::open_read_only(path)?, None, sink, false, false)
     }
 
     fn start(
@@ -336,16 +360,26 @@ impl Writer {
         checkpointer: Option<JoinHandle<()>>,
         sink: Arc<dyn Sink>,
         watch: bool,
+        no_fsync: bool,
     ) -> Result<Self> {
         let path = log.path().to_owned();
         let (tx, rx) = unbounded();
         let marks = Arc::new(Marks::default());
         let thread_marks = Arc::clone(&marks);
+        let guard = WalGuard::new(&log, watch);
+        let core = Arc::new(Mutex::new(Some(Core {
+            log,
+            known: Known::default(),
+            guard,
+        })));
+        let thread_core = Arc::clone(&core);
         let handle = std::thread::Builder::new()
             .name("oxbus-sqlite".into())
-            .spawn(move || run(log, &rx, &*sink, &thread_marks, watch))
+            .spawn(move || run(&thread_core, &rx, &*sink, &thread_marks))
             .map_err(|e| StoreError::Invalid(format!("cannot start the SQLite thread: {e}")))?;
         Ok(Self {
+            core,
+            no_fsync,
             tx,
             handle: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(checkpointer),
@@ -458,10 +492,10 @@ impl Drop for Writer {
 /// with the process. After every commit the writer compares the WAL's inode with the one it
 /// opened; when it changed or the file is gone, it checkpoints what its own WAL holds into the
 /// database file (so what it acknowledges is on disk) and refuses every later write.
-struct WalGuard {
+pub(crate) struct WalGuard {
     wal: Option<std::path::PathBuf>,
     id: Option<(u64, u64)>,
-    detached: bool,
+    pub(crate) detached: bool,
 }
 
 impl WalGuard {
@@ -485,6 +519,20 @@ impl WalGuard {
     #[cfg(not(unix))]
     fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
         std::fs::metadata(path).ok().map(|_| (0, 0))
+    }
+
+    /// Whether the WAL is still the one the writer opened (or there is none to watch), and
+    /// no replacement was seen before: what a commit on another thread checks before and
+    /// after it commits.
+    pub(crate) fn still_ours(&self) -> bool {
+        if self.detached {
+            return false;
+        }
+        match (&self.wal, self.id) {
+            (None, _) => true,
+            (Some(wal), Some(id)) => Self::file_id(wal) == Some(id),
+            (Some(_), None) => false, // not seen yet: the writer records it first
+        }
     }
 
     fn error(log: &Log) -> StoreError {
@@ -532,10 +580,13 @@ impl WalGuard {
 }
 
 #[allow(clippy::too_many_lines)] // one loop: take a batch, apply it, answer it
-fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: bool) {
+fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks) {
+    let path = core
+        .lock()
+        .as_ref()
+        .map(|c| c.log.path().to_owned())
+        .unwrap_or_default();
     let mut closing = false;
-    let mut known = Known::default();
-    let mut guard = WalGuard::new(&log, watch);
     // Messages that arrived while a large log group held the transaction.
     let mut deferred: VecDeque<Msg> = VecDeque::new();
     while !closing {
@@ -552,17 +603,8 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: 
             Msg::Op(t, op) => batch.push((t, op)),
             Msg::Ops(ops) => batch.extend(ops),
             Msg::LogPart(group, items) => {
-                let refuse = guard.detached;
-                if let Some(result) = log_group(
-                    &mut log,
-                    rx,
-                    &mut deferred,
-                    &mut known,
-                    group,
-                    &items,
-                    refuse,
-                ) {
-                    sink.deliver(guard.vet(&log, vec![result]));
+                if let Some(results) = run_group(core, rx, &mut deferred, group, &items) {
+                    sink.deliver(results);
                 }
                 continue;
             }
@@ -604,6 +646,10 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: 
                 }
             }
         }
+        let mut c = core.lock();
+        let Some(Core { log, known, guard }) = &mut *c else {
+            break;
+        };
         let mut marked = marks.take(&mut known.new_types);
         let mut refused = Vec::new();
         if guard.detached {
@@ -615,16 +661,21 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: 
             refused = writes
                 .into_iter()
                 .filter(|(t, _)| *t != 0)
-                .map(|(t, _)| (t, Err(WalGuard::error(&log))))
+                .map(|(t, _)| (t, Err(WalGuard::error(log))))
                 .collect();
         }
-        let mut results = apply(&mut log, batch, &marked, &mut known);
-        results = guard.vet(&log, results);
+        let mut results = apply(log, batch, &marked, known);
+        results = guard.vet(log, results);
+        drop(c);
         results.extend(refused);
         if !results.is_empty() {
             sink.deliver(results);
         }
-        log.checkpoint_if_overdue(); // after the results: they never wait for it
+        // After the results: they never wait for it. Under the core's lock, so no commit on
+        // the asyncio thread (`log_now`, which only ever tries the lock) lands meanwhile.
+        if let Some(c) = &*core.lock() {
+            c.log.checkpoint_if_overdue();
+        }
     }
     // Requests still queued after Close are refused, not silently dropped.
     let rest: Vec<(u64, Result<Reply>)> = deferred
@@ -636,11 +687,28 @@ fn run(mut log: Log, rx: &Receiver<Msg>, sink: &dyn Sink, marks: &Marks, watch: 
             Msg::Wake | Msg::Close | Msg::LogPart(..) | Msg::LogAbort(_) => Vec::new(),
         })
         .filter(|t| *t != 0)
-        .map(|t| (t, Err(StoreError::Closed(log.path().to_owned()))))
+        .map(|t| (t, Err(StoreError::Closed(path.clone()))))
         .collect();
     if !rest.is_empty() {
         sink.deliver(rest);
     }
+    // The connection closes here (and with it the checkpoint thread's wake-up channel).
+    drop(core.lock().take());
+}
+
+/// A large log group (see `log_group`), holding the core meanwhile; its vetted result.
+fn run_group(
+    core: &Mutex<Option<Core>>,
+    rx: &Receiver<Msg>,
+    deferred: &mut VecDeque<Msg>,
+    group: u64,
+    items: &[(String, NewEvent)],
+) -> Option<Vec<(u64, Result<Reply>)>> {
+    let mut c = core.lock();
+    let Core { log, known, guard } = c.as_mut()?;
+    let refuse = guard.detached;
+    let result = log_group(log, rx, deferred, known, group, items, refuse)?;
+    Some(guard.vet(log, vec![result]))
 }
 
 fn orphan() -> StoreError {
@@ -786,13 +854,13 @@ pub struct Known {
     /// (subscription, event type) pairs recorded in `skipped_types`.
     types: rustc_hash::FxHashSet<(Arc<str>, Arc<str>)>,
     /// Pairs skipped since the last transaction, to record with the next.
-    new_types: Vec<(Arc<str>, Arc<str>)>,
+    pub(crate) new_types: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Known {
     const MAX: usize = 100_000;
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.streams.clear();
         self.ranges.clear();
         self.types.clear();
@@ -897,7 +965,7 @@ fn add_range(
 /// positions of one subscription merged with the ranges before and after them, so a
 /// subscription has one range per gap of unfinished events, not one per delivery. Records the
 /// (subscription, type) pairs skipped for the first time.
-fn write_marks(
+pub(crate) fn write_marks(
     tx: &rusqlite::Connection,
     marks: &[(Arc<str>, i64)],
     known: &mut Known,
@@ -954,7 +1022,7 @@ fn write_ranges(
 }
 
 /// Logs single events on their streams (no version check); returns their positions.
-fn log_events(
+pub(crate) fn log_events(
     tx: &rusqlite::Connection,
     path: &str,
     items: &[(String, NewEvent)],
@@ -1144,6 +1212,7 @@ fn read(log: &Log, op: Op) -> Result<Reply> {
         Op::Requeue(ids) => log
             .requeue_dead_letters(ids.as_deref())
             .map(Reply::Requeued),
+        Op::Confirm(positions) => Ok(Reply::Positions(positions)),
         Op::Append { .. } | Op::Log { .. } | Op::Saga(_) => {
             unreachable!("writes go through write_batch")
         }
@@ -1330,6 +1399,42 @@ mod tests {
         let covered = log_count(&log, "SELECT SUM(last - first + 1) FROM progress_ranges");
         assert_eq!((ranges, covered), (1, 3), "three positions in one range");
         drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_commit_on_the_calling_thread_carries_the_marks_waiting_before_it() {
+        let dir = std::env::temp_dir().join(format!("oxbus-now-marks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("n.db").to_string_lossy().into_owned();
+        let w = Writer::open(
+            &path,
+            Synchronous::Normal,
+            Arc::new(Collect(Mutex::new(mpsc::channel().0))),
+        )
+        .unwrap();
+        let reader = Log::open(&path, Synchronous::Normal).unwrap();
+        for round in 1..=20_i64 {
+            w.mark_done("sub".into(), round).unwrap();
+            // The writer thread may hold the connection for a moment: then nothing is written
+            // here and the caller would queue the request for it instead.
+            let logged = loop {
+                if let Some(r) = w.log_now(&[("s".into(), ev(&format!("e{round}")))]) {
+                    break r.unwrap();
+                }
+                std::thread::yield_now();
+            };
+            assert!(matches!(logged, crate::store::now::Logged::Positions(_)));
+            // Every mark pushed before the commit is committed by now: taken by this commit,
+            // or by the writer thread's before it (which holds the connection meanwhile).
+            let covered = log_count(
+                &reader,
+                "SELECT COALESCE(SUM(last - first + 1), 0) FROM progress_ranges",
+            );
+            assert_eq!(covered, round, "round {round}");
+        }
+        w.close();
+        drop(reader);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

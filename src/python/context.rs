@@ -1,0 +1,161 @@
+//! Whether the running context's value of a context variable is seen by that context alone.
+//!
+//! A worker sets the context variable holding the current envelope once per event. Through
+//! `PyContextVar_Set` that costs a new variables mapping (a HAMT), a `Token` and their
+//! collection: measured with callgrind, a third of everything an event cost. The envelope
+//! must stay immutable for any *copy* of the context made while a handler ran (a task it
+//! created, a callback it scheduled: they read it later, after the worker moved on), but
+//! when no copy shares the value, changing the capsule's pointer in place is the same as
+//! setting the variable, for a fraction of the cost.
+//!
+//! `value_is_private` answers that question from reference counts, reading object graphs
+//! the way `gc.get_referents` does (through `tp_traverse`):
+//! - the running context's mapping (the HAMT) is referenced by that context only (a copy of
+//!   a context shares its mapping: `copy_context()`, every task and every callback handle);
+//! - its root node by that mapping only, and the value sits in the root node itself;
+//! - the value by that node only (a mapping derived from it, after a copy set another
+//!   variable, clones the root node and so adds a reference to the value).
+//!
+//! Anything else, or any unexpected shape, answers "not private", and the caller sets the
+//! variable the ordinary way. Reference counts are not exact on free-threaded builds, nor is
+//! `tp_traverse` reachable through the stable ABI: there the answer is always "not private".
+
+#[cfg(not(feature = "abi3"))]
+use std::os::raw::{c_int, c_void};
+#[cfg(not(feature = "abi3"))]
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+#[cfg(not(feature = "abi3"))]
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+/// What a traversal looks for: the only referent, or one given object.
+#[cfg(not(feature = "abi3"))]
+struct Visit {
+    /// Referents seen.
+    n: usize,
+    /// The first one seen.
+    first: *mut ffi::PyObject,
+    /// The object looked for, and whether it was seen.
+    target: *mut ffi::PyObject,
+    found: bool,
+}
+
+#[cfg(not(feature = "abi3"))]
+unsafe extern "C" fn visit(obj: *mut ffi::PyObject, arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `Visit` that `traverse` passes to `tp_traverse`.
+    let v = unsafe { &mut *arg.cast::<Visit>() };
+    if v.n == 0 {
+        v.first = obj;
+    }
+    v.n += 1;
+    v.found |= obj == v.target;
+    0
+}
+
+/// Visits what `obj` references, as `gc.get_referents(obj)` does; None when its type has no
+/// `tp_traverse`.
+///
+/// # Safety
+/// The GIL is held and `obj` is a live object.
+#[cfg(not(feature = "abi3"))]
+unsafe fn traverse(obj: *mut ffi::PyObject, target: *mut ffi::PyObject) -> Option<Visit> {
+    let mut v = Visit {
+        n: 0,
+        first: std::ptr::null_mut(),
+        target,
+        found: false,
+    };
+    // SAFETY: per the caller; the visitor only records pointers.
+    unsafe {
+        let f = (*ffi::Py_TYPE(obj)).tp_traverse?;
+        if f(obj, visit, (&raw mut v).cast()) != 0 {
+            return None;
+        }
+    }
+    Some(v)
+}
+
+/// The one object `obj` references, if exactly one.
+///
+/// # Safety
+/// As for `traverse`.
+#[cfg(not(feature = "abi3"))]
+unsafe fn sole_referent(obj: *mut ffi::PyObject) -> Option<*mut ffi::PyObject> {
+    // SAFETY: per the caller.
+    let v = unsafe { traverse(obj, std::ptr::null_mut()) }?;
+    (v.n == 1).then_some(v.first)
+}
+
+#[cfg(not(feature = "abi3"))]
+/// 1: reference counts are exact (a build with the GIL); 2: they are not; 0: not asked yet.
+static EXACT_COUNTS: AtomicU8 = AtomicU8::new(0);
+
+#[cfg(not(feature = "abi3"))]
+fn exact_counts(py: Python<'_>) -> bool {
+    match EXACT_COUNTS.load(Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let free_threaded = py
+                .import("sysconfig")
+                .and_then(|m| m.call_method1("get_config_var", ("Py_GIL_DISABLED",)))
+                .and_then(|v| v.is_truthy())
+                .unwrap_or(true);
+            EXACT_COUNTS.store(if free_threaded { 2 } else { 1 }, Relaxed);
+            !free_threaded
+        }
+    }
+}
+
+/// Whether `value`, the value of a context variable in the running context, is seen by the
+/// running context alone; `held` is how many references to it the caller holds. See the
+/// module documentation.
+#[cfg(not(feature = "abi3"))]
+pub fn value_is_private(py: Python<'_>, value: &Bound<'_, PyAny>, held: isize) -> PyResult<bool> {
+    if !exact_counts(py) {
+        return Ok(false);
+    }
+    // SAFETY: the GIL is held; every pointer below comes from live objects reached through
+    // `tp_traverse` of objects we hold references to (the copy, then its mapping, which the
+    // copy keeps alive), and is only compared and read for its reference count.
+    unsafe {
+        let copy = ffi::PyContext_CopyCurrent();
+        if copy.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let copy = Bound::from_owned_ptr(py, copy);
+        // The copy's only referent is the mapping it shares with the running context.
+        let Some(vars) = sole_referent(copy.as_ptr()) else {
+            return Ok(false);
+        };
+        if ffi::Py_REFCNT(vars) != 2 {
+            return Ok(false); // another copy shares it
+        }
+        let Some(root) = sole_referent(vars) else {
+            return Ok(false);
+        };
+        if ffi::Py_REFCNT(root) != 1 {
+            return Ok(false);
+        }
+        let v = value.as_ptr();
+        match traverse(root, v) {
+            // Held by the root node and by the caller, nothing else.
+            Some(seen) if seen.found => Ok(ffi::Py_REFCNT(v) == 1 + held),
+            // Elsewhere (deeper in the mapping, where sharing is not seen from here), or not
+            // the running context's value at all.
+            _ => Ok(false),
+        }
+    }
+}
+
+/// The stable ABI reaches neither `tp_traverse` nor `PyContext_CopyCurrent`.
+#[cfg(feature = "abi3")]
+#[allow(clippy::unnecessary_wraps)] // the signature of the other build's
+pub fn value_is_private(
+    _py: Python<'_>,
+    _value: &Bound<'_, PyAny>,
+    _held: isize,
+) -> PyResult<bool> {
+    Ok(false)
+}

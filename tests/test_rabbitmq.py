@@ -96,6 +96,18 @@ class Broker:
         finally:
             await ch.close()
 
+    async def peek(self, queue: str) -> list[Any]:
+        """Every message ready in ``queue``, left there (unacknowledged, then requeued)."""
+        ch = await self.conn.channel()
+        try:
+            q = await ch.declare_queue(queue, passive=True)
+            got = []
+            while (m := await q.get(no_ack=False, fail=False)) is not None:
+                got.append(m)
+            return got
+        finally:
+            await ch.close()
+
     async def publish_raw(self, body: bytes, routing_key: str, **props: Any) -> None:
         """A message from another system, straight to the exchange."""
         ch = await self.conn.channel()
@@ -1027,4 +1039,175 @@ async def test_oxbus_health_reads_a_group_from_rabbitmq(amqp: Broker) -> None:
     report = json.loads(out)
     assert rc == 1 and report["status"] == "degraded" and report["lag"] == 3, out
     rc, out = await _cli("health", f"amqp://guest:s3cret@{HOST}:{free_port()}/%2f", *where)
+    assert rc == 3 and "s3cret" not in out, out
+
+
+# ------------------------------------------------------- dead letters of failed handlers
+
+
+def failing(name: str, times: int) -> tuple[list[int], asyncio.Event, Callable[[Any], Any]]:
+    """A handler that raises ``ValueError`` on its first ``times`` calls (then succeeds), and an
+    asyncio.Event set at its last failing call."""
+    calls: list[int] = []
+    gave_up = asyncio.Event()
+
+    async def handle(event: Any) -> None:
+        calls.append(event.n)
+        if len(calls) <= times:
+            if len(calls) == times:
+                gave_up.set()
+            raise ValueError(f"{name} refuses {event.n}")
+
+    return calls, gave_up, handle
+
+
+async def test_a_handler_that_gives_up_sends_the_event_to_the_dead_queue_with_its_error(
+    amqp: Broker,
+) -> None:
+    calls, gave_up, flaky = failing("flaky", 2)
+    others: list[int] = []
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, flaky, retry_count=1, name="flaky")
+    bus.subscribe(AmqpTick, lambda e: others.append(e.n), name="other")
+    sent = AmqpTick(1, "k-1")
+    async with bus:
+        await bus.publish(sent, correlation_id="c-1")
+        await asyncio.wait_for(gave_up.wait(), 20)
+        await bus.drain()
+        (local,) = bus.dead_letters.list()
+        assert (local.subscription, local.error_type, local.attempts) == ("flaky", "ValueError", 2)
+    # Stopped: the dead letter is on the broker (confirmed before the ack) and the message
+    # left the group's queue.
+    assert calls == [1, 1] and others == [1]
+    (m,) = await amqp.peek(f"{amqp.queue('billing')}.dead")
+    h = {k: str(v) for k, v in m.headers.items()}
+    assert h["dead_letter_id"] == local.id
+    assert (h["subscription"], h["error_type"], h["error_message"], h["attempts"]) == (
+        "flaky", "ValueError", "flaky refuses 1", "2",
+    )
+    assert "Traceback" in h["traceback"] and "ValueError: flaky refuses 1" in h["traceback"]
+    assert h["first_failed_at"] <= h["last_failed_at"]
+    assert (h["group"], h["queue"]) == ("billing", amqp.queue("billing"))
+    body = json.loads(m.body)
+    assert body["event_id"] == sent.event_id and body["data"]["n"] == 1
+    assert body["metadata"]["correlation_id"] == "c-1"
+    assert await amqp.depth(amqp.queue("billing")) == 0
+
+
+async def test_dead_letters_survive_a_restart_and_a_retry_runs_the_failed_subscription_only(
+    amqp: Broker,
+) -> None:
+    _, gave_up, flaky = failing("flaky", 1)
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, flaky, name="flaky")
+    bus.subscribe(AmqpTick, lambda e: None, name="other")
+    async with bus:
+        await bus.publish(AmqpTick(5, "k-5"))
+        await asyncio.wait_for(gave_up.wait(), 20)
+        await bus.drain()
+    # A new bus of the group lists what the broker holds, from the start.
+    fixed, done, handle = counted(1)
+    others: list[int] = []
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, handle, name="flaky")
+    bus.subscribe(AmqpTick, lambda e: others.append(e.n), name="other")
+    async with bus:
+        (d,) = bus.dead_letters
+        assert (d.subscription, d.error_type, d.error_message) == (
+            "flaky", "ValueError", "flaky refuses 5",
+        )
+        assert type(d.event) is AmqpTick and (d.event.n, d.key) == (5, "k-5")
+        assert d.attempts == 1 and "ValueError" in d.traceback
+        assert await bus.dead_letters.retry() == 1
+        assert len(bus.dead_letters) == 0
+        await asyncio.wait_for(done.wait(), 20)
+        await bus.drain()
+        assert [e.n for e in fixed] == [5] and others == [], "only the failed subscription runs"
+        assert await bus.dead_letters.refresh() == 0
+    assert await amqp.depth(f"{amqp.queue('billing')}.dead") == 0
+    assert await amqp.depth(amqp.queue("billing")) == 0
+
+
+async def test_clear_empties_the_dead_queue_and_broker_dead_letters_show_their_reason(
+    amqp: Broker,
+) -> None:
+    _, gave_up, flaky = failing("flaky", 2)
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, flaky, name="flaky")
+    async with bus:
+        await bus.publish_many([AmqpTick(1), AmqpTick(2)])
+        await asyncio.wait_for(gave_up.wait(), 20)
+        await bus.drain()
+    # The broker dead-letters a message itself: another client rejects it.
+    await amqp.publish_raw(json.dumps({"event_type": "AmqpTick"}).encode(), "AmqpTick")
+    ch = await amqp.conn.channel()
+    q = await ch.declare_queue(amqp.queue("billing"), passive=True)
+    m = await q.get(no_ack=False)
+    await m.reject(requeue=False)
+    await ch.close()
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, flaky, name="flaky")
+    async with bus:
+        for _ in range(100):  # the broker moves the rejected message over
+            if await bus.dead_letters.refresh() == 3:
+                break
+            await asyncio.sleep(0.05)  # sleep-ok: polling the broker, bounded
+        by_type = {d.error_type: d for d in bus.dead_letters}
+        assert set(by_type) == {"ValueError", "rabbitmq.rejected"}, by_type
+        rejected = by_type["rabbitmq.rejected"]
+        assert rejected.subscription == "" and "rejected" in rejected.error_message
+        assert await bus.dead_letters.clear() == 3
+        assert len(bus.dead_letters) == 0
+        assert await bus.dead_letters.refresh() == 0
+    assert await amqp.depth(f"{amqp.queue('billing')}.dead") == 0
+
+
+async def test_oxbus_dlq_lists_shows_retries_and_purges_a_groups_dead_letters(
+    amqp: Broker,
+) -> None:
+    _, gave_up, flaky = failing("flaky", 2)
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, flaky, name="flaky")
+    async with bus:
+        await bus.publish_many([AmqpTick(1), AmqpTick(2)])
+        await asyncio.wait_for(gave_up.wait(), 20)
+        await bus.drain()
+    group = ("--group", "billing", "--exchange", amqp.exchange)
+    rc, out = await _cli("dlq", URL, "list", *group, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and len(rows) == 2, out
+    assert sorted(r["data"]["n"] for r in rows) == [1, 2]
+    for r in rows:
+        assert (r["subscription"], r["error_type"], r["event_type"]) == (
+            "flaky", "ValueError", "AmqpTick",
+        )
+        assert r["queue"] == amqp.queue("billing") and "traceback" not in r
+    first, second = rows
+    rc, out = await _cli("dlq", URL, "show", first["id"], *group, "--json")
+    shown = json.loads(out)
+    assert rc == 0 and shown["id"] == first["id"] and "ValueError" in shown["traceback"], out
+    rc, out = await _cli("dlq", URL, "show", "no-such-id", *group)
+    assert rc == 1 and "no-such-id" in out, out
+    rc, out = await _cli("dlq", URL, "list", *group)
+    assert rc == 0 and "flaky" in out and "ValueError: flaky refuses" in out, out
+    # A retry goes back to the group, for the failed subscription: a member handles it.
+    fixed, done, handle = counted(1)
+    bus = EventBus(transport=URL, **amqp.group("billing"))
+    bus.subscribe(AmqpTick, handle, name="flaky")
+    async with bus:
+        rc, out = await _cli("dlq", URL, "retry", first["id"], *group, "--json")
+        assert rc == 0 and json.loads(out) == {"retried": 1, "ids": [first["id"]]}, out
+        await asyncio.wait_for(done.wait(), 20)
+        await bus.drain()
+    assert [e.n for e in fixed] == [first["data"]["n"]]
+    rc, out = await _cli("dlq", URL, "retry", "no-such-id", *group, "--json")
+    assert rc == 1 and json.loads(out)["error"]["exit_code"] == 1, out
+    rc, out = await _cli("dlq", URL, "list", *group, "--json")
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [second["id"]], out
+    rc, out = await _cli("dlq", URL, "purge", "--yes", *group, "--json")
+    assert rc == 0 and json.loads(out) == {"purged": 1}, out
+    rc, out = await _cli("dlq", URL, "list", *group)
+    assert rc == 0 and "no dead letters" in out, out
+    assert await amqp.depth(f"{amqp.queue('billing')}.dead") == 0
+    rc, out = await _cli("dlq", f"amqp://guest:s3cret@{HOST}:{free_port()}/%2f", "list")
     assert rc == 3 and "s3cret" not in out, out

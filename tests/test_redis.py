@@ -1014,3 +1014,117 @@ async def test_an_entry_the_consumer_cannot_take_goes_to_the_dead_stream_and_the
     errors = sorted(fields["error"] for _, fields in dead)
     assert "InvalidEvent" in errors[0] and "unhashable" in errors[0], errors
     assert rds("XPENDING", stream, "foreign")[0] == 0, "an entry is still pending"
+
+
+# ------------------------------------------------------- dead letters of failed handlers
+
+
+def failing(times: int) -> tuple[list[int], asyncio.Event, Callable[[Any], Any]]:
+    """A handler raising ``ValueError`` on its first ``times`` calls (then succeeding), and an
+    asyncio.Event set at its last failing call."""
+    calls: list[int] = []
+    gave_up = asyncio.Event()
+
+    async def handle(event: Any) -> None:
+        calls.append(event.n)
+        if len(calls) <= times:
+            if len(calls) == times:
+                gave_up.set()
+            raise ValueError(f"refused {event.n}")
+
+    return calls, gave_up, handle
+
+
+async def test_a_handler_that_gives_up_writes_a_dead_entry_a_restart_lists_and_retries_it(
+    rds: Resp, stream: str
+) -> None:
+    _, gave_up, flaky = failing(2)
+    audited, audit_done, audit = counted(1)
+    auditor = EventBus(transport=URL, group="audit", stream=stream)
+    auditor.subscribe(Tick, audit)
+    bus = EventBus(transport=URL, group="billing", stream=stream)
+    bus.subscribe(Tick, flaky, retry_count=1, name="flaky")
+    bus.subscribe(Tick, lambda e: None, name="other")
+    sent = Tick(3)
+    async with auditor:
+        async with bus:
+            await bus.publish(sent)
+            await asyncio.wait_for(gave_up.wait(), 20)
+            await bus.drain()
+            (local,) = bus.dead_letters
+        ((_, f),) = rds.entries(f"{stream}:dead")  # read with an independent client
+        assert f["dead_letter_id"] == local.id and f["group"] == "billing"
+        assert (f["subscription"], f["error_type"], f["error_message"], f["attempts"]) == (
+            "flaky", "ValueError", "refused 3", "2",
+        )
+        assert "Traceback" in f["traceback"] and f["stream"] == stream
+        assert json.loads(f["d"])["event_id"] == sent.event_id
+        assert rds("XPENDING", stream, "billing")[0] == 0, "the failed entry is still pending"
+        await asyncio.wait_for(audit_done.wait(), 20)
+        # A new member of the group lists it from the start; a retry runs "flaky" only, in
+        # this group only.
+        fixed, done, handle = counted(1)
+        others: list[int] = []
+        bus = EventBus(transport=URL, group="billing", stream=stream)
+        bus.subscribe(Tick, handle, name="flaky")
+        bus.subscribe(Tick, lambda e: others.append(e.n), name="other")
+        async with bus:
+            (d,) = bus.dead_letters
+            assert (d.id, d.subscription, d.error_type, d.attempts) == (
+                local.id, "flaky", "ValueError", 2,
+            )
+            assert type(d.event) is Tick and d.event.n == 3
+            assert await bus.dead_letters.retry(d) == 1
+            await asyncio.wait_for(done.wait(), 20)
+            await bus.drain()
+            assert [e.n for e in fixed] == [3] and others == []
+            assert await bus.dead_letters.refresh() == 0
+        await auditor.drain()
+    assert [e.n for e in audited] == [3], "another group handled the retried entry"
+    assert rds.entries(f"{stream}:dead") == []
+    assert rds("XPENDING", stream, "audit")[0] == 0
+
+
+async def test_oxbus_dlq_reads_retries_and_purges_a_redis_groups_dead_letters(
+    rds: Resp, stream: str
+) -> None:
+    _, gave_up, flaky = failing(2)
+    bus = EventBus(transport=URL, group="billing", stream=stream)
+    bus.subscribe(Tick, flaky, name="flaky")
+    async with bus:
+        await bus.publish_many([Tick(1), Tick(2)])
+        await asyncio.wait_for(gave_up.wait(), 20)
+        await bus.drain()
+    # Another group's dead letter in the same stream is not this group's.
+    rds("XADD", f"{stream}:dead", "*", "d", "{}", "group", "other", "error", "x")
+    where = ("--group", "billing", "--stream", stream)
+
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "oxbus", "dlq", URL, *args, *where,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return int(proc.returncode or 0), out.decode()
+
+    rc, out = await cli("list", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and sorted(r["data"]["n"] for r in rows) == [1, 2], out
+    assert {(r["subscription"], r["error_type"], r["queue"]) for r in rows} == {
+        ("flaky", "ValueError", stream)
+    }
+    fixed, done, handle = counted(1)
+    bus = EventBus(transport=URL, group="billing", stream=stream)
+    bus.subscribe(Tick, handle, name="flaky")
+    async with bus:
+        rc, out = await cli("retry", rows[0]["id"], "--json")
+        assert rc == 0 and json.loads(out) == {"retried": 1, "ids": [rows[0]["id"]]}, out
+        await asyncio.wait_for(done.wait(), 20)
+        await bus.drain()
+    assert [e.n for e in fixed] == [rows[0]["data"]["n"]]
+    rc, out = await cli("purge", "--yes", "--json")
+    assert rc == 0 and json.loads(out) == {"purged": 1}, out
+    rc, out = await cli("list", "--json")
+    assert rc == 0 and out == "", out
+    ((_, other),) = rds.entries(f"{stream}:dead")
+    assert other["group"] == "other"

@@ -75,6 +75,9 @@ class Envelope:
     @property
     def event_type(self) -> str:
         """The event's type key."""
+    def _dead_letter(self, fields: dict[str, Any]) -> bool:
+        """An event a broker delivered: `fields` become a dead letter on the broker, written
+        before the message is acknowledged. False for an event of this process."""
 
 @final
 class RetryPolicy:
@@ -334,6 +337,23 @@ class TransportCore:
         url: str, queues: list[str], timeout: float
     ) -> Awaitable[list[tuple[int, int] | None]]:
         """Ready messages and consumers of each queue on RabbitMQ (None: no such queue)."""
+    @staticmethod
+    def dead_letters(
+        place: dict[str, Any], timeout: float
+    ) -> Awaitable[list[tuple[str, str, str, dict[str, str]]]]:
+        """The dead letters at `place` (`Broker.dead_letter_place()`): [(id, source queue,
+        payload, headers)], oldest first; changes nothing."""
+    @staticmethod
+    def retry_dead_letters(
+        place: dict[str, Any], ids: list[str] | None, timeout: float
+    ) -> Awaitable[int]:
+        """Sends those of `ids` (None: all) back to their group, each for the subscription
+        that failed only, and removes them: how many."""
+    @staticmethod
+    def remove_dead_letters(
+        place: dict[str, Any], ids: list[str] | None, timeout: float
+    ) -> Awaitable[int]:
+        """Removes those of `ids` (None: all): how many."""
     @property
     def kind(self) -> str: ...
     def set_target(self, loop_: asyncio.AbstractEventLoop, callback: Any) -> None: ...
@@ -343,6 +363,7 @@ class TransportCore:
     def publish_many(self, events: Any) -> asyncio.Future[Any]: ...
     def dispatch(self, bus: BusCore, make_event: Any) -> tuple[int, list[str]]: ...
     def health(self) -> dict[str, Any]: ...
+    def flush(self) -> Awaitable[None]: ...
     def pause(self) -> None: ...
     def stop(self) -> Awaitable[None]: ...
     @property

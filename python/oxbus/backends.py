@@ -18,7 +18,7 @@ import asyncio
 import gc
 import logging
 from datetime import datetime
-from typing import Any, ClassVar, Iterable
+from typing import Any, Awaitable, ClassVar, Iterable
 
 from oxbus._oxbus import BusCore, TransportCore
 from oxbus.dead_letters import DeadLetters
@@ -242,21 +242,40 @@ class BrokerBackend(_Waiting):
 
     options: Broker
 
-    def __init__(self, core: BusCore, options: Broker) -> None:
+    def __init__(self, core: BusCore, options: Broker, dead_letters: DeadLetters) -> None:
         super().__init__(core, options)
         self.broker: TransportCore | None = None
         self.consuming = False
+        self.dead_letters = dead_letters
 
     async def start(self) -> None:
         consume = self.options.consume
         if consume is None:  # a bus with subscriptions joins its group
             consume = bool(self.core.subscriptions())
         targets = [target for _, _, _, target in self.core.subscriptions()]
-        self.broker = await self.options.connect(consume, targets)
+        broker = await self.options.connect(consume, targets)
+        place = self.options.dead_letter_place()
+        if consume and place is not None:
+            # The group's dead letters are on the broker: bus.dead_letters lists them. Read
+            # before messages are dispatched (they wait in the inbox meanwhile).
+            self.dead_letters._attach_broker(place, _event_from_payload, self._flush)
+            try:
+                n = await self.dead_letters.refresh()
+            except OxbusError as e:  # the bus runs; the list is read at the next refresh()
+                logger.warning("%s dead letters not read at start: %s", self.options.title, e)
+            else:
+                logger.info("%s: %d dead letter(s) in the group's dead-letter place",
+                            self.options.title, n)
+        self.broker = broker
         self.consuming = consume
         self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
         logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
                     self.options, consume)
+
+    def _flush(self) -> Awaitable[None] | None:
+        """Waits until the dead letters this bus wrote reached the broker (None: not
+        connected)."""
+        return None if self.broker is None else self.broker.flush()
 
     def _on_messages(self) -> None:
         # Messages that arrive while the bus stops stay unacknowledged: the broker delivers
@@ -339,7 +358,7 @@ def backend_for(
     if isinstance(options, Sqlite):
         return DurableBackend(core, options, dead_letters, durable)
     if isinstance(options, Broker):
-        return BrokerBackend(core, options)
+        return BrokerBackend(core, options, dead_letters)
     if event_storage is not None:
         return EventStorageBackend(core, options, event_storage)
     assert isinstance(options, Memory), options

@@ -6,16 +6,26 @@ for entry in bus.dead_letters:
     print(entry.subscription, entry.error_type, entry.error_message)
 await bus.dead_letters.retry()        # all of them, each to its subscription only
 ```
+
+On a broker bus (RabbitMQ, Redis Streams) the dead letters live on the broker, in the group's
+dead-letter queue (``<queue>.dead``) or its entries of the dead-letter stream
+(``<stream>:dead``), where every member of the group (and ``oxbus dlq URL``) sees them. The list is
+read from there when the bus starts and by ``await bus.dead_letters.refresh()``; the dead
+letters this bus writes join it as they happen. ``retry()`` sends dead letters back to the
+group (each for the subscription that failed only) and removes them from the broker;
+``await clear()`` empties the broker's queue; ``purge()`` and ``discard()`` do the same in the
+background.
 """
 
 from __future__ import annotations
 
 import builtins
+import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterator
 
-from oxbus._oxbus import BusCore
+from oxbus._oxbus import BusCore, TransportCore
 from oxbus.errors import InvalidSubscription
 from oxbus.store import SqliteEventStore
 from oxbus.subscription import Subscription
@@ -61,6 +71,60 @@ class DeadLetter:
     parked_behind: str | None = field(repr=False, compare=False, default=None)
     #: the ordering key it was published with (explicit or its aggregate_id)
     key: Any = field(repr=False, compare=False, default=None)
+    #: on a broker: what was written beside the message (AMQP headers, stream entry fields),
+    #: as text (see :func:`broker_fields`)
+    headers: dict[str, str] | None = field(repr=False, compare=False, default=None)
+
+
+def _time(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+def broker_fields(headers: dict[str, str]) -> dict[str, Any]:
+    """What a dead letter's fields on the broker (AMQP headers, stream entry fields) say:
+    ``subscription`` (``""`` when no handler gave up on it), ``error_type`` (the handler's
+    exception; ``oxbus.Refused`` where the bus could not take the message;
+    ``rabbitmq.delivery_limit``, ``redis.delivery_limit`` or another reason of the broker's
+    where it moved the message there itself), ``error_message``, ``traceback``, ``attempts``,
+    ``first_failed_at`` and ``last_failed_at`` (datetimes)."""
+    last = _time(headers.get("last_failed_at")) or datetime.now(timezone.utc)
+    return {
+        "subscription": headers.get("subscription", ""),
+        "error_type": headers.get("error_type", "oxbus.Refused"),
+        "error_message": headers.get("error_message") or headers.get("error", ""),
+        "traceback": headers.get("traceback", ""),
+        "attempts": int(
+            headers.get("attempts") or headers.get("deliveries")
+            or headers.get("x-delivery-count") or 0
+        ),
+        "first_failed_at": _time(headers.get("first_failed_at")) or last,
+        "last_failed_at": last,
+    }
+
+
+def _from_broker(
+    row: tuple[str, str, str, dict[str, str]], make_event: Callable[[Any], Any]
+) -> DeadLetter:
+    """A dead letter read back from the broker (see :func:`broker_fields`)."""
+    did, _source, payload, headers = row
+    try:
+        body = json.loads(payload)
+        event = make_event(body) if isinstance(body, dict) else body
+    except ValueError:
+        body, event = None, payload
+    f = broker_fields(headers)
+    event_id = body.get("event_id") if isinstance(body, dict) else None
+    return DeadLetter(
+        id=did, event=event, final_result=ProcessingResult(
+            event_id=event_id, success=False,  # type: ignore[arg-type]
+            error_message=f"{f['error_type'].rsplit('.', 1)[-1]}: {f['error_message']}",
+            retry_attempt=max(0, f["attempts"] - 1), subscription=f["subscription"],
+        ),
+        key=body.get("key") if isinstance(body, dict) else None, headers=headers, **f,
+    )
 
 
 class DeadLetters:
@@ -82,19 +146,88 @@ class DeadLetters:
         self._durable = durable
         self._entries: dict[str, DeadLetter] = {}
         self._seq = 0
+        #: a broker bus: where its group's dead letters are, and how to rebuild their events
+        self._place: dict[str, Any] | None = None
+        self._make_event: Callable[[Any], Any] = lambda body: body
+        self._flush: Callable[[], Awaitable[Any] | None] = lambda: None
+        self._timeout = 30.0
 
     def _attach(self, store: SqliteEventStore) -> None:
         """A durable bus: its dead letters are stored in ``store`` too."""
         self._store = store
 
+    def _attach_broker(
+        self,
+        place: dict[str, Any],
+        make_event: Callable[[Any], Any],
+        flush: Callable[[], Awaitable[Any] | None],
+        timeout: float = 30.0,
+    ) -> None:
+        """A broker bus: its dead letters are read from, retried to and removed from ``place``
+        (see ``TransportCore.dead_letters``); ``flush()`` waits until those this bus wrote
+        reached the broker (``None`` while it is not connected)."""
+        self._place, self._make_event, self._timeout = place, make_event, timeout
+        self._flush = flush
+
+    async def _flushed(self) -> dict[str, Any]:
+        """The broker's place, once the dead letters this bus wrote reached it."""
+        assert self._place is not None
+        pending = self._flush()
+        if pending is not None:
+            await pending
+        return self._place
+
+    async def refresh(self) -> int:
+        """A broker bus: reads the group's dead letters from the broker (every member's, and
+        those the broker dead-lettered itself), which replace the list; returns how many.
+        Other buses: nothing to read, returns ``len(self)``.
+
+        The bus reads them when it starts; call this to see what other members (or
+        ``oxbus dlq``) changed since. It first waits (up to 2 s) until the dead letters this
+        bus wrote reached the broker, as ``retry()`` and ``clear()`` do.
+        """
+        if self._place is None:
+            return len(self)
+        rows = await TransportCore.dead_letters(await self._flushed(), self._timeout)
+        self._entries = {}
+        for row in rows:
+            entry = _from_broker(row, self._make_event)
+            self._entries[entry.id] = entry
+        self._core.set_dead_letters(len(self._entries))
+        return len(self._entries)
+
+    async def clear(self) -> int:
+        """Drops every dead letter, as :meth:`purge`, and waits until they are gone from the
+        broker (or the store); returns how many were removed there (on an in-memory bus, from
+        the list)."""
+        if self._place is None and self._store is None:
+            return self.purge()
+        entries = self.list()
+        for e in entries:
+            if e.parked_behind is None:
+                self._release(e)
+        self._forget(entries, remote=False)
+        if self._place is not None:
+            place = await self._flushed()
+            return int(await TransportCore.remove_dead_letters(place, None, self._timeout))
+        assert self._store is not None
+        return int(await self._store._core.remove_dead_letters(None))
+
     def _add(self, entry: DeadLetter) -> None:
         self._entries[entry.id] = entry
         self._core.set_dead_letters(len(self._entries))
 
-    def _forget(self, entries: builtins.list[DeadLetter]) -> None:
+    def _forget(self, entries: builtins.list[DeadLetter], remote: bool = True) -> None:
+        """Drops ``entries`` from the list and, with ``remote``, from the store or the broker
+        (in the background)."""
         for e in entries:
             self._entries.pop(e.id, None)
         self._core.set_dead_letters(len(self._entries))
+        if not remote:
+            return
+        if self._place is not None and entries:
+            ids = [e.id for e in entries]
+            self._spawn(TransportCore.remove_dead_letters(self._place, ids, self._timeout))
         rows = [int(e.id[3:]) for e in entries if e.id.startswith("db-")]
         if self._store is not None and rows:
             self._spawn(self._store._core.remove_dead_letters(rows))
@@ -249,7 +382,15 @@ class DeadLetters:
         ``None`` retries all. A retried entry leaves the queue (it comes back if it fails
         again). Retrying the dead letter a key is parked behind also re-dispatches, in order,
         the events parked behind it.
+
+        On a broker bus each goes back to the group through the broker (``None``: every dead
+        letter of the group there, listed here or not), for the subscription that failed
+        only: a member of the group that has it handles it. One the broker dead-lettered
+        itself (or the bus refused) goes back to the whole group. It leaves the broker's
+        dead-letter queue once the broker holds the retried message.
         """
+        if self._place is not None:
+            return await self._retry_on_broker(entry_or_id)
         chosen = self.list() if entry_or_id is None else [self._get(entry_or_id)]
         order: builtins.list[DeadLetter] = []
         for entry in chosen:
@@ -261,6 +402,17 @@ class DeadLetters:
         self._redeliver(order)
         return len(order)
 
+    async def _retry_on_broker(self, entry_or_id: DeadLetter | str | None) -> int:
+        assert self._place is not None
+        chosen = self.list() if entry_or_id is None else [self._get(entry_or_id)]
+        ids = None if entry_or_id is None else [e.id for e in chosen]
+        for e in chosen:
+            if e.parked_behind is None and e.subscription_id:
+                self._release(e)
+        n = await TransportCore.retry_dead_letters(await self._flushed(), ids, self._timeout)
+        self._forget(chosen, remote=False)
+        return int(n)
+
     def discard(self, entry_or_id: DeadLetter | str) -> int:
         """Drops one dead letter. Events parked behind it were never handled: they are
         dispatched now, in order. Returns how many entries left the queue."""
@@ -271,8 +423,9 @@ class DeadLetters:
         return 1 + len(behind)
 
     def purge(self) -> int:
-        """Drops every dead letter (from the store too, on a durable bus), parked events
-        included; returns how many."""
+        """Drops every dead letter (from the store too, on a durable bus; on a broker bus,
+        those listed are removed from the broker in the background: ``await clear()`` waits),
+        parked events included; returns how many."""
         entries = self.list()
         for e in entries:
             if e.parked_behind is None:

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import traceback
+import uuid
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
@@ -170,8 +171,17 @@ class FailureBook:
             etype = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
             message = str(error)
             tb = "".join(traceback.format_exception(cls, error, error.__traceback__))
+        # A broker delivery: the dead letter goes to the broker too, written (confirmed)
+        # before the message is acknowledged; its id is the same there.
+        remote_id = str(uuid.uuid4())
+        remote = env._dead_letter({
+            "id": remote_id, "subscription": subscription, "error_type": etype,
+            "error_message": message, "traceback": tb, "attempts": attempts,
+            "first_failed_at": first.isoformat(), "last_failed_at": now.isoformat(),
+        })
         entry = DeadLetter(
-            id=self._dead._next_id(), event=env.event, subscription=subscription,
+            id=remote_id if remote else self._dead._next_id(), event=env.event,
+            subscription=subscription,
             attempts=attempts, first_failed_at=first, last_failed_at=now, error_type=etype,
             error_message=message, traceback=tb, final_result=result,  # type: ignore[arg-type]
             subscription_id=f"sub-{sub_id}", position=env.position, key_hash=park_key,

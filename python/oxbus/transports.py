@@ -159,6 +159,11 @@ class Broker(Transport):
         broker that routes by type (RabbitMQ binds its queue with them)."""
         raise NotImplementedError
 
+    def dead_letter_place(self) -> dict[str, Any] | None:
+        """Where the group's dead letters are on the broker, for ``bus.dead_letters`` and
+        ``oxbus dlq`` (``None``: not read back from this broker)."""
+        return None
+
 
 @dataclass(frozen=True, init=False, repr=False)
 class RedisStreams(Broker):
@@ -269,6 +274,13 @@ class RedisStreams(Broker):
         from oxbus._oxbus import TransportCore
 
         return await TransportCore.redis(self.native(consume))
+
+    def dead_letter_place(self) -> dict[str, Any]:
+        """The group's entries in the dead-letter stream, ``<stream>:dead``."""
+        return {
+            "kind": self.kind, "url": self.url, "stream": f"{self.stream}:dead",
+            "group": self.group,
+        }
 
     def native(self, consume: bool) -> dict[str, Any]:
         """The settings of the native transport, by name."""
@@ -434,6 +446,10 @@ class RabbitMQ(Broker):
         from oxbus._oxbus import TransportCore
 
         return await TransportCore.rabbitmq(self.native(consume, targets))
+
+    def dead_letter_place(self) -> dict[str, Any]:
+        """The group's dead-letter queue, ``<queue>.dead``."""
+        return {"kind": self.kind, "url": self.url, "queue": f"{self.queue_name}.dead"}
 
     def native(self, consume: bool, targets: Iterable[Any] = ()) -> dict[str, Any]:
         """The settings of the native transport, by name."""

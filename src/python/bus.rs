@@ -307,6 +307,7 @@ impl PyBusCore {
     }
 
     /// Accepts an event delivered by a transport; `ack` runs once every subscription is done.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept_remote(
         &self,
         py: Python<'_>,
@@ -314,11 +315,17 @@ impl PyBusCore {
         key: Option<Bound<'_, PyAny>>,
         correlation_id: Option<Bound<'_, PyAny>>,
         causation_id: Option<Bound<'_, PyAny>>,
+        only: Option<&str>,
         ack: envelope::Ack,
     ) -> PyResult<()> {
         // The key as JSON gave it back (a list for a tuple): in its canonical form again.
         let key = key.map(|k| events::canonical_key(&k)).transpose()?;
         let (mut item, lane) = self.envelope(py, event, key.clone(), None, None)?;
+        let route = match only {
+            // A retried dead letter: for the subscription that failed only.
+            Some(name) => Arc::new(Self::route_for(py, item.item.route(), name)?),
+            None => Arc::clone(item.item.route()),
+        };
         let origin = match (correlation_id, causation_id) {
             (Some(c), Some(cause)) => Origin::Child(c.unbind(), cause.unbind()),
             (c, None) => Origin::Root(c.map(Bound::unbind)),
@@ -328,7 +335,7 @@ impl PyBusCore {
             event.clone().unbind(),
             origin,
             key.map(Bound::unbind),
-            Arc::clone(item.item.route()),
+            route,
             None,
         );
         env.set_ack(ack);
@@ -336,6 +343,32 @@ impl PyBusCore {
         // A full queue parks it with the blocked publishers: the transport's prefetch bounds them.
         drop(self.accept(py, item, lane, true, true)?);
         Ok(())
+    }
+
+    /// `full` restricted to the subscription named `name`, or `InvalidSubscription`.
+    fn route_for(py: Python<'_>, full: &Route, name: &str) -> PyResult<Route> {
+        let subs: Vec<_> = full
+            .subs
+            .iter()
+            .filter(|s| &*s.name == name)
+            .map(Arc::clone)
+            .collect();
+        if subs.is_empty() {
+            return Err(errors::invalid_subscription(format!(
+                "a retried dead letter is for subscription {name:?}, which this bus does not \
+                 have for {:?}",
+                full.type_key
+            )));
+        }
+        Ok(Route {
+            class: full.class.clone_ref(py),
+            subs,
+            skip: None,
+            type_key: full.type_key.clone(),
+            mro: full.mro.clone(),
+            key_read: full.key_read.clone_ref(py),
+            counters: Arc::clone(&full.counters),
+        })
     }
 
     /// Tells publishers they were given room, and the `wait_for` callers of events pushed

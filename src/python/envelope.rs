@@ -19,6 +19,7 @@ use pyo3::types::{PyDict, PyString};
 use crate::python::context;
 use crate::python::events;
 use crate::python::route::Route;
+use crate::transport::HandlerFailure;
 
 /// A new random event id (UUID4, as a string).
 #[pyfunction]
@@ -37,8 +38,31 @@ pub enum Origin {
 /// What travels with an event through the queue: the event, where it came from, its route,
 /// and which call is running. Plain Rust behind an `Arc`: the Python `Envelope` is made only
 /// when someone asks (`current_envelope()`, the after-call hook).
-/// Called once when a delivered event has been handled (a Redis entry's `XACK`).
-pub type Ack = Box<dyn FnOnce() + Send + Sync>;
+/// Settles a delivered event with its transport, once every subscription finished it (a
+/// Redis entry's `XACK`), with the dead letters of the subscriptions that gave up on it.
+pub trait Settle: Send + Sync {
+    /// A subscription gave up: its dead letter goes to the broker with the settlement.
+    fn dead_letter(&self, failure: HandlerFailure);
+    /// Every subscription finished (called once).
+    fn finish(self: Box<Self>);
+}
+
+/// See [`Settle`].
+pub type Ack = Box<dyn Settle>;
+
+/// A subscription's dead letter as the after-call hook gives it (a dict), for the broker.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct DeadLetterFields {
+    id: String,
+    subscription: String,
+    error_type: String,
+    error_message: String,
+    traceback: String,
+    attempts: u32,
+    first_failed_at: String,
+    last_failed_at: String,
+}
 
 // The `Arc` (two counts and this) must fit the allocator's fast bins: one is made per event.
 const _: () = assert!(std::mem::size_of::<EnvData>() <= 104);
@@ -187,8 +211,23 @@ impl EnvData {
         if !ack.is_null() {
             // SAFETY: made by `Box::into_raw` in `set_ack`; the swap hands it out once.
             let ack = unsafe { Box::from_raw(ack) };
-            ack();
+            ack.finish();
         }
+    }
+
+    /// Hands a subscription's dead letter to the acknowledgement, if the event has one (a
+    /// broker delivery): written to the broker before the message is acknowledged. Whether
+    /// it had one.
+    pub fn dead_letter(&self, failure: HandlerFailure) -> bool {
+        let ack = self.ack.load(Acquire);
+        if ack.is_null() {
+            return false;
+        }
+        // SAFETY: made by `Box::into_raw` in `set_ack`; only `acknowledge` and `drop` free it.
+        // Both run on the loop thread under the GIL, as this does (the after-call hook), so
+        // neither runs meanwhile, and `&self` keeps the envelope alive.
+        unsafe { (*ack).dead_letter(failure) };
+        true
     }
 
     /// Whether a running handler published it.
@@ -272,6 +311,22 @@ impl PyEnvelope {
     #[getter]
     fn event_type(&self) -> &str {
         &self.data.route.type_key
+    }
+
+    /// An event delivered by a broker: `fields` (id, subscription, error_type, error_message,
+    /// traceback, attempts, first_failed_at, last_failed_at) become a dead letter on the
+    /// broker, written before the message is acknowledged. False for an event of this process.
+    fn _dead_letter(&self, fields: DeadLetterFields) -> bool {
+        self.data.dead_letter(HandlerFailure {
+            id: fields.id,
+            subscription: fields.subscription,
+            error_type: fields.error_type,
+            error_message: fields.error_message,
+            traceback: fields.traceback,
+            attempts: fields.attempts,
+            first_failed_at: fields.first_failed_at,
+            last_failed_at: fields.last_failed_at,
+        })
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {

@@ -22,15 +22,21 @@ pub fn now_iso() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    iso_of(
+        i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        now.subsec_micros(),
+    )
+}
+
+/// A UTC time given in seconds (and microseconds) since 1970, ISO 8601.
+pub fn iso_of(secs: i64, micros: u32) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}+00:00",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
-        now.subsec_micros()
     )
 }
 
@@ -57,5 +63,6 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
         assert!(now_iso().ends_with("+00:00"));
+        assert_eq!(iso_of(86_400 + 61, 5), "1970-01-02T00:01:01.000005+00:00");
     }
 }

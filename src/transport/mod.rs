@@ -13,7 +13,12 @@
 //!   batch per call, at most `prefetch` unsettled at a time.
 //! - **ack**: when every local subscription finished a message (handled or dead-lettered by
 //!   the bus), the glue calls [`Transport::ack`]; a message the bus cannot take at all (not
-//!   JSON, a key it refuses) goes to [`Transport::dead_letter`] with the reason.
+//!   JSON, a key it refuses), or one some subscription gave up on (its retry policy spent),
+//!   goes to [`Transport::dead_letter`] with each [`Failure`]: written to the broker's
+//!   dead-letter place (confirmed) before the message is acknowledged.
+//! - **dead letters**: [`DeadEntry`] is one read back from there; each broker lists, retries
+//!   (back to the group, for the subscription that failed only, see [`retry_payload`]) and
+//!   removes them the same way: [`Place`].
 //! - **redeliver**: a message delivered and never acknowledged (the member died, the
 //!   connection broke) is delivered again by the transport itself, to this member or
 //!   another, with [`Message::deliveries`] counting; past `max_deliveries` it goes to the
@@ -23,6 +28,7 @@
 //! engine in this process (the log commits first, then dispatches, and records each
 //! subscription's progress with the writer).
 
+pub mod dead;
 pub mod leases;
 pub mod pubsub;
 pub mod rabbitmq;
@@ -36,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use crate::store::log::NewEvent;
+pub use dead::{retry_payload, DeadEntry, Failure, HandlerFailure, Place, RETRY_FIELD};
 pub use rabbitmq::RabbitMq;
 pub use redis_streams::RedisStreams;
 
@@ -213,6 +220,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Its kind: "redis", "rabbitmq".
     fn kind(&self) -> &'static str;
 
+    /// Its consumer group (a retried dead letter names the group it is for).
+    fn group(&self) -> &str;
+
     /// Queues `batch` under `token`; its outcome reaches [`Sink::confirmed`].
     ///
     /// # Errors
@@ -222,16 +232,22 @@ pub trait Transport: Send + Sync + 'static {
     /// Every local subscription finished `message`: the broker may forget it.
     fn ack(&self, message: &Message);
 
-    /// `message` cannot be taken here (not JSON, a key the bus refuses): it goes to the
-    /// dead-letter place with `reason`, then is acknowledged, so the rest of its batch goes
-    /// on and it is neither lost nor redelivered forever.
-    fn dead_letter(&self, message: Message, reason: String);
+    /// `message` cannot be taken here (not JSON, a key the bus refuses), or subscriptions
+    /// gave up on it: one dead letter per failure goes to the dead-letter place (the broker
+    /// confirmed it), then the message is acknowledged, so the rest of its batch goes on and
+    /// it is neither lost nor redelivered forever. Should the write fail, the message stays
+    /// unacknowledged and is delivered again.
+    fn dead_letter(&self, message: Message, failures: Vec<Failure>);
 
     /// Takes no new messages (the bus is stopping and drains what it has).
     fn pause(&self);
 
     /// The latest reading.
     fn health(&self) -> Health;
+
+    /// Waits (up to 2 s) until the acknowledgements and dead letters queued so far reached the
+    /// broker: a reading of the dead-letter place then includes what this member wrote.
+    fn flush(&self) -> Stopping<'_>;
 
     /// Sends the acknowledgements still queued (bounded wait), ends every task and waits
     /// until they are gone: the sink is called no more. Idempotent.

@@ -11,6 +11,8 @@
 //! error with a capped backoff; a publish batch that cannot reach Redis within
 //! `publish_timeout` fails with an error instead of waiting forever.
 
+pub mod dead;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::leases::{self, LeaseConfig, Table};
-use super::{Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
+use super::{Failure, Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
 
 /// Settings of one transport.
 #[derive(Debug, Clone)]
@@ -285,7 +287,7 @@ impl RedisStreams {
             .map_err(|_| TransportError::Stopped("redis"))
     }
 
-    fn settle(&self, stream: &str, id: String, dead: Option<Box<(String, String)>>) {
+    fn settle(&self, stream: &str, id: String, dead: Option<Box<(String, Vec<Failure>)>>) {
         let idx = self.shared.index(stream);
         self.shared.acks_queued.fetch_add(1, Ordering::AcqRel);
         if self.ack_tx.send(Settle { idx, id, dead }).is_err() {
@@ -334,6 +336,10 @@ impl Transport for RedisStreams {
         "redis"
     }
 
+    fn group(&self) -> &str {
+        self.shared.cfg.group.as_str()
+    }
+
     /// One pipelined `XADD` per event, each on its key's partition stream.
     fn publish(&self, token: u64, batch: Vec<Outgoing>) -> Result<(), TransportError> {
         let n = self.shared.cfg.streams.len();
@@ -348,12 +354,12 @@ impl Transport for RedisStreams {
         self.settle(&message.source, message.id.clone(), None);
     }
 
-    /// To `dead_stream` with the reason, then `XACK`.
-    fn dead_letter(&self, message: Message, reason: String) {
+    /// To `dead_stream`, one entry per failure with its fields, then `XACK`.
+    fn dead_letter(&self, message: Message, failures: Vec<Failure>) {
         self.settle(
             &message.source,
             message.id,
-            Some(Box::new((message.payload, reason))),
+            Some(Box::new((message.payload, failures))),
         );
     }
 
@@ -366,15 +372,21 @@ impl Transport for RedisStreams {
         self.shared.health.lock().clone()
     }
 
+    fn flush(&self) -> Stopping<'_> {
+        Box::pin(async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    }
+
     /// Waits up to 2 s for the acknowledgements still queued to reach Redis, then releases
     /// the partition leases (up to 2 s more).
     fn stop(&self) -> Stopping<'_> {
         Box::pin(async move {
             self.pause();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            self.flush().await;
             self.release().await;
             let tasks = self.halt();
             for t in tasks {
@@ -508,23 +520,27 @@ async fn acker(
             let mut pipe = redis::pipe();
             // Dead letters are written before their entries are acknowledged (one pipeline,
             // in order): a failure in between redelivers the entry, it is never lost.
-            for (s, id, (payload, error)) in &dead {
-                pipe.cmd("XADD")
-                    .arg(&cfg.dead_stream)
-                    .arg("*")
-                    .arg("d")
-                    .arg(payload)
-                    .arg("stream")
-                    .arg(&cfg.streams[*s])
-                    .arg("id")
-                    .arg(id)
-                    .arg("group")
-                    .arg(&cfg.group)
-                    .arg("deliveries")
-                    .arg(1)
-                    .arg("error")
-                    .arg(error)
-                    .ignore();
+            for (s, id, (payload, failures)) in &dead {
+                for failure in failures {
+                    let xadd = pipe
+                        .cmd("XADD")
+                        .arg(&cfg.dead_stream)
+                        .arg("*")
+                        .arg("d")
+                        .arg(payload)
+                        .arg("stream")
+                        .arg(&cfg.streams[*s])
+                        .arg("id")
+                        .arg(id)
+                        .arg("group")
+                        .arg(&cfg.group)
+                        .arg("deliveries")
+                        .arg(1);
+                    for (name, value) in failure.fields() {
+                        xadd.arg(name).arg(value);
+                    }
+                    xadd.ignore();
+                }
             }
             for (s, ids) in by_stream
                 .iter()
@@ -541,7 +557,10 @@ async fn acker(
                 Ok(()) => {
                     shared.note(true, None);
                     if !dead.is_empty() {
-                        shared.health.lock().dead += dead.len() as u64;
+                        shared.health.lock().dead += dead
+                            .iter()
+                            .map(|(_, _, (_, f))| f.len() as u64)
+                            .sum::<u64>();
                     }
                     break;
                 }
@@ -571,7 +590,7 @@ async fn acker(
 struct Settle {
     idx: usize,
     id: String,
-    dead: Option<Box<(String, String)>>,
+    dead: Option<Box<(String, Vec<Failure>)>>,
 }
 
 fn entry_of(stream: &str, sid: &StreamId, deliveries: u32) -> Message {

@@ -1,4 +1,6 @@
-"""``oxbus dlq DB list|show|retry|purge``: the dead letters stored in a durable bus's log."""
+"""``oxbus dlq DB list|show|retry|purge``: the dead letters stored in a durable bus's log, or,
+with a broker's URL (``amqp://``, ``redis://``) for DB and ``--group``, those of a consumer
+group on the broker (see :mod:`oxbus.cli._dlq_broker`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 import click
 
+from oxbus.cli import _dlq_broker
 from oxbus.cli._db import connect, db_argument, json_or_raw, query
 from oxbus.cli._output import UNREACHABLE, emit, emit_line, fail, json_mode, json_option, table
 from oxbus.errors import StorageError
@@ -70,16 +73,53 @@ def dlq(ctx: click.Context, db: str) -> None:
       oxbus dlq DB purge [--yes]
 
     Ids are those `list` prints; `db-7` (as bus.dead_letters shows it) works too.
+
+    With a broker URL instead of DB, and --group after the subcommand: the dead letters of
+    that group on the broker, as every member's bus.dead_letters sees them. An amqp:// (or
+    amqps://) URL: RabbitMQ's queue <exchange>.<group>.dead (--exchange, --queue); a
+    redis:// (rediss://, unix://) URL: the group's entries of the stream <stream>:dead
+    (--stream). `retry` sends them back to the group, each for the subscription that failed
+    only (a running member handles it); `purge` removes them all.
+
+    \b
+      oxbus dlq amqp://guest:guest@127.0.0.1:5672/%2f list --group billing
+      oxbus dlq redis://127.0.0.1:6379/0 retry --all --group billing
     """
     ctx.obj = db
 
 
+def _where(f: Any) -> Any:
+    """The options naming a broker group, for an amqp:// or redis:// URL."""
+    for option in reversed((
+        click.option("--group", default="default", show_default=True,
+                     help="With a broker URL: the consumer group."),
+        click.option("--exchange", default="oxbus.events", show_default=True,
+                     help="With an amqp:// URL."),
+        click.option("--queue", default=None,
+                     help="With an amqp:// URL: the group's queue, if not <exchange>.<group>."),
+        click.option("--stream", default="oxbus:events", show_default=True,
+                     help="With a redis:// URL: the stream (dead letters: <stream>:dead)."),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0,
+                     show_default=True, help="With a broker URL: seconds to wait for it."),
+    )):
+        f = option(f)
+    return f
+
+
+def _source(db: str, where: dict[str, Any]) -> str | _dlq_broker.Source:
+    return _dlq_broker.source(db, **where)
+
+
 @dlq.command("list", short_help="List dead letters.")
 @click.pass_obj
+@_where
 @json_option
-def dlq_list(db: str) -> None:
+def dlq_list(db: str, **where: Any) -> None:
     """List the dead letters, oldest first (--json: JSON Lines, without the tracebacks).
     Exit 0 (also when there are none), 3 when DB cannot be read."""
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.list_(src)
     with connect(db) as log:
         rows = _dlq_rows(log)
     if json_mode():
@@ -111,9 +151,13 @@ def dlq_list(db: str) -> None:
 @dlq.command("show", short_help="One dead letter: event, error, traceback.")
 @click.pass_obj
 @click.argument("dead_letter_id", metavar="ID")
+@_where
 @json_option
-def dlq_show(db: str, dead_letter_id: str) -> None:
+def dlq_show(db: str, dead_letter_id: str, **where: Any) -> None:
     """Show one dead letter with its event and traceback. Exit 1 when there is no such id."""
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.show(src, dead_letter_id)
     did = _dl_id(dead_letter_id)
     with connect(db) as log:
         rows = _dlq_rows(log, [did])
@@ -149,8 +193,9 @@ def dlq_show(db: str, dead_letter_id: str) -> None:
 @click.pass_obj
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
+@_where
 @json_option
-def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool) -> None:
+def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool, **where: Any) -> None:
     """Re-queue dead letters: each is delivered again, to its subscription only, the next time
     a durable bus with that subscription starts on DB.
 
@@ -160,6 +205,9 @@ def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool) -> None:
     """
     if bool(ids) == retry_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.retry(src, None if retry_all else list(ids))
     wanted = None if retry_all else sorted({_dl_id(i) for i in ids})
     with connect(db, write=True) as log:
         try:
@@ -180,10 +228,14 @@ def dlq_retry(db: str, ids: tuple[str, ...], retry_all: bool) -> None:
 @dlq.command("purge", short_help="Delete every dead letter.")
 @click.pass_obj
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_where
 @json_option
-def dlq_purge(db: str, yes: bool) -> None:
+def dlq_purge(db: str, yes: bool, **where: Any) -> None:
     """Delete every dead letter of DB for good (their events stay in the log and are not
     delivered again). Asks first unless --yes; exit 1 when declined."""
+    src = _source(db, where)
+    if isinstance(src, _dlq_broker.Source):
+        return _dlq_broker.purge(src, yes)
     with connect(db, write=True) as log:
         ((n,),) = query(log, "SELECT COUNT(*) FROM dead_letters")
         if n and not yes and not click.confirm(f"delete {n} dead letters from {db}?", err=True):

@@ -48,6 +48,11 @@ impl<T> Inbox<T> {
         }
     }
 
+    /// Whether nothing waits to be taken.
+    pub fn is_empty(&self) -> bool {
+        self.items.lock().is_empty()
+    }
+
     pub fn take(&self) -> Vec<T> {
         std::mem::take(&mut *self.items.lock())
     }

@@ -26,11 +26,13 @@ use inbox::Inbox;
 
 use crate::python::bus::PyBusCore;
 use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::envelope::{Ack, Settle};
 use crate::python::errors::to_py;
 use crate::python::store::record_of;
 use crate::python::{errors, events, json, runtime};
 use crate::transport::{
-    Confirm, Key, Message, Outgoing, RabbitMq, RedisStreams, Sink, Transport, TransportError,
+    Confirm, Failure, HandlerFailure, Key, Message, Outgoing, Place, RabbitMq, RedisStreams, Sink,
+    Transport, TransportError, RETRY_FIELD,
 };
 
 /// Confirms resolve loop futures; deliveries wait in the inbox for the loop.
@@ -78,6 +80,87 @@ impl Sink for PySink {
     fn delivered(&self, messages: Vec<Message>) {
         self.inbox.push(messages);
     }
+}
+
+/// A delivered message in the bus: acknowledged once every subscription finished it, after
+/// the dead letters of those that gave up (written first, by the transport).
+struct Delivery {
+    transport: Arc<dyn Transport>,
+    message: Message,
+    failures: parking_lot::Mutex<Vec<Failure>>,
+}
+
+impl Settle for Delivery {
+    fn dead_letter(&self, failure: HandlerFailure) {
+        self.failures.lock().push(Failure::Handler(failure));
+    }
+
+    fn finish(self: Box<Self>) {
+        let failures = self.failures.into_inner();
+        if failures.is_empty() {
+            self.transport.ack(&self.message);
+        } else {
+            self.transport.dead_letter(self.message, failures);
+        }
+    }
+}
+
+/// Where a group's dead letters are, as Python names it (a dict).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PlaceSpec {
+    kind: String,
+    url: String,
+    #[pyo3(default)]
+    queue: Option<String>,
+    #[pyo3(default)]
+    stream: Option<String>,
+    #[pyo3(default)]
+    group: Option<String>,
+}
+
+impl PlaceSpec {
+    fn place(self) -> PyResult<Place> {
+        match (self.kind.as_str(), self.queue, self.stream, self.group) {
+            ("rabbitmq", Some(queue), _, _) => Ok(Place::RabbitMq {
+                url: self.url,
+                queue,
+            }),
+            ("redis", _, Some(stream), Some(group)) => Ok(Place::Redis {
+                url: self.url,
+                stream,
+                group,
+            }),
+            (kind, ..) => Err(errors::configuration_error(format!(
+                "no dead-letter place of kind {kind:?} with these settings"
+            ))),
+        }
+    }
+}
+
+/// A retried dead letter's target, from its payload: (group, subscription).
+fn retry_target(payload: &Bound<'_, PyAny>) -> PyResult<(Option<String>, Option<String>)> {
+    let Some(target) = payload.get_item(RETRY_FIELD).ok().filter(|t| !t.is_none()) else {
+        return Ok((None, None));
+    };
+    let field = |name: &str| -> PyResult<Option<String>> {
+        target
+            .get_item(name)
+            .ok()
+            .filter(|v| !v.is_none())
+            .map(|v| v.extract::<String>())
+            .transpose()
+    };
+    Ok((field("group")?, field("subscription")?))
+}
+
+/// A timeout in seconds, clamped to 0.1 s .. 1 h.
+fn seconds(s: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(if s.is_finite() {
+        s.clamp(0.1, 3600.0)
+    } else {
+        3600.0
+    })
 }
 
 /// The native half of a broker-backed `oxbus.EventBus`.
@@ -189,15 +272,74 @@ impl PyTransportCore {
         })
     }
 
+    /// The dead letters at `place` (`{"kind": "rabbitmq", "url", "queue": <dead queue>}` or
+    /// `{"kind": "redis", "url", "stream": <dead stream>, "group"}`) -> awaitable of
+    /// [(id, source, payload, fields)], oldest first (changes nothing).
+    #[staticmethod]
+    fn dead_letters(py: Python<'_>, place: PlaceSpec, timeout: f64) -> PyResult<Bound<'_, PyAny>> {
+        let (place, timeout) = (place.place()?, seconds(timeout));
+        runtime::future_into_py(py, async move {
+            let entries = place.list(timeout).await.map_err(|e| to_py(&e))?;
+            Ok(entries
+                .into_iter()
+                .map(|e| (e.id, e.source, e.payload, e.fields))
+                .collect::<Vec<_>>())
+        })
+    }
+
+    /// Sends the dead letters of `ids` (None: all) at `place` back to their group, each for
+    /// the subscription that failed only, and removes them -> awaitable of how many.
+    #[staticmethod]
+    #[pyo3(signature = (place, ids, timeout))]
+    fn retry_dead_letters(
+        py: Python<'_>,
+        place: PlaceSpec,
+        ids: Option<Vec<String>>,
+        timeout: f64,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let (place, timeout) = (place.place()?, seconds(timeout));
+        runtime::future_into_py(py, async move {
+            place
+                .retry(ids.as_deref(), timeout)
+                .await
+                .map_err(|e| to_py(&e))
+        })
+    }
+
+    /// Removes the dead letters of `ids` (None: all) at `place` -> awaitable of how many.
+    #[staticmethod]
+    #[pyo3(signature = (place, ids, timeout))]
+    fn remove_dead_letters(
+        py: Python<'_>,
+        place: PlaceSpec,
+        ids: Option<Vec<String>>,
+        timeout: f64,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let (place, timeout) = (place.place()?, seconds(timeout));
+        runtime::future_into_py(py, async move {
+            place
+                .remove(ids.as_deref(), timeout)
+                .await
+                .map_err(|e| to_py(&e))
+        })
+    }
+
     /// "redis", "rabbitmq", ...
     #[getter]
     fn kind(&self) -> &'static str {
         self.transport.kind()
     }
 
-    /// Where deliveries go: `callback()` is scheduled on `loop_` when messages arrive.
-    fn set_target(&self, loop_: Py<PyAny>, callback: Py<PyAny>) {
+    /// Where deliveries go: `callback()` is scheduled on `loop_` when messages arrive, and at
+    /// once when some arrived before.
+    fn set_target(&self, py: Python<'_>, loop_: Py<PyAny>, callback: Py<PyAny>) -> PyResult<()> {
+        let (l, c) = (loop_.clone_ref(py), callback.clone_ref(py));
         self.inbox.set_target(Some((loop_, callback)));
+        if !self.inbox.is_empty() {
+            l.bind(py)
+                .call_method1(intern!(py, "call_soon_threadsafe"), (c,))?;
+        }
+        Ok(())
     }
 
     /// Publishes events in one request -> future of their receipts, resolved once the broker
@@ -245,10 +387,17 @@ impl PyTransportCore {
                             .and_then(|m| m.get_item(name).ok())
                             .filter(|v| !v.is_none())
                     };
-                    let transport = Arc::clone(&self.transport);
-                    let message = m.clone();
-                    let ack: crate::python::envelope::Ack =
-                        Box::new(move || transport.ack(&message));
+                    let (group, only) = retry_target(&payload)?;
+                    if group.is_some_and(|g| g != self.transport.group()) {
+                        // Another group's retried dead letter (a stream every group reads).
+                        self.transport.ack(&m);
+                        return Ok(());
+                    }
+                    let ack: Ack = Box::new(Delivery {
+                        transport: Arc::clone(&self.transport),
+                        message: m.clone(),
+                        failures: parking_lot::Mutex::new(Vec::new()),
+                    });
                     let key = payload
                         .get_item(intern!(py, "key"))
                         .ok()
@@ -259,6 +408,7 @@ impl PyTransportCore {
                         key,
                         field("correlation_id"),
                         field("causation_id"),
+                        only.as_deref(),
                         ack,
                     )
                 });
@@ -270,7 +420,8 @@ impl PyTransportCore {
                 // the rest of the batch goes on.
                 let reason = format!("{}: {}", err.get_type(py).name()?, err.value(py));
                 refused.push(format!("message {} of {}: {reason}", m.id, m.source));
-                self.transport.dead_letter(m, reason);
+                self.transport
+                    .dead_letter(m, vec![Failure::Refused(reason)]);
             }
         }
         Ok((n, refused))
@@ -294,6 +445,16 @@ impl PyTransportCore {
         d.set_item("members", h.members)?;
         d.set_item("assignment", h.assignment)?;
         Ok(d)
+    }
+
+    /// Waits (up to 2 s) until the acknowledgements and dead letters queued so far reached
+    /// the broker -> awaitable (the loop thread never waits for the broker).
+    fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let t = Arc::clone(&self.transport);
+        runtime::future_into_py(py, async move {
+            t.flush().await;
+            Ok(())
+        })
     }
 
     /// Takes no new messages (before the bus drains what it has).

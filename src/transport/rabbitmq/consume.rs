@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 
 use super::{backoff, declare, hint, open, Shared};
-use crate::transport::{Message, Sink, TransportError};
+use crate::transport::{Failure, Message, Sink, TransportError};
 
 /// Acknowledgement bookkeeping of one channel: which delivered tags are still open, and the
 /// fewest `basic.ack`s that settle what finished (one `multiple` ack below the lowest open
@@ -64,11 +64,18 @@ impl Ledger {
     }
 }
 
-/// A settle request for the consumer task: the receipt, and a dead letter to write first.
+/// A settle request for the consumer task: the receipt, and dead letters to write first.
 pub(super) struct Settle {
     pub(super) generation: u64,
     pub(super) tag: u64,
-    pub(super) dead: Option<Box<(String, String, String)>>, // (source, payload, reason)
+    pub(super) dead: Option<Box<Dead>>,
+}
+
+/// What goes to `<queue>.dead` for one message: its body once per failure.
+pub(super) struct Dead {
+    pub(super) source: String,
+    pub(super) payload: String,
+    pub(super) failures: Vec<Failure>,
 }
 
 /// A consuming channel: declares the topology, sets the prefetch, consumes every queue.
@@ -268,38 +275,26 @@ async fn settle(
                 continue; // requeued by the broker when its connection closed
             }
             if let Some(d) = s.dead {
-                let (source, payload, reason) = *d;
-                let mut headers = FieldTable::default();
-                headers.insert(
-                    "error".into(),
-                    AMQPValue::LongString(reason.as_str().into()),
-                );
-                headers.insert(
-                    "queue".into(),
-                    AMQPValue::LongString(source.as_str().into()),
-                );
-                headers.insert(
-                    "group".into(),
-                    AMQPValue::LongString(shared.cfg.group.as_str().into()),
-                );
-                let props = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_headers(headers);
-                let confirm = dead_ch
-                    .basic_publish(
-                        "".into(),
-                        dead_queue.clone(),
-                        BasicPublishOptions::default(),
-                        payload.as_bytes(),
-                        props,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if !confirm.await.map_err(|e| e.to_string())?.is_ack() {
-                    return Err("the broker refused a dead letter".to_owned());
+                for failure in &d.failures {
+                    let props = BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into())
+                        .with_headers(dead_headers(shared, &d.source, failure));
+                    let confirm = dead_ch
+                        .basic_publish(
+                            "".into(),
+                            dead_queue.clone(),
+                            BasicPublishOptions::default(),
+                            d.payload.as_bytes(),
+                            props,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if !confirm.await.map_err(|e| e.to_string())?.is_ack() {
+                        return Err("the broker refused a dead letter".to_owned());
+                    }
+                    dead += 1;
                 }
-                dead += 1;
             }
             tags.push(s.tag);
         }
@@ -316,6 +311,20 @@ async fn settle(
     .await;
     shared.acks_queued.fetch_sub(total, Ordering::AcqRel);
     result
+}
+
+/// The headers of a dead letter: the failure's fields, the queue it came from, the group.
+fn dead_headers(shared: &Shared, source: &str, failure: &Failure) -> FieldTable {
+    let mut headers = FieldTable::default();
+    for (name, value) in failure.fields() {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    headers.insert("queue".into(), AMQPValue::LongString(source.into()));
+    headers.insert(
+        "group".into(),
+        AMQPValue::LongString(shared.cfg.group.as_str().into()),
+    );
+    headers
 }
 
 /// Reads the depth of the group's queues every 2 s (passive declares, one small command

@@ -16,9 +16,11 @@
 //! requeued those messages already), and a health reader (passive declares every 2 s).
 //!
 //! Files: this one (settings, connecting, the [`Transport`]), `topology` (what is declared),
-//! `publish` (messages and confirms), `consume` (deliveries, acknowledgements, health).
+//! `publish` (messages and confirms), `consume` (deliveries, acknowledgements, dead letters
+//! written, health), `dead` (the dead-letter queue read, retried and purged).
 
 mod consume;
+pub mod dead;
 mod publish;
 mod topology;
 
@@ -33,9 +35,9 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use super::{Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
+use super::{Failure, Health, Message, Outgoing, Sink, Stopping, Transport, TransportError};
 pub use consume::Ledger;
-use consume::{consumer, health_reader, Settle};
+use consume::{consumer, health_reader, Dead, Settle};
 pub use publish::HASH_HEADER;
 use publish::{publisher, Batch};
 pub use topology::{binding_keys, inspect};
@@ -318,7 +320,7 @@ impl RabbitMq {
             .map_err(|_| TransportError::Stopped(KIND))
     }
 
-    fn settle(&self, message: &Message, dead: Option<Box<(String, String, String)>>) {
+    fn settle(&self, message: &Message, dead: Option<Box<Dead>>) {
         let Some((generation, tag)) = message
             .id
             .split_once('.')
@@ -362,6 +364,10 @@ impl Transport for RabbitMq {
         KIND
     }
 
+    fn group(&self) -> &str {
+        self.shared.cfg.group.as_str()
+    }
+
     /// The batch goes to the publisher task as it is: encoding happens there, off the
     /// caller's thread.
     fn publish(&self, token: u64, batch: Vec<Outgoing>) -> Result<(), TransportError> {
@@ -372,9 +378,14 @@ impl Transport for RabbitMq {
         self.settle(message, None);
     }
 
-    /// To `<queue>.dead` with the reason (confirmed), then acknowledged.
-    fn dead_letter(&self, message: Message, reason: String) {
-        let dead = Box::new((message.source.clone(), message.payload.clone(), reason));
+    /// To `<queue>.dead`, one message per failure with its fields as headers (confirmed),
+    /// then acknowledged.
+    fn dead_letter(&self, message: Message, failures: Vec<Failure>) {
+        let dead = Box::new(Dead {
+            source: message.source.clone(),
+            payload: message.payload.clone(),
+            failures,
+        });
         self.settle(&message, Some(dead));
     }
 
@@ -387,15 +398,21 @@ impl Transport for RabbitMq {
         self.shared.health.lock().clone()
     }
 
+    fn flush(&self) -> Stopping<'_> {
+        Box::pin(async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    }
+
     /// Waits up to 2 s for the acknowledgements still queued, then closes the connections
     /// (the broker requeues whatever is still unacknowledged).
     fn stop(&self) -> Stopping<'_> {
         Box::pin(async move {
             self.pause();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while self.shared.acks_queued.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            self.flush().await;
             for mut t in self.halt() {
                 // Tasks close their connections as they end; a broker that does not answer
                 // the close does not hold the bus.

@@ -55,7 +55,7 @@ enum Outcome {
 }
 
 /// `await bus.publish(event)` on an in-memory bus; see the module documentation.
-#[pyclass(frozen, freelist = 64, name = "Publish", module = "oxbus._oxbus")]
+#[pyclass(frozen, name = "Publish", module = "oxbus._oxbus")]
 pub struct PyPublish {
     core: Py<PyBusCore>,
     state: GilMutex<State>,

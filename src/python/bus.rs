@@ -27,7 +27,7 @@ use crate::python::publish::PyPublish;
 use crate::python::retry::PyRetryPolicy;
 use crate::python::route::{Handler, Names, Route};
 use crate::python::store::PyStoreCore;
-use crate::python::sync::GilMutex;
+use crate::python::sync::{GilCell, GilMutex};
 use crate::store::writer::Writer;
 
 /// An accepted event waiting for a worker.
@@ -48,8 +48,6 @@ pub struct Inner {
     /// Run state, admission, lanes, idle workers, drain waiters, parking, counters.
     pub engine: BusEngine,
     routes: FxHashMap<(usize, Option<String>), Arc<Route>>,
-    /// The route found last by class alone (valid while `routes_gen` is current).
-    last_route: Option<(usize, Arc<Route>)>,
     routes_gen: u64,
     waiters: Vec<Waiter>,
     next_waiter: u64,
@@ -82,12 +80,22 @@ pub struct PyBusCore {
     hook_on_success: AtomicBool,
     /// A durable bus's log: workers record finished deliveries on it directly.
     progress: std::sync::OnceLock<Arc<Writer>>,
+    /// The route found last by class alone, read without the engine's lock: emptied under
+    /// the GIL by every change of the subscriptions, so it is never stale once that change
+    /// returns.
+    last_route: GilCell<Option<(usize, Arc<Route>)>>,
 }
 
 impl PyBusCore {
     /// Whether the after-call hook also runs after successful calls.
     pub fn hook_on_success(&self) -> bool {
         self.hook_on_success.load(Relaxed)
+    }
+
+    /// After every change of the subscriptions, with the GIL held since (and the engine's
+    /// lock released): the lock-free route cache is emptied.
+    fn routes_changed(&self, py: Python<'_>) {
+        drop(self.last_route.replace(py, None));
     }
 
     /// The durable log finished deliveries are recorded on, if any.
@@ -102,19 +110,24 @@ impl PyBusCore {
         let ty = event.get_type();
         let ty_id = ty.as_ptr() as usize;
         let is_dict = event.cast::<PyDict>().is_ok();
-        // The common case in one lock: no string subscriptions, not a dict, class cached (the
-        // class of the previous event first).
+        // The common case without a lock: the class of the previous event (only ever cached
+        // while no string subscription asks for type keys). Then in one lock: not a dict,
+        // class cached.
+        if !is_dict {
+            if let Some((t, r)) = self.last_route.get(py) {
+                if t == ty_id {
+                    return Ok(r);
+                }
+            }
+        }
         let by_key = {
-            let mut inner = self.inner.lock(py);
+            let inner = self.inner.lock(py);
             let by_key = inner.engine.router.needs_type_key();
             if !by_key && !is_dict && inner.routes_gen == inner.engine.router.generation() {
-                if let Some((t, r)) = &inner.last_route {
-                    if *t == ty_id {
-                        return Ok(Arc::clone(r));
-                    }
-                }
                 if let Some(r) = inner.routes.get(&(ty_id, None)).map(Arc::clone) {
-                    inner.last_route = Some((ty_id, Arc::clone(&r)));
+                    drop(inner);
+                    // The subscriptions cannot change meanwhile: that takes the GIL.
+                    drop(self.last_route.replace(py, Some((ty_id, Arc::clone(&r)))));
                     return Ok(r);
                 }
             }
@@ -144,7 +157,6 @@ impl PyBusCore {
         let mut inner = self.inner.lock(py);
         if inner.routes_gen != inner.engine.router.generation() {
             inner.routes.clear();
-            inner.last_route = None;
             inner.routes_gen = inner.engine.router.generation();
         }
         let subs = inner.engine.router.resolve(&key_name, &mro);
@@ -569,7 +581,6 @@ impl PyBusCore {
             inner: GilMutex::new(Inner {
                 engine: Engine::new(settings),
                 routes: FxHashMap::default(),
-                last_route: None,
                 routes_gen: 0,
                 waiters: Vec::new(),
                 next_waiter: 1,
@@ -589,6 +600,7 @@ impl PyBusCore {
             waiter_count: AtomicUsize::new(0),
             hook_on_success: AtomicBool::new(false),
             progress: std::sync::OnceLock::new(),
+            last_route: GilCell::new(None),
         })
     }
 
@@ -633,8 +645,14 @@ impl PyBusCore {
             breaker,
             park,
         };
-        let mut inner = self.inner.lock(py);
-        Ok(inner.engine.subscribe(matcher, priority, name, payload).id)
+        let id = self
+            .inner
+            .lock(py)
+            .engine
+            .subscribe(matcher, priority, name, payload)
+            .id;
+        self.routes_changed(py);
+        Ok(id)
     }
 
     /// Queues `event` for one subscription only (a dead letter's retry, a durable replay).
@@ -732,7 +750,9 @@ impl PyBusCore {
 
     /// Removes a subscription by id.
     fn unsubscribe(&self, py: Python<'_>, id: u64) -> bool {
-        self.inner.lock(py).engine.router.unsubscribe(id)
+        let removed = self.inner.lock(py).engine.router.unsubscribe(id);
+        self.routes_changed(py);
+        removed
     }
 
     /// Removes the subscriptions of `handler` (compared with ==) to `target`; returns how many.
@@ -758,10 +778,13 @@ impl PyBusCore {
         .map(|(id, _)| id)
         .collect();
         let mut inner = self.inner.lock(py);
-        Ok(ids
+        let removed = ids
             .into_iter()
             .filter(|id| inner.engine.router.unsubscribe(*id))
-            .count())
+            .count();
+        drop(inner);
+        self.routes_changed(py);
+        Ok(removed)
     }
 
     /// (id, name, priority, target) of every subscription, in subscription order.

@@ -49,6 +49,7 @@ mod _oxbus {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        super::sync::require_gil(m.py())?;
         super::publish::install_slots(m.py())?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         super::runtime::register(m)

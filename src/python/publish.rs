@@ -27,7 +27,7 @@ use pyo3::types::{PyString, PyTuple};
 
 use crate::python::bus::PyBusCore;
 use crate::python::events::{self, Step};
-use crate::python::sync::GilMutex;
+use crate::python::sync::GilCell;
 
 static ADMIT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -58,7 +58,7 @@ enum Outcome {
 #[pyclass(frozen, name = "Publish", module = "oxbus._oxbus")]
 pub struct PyPublish {
     core: Py<PyBusCore>,
-    state: GilMutex<State>,
+    state: GilCell<State>,
 }
 
 impl PyPublish {
@@ -70,7 +70,7 @@ impl PyPublish {
     ) -> Self {
         Self {
             core,
-            state: GilMutex::new(State::Fresh {
+            state: GilCell::new(State::Fresh {
                 event,
                 key,
                 correlation_id,
@@ -86,15 +86,14 @@ impl PyPublish {
         value: Option<&Bound<'_, PyAny>>,
         thrown: Option<PyErr>,
     ) -> PyResult<Outcome> {
-        // One lock on the common path: a fresh publish is marked done before it runs (a step
+        // No lock (the GIL protects the state): a fresh publish is marked done before it runs (a step
         // re-entered meanwhile is refused as a reuse), and stays done once accepted.
-        let state = {
-            let mut guard = self.state.lock(py);
-            let next = match &*guard {
-                State::Fresh { .. } | State::Done => State::Done,
-                State::Waiting(_) | State::Running => State::Running,
-            };
-            std::mem::replace(&mut *guard, next)
+        let state = match self.state.replace(py, State::Running) {
+            s @ (State::Fresh { .. } | State::Done) => {
+                self.state.replace(py, State::Done);
+                s
+            }
+            s => s,
         };
         let (outcome, next) = match state {
             State::Fresh {
@@ -137,7 +136,7 @@ impl PyPublish {
                 }));
             }
         };
-        *self.state.lock(py) = next;
+        self.state.replace(py, next);
         outcome
     }
 
@@ -244,14 +243,13 @@ impl PyPublish {
     /// Ends it: never published if it had not run; a wait for room is abandoned (the event is
     /// then not accepted).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let state = std::mem::replace(&mut *self.state.lock(py), State::Done);
-        match state {
+        match self.state.replace(py, State::Done) {
             State::Waiting(it) => {
                 it.bind(py).call_method0(pyo3::intern!(py, "close"))?;
                 Ok(())
             }
             State::Running => {
-                *self.state.lock(py) = State::Running;
+                self.state.replace(py, State::Running);
                 Err(pyo3::exceptions::PyValueError::new_err(
                     "coroutine already executing",
                 ))

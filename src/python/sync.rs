@@ -1,37 +1,153 @@
-//! Engine locks taken by threads that hold the GIL.
+//! Engine state shared by the threads that hold the GIL.
 //!
-//! A thread that holds the GIL and blocks on a lock whose holder is waiting for the GIL
-//! deadlocks the process; the holder can be waiting for the GIL without running any Python
-//! code of its own (pyo3's first `intern!` of a call site detaches while it initialises).
-//! `GilMutex::lock` therefore only ever *waits* with the GIL released: an uncontended lock
-//! costs one `try_lock`, a contended one releases the GIL while it waits. Code under the lock
-//! still keeps Python out where it can (collect, unlock, then call), which keeps the hold
-//! times short; this type makes the remaining cases safe.
+//! Every access to the engine's state takes the GIL token, so the GIL already serialises
+//! them: a lock of its own would only add two atomic read-modify-writes per acquisition (on
+//! these machines ~2% of an in-memory event's cost each, measured with `perf`), and an
+//! in-memory event takes the engine three times. `GilMutex` is therefore a flag guarded by
+//! the GIL: taking it free costs a plain read and write. It is held across a GIL release
+//! only when its holder releases the GIL on purpose while holding it (or Python code run
+//! under it lets another thread in); another thread that then wants it waits with the GIL
+//! released, so the holder can take the GIL back and finish. Code under the lock still
+//! keeps Python out where it can (collect, unlock, then call), which keeps the hold times
+//! short. Sound because the GIL is real: the module refuses to load into a free-threaded
+//! interpreter running without it (`require_gil`); the GIL's hand-over between threads
+//! orders their reads and writes of the flag and the value.
 
-use parking_lot::{Mutex, MutexGuard};
-use pyo3::Python;
+use std::cell::{Cell, UnsafeCell};
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 
-/// A `parking_lot::Mutex` whose only way in takes the GIL token and waits without it.
+use pyo3::prelude::*;
+
+/// A lock whose only way in takes the GIL token: free, a flag; held, a wait without the GIL.
 #[derive(Default)]
-pub struct GilMutex<T>(Mutex<T>);
+pub struct GilMutex<T> {
+    held: Cell<bool>,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the flag and the value are only touched by the thread holding the GIL (`lock` takes
+// the token, the guard can neither leave that thread nor outlive the token's lifetime), and
+// the value only by the flag's holder; values move between threads only as `T: Send`.
+unsafe impl<T: Send> Sync for GilMutex<T> {}
 
 impl<T: Send> GilMutex<T> {
     /// A new, unlocked mutex.
     pub const fn new(value: T) -> Self {
-        Self(Mutex::new(value))
+        Self {
+            held: Cell::new(false),
+            value: UnsafeCell::new(value),
+        }
     }
 
-    /// Takes the lock; when another thread holds it, waits with the GIL released.
+    /// Takes the lock; when another thread holds it (it released the GIL meanwhile), waits
+    /// with the GIL released until it is free.
     #[inline]
-    pub fn lock(&self, py: Python<'_>) -> MutexGuard<'_, T> {
-        if let Some(guard) = self.0.try_lock() {
-            return guard;
+    pub fn lock<'py>(&'py self, py: Python<'py>) -> GilGuard<'py, T> {
+        while self.held.get() {
+            Self::wait(py);
         }
-        py.detach(|| self.0.lock())
+        self.held.set(true);
+        GilGuard {
+            lock: self,
+            _gil: PhantomData,
+        }
+    }
+
+    #[cold]
+    fn wait(py: Python<'_>) {
+        py.detach(|| std::thread::sleep(std::time::Duration::from_micros(20)));
     }
 
     /// The value, through exclusive access (no locking needed).
     pub fn get_mut(&mut self) -> &mut T {
+        self.value.get_mut()
+    }
+}
+
+/// The holder of a [`GilMutex`]: neither `Send` nor `Sync`, and no longer than the GIL token
+/// it was taken with, so it is used and dropped by the thread holding the GIL.
+pub struct GilGuard<'py, T> {
+    lock: &'py GilMutex<T>,
+    _gil: PhantomData<(Python<'py>, *const ())>,
+}
+
+impl<T> Deref for GilGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: this guard holds the flag: no other reference to the value exists.
+        unsafe { &*self.lock.value.get() }
+    }
+}
+
+impl<T> DerefMut for GilGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as for `deref`, and `&mut self` is unique.
+        unsafe { &mut *self.lock.value.get() }
+    }
+}
+
+impl<T> Drop for GilGuard<'_, T> {
+    fn drop(&mut self) {
+        self.lock.held.set(false);
+    }
+}
+
+/// A value replaced or cloned out by the thread holding the GIL, with no lock: for state only
+/// ever touched by calls from Python on the hottest path, where a lock pair (two atomic
+/// read-modify-writes, ~2% of an in-memory event's cost each on these machines) is the
+/// largest cost left. Holding the GIL is the whole protection, so the API never lets a
+/// reference into the value escape and runs no Python while it touches it (`replace` moves
+/// values; `get` clones a value whose `Clone` is plain Rust). Sound because the GIL is real:
+/// the module refuses to load into a free-threaded interpreter running without it
+/// (`require_gil`).
+pub struct GilCell<T>(std::cell::UnsafeCell<T>);
+
+// SAFETY: every access takes the GIL token (see the type's documentation), so accesses from
+// different threads are serialised by the GIL; values move between threads only as `T: Send`.
+unsafe impl<T: Send> Sync for GilCell<T> {}
+
+impl<T> GilCell<T> {
+    /// A new cell.
+    pub const fn new(value: T) -> Self {
+        Self(std::cell::UnsafeCell::new(value))
+    }
+
+    /// Puts `value` in and returns what was there.
+    #[inline]
+    pub fn replace(&self, _py: Python<'_>, value: T) -> T {
+        // SAFETY: the GIL is held (the token), and no other access is in progress: none
+        // runs Python or hands out a reference.
+        unsafe { std::ptr::replace(self.0.get(), value) }
+    }
+
+    /// The value, through exclusive access.
+    pub fn get_mut(&mut self) -> &mut T {
         self.0.get_mut()
     }
+}
+
+impl<T: Clone> GilCell<T> {
+    /// A clone of the value (`T`'s `Clone` must not run Python).
+    #[inline]
+    pub fn get(&self, _py: Python<'_>) -> T {
+        // SAFETY: as for `replace`; the clone is made before anything else can run.
+        unsafe { (*self.0.get()).clone() }
+    }
+}
+
+/// Refuses a free-threaded interpreter whose GIL is off (`PYTHON_GIL=0`, `-X gil=0`): the
+/// engine's `GilCell`s rely on it. (CPython turns the GIL back on when it imports a module
+/// that does not declare free-threading support, as this one does not, unless forced off.)
+pub fn require_gil(py: Python<'_>) -> PyResult<()> {
+    let sys = py.import("sys")?;
+    if let Ok(enabled) = sys.getattr("_is_gil_enabled") {
+        if !enabled.call0()?.is_truthy()? {
+            return Err(pyo3::exceptions::PyImportError::new_err(
+                "oxbus needs the GIL, and this free-threaded interpreter runs without it \
+                 (PYTHON_GIL=0 or -X gil=0): run it without that setting",
+            ));
+        }
+    }
+    Ok(())
 }

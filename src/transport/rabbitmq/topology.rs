@@ -180,16 +180,6 @@ async fn declare_group(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
             hargs,
         )
         .await?;
-        for key in &cfg.bindings {
-            ch.exchange_bind(
-                hash.as_str().into(),
-                cfg.exchange.as_str().into(),
-                key.as_str().into(),
-                ExchangeBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         Some(hash)
     } else {
@@ -198,32 +188,48 @@ async fn declare_group(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
     for q in cfg.queues() {
         ch.queue_declare(q.as_str().into(), durable, args.clone())
             .await?;
-        match &source {
-            Some(hash) => {
-                ch.queue_bind(
-                    q.as_str().into(),
-                    hash.as_str().into(),
-                    "1".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            }
-            None => {
-                for key in &cfg.bindings {
-                    ch.queue_bind(
-                        q.as_str().into(),
-                        cfg.exchange.as_str().into(),
-                        key.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                }
-            }
+        if let Some(hash) = &source {
+            ch.queue_bind(
+                q.as_str().into(),
+                hash.as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         }
     }
+    // Bound once the queues exist; the keys added since start (see `RabbitMq::bind`) too.
+    let keys = shared.bindings.lock().clone();
+    for key in &keys {
+        bind(shared, ch, key).await?;
+    }
     Ok(())
+}
+
+/// Routes `key` to the group: its queue bound with it, or with partitions the exchange that
+/// feeds the consistent-hash exchange (which spreads to every partition queue).
+pub(super) async fn bind(shared: &Shared, ch: &Channel, key: &str) -> lapin::Result<()> {
+    let cfg = &shared.cfg;
+    if cfg.partitions > 1 {
+        ch.exchange_bind(
+            format!("{}.hash", cfg.queue).as_str().into(),
+            cfg.exchange.as_str().into(),
+            key.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    } else {
+        ch.queue_bind(
+            cfg.queue.as_str().into(),
+            cfg.exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub use consume::Ledger;
 use consume::{consumer, health_reader, Dead, Settle};
 pub use publish::HASH_HEADER;
 use publish::{publisher, Batch};
-use topology::{bind, declare, declare_exchange};
+use topology::{add_bindings, bind, declare, declare_exchange};
 pub use topology::{binding_keys, inspect};
 
 const KIND: &str = "rabbitmq";
@@ -440,19 +440,10 @@ impl Transport for RabbitMq {
                 self.shared.cfg.group
             )));
         }
-        let keys = binding_keys(patterns)?;
-        let added: Vec<String> = {
-            let mut bound = self.shared.bindings.lock();
-            if bound.iter().any(|k| k == "#") {
-                return Ok(false);
-            }
-            let added: Vec<String> = keys.into_iter().filter(|k| !bound.contains(k)).collect();
-            if added.is_empty() {
-                return Ok(false);
-            }
-            *bound = binding_keys(bound.iter().chain(&added).cloned())?;
-            added
-        };
+        let added = add_bindings(&mut self.shared.bindings.lock(), patterns)?;
+        if added.is_empty() {
+            return Ok(false);
+        }
         self.queue(token, Batch::Bind(added))?;
         Ok(true)
     }

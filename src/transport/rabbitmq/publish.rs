@@ -153,14 +153,17 @@ pub(super) async fn publisher(
         if shared.stopping() {
             break;
         }
-        let first = match held.take() {
-            Some(x) => Some(x),
-            None => tokio::select! {
-                m = rx.recv() => m,
+        let first = if let Some(x) = held.take() {
+            x
+        } else {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(x) => x,
+                    None => break,
+                },
                 () = woken => continue,
-            },
+            }
         };
-        let Some(first) = first else { break };
         if let (token, Batch::Bind(keys)) = &first {
             let outcome = round(&shared, &mut conn, Work::Bind(keys)).await;
             sink.confirmed(vec![(*token, outcome.map(|()| Vec::new()))]);

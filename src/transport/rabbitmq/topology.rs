@@ -36,6 +36,27 @@ pub fn binding_keys<I: IntoIterator<Item = String>>(
     Ok(keys.into_iter().collect())
 }
 
+/// Adds the keys of `patterns` to `bound` (a group's binding keys) -> those not bound yet
+/// (none once `#` is: it takes everything). Bindings are never removed: other members of
+/// the group share the queue and may need them.
+///
+/// # Errors
+/// A pattern that cannot be a binding key (see [`binding_keys`]); `bound` is unchanged.
+pub fn add_bindings(
+    bound: &mut Vec<String>,
+    patterns: Vec<String>,
+) -> Result<Vec<String>, TransportError> {
+    let keys = binding_keys(patterns)?;
+    if bound.iter().any(|k| k == "#") {
+        return Ok(Vec::new());
+    }
+    let added: Vec<String> = keys.into_iter().filter(|k| !bound.contains(k)).collect();
+    if !added.is_empty() {
+        *bound = binding_keys(bound.iter().chain(&added).cloned())?;
+    }
+    Ok(added)
+}
+
 pub(super) async fn declare_exchange(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
     ch.exchange_declare(
         shared.cfg.exchange.as_str().into(),
@@ -252,5 +273,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("255"));
+    }
+
+    #[test]
+    fn added_bindings_are_the_new_keys_only_and_hash_ends_them() {
+        let v = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mut bound = v(&["a.*"]);
+        assert_eq!(
+            add_bindings(&mut bound, v(&["a.*", "b"])).unwrap(),
+            v(&["b"])
+        );
+        assert_eq!(bound, v(&["a.*", "b"]));
+        assert!(add_bindings(&mut bound, v(&["b"])).unwrap().is_empty());
+        assert!(add_bindings(&mut bound, v(&[""])).is_err());
+        assert_eq!(bound, v(&["a.*", "b"]));
+        assert_eq!(add_bindings(&mut bound, v(&["c", "#"])).unwrap(), v(&["#"]));
+        assert_eq!(bound, v(&["#"]));
+        assert!(add_bindings(&mut bound, v(&["d"])).unwrap().is_empty());
+        let mut none = Vec::new();
+        assert_eq!(add_bindings(&mut none, v(&["x"])).unwrap(), v(&["x"]));
     }
 }

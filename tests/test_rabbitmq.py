@@ -610,8 +610,9 @@ async def test_a_running_bus_that_did_not_join_its_group_refuses_a_subscription(
     # consume=True: the group's queue is declared with no binding yet, and read.
     joined = EventBus(transport=URL, consume=True, **amqp.group("joined"))
     async with publisher, idle, joined:
-        with pytest.raises(ConfigurationError, match="consume=True") as e:
+        with pytest.raises(oxbus.errors.NotConsuming, match="consume=True") as e:
             idle.subscribe("rmq.x", record)
+        assert isinstance(e.value, ConfigurationError)
         assert "'idle'" in str(e.value) and "before start()" in str(e.value)
         assert idle.subscriptions() == []
         joined.subscribe("rmq.x", record)

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, ClassVar, Iterable
 
 from oxbus._oxbus import BusCore, TransportCore
 from oxbus.dead_letters import DeadLetters
-from oxbus.errors import BusNotStarted, ConfigurationError, OxbusError
+from oxbus.errors import BusNotStarted, NotConsuming, OxbusError
 from oxbus.store import SqliteEventStore
 from oxbus.transports import Broker, Memory, Sqlite, Transport, binding_keys
 
@@ -280,8 +280,15 @@ class BrokerBackend(_Waiting):
                             self.options.title, n)
         self.broker = broker
         self.consuming = consume
+        targets = [target for _, _, _, target in self.core.subscriptions()]
         if consume:  # subscriptions made while connecting
-            self._bind([target for _, _, _, target in self.core.subscriptions()])
+            self._bind(targets)
+        elif targets and self.options.consume is None:
+            logger.warning(
+                "%s: %d subscription(s) made while the bus was connecting, after it decided "
+                "not to join its group (none then): they receive nothing; subscribe before "
+                "start(), or make the bus with consume=True", self.options.title, len(targets),
+            )
         self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
         logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
                     self.options, consume)
@@ -295,7 +302,7 @@ class BrokerBackend(_Waiting):
             return  # not started (or still connecting: start() binds it)
         if not self.consuming:
             if self.options.consume is None:
-                raise ConfigurationError(
+                raise NotConsuming(
                     f"this bus started without subscriptions, so it did not join its "
                     f"{self.options.title} group {getattr(self.options, 'group', '')!r} "
                     f"(consume=None joins only when there are subscriptions at start()): a "

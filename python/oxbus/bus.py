@@ -660,7 +660,7 @@ class EventBus:
         """Publishes an ``oxbus.Heartbeat`` of ``source`` now and every ``interval`` seconds
         (on the bus's clock) until the bus stops or ``handle.cancel()``; health lists the last
         heartbeat seen per source (see ``oxbus.heartbeat``)."""
-        return await _heartbeat.watch(self).broadcast(source, interval)
+        return await _heartbeat.watch(self, listen=False).broadcast(source, interval)
 
     def __repr__(self) -> str:
         s = self._core.statistics()

@@ -359,6 +359,25 @@ def counted(n: int) -> tuple[list[Any], asyncio.Event, Callable[[Any], Any]]:
     return seen, done, handle
 
 
+class Changes:
+    """Handlers call ``note()`` after they recorded something; ``until(pred)`` waits (no
+    sleep) until ``pred()`` holds."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def note(self) -> None:
+        self._changed.set()
+
+    async def until(self, pred: Callable[[], bool], timeout: float = 20) -> None:
+        async def watch() -> None:
+            while not pred():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(watch(), timeout)
+
+
 async def started(**kwargs: Any) -> EventBus:
     bus = EventBus(**kwargs)
     await bus.start()
@@ -491,6 +510,121 @@ async def test_a_group_receives_only_what_its_topic_patterns_match(amqp: Broker)
     assert sorted(got) == ["rmq.invoice", "rmq.invoice.sent.late", "rmq.last", "rmq.order.placed"]
     # The broker filtered: what no pattern matches never reached this process.
     assert received == 4
+
+
+async def test_a_subscription_made_while_the_bus_runs_gets_what_other_buses_publish(
+    amqp: Broker,
+) -> None:
+    got: list[str] = []
+    paid: list[AmqpPaid] = []
+    changes = Changes()
+
+    async def record(e: Any) -> None:
+        got.append(e["event_type"])
+        changes.note()
+
+    async def pay(e: AmqpPaid) -> None:
+        paid.append(e)
+        changes.note()
+
+    bus = EventBus(transport=URL, **amqp.group("late"))
+    bus.subscribe("rmq.first", record)
+    publisher = EventBus(transport=URL, consume=False, **amqp.group("publisher"))
+    async with bus, publisher:
+        # Bound by subscribe(): what this bus publishes afterwards is routed by it already.
+        bus.subscribe("rmq.own.*", record)
+        await bus.publish({"event_type": "rmq.own.x"})
+        # Another bus (another process, as far as the broker knows) once ready() returned.
+        bus.subscribe("rmq.late.#", record)
+        second = bus.subscribe("rmq.late.#", record)  # the same pattern twice
+        bus.subscribe(AmqpPaid, pay)  # a class: its type key, "billing.paid"
+        await bus.ready()
+        assert bus.unsubscribe(second)  # the other still needs the binding: it stays
+        for t in ["rmq.late", "rmq.late.a.b", "rmq.first", "rmq.unbound"]:
+            await publisher.publish({"event_type": t})
+        await publisher.publish(AmqpPaid("o-1", 3.0))
+        await publisher.publish({"event_type": "rmq.last"})
+        await changes.until(lambda: len(got) == 4 and len(paid) == 1)
+        # A pattern RabbitMQ cannot bind is refused by subscribe(), and not kept.
+        with pytest.raises(ConfigurationError, match="255 bytes"):
+            bus.subscribe("r" * 300, record)
+        assert len(bus.subscriptions()) == 4
+        await bus.drain()
+        received = bus.get_health_status()["transport"]["received"]
+    assert sorted(got) == ["rmq.first", "rmq.late", "rmq.late.a.b", "rmq.own.x"]
+    assert [p.order_id for p in paid] == ["o-1"]
+    assert received == 5  # neither rmq.unbound nor rmq.last reached this group
+    # The bindings are the durable queue's (added, never removed): a later member of the
+    # group that does not subscribe to rmq.late.# still receives (and acknowledges) it.
+    again = EventBus(transport=URL, **amqp.group("late"))
+    again.subscribe("rmq.first", record)
+    async with again, publisher:
+        await publisher.publish({"event_type": "rmq.late.again"})
+        await publisher.publish({"event_type": "rmq.first"})  # queued behind it
+        await changes.until(lambda: got.count("rmq.first") == 2)
+        await again.drain()
+        assert again.get_health_status()["transport"]["received"] == 2
+    assert "rmq.late.again" not in got
+    assert await amqp.depth(amqp.queue("late")) == 0
+
+
+async def test_with_partitions_a_subscription_made_while_running_binds_every_partition(
+    amqp: Broker, hash_exchange: None
+) -> None:
+    keys, per_key = ["k-a", "k-b", "k-c", "k-d"], 25
+    order: dict[str, list[int]] = {k: [] for k in keys}
+    changes = Changes()
+
+    async def handle(e: AmqpTick) -> None:
+        order[e.k].append(e.n)
+        changes.note()
+
+    bus = EventBus(transport=URL, partitions=3, workers=4, **amqp.group("g"))
+    bus.subscribe("rmq.nothing", handle)
+    publisher = EventBus(transport=URL, consume=False, **amqp.group("publisher"))
+    async with bus, publisher:
+        bus.subscribe(AmqpTick, handle)
+        await bus.ready()
+        await publisher.publish_many(AmqpTick(i, k) for i in range(per_key) for k in keys)
+        await changes.until(lambda: sum(map(len, order.values())) == len(keys) * per_key)
+        await bus.drain()
+    for k in keys:
+        assert order[k] == list(range(per_key)), f"{k} handled out of order"
+    # Through the consistent-hash exchange: spread over the partition queues, all taken.
+    assert [await amqp.depth(f"{amqp.queue('g')}.{i}") for i in range(3)] == [0, 0, 0]
+
+
+async def test_a_running_bus_that_did_not_join_its_group_refuses_a_subscription(
+    amqp: Broker,
+) -> None:
+    got: list[str] = []
+    changes = Changes()
+
+    def record(e: Any) -> None:
+        got.append(e["event_type"])
+        changes.note()
+
+    publisher = EventBus(transport=URL, consume=False, **amqp.group("publisher"))
+    # No subscription at start (consume=None): the bus publishes only, joins no group.
+    idle = EventBus(transport=URL, **amqp.group("idle"))
+    # consume=True: the group's queue is declared with no binding yet, and read.
+    joined = EventBus(transport=URL, consume=True, **amqp.group("joined"))
+    async with publisher, idle, joined:
+        with pytest.raises(oxbus.errors.NotConsuming, match="consume=True") as e:
+            idle.subscribe("rmq.x", record)
+        assert isinstance(e.value, ConfigurationError)
+        assert "'idle'" in str(e.value) and "before start()" in str(e.value)
+        assert idle.subscriptions() == []
+        joined.subscribe("rmq.x", record)
+        await joined.ready()
+        await publisher.publish({"event_type": "rmq.x"})
+        await changes.until(lambda: got == ["rmq.x"])
+    # consume=False is the user's choice: accepted (with a warning), nothing is read.
+    silent = EventBus(transport=URL, consume=False, **amqp.group("silent"))
+    async with silent:
+        silent.subscribe("rmq.x", record)
+        await silent.ready()
+        assert silent.get_health_status()["transport"]["partitions"]["owned"] == []
 
 
 async def test_events_come_back_as_the_users_class_with_identity_and_correlation(

@@ -378,6 +378,31 @@ async def test_two_groups_each_get_every_event(stream: str) -> None:
         await b.stop(timeout=10)
 
 
+async def test_a_subscription_made_while_running_gets_events_unless_the_bus_joined_no_group(
+    stream: str,
+) -> None:
+    # A group reads the whole stream: a subscription made while a joined bus runs gets what
+    # another bus publishes afterwards, with nothing to bind.
+    joined = EventBus(transport=URL, group="late", stream=stream, consume=True)
+    idle = EventBus(transport=URL, group="idle", stream=stream)  # no subscription at start
+    seen, done, handle = counted(3)
+    async with joined, idle:
+        joined.subscribe(Tick, handle)
+        await joined.ready()  # returns at once: nothing to wait for on Redis
+        await idle.publish_many(Tick(i) for i in range(3))
+        await asyncio.wait_for(done.wait(), 20)
+        # The idle bus never joined its group: its handler would never run, so it refuses.
+        with pytest.raises(oxbus.errors.NotConsuming, match="consume=True"):
+            idle.subscribe(Tick, handle)
+        assert idle.subscriptions() == []
+        # Broadcasting heartbeats needs no group: it still works (watching would not).
+        beat = await idle.broadcast_heartbeat("idle-service", 60)
+        beat.cancel()
+        with pytest.raises(oxbus.errors.NotConsuming):
+            oxbus.heartbeat.watch(idle)
+    assert sorted(e.n for e in seen) == [0, 1, 2]
+
+
 async def test_events_come_back_as_the_users_class_with_identity_and_correlation(
     stream: str,
 ) -> None:

@@ -22,9 +22,9 @@ from typing import Any, Awaitable, ClassVar, Iterable
 
 from oxbus._oxbus import BusCore, TransportCore
 from oxbus.dead_letters import DeadLetters
-from oxbus.errors import BusNotStarted, OxbusError
+from oxbus.errors import BusNotStarted, NotConsuming, OxbusError
 from oxbus.store import SqliteEventStore
-from oxbus.transports import Broker, Memory, Sqlite, Transport
+from oxbus.transports import Broker, Memory, Sqlite, Transport, binding_keys
 
 __all__ = ["Backend", "backend_for"]
 
@@ -61,6 +61,13 @@ class Backend:
 
     async def close(self) -> None:
         """After the workers stopped: release the transport."""
+
+    def subscribed(self, target: Any) -> None:
+        """A subscription to ``target`` was made (before or while the bus runs); raises
+        when its events could never reach it."""
+
+    async def ready(self) -> None:
+        """Waits until every subscription made so far gets the transport's events."""
 
     def health(self, report: dict[str, Any]) -> None:
         """Adds the transport's part to ``get_health_status()``'s report."""
@@ -247,6 +254,11 @@ class BrokerBackend(_Waiting):
         self.broker: TransportCore | None = None
         self.consuming = False
         self.dead_letters = dead_letters
+        # Bindings asked for by subscriptions made while the bus runs, not yet applied; the
+        # error of one that failed, until ready() reports it.
+        self._binding: set[asyncio.Future[Any]] = set()
+        self._bind_error: BaseException | None = None
+        self._warned_no_consume = False
 
     async def start(self) -> None:
         consume = self.options.consume
@@ -268,9 +280,69 @@ class BrokerBackend(_Waiting):
                             self.options.title, n)
         self.broker = broker
         self.consuming = consume
+        targets = [target for _, _, _, target in self.core.subscriptions()]
+        if consume:  # subscriptions made while connecting
+            self._bind(targets)
+        elif targets and self.options.consume is None:
+            logger.warning(
+                "%s: %d subscription(s) made while the bus was connecting, after it decided "
+                "not to join its group (none then): they receive nothing; subscribe before "
+                "start(), or make the bus with consume=True", self.options.title, len(targets),
+            )
         self.broker.set_target(asyncio.get_running_loop(), self._on_messages)
         logger.info("%s transport connected: %r (consuming: %s)", self.options.title,
                     self.options, consume)
+
+    def subscribed(self, target: Any) -> None:
+        """While the bus runs: routes the subscription's events to the group (RabbitMQ binds
+        its queue; the bus's own later publishes are routed by it at once, ``ready()`` waits
+        for the broker's answer). A bus that did not join its group refuses it (its handler
+        would never run), unless it was made with ``consume=False``."""
+        if self.broker is None:
+            return  # not started (or still connecting: start() binds it)
+        if not self.consuming:
+            if self.options.consume is None:
+                raise NotConsuming(
+                    f"this bus started without subscriptions, so it did not join its "
+                    f"{self.options.title} group {getattr(self.options, 'group', '')!r} "
+                    f"(consume=None joins only when there are subscriptions at start()): a "
+                    f"handler subscribed now would never receive the broker's events. "
+                    f"Subscribe before start(), or make the bus with consume=True"
+                )
+            if not self._warned_no_consume:
+                self._warned_no_consume = True
+                logger.warning(
+                    "%s bus made with consume=False: subscriptions get no events from the "
+                    "broker (subscription to %r)", self.options.title, target,
+                )
+            return
+        self._bind([target])
+
+    def _bind(self, targets: list[Any]) -> None:
+        assert self.broker is not None
+        fut = self.broker.bind(binding_keys(targets))
+        if fut is not None:
+            self._binding.add(fut)
+            fut.add_done_callback(self._bound)
+
+    def _bound(self, fut: asyncio.Future[Any]) -> None:
+        self._binding.discard(fut)
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is not None:
+            self._bind_error = e
+            logger.error(
+                "%s: binding a subscription's pattern failed (bound again on the next "
+                "connection): %s", self.options.title, e,
+            )
+
+    async def ready(self) -> None:
+        while self._binding:
+            await asyncio.gather(*self._binding, return_exceptions=True)
+        e, self._bind_error = self._bind_error, None
+        if e is not None:
+            raise e
 
     def _flush(self) -> Awaitable[None] | None:
         """Waits until the dead letters this bus wrote reached the broker (None: not
@@ -293,6 +365,8 @@ class BrokerBackend(_Waiting):
         if self.broker is not None:
             broker, self.broker = self.broker, None
             await broker.stop()
+            for fut in list(self._binding):  # the transport answers no more
+                fut.cancel()
 
     def _connected(self) -> TransportCore:
         self.core.ensure_running()

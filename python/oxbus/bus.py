@@ -370,6 +370,11 @@ class EventBus:
             event_type, handler, priority, sub_name, threaded, policy, policy.retry_on, t,
             breaker, on_dead_letter == "park",
         )
+        try:
+            self._backend.subscribed(event_type)  # a broker routes its events to the group
+        except BaseException:
+            self._core.unsubscribe(sid)
+            raise
         self._subscriptions[sid] = Subscription(
             subscription_id=f"sub-{sid}", event_type=event_type, handler=handler,
             priority=priority, is_async=not threaded, retry_count=policy.max_attempts - 1,
@@ -402,6 +407,17 @@ class EventBus:
             return handler
 
         return register
+
+    async def ready(self) -> None:
+        """Waits until every subscription made so far receives events published by other
+        processes. Only a subscription made while the bus runs on RabbitMQ waits: its pattern
+        is being bound to the group's queue (what this bus publishes after ``subscribe()``
+        returns is routed by it already). Returns at once on the other transports.
+
+        Raises ``TransportError`` when RabbitMQ did not bind within ``publish_timeout`` (the
+        binding is made again on the next connection).
+        """
+        await self._backend.ready()
 
     def unsubscribe(self, subscription: str | Target, handler: Handler | None = None) -> bool:
         """``unsubscribe(subscription_id)`` or ``unsubscribe(event_type, handler)``.
@@ -644,7 +660,7 @@ class EventBus:
         """Publishes an ``oxbus.Heartbeat`` of ``source`` now and every ``interval`` seconds
         (on the bus's clock) until the bus stops or ``handle.cancel()``; health lists the last
         heartbeat seen per source (see ``oxbus.heartbeat``)."""
-        return await _heartbeat.watch(self).broadcast(source, interval)
+        return await _heartbeat.watch(self, listen=False).broadcast(source, interval)
 
     def __repr__(self) -> str:
         s = self._core.statistics()

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidEvent",
     "InvalidSaga",
     "InvalidSubscription",
+    "NotConsuming",
     "OxbusError",
     "QueueFull",
     "ReentrantCall",
@@ -50,6 +51,12 @@ class QueueFull(OxbusError, asyncio.QueueFull):
 
 class ConfigurationError(OxbusError, ValueError):
     """A constructor or policy setting is out of range; the message names it and its value."""
+
+
+class NotConsuming(ConfigurationError):
+    """``subscribe()`` on a broker bus that runs without reading its consumer group (it
+    started with no subscription and ``consume=None``): the handler would never receive an
+    event. Subscribe before ``start()``, or make the bus with ``consume=True``."""
 
 
 class InvalidSaga(ConfigurationError):

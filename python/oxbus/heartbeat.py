@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Optional, Protocol
 
-from oxbus.errors import BusClosed, ConfigurationError
+from oxbus.errors import BusClosed, ConfigurationError, NotConsuming
 from oxbus.events import DomainEvent
 
 __all__ = ["STALE_AFTER", "Heartbeat", "HeartbeatHandle", "HeartbeatMonitor", "watch"]
@@ -125,17 +125,29 @@ class HeartbeatMonitor:
     the bus's first ``broadcast_heartbeat``); subscribes to
     [`Heartbeat`][oxbus.heartbeat.Heartbeat] on that bus."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, listen: bool = True) -> None:
         self._bus = bus
         self._seen: dict[str, _Seen] = {}
         self._broadcasts: dict[str, HeartbeatHandle] = {}
         clock = bus.clock
         self._now: Callable[[], float] = clock.time if clock is not None else time.monotonic
         self._sleep: Callable[[float], Any] = clock.sleep if clock is not None else asyncio.sleep
-        # Smallest priority number: runs before the user's heartbeat handlers.
-        self.subscription = bus.subscribe(
-            Heartbeat, self._on_heartbeat, priority=-1_000_000, name=_SUBSCRIPTION
-        )
+        self.subscription: str | None = None
+        try:
+            self.listen()
+        except NotConsuming:
+            # A broker bus running without its group receives nothing: it may still
+            # broadcast (listen=False); watch() on it raises.
+            if listen:
+                raise
+
+    def listen(self) -> None:
+        """Subscribes the heartbeat table to ``Heartbeat`` on the bus (once)."""
+        if self.subscription is None:
+            # Smallest priority number: runs before the user's heartbeat handlers.
+            self.subscription = self._bus.subscribe(
+                Heartbeat, self._on_heartbeat, priority=-1_000_000, name=_SUBSCRIPTION
+            )
 
     async def _on_heartbeat(self, beat: Heartbeat) -> None:
         # async (not def): it must run on the loop even with sync_handlers="thread".
@@ -228,12 +240,16 @@ class HeartbeatMonitor:
         return list(self._broadcasts.values())
 
 
-def watch(bus: Bus) -> HeartbeatMonitor:
+def watch(bus: Bus, listen: bool = True) -> HeartbeatMonitor:
     """The bus's heartbeat monitor, made (and subscribed) on first use: call it on a bus that
-    only listens to other processes' heartbeats, so its health lists them."""
+    only listens to other processes' heartbeats, so its health lists them. ``listen=False``
+    (a bus that broadcasts): a broker bus that runs without having joined its group (it
+    receives nothing) is not subscribed, rather than refused."""
     monitor: HeartbeatMonitor | None = getattr(bus, "_heartbeats", None)
     if monitor is None:
-        monitor = HeartbeatMonitor(bus)
+        monitor = HeartbeatMonitor(bus, listen)
         bus._heartbeats = monitor
+    elif listen:
+        monitor.listen()
     return monitor
 

@@ -354,7 +354,9 @@ class RabbitMQ(Broker):
     (``basic.qos``, at most 65535). ``max_deliveries``: a message delivered that many times
     goes to ``<queue>.dead``. ``connect_timeout`` / ``publish_timeout``: seconds before
     ``TransportError``. ``consume``: whether the bus reads its group's queue (``None``: when it
-    has subscriptions at ``start()``):
+    has subscriptions at ``start()``; ``True``: also with none yet). A subscription made while
+    the bus runs binds its pattern too (``await bus.ready()`` waits for RabbitMQ's answer);
+    bindings are never removed (the group's members share the queue):
 
     ```python
     EventBus(transport=oxbus.RabbitMQ("amqp://guest:guest@127.0.0.1:5672/%2f",

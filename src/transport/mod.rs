@@ -255,6 +255,20 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Whether `stop` has run.
     fn is_stopped(&self) -> bool;
+
+    /// A subscription was added while the transport runs: routes what `patterns` match to
+    /// this group from now on. `Ok(true)`: the outcome reaches [`Sink::confirmed`] under
+    /// `token` (with no receipts), and whatever is published after this call is routed by
+    /// it; `Ok(false)`: nothing to wait for (the group already gets those events; the
+    /// default: a group that reads the whole log).
+    ///
+    /// # Errors
+    /// A pattern the broker cannot take, naming it; a transport that reads no group; after
+    /// `stop`.
+    fn bind(&self, token: u64, patterns: Vec<String>) -> Result<bool, TransportError> {
+        let _ = (token, patterns);
+        Ok(false)
+    }
 }
 
 #[cfg(test)]

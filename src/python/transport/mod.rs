@@ -364,6 +364,25 @@ impl PyTransportCore {
         self.submit(py, vec![outgoing(event, key, correlation_id)?])
     }
 
+    /// Routes what `patterns` match to this member's group from now on (a subscription made
+    /// while the bus runs) -> a future resolved once the broker applied it (whatever this
+    /// transport publishes later is routed by it already), or None when there is nothing to
+    /// wait for (the group gets those events already).
+    fn bind(&self, py: Python<'_>, patterns: Vec<String>) -> PyResult<Option<Py<PyAny>>> {
+        let (token, fut, _) = self.completions.register(py)?;
+        match self.transport.bind(token, patterns) {
+            Ok(true) => Ok(Some(fut)),
+            Ok(false) => {
+                self.completions.forget(token);
+                Ok(None)
+            }
+            Err(e) => {
+                self.completions.forget(token);
+                Err(to_py(&e))
+            }
+        }
+    }
+
     /// Dispatches the received messages to `bus`: `make_event(dict)` rebuilds each event from
     /// its decoded payload. Returns how many were received, and why those the bus could not
     /// take (undecodable, a key it refuses) went to the dead-letter place. Messages that

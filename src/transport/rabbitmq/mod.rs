@@ -40,8 +40,8 @@ pub use consume::Ledger;
 use consume::{consumer, health_reader, Dead, Settle};
 pub use publish::HASH_HEADER;
 use publish::{publisher, Batch};
+use topology::{add_bindings, bind, declare, declare_exchange};
 pub use topology::{binding_keys, inspect};
-use topology::{declare, declare_exchange};
 
 const KIND: &str = "rabbitmq";
 
@@ -58,7 +58,8 @@ pub struct Config {
     pub queue: String,
     /// Queues of the group, fed by a consistent-hash exchange when more than 1.
     pub partitions: usize,
-    /// Binding keys of the group's queue (see [`binding_keys`]).
+    /// Binding keys of the group's queue at start (see [`binding_keys`]; more may be added
+    /// while it runs: [`Transport::bind`]).
     pub bindings: Vec<String>,
     /// Messages delivered and not yet acknowledged, at most (`basic.qos`).
     pub prefetch: u16,
@@ -122,6 +123,9 @@ struct Shared {
     generation: AtomicU64,
     acks_queued: AtomicUsize,
     health: Mutex<Health>,
+    /// The group's binding keys: those of the start and those added since (declared anew
+    /// on every connection).
+    bindings: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -212,11 +216,6 @@ impl RabbitMq {
                 "group, exchange and queue must not be empty".into(),
             ));
         }
-        if cfg.consume && !bridge && cfg.bindings.is_empty() {
-            return Err(TransportError::Invalid(
-                "a consuming RabbitMQ transport needs at least one binding key".into(),
-            ));
-        }
         let safe_url = redact(&cfg.url);
         cfg.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
             TransportError::Invalid(format!("invalid RabbitMQ URL {safe_url}: {e}"))
@@ -235,6 +234,7 @@ impl RabbitMq {
         }
         super::redis_streams::ensure_tls();
         let shared = Arc::new(Shared {
+            bindings: Mutex::new(cfg.bindings.clone()),
             cfg,
             safe_url,
             stop: AtomicBool::new(false),
@@ -429,6 +429,23 @@ impl Transport for RabbitMq {
 
     fn is_stopped(&self) -> bool {
         self.shared.stopping()
+    }
+
+    /// The keys not bound yet are remembered (every later connection declares them) and
+    /// queued to the publisher: bound before anything this transport publishes afterwards.
+    fn bind(&self, token: u64, patterns: Vec<String>) -> Result<bool, TransportError> {
+        if !self.shared.cfg.consume || self.shared.cfg.existing.is_some() {
+            return Err(TransportError::Invalid(format!(
+                "this RabbitMQ transport does not read the group {:?}: nothing to bind",
+                self.shared.cfg.group
+            )));
+        }
+        let added = add_bindings(&mut self.shared.bindings.lock(), patterns)?;
+        if added.is_empty() {
+            return Ok(false);
+        }
+        self.queue(token, Batch::Bind(added))?;
+        Ok(true)
     }
 }
 

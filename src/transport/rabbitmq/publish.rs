@@ -11,7 +11,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{backoff, declare_exchange, open, short, Shared};
+use super::{backoff, bind, declare_exchange, open, short, Shared};
 use crate::transport::{Outgoing, Sink, TransportError};
 
 /// The header the consistent-hash exchange hashes: the event's key, else its id.
@@ -84,13 +84,15 @@ pub(crate) enum Batch {
         routing_key: String,
         body: String,
     },
+    /// Binding keys to add to the group's queue(s), before any later batch is published.
+    Bind(Vec<String>),
 }
 
 impl Batch {
     fn len(&self) -> usize {
         match self {
             Self::Events(e) => e.len(),
-            Self::Raw { .. } => 1,
+            Self::Raw { .. } | Self::Bind(_) => 1,
         }
     }
 
@@ -130,33 +132,51 @@ impl Batch {
                 );
                 Ok((vec![msg], Vec::new()))
             }
+            Self::Bind(_) => Ok((Vec::new(), Vec::new())),
         }
     }
 }
 
 type Msg = (ShortString, ShortString, BasicProperties, Vec<u8>);
 
-/// Publishes every batch queued, then waits for their confirms (one wait for all).
+/// Publishes every batch queued, then waits for their confirms (one wait for all). A bind
+/// is done alone, in queue order: whatever this bus publishes after it is routed by it.
 pub(super) async fn publisher(
     shared: Arc<Shared>,
     mut conn: Option<(Connection, Channel)>,
     mut rx: mpsc::UnboundedReceiver<(u64, Batch)>,
     sink: Arc<dyn Sink>,
 ) {
+    let mut held = None;
     loop {
         let woken = shared.wake.notified();
         if shared.stopping() {
             break;
         }
-        let first = tokio::select! {
-            m = rx.recv() => m,
-            () = woken => continue,
+        let first = if let Some(x) = held.take() {
+            x
+        } else {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(x) => x,
+                    None => break,
+                },
+                () = woken => continue,
+            }
         };
-        let Some(first) = first else { break };
+        if let (token, Batch::Bind(keys)) = &first {
+            let outcome = round(&shared, &mut conn, Work::Bind(keys)).await;
+            sink.confirmed(vec![(*token, outcome.map(|()| Vec::new()))]);
+            continue;
+        }
         let mut n = first.1.len();
         let mut batch = vec![first];
         while n < 4096 {
             match rx.try_recv() {
+                Ok(x) if matches!(x.1, Batch::Bind(_)) => {
+                    held = Some(x);
+                    break;
+                }
                 Ok(x) => {
                     n += x.1.len();
                     batch.push(x);
@@ -175,7 +195,7 @@ pub(super) async fn publisher(
             }
         }
         if !ready.is_empty() {
-            let outcome = publish_round(&shared, &mut conn, &ready).await;
+            let outcome = round(&shared, &mut conn, Work::Publish(&ready)).await;
             if outcome.is_ok() {
                 let count = ready.iter().map(|(_, m, _)| m.len() as u64).sum::<u64>();
                 shared.health.lock().published += count;
@@ -193,14 +213,27 @@ pub(super) async fn publisher(
 
 type Ready = (u64, Vec<Msg>, Vec<String>);
 
-/// One round of publishes and their confirms, retried on a new connection until
-/// `publish_timeout` (at least once: a retried round may publish some events twice).
-async fn publish_round(
+/// What one round does on the publisher's channel.
+#[derive(Clone, Copy)]
+enum Work<'a> {
+    /// Publishes, then awaits their confirms.
+    Publish(&'a [Ready]),
+    /// Binds the group's queue(s) with these keys.
+    Bind(&'a [String]),
+}
+
+/// One round of publishes and their confirms (or of bindings), retried on a new connection
+/// until `publish_timeout` (at least once: a retried round may publish some events twice).
+async fn round(
     shared: &Shared,
     conn: &mut Option<(Connection, Channel)>,
-    ready: &[Ready],
+    work: Work<'_>,
 ) -> Result<(), TransportError> {
     let deadline = Instant::now() + shared.cfg.publish_timeout;
+    let awaited = match work {
+        Work::Publish(_) => "publisher confirm",
+        Work::Bind(_) => "bind-ok",
+    };
     let mut attempt = 0;
     loop {
         let round =
@@ -219,6 +252,15 @@ async fn publish_round(
                     *conn = Some((c, ch));
                 }
                 let (_, ch) = conn.as_ref().expect("connected above");
+                let ready = match work {
+                    Work::Publish(ready) => ready,
+                    Work::Bind(keys) => {
+                        for key in keys {
+                            bind(shared, ch, key).await.map_err(|e| shared.error(e))?;
+                        }
+                        return Ok(());
+                    }
+                };
                 // All at once: lapin resolves each publish once the I/O loop wrote it, so awaiting
                 // them one by one costs a loop round trip per message.
                 // join_all polls them in order the first time: the frames go out in order.
@@ -253,7 +295,7 @@ async fn publish_round(
             .await
             .unwrap_or_else(|_| {
                 Err(shared.error(format!(
-                    "no publisher confirm within publish_timeout ({:.1}s)",
+                    "no {awaited} within publish_timeout ({:.1}s)",
                     shared.cfg.publish_timeout.as_secs_f64()
                 )))
             });

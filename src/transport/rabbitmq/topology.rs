@@ -36,6 +36,27 @@ pub fn binding_keys<I: IntoIterator<Item = String>>(
     Ok(keys.into_iter().collect())
 }
 
+/// Adds the keys of `patterns` to `bound` (a group's binding keys) -> those not bound yet
+/// (none once `#` is: it takes everything). Bindings are never removed: other members of
+/// the group share the queue and may need them.
+///
+/// # Errors
+/// A pattern that cannot be a binding key (see [`binding_keys`]); `bound` is unchanged.
+pub fn add_bindings(
+    bound: &mut Vec<String>,
+    patterns: Vec<String>,
+) -> Result<Vec<String>, TransportError> {
+    let keys = binding_keys(patterns)?;
+    if bound.iter().any(|k| k == "#") {
+        return Ok(Vec::new());
+    }
+    let added: Vec<String> = keys.into_iter().filter(|k| !bound.contains(k)).collect();
+    if !added.is_empty() {
+        *bound = binding_keys(bound.iter().chain(&added).cloned())?;
+    }
+    Ok(added)
+}
+
 pub(super) async fn declare_exchange(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
     ch.exchange_declare(
         shared.cfg.exchange.as_str().into(),
@@ -180,16 +201,6 @@ async fn declare_group(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
             hargs,
         )
         .await?;
-        for key in &cfg.bindings {
-            ch.exchange_bind(
-                hash.as_str().into(),
-                cfg.exchange.as_str().into(),
-                key.as_str().into(),
-                ExchangeBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         Some(hash)
     } else {
@@ -198,32 +209,48 @@ async fn declare_group(shared: &Shared, ch: &Channel) -> lapin::Result<()> {
     for q in cfg.queues() {
         ch.queue_declare(q.as_str().into(), durable, args.clone())
             .await?;
-        match &source {
-            Some(hash) => {
-                ch.queue_bind(
-                    q.as_str().into(),
-                    hash.as_str().into(),
-                    "1".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            }
-            None => {
-                for key in &cfg.bindings {
-                    ch.queue_bind(
-                        q.as_str().into(),
-                        cfg.exchange.as_str().into(),
-                        key.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                }
-            }
+        if let Some(hash) = &source {
+            ch.queue_bind(
+                q.as_str().into(),
+                hash.as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         }
     }
+    // Bound once the queues exist; the keys added since start (see `RabbitMq::bind`) too.
+    let keys = shared.bindings.lock().clone();
+    for key in &keys {
+        bind(shared, ch, key).await?;
+    }
     Ok(())
+}
+
+/// Routes `key` to the group: its queue bound with it, or with partitions the exchange that
+/// feeds the consistent-hash exchange (which spreads to every partition queue).
+pub(super) async fn bind(shared: &Shared, ch: &Channel, key: &str) -> lapin::Result<()> {
+    let cfg = &shared.cfg;
+    if cfg.partitions > 1 {
+        ch.exchange_bind(
+            format!("{}.hash", cfg.queue).as_str().into(),
+            cfg.exchange.as_str().into(),
+            key.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    } else {
+        ch.queue_bind(
+            cfg.queue.as_str().into(),
+            cfg.exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -246,5 +273,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("255"));
+    }
+
+    #[test]
+    fn added_bindings_are_the_new_keys_only_and_hash_ends_them() {
+        let v = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mut bound = v(&["a.*"]);
+        assert_eq!(
+            add_bindings(&mut bound, v(&["a.*", "b"])).unwrap(),
+            v(&["b"])
+        );
+        assert_eq!(bound, v(&["a.*", "b"]));
+        assert!(add_bindings(&mut bound, v(&["b"])).unwrap().is_empty());
+        assert!(add_bindings(&mut bound, v(&[""])).is_err());
+        assert_eq!(bound, v(&["a.*", "b"]));
+        assert_eq!(add_bindings(&mut bound, v(&["c", "#"])).unwrap(), v(&["#"]));
+        assert_eq!(bound, v(&["#"]));
+        assert!(add_bindings(&mut bound, v(&["d"])).unwrap().is_empty());
+        let mut none = Vec::new();
+        assert_eq!(add_bindings(&mut none, v(&["x"])).unwrap(), v(&["x"]));
     }
 }

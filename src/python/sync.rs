@@ -151,3 +151,45 @@ pub fn require_gil(py: Python<'_>) -> PyResult<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_holder_that_releases_the_gil_keeps_the_others_out_until_it_is_done() {
+        Python::initialize();
+        let m = Arc::new(GilMutex::new(Vec::<u32>::new()));
+        let theirs = Arc::clone(&m);
+        let (held, wait) = mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            Python::attach(|py| {
+                let mut g = theirs.lock(py);
+                g.push(1);
+                held.send(()).unwrap();
+                // Holding the lock with the GIL released: the main thread gets the GIL and
+                // must wait for the lock without it, or this thread could never finish.
+                py.detach(|| std::thread::sleep(Duration::from_millis(50)));
+                g.push(2);
+            });
+        });
+        wait.recv().unwrap();
+        Python::attach(|py| m.lock(py).push(3));
+        holder.join().unwrap();
+        Python::attach(|py| assert_eq!(*m.lock(py), vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn a_gil_cell_hands_back_what_it_held() {
+        Python::initialize();
+        let c = GilCell::new(Some(1));
+        Python::attach(|py| {
+            assert_eq!(c.get(py), Some(1));
+            assert_eq!(c.replace(py, None), Some(1));
+            assert_eq!(c.get(py), None);
+        });
+    }
+}

@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
-from oxbus.cli._output import UNREACHABLE, emit, emit_line, fail, json_mode, table
+from oxbus.cli._output import (
+    DEAD_LETTER_KEYS, UNREACHABLE, emit, emit_line, fail, json_mode, show_dead_letter, table,
+)
 from oxbus.dead_letters import broker_fields
 from oxbus.errors import TransportError
 
@@ -138,30 +140,7 @@ def show(src: Source, did: str) -> None:
     found = [r for r in _rows(src) if r["id"] == did]
     if not found:
         fail(f"no dead letter with id {did} in {src.shown}")
-    r = found[0]
-    if json_mode():
-        emit(r)
-        return
-    for k in (
-        "id",
-        "subscription",
-        "attempts",
-        "first_failed_at",
-        "last_failed_at",
-        "error_type",
-        "error_message",
-        "queue",
-        "event_type",
-        "event_id",
-        "key",
-    ):
-        click.echo(f"{k + ':':<17}{r[k]}")
-    click.echo(f"{'data:':<17}{json.dumps(r['data'], ensure_ascii=False)}")
-    click.echo(f"{'metadata:':<17}{json.dumps(r['metadata'], ensure_ascii=False)}")
-    click.echo("traceback:")
-    click.echo(
-        "  " + r["traceback"].rstrip().replace("\n", "\n  ") if r["traceback"] else "  (none)"
-    )
+    show_dead_letter(found[0], DEAD_LETTER_KEYS + ("queue", "event_type", "event_id", "key"))
 
 
 def retry(src: Source, ids: list[str] | None) -> None:

@@ -160,6 +160,27 @@ def table(rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def show_dead_letter(r: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """One dead letter, as ``oxbus dlq show`` prints it: ``keys`` a line each, the event's data
+    and metadata as JSON, then the traceback (``--json``: the whole record as one object)."""
+    if json_mode():
+        emit(r)
+        return
+    for k in keys:
+        click.echo(f"{k + ':':<17}{r[k]}")
+    click.echo(f"{'data:':<17}{json.dumps(r['data'], ensure_ascii=False)}")
+    click.echo(f"{'metadata:':<17}{json.dumps(r['metadata'], ensure_ascii=False)}")
+    click.echo("traceback:")
+    click.echo(indent(r["traceback"].rstrip()) if r["traceback"] else "  (none)")
+
+
+#: what ``oxbus dlq show`` prints of every dead letter, wherever it is kept
+DEAD_LETTER_KEYS = (
+    "id", "subscription", "attempts", "first_failed_at", "last_failed_at", "error_type",
+    "error_message",
+)
+
+
 def indent(text: str) -> str:
     """Every line indented by two spaces."""
     return "  " + text.replace("\n", "\n  ")

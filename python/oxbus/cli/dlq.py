@@ -4,14 +4,16 @@ group on the broker (see :mod:`oxbus.cli._dlq_broker`)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
 from oxbus.cli import _dlq_broker
 from oxbus.cli._db import connect, db_argument, json_or_raw, query
-from oxbus.cli._output import UNREACHABLE, emit, emit_line, fail, json_mode, json_option, table
+from oxbus.cli._output import (
+    DEAD_LETTER_KEYS, UNREACHABLE, emit, emit_line, fail, json_mode, json_option, show_dead_letter,
+    table,
+)
 from oxbus.errors import StorageError
 from oxbus.flow import LogReader
 
@@ -163,30 +165,7 @@ def dlq_show(db: str, dead_letter_id: str, **where: Any) -> None:
         rows = _dlq_rows(log, [did])
     if not rows:
         fail(f"no dead letter with id {did} in {db}")
-    r = rows[0]
-    if json_mode():
-        emit(r)
-        return
-    for k in (
-        "id",
-        "subscription",
-        "attempts",
-        "first_failed_at",
-        "last_failed_at",
-        "error_type",
-        "error_message",
-        "position",
-        "stream_id",
-        "event_type",
-        "event_id",
-    ):
-        click.echo(f"{k + ':':<17}{r[k]}")
-    click.echo(f"{'data:':<17}{json.dumps(r['data'], ensure_ascii=False)}")
-    click.echo(f"{'metadata:':<17}{json.dumps(r['metadata'], ensure_ascii=False)}")
-    click.echo("traceback:")
-    click.echo(
-        "  " + r["traceback"].rstrip().replace("\n", "\n  ") if r["traceback"] else "  (none)"
-    )
+    show_dead_letter(rows[0], DEAD_LETTER_KEYS + ("position", "stream_id", "event_type", "event_id"))
 
 
 @dlq.command("retry", short_help="Re-queue dead letters for the next start.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -511,3 +512,23 @@ async def test_a_handler_failing_on_a_retry_then_succeeding_leaves_no_failed_eve
     stats = bus.get_statistics()
     assert stats["events_failed"] == 2
     assert stats["failed_events_count"] == 0
+
+
+def test_a_broker_dead_letter_that_cannot_be_rebuilt_is_listed_as_it_is() -> None:
+    """What another system (or the broker) dead-lettered may not fit: it is still listed."""
+    from oxbus.dead_letters import _from_broker
+    from oxbus.errors import SerializationError
+
+    def refuse(body: object) -> object:
+        raise SerializationError("cannot rebuild X.amount from 'abc'")
+
+    body = {"event_type": "X", "data": {"amount": "abc"}}
+    entry = _from_broker(
+        ("dl-1", "orders", json.dumps(body), {"attempts": "many", "error_type": "rabbitmq.rejected"}),
+        refuse,
+    )
+    assert (entry.id, entry.event, entry.attempts, entry.error_type) == (
+        "dl-1", body, 0, "rabbitmq.rejected"
+    )
+    entry = _from_broker(("dl-2", "orders", "not json", {}), refuse)
+    assert (entry.event, entry.error_type) == ("not json", "oxbus.Refused")

@@ -83,6 +83,14 @@ def _time(text: str | None) -> datetime | None:
         return None
 
 
+def _count(text: str | None) -> int:
+    """A count written by whoever dead-lettered the message; 0 when it is not one."""
+    try:
+        return int(text) if text else 0
+    except ValueError:
+        return 0
+
+
 def broker_fields(headers: dict[str, str]) -> dict[str, Any]:
     """What a dead letter's fields on the broker (AMQP headers, stream entry fields) say:
     ``subscription`` (``""`` when no handler gave up on it), ``error_type`` (the handler's
@@ -96,9 +104,9 @@ def broker_fields(headers: dict[str, str]) -> dict[str, Any]:
         "error_type": headers.get("error_type", "oxbus.Refused"),
         "error_message": headers.get("error_message") or headers.get("error", ""),
         "traceback": headers.get("traceback", ""),
-        "attempts": int(
+        "attempts": _count(
             headers.get("attempts") or headers.get("deliveries")
-            or headers.get("x-delivery-count") or 0
+            or headers.get("x-delivery-count")
         ),
         "first_failed_at": _time(headers.get("first_failed_at")) or last,
         "last_failed_at": last,
@@ -112,9 +120,14 @@ def _from_broker(
     did, _source, payload, headers = row
     try:
         body = json.loads(payload)
-        event = make_event(body) if isinstance(body, dict) else body
     except ValueError:
-        body, event = None, payload
+        body = None
+    # A message that cannot be rebuilt (not JSON, a class that refuses its data: often why
+    # it is here) is listed as it is: its text, or its decoded body.
+    try:
+        event = make_event(body) if isinstance(body, dict) else (payload if body is None else body)
+    except Exception:
+        event = body
     f = broker_fields(headers)
     event_id = body.get("event_id") if isinstance(body, dict) else None
     return DeadLetter(

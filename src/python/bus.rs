@@ -155,8 +155,11 @@ impl PyBusCore {
         let mro = events::mro_ids(&ty)?;
         let key_read = events::key_read(&ty)?;
         let mut inner = self.inner.lock(py);
+        // Stale routes are dropped once the lock is released: the last reference to an
+        // unsubscribed handler may go with them, and its finalizer is Python code.
+        let mut stale = FxHashMap::default();
         if inner.routes_gen != inner.engine.router.generation() {
-            inner.routes.clear();
+            std::mem::swap(&mut inner.routes, &mut stale);
             inner.routes_gen = inner.engine.router.generation();
         }
         let subs = inner.engine.router.resolve(&key_name, &mro);
@@ -184,6 +187,8 @@ impl PyBusCore {
             key_read,
         });
         inner.routes.insert(cache_key, Arc::clone(&route));
+        drop(inner);
+        drop(stale);
         Ok(route)
     }
 
@@ -729,13 +734,16 @@ impl PyBusCore {
     /// Sets the clock: `sleep(seconds) -> awaitable` and `time() -> float`.
     fn set_clock(&self, py: Python<'_>, sleep: Py<PyAny>, now: Py<PyAny>) {
         let mut inner = self.inner.lock(py);
-        inner.sleep = Some(sleep);
-        inner.now = Some(now);
+        // What they replace is dropped after the lock (a finalizer is Python code).
+        let old = (inner.sleep.replace(sleep), inner.now.replace(now));
+        drop(inner);
+        drop(old);
     }
 
     /// Sets the wrapper that puts a timeout on a handler's awaitable.
     fn set_timeout_wrapper(&self, py: Python<'_>, wrap: Py<PyAny>) {
-        self.inner.lock(py).wrap_timeout = Some(wrap);
+        let old = self.inner.lock(py).wrap_timeout.replace(wrap);
+        drop(old); // after the lock: a finalizer is Python code
     }
 
     /// Parks a key behind a dead letter of a subscription (restoring a durable bus's state).
@@ -818,7 +826,8 @@ impl PyBusCore {
     /// Installs the hook called after handler calls: on failures, and on every call when
     /// `on_success` (the `event_storage` protocol needs one call per handler call).
     fn set_after_call(&self, py: Python<'_>, hook: Option<Py<PyAny>>, on_success: bool) {
-        self.inner.lock(py).after_call = hook;
+        let old = std::mem::replace(&mut self.inner.lock(py).after_call, hook);
+        drop(old); // after the lock: a finalizer is Python code
         self.hook_on_success.store(on_success, Relaxed);
     }
 
@@ -1042,8 +1051,14 @@ impl PyBusCore {
     /// Forgets a `wait_for` (after it resolved or timed out).
     fn remove_waiter(&self, py: Python<'_>, id: u64) {
         let mut inner = self.inner.lock(py);
-        inner.waiters.retain(|w| w.id != id);
+        // Its predicate and future are dropped after the lock (a finalizer is Python code).
+        let (gone, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut inner.waiters)
+            .into_iter()
+            .partition(|w| w.id == id);
+        inner.waiters = kept;
         self.waiter_count.store(inner.waiters.len(), Relaxed);
+        drop(inner);
+        drop(gone);
     }
 
     /// Counts a dead letter added by the Python layer (for health).

@@ -5,7 +5,9 @@
 //! - A publish commits at once (no future, no thread round trip) only when no earlier bus-log
 //!   request is still unsettled (`waiting`: sent the writer's way, or batched, and its
 //!   publisher has not dispatched its event yet): an event never overtakes one published
-//!   before it, in the log or in dispatch.
+//!   before it, in the log or in dispatch. (Events a saga step publishes are written with
+//!   the step's state through the writer thread, unpaced: a publish made while such a write
+//!   is on its way may be logged before them.)
 //! - At most `PER_TURN` such commits per loop turn, and only while publishers seem alone (the
 //!   last batch had at most one request): a publisher that commits at once never yields, so
 //!   after `PER_TURN` it waits like the others and lets them publish; when several publish in

@@ -634,12 +634,21 @@ impl PyStoreCore {
     ) -> PyResult<Py<PyAny>> {
         let items = vec![(log_stream(event, key)?, record_of(event, correlation_id)?)];
         if self.pacing.may_commit_now() {
+            // Before anything is written: once committed, the event is the caller's to
+            // dispatch, so nothing after the commit may fail the call.
+            let loop_ = Completions::running_loop(py)?;
             let writer = &self.writer;
             match py.detach(|| writer.log_now(&items)) {
                 Some(Ok(Logged::Positions(p))) => {
                     if self.pacing.committed_now() {
-                        Completions::running_loop(py)?
-                            .call_method1(intern!(py, "call_soon"), (self.turn_end.bind(py),))?;
+                        let end = self.turn_end.bind(py);
+                        if let Err(e) = loop_.call_method1(intern!(py, "call_soon"), (end,)) {
+                            // No end of turn to count on: this turn's count starts over now.
+                            self.pacing
+                                .this_turn
+                                .store(0, std::sync::atomic::Ordering::Relaxed);
+                            e.write_unraisable(py, None);
+                        }
                     }
                     return Ok(p[0].into_pyobject(py)?.into_any().unbind());
                 }

@@ -39,8 +39,10 @@ fn commit_group(
             return Some(Err(e));
         }
     };
-    let types = known.new_types.clone();
     let marked = marks.take(&mut known.new_types);
+    // With the (subscription, type) pairs the skipped events among the marks add: a failure
+    // puts them back with the marks, for the writer's next transaction.
+    let types = known.new_types.clone();
     let undo = |known: &mut Known, marked| {
         known.clear(); // it may hold versions and ranges the rollback undoes
         known.new_types = types;

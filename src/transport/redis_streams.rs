@@ -516,44 +516,61 @@ async fn acker(
             next = rx.try_recv().ok();
         }
         let mut attempt = 0;
+        // Dead letters are written first, in a pipeline of their own: only once Redis took
+        // every one of them are their entries acknowledged (Redis runs the commands of one
+        // pipeline each on its own, so an XACK beside a refused XADD would still run). A
+        // failure writes them again: at least once, never lost.
+        let mut written = dead.is_empty();
+        let mut refused = None;
         loop {
-            let mut pipe = redis::pipe();
-            // Dead letters are written before their entries are acknowledged (one pipeline,
-            // in order): a failure in between redelivers the entry, it is never lost.
-            for (s, id, (payload, failures)) in &dead {
-                for failure in failures {
-                    let xadd = pipe
-                        .cmd("XADD")
-                        .arg(&cfg.dead_stream)
-                        .arg("*")
-                        .arg("d")
-                        .arg(payload)
-                        .arg("stream")
-                        .arg(&cfg.streams[*s])
-                        .arg("id")
-                        .arg(id)
-                        .arg("group")
-                        .arg(&cfg.group)
-                        .arg("deliveries")
-                        .arg(1);
-                    for (name, value) in failure.fields() {
-                        xadd.arg(name).arg(value);
+            if !written {
+                let mut pipe = redis::pipe();
+                for (s, id, (payload, failures)) in &dead {
+                    for failure in failures {
+                        let xadd = pipe
+                            .cmd("XADD")
+                            .arg(&cfg.dead_stream)
+                            .arg("*")
+                            .arg("d")
+                            .arg(payload)
+                            .arg("stream")
+                            .arg(&cfg.streams[*s])
+                            .arg("id")
+                            .arg(id)
+                            .arg("group")
+                            .arg(&cfg.group)
+                            .arg("deliveries")
+                            .arg(1);
+                        for (name, value) in failure.fields() {
+                            xadd.arg(name).arg(value);
+                        }
                     }
-                    xadd.ignore();
                 }
+                let expected: usize = dead.iter().map(|(_, _, (_, f))| f.len()).sum();
+                refused = match pipe.query_async::<Vec<String>>(&mut conn).await {
+                    Ok(ids) if ids.len() == expected => None,
+                    Ok(_) => Some(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "Redis did not take every dead letter",
+                    ))),
+                    Err(e) => Some(e),
+                };
+                written = refused.is_none();
             }
-            for (s, ids) in by_stream
-                .iter()
-                .enumerate()
-                .filter(|(_, ids)| !ids.is_empty())
-            {
-                pipe.cmd("XACK")
-                    .arg(&cfg.streams[s])
-                    .arg(&cfg.group)
-                    .arg(ids)
-                    .ignore();
-            }
-            match pipe.query_async::<()>(&mut conn).await {
+            let acked = if let Some(e) = refused.take() {
+                Err(e)
+            } else {
+                let mut pipe = redis::pipe();
+                for (s, ids) in by_stream.iter().enumerate().filter(|(_, i)| !i.is_empty()) {
+                    pipe.cmd("XACK")
+                        .arg(&cfg.streams[s])
+                        .arg(&cfg.group)
+                        .arg(ids)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await
+            };
+            match acked {
                 Ok(()) => {
                     shared.note(true, None);
                     if !dead.is_empty() {

@@ -166,6 +166,12 @@ pub(super) async fn publisher(
         };
         if let (token, Batch::Bind(keys)) = &first {
             let outcome = round(&shared, &mut conn, Work::Bind(keys)).await;
+            if outcome.is_err() {
+                // Not bound (refused, or not confirmed in time): left out of what every
+                // reconnect declares, so one refused key cannot keep the consumer out, and a
+                // later subscription to it tries again. (Keys a `#` replaced stay replaced.)
+                shared.bindings.lock().retain(|k| !keys.contains(k));
+            }
             sink.confirmed(vec![(*token, outcome.map(|()| Vec::new()))]);
             continue;
         }

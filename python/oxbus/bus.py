@@ -18,7 +18,9 @@ import os
 from enum import Enum
 from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union, overload
 
-from oxbus._oxbus import BusCore, Publish, RetryPolicy, Worker, current_envelope, encode_json
+from oxbus._oxbus import (
+    BusCore, Publish, RetryPolicy, Worker, current_envelope, encode_json, publisher, publishing,
+)
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
@@ -158,7 +160,7 @@ class EventBus:
             # frame and coroutine object (a tenth of the cost of an event). Other backends:
             # their coroutine, without this one around it.
             if self._plain:
-                self.publish = self._core.publisher()  # type: ignore[method-assign]
+                self.publish = publisher(self._core)  # type: ignore[method-assign]
             elif max_event_bytes is None:
                 self.publish = self._backend.publish  # type: ignore[method-assign]
         if clock is not None:
@@ -470,7 +472,7 @@ class EventBus:
         ``BusClosed`` after ``stop()``.
         """
         if self._plain:  # in memory: the engine's awaitable (see __init__)
-            return await self._core.publishing(event, key, correlation_id)
+            return await publishing(self._core, event, key, correlation_id)
         if self._max_bytes is not None:
             self._check_size(event)
         return await self._backend.publish(event, key, correlation_id)

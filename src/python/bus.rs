@@ -23,7 +23,6 @@ use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
 use crate::python::futures::{fail, is_done, resolve, resolve_all};
-use crate::python::publish::PyPublish;
 use crate::python::retry::PyRetryPolicy;
 use crate::python::route::{Handler, Names, Route};
 use crate::python::store::PyStoreCore;
@@ -949,24 +948,6 @@ impl PyBusCore {
         position: Option<i64>,
     ) -> PyResult<Option<Py<PyAny>>> {
         self.publish_event(py, event, key, correlation_id, position)
-    }
-
-    /// `await bus.publish(event)` on an in-memory bus: an awaitable that publishes when first
-    /// stepped (see `oxbus._oxbus.Publish`).
-    #[pyo3(signature = (event, key=None, correlation_id=None))]
-    fn publishing(
-        slf: &Bound<'_, Self>,
-        event: Py<PyAny>,
-        key: Option<Py<PyAny>>,
-        correlation_id: Option<Py<PyAny>>,
-    ) -> PyPublish {
-        PyPublish::new(slf.clone().unbind(), event, key, correlation_id)
-    }
-
-    /// `publishing` as a builtin bound to this core, which `EventBus` installs as
-    /// `bus.publish`: it reads its arguments without PyO3's general parser.
-    fn publisher(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        crate::python::publish::publisher(slf)
     }
 
     /// Publishes one event now or raises `QueueFull`.

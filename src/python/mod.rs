@@ -37,7 +37,7 @@ mod _oxbus {
     #[pymodule_export]
     use super::pacing::PyTurnEnd;
     #[pymodule_export]
-    use super::publish::PyPublish;
+    use super::publish::{publisher, publishing, PyPublish};
     #[pymodule_export]
     use super::retry::PyRetryPolicy;
     #[pymodule_export]

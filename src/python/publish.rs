@@ -356,8 +356,23 @@ static PUBLISH_DEF: MethodDef = MethodDef(ffi::PyMethodDef {
     ml_doc: c"publish(event, key=None, correlation_id=None)\n--\n\nThe awaitable of one publish on an in-memory bus (see oxbus.EventBus.publish).".as_ptr(),
 });
 
-/// `bus.publish` on an in-memory bus: a builtin bound to the bus's core, called with
-/// `(event, key=None, correlation_id=None)`, returning a `Publish` (see `BusCore.publisher`).
+/// `await bus.publish(event)` on an in-memory bus: an awaitable that publishes when first
+/// stepped (see `oxbus._oxbus.Publish`).
+#[pyfunction]
+#[pyo3(signature = (core, event, key=None, correlation_id=None))]
+pub fn publishing(
+    core: Py<PyBusCore>,
+    event: Py<PyAny>,
+    key: Option<Py<PyAny>>,
+    correlation_id: Option<Py<PyAny>>,
+) -> PyPublish {
+    PyPublish::new(core, event, key, correlation_id)
+}
+
+/// `publishing` as a builtin bound to `core`, which `EventBus` installs as `bus.publish`:
+/// called with `(event, key=None, correlation_id=None)`, it reads its arguments without
+/// PyO3's general parser and returns a `Publish`.
+#[pyfunction]
 pub fn publisher(core: &Bound<'_, PyBusCore>) -> PyResult<Py<PyAny>> {
     let py = core.py();
     // SAFETY: a static method definition; the function object keeps `core` alive.

@@ -30,6 +30,7 @@
 
 pub mod dead;
 pub mod leases;
+pub mod place;
 pub mod pubsub;
 pub mod rabbitmq;
 pub mod redis_streams;
@@ -42,7 +43,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use crate::store::log::NewEvent;
-pub use dead::{retry_payload, DeadEntry, Failure, HandlerFailure, Place, RETRY_FIELD};
+pub use dead::{retry_payload, DeadEntry, Failure, HandlerFailure, RETRY_FIELD};
+pub use place::Place;
 pub use rabbitmq::RabbitMq;
 pub use redis_streams::RedisStreams;
 

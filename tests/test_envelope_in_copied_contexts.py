@@ -116,3 +116,41 @@ async def test_copies_keep_their_envelope_in_a_context_with_many_variables(
 
     got = await contextvars.copy_context().run(asyncio.create_task, scenario())
     assert got == {n: (f"ctx-{n}", -n) for n in range(0, 80, 4)}
+
+
+async def test_each_handler_sees_its_own_envelope_under_a_task_factory_without_context() -> None:
+    """A loop whose task factory takes no ``context=`` still runs the workers (the bus falls
+    back to a task without one), and every handler sees its own event's envelope."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    loop.set_task_factory(lambda loop, coro: asyncio.Task(coro, loop=loop))
+    try:
+        bus = EventBus(workers=2)
+        seen: list[tuple[int, str | None]] = []
+
+        async def handler(e: CtxEvent) -> None:
+            seen.append((e.n, envelope_id()))
+            await asyncio.sleep(0)  # sleep-ok: a real suspension between events
+
+        bus.subscribe(CtxEvent, handler)
+        async with bus:
+            await _run(bus, 50)
+    finally:
+        loop.set_task_factory(previous)
+    assert sorted(seen) == [(i, f"ctx-{i}") for i in range(50)]
+
+
+async def test_each_handler_sees_its_own_envelope_in_the_workers_own_context(
+    make_bus: Any,
+) -> None:
+    """Handlers that neither copy nor change the context: the worker changes the envelope in
+    place (the check without a copy of the context, Python 3.11+), and each sees its own."""
+    bus: EventBus = await make_bus()
+    seen: list[tuple[int, str | None]] = []
+
+    def handler(e: CtxEvent) -> None:
+        seen.append((e.n, envelope_id()))
+
+    bus.subscribe(CtxEvent, handler)
+    await _run(bus, 200)
+    assert seen == [(i, f"ctx-{i}") for i in range(200)]

@@ -1,6 +1,7 @@
 """Stubs of the native module. Import ``oxbus``, not this module."""
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, final
 
@@ -133,7 +134,7 @@ class RetryPolicy:
 
 @final
 class Worker:
-    def __new__(cls, core: BusCore, index: int) -> Worker: ...
+    def __new__(cls, core: BusCore, index: int, context: contextvars.Context | None = None) -> Worker: ...
     def __await__(self) -> Worker: ...
     def __iter__(self) -> Worker: ...
     def __next__(self) -> Any: ...

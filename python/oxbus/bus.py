@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import concurrent.futures
+import contextvars
 import functools
 import logging
 import os
+import sys
 from enum import Enum
 from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union, overload
 
@@ -55,6 +57,21 @@ Target = Any  # a class, a type string or pattern, or an Enum member
 E = TypeVar("E")
 R = TypeVar("R")
 Named = str | Enum  # a type string, pattern or Enum member: says nothing of the event's class
+
+
+def _start_worker(
+    loop: asyncio.AbstractEventLoop, core: BusCore, index: int, name: str
+) -> asyncio.Task[Any]:
+    """A worker's task. Given the context its task runs in (``create_task(context=)``,
+    Python 3.11+; a loop or task factory without it gets none), the worker checks its
+    envelope's context variable without copying the context on every event."""
+    if sys.version_info >= (3, 11):
+        ctx = contextvars.copy_context()
+        try:
+            return loop.create_task(Worker(core, index, ctx), name=name, context=ctx)
+        except TypeError:  # a loop or a task factory that takes no context
+            pass
+    return loop.create_task(Worker(core, index), name=name)
 
 
 class EventBus:
@@ -189,10 +206,8 @@ class EventBus:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._core.start(loop)
-        self._tasks = [
-            loop.create_task(Worker(self._core, i), name=f"{self._name}-worker-{i}")
-            for i in range(self._core.workers)
-        ]
+        self._tasks = [_start_worker(loop, self._core, i, f"{self._name}-worker-{i}")
+                       for i in range(self._core.workers)]
         for task in self._tasks:
             task.add_done_callback(self._on_worker_done)
         try:

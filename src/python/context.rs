@@ -149,6 +149,87 @@ pub fn value_is_private(py: Python<'_>, value: &Bound<'_, PyAny>, held: isize) -
     }
 }
 
+/// `value_is_private` without copying the running context, for a worker whose task runs in
+/// `ctx` (created with `create_task(..., context=ctx)`, Python 3.11+): `value` must also be
+/// what `var` holds in the running context (`got`, a reference the check takes). Then `value`
+/// referenced by one mapping node besides the caller and `got`, that node the root of `ctx`'s
+/// mapping and referenced by it alone, and that mapping by `ctx` alone, prove that the running
+/// context is `ctx` (its mapping reaches the same node, whose only referrer is `ctx`'s mapping,
+/// which only `ctx` holds) and that no copy of it exists.
+#[cfg(not(feature = "abi3"))]
+pub fn value_is_private_in(
+    py: Python<'_>,
+    ctx: &Bound<'_, PyAny>,
+    got: &Bound<'_, PyAny>,
+    value: &Bound<'_, PyAny>,
+    held: isize,
+) -> bool {
+    if !exact_counts(py) || got.as_ptr() != value.as_ptr() {
+        return false;
+    }
+    // SAFETY: the GIL is held; `ctx` is a live context we hold; every pointer below is reached
+    // through `tp_traverse` of objects kept alive by it, and is only compared, read for its
+    // type and reference count, or traversed.
+    unsafe {
+        // A context references the context it was entered from (while entered) and its
+        // mapping: the mapping is the referent whose type is CPython's `hamt`.
+        let Some(vars) = hamt_referent(ctx.as_ptr()) else {
+            return false;
+        };
+        if ffi::Py_REFCNT(vars) != 1 {
+            return false; // a copy shares it
+        }
+        let Some(root) = sole_referent(vars) else {
+            return false;
+        };
+        if ffi::Py_REFCNT(root) != 1 {
+            return false;
+        }
+        let v = value.as_ptr();
+        match traverse(root, v) {
+            // Held by the root node, by the caller and by `got`, nothing else.
+            Some(seen) if seen.found => ffi::Py_REFCNT(v) == 2 + held,
+            _ => false,
+        }
+    }
+}
+
+/// The referent of `ctx` whose type is named `hamt` (its variables mapping), if one.
+///
+/// # Safety
+/// As for `traverse`.
+#[cfg(not(feature = "abi3"))]
+unsafe fn hamt_referent(ctx: *mut ffi::PyObject) -> Option<*mut ffi::PyObject> {
+    unsafe extern "C" fn collect(obj: *mut ffi::PyObject, arg: *mut c_void) -> c_int {
+        // SAFETY: `arg` is the array below; at most its two slots are written.
+        let seen = unsafe { &mut *arg.cast::<(usize, [*mut ffi::PyObject; 2])>() };
+        if seen.0 < 2 {
+            seen.1[seen.0] = obj;
+        }
+        seen.0 += 1;
+        0
+    }
+    let mut seen: (usize, [*mut ffi::PyObject; 2]) = (0, [std::ptr::null_mut(); 2]);
+    // SAFETY: per the caller; the visitor only records pointers.
+    unsafe {
+        let f = (*ffi::Py_TYPE(ctx)).tp_traverse?;
+        if f(ctx, collect, (&raw mut seen).cast()) != 0 || seen.0 > 2 {
+            return None;
+        }
+        let mut found = None;
+        for &obj in &seen.1[..seen.0] {
+            let name = std::ffi::CStr::from_ptr((*ffi::Py_TYPE(obj)).tp_name);
+            if name.to_bytes() == b"hamt" {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(obj);
+            }
+        }
+        found
+    }
+}
+
 /// The stable ABI reaches neither `tp_traverse` nor `PyContext_CopyCurrent`.
 #[cfg(feature = "abi3")]
 #[allow(clippy::unnecessary_wraps)] // the signature of the other build's
@@ -158,4 +239,16 @@ pub fn value_is_private(
     _held: isize,
 ) -> PyResult<bool> {
     Ok(false)
+}
+
+/// See the other build's.
+#[cfg(feature = "abi3")]
+pub fn value_is_private_in(
+    _py: Python<'_>,
+    _ctx: &Bound<'_, PyAny>,
+    _got: &Bound<'_, PyAny>,
+    _value: &Bound<'_, PyAny>,
+    _held: isize,
+) -> bool {
+    false
 }

@@ -381,10 +381,26 @@ pub struct Slot {
 /// does not feed the GC one object per event. `slot` is the capsule this worker set last (the
 /// worker keeps it): when it is still the running context's value and seen by that context
 /// alone (no copy of the context shares it: see `context::value_is_private`), its pointer is
-/// replaced in place, for a fraction of the cost of setting the variable.
-pub fn set_current(py: Python<'_>, env: &Arc<EnvData>, slot: &mut Option<Slot>) -> PyResult<()> {
+/// replaced in place, for a fraction of the cost of setting the variable. `ctx` is the context
+/// the worker's task runs in, when the bus gave it one: then the check needs no copy of the
+/// running context (`context::value_is_private_in`).
+pub fn set_current(
+    py: Python<'_>,
+    env: &Arc<EnvData>,
+    slot: &mut Option<Slot>,
+    ctx: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
     if let Some(s) = slot.as_mut() {
-        if context::value_is_private(py, s.capsule.bind(py), 1)? {
+        let capsule = s.capsule.bind(py);
+        let private = match ctx {
+            // The worker's task runs in `ctx`: checked without a copy of the context.
+            Some(ctx) => match get_var(current_var(py)?)? {
+                Some(got) => context::value_is_private_in(py, ctx, &got, capsule, 1),
+                None => false,
+            },
+            None => context::value_is_private(py, capsule, 1)?,
+        };
+        if private {
             let raw = Arc::into_raw(Arc::clone(env))
                 .cast_mut()
                 .cast::<std::ffi::c_void>();

@@ -105,6 +105,9 @@ pub struct PyWorker {
     core: Py<PyBusCore>,
     index: usize,
     st: GilMutex<State>,
+    /// The context its task runs in, when the bus created the task with one (Python 3.11+):
+    /// the envelope's context variable is then checked without copying the context.
+    context: Option<Py<PyAny>>,
 }
 
 fn is_cancelled_error(py: Python<'_>, e: &PyErr) -> bool {
@@ -216,7 +219,8 @@ impl PyWorker {
                 let admitted = core.admit_blocked(py);
                 core.admitted(py, admitted);
             }
-            envelope::set_current(py, &item.item, &mut st.slot)?;
+            let ctx = self.context.as_ref().map(|c| c.bind(py));
+            envelope::set_current(py, &item.item, &mut st.slot, ctx)?;
             st.cur = Some(Current {
                 delivery: Delivery::new(item.item.route().subs.len()),
                 env: item.item,
@@ -686,11 +690,13 @@ impl PyWorker {
 impl PyWorker {
     /// Worker `index` of `core`, to run as an asyncio task.
     #[new]
-    fn new(core: Py<PyBusCore>, index: usize) -> Self {
+    #[pyo3(signature = (core, index, context=None))]
+    fn new(core: Py<PyBusCore>, index: usize, context: Option<Py<PyAny>>) -> Self {
         Self {
             core,
             index,
             st: GilMutex::new(State::default()),
+            context,
         }
     }
 

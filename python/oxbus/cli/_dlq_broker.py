@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from oxbus.cli._output import (
-    DEAD_LETTER_KEYS, UNREACHABLE, emit, emit_line, fail, json_mode, show_dead_letter, table,
+    DEAD_LETTER_KEYS, UNREACHABLE, emit, fail, json_mode, list_dead_letters, show_dead_letter,
 )
 from oxbus.dead_letters import broker_fields
 from oxbus.errors import TransportError
@@ -110,31 +110,7 @@ def _plural(n: int) -> str:
 
 
 def list_(src: Source) -> None:
-    rows = _rows(src)
-    if json_mode():
-        for r in rows:
-            emit_line({k: v for k, v in r.items() if k != "traceback"})
-        return
-    if not rows:
-        click.echo("no dead letters")
-        return
-    click.echo(
-        table(
-            [
-                (
-                    r["id"],
-                    r["subscription"] or "(group)",
-                    r["event_type"],
-                    r["attempts"],
-                    r["last_failed_at"][:19],
-                    f"{r['error_type']}: {r['error_message']}"[:70],
-                )
-                for r in rows
-            ],
-            ("ID", "SUBSCRIPTION", "EVENT TYPE", "ATTEMPTS", "LAST FAILED", "ERROR"),
-        )
-    )
-
+    list_dead_letters(_rows(src), (("SUBSCRIPTION", lambda r: r["subscription"] or "(group)"),))
 
 def show(src: Source, did: str) -> None:
     found = [r for r in _rows(src) if r["id"] == did]

@@ -18,7 +18,7 @@ import contextlib
 import json
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
@@ -158,6 +158,38 @@ def table(rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     return "\n".join(lines)
+
+
+def list_dead_letters(
+    rows: list[dict[str, Any]], columns: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...]
+) -> None:
+    """Dead letters as ``oxbus dlq list`` prints them: a table of id, ``columns`` (where they
+    are kept, their subscription), event type, attempts, last failure and error; ``--json``:
+    JSON Lines without the tracebacks."""
+    if json_mode():
+        for r in rows:
+            emit_line({k: v for k, v in r.items() if k != "traceback"})
+        return
+    if not rows:
+        click.echo("no dead letters")
+        return
+    click.echo(
+        table(
+            [
+                (
+                    r["id"],
+                    *(cell(r) for _, cell in columns),
+                    r["event_type"],
+                    r["attempts"],
+                    r["last_failed_at"][:19],
+                    f"{r['error_type']}: {r['error_message']}"[:70],
+                )
+                for r in rows
+            ],
+            ("ID", *(name for name, _ in columns), "EVENT TYPE", "ATTEMPTS", "LAST FAILED",
+             "ERROR"),
+        )
+    )
 
 
 def show_dead_letter(r: dict[str, Any], keys: tuple[str, ...]) -> None:

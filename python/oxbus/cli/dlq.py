@@ -11,8 +11,8 @@ import click
 from oxbus.cli import _dlq_broker
 from oxbus.cli._db import connect, db_argument, json_or_raw, query
 from oxbus.cli._output import (
-    DEAD_LETTER_KEYS, UNREACHABLE, emit, emit_line, fail, json_mode, json_option, show_dead_letter,
-    table,
+    DEAD_LETTER_KEYS, UNREACHABLE, emit, fail, json_mode, json_option, list_dead_letters,
+    show_dead_letter,
 )
 from oxbus.errors import StorageError
 from oxbus.flow import LogReader
@@ -124,31 +124,9 @@ def dlq_list(db: str, **where: Any) -> None:
         return _dlq_broker.list_(src)
     with connect(db) as log:
         rows = _dlq_rows(log)
-    if json_mode():
-        for r in rows:
-            emit_line({k: v for k, v in r.items() if k != "traceback"})
-        return
-    if not rows:
-        click.echo("no dead letters")
-        return
-    click.echo(
-        table(
-            [
-                (
-                    r["id"],
-                    r["position"],
-                    r["subscription"],
-                    r["event_type"],
-                    r["attempts"],
-                    r["last_failed_at"][:19],
-                    f"{r['error_type']}: {r['error_message']}"[:70],
-                )
-                for r in rows
-            ],
-            ("ID", "POSITION", "SUBSCRIPTION", "EVENT TYPE", "ATTEMPTS", "LAST FAILED", "ERROR"),
-        )
+    list_dead_letters(
+        rows, (("POSITION", lambda r: r["position"]), ("SUBSCRIPTION", lambda r: r["subscription"]))
     )
-
 
 @dlq.command("show", short_help="One dead letter: event, error, traceback.")
 @click.pass_obj

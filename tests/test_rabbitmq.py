@@ -1345,3 +1345,16 @@ async def test_oxbus_dlq_lists_shows_retries_and_purges_a_groups_dead_letters(
     assert await amqp.depth(f"{amqp.queue('billing')}.dead") == 0
     rc, out = await _cli("dlq", f"amqp://guest:s3cret@{HOST}:{free_port()}/%2f", "list")
     assert rc == 3 and "s3cret" not in out, out
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0])
+async def test_reading_queues_with_any_timeout_answers_instead_of_panicking(
+    rabbit_up: None, timeout: float
+) -> None:
+    """`oxbus health amqp://` reads queues with the timeout it was given: one that is not a
+    number of seconds is bounded like every other timeout of the transport (it was a Rust
+    panic on NaN)."""
+    from oxbus._oxbus import TransportCore
+
+    name = f"oxbus-test-absent-{uuid.uuid4().hex[:8]}"
+    assert await TransportCore.rabbitmq_queues(URL, [name], timeout) == [None]

@@ -264,7 +264,7 @@ impl PyTransportCore {
         queues: Vec<String>,
         timeout: f64,
     ) -> PyResult<Bound<'_, PyAny>> {
-        let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 3600.0));
+        let timeout = seconds(timeout);
         runtime::future_into_py(py, async move {
             crate::transport::rabbitmq::inspect(&url, &queues, timeout)
                 .await

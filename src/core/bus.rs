@@ -401,6 +401,11 @@ impl<E, W, H> Engine<E, W, H> {
         Some(taken)
     }
 
+    /// The event `take` would return now, left in place.
+    pub fn peek(&self) -> Option<&Queued<E>> {
+        self.lanes.peek()
+    }
+
     /// A worker found nothing to take: it waits on `waiter`. Returns the drain waiters to
     /// resolve if the bus is now drained.
     pub fn go_idle(&mut self, waiter: W) -> Vec<W> {

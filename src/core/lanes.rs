@@ -140,6 +140,15 @@ impl<T> Lanes<T> {
         }
     }
 
+    /// The event `take` would return now, left in place (a worker prefetches its memory while
+    /// it handles the one it took).
+    pub fn peek(&self) -> Option<&T> {
+        match self.ready.front()? {
+            Slot::Keyless(item) => Some(item),
+            Slot::Key(k) => self.by_key.get(k)?.queue.front(),
+        }
+    }
+
     /// Marks a keyed event handled: the lane's next event becomes ready.
     pub fn done(&mut self, key: Option<u64>) {
         let Some(k) = key else { return };
@@ -202,6 +211,26 @@ impl<T> Lanes<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peek_shows_what_take_returns_next() {
+        let mut l = Lanes::new(0);
+        assert_eq!(l.peek(), None);
+        l.push(1, Some(7));
+        l.push(2, Some(7));
+        l.push(3, None);
+        l.push(4, Some(8));
+        for _ in 0..3 {
+            let next = l.peek().copied();
+            let (item, key) = l.take().expect("something is ready");
+            assert_eq!(next, Some(item));
+            l.done(key);
+        }
+        // 7's second event became ready after the first was done.
+        assert_eq!(l.peek(), Some(&2));
+        assert_eq!(l.take(), Some((2, Some(7))));
+        assert_eq!(l.peek(), None);
+    }
 
     #[test]
     fn same_key_events_come_out_one_at_a_time_in_order() {

@@ -4,6 +4,8 @@
 //! Ids are computed lazily: an envelope that nobody asks about costs one allocation.
 
 use std::ffi::CStr;
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
 use std::sync::atomic::{
     AtomicPtr, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed},
@@ -376,6 +378,55 @@ pub struct Slot {
     raw: usize,
 }
 
+/// Asks the CPU to bring `env` into its cache: a worker does so for the event queued after the
+/// one it takes, which it reads only after that one's handler ran. A full queue holds events
+/// published thousands of events ago, whose envelopes have left the core's caches (perf of
+/// the in-memory bus: the first read of a taken envelope was ~4% of the samples). A hint: it
+/// never faults and changes nothing else.
+#[inline]
+pub fn prefetch(env: &Arc<EnvData>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // The `Arc`'s counts (16 bytes) and the data: at most three cache lines.
+        let p = Arc::as_ptr(env).cast::<i8>().wrapping_sub(16);
+        // SAFETY: a prefetch neither reads nor faults, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(size_of::<EnvData>() + 15));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = env;
+}
+
+/// The current event's envelope as its worker holds it: the reference the worker's capsule
+/// owns (see `set_current`), used without a count of its own. An event then costs no atomic
+/// increment and decrement for the capsule (perf of the in-memory bus: the capsule's
+/// `Arc::clone` was ~4% of the samples, its `lock incq` waiting on the stores before it).
+/// Dropping it does nothing: the capsule releases the reference.
+pub struct Borrowed(ManuallyDrop<Arc<EnvData>>);
+
+impl Borrowed {
+    /// # Safety
+    /// `raw` comes from `Arc::into_raw` and is owned by a capsule that outlives this value
+    /// and keeps that pointer while it lives: the worker's `Slot`, which only `set_current`
+    /// changes, and the worker calls it only when its previous `Borrowed` is gone.
+    unsafe fn new(raw: *const EnvData) -> Self {
+        // SAFETY: see above; `ManuallyDrop` keeps the count untouched on drop.
+        Self(ManuallyDrop::new(unsafe { Arc::from_raw(raw) }))
+    }
+}
+
+impl Deref for Borrowed {
+    type Target = Arc<EnvData>;
+
+    fn deref(&self) -> &Arc<EnvData> {
+        &self.0
+    }
+}
+
 /// Sets the envelope of the event being handled in the running context (the worker task's).
 /// The value is a capsule holding an `Arc`: not tracked by the cycle collector, so a busy bus
 /// does not feed the GC one object per event. `slot` is the capsule this worker set last (the
@@ -384,12 +435,15 @@ pub struct Slot {
 /// replaced in place, for a fraction of the cost of setting the variable. `ctx` is the context
 /// the worker's task runs in, when the bus gave it one: then the check needs no copy of the
 /// running context (`context::value_is_private_in`).
+///
+/// `env` moves into the capsule; the worker uses it through the returned `Borrowed`, which it
+/// must drop before it calls this again (the capsule's old pointer is released here).
 pub fn set_current(
     py: Python<'_>,
-    env: &Arc<EnvData>,
+    env: Arc<EnvData>,
     slot: &mut Option<Slot>,
     ctx: Option<&Bound<'_, PyAny>>,
-) -> PyResult<()> {
+) -> PyResult<Borrowed> {
     if let Some(s) = slot.as_mut() {
         let capsule = s.capsule.bind(py);
         let private = match ctx {
@@ -401,40 +455,46 @@ pub fn set_current(
             None => context::value_is_private(py, capsule, 1)?,
         };
         if private {
-            let raw = Arc::into_raw(Arc::clone(env))
-                .cast_mut()
-                .cast::<std::ffi::c_void>();
+            let raw = Arc::into_raw(env);
             // SAFETY: a capsule made below, holding `s.raw` (an `Arc<EnvData>` made by
             // `Arc::into_raw`), given another such pointer (never NULL, so the call cannot
-            // fail); the old reference is released once it is out of the capsule.
+            // fail); the old reference is released once it is out of the capsule (the
+            // worker's `Borrowed` of it is gone: see above).
             unsafe {
-                ffi::PyCapsule_SetPointer(s.capsule.as_ptr(), raw);
+                ffi::PyCapsule_SetPointer(s.capsule.as_ptr(), raw.cast_mut().cast());
                 drop(Arc::from_raw(s.raw as *const EnvData));
             }
             s.raw = raw as usize;
-            return Ok(());
+            // SAFETY: owned by the slot's capsule until the next call.
+            return Ok(unsafe { Borrowed::new(raw) });
         }
     }
     let var = current_var(py)?;
-    let raw = Arc::into_raw(Arc::clone(env))
-        .cast_mut()
-        .cast::<std::ffi::c_void>();
+    let raw = Arc::into_raw(env);
     // SAFETY: `raw` is a valid pointer owned by the capsule from here on; `drop_capsule`
     // releases it exactly once.
-    let capsule = unsafe { ffi::PyCapsule_New(raw, CAPSULE_NAME.as_ptr(), Some(drop_capsule)) };
+    let capsule = unsafe {
+        ffi::PyCapsule_New(
+            raw.cast_mut().cast(),
+            CAPSULE_NAME.as_ptr(),
+            Some(drop_capsule),
+        )
+    };
     if capsule.is_null() {
         // SAFETY: the capsule was not created, so the reference is still ours to release.
-        drop(unsafe { Arc::from_raw(raw.cast::<EnvData>()) });
+        drop(unsafe { Arc::from_raw(raw) });
         return Err(PyErr::fetch(py));
     }
     // SAFETY: `capsule` is a new reference we own; the var keeps its own reference.
     let capsule = unsafe { Bound::from_owned_ptr(py, capsule) };
-    set_var(var, &capsule)?;
+    // The slot takes the capsule before anything can fail: it owns the reference from here.
     *slot = Some(Slot {
-        capsule: capsule.unbind(),
+        capsule: capsule.clone().unbind(),
         raw: raw as usize,
     });
-    Ok(())
+    set_var(var, &capsule)?;
+    // SAFETY: owned by the slot's capsule until the next call.
+    Ok(unsafe { Borrowed::new(raw) })
 }
 
 /// `var.set(value)`, the token dropped (we never reset: the next event overwrites).

@@ -20,7 +20,7 @@ use pyo3::sync::PyOnceLock;
 use crate::core::dispatch::{Delivery, Next, Verdict};
 use crate::core::stats::bump;
 use crate::python::bus::{Inner, PyBusCore};
-use crate::python::envelope::{self, EnvData, PyEnvelope};
+use crate::python::envelope::{self, Borrowed, PyEnvelope};
 use crate::python::events::{self, Step};
 use crate::python::futures::resolve_all;
 use crate::python::route::Sub;
@@ -47,7 +47,8 @@ enum Kind {
 }
 
 struct Current {
-    env: Arc<EnvData>,
+    /// Owned by the capsule in `State::slot` (see `envelope::Borrowed`).
+    env: Borrowed,
     lane: Option<u64>,
     /// Which subscription, which attempt, whether a retry was decided.
     delivery: Delivery,
@@ -212,6 +213,9 @@ impl PyWorker {
         let mut inner = core.inner.lock(py);
         st.pending.flush(&mut inner);
         if let Some((item, lane)) = inner.engine.take() {
+            if let Some(next) = inner.engine.peek() {
+                envelope::prefetch(&next.item);
+            }
             let blocked = inner.engine.blocked_publishers() > 0;
             drop(inner);
             if blocked {
@@ -220,10 +224,10 @@ impl PyWorker {
                 core.admitted(py, admitted);
             }
             let ctx = self.context.as_ref().map(|c| c.bind(py));
-            envelope::set_current(py, &item.item, &mut st.slot, ctx)?;
+            let delivery = Delivery::new(item.item.route().subs.len());
             st.cur = Some(Current {
-                delivery: Delivery::new(item.item.route().subs.len()),
-                env: item.item,
+                delivery,
+                env: envelope::set_current(py, item.item, &mut st.slot, ctx)?,
                 lane,
                 started: None,
             });

@@ -9,7 +9,6 @@ mod errors;
 mod events;
 mod futures;
 mod json;
-mod pacing;
 mod publish;
 mod retry;
 mod route;
@@ -35,13 +34,11 @@ mod _oxbus {
     #[pymodule_export]
     use super::json::{decode_json, encode_json};
     #[pymodule_export]
-    use super::pacing::PyTurnEnd;
-    #[pymodule_export]
     use super::publish::{publisher, publishing, PyPublish};
     #[pymodule_export]
     use super::retry::PyRetryPolicy;
     #[pymodule_export]
-    use super::store::{PyFlusher, PyStoreCore};
+    use super::store::{PyFlusher, PyStoreCore, PyTurnEnd};
     #[pymodule_export]
     use super::transport::{PyAmqpBridgeCore, PyBridgeCore, PyTransportCore};
     #[pymodule_export]

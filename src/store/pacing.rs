@@ -1,6 +1,6 @@
 //! When a durable bus's `await publish()` commits on the asyncio thread itself
-//! (`Writer::log_now`, see `src/store/now.rs`) rather than through the writer thread, keeping
-//! the order of publishes and letting concurrent publishers share commits.
+//! (`Writer::log_now`, see `now.rs`) rather than through the writer thread, keeping the order
+//! of publishes and letting concurrent publishers share commits.
 //!
 //! - A publish commits at once (no future, no thread round trip) only when no earlier bus-log
 //!   request is still unsettled (`waiting`: sent the writer's way, or batched, and its
@@ -13,11 +13,11 @@
 //!   after `PER_TURN` it waits like the others and lets them publish; when several publish in
 //!   the same turn, their requests go into one batch, committed by the turn's flush as one
 //!   transaction, on the asyncio thread too when the writer thread is idle.
+//!
+//! The glue (`src/python/store`) keeps this state and resets `this_turn` at the end of each
+//! loop turn.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
-
-use pyo3::prelude::*;
 
 /// Commits at once per loop turn, at most.
 pub const PER_TURN: u32 = 16;
@@ -27,7 +27,7 @@ pub const PER_TURN: u32 = 16;
 pub struct Pacing {
     /// Bus-log requests whose publisher has not dispatched its event yet.
     pub waiting: AtomicUsize,
-    /// Commits at once in this loop turn (reset by `TurnEnd`).
+    /// Commits at once in this loop turn (reset by the glue's `TurnEnd`).
     pub this_turn: AtomicU32,
     /// Bus-log requests in the last batch flushed.
     pub last_batch: AtomicUsize,
@@ -60,13 +60,50 @@ impl Pacing {
     }
 }
 
-/// Scheduled with `loop.call_soon` by the first commit at once of a loop turn: the turn ends.
-#[pyclass(frozen, name = "TurnEnd", module = "oxbus._oxbus")]
-pub struct PyTurnEnd(pub Arc<Pacing>);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-#[pymethods]
-impl PyTurnEnd {
-    fn __call__(&self) {
-        self.0.this_turn.store(0, Relaxed);
+    #[test]
+    fn a_publish_commits_at_once_only_while_no_earlier_request_is_unsettled() {
+        let p = Pacing::default();
+        assert!(p.may_commit_now());
+        p.wait();
+        p.wait();
+        assert!(!p.may_commit_now());
+        p.settled();
+        assert!(!p.may_commit_now());
+        p.settled();
+        assert!(p.may_commit_now());
+        // A settle too many does not wrap around.
+        p.settled();
+        assert_eq!(p.waiting.load(Relaxed), 0);
+        assert!(p.may_commit_now());
+    }
+
+    #[test]
+    fn at_most_per_turn_commits_at_once_and_only_the_first_schedules_the_turn_end() {
+        let p = Pacing::default();
+        assert!(p.committed_now());
+        for _ in 1..PER_TURN {
+            assert!(p.may_commit_now());
+            assert!(!p.committed_now());
+        }
+        assert!(!p.may_commit_now());
+        // The end of the turn starts the count over.
+        p.this_turn.store(0, Relaxed);
+        assert!(p.may_commit_now());
+        assert!(p.committed_now());
+    }
+
+    #[test]
+    fn publishers_that_shared_the_last_batch_wait_for_the_writer() {
+        let p = Pacing::default();
+        p.last_batch.store(1, Relaxed);
+        assert!(p.may_commit_now());
+        p.last_batch.store(2, Relaxed);
+        assert!(!p.may_commit_now());
+        p.last_batch.store(1, Relaxed);
+        assert!(p.may_commit_now());
     }
 }

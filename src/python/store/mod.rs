@@ -3,282 +3,37 @@
 //! `call_soon_threadsafe` per batch and loop resolves all its futures on the loop thread. The
 //! writer thread holds the GIL only for that hand-off, never while SQLite works, and uses
 //! `runtime::attach` so it never touches an exiting interpreter.
+//!
+//! This module holds the Python class; `flush` the hand-offs to and from the writer thread,
+//! `record` an event as a log record, `convert` the answers as Python objects.
 
-use std::sync::atomic::Ordering::Relaxed;
+mod convert;
+mod flush;
+mod record;
+
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple, PyType};
 
-use crate::python::completion::{Completions, Outcome, PyResolver};
-use crate::python::envelope::{self, new_event_id};
+use crate::python::completion::{Completions, PyResolver};
+use crate::python::errors;
 use crate::python::errors::to_py;
 use crate::python::json::records::Metadata;
-use crate::python::pacing::{Pacing, PyTurnEnd};
 use crate::python::runtime;
-use crate::python::{errors, events, json};
-use crate::store::log::{DeadRow, NewEvent, StoredRow, Synchronous};
+use crate::store::log::{DeadRow, Synchronous};
 use crate::store::now::Logged;
+use crate::store::pacing::Pacing;
 use crate::store::saga::{DeadlineRow, SagaRow, SagaWrite};
-use crate::store::writer::{Op, Reply, Sink, Writer};
+use crate::store::writer::{Op, Writer};
 use crate::store::StoreError;
-use rusqlite::types::Value;
 
-type Done = Vec<(u64, crate::store::Result<Reply>)>;
-
-struct PySink {
-    completions: Arc<Completions>,
-    resolver: Py<PyResolver>,
-}
-
-impl Sink for PySink {
-    fn deliver(&self, results: Done) {
-        let outcomes = results
-            .into_iter()
-            .map(|(t, r)| {
-                let f: Outcome =
-                    Box::new(move |py| r.map_err(|e| to_py(&e)).and_then(|r| reply_to_py(py, r)));
-                (t, f)
-            })
-            .collect();
-        self.completions.complete(&self.resolver, outcomes);
-    }
-}
-
-fn row_to_py(py: Python<'_>, r: StoredRow) -> PyResult<Bound<'_, PyTuple>> {
-    (
-        r.position,
-        r.stream_id,
-        r.version,
-        r.event_type,
-        r.event_version,
-        r.data,
-        r.metadata,
-        r.event_id,
-        r.occurred_at,
-        r.recorded_at,
-    )
-        .into_pyobject(py)
-}
-
-fn dead_to_py(py: Python<'_>, d: DeadRow) -> PyResult<Bound<'_, PyTuple>> {
-    (
-        d.id,
-        d.position,
-        d.subscription,
-        d.attempts,
-        d.first_failed_at,
-        d.last_failed_at,
-        d.error_type,
-        d.error_message,
-        d.traceback,
-        d.key_hash,
-        d.parked_behind,
-    )
-        .into_pyobject(py)
-}
-
-fn value_to_py(py: Python<'_>, v: Value) -> PyResult<Bound<'_, PyAny>> {
-    Ok(match v {
-        Value::Null => py.None().into_bound(py),
-        Value::Integer(i) => i.into_pyobject(py)?.into_any(),
-        Value::Real(f) => f.into_pyobject(py)?.into_any(),
-        Value::Text(t) => t.into_pyobject(py)?.into_any(),
-        Value::Blob(b) => pyo3::types::PyBytes::new(py, &b).into_any(),
-    })
-}
-
-fn value_of(v: &Bound<'_, PyAny>) -> PyResult<Value> {
-    if v.is_none() {
-        Ok(Value::Null)
-    } else if let Ok(b) = v.cast::<PyBool>() {
-        Ok(Value::Integer(i64::from(b.is_true())))
-    } else if let Ok(i) = v.extract::<i64>() {
-        Ok(Value::Integer(i))
-    } else if let Ok(f) = v.extract::<f64>() {
-        Ok(Value::Real(f))
-    } else if let Ok(s) = v.extract::<String>() {
-        Ok(Value::Text(s))
-    } else if let Ok(b) = v.extract::<Vec<u8>>() {
-        Ok(Value::Blob(b))
-    } else {
-        Err(errors::configuration_error(format!(
-            "a query parameter must be None, int, float, str or bytes, got {}",
-            v.repr()?
-        )))
-    }
-}
-
-fn reply_to_py(py: Python<'_>, r: Reply) -> PyResult<Py<PyAny>> {
-    Ok(match r {
-        Reply::Appended {
-            version,
-            first_position,
-        } => (version, first_position)
-            .into_pyobject(py)?
-            .into_any()
-            .unbind(),
-        Reply::Rows(rows) => {
-            let items = rows
-                .into_iter()
-                .map(|r| row_to_py(py, r))
-                .collect::<PyResult<Vec<_>>>()?;
-            PyList::new(py, items)?.into_any().unbind()
-        }
-        Reply::Row(r) => match r {
-            Some(r) => row_to_py(py, r)?.into_any().unbind(),
-            None => py.None(),
-        },
-        Reply::Snapshot(s) => match s {
-            Some(s) => (s.stream_id, s.version, s.state, s.taken_at)
-                .into_pyobject(py)?
-                .into_any()
-                .unbind(),
-            None => py.None(),
-        },
-        Reply::Int(n) => n.into_pyobject(py)?.into_any().unbind(),
-        Reply::Positions(ps) => PyList::new(py, ps)?.into_any().unbind(),
-        Reply::Unit => py.None(),
-        Reply::Table(rows) => {
-            let items = rows
-                .into_iter()
-                .map(|r| {
-                    let cells = r
-                        .into_iter()
-                        .map(|v| value_to_py(py, v))
-                        .collect::<PyResult<Vec<_>>>()?;
-                    PyTuple::new(py, cells)
-                })
-                .collect::<PyResult<Vec<_>>>()?;
-            PyList::new(py, items)?.into_any().unbind()
-        }
-        Reply::Requeued(rows) => PyList::new(py, rows)?.into_any().unbind(),
-        Reply::Saga(positions) => match positions {
-            Some(ps) => PyList::new(py, ps)?.into_any().unbind(),
-            None => py.None(),
-        },
-        Reply::Dead(ds) => {
-            let items = ds
-                .into_iter()
-                .map(|d| dead_to_py(py, d))
-                .collect::<PyResult<Vec<_>>>()?;
-            PyList::new(py, items)?.into_any().unbind()
-        }
-    })
-}
-
-/// Requests made during one turn of the loop, sent to the writer together at its end.
-#[derive(Default)]
-struct Outbox {
-    ops: Mutex<Vec<(u64, Op)>>,
-}
-
-/// Sends the outbox to the writer; scheduled with `loop.call_soon` by the first request of a
-/// loop turn, so requests from many tasks reach the writer in one message and share one commit.
-#[pyclass(frozen, name = "StoreFlusher", module = "oxbus._oxbus")]
-pub struct PyFlusher {
-    writer: Arc<Writer>,
-    outbox: Arc<Outbox>,
-    completions: Arc<Completions>,
-    pacing: Arc<Pacing>,
-}
-
-impl PyFlusher {
-    fn flush(&self, py: Python<'_>) {
-        let ops = std::mem::take(&mut *self.outbox.ops.lock());
-        let logs = ops
-            .iter()
-            .filter(|(_, op)| matches!(op, Op::Log { .. }))
-            .count();
-        if logs > 0 {
-            self.pacing.last_batch.store(logs, Relaxed);
-        }
-        let Err(ops) = self.commit_now(py, ops) else {
-            return;
-        };
-        let tokens: Vec<u64> = ops.iter().map(|(t, _)| *t).filter(|t| *t != 0).collect();
-        if let Err(e) = self.writer.submit_many(ops) {
-            // Closed under our feet: fail the waiting futures instead of losing them.
-            let err = to_py(&e);
-            for t in tokens {
-                self.completions.fail_now(py, t, &err);
-            }
-        }
-    }
-
-    /// Commits a batch of bus-log requests on this thread, as one transaction, and resolves
-    /// their futures (see `pacing`); hands the batch back when it cannot: other requests in it,
-    /// earlier bus-log requests still unsettled, futures of another loop, the writer busy, or
-    /// an error (the writer thread then runs it, isolating the failing request).
-    fn commit_now(&self, py: Python<'_>, mut ops: Vec<(u64, Op)>) -> Result<(), Vec<(u64, Op)>> {
-        let all_logs = !ops.is_empty()
-            && ops
-                .iter()
-                .all(|(t, op)| *t != 0 && matches!(op, Op::Log { .. }));
-        if !all_logs || self.pacing.waiting.load(Relaxed) != ops.len() {
-            return Err(ops);
-        }
-        let Ok(loop_) = Completions::running_loop(py) else {
-            return Err(ops);
-        };
-        let tokens: Vec<u64> = ops.iter().map(|(t, _)| *t).collect();
-        if !self.completions.all_on(&tokens, &loop_) {
-            return Err(ops);
-        }
-        let mut counts = Vec::with_capacity(ops.len());
-        let mut items = Vec::new();
-        for (_, op) in &mut ops {
-            if let Op::Log { items: part } = op {
-                counts.push(part.len());
-                items.append(part);
-            }
-        }
-        let writer = &self.writer;
-        let logged = py.detach(|| writer.log_now(&items));
-        let positions = match logged {
-            Some(Ok(Logged::Positions(p))) => p,
-            Some(Ok(Logged::Unconfirmed(p))) => {
-                // The writer thread checks (and saves) the WAL before they are acknowledged.
-                let mut rest = p.into_iter();
-                return Err(tokens
-                    .into_iter()
-                    .zip(counts)
-                    .map(|(t, n)| (t, Op::Confirm(rest.by_ref().take(n).collect())))
-                    .collect());
-            }
-            Some(Err(_)) | None => {
-                let mut rest = items.into_iter();
-                return Err(tokens
-                    .into_iter()
-                    .zip(counts)
-                    .map(|(t, n)| {
-                        let items = rest.by_ref().take(n).collect();
-                        (t, Op::Log { items })
-                    })
-                    .collect());
-            }
-        };
-        let mut rest = positions.into_iter();
-        for (t, n) in tokens.into_iter().zip(counts) {
-            let part: Vec<i64> = rest.by_ref().take(n).collect();
-            match PyList::new(py, part) {
-                Ok(list) => self.completions.resolve_now(py, t, list.as_any()),
-                Err(e) => self.completions.fail_now(py, t, &e),
-            }
-        }
-        Ok(())
-    }
-}
-
-#[pymethods]
-impl PyFlusher {
-    fn __call__(&self, py: Python<'_>) {
-        self.flush(py);
-    }
-}
+use convert::value_of;
+use flush::{Outbox, PySink};
+pub use flush::{PyFlusher, PyTurnEnd};
+pub use record::record_of;
+use record::{log_stream, meta_value};
 
 /// The native half of `oxbus.SqliteEventStore`.
 #[pyclass(frozen, name = "StoreCore", module = "oxbus._oxbus")]
@@ -287,207 +42,10 @@ pub struct PyStoreCore {
     completions: Arc<Completions>,
     outbox: Arc<Outbox>,
     flusher: Py<PyFlusher>,
-    /// When a publish may commit on the asyncio thread (see `pacing`).
+    /// When a publish may commit on the asyncio thread (see `crate::store::pacing`).
     pacing: Arc<Pacing>,
     turn_end: Py<PyTurnEnd>,
     path: String,
-}
-
-pub fn lookup<'py>(
-    event: &Bound<'py, PyAny>,
-    name: &Bound<'py, PyString>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    let found = match event.cast::<PyDict>() {
-        Ok(d) => d.get_item(name)?,
-        Err(_) => event.getattr_opt(name)?,
-    };
-    Ok(found.filter(|v| !v.is_none()))
-}
-
-/// `DomainEvent`'s lazy identity attributes, as bits.
-const EVENT_ID: u8 = 1;
-const OCCURRED_AT: u8 = 2;
-const EVENT_TYPE: u8 = 4;
-const CORRELATION_ID: u8 = 8;
-const CAUSATION_ID: u8 = 16;
-const IDENTITY: [(&str, u8); 5] = [
-    ("event_id", EVENT_ID),
-    ("occurred_at", OCCURRED_AT),
-    ("event_type", EVENT_TYPE),
-    ("correlation_id", CORRELATION_ID),
-    ("causation_id", CAUSATION_ID),
-];
-
-/// Per class (kept alive by the entry): which identity attributes are still `DomainEvent`'s
-/// own lazy defaults, i.e. not overridden by the class or a base.
-type LazyByClass = Mutex<rustc_hash::FxHashMap<usize, (Py<PyType>, u8)>>;
-static LAZY: pyo3::sync::PyOnceLock<LazyByClass> = pyo3::sync::PyOnceLock::new();
-
-fn lazy_defaults(ty: &Bound<'_, PyType>) -> PyResult<u8> {
-    let py = ty.py();
-    let cache = LAZY.get_or_init(py, Mutex::default);
-    if let Some((_, bits)) = cache.lock().get(&(ty.as_ptr() as usize)) {
-        return Ok(*bits);
-    }
-    let mut bits = 0;
-    if ty.hasattr(intern!(py, "__oxbus_domain_event__"))? {
-        let base = py.import("oxbus.events")?.getattr("DomainEvent")?;
-        let base_dict = base.getattr("__dict__")?;
-        let mro = ty.getattr(intern!(py, "__mro__"))?;
-        for (name, bit) in IDENTITY {
-            let own = base_dict.get_item(name)?;
-            for cls in mro.try_iter()? {
-                let found = cls?.getattr("__dict__")?.call_method1("get", (name,))?;
-                if !found.is_none() {
-                    if found.is(&own) {
-                        bits |= bit;
-                    }
-                    break;
-                }
-            }
-        }
-    }
-    cache
-        .lock()
-        .insert(ty.as_ptr() as usize, (ty.clone().unbind(), bits));
-    Ok(bits)
-}
-
-/// Encodes one event into a log record, in Rust: type key, version, id, data, metadata
-/// (correlation from `correlation_id`, else the handler being run — with its subscription name —
-/// else the event's own), time. A `DomainEvent`'s lazy identity defaults are computed here
-/// (and cached on the instance, as its descriptors would), not by calling into Python.
-pub fn record_of<'py>(
-    event: &Bound<'py, PyAny>,
-    correlation_id: Option<&Bound<'py, PyAny>>,
-) -> PyResult<NewEvent> {
-    let py = event.py();
-    if event.is_none() {
-        return Err(events::none_event_error());
-    }
-    let (lazy, dict) = if event.cast::<PyDict>().is_ok() {
-        (0, None)
-    } else {
-        match lazy_defaults(&event.get_type())? {
-            0 => (0, None),
-            bits => match event.getattr_opt(intern!(py, "__dict__"))? {
-                Some(d) => (bits, d.cast_into::<PyDict>().ok()),
-                None => (0, None),
-            },
-        }
-    };
-    let lazy = if dict.is_some() { lazy } else { 0 };
-    // An identity attribute: (its value, whether it is the lazy default never computed). For
-    // a DomainEvent it is read from the instance `__dict__`, without running its descriptor.
-    let ident =
-        |name: &Bound<'py, PyString>, bit: u8| -> PyResult<(Option<Bound<'py, PyAny>>, bool)> {
-            match &dict {
-                Some(d) if lazy & bit != 0 => Ok(match d.get_item(name)? {
-                    Some(v) => (Some(v).filter(|v| !v.is_none()), false),
-                    None => (None, true),
-                }),
-                _ => Ok((lookup(event, name)?, false)),
-            }
-        };
-    let event_type = match ident(intern!(py, "event_type"), EVENT_TYPE)? {
-        (_, true) => event.get_type().name()?.to_str()?.to_owned(),
-        _ => events::type_key(event)?,
-    };
-    let event_version = match lookup(event, intern!(py, "event_version"))? {
-        Some(v) if !v.is_instance_of::<PyBool>() => v.extract::<i64>().unwrap_or(1),
-        _ => 1,
-    };
-    let event_id = match ident(intern!(py, "event_id"), EVENT_ID)? {
-        (Some(v), _) => v.str()?.to_string(),
-        (None, true) => {
-            let id = new_event_id();
-            if let Some(d) = &dict {
-                d.set_item(intern!(py, "event_id"), &id)?; // the event keeps the id it was logged with
-            }
-            id
-        }
-        (None, false) => new_event_id(),
-    };
-    // Metadata: correlation and causation and, for an event published by a handler, its
-    // subscription (`oxbus flow` draws handler -> event edges from it).
-    let parent = envelope::get_current(py)?.filter(|env| !env.event_ref().is(event));
-    let meta = match (correlation_id, parent) {
-        (Some(c), _) => Metadata {
-            correlation_id: meta_value(Some(c))?,
-            ..Metadata::default()
-        },
-        (None, Some(env)) => Metadata {
-            correlation_id: meta_value(Some(&env.correlation(py)?))?,
-            causation_id: meta_value(Some(&env.id(py)?))?,
-            subscription: env.subscription().map(|s| s.to_string()),
-        },
-        (None, None) => Metadata {
-            correlation_id: match ident(intern!(py, "correlation_id"), CORRELATION_ID)? {
-                (_, true) => Some(serde_json::Value::String(event_id.clone())), // its default
-                (v, false) => meta_value(v.as_ref())?,
-            },
-            causation_id: meta_value(ident(intern!(py, "causation_id"), CAUSATION_ID)?.0.as_ref())?,
-            subscription: None,
-        },
-    };
-    let occurred_at = match ident(intern!(py, "occurred_at"), OCCURRED_AT)? {
-        (Some(t), _) => json::isoformat(&t)?,
-        (None, true) => default_occurred_at(event, dict.as_ref())?,
-        (None, false) => None,
-    };
-    Ok(NewEvent {
-        event_id,
-        event_type,
-        event_version,
-        data: json::encode(event)?,
-        metadata: serde_json::to_string(&meta)
-            .map_err(|e| errors::serialization_error(format!("cannot encode metadata: {e}")))?,
-        occurred_at,
-    })
-}
-
-/// A `DomainEvent`'s `occurred_at` default, as its descriptor makes it (the creation time in
-/// UTC, kept on the instance), in ISO 8601.
-fn default_occurred_at(
-    event: &Bound<'_, PyAny>,
-    dict: Option<&Bound<'_, PyDict>>,
-) -> PyResult<Option<String>> {
-    let py = event.py();
-    let d = dict.expect("lazy attributes come with a __dict__");
-    let at = match d.get_item(intern!(py, "_oxbus_ts"))? {
-        Some(ts) if ts.is_truthy()? => {
-            let utc = pyo3::types::PyTzInfo::utc(py)?;
-            let at = pyo3::types::PyDateTime::from_timestamp(py, ts.extract()?, Some(&utc))?;
-            d.set_item(intern!(py, "occurred_at"), &at)?;
-            at.into_any()
-        }
-        _ => event.getattr(intern!(py, "occurred_at"))?,
-    };
-    json::isoformat(&at)
-}
-
-/// One metadata value: None for None or a missing value, a `str` as it is, anything else as
-/// the encoder writes it.
-fn meta_value(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<serde_json::Value>> {
-    let Some(v) = v.filter(|v| !v.is_none()) else {
-        return Ok(None);
-    };
-    if let Ok(s) = v.cast_exact::<PyString>() {
-        return Ok(Some(serde_json::Value::String(s.to_str()?.to_owned())));
-    }
-    let text = json::encode(v)?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| errors::serialization_error(format!("cannot encode metadata {text}: {e}")))
-}
-
-/// The bus log's stream for an event: `$bus:<key>`, or `$bus` without a key.
-fn log_stream(event: &Bound<'_, PyAny>, key: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
-    Ok(match events::event_key(event, key)? {
-        // Refused here, before anything is written, if the log could not give it back.
-        Some(k) => format!("$bus:{}", events::portable_key(&k)?.str()?),
-        None => "$bus".to_owned(),
-    })
 }
 
 impl PyStoreCore {
@@ -623,7 +181,7 @@ impl PyStoreCore {
 
     /// Logs one event published on a durable bus: its position (an int) when it was committed
     /// at once on this thread, else a future of `[position]`, after which the publisher calls
-    /// `settled()` once it has dispatched the event (see `pacing`).
+    /// `settled()` once it has dispatched the event (see `crate::store::pacing`).
     #[pyo3(signature = (event, key=None, correlation_id=None))]
     fn log(
         &self,

@@ -85,9 +85,10 @@ CHILD = textwrap.dedent(
 
 ITERATIONS = 20
 # Progress is committed with the next write, a few ms after a delivery: a kill loses the record
-# of the last few. Measured 0.4-2.4% of deliveries repeated; a replay from the start would be
-# about 50%.
-MAX_REPEAT_SHARE = 0.05
+# of the last few. Measured 0.2-2.4% of deliveries repeated on an idle 2-core machine, 3-6.7%
+# with the machine's two cores busy with other work (the writer thread then commits later); a
+# replay from the start would be about 50%. The bound catches the latter, not the machine's load.
+MAX_REPEAT_SHARE = 0.15
 
 
 async def _committed(db: Path) -> list[tuple[int, str]]:

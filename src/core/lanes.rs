@@ -140,8 +140,8 @@ impl<T> Lanes<T> {
         }
     }
 
-    /// The event `take` would return now, left in place (a worker prefetches its memory while
-    /// it handles the one it took).
+    /// The event `take` would return now, left in place: a worker asks the CPU to fetch its
+    /// memory while it handles the one it took (see `core::cache`).
     pub fn peek(&self) -> Option<&T> {
         match self.ready.front()? {
             Slot::Keyless(item) => Some(item),

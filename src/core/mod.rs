@@ -6,6 +6,7 @@
 
 pub mod breaker;
 pub mod bus;
+pub mod cache;
 pub mod dispatch;
 pub mod errors;
 pub mod health;

@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
 
+use crate::core::cache;
 use crate::python::context;
 use crate::python::events;
 use crate::python::route::Route;
@@ -378,27 +379,11 @@ pub struct Slot {
     raw: usize,
 }
 
-/// Asks the CPU to bring `env` into its cache: a worker does so for the event queued after the
-/// one it takes, which it reads only after that one's handler ran. A full queue holds events
-/// published thousands of events ago, whose envelopes have left the core's caches (perf of
-/// the in-memory bus: the first read of a taken envelope was ~4% of the samples). A hint: it
-/// never faults and changes nothing else.
+/// Hints the envelope's memory (see `core::cache`): the `Arc`'s counts and the data.
 #[inline]
 pub fn prefetch(env: &Arc<EnvData>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // The `Arc`'s counts (16 bytes) and the data: at most three cache lines.
-        let p = Arc::as_ptr(env).cast::<i8>().wrapping_sub(16);
-        // SAFETY: a prefetch neither reads nor faults, whatever the address.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(size_of::<EnvData>() + 15));
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = env;
+    let data = Arc::as_ptr(env).cast::<u8>();
+    cache::prefetch(data.wrapping_sub(16), 16 + size_of::<EnvData>());
 }
 
 /// The current event's envelope as its worker holds it: the reference the worker's capsule

@@ -214,7 +214,7 @@ impl PyWorker {
         st.pending.flush(&mut inner);
         if let Some((item, lane)) = inner.engine.take() {
             if let Some(next) = inner.engine.peek() {
-                envelope::prefetch(&next.item);
+                envelope::prefetch(&next.item); // read after this event's handler (core::cache)
             }
             let blocked = inner.engine.blocked_publishers() > 0;
             drop(inner);

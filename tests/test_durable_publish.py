@@ -1,5 +1,5 @@
 """`await publish()` on a durable bus commits on the asyncio thread itself when nothing waits
-before it (src/store/now.rs, src/python/pacing.rs), else through a batch or the writer thread.
+before it (src/store/now.rs, src/store/pacing.rs), else through a batch or the writer thread.
 Whatever the path, an event is dispatched only once committed, and never overtakes one
 published before it: not in the log, not in its handlers."""
 

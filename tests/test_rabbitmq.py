@@ -31,6 +31,14 @@ from typing import Any
 
 import oxbus
 import pytest
+from _brokers import (
+    ConsumerProcess,
+    Tally,
+    counted,
+    free_port,
+    reap_consumers,  # noqa: F401 - an autouse fixture
+    started,
+)
 from _env import unavailable
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
@@ -153,45 +161,6 @@ async def hash_exchange(amqp: Broker) -> None:
         )
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
-
-
-class Tally:
-    """Handled event numbers (from any process), with waits on conditions over them."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.calls = 0
-        self._waiters: list[tuple[Callable[[Tally], bool], asyncio.Event]] = []
-
-    def add(self, n: int) -> None:
-        self.calls += 1
-        self.seen.add(n)
-        for pred, ev in self._waiters:
-            if pred(self):
-                ev.set()
-
-    async def until(self, pred: Callable[[Tally], bool], timeout: float, what: str) -> None:
-        if pred(self):
-            return
-        ev = asyncio.Event()
-        self._waiters.append((pred, ev))
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}: "
-                f"{len(self.seen)} distinct handled, {self.calls} calls"
-            ) from None
-        finally:
-            self._waiters.remove((pred, ev))
-
-
 # A consumer process: reports "ready" once its queue is bound, then "h <n>" per handled event
 # (and appends "<key> <n>" to its own file), and on stdin EOF drains, stops and reports "bye".
 CONSUMER = textwrap.dedent(
@@ -243,46 +212,15 @@ CONSUMER = textwrap.dedent(
 )
 
 
-class Consumer:
+class Consumer(ConsumerProcess):
     """A consumer subprocess running CONSUMER, its handled numbers fed to a Tally."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, out: Path, tally: Tally) -> None:
-        self.proc = proc
-        self.out = out
-        self.tally = tally
-        self.bye: dict[str, Any] | None = None
-        self._reader: asyncio.Task[None] | None = None
+    script = CONSUMER
 
     @classmethod
     async def start(cls, tmp: Path, tally: Tally, name: str, **cfg: Any) -> Consumer:
-        script = tmp / "consumer.py"
-        if not script.exists():
-            script.write_text(CONSUMER)
-        out = tmp / f"{name}.handled"
         cfg.setdefault("url", URL)
-        cfg["out"] = str(out)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(script),
-            json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self = cls(proc, out, tally)
-        _live.append(self)
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert line == b"ready\n", f"consumer {name} did not start: {line!r}"
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            if line.startswith(b"h "):
-                self.tally.add(int(line[2:]))
-            elif line.startswith(b"bye "):
-                self.bye = json.loads(line[4:])
+        return await cls.launch(tmp, tally, name, cfg)
 
     def handled(self) -> list[tuple[str, int]]:
         if not self.out.exists():
@@ -291,35 +229,6 @@ class Consumer:
 
     def numbers(self) -> list[int]:
         return [n for _, n in self.handled()]
-
-    async def stop(self) -> None:
-        """Closes its stdin: it drains, stops its bus and exits."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        rc = await asyncio.wait_for(self.proc.wait(), 60)
-        if self._reader is not None:
-            await self._reader
-        assert rc == 0, f"consumer exited with {rc}"
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        if self._reader is not None:
-            await self._reader
-
-
-_live: list[Consumer] = []
-
-
-@pytest.fixture(autouse=True)
-async def _reap_consumers() -> Any:
-    """No consumer process outlives its test."""
-    yield
-    while _live:
-        await _live.pop().kill()
 
 
 class AmqpTick(DomainEvent):
@@ -346,19 +255,6 @@ class AmqpPaid(DomainEvent):
         return self.order_id
 
 
-def counted(n: int) -> tuple[list[Any], asyncio.Event, Callable[[Any], Any]]:
-    """A handler recording events, and an asyncio.Event set once it saw n of them."""
-    seen: list[Any] = []
-    done = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        seen.append(event)
-        if len(seen) >= n:
-            done.set()
-
-    return seen, done, handle
-
-
 class Changes:
     """Handlers call ``note()`` after they recorded something; ``until(pred)`` waits (no
     sleep) until ``pred()`` holds."""
@@ -376,12 +272,6 @@ class Changes:
                 await self._changed.wait()
 
         await asyncio.wait_for(watch(), timeout)
-
-
-async def started(**kwargs: Any) -> EventBus:
-    bus = EventBus(**kwargs)
-    await bus.start()
-    return bus
 
 
 # ------------------------------------------------------------------ one process, one group

@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import textwrap
 import time
@@ -32,28 +31,21 @@ from typing import Any, Callable
 import oxbus
 import pytest
 
+from _brokers import (
+    ConsumerProcess,
+    Tally,
+    counted,
+    free_port,
+    reap_consumers,  # noqa: F401 - an autouse fixture
+    started,
+)
 from _env import unavailable
-from _redis import HOST, URL, Resp, redis_ping
+from _redis import HOST, URL, Resp
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def redis_up() -> None:
-    reason = redis_ping()
-    if reason is not None:
-        unavailable(reason)
-
-
-@pytest.fixture
-def rds(redis_up: None) -> Any:
-    """A RESP connection to the shared Redis."""
-    r = Resp()
-    yield r
-    r.close()
 
 
 @pytest.fixture
@@ -62,45 +54,6 @@ def stream(rds: Resp) -> Any:
     name = f"oxbus-test:{uuid.uuid4().hex}"
     yield name
     rds.delete_prefix(name)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
-
-
-class Tally:
-    """Handled event numbers (from any process), with waits on conditions over them."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.calls = 0
-        self._waiters: list[tuple[Callable[[Tally], bool], asyncio.Event]] = []
-
-    def add(self, n: int) -> None:
-        self.calls += 1
-        self.seen.add(n)
-        for pred, ev in self._waiters:
-            if pred(self):
-                ev.set()
-
-    async def until(self, pred: Callable[[Tally], bool], timeout: float, what: str) -> None:
-        if pred(self):
-            return
-        ev = asyncio.Event()
-        self._waiters.append((pred, ev))
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}: "
-                f"{len(self.seen)} distinct handled, {self.calls} calls"
-            ) from None
-        finally:
-            self._waiters.remove((pred, ev))
 
 
 # A consumer process: reports "ready" once its group exists, then "h <n>" per handled event
@@ -150,80 +103,17 @@ CONSUMER = textwrap.dedent(
 )
 
 
-class Consumer:
+class Consumer(ConsumerProcess):
     """A consumer subprocess running CONSUMER, its handled numbers fed to a Tally."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, out: Path, tally: Tally) -> None:
-        self.proc = proc
-        self.out = out
-        self.tally = tally
-        self.handled: list[int] = []
-        self.bye: dict[str, Any] | None = None
-        self._reader: asyncio.Task[None] | None = None
+    script = CONSUMER
 
     @classmethod
     async def start(cls, tmp: Path, tally: Tally, **cfg: Any) -> Consumer:
-        script = tmp / "consumer.py"
-        if not script.exists():
-            script.write_text(CONSUMER)
-        out = tmp / f"{cfg['consumer']}.handled"
-        cfg["out"] = str(out)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(script),
-            json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self = cls(proc, out, tally)
-        _live.append(self)
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert line == b"ready\n", f"consumer {cfg['consumer']} did not start: {line!r}"
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            if line.startswith(b"h "):
-                n = int(line[2:])
-                self.handled.append(n)
-                self.tally.add(n)
-            elif line.startswith(b"bye "):
-                self.bye = json.loads(line[4:])
+        return await cls.launch(tmp, tally, cfg["consumer"], cfg)
 
     def file_numbers(self) -> list[int]:
         return [int(x) for x in self.out.read_text().split()] if self.out.exists() else []
-
-    async def stop(self) -> None:
-        """Closes its stdin: it drains, stops its bus and exits."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        rc = await asyncio.wait_for(self.proc.wait(), 60)
-        if self._reader is not None:
-            await self._reader
-        assert rc == 0, f"consumer exited with {rc}"
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        if self._reader is not None:
-            await self._reader
-
-
-_live: list[Consumer] = []
-
-
-@pytest.fixture(autouse=True)
-async def _reap_consumers() -> Any:
-    """No consumer process outlives its test."""
-    yield
-    while _live:
-        await _live.pop().kill()
 
 
 class Tick(DomainEvent):
@@ -260,25 +150,6 @@ class Step(DomainEvent):
     @property
     def aggregate_id(self) -> str:
         return self.account
-
-
-def counted(n: int) -> tuple[list[Any], asyncio.Event, Callable[[Any], Any]]:
-    """A handler recording events, and an asyncio.Event set once it saw n of them."""
-    seen: list[Any] = []
-    done = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        seen.append(event)
-        if len(seen) >= n:
-            done.set()
-
-    return seen, done, handle
-
-
-async def started(**kwargs: Any) -> EventBus:
-    bus = EventBus(**kwargs)
-    await bus.start()
-    return bus
 
 
 # ------------------------------------------------------------------ one process, one group
@@ -596,7 +467,7 @@ async def test_entries_delivered_max_deliveries_times_go_to_the_dead_stream_with
         await pub.stop(timeout=10)
         await watcher.stop(timeout=10)
     assert first.proc.returncode == -signal.SIGKILL and second.proc.returncode == -signal.SIGKILL
-    assert third.handled == [], "an entry delivered max_deliveries times was delivered again"
+    assert third.reported == [], "an entry delivered max_deliveries times was delivered again"
     (e,) = dead
     assert type(e) is Tick and e.n == 7 and e.event_id == sent.event_id
     ((_, fields),) = rds.entries(dead_stream)

@@ -1,5 +1,6 @@
 """Helpers shared by the broker tests (Redis Streams, RabbitMQ): a free port, a ``Tally`` of
-handled event numbers, a counting handler, a started bus, and consumer processes.
+handled event numbers, a counting and a failing handler, a started bus, a wait on the
+transport's health, and consumer processes.
 
 A consumer process runs its test module's ``CONSUMER`` script: it reports ``ready`` once it
 consumes, then ``h <n>`` per handled event (and writes what it handled to its own file), and
@@ -75,10 +76,39 @@ def counted(n: int) -> tuple[list[Any], asyncio.Event, Callable[[Any], Any]]:
     return seen, done, handle
 
 
+def failing(name: str, times: int) -> tuple[list[int], asyncio.Event, Callable[[Any], Any]]:
+    """A handler that raises ``ValueError`` on its first ``times`` calls (then succeeds), and an
+    asyncio.Event set at its last failing call."""
+    calls: list[int] = []
+    gave_up = asyncio.Event()
+
+    async def handle(event: Any) -> None:
+        calls.append(event.n)
+        if len(calls) <= times:
+            if len(calls) == times:
+                gave_up.set()
+            raise ValueError(f"{name} refuses {event.n}")
+
+    return calls, gave_up, handle
+
+
 async def started(**kwargs: Any) -> EventBus:
     bus = EventBus(**kwargs)
     await bus.start()
     return bus
+
+
+async def health_until(
+    bus: EventBus, pred: Callable[[dict[str, Any]], bool], polls: int
+) -> dict[str, Any]:
+    """The transport's part of the bus's health once ``pred`` holds of it. The broker is read
+    every ~2 s in the background: this polls, every 50 ms, ``polls`` times at most."""
+    for _ in range(polls):
+        t: dict[str, Any] = bus.get_health_status()["transport"]
+        if pred(t):
+            return t
+        await asyncio.sleep(0.05)  # sleep-ok: waiting for the periodic health reading
+    raise AssertionError(f"health never matched: {t}")
 
 
 class ConsumerProcess:

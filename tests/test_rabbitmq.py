@@ -35,7 +35,9 @@ from _brokers import (
     ConsumerProcess,
     Tally,
     counted,
+    failing,
     free_port,
+    health_until,
     reap_consumers,  # noqa: F401 - an autouse fixture
     started,
 )
@@ -594,21 +596,12 @@ async def test_health_reports_the_depth_of_the_queue_and_unsettled_deliveries(
     await bus.start()
     try:
         await bus.publish_many(AmqpTick(i) for i in range(50))
-
-        async def health_until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-            # The depth is read every ~2 s in the background: poll, bounded.
-            for _ in range(200):
-                t = bus.get_health_status()["transport"]
-                if pred(t):
-                    return t
-                await asyncio.sleep(0.05)  # sleep-ok: waiting for the periodic health reading
-            raise AssertionError(f"health never matched: {t}")
-
-        t = await health_until(lambda t: t["pending"] == 10 and t["lag"] == 40)
+        # The depth is read every ~2 s in the background.
+        t = await health_until(bus, lambda t: t["pending"] == 10 and t["lag"] == 40, 200)
         assert t["reachable"] is True
         gate.set()
         await asyncio.wait_for(done.wait(), 20)
-        await health_until(lambda t: t["pending"] == 0 and t["lag"] == 0)
+        await health_until(bus, lambda t: t["pending"] == 0 and t["lag"] == 0, 200)
     finally:
         gate.set()
         await bus.stop(timeout=10)
@@ -1067,22 +1060,6 @@ async def test_oxbus_health_reads_a_group_from_rabbitmq(amqp: Broker) -> None:
 
 
 # ------------------------------------------------------- dead letters of failed handlers
-
-
-def failing(name: str, times: int) -> tuple[list[int], asyncio.Event, Callable[[Any], Any]]:
-    """A handler that raises ``ValueError`` on its first ``times`` calls (then succeeds), and an
-    asyncio.Event set at its last failing call."""
-    calls: list[int] = []
-    gave_up = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        calls.append(event.n)
-        if len(calls) <= times:
-            if len(calls) == times:
-                gave_up.set()
-            raise ValueError(f"{name} refuses {event.n}")
-
-    return calls, gave_up, handle
 
 
 async def test_a_handler_that_gives_up_sends_the_event_to_the_dead_queue_with_its_error(

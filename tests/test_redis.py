@@ -26,7 +26,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import oxbus
 import pytest
@@ -35,7 +35,9 @@ from _brokers import (
     ConsumerProcess,
     Tally,
     counted,
+    failing,
     free_port,
+    health_until,
     reap_consumers,  # noqa: F401 - an autouse fixture
     started,
 )
@@ -335,21 +337,12 @@ async def test_health_reports_lag_and_pending_entries_of_the_group(stream: str) 
     await bus.start()
     try:
         await bus.publish_many(Tick(i) for i in range(50))
-
-        async def health_until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-            # XINFO GROUPS is read every ~2 s in the background: poll, bounded.
-            for _ in range(100):
-                t = bus.get_health_status()["transport"]
-                if pred(t):
-                    return t
-                await asyncio.sleep(0.05)  # sleep-ok: waiting for the periodic health reading
-            raise AssertionError(f"health never matched: {t}")
-
-        t = await health_until(lambda t: t["pending"] == 10 and t["lag"] == 40)
+        # XINFO GROUPS is read every ~2 s in the background.
+        t = await health_until(bus, lambda t: t["pending"] == 10 and t["lag"] == 40, 100)
         assert t["reachable"] is True
         gate.set()
         await asyncio.wait_for(done.wait(), 20)
-        await health_until(lambda t: t["pending"] == 0 and t["lag"] == 0)
+        await health_until(bus, lambda t: t["pending"] == 0 and t["lag"] == 0, 100)
     finally:
         gate.set()
         await bus.stop(timeout=10)
@@ -915,26 +908,10 @@ async def test_an_entry_the_consumer_cannot_take_goes_to_the_dead_stream_and_the
 # ------------------------------------------------------- dead letters of failed handlers
 
 
-def failing(times: int) -> tuple[list[int], asyncio.Event, Callable[[Any], Any]]:
-    """A handler raising ``ValueError`` on its first ``times`` calls (then succeeding), and an
-    asyncio.Event set at its last failing call."""
-    calls: list[int] = []
-    gave_up = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        calls.append(event.n)
-        if len(calls) <= times:
-            if len(calls) == times:
-                gave_up.set()
-            raise ValueError(f"refused {event.n}")
-
-    return calls, gave_up, handle
-
-
 async def test_a_handler_that_gives_up_writes_a_dead_entry_a_restart_lists_and_retries_it(
     rds: Resp, stream: str
 ) -> None:
-    _, gave_up, flaky = failing(2)
+    _, gave_up, flaky = failing("flaky", 2)
     audited, audit_done, audit = counted(1)
     auditor = EventBus(transport=URL, group="audit", stream=stream)
     auditor.subscribe(Tick, audit)
@@ -951,7 +928,7 @@ async def test_a_handler_that_gives_up_writes_a_dead_entry_a_restart_lists_and_r
         ((_, f),) = rds.entries(f"{stream}:dead")  # read with an independent client
         assert f["dead_letter_id"] == local.id and f["group"] == "billing"
         assert (f["subscription"], f["error_type"], f["error_message"], f["attempts"]) == (
-            "flaky", "ValueError", "refused 3", "2",
+            "flaky", "ValueError", "flaky refuses 3", "2",
         )
         assert "Traceback" in f["traceback"] and f["stream"] == stream
         assert json.loads(f["d"])["event_id"] == sent.event_id
@@ -984,7 +961,7 @@ async def test_a_handler_that_gives_up_writes_a_dead_entry_a_restart_lists_and_r
 async def test_oxbus_dlq_reads_retries_and_purges_a_redis_groups_dead_letters(
     rds: Resp, stream: str
 ) -> None:
-    _, gave_up, flaky = failing(2)
+    _, gave_up, flaky = failing("flaky", 2)
     bus = EventBus(transport=URL, group="billing", stream=stream)
     bus.subscribe(Tick, flaky, name="flaky")
     async with bus:

@@ -96,23 +96,18 @@ class Broker:
 
     async def take(self, queue: str) -> list[Any]:
         """Every message ready in ``queue`` (acknowledged: they leave it)."""
-        ch = await self.conn.channel()
-        try:
-            q = await ch.declare_queue(queue, passive=True)
-            got = []
-            while (m := await q.get(no_ack=True, fail=False)) is not None:
-                got.append(m)
-            return got
-        finally:
-            await ch.close()
+        return await self._get_all(queue, no_ack=True)
 
     async def peek(self, queue: str) -> list[Any]:
         """Every message ready in ``queue``, left there (unacknowledged, then requeued)."""
+        return await self._get_all(queue, no_ack=False)
+
+    async def _get_all(self, queue: str, no_ack: bool) -> list[Any]:
         ch = await self.conn.channel()
         try:
             q = await ch.declare_queue(queue, passive=True)
             got = []
-            while (m := await q.get(no_ack=False, fail=False)) is not None:
+            while (m := await q.get(no_ack=no_ack, fail=False)) is not None:
                 got.append(m)
             return got
         finally:

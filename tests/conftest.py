@@ -13,6 +13,8 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
+from _env import unavailable
+from _redis import Resp, redis_ping
 from oxbus import EventBus
 
 
@@ -57,3 +59,20 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
+
+
+@pytest.fixture(scope="module")
+def redis_up() -> None:
+    """The Redis tests' server (127.0.0.1:6379) answers, else they are skipped (failed under
+    ``OXBUS_CI=1``)."""
+    reason = redis_ping()
+    if reason is not None:
+        unavailable(reason)
+
+
+@pytest.fixture
+def rds(redis_up: None) -> Any:
+    """A RESP connection to the shared Redis."""
+    r = Resp()
+    yield r
+    r.close()

@@ -31,6 +31,16 @@ from typing import Any
 
 import oxbus
 import pytest
+from _brokers import (
+    ConsumerProcess,
+    Tally,
+    counted,
+    failing,
+    free_port,
+    health_until,
+    reap_consumers,  # noqa: F401 - an autouse fixture
+    started,
+)
 from _env import unavailable
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
@@ -86,23 +96,18 @@ class Broker:
 
     async def take(self, queue: str) -> list[Any]:
         """Every message ready in ``queue`` (acknowledged: they leave it)."""
-        ch = await self.conn.channel()
-        try:
-            q = await ch.declare_queue(queue, passive=True)
-            got = []
-            while (m := await q.get(no_ack=True, fail=False)) is not None:
-                got.append(m)
-            return got
-        finally:
-            await ch.close()
+        return await self._get_all(queue, no_ack=True)
 
     async def peek(self, queue: str) -> list[Any]:
         """Every message ready in ``queue``, left there (unacknowledged, then requeued)."""
+        return await self._get_all(queue, no_ack=False)
+
+    async def _get_all(self, queue: str, no_ack: bool) -> list[Any]:
         ch = await self.conn.channel()
         try:
             q = await ch.declare_queue(queue, passive=True)
             got = []
-            while (m := await q.get(no_ack=False, fail=False)) is not None:
+            while (m := await q.get(no_ack=no_ack, fail=False)) is not None:
                 got.append(m)
             return got
         finally:
@@ -151,45 +156,6 @@ async def hash_exchange(amqp: Broker) -> None:
             f"the consistent-hash exchange is not enabled ({e}): "
             "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
         )
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
-
-
-class Tally:
-    """Handled event numbers (from any process), with waits on conditions over them."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.calls = 0
-        self._waiters: list[tuple[Callable[[Tally], bool], asyncio.Event]] = []
-
-    def add(self, n: int) -> None:
-        self.calls += 1
-        self.seen.add(n)
-        for pred, ev in self._waiters:
-            if pred(self):
-                ev.set()
-
-    async def until(self, pred: Callable[[Tally], bool], timeout: float, what: str) -> None:
-        if pred(self):
-            return
-        ev = asyncio.Event()
-        self._waiters.append((pred, ev))
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}: "
-                f"{len(self.seen)} distinct handled, {self.calls} calls"
-            ) from None
-        finally:
-            self._waiters.remove((pred, ev))
 
 
 # A consumer process: reports "ready" once its queue is bound, then "h <n>" per handled event
@@ -243,46 +209,15 @@ CONSUMER = textwrap.dedent(
 )
 
 
-class Consumer:
+class Consumer(ConsumerProcess):
     """A consumer subprocess running CONSUMER, its handled numbers fed to a Tally."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, out: Path, tally: Tally) -> None:
-        self.proc = proc
-        self.out = out
-        self.tally = tally
-        self.bye: dict[str, Any] | None = None
-        self._reader: asyncio.Task[None] | None = None
+    script = CONSUMER
 
     @classmethod
     async def start(cls, tmp: Path, tally: Tally, name: str, **cfg: Any) -> Consumer:
-        script = tmp / "consumer.py"
-        if not script.exists():
-            script.write_text(CONSUMER)
-        out = tmp / f"{name}.handled"
         cfg.setdefault("url", URL)
-        cfg["out"] = str(out)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(script),
-            json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self = cls(proc, out, tally)
-        _live.append(self)
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert line == b"ready\n", f"consumer {name} did not start: {line!r}"
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            if line.startswith(b"h "):
-                self.tally.add(int(line[2:]))
-            elif line.startswith(b"bye "):
-                self.bye = json.loads(line[4:])
+        return await cls.launch(tmp, tally, name, cfg)
 
     def handled(self) -> list[tuple[str, int]]:
         if not self.out.exists():
@@ -291,35 +226,6 @@ class Consumer:
 
     def numbers(self) -> list[int]:
         return [n for _, n in self.handled()]
-
-    async def stop(self) -> None:
-        """Closes its stdin: it drains, stops its bus and exits."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        rc = await asyncio.wait_for(self.proc.wait(), 60)
-        if self._reader is not None:
-            await self._reader
-        assert rc == 0, f"consumer exited with {rc}"
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        if self._reader is not None:
-            await self._reader
-
-
-_live: list[Consumer] = []
-
-
-@pytest.fixture(autouse=True)
-async def _reap_consumers() -> Any:
-    """No consumer process outlives its test."""
-    yield
-    while _live:
-        await _live.pop().kill()
 
 
 class AmqpTick(DomainEvent):
@@ -346,19 +252,6 @@ class AmqpPaid(DomainEvent):
         return self.order_id
 
 
-def counted(n: int) -> tuple[list[Any], asyncio.Event, Callable[[Any], Any]]:
-    """A handler recording events, and an asyncio.Event set once it saw n of them."""
-    seen: list[Any] = []
-    done = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        seen.append(event)
-        if len(seen) >= n:
-            done.set()
-
-    return seen, done, handle
-
-
 class Changes:
     """Handlers call ``note()`` after they recorded something; ``until(pred)`` waits (no
     sleep) until ``pred()`` holds."""
@@ -376,12 +269,6 @@ class Changes:
                 await self._changed.wait()
 
         await asyncio.wait_for(watch(), timeout)
-
-
-async def started(**kwargs: Any) -> EventBus:
-    bus = EventBus(**kwargs)
-    await bus.start()
-    return bus
 
 
 # ------------------------------------------------------------------ one process, one group
@@ -704,21 +591,12 @@ async def test_health_reports_the_depth_of_the_queue_and_unsettled_deliveries(
     await bus.start()
     try:
         await bus.publish_many(AmqpTick(i) for i in range(50))
-
-        async def health_until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-            # The depth is read every ~2 s in the background: poll, bounded.
-            for _ in range(200):
-                t = bus.get_health_status()["transport"]
-                if pred(t):
-                    return t
-                await asyncio.sleep(0.05)  # sleep-ok: waiting for the periodic health reading
-            raise AssertionError(f"health never matched: {t}")
-
-        t = await health_until(lambda t: t["pending"] == 10 and t["lag"] == 40)
+        # The depth is read every ~2 s in the background.
+        t = await health_until(bus, lambda t: t["pending"] == 10 and t["lag"] == 40, 200)
         assert t["reachable"] is True
         gate.set()
         await asyncio.wait_for(done.wait(), 20)
-        await health_until(lambda t: t["pending"] == 0 and t["lag"] == 0)
+        await health_until(bus, lambda t: t["pending"] == 0 and t["lag"] == 0, 200)
     finally:
         gate.set()
         await bus.stop(timeout=10)
@@ -1177,22 +1055,6 @@ async def test_oxbus_health_reads_a_group_from_rabbitmq(amqp: Broker) -> None:
 
 
 # ------------------------------------------------------- dead letters of failed handlers
-
-
-def failing(name: str, times: int) -> tuple[list[int], asyncio.Event, Callable[[Any], Any]]:
-    """A handler that raises ``ValueError`` on its first ``times`` calls (then succeeds), and an
-    asyncio.Event set at its last failing call."""
-    calls: list[int] = []
-    gave_up = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        calls.append(event.n)
-        if len(calls) <= times:
-            if len(calls) == times:
-                gave_up.set()
-            raise ValueError(f"{name} refuses {event.n}")
-
-    return calls, gave_up, handle
 
 
 async def test_a_handler_that_gives_up_sends_the_event_to_the_dead_queue_with_its_error(

@@ -21,39 +21,33 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import oxbus
 import pytest
 
+from _brokers import (
+    ConsumerProcess,
+    Tally,
+    counted,
+    failing,
+    free_port,
+    health_until,
+    reap_consumers,  # noqa: F401 - an autouse fixture
+    started,
+)
 from _env import unavailable
-from _redis import HOST, URL, Resp, redis_ping
+from _redis import HOST, URL, Resp
 from oxbus import DomainEvent, EventBus, TransportError
 from oxbus.errors import ConfigurationError
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def redis_up() -> None:
-    reason = redis_ping()
-    if reason is not None:
-        unavailable(reason)
-
-
-@pytest.fixture
-def rds(redis_up: None) -> Any:
-    """A RESP connection to the shared Redis."""
-    r = Resp()
-    yield r
-    r.close()
 
 
 @pytest.fixture
@@ -62,45 +56,6 @@ def stream(rds: Resp) -> Any:
     name = f"oxbus-test:{uuid.uuid4().hex}"
     yield name
     rds.delete_prefix(name)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
-
-
-class Tally:
-    """Handled event numbers (from any process), with waits on conditions over them."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.calls = 0
-        self._waiters: list[tuple[Callable[[Tally], bool], asyncio.Event]] = []
-
-    def add(self, n: int) -> None:
-        self.calls += 1
-        self.seen.add(n)
-        for pred, ev in self._waiters:
-            if pred(self):
-                ev.set()
-
-    async def until(self, pred: Callable[[Tally], bool], timeout: float, what: str) -> None:
-        if pred(self):
-            return
-        ev = asyncio.Event()
-        self._waiters.append((pred, ev))
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}: "
-                f"{len(self.seen)} distinct handled, {self.calls} calls"
-            ) from None
-        finally:
-            self._waiters.remove((pred, ev))
 
 
 # A consumer process: reports "ready" once its group exists, then "h <n>" per handled event
@@ -150,80 +105,17 @@ CONSUMER = textwrap.dedent(
 )
 
 
-class Consumer:
+class Consumer(ConsumerProcess):
     """A consumer subprocess running CONSUMER, its handled numbers fed to a Tally."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, out: Path, tally: Tally) -> None:
-        self.proc = proc
-        self.out = out
-        self.tally = tally
-        self.handled: list[int] = []
-        self.bye: dict[str, Any] | None = None
-        self._reader: asyncio.Task[None] | None = None
+    script = CONSUMER
 
     @classmethod
     async def start(cls, tmp: Path, tally: Tally, **cfg: Any) -> Consumer:
-        script = tmp / "consumer.py"
-        if not script.exists():
-            script.write_text(CONSUMER)
-        out = tmp / f"{cfg['consumer']}.handled"
-        cfg["out"] = str(out)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(script),
-            json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self = cls(proc, out, tally)
-        _live.append(self)
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert line == b"ready\n", f"consumer {cfg['consumer']} did not start: {line!r}"
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            if line.startswith(b"h "):
-                n = int(line[2:])
-                self.handled.append(n)
-                self.tally.add(n)
-            elif line.startswith(b"bye "):
-                self.bye = json.loads(line[4:])
+        return await cls.launch(tmp, tally, cfg["consumer"], cfg)
 
     def file_numbers(self) -> list[int]:
         return [int(x) for x in self.out.read_text().split()] if self.out.exists() else []
-
-    async def stop(self) -> None:
-        """Closes its stdin: it drains, stops its bus and exits."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        rc = await asyncio.wait_for(self.proc.wait(), 60)
-        if self._reader is not None:
-            await self._reader
-        assert rc == 0, f"consumer exited with {rc}"
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        if self._reader is not None:
-            await self._reader
-
-
-_live: list[Consumer] = []
-
-
-@pytest.fixture(autouse=True)
-async def _reap_consumers() -> Any:
-    """No consumer process outlives its test."""
-    yield
-    while _live:
-        await _live.pop().kill()
 
 
 class Tick(DomainEvent):
@@ -260,25 +152,6 @@ class Step(DomainEvent):
     @property
     def aggregate_id(self) -> str:
         return self.account
-
-
-def counted(n: int) -> tuple[list[Any], asyncio.Event, Callable[[Any], Any]]:
-    """A handler recording events, and an asyncio.Event set once it saw n of them."""
-    seen: list[Any] = []
-    done = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        seen.append(event)
-        if len(seen) >= n:
-            done.set()
-
-    return seen, done, handle
-
-
-async def started(**kwargs: Any) -> EventBus:
-    bus = EventBus(**kwargs)
-    await bus.start()
-    return bus
 
 
 # ------------------------------------------------------------------ one process, one group
@@ -464,21 +337,12 @@ async def test_health_reports_lag_and_pending_entries_of_the_group(stream: str) 
     await bus.start()
     try:
         await bus.publish_many(Tick(i) for i in range(50))
-
-        async def health_until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-            # XINFO GROUPS is read every ~2 s in the background: poll, bounded.
-            for _ in range(100):
-                t = bus.get_health_status()["transport"]
-                if pred(t):
-                    return t
-                await asyncio.sleep(0.05)  # sleep-ok: waiting for the periodic health reading
-            raise AssertionError(f"health never matched: {t}")
-
-        t = await health_until(lambda t: t["pending"] == 10 and t["lag"] == 40)
+        # XINFO GROUPS is read every ~2 s in the background.
+        t = await health_until(bus, lambda t: t["pending"] == 10 and t["lag"] == 40, 100)
         assert t["reachable"] is True
         gate.set()
         await asyncio.wait_for(done.wait(), 20)
-        await health_until(lambda t: t["pending"] == 0 and t["lag"] == 0)
+        await health_until(bus, lambda t: t["pending"] == 0 and t["lag"] == 0, 100)
     finally:
         gate.set()
         await bus.stop(timeout=10)
@@ -596,7 +460,7 @@ async def test_entries_delivered_max_deliveries_times_go_to_the_dead_stream_with
         await pub.stop(timeout=10)
         await watcher.stop(timeout=10)
     assert first.proc.returncode == -signal.SIGKILL and second.proc.returncode == -signal.SIGKILL
-    assert third.handled == [], "an entry delivered max_deliveries times was delivered again"
+    assert third.reported == [], "an entry delivered max_deliveries times was delivered again"
     (e,) = dead
     assert type(e) is Tick and e.n == 7 and e.event_id == sent.event_id
     ((_, fields),) = rds.entries(dead_stream)
@@ -1044,26 +908,10 @@ async def test_an_entry_the_consumer_cannot_take_goes_to_the_dead_stream_and_the
 # ------------------------------------------------------- dead letters of failed handlers
 
 
-def failing(times: int) -> tuple[list[int], asyncio.Event, Callable[[Any], Any]]:
-    """A handler raising ``ValueError`` on its first ``times`` calls (then succeeding), and an
-    asyncio.Event set at its last failing call."""
-    calls: list[int] = []
-    gave_up = asyncio.Event()
-
-    async def handle(event: Any) -> None:
-        calls.append(event.n)
-        if len(calls) <= times:
-            if len(calls) == times:
-                gave_up.set()
-            raise ValueError(f"refused {event.n}")
-
-    return calls, gave_up, handle
-
-
 async def test_a_handler_that_gives_up_writes_a_dead_entry_a_restart_lists_and_retries_it(
     rds: Resp, stream: str
 ) -> None:
-    _, gave_up, flaky = failing(2)
+    _, gave_up, flaky = failing("flaky", 2)
     audited, audit_done, audit = counted(1)
     auditor = EventBus(transport=URL, group="audit", stream=stream)
     auditor.subscribe(Tick, audit)
@@ -1080,7 +928,7 @@ async def test_a_handler_that_gives_up_writes_a_dead_entry_a_restart_lists_and_r
         ((_, f),) = rds.entries(f"{stream}:dead")  # read with an independent client
         assert f["dead_letter_id"] == local.id and f["group"] == "billing"
         assert (f["subscription"], f["error_type"], f["error_message"], f["attempts"]) == (
-            "flaky", "ValueError", "refused 3", "2",
+            "flaky", "ValueError", "flaky refuses 3", "2",
         )
         assert "Traceback" in f["traceback"] and f["stream"] == stream
         assert json.loads(f["d"])["event_id"] == sent.event_id
@@ -1113,7 +961,7 @@ async def test_a_handler_that_gives_up_writes_a_dead_entry_a_restart_lists_and_r
 async def test_oxbus_dlq_reads_retries_and_purges_a_redis_groups_dead_letters(
     rds: Resp, stream: str
 ) -> None:
-    _, gave_up, flaky = failing(2)
+    _, gave_up, flaky = failing("flaky", 2)
     bus = EventBus(transport=URL, group="billing", stream=stream)
     bus.subscribe(Tick, flaky, name="flaky")
     async with bus:

@@ -25,26 +25,11 @@ from typing import Any, Callable
 
 import pytest
 
-from _env import unavailable
-from _redis import URL, Resp, redis_ping
+from _redis import URL, Resp
 from oxbus import DomainEvent, EventBus, RedisStreams
 from oxbus.errors import ConfigurationError
 
 PARTITIONS = 4
-
-
-@pytest.fixture(scope="module")
-def redis_up() -> None:
-    reason = redis_ping()
-    if reason is not None:
-        unavailable(reason)
-
-
-@pytest.fixture
-def rds(redis_up: None) -> Any:
-    r = Resp()
-    yield r
-    r.close()
 
 
 @pytest.fixture

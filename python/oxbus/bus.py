@@ -4,7 +4,8 @@ The engine owns the queue, the per-key lanes, routing, statistics and health; wo
 native coroutines run as asyncio tasks. This module adds what is naturally Python: the
 asyncio glue (start/stop/drain/wait_for), subscriptions' checks, and the thread-side
 publisher. Where events travel is the transport's backend (``oxbus.backends``); failures
-and dead letters are kept by ``oxbus.failures`` and ``oxbus.dead_letters``.
+and dead letters are kept by ``oxbus.failures`` and ``oxbus.dead_letters``; the workers' tasks
+by ``oxbus._workers``. The waits are ``oxbus._waiting``'s, the reports ``oxbus._reports``'s.
 """
 
 from __future__ import annotations
@@ -12,22 +13,20 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import concurrent.futures
-import contextvars
 import functools
 import logging
 import os
-import sys
 from enum import Enum
 from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union, overload
 
-from oxbus._oxbus import (
-    BusCore, Publish, RetryPolicy, Worker, current_envelope, encode_json, publisher, publishing,
-)
+from oxbus._oxbus import BusCore, Publish, RetryPolicy, encode_json, publisher, publishing
+from oxbus import _reports, _waiting
 from oxbus import heartbeat as _heartbeat
 from oxbus import log as _log  # noqa: F401 - puts the correlation fields on the "oxbus" logger
 from oxbus._pool import ElasticPool, call_with_timeout
-from oxbus._saga_manager import SagaManager, Sagas, empty_statistics
+from oxbus._saga_manager import SagaManager, Sagas
 from oxbus._threadsafe import ThreadsafePublisher
+from oxbus._workers import Background, cancel_workers, start_worker
 from oxbus.backends import backend_for, store_of
 from oxbus.config import BusSettings, CircuitBreaker, seconds as _timeout
 from oxbus.dead_letters import DeadLetters
@@ -40,7 +39,7 @@ from oxbus.subscription import (
     is_async as _is_async,
 )
 from oxbus.transports import URL_KEYWORDS, Transport, TransportSpec, resolve
-from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent, ReentrantCall
+from oxbus.errors import BusNotStarted, ConfigurationError, InvalidEvent
 
 __all__ = ["EventBus"]
 
@@ -57,21 +56,6 @@ Target = Any  # a class, a type string or pattern, or an Enum member
 E = TypeVar("E")
 R = TypeVar("R")
 Named = str | Enum  # a type string, pattern or Enum member: says nothing of the event's class
-
-
-def _start_worker(
-    loop: asyncio.AbstractEventLoop, core: BusCore, index: int, name: str
-) -> asyncio.Task[Any]:
-    """A worker's task. Given the context its task runs in (``create_task(context=)``,
-    Python 3.11+; a loop or task factory without it gets none), the worker checks its
-    envelope's context variable without copying the context on every event."""
-    if sys.version_info >= (3, 11):
-        ctx = contextvars.copy_context()
-        try:
-            return loop.create_task(Worker(core, index, ctx), name=name, context=ctx)
-        except TypeError:  # a loop or a task factory that takes no context
-            pass
-    return loop.create_task(Worker(core, index), name=name)
 
 
 class EventBus:
@@ -158,7 +142,7 @@ class EventBus:
             self._executor = ElasticPool(settings.thread_pool_size, f"{name}-sync")
         self._core = BusCore(settings.workers, max_queue_size, ordered, sync_handlers == "thread", self._executor, retry)
         self._retry = retry or RetryPolicy()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()
         # durable bus: subscription id -> (name, from_beginning)
         self._durable: dict[int, tuple[str, bool]] = {}
         self.dead_letters = DeadLetters(self._core, self._spawn, self._durable)
@@ -206,7 +190,7 @@ class EventBus:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._core.start(loop)
-        self._tasks = [_start_worker(loop, self._core, i, f"{self._name}-worker-{i}")
+        self._tasks = [start_worker(loop, self._core, i, f"{self._name}-worker-{i}")
                        for i in range(self._core.workers)]
         for task in self._tasks:
             task.add_done_callback(self._on_worker_done)
@@ -224,15 +208,10 @@ class EventBus:
 
     def _spawn(self, aw: Awaitable[Any]) -> None:
         """Runs store bookkeeping in the background, keeping a reference until it ends."""
-        async def run() -> None:
-            try:
-                await aw
-            except Exception:
-                logger.exception("event store bookkeeping failed")
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        # A bound method of the bus, kept by DeadLetters: the bus, in that cycle, is freed by
+        # the collector at exit, so a worker ended by a handler's sys.exit() is not reported
+        # as "Task exception was never retrieved" (tests/test_exit.py).
+        self._background.spawn(aw)
 
     async def stop(self, timeout: float | None = None, *, drain: bool = True) -> int:
         """Stops the bus. Idempotent; a no-op before ``start``.
@@ -247,7 +226,7 @@ class EventBus:
         """
         if not self._core.running:
             return 0
-        self._refuse_inside_handler("stop")
+        _waiting.refuse_inside_handler("stop", self._loop is not None)
         if self._heartbeats is not None:
             await self._heartbeats.stop()
         if self._sagas is not None:
@@ -269,27 +248,14 @@ class EventBus:
         discarded: int = self._core.close(True)
         # Handlers already running may finish within what is left of the timeout (with
         # drain=False and no timeout they are cancelled at once).
-        running = self._core.drain_waiter() if (drain or deadline is not None) else None
-        if running is not None:
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                await asyncio.wait_for(running, left)
-            except asyncio.TimeoutError:
-                pass
-        for t in self._tasks:
-            t.cancel()
-        # A handler that swallows CancelledError would keep its worker (and stop) waiting
-        # for ever: the workers get what is left of the timeout (at least a moment; 5 s
-        # without one), then the ones still running are abandoned, with an error logged.
-        left = 5.0 if deadline is None else max(0.05, deadline - loop.time())
-        _, stuck = await asyncio.wait(self._tasks, timeout=left) if self._tasks else ((), ())
-        discarded += len(stuck)
-        for t in stuck:
-            t.remove_done_callback(self._on_worker_done)
-            logger.error(
-                "stop: %s did not end after it was cancelled (a handler swallowed "
-                "CancelledError?); abandoned", t.get_name(),
+        if drain or deadline is not None:
+            await _waiting.settle(
+                self._core, None if deadline is None else max(0.0, deadline - loop.time())
             )
+        # The workers get what is left of the timeout (at least a moment; 5 s without one),
+        # then the ones still running are abandoned, with an error logged.
+        left = 5.0 if deadline is None else max(0.05, deadline - loop.time())
+        discarded += await cancel_workers(self._tasks, left, self._on_worker_done)
         cut = self._core.statistics()["events_interrupted"] - interrupted
         if discarded or cut:
             logger.warning(
@@ -299,8 +265,7 @@ class EventBus:
         discarded += cut
         self._tasks = []
         self._failures.clear()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.wait()
         await self._backend.close()  # closes a store the bus opened; disconnects a broker
         logger.info("bus %r stopped: %d event(s) discarded or interrupted", self._name, discarded)
         return discarded
@@ -543,18 +508,8 @@ class EventBus:
 
         Raises ``TimeoutError`` after ``timeout`` seconds.
         """
-        self._refuse_inside_handler("drain")
-        fut = self._core.drain_waiter()
-        if fut is None:
-            return
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            s = self._core.statistics()
-            raise TimeoutError(
-                f"drain timed out after {timeout}s: {s['queue_size']} queued, "
-                f"{s['in_flight']} in handlers, {s['retry_queue_size']} waiting to retry"
-            ) from None
+        _waiting.refuse_inside_handler("drain", self._loop is not None)
+        await _waiting.drain(self._core, timeout)
 
     @overload
     def wait_for(
@@ -580,25 +535,7 @@ class EventBus:
         """
         fut = asyncio.get_running_loop().create_future()
         wid = self._core.add_waiter(event_type, predicate, fut)
-        return self._wait_for(fut, wid, event_type, timeout)
-
-    async def _wait_for(self, fut: asyncio.Future[Any], wid: int, event_type: Target, timeout: float | None) -> Any:
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(
-                f"no {getattr(event_type, '__name__', event_type)!s} event within {timeout}s"
-            ) from None
-        finally:
-            self._core.remove_waiter(wid)
-
-    def _refuse_inside_handler(self, what: str) -> None:
-        env = current_envelope()
-        if env is not None and self._loop is not None:
-            raise ReentrantCall(
-                f"{what}() called from inside a handler (of {env.event_type}) would wait "
-                "for that handler itself; call it from outside handlers"
-            )
+        return _waiting.wait_for_event(self._core, fut, wid, event_type, timeout)
 
     # ------------------------------------------------------------------- failures
 
@@ -629,43 +566,19 @@ class EventBus:
         failed = bus.get_statistics()["by_subscription"]["billing"]["failed"]
         ```
         """
-        s: dict[str, Any] = self._core.statistics()
-        s["failed_events_count"] = len(self.dead_letters)
-        self._backend.statistics(s)
-        s.update(empty_statistics() if self._sagas is None else self._sagas.statistics())
-        return s
+        return _reports.statistics(self._core, self.dead_letters, self._backend, self._sagas)
 
     def get_stats(self) -> dict[str, Any]:
         """The statistics in the shape of the Redis Pub/Sub bus oxbus replaces (its
         ``get_stats()``): published, received, processed, failed."""
-        s = self._core.statistics()
-        return {
-            "published": s["events_published"],
-            "received": s["events_processed"] + s["in_flight"],
-            "processed": s["events_processed"],
-            "failed": s["events_failed"],
-            "queue_size": s["queue_size"],
-            "is_running": s["is_running"],
-        }
+        return _reports.legacy_stats(self._core)
 
     def get_health_status(self) -> dict[str, Any]:
         """``status`` (healthy / degraded / stopped, with ``reasons``), queue_size,
         worker_count, in_flight, lanes, oldest queued age, memory_usage_mb, cpu_percent,
         system memory, error rate, dead letters and the thresholds used (and ``transport``
         for a broker)."""
-        h: dict[str, Any] = self._core.health()
-        self._backend.health(h)
-        pool = self._executor
-        h["abandoned_threads"] = 0 if pool is None else pool.abandoned
-        h["abandoned_threads_total"] = 0 if pool is None else pool.abandoned_total
-        h["thread_pool_size"] = 0 if pool is None else pool.size
-        h["heartbeats"] = {} if self._heartbeats is None else self._heartbeats.report()
-        if pool is not None and pool.abandoned >= pool.size and h["status"] == "healthy":
-            h["status"] = "degraded"
-            h["reasons"].append(
-                f"{pool.abandoned} thread-pool handler calls overran their timeout and still run"
-            )
-        return h
+        return _reports.health(self._core, self._backend, self._executor, self._heartbeats)
 
     def metrics(self) -> str:
         """The bus's metrics in the Prometheus text format (see ``oxbus.metrics``)."""
@@ -680,10 +593,5 @@ class EventBus:
         return await _heartbeat.watch(self, listen=False).broadcast(source, interval)
 
     def __repr__(self) -> str:
-        s = self._core.statistics()
-        return (
-            f"<{type(self).__name__} {'running' if s['is_running'] else 'stopped'} "
-            f"workers={s['worker_count']} queued={s['queue_size']} "
-            f"published={s['events_published']} processed={s['events_processed']}>"
-        )
+        return _reports.summary(type(self).__name__, self._core)
 

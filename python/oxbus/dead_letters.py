@@ -113,22 +113,32 @@ def broker_fields(headers: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _from_broker(
-    row: tuple[str, str, str, dict[str, str]], make_event: Callable[[Any], Any]
-) -> DeadLetter:
-    """A dead letter read back from the broker (see :func:`broker_fields`)."""
-    did, _source, payload, headers = row
+#: a dead letter as ``TransportCore.dead_letters`` reads it from the broker: its id, the queue
+#: (or stream) a retry sends it back to, its payload and the fields written beside it
+BrokerRow = tuple[str, str, str, dict[str, str]]
+
+
+def read_broker_row(row: BrokerRow) -> tuple[Any, dict[str, Any]]:
+    """A dead letter read back from the broker (``bus.dead_letters`` and ``oxbus dlq URL``):
+    its body, the payload's JSON (``None`` when the payload is not JSON), and what its fields
+    say (:func:`broker_fields`)."""
     try:
-        body = json.loads(payload)
+        body = json.loads(row[2])
     except ValueError:
         body = None
+    return body, broker_fields(row[3])
+
+
+def _from_broker(row: BrokerRow, make_event: Callable[[Any], Any]) -> DeadLetter:
+    """A dead letter read back from the broker, its event rebuilt by ``make_event``."""
+    did, _source, payload, headers = row
+    body, f = read_broker_row(row)
     # A message that cannot be rebuilt (not JSON, a class that refuses its data: often why
     # it is here) is listed as it is: its text, or its decoded body.
     try:
         event = make_event(body) if isinstance(body, dict) else (payload if body is None else body)
     except Exception:
         event = body
-    f = broker_fields(headers)
     event_id = body.get("event_id") if isinstance(body, dict) else None
     return DeadLetter(
         id=did, event=event, final_result=ProcessingResult(

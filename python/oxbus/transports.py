@@ -164,6 +164,32 @@ class Broker(Transport):
         ``oxbus dlq`` (``None``: not read back from this broker)."""
         return None
 
+    def _check(
+        self, url: Any, url_text: str, names: dict[str, Any], optional: tuple[str, Any],
+        consume: Any,
+    ) -> None:
+        """Raises ``ConfigurationError`` unless ``url`` is a URL of one of ``schemes``
+        (``url_text`` names them), each of ``names`` a non-empty str, the ``optional`` one a
+        non-empty str or None, and ``consume`` True, False or None."""
+        if not isinstance(url, str) or not url.lower().startswith(
+            tuple(f"{s}://" for s in self.schemes)
+        ):
+            shown = redact(url) if isinstance(url, str) else url
+            raise ConfigurationError(f"transport must be {url_text} URL, got {shown!r}")
+        for name, value in names.items():
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(f"{name} must be a non-empty str, got {value!r}")
+        name, value = optional
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigurationError(f"{name} must be a non-empty str or None, got {value!r}")
+        if consume is not None and not isinstance(consume, bool):
+            raise ConfigurationError(f"consume must be True, False or None, got {consume!r}")
+
+    def _set(self, checked: dict[str, Any]) -> None:
+        """Sets the (frozen) fields to their checked values."""
+        for field_name, checked_value in checked.items():
+            object.__setattr__(self, field_name, checked_value)
+
 
 @dataclass(frozen=True, init=False, repr=False)
 class RedisStreams(Broker):
@@ -221,21 +247,11 @@ class RedisStreams(Broker):
         consume: bool | None = None,
         lease_ttl: float = 10.0,
     ) -> None:
-        if not isinstance(url, str) or not url.lower().startswith(
-            tuple(f"{s}://" for s in self.schemes)
-        ):
-            shown = redact(url) if isinstance(url, str) else url
-            raise ConfigurationError(
-                f"transport must be a redis:// (or rediss://, unix://) URL, got {shown!r}"
-            )
-        for name, value in (("group", group), ("stream", stream)):
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(f"{name} must be a non-empty str, got {value!r}")
-        if consumer is not None and (not isinstance(consumer, str) or not consumer):
-            raise ConfigurationError(f"consumer must be a non-empty str or None, got {consumer!r}")
-        if consume is not None and not isinstance(consume, bool):
-            raise ConfigurationError(f"consume must be True, False or None, got {consume!r}")
-        checked = {
+        self._check(
+            url, "a redis:// (or rediss://, unix://)", {"group": group, "stream": stream},
+            ("consumer", consumer), consume,
+        )
+        self._set({
             "url": url,
             "group": group,
             "consumer": consumer,
@@ -248,9 +264,7 @@ class RedisStreams(Broker):
             "prefetch": positive_int("prefetch", prefetch),
             "consume": consume,
             "lease_ttl": _lease_ttl(lease_ttl),
-        }
-        for field_name, checked_value in checked.items():
-            object.__setattr__(self, field_name, checked_value)
+        })
 
     @classmethod
     def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:
@@ -392,26 +406,16 @@ class RabbitMQ(Broker):
         publish_timeout: float = 5.0,
         consume: bool | None = None,
     ) -> None:
-        if not isinstance(url, str) or not url.lower().startswith(
-            tuple(f"{s}://" for s in self.schemes)
-        ):
-            shown = redact(url) if isinstance(url, str) else url
-            raise ConfigurationError(
-                f"transport must be an amqp:// (or amqps://) URL, got {shown!r}"
-            )
-        for name, value in (("group", group), ("exchange", exchange)):
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(f"{name} must be a non-empty str, got {value!r}")
-        if queue is not None and (not isinstance(queue, str) or not queue):
-            raise ConfigurationError(f"queue must be a non-empty str or None, got {queue!r}")
-        if consume is not None and not isinstance(consume, bool):
-            raise ConfigurationError(f"consume must be True, False or None, got {consume!r}")
+        self._check(
+            url, "an amqp:// (or amqps://)", {"group": group, "exchange": exchange},
+            ("queue", queue), consume,
+        )
         prefetch = positive_int("prefetch", prefetch)
         if prefetch > 65535:
             raise ConfigurationError(
                 f"prefetch must be at most 65535 (AMQP's basic.qos), got {prefetch!r}"
             )
-        checked = {
+        self._set({
             "url": url,
             "group": group,
             "exchange": exchange,
@@ -422,9 +426,7 @@ class RabbitMQ(Broker):
             "connect_timeout": seconds("connect_timeout", connect_timeout),
             "publish_timeout": seconds("publish_timeout", publish_timeout),
             "consume": consume,
-        }
-        for field_name, checked_value in checked.items():
-            object.__setattr__(self, field_name, checked_value)
+        })
 
     @classmethod
     def _from_url(cls, url: str, settings: dict[str, Any]) -> Transport:

@@ -10,7 +10,6 @@ A new broker is its options class's ``dead_letter_place()`` (its URL schemes are
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,7 +19,7 @@ import click
 from oxbus.cli._output import (
     DEAD_LETTER_KEYS, UNREACHABLE, emit, fail, json_mode, list_dead_letters, show_dead_letter,
 )
-from oxbus.dead_letters import broker_fields
+from oxbus.dead_letters import read_broker_row
 from oxbus.errors import TransportError
 
 __all__ = ["Source", "list_", "purge", "retry", "show", "source"]
@@ -77,13 +76,10 @@ def _rows(src: Source) -> list[dict[str, Any]]:
 
     out = []
     rows = _run(src, lambda: TransportCore.dead_letters(src.place, src.timeout))
-    for did, queue, payload, headers in rows:
-        try:
-            body = json.loads(payload)
-        except ValueError:
-            body = None
+    for row in rows:
+        did, queue, payload, _ = row
+        body, f = read_broker_row(row)
         b = body if isinstance(body, dict) else {}
-        f = broker_fields(headers)
         out.append(
             {
                 "id": did,

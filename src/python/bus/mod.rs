@@ -34,7 +34,7 @@ use crate::python::route::{Handler, Route};
 use crate::python::store::PyStoreCore;
 
 use intake::current_thread;
-use state::Waiter;
+use state::{BusEngine, Waiter};
 pub use state::{Inner, PyBusCore};
 
 #[pymethods]
@@ -349,13 +349,7 @@ impl PyBusCore {
     /// A publisher given room resumed: its event enters the queue now (counted published,
     /// `wait_for` callers told). `BusClosed` when `stop()` discarded its room meanwhile.
     fn enter(&self, py: Python<'_>, fut: &Bound<'_, PyAny>) -> PyResult<()> {
-        let token = fut.as_ptr() as u64;
-        let (entered, held) = {
-            let mut inner = self.inner.lock(py);
-            let held = inner.held.remove(&token);
-            (inner.engine.enter(token), held)
-        };
-        drop(held);
+        let entered = self.settle_held(py, fut, BusEngine::enter);
         let (env, wake) = entered.map_err(|_| {
             errors::bus_closed("the bus was stopped before this event was accepted")
         })?;
@@ -368,14 +362,7 @@ impl PyBusCore {
     /// A publisher waiting for room was cancelled: if it had been given room, that room goes
     /// to the next waiting publisher; its event is not accepted.
     fn withdraw(&self, py: Python<'_>, fut: &Bound<'_, PyAny>) {
-        let token = fut.as_ptr() as u64;
-        let (freed, held) = {
-            let mut inner = self.inner.lock(py);
-            let held = inner.held.remove(&token);
-            (inner.engine.withdraw(token), held)
-        };
-        drop(held);
-        if freed {
+        if self.settle_held(py, fut, BusEngine::withdraw) {
             let admitted = self.admit_blocked(py);
             self.admitted(py, admitted);
             let drains = self.inner.lock(py).engine.take_drain_waiters();

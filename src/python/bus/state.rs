@@ -96,6 +96,25 @@ impl Inner {
 }
 
 impl PyBusCore {
+    /// Runs `op` on the engine with the token of the publisher waiting on `fut` (`enter`,
+    /// `withdraw`), and drops what `held` kept for it once the lock is released (a Python
+    /// object: its finalizer must not run under the lock).
+    pub(super) fn settle_held<T>(
+        &self,
+        py: Python<'_>,
+        fut: &Bound<'_, PyAny>,
+        op: impl FnOnce(&mut BusEngine, u64) -> T,
+    ) -> T {
+        let token = fut.as_ptr() as u64;
+        let (out, held) = {
+            let mut inner = self.inner.lock(py);
+            let held = inner.held.remove(&token);
+            (op(&mut inner.engine, token), held)
+        };
+        drop(held);
+        out
+    }
+
     /// A bus not started yet, on validated settings.
     pub(super) fn with_settings(
         settings: Settings,

@@ -189,7 +189,7 @@ async def test_a_thread_pool_handler_returning_a_coroutine_has_it_awaited(
 ) -> None:
     # Dropping the coroutine would count a call that never did its work as a success (and
     # leave a "coroutine was never awaited" warning behind). The worker runs an awaitable
-    # that a thread-pool handler hands back (src/python/worker.rs).
+    # that a thread-pool handler hands back (src/python/worker/mod.rs).
     bus = await make_bus(sync_handlers="thread")
     ran: list[int] = []
 

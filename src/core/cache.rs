@@ -3,7 +3,7 @@
 //! A bounded queue that is full holds events published thousands of events ago: the memory of
 //! the one a worker takes (its queue slot, its envelope, the event object the handler call
 //! touches) has left the core's caches, and each first read waits on the next level. A worker
-//! hints the next event's envelope while it handles the one it took (`src/python/worker.rs`;
+//! hints the next event's envelope while it handles the one it took (`src/python/worker/mod.rs`;
 //! perf of the in-memory bus: the first read of a taken envelope was ~4% of the samples; hints
 //! two and three events ahead, of the queue slot and the event object, measured no better).
 //! A hint never faults and changes nothing but timing; off x86-64 it does nothing.

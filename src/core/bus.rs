@@ -394,11 +394,18 @@ impl<E, W, H> Engine<E, W, H> {
         self.wake_if_needed()
     }
 
-    /// The next event for a worker, with its lane (its key's lane is busy until `finish`).
+    /// The next event for a worker, with its lane: no other event of its key is taken until
+    /// `finish`, provided the worker calls `hold` before it lets another worker take.
     pub fn take(&mut self) -> Option<(Queued<E>, Option<u64>)> {
         let taken = self.lanes.take()?;
         self.in_flight += 1;
         Some(taken)
+    }
+
+    /// The worker that took the event of `lane` is about to let others take (it awaits): the
+    /// key stays busy until `finish` (see `core::lanes`).
+    pub fn hold(&mut self, lane: Option<u64>) {
+        self.lanes.hold(lane);
     }
 
     /// The event `take` would return now, left in place.

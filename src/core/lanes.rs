@@ -1,33 +1,66 @@
 //! The queue between publishers and workers, with per-key ordering.
 //!
-//! Events that share a key form a lane: a lane hands out one event at a time and the next only
+//! Events that share a key form a lane: a key hands out one event at a time and the next only
 //! after `done(key)`, so same-key events are handled in publish order, one at a time, whatever
-//! the number of workers. Keyless events and the heads of idle lanes wait in one FIFO (`ready`),
-//! so different keys proceed in publish order across workers.
+//! the number of workers. Every event waits in one FIFO (`ready`), in publish order, with its
+//! key; only a key being handled has an entry in `busy`. `take` hands out the oldest event whose
+//! key is free; an event met while its key is busy moves to that key's `waiting` queue, and
+//! `done(key)` puts the key back in `ready` (once) if events wait for it. So a push is one
+//! append whatever the key, and the map holds as many keys as events are being handled
+//! (a keyed push that looked its lane up in a map of every queued key, and a take that read
+//! the head of one of many lane queues, were a fifth of an ordered bus's event: issue 13).
 //!
-//! Invariants: a key sits in `ready` at most once, and only while its lane is not busy and not
-//! empty; `len` counts events pushed and not yet taken.
+//! A key becomes busy when its event's worker lets another take: `hold(key)`, called by a
+//! worker before it yields to the event loop with the event unfinished. A worker that handles
+//! the event to its end first (a plain function, a coroutine that never suspends) takes the
+//! next event only after `done(key)`, so nobody could have taken one of the same key in
+//! between, and the map is never touched: all workers take on the one event-loop thread.
+//!
+//! Invariants: `busy` has an entry for a key while one of its events is being handled or its
+//! `waiting` queue is not empty; an event of a key with an entry is never handed out from
+//! `ready` (it joins `waiting`); a `Key` slot is in `ready` at most once per key, and only
+//! while its entry is not handling and `waiting` is not empty; `len` counts events pushed and
+//! not yet taken.
 
 use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 
 enum Slot<T> {
-    Keyless(T),
+    /// An event as published, with its key (`NO_KEY` for none: an `Option` would make every
+    /// slot a word longer, and the queue is the one structure as long as the backlog).
+    Event(T, u64),
+    /// The key's `waiting` queue holds its next event.
     Key(u64),
 }
 
-struct Lane<T> {
-    queue: VecDeque<T>,
-    busy: bool,
+/// A busy key: a small map value (a key enters and leaves `busy` once per event).
+#[derive(Clone, Copy)]
+struct Lane {
+    /// Index of its `waiting` queue in `Lanes::queues`, or `NONE` while nothing waits.
+    waiting: u32,
+    /// One of its events is being handled.
+    handling: bool,
+}
+
+const NONE: u32 = u32::MAX;
+
+/// The key of a keyless event in a `Slot`. A key equal to it is queued as `NO_KEY - 1`: keys
+/// that share a value share a lane, which only costs parallelism, never order.
+const NO_KEY: u64 = u64::MAX;
+
+fn key_of(key: u64) -> Option<u64> {
+    (key != NO_KEY).then_some(key)
 }
 
 /// A bounded or unbounded queue with per-key lanes.
 pub struct Lanes<T> {
     ready: VecDeque<Slot<T>>,
-    by_key: FxHashMap<u64, Lane<T>>,
-    /// Emptied lane queues kept for reuse: keys come and go per event, allocations need not.
-    spare: Vec<VecDeque<T>>,
+    busy: FxHashMap<u64, Lane>,
+    /// The `waiting` queues: events of a busy key met in `ready`, in publish order. Queues of
+    /// keys no longer busy are empty and listed in `free` for reuse.
+    queues: Vec<VecDeque<T>>,
+    free: Vec<u32>,
     len: usize,
     /// Room promised to publishers that were admitted but have not pushed yet.
     reserved: usize,
@@ -39,8 +72,9 @@ impl<T> Lanes<T> {
     pub fn new(capacity: usize) -> Self {
         Self {
             ready: VecDeque::new(),
-            by_key: FxHashMap::default(),
-            spare: Vec::new(),
+            busy: FxHashMap::default(),
+            queues: Vec::new(),
+            free: Vec::new(),
             len: 0,
             reserved: 0,
             capacity,
@@ -91,79 +125,118 @@ impl<T> Lanes<T> {
         }
     }
 
-    /// Whether `take` would return something now.
+    /// Whether `take` may return something now. It may still return `None`: when every
+    /// event in `ready` belongs to a busy key (a worker woken for them finds nothing and
+    /// goes idle again; `take` has then moved them out of `ready`).
     pub fn has_ready(&self) -> bool {
         !self.ready.is_empty()
     }
 
-    /// Keys that have a lane (queued or being handled).
+    /// Keys that have a lane: events queued or being handled. Counts the queue (for health
+    /// reports, not per event).
     pub fn lane_count(&self) -> usize {
-        self.by_key.len()
+        self.queued_per_key().len()
     }
 
     /// Queues an event. The bound is the caller's to check with `has_room`: a publisher that
     /// waited for room must still get its event in.
     pub fn push(&mut self, item: T, key: Option<u64>) {
         self.len += 1;
-        let Some(k) = key else {
-            self.ready.push_back(Slot::Keyless(item));
-            return;
+        let key = match key {
+            None => NO_KEY,
+            Some(k) => k.min(NO_KEY - 1),
         };
-        let spare = &mut self.spare;
-        let lane = self.by_key.entry(k).or_insert_with(|| Lane {
-            queue: spare.pop().unwrap_or_default(),
-            busy: false,
-        });
-        if !lane.busy && lane.queue.is_empty() {
-            self.ready.push_back(Slot::Key(k));
-        }
-        lane.queue.push_back(item);
+        self.ready.push_back(Slot::Event(item, key));
     }
 
     /// The next event whose key is not being handled, with its key. The caller must call
-    /// `done(key)` when a keyed event has been handled.
+    /// `hold(key)` before anyone else may `take` while it handles the event, and `done(key)`
+    /// when it has been handled.
     ///
     /// # Panics
     ///
-    /// Never: a key in `ready` always has a non-empty lane (the module's invariant).
+    /// Never: a `Key` slot always has a non-empty `waiting` queue (the module's invariant).
     pub fn take(&mut self) -> Option<(T, Option<u64>)> {
-        let slot = self.ready.pop_front()?;
-        self.len -= 1;
-        match slot {
-            Slot::Keyless(item) => Some((item, None)),
-            Slot::Key(k) => {
-                let lane = self.by_key.get_mut(&k).expect("a ready key has a lane");
-                lane.busy = true;
-                let item = lane.queue.pop_front().expect("a ready lane is not empty");
-                Some((item, Some(k)))
-            }
-        }
-    }
-
-    /// The event `take` would return now, left in place: a worker asks the CPU to fetch its
-    /// memory while it handles the one it took (see `core::cache`).
-    pub fn peek(&self) -> Option<&T> {
-        match self.ready.front()? {
-            Slot::Keyless(item) => Some(item),
-            Slot::Key(k) => self.by_key.get(k)?.queue.front(),
-        }
-    }
-
-    /// Marks a keyed event handled: the lane's next event becomes ready.
-    pub fn done(&mut self, key: Option<u64>) {
-        let Some(k) = key else { return };
-        let Some(lane) = self.by_key.get_mut(&k) else {
-            return;
-        };
-        lane.busy = false;
-        if lane.queue.is_empty() {
-            if let Some(lane) = self.by_key.remove(&k) {
-                if self.spare.len() < 1024 {
-                    self.spare.push(lane.queue);
+        loop {
+            match self.ready.pop_front()? {
+                Slot::Event(item, NO_KEY) => {
+                    self.len -= 1;
+                    return Some((item, None));
+                }
+                Slot::Event(item, k) => {
+                    // Usually nothing is held: no hashing then.
+                    let held = if self.busy.is_empty() {
+                        None
+                    } else {
+                        self.busy.get_mut(&k)
+                    };
+                    if let Some(lane) = held {
+                        if lane.waiting == NONE {
+                            lane.waiting = self.free.pop().unwrap_or_else(|| {
+                                self.queues.push(VecDeque::new());
+                                u32::try_from(self.queues.len() - 1)
+                                    .expect("fewer busy keys than u32::MAX")
+                            });
+                        }
+                        self.queues[lane.waiting as usize].push_back(item);
+                    } else {
+                        self.len -= 1;
+                        return Some((item, Some(k)));
+                    }
+                }
+                Slot::Key(k) => {
+                    let lane = self.busy.get_mut(&k).expect("a ready key has a lane");
+                    lane.handling = true;
+                    let item = self.queues[lane.waiting as usize]
+                        .pop_front()
+                        .expect("a ready lane is not empty");
+                    self.len -= 1;
+                    return Some((item, Some(k)));
                 }
             }
-        } else {
+        }
+    }
+
+    /// Marks `key`, whose event the caller took, busy until `done(key)`: others may now take
+    /// (see the module's notes). Holding a key already held does nothing.
+    pub fn hold(&mut self, key: Option<u64>) {
+        if let Some(k) = key {
+            self.busy.entry(k).or_insert(Lane {
+                waiting: NONE,
+                handling: true,
+            });
+        }
+    }
+
+    /// The queue of events waiting for `lane`'s key, if any.
+    fn waiting(&self, lane: Lane) -> Option<&VecDeque<T>> {
+        self.queues.get(lane.waiting as usize)
+    }
+
+    /// The event `take` would most likely return now, left in place: a worker asks the CPU to
+    /// fetch its memory while it handles the one it took (see `core::cache`).
+    pub fn peek(&self) -> Option<&T> {
+        match self.ready.front()? {
+            Slot::Event(item, _) => Some(item),
+            Slot::Key(k) => self.waiting(*self.busy.get(k)?)?.front(),
+        }
+    }
+
+    /// Marks a keyed event handled: the key's next waiting event becomes ready.
+    pub fn done(&mut self, key: Option<u64>) {
+        let Some(k) = key else { return };
+        let Some(lane) = self.busy.get_mut(&k) else {
+            return;
+        };
+        lane.handling = false;
+        let lane = *lane;
+        if self.waiting(lane).is_some_and(|q| !q.is_empty()) {
             self.ready.push_back(Slot::Key(k));
+        } else {
+            if lane.waiting != NONE {
+                self.free.push(lane.waiting);
+            }
+            self.busy.remove(&k);
         }
     }
 
@@ -171,40 +244,64 @@ impl<T> Lanes<T> {
     pub fn clear(&mut self) -> Vec<T> {
         let mut out = Vec::with_capacity(self.len);
         for slot in self.ready.drain(..) {
-            if let Slot::Keyless(item) = slot {
+            if let Slot::Event(item, _) = slot {
                 out.push(item);
             }
         }
-        self.by_key.retain(|_, lane| {
-            out.extend(lane.queue.drain(..));
-            lane.busy
+        for q in &mut self.queues {
+            out.extend(q.drain(..));
+        }
+        self.free.clear();
+        self.free
+            .extend((0..self.queues.len()).filter_map(|q| u32::try_from(q).ok()));
+        self.busy.retain(|_, lane| {
+            lane.waiting = NONE;
+            lane.handling
         });
         self.len = 0;
         out
     }
 
-    /// Visits every queued event: the oldest keyless one and each lane's head are enough to
-    /// find the oldest, so this visits only those.
+    /// Visits queued events that include the oldest: the first in `ready` and each waiting
+    /// queue's head (a waiting event is older than every event of its key still in `ready`).
     pub fn heads(&self) -> impl Iterator<Item = &T> {
-        let keyless = self.ready.iter().find_map(|s| match s {
-            Slot::Keyless(item) => Some(item),
+        let first = self.ready.iter().find_map(|s| match s {
+            Slot::Event(item, _) => Some(item),
             Slot::Key(_) => None,
         });
-        keyless
+        first
             .into_iter()
-            .chain(self.by_key.values().filter_map(|l| l.queue.front()))
+            .chain(self.queues.iter().filter_map(VecDeque::front))
     }
 
-    /// The longest lanes as (events queued, key), longest first, at most `n`.
+    /// The longest lanes as (events queued, key), longest first, at most `n`. Counts the
+    /// queue (for health reports, not per event).
     pub fn longest_lanes(&self, n: usize) -> Vec<(usize, u64)> {
         let mut v: Vec<(usize, u64)> = self
-            .by_key
-            .iter()
-            .map(|(k, l)| (l.queue.len(), *k))
+            .queued_per_key()
+            .into_iter()
+            .map(|(k, queued)| (queued, k))
             .collect();
         v.sort_unstable_by(|a, b| b.cmp(a));
         v.truncate(n);
         v
+    }
+
+    /// Events queued per key, for every key that has queued events or one being handled.
+    fn queued_per_key(&self) -> FxHashMap<u64, usize> {
+        let mut counts: FxHashMap<u64, usize> = self
+            .busy
+            .iter()
+            .map(|(k, lane)| (*k, self.waiting(*lane).map_or(0, VecDeque::len)))
+            .collect();
+        for slot in &self.ready {
+            if let Slot::Event(_, k) = slot {
+                if let Some(k) = key_of(*k) {
+                    *counts.entry(k).or_default() += 1;
+                }
+            }
+        }
+        counts
     }
 }
 
@@ -212,24 +309,96 @@ impl<T> Lanes<T> {
 mod tests {
     use super::*;
 
+    /// Takes as a worker that awaits its handler: holding the key.
+    fn take(l: &mut Lanes<i32>) -> Option<(i32, Option<u64>)> {
+        let taken = l.take();
+        if let Some((_, key)) = taken {
+            l.hold(key);
+        }
+        taken
+    }
+
     #[test]
-    fn peek_shows_what_take_returns_next() {
+    fn a_slot_is_no_longer_than_an_event_and_its_key() {
+        assert_eq!(
+            std::mem::size_of::<Slot<(std::sync::Arc<u8>, u64)>>(),
+            3 * std::mem::size_of::<u64>()
+        );
+    }
+
+    #[test]
+    fn a_key_equal_to_the_keyless_mark_still_orders() {
+        let mut l = Lanes::new(0);
+        l.push(1, Some(NO_KEY));
+        l.push(2, Some(NO_KEY));
+        assert_eq!(take(&mut l), Some((1, Some(NO_KEY - 1))));
+        assert_eq!(take(&mut l), None);
+    }
+
+    #[test]
+    fn a_key_not_held_is_never_looked_up() {
+        // A worker that handles its event to the end before taking again never holds.
+        let mut l = Lanes::new(0);
+        for i in 1..=3 {
+            l.push(i, Some(7));
+        }
+        for want in 1..=3 {
+            assert_eq!(l.take(), Some((want, Some(7))));
+            assert!(l.busy.is_empty());
+            l.done(Some(7));
+        }
+        // Held, the same key waits; holding twice changes nothing.
+        l.push(4, Some(7));
+        l.push(5, Some(7));
+        assert_eq!(take(&mut l), Some((4, Some(7))));
+        l.hold(Some(7));
+        assert_eq!(l.take(), None);
+        l.done(Some(7));
+        assert_eq!(l.take(), Some((5, Some(7))));
+    }
+
+    #[test]
+    fn peek_shows_what_take_returns_next_while_no_key_is_busy() {
         let mut l = Lanes::new(0);
         assert_eq!(l.peek(), None);
         l.push(1, Some(7));
         l.push(2, Some(7));
         l.push(3, None);
         l.push(4, Some(8));
-        for _ in 0..3 {
+        for want in [1, 2, 3, 4] {
             let next = l.peek().copied();
-            let (item, key) = l.take().expect("something is ready");
-            assert_eq!(next, Some(item));
+            let (item, key) = take(&mut l).expect("something is ready");
+            assert_eq!((next, item), (Some(want), want));
             l.done(key);
         }
-        // 7's second event became ready after the first was done.
-        assert_eq!(l.peek(), Some(&2));
-        assert_eq!(l.take(), Some((2, Some(7))));
         assert_eq!(l.peek(), None);
+    }
+
+    #[test]
+    fn events_met_while_their_key_is_busy_wait_and_keep_their_order() {
+        let mut l = Lanes::new(0);
+        for (item, key) in [(1, 7), (2, 7), (3, 8), (4, 7), (5, 8)] {
+            l.push(item, Some(key));
+        }
+        assert_eq!(take(&mut l), Some((1, Some(7))));
+        assert_eq!(take(&mut l), Some((3, Some(8)))); // 2 moved to 7's waiting queue
+        assert_eq!(take(&mut l), None); // 4 and 5 wait too
+        assert_eq!((l.len(), l.has_ready()), (3, false));
+        assert_eq!(l.longest_lanes(2), [(2, 7), (1, 8)]);
+        l.done(Some(8));
+        assert_eq!(l.peek(), Some(&5));
+        assert_eq!(take(&mut l), Some((5, Some(8))));
+        l.done(Some(7));
+        assert_eq!(take(&mut l), Some((2, Some(7))));
+        l.push(6, Some(7)); // behind 4, which waits
+        assert_eq!(take(&mut l), None);
+        l.done(Some(7));
+        assert_eq!(take(&mut l), Some((4, Some(7))));
+        l.done(Some(7));
+        assert_eq!(take(&mut l), Some((6, Some(7))));
+        l.done(Some(7));
+        l.done(Some(8));
+        assert_eq!((l.len(), l.lane_count(), take(&mut l)), (0, 0, None));
     }
 
     #[test]
@@ -238,12 +407,12 @@ mod tests {
         l.push(1, Some(7));
         l.push(2, Some(7));
         l.push(3, Some(8));
-        assert_eq!(l.take(), Some((1, Some(7))));
+        assert_eq!(take(&mut l), Some((1, Some(7))));
         // 2 waits for 1: the next ready event is the other key's.
-        assert_eq!(l.take(), Some((3, Some(8))));
-        assert_eq!(l.take(), None);
+        assert_eq!(take(&mut l), Some((3, Some(8))));
+        assert_eq!(take(&mut l), None);
         l.done(Some(7));
-        assert_eq!(l.take(), Some((2, Some(7))));
+        assert_eq!(take(&mut l), Some((2, Some(7))));
         l.done(Some(7));
         l.done(Some(8));
         assert!(l.is_empty());
@@ -268,7 +437,7 @@ mod tests {
         l.push(2, Some(1));
         assert!(!l.has_room());
         assert_eq!(l.room(), 0);
-        l.take();
+        take(&mut l);
         assert!(l.has_room());
         assert_eq!(l.room(), 1);
         assert_eq!(Lanes::<u8>::new(0).room(), usize::MAX);
@@ -295,13 +464,18 @@ mod tests {
         l.push(1, Some(1));
         l.push(2, Some(1));
         l.push(3, None);
-        let _ = l.take();
+        l.push(4, Some(1));
+        l.push(5, None);
+        assert_eq!(take(&mut l), Some((1, Some(1))));
+        assert_eq!(take(&mut l), Some((3, None))); // 2 now waits for key 1
         let mut rest = l.clear();
         rest.sort_unstable();
-        assert_eq!(rest, [2, 3]);
-        assert_eq!(l.len(), 0);
+        assert_eq!(rest, [2, 4, 5]);
+        assert_eq!((l.len(), l.lane_count()), (0, 1));
         l.done(Some(1));
-        assert_eq!(l.take(), None);
+        assert_eq!((take(&mut l), l.lane_count()), (None, 0));
+        l.push(6, Some(1));
+        assert_eq!(take(&mut l), Some((6, Some(1))));
     }
 
     #[test]
@@ -311,9 +485,12 @@ mod tests {
         l.push(11, Some(1));
         l.push(20, Some(2));
         l.push(30, None);
-        let mut heads: Vec<i32> = l.heads().copied().collect();
-        heads.sort_unstable();
-        assert_eq!(heads, [10, 20, 30]);
+        assert_eq!(l.heads().copied().min(), Some(10));
         assert_eq!(l.longest_lanes(1), [(2, 1)]);
+        assert_eq!(l.lane_count(), 2);
+        assert_eq!(take(&mut l), Some((10, Some(1))));
+        assert_eq!(take(&mut l), Some((20, Some(2)))); // 11 now waits for key 1
+        assert_eq!(l.heads().copied().min(), Some(11));
+        assert_eq!(l.longest_lanes(5), [(1, 1), (0, 2)]);
     }
 }

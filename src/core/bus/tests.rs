@@ -459,6 +459,7 @@ fn events_of_one_key_are_taken_one_at_a_time_in_order() {
     }
     let (first, lane) = e.take().unwrap();
     assert_eq!((first.item, lane), (0, Some(7)));
+    e.hold(lane); // its worker awaits the handler
     assert!(e.take().is_none(), "the key's lane is busy");
     e.finish(lane);
     assert_eq!(e.take().map(|(q, _)| q.item), Some(1));
@@ -504,6 +505,7 @@ fn per_key_order_holds_with_n_simulated_workers_and_many_keys() {
         while seen < 2000 {
             while running.len() < usize::try_from(workers).unwrap() {
                 let Some((q, lane)) = e.take() else { break };
+                e.hold(lane);
                 let key = usize::try_from(lane.unwrap()).unwrap();
                 assert!(
                     running.iter().all(|(_, l)| *l != lane),

@@ -253,11 +253,15 @@ impl PyWorker {
     }
 
     /// Yielding a handler's future: this worker stops dispatching; wake another if work waits.
+    /// Its event's key is held from now on: others take while it waits (`core::lanes`).
     fn suspend(&self, py: Python<'_>, st: &mut State) {
         st.suspended = true;
         st.clock = None;
         let mut inner = self.core().inner.lock(py);
         st.pending.flush(&mut inner);
+        if let Some(cur) = &st.cur {
+            inner.engine.hold(cur.lane);
+        }
         let wake = inner.engine.suspend();
         drop(inner);
         self.core().wake(py, wake);

@@ -131,6 +131,40 @@ async def test_events_published_in_a_handler_inherit_correlation_and_name_their_
     assert (grandchild.correlation_id, grandchild.causation_id) == (root.event_id, child.event_id)
 
 
+async def test_every_event_of_a_publish_many_in_a_handler_inherits_its_correlation(
+    make_bus: Any,
+) -> None:
+    bus = await make_bus()
+    children = [Child("a"), Child("b"), Child("c")]
+    seen: dict[str, dict[str, Any] | None] = {}
+
+    async def on_root(event: Root) -> None:
+        assert await bus.publish_many(children) == 3
+
+    async def on_child(event: Child) -> None:
+        seen[event.name] = snapshot()
+
+    bus.subscribe(Root, on_root)
+    bus.subscribe(Child, on_child)
+    root = Root()
+    await bus.publish(root)
+    await bus.publish_many([Child("outside")])
+    await bus.drain()
+    assert sorted(seen) == ["a", "b", "c", "outside"]
+    for child in children:
+        env = seen[child.name]
+        assert env is not None
+        assert (env["event_id"], env["correlation_id"], env["causation_id"]) == (
+            child.event_id,
+            root.event_id,
+            root.event_id,
+        )
+        assert (child.correlation_id, child.causation_id) == (root.event_id, root.event_id)
+    outside = seen["outside"]
+    assert outside is not None
+    assert (outside["correlation_id"], outside["causation_id"]) == (outside["event_id"], None)
+
+
 async def test_sync_handler_publishing_via_create_task_inherits_correlation(
     make_bus: Any,
 ) -> None:

@@ -425,9 +425,12 @@ impl PyBusCore {
         events: &Bound<'_, PyIterator>,
     ) -> PyResult<(usize, Option<Py<PyAny>>)> {
         let mut n = 0;
+        // The events are published from one place: the handler running there, if any, is
+        // the parent of them all.
+        let parent = envelope::get_current(py)?;
         for event in events.clone() {
             let event = event?;
-            let (item, lane) = self.envelope(py, &event, None, None, None)?;
+            let (item, lane) = self.envelope_in(py, &event, None, None, parent.as_deref(), None)?;
             n += 1;
             if let Some(fut) = self.accept(py, item, lane, true, false)? {
                 return Ok((n, Some(fut)));

@@ -116,6 +116,24 @@ impl PyBusCore {
         correlation_id: Option<Bound<'_, PyAny>>,
         position: Option<i64>,
     ) -> PyResult<(Queued, Option<u64>)> {
+        let parent = match correlation_id {
+            Some(_) => None,
+            None => envelope::get_current(py)?,
+        };
+        self.envelope_in(py, event, key, correlation_id, parent.as_deref(), position)
+    }
+
+    /// `envelope`, with the envelope of the event being handled where it was published
+    /// (`parent`: read once for all the events of a `publish_many`).
+    pub(super) fn envelope_in(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        key: Option<Bound<'_, PyAny>>,
+        correlation_id: Option<Bound<'_, PyAny>>,
+        parent: Option<&EnvData>,
+        position: Option<i64>,
+    ) -> PyResult<(Queued, Option<u64>)> {
         if event.is_none() {
             return Err(events::none_event_error());
         }
@@ -131,15 +149,10 @@ impl PyBusCore {
         } else {
             None
         };
-        let origin = match correlation_id {
-            Some(c) => Origin::Root(Some(c.unbind())),
-            None => match envelope::get_current(py)? {
-                Some(parent) => {
-                    let p = &parent;
-                    Origin::Child(p.correlation(py)?.unbind(), p.id(py)?.unbind())
-                }
-                None => Origin::Root(None),
-            },
+        let origin = match (correlation_id, parent) {
+            (Some(c), _) => Origin::Root(Some(c.unbind())),
+            (None, Some(p)) => Origin::Child(p.correlation(py)?.unbind(), p.id(py)?.unbind()),
+            (None, None) => Origin::Root(None),
         };
         match &origin {
             Origin::Child(c, cause) => mark_domain_event(event, c.bind(py), Some(cause.bind(py)))?,

@@ -472,7 +472,9 @@ class EventBus:
         self._backend.publish_nowait(event, key, correlation_id)
 
     async def publish_many(self, events: Iterable[Any]) -> int:
-        """Publishes every event in order; returns how many were accepted."""
+        """Publishes every event in order; returns how many were accepted. Published from a
+        handler, every event of the batch is a child of the event being handled (its
+        correlation id, and that event's id as causation id)."""
         if self._max_bytes is not None:
             events = list(events)
             for e in events:

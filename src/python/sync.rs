@@ -20,9 +20,13 @@ use std::ops::{Deref, DerefMut};
 use pyo3::prelude::*;
 
 /// A lock whose only way in takes the GIL token: free, a flag; held, a wait without the GIL.
+/// Taken again by its holder's own thread (Python code run under it that came back to the
+/// engine: a bug) it panics, naming the bug, where it would wait for itself forever.
 #[derive(Default)]
 pub struct GilMutex<T> {
     held: Cell<bool>,
+    /// The thread that holds it (`pthread_self`: a register read), while `held`.
+    holder: Cell<Option<libc::pthread_t>>,
     value: UnsafeCell<T>,
 }
 
@@ -36,18 +40,26 @@ impl<T: Send> GilMutex<T> {
     pub const fn new(value: T) -> Self {
         Self {
             held: Cell::new(false),
+            holder: Cell::new(None),
             value: UnsafeCell::new(value),
         }
     }
 
     /// Takes the lock; when another thread holds it (it released the GIL meanwhile), waits
     /// with the GIL released until it is free.
+    ///
+    /// # Panics
+    ///
+    /// When the thread holding it asks again: it would wait for itself forever.
     #[inline]
     pub fn lock<'py>(&'py self, py: Python<'py>) -> GilGuard<'py, T> {
+        // SAFETY: always safe to call.
+        let me = unsafe { libc::pthread_self() };
         while self.held.get() {
-            Self::wait(py);
+            self.wait(py, me);
         }
         self.held.set(true);
+        self.holder.set(Some(me));
         GilGuard {
             lock: self,
             _gil: PhantomData,
@@ -55,7 +67,12 @@ impl<T: Send> GilMutex<T> {
     }
 
     #[cold]
-    fn wait(py: Python<'_>) {
+    fn wait(&self, py: Python<'_>, me: libc::pthread_t) {
+        assert!(
+            self.holder.get() != Some(me),
+            "oxbus: an engine lock was taken again by the thread holding it (Python code ran \
+             under the lock and called back into the bus): a bug in oxbus, please report it"
+        );
         py.detach(|| std::thread::sleep(std::time::Duration::from_micros(20)));
     }
 
@@ -180,6 +197,27 @@ mod tests {
         Python::attach(|py| m.lock(py).push(3));
         holder.join().unwrap();
         Python::attach(|py| assert_eq!(*m.lock(py), vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn its_holder_taking_it_again_panics_instead_of_waiting_forever() {
+        Python::initialize();
+        let m = GilMutex::new(0u8);
+        Python::attach(|py| {
+            let held = m.lock(py);
+            let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                drop(m.lock(py));
+            }));
+            let msg = again.expect_err("re-entry must panic");
+            let msg = msg.downcast_ref::<&str>().copied().unwrap_or_default();
+            assert!(
+                msg.contains("taken again by the thread holding it"),
+                "{msg}"
+            );
+            drop(held);
+            *m.lock(py) += 1; // free again after its holder let go
+            assert_eq!(*m.lock(py), 1);
+        });
     }
 
     #[test]

@@ -145,7 +145,7 @@ class EventBus:
         self._background = Background()
         # durable bus: subscription id -> (name, from_beginning)
         self._durable: dict[int, tuple[str, bool]] = {}
-        self.dead_letters = DeadLetters(self._core, self._spawn, self._durable)
+        self.dead_letters = DeadLetters(self._core, self._background.spawn, self._durable)
         self._backend = backend_for(self._core, options, event_storage, self.dead_letters, self._durable)
         self._store = store_of(self._backend)
         self._failures = FailureBook(self.dead_letters, self._store, event_storage)
@@ -208,9 +208,6 @@ class EventBus:
 
     def _spawn(self, aw: Awaitable[Any]) -> None:
         """Runs store bookkeeping in the background, keeping a reference until it ends."""
-        # A bound method of the bus, kept by DeadLetters: the bus, in that cycle, is freed by
-        # the collector at exit, so a worker ended by a handler's sys.exit() is not reported
-        # as "Task exception was never retrieved" (tests/test_exit.py).
         self._background.spawn(aw)
 
     async def stop(self, timeout: float | None = None, *, drain: bool = True) -> int:
@@ -498,7 +495,16 @@ class EventBus:
     def _on_worker_done(self, task: asyncio.Task[Any]) -> None:
         """A worker task ended without ``stop()``: its loop is shutting down (``asyncio.run``
         cancels what is left). Nothing more will reach the loop: refuse further publishes
-        and fail the thread-side futures still waiting, so no caller waits forever."""
+        and fail the thread-side futures still waiting, so no caller waits forever.
+
+        A worker ends with an exception only when a handler raised ``SystemExit`` or
+        ``KeyboardInterrupt`` (which end the program, as in any task) or on a bug: the
+        exception is retrieved here, so the first is not reported again as "Task exception
+        was never retrieved" when the task is collected, and the second is logged."""
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                logger.error("%s ended with an error", task.get_name(), exc_info=exc)
         if self._core.running:
             self._core.close_intake()
             self._threadsafe.fail_all()

@@ -35,6 +35,10 @@ from oxbus._handler_calls import (
     record_calls,
 )
 
+for _public in (Call, HandlerError, HandlerErrors, record_calls):
+    _public.__module__ = __name__  # shown, documented and pickled as oxbus.testing's
+del _public
+
 if TYPE_CHECKING:
     from oxbus.bus import EventBus
 

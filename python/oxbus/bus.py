@@ -469,9 +469,8 @@ class EventBus:
         self._backend.publish_nowait(event, key, correlation_id)
 
     async def publish_many(self, events: Iterable[Any]) -> int:
-        """Publishes every event in order; returns how many were accepted. Published from a
-        handler, every event of the batch is a child of the event being handled (its
-        correlation id, and that event's id as causation id)."""
+        """Publishes every event in order; returns how many were accepted. From a handler,
+        each is a child of the event being handled (its correlation id; its id as cause)."""
         if self._max_bytes is not None:
             events = list(events)
             for e in events:
@@ -493,14 +492,10 @@ class EventBus:
         return self._threadsafe.submit(loop, lambda: self.publish(event, **kwargs))
 
     def _on_worker_done(self, task: asyncio.Task[Any]) -> None:
-        """A worker task ended without ``stop()``: its loop is shutting down (``asyncio.run``
-        cancels what is left). Nothing more will reach the loop: refuse further publishes
-        and fail the thread-side futures still waiting, so no caller waits forever.
-
-        A worker ends with an exception only when a handler raised ``SystemExit`` or
-        ``KeyboardInterrupt`` (which end the program, as in any task) or on a bug: the
-        exception is retrieved here, so the first is not reported again as "Task exception
-        was never retrieved" when the task is collected, and the second is logged."""
+        """A worker task ended without ``stop()``: its loop is shutting down. Refuse further
+        publishes and fail the thread-side futures still waiting, so no caller waits forever.
+        Its exception (a handler's ``SystemExit``/``KeyboardInterrupt``, or a bug: logged) is
+        retrieved, not reported again as "Task exception was never retrieved" at exit."""
         if not task.cancelled():
             exc = task.exception()
             if exc is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):

@@ -4,10 +4,11 @@
 //! them: a lock of its own would only add two atomic read-modify-writes per acquisition (on
 //! these machines ~2% of an in-memory event's cost each, measured with `perf`), and an
 //! in-memory event takes the engine three times. `GilMutex` is therefore a flag guarded by
-//! the GIL: taking it free costs a plain read and write. It is held across a GIL release
-//! only when its holder releases the GIL on purpose while holding it (or Python code run
-//! under it lets another thread in); another thread that then wants it waits with the GIL
-//! released, so the holder can take the GIL back and finish. Code under the lock still
+//! the GIL: taking it free costs a plain read and two writes (the flag, and the holder's
+//! thread, so that the holder asking again panics instead of waiting for itself). It is
+//! held across a GIL release only when its holder releases the GIL on purpose while holding
+//! it (or Python code run under it lets another thread in); another thread that then wants
+//! it waits with the GIL released, so the holder can take the GIL back and finish. Code under the lock still
 //! keeps Python out where it can (collect, unlock, then call), which keeps the hold times
 //! short. Sound because the GIL is real: the module refuses to load into a free-threaded
 //! interpreter running without it (`require_gil`); the GIL's hand-over between threads

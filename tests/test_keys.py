@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,45 @@ async def test_the_key_follows_aggregate_id_even_when_the_class_is_patched(
     await bus.drain()
     assert keys == ["o-1", "O-2", "o-3", None, "mine"]
     assert plain.aggregate_id is None and own.aggregate_id == "mine"
+
+
+@dataclass(frozen=True)
+class Shipped(DomainEvent):
+    order_id: str
+    aggregate_id: str
+
+
+@dataclass
+class PlainShipped:
+    aggregate_id: Any
+
+
+class Slotted:
+    __slots__ = ("aggregate_id",)
+
+    def __init__(self, key: Any) -> None:
+        self.aggregate_id = key
+
+
+class NoKey:
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 1
+
+
+async def test_a_dataclass_field_or_an_instance_attribute_is_the_key(make_bus: Any) -> None:
+    # Read from the instance's own dictionary (a DomainEvent dataclass, a plain dataclass),
+    # through the class's slot, or absent (no __dict__, no aggregate_id): no key.
+    bus = await make_bus(workers=4)
+    keys: list[Any] = []
+    for cls in (Shipped, PlainShipped, Slotted, NoKey):
+        bus.subscribe(cls, lambda e: keys.append(current_envelope().key))
+    for event in (Shipped("o-1", "a-1"), PlainShipped("a-2"), PlainShipped(None),
+                  Slotted("a-3"), NoKey()):
+        await bus.publish(event)
+    await bus.drain()
+    assert sorted(map(repr, keys)) == ["'a-1'", "'a-2'", "'a-3'", "None", "None"]
 
 
 async def test_a_property_reading_a_missing_attribute_is_refused_at_publish(

@@ -405,6 +405,15 @@ pub fn send<'py>(it: &Bound<'py, PyAny>, value: Option<&Bound<'_, PyAny>>) -> Py
     }
 }
 
+/// The exception `coroutine.throw(typ, val)` throws: `val` when given, else `typ` (a class is
+/// instantiated, an instance used as is).
+pub fn thrown(typ: &Bound<'_, PyAny>, val: Option<&Bound<'_, PyAny>>) -> PyErr {
+    match val {
+        Some(v) if !v.is_none() => PyErr::from_value(v.clone()),
+        _ => PyErr::from_value(typ.clone()),
+    }
+}
+
 /// Throws an exception into an awaitable's iterator.
 pub fn throw_into<'py>(it: &Bound<'py, PyAny>, err: &PyErr) -> PyResult<Step<'py>> {
     let py = it.py();

@@ -233,11 +233,7 @@ impl PyPublish {
         val: Option<&Bound<'_, PyAny>>,
         _tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let err = match val {
-            Some(v) if !v.is_none() => PyErr::from_value(v.clone()),
-            _ => PyErr::from_value(typ.clone()),
-        };
-        self.next_value(py, None, Some(err))
+        self.next_value(py, None, Some(events::thrown(typ, val)))
     }
 
     /// Ends it: never published if it had not run; a wait for room is abandoned (the event is

@@ -485,11 +485,7 @@ impl PyWorker {
         val: Option<&Bound<'_, PyAny>>,
         _tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let err = match val {
-            Some(v) if !v.is_none() => PyErr::from_value(v.clone()),
-            _ => PyErr::from_value(typ.clone()),
-        };
-        self.step(py, Some(err))
+        self.step(py, Some(events::thrown(typ, val)))
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {

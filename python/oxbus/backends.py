@@ -160,19 +160,20 @@ class DurableBackend(_Waiting):
         store = self.store
         targets = {sid: target for sid, _, _, target in self.core.subscriptions()}
         owed = 0
-        pending: list[tuple[int, int, Any, Any]] = []
+        pending: list[tuple[int, int, Any, Any, Any]] = []
         for sid, (name, from_beginning) in list(self.durable.items()):
             start_after = await store._core.register_subscription(name, from_beginning)
             # A row that cannot be decoded becomes a dead letter of this subscription.
-            for stored, event in await store._undelivered(name, start_after, targets.get(sid)):
-                pending.append((stored.position, sid, stored, event))
+            for position, event, corr, cause in await store._undelivered(
+                name, start_after, targets.get(sid)
+            ):
+                pending.append((position, sid, event, corr, cause))
         # In log order across subscriptions: a saga's steps are several subscriptions, and
         # its instance must see their events in the order they were published.
         pending.sort(key=lambda p: p[0])
-        for position, sid, stored, event in pending:
-            owed += bool(
-                self.core.redeliver(event, sid, position, stored.correlation_id, stored.causation_id)
-            )
+        redeliver = self.core.redeliver
+        for position, sid, event, corr, cause in pending:
+            owed += bool(redeliver(event, sid, position, corr, cause))
         await self.dead_letters._load()
         logger.info(
             "durable recovery: %d undelivered (event, subscription) pair(s) queued for %d "

@@ -128,6 +128,8 @@ def lookup(event_type: Any) -> type | None:
     assert lookup("CartEmptied") is CartEmptied
     ```
     """
+    if not _pending and type(event_type) is str:
+        return _by_key.get(event_type)  # the common case: one dict read, no lock
     if isinstance(event_type, Enum):
         event_type = event_type.value
     with _lock:
@@ -264,7 +266,7 @@ def rebuild(cls: type[T], data: Mapping[str, Any]) -> T:
     rebuild(Paid, {"amount": "10.50"}).amount  # Decimal('10.50')
     ```
     """
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise SerializationError(
             f"cannot rebuild {cls.__name__}: expected a dict of its fields, "
             f"got {type(data).__name__}"
@@ -290,8 +292,9 @@ def _rebuild(cls: type, data: Mapping[str, Any]) -> Any:
     return _rebuild_object(cls, data)
 
 
-#: per dataclass: (name, init, converter) of each field, and the field names
-_plans: dict[type, tuple[list[tuple[str, bool, Conv]], frozenset[str]]] = {}
+#: per dataclass: (name, init, converter) of each field, the field names, and whether every
+#: field is an __init__ argument taken as it is (no converter)
+_plans: dict[type, tuple[list[tuple[str, bool, Conv]], frozenset[str], bool]] = {}
 
 
 def _rebuild_dataclass(cls: type, data: Mapping[str, Any]) -> Any:
@@ -299,11 +302,18 @@ def _rebuild_dataclass(cls: type, data: Mapping[str, Any]) -> Any:
     if cached is None:
         hints = _hints(cls)
         fields = dataclasses.fields(cls)
+        plan = [(f.name, f.init, _converter(hints.get(f.name, Any))) for f in fields]
         cached = _plans[cls] = (
-            [(f.name, f.init, _converter(hints.get(f.name, Any))) for f in fields],
+            plan,
             frozenset(f.name for f in fields),
+            all(init and conv is None for _, init, conv in plan),
         )
-    plan, names = cached
+    plan, names, plain = cached
+    if plain:
+        obj = cls(**{name: value for name, value in data.items() if name in names})
+        if getattr(cls, "__oxbus_domain_event__", False):
+            _restore_identity(obj, data, names)
+        return obj
     kwargs: dict[str, Any] = {}
     late: list[tuple[str, Any]] = []
     for name, init, conv in plan:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Callable, Iterable
 
+from oxbus import registry
 from oxbus._oxbus import StoreCore, decode_json, encode_json
 from oxbus.errors import ConfigurationError, UndecodableEvent
 
@@ -58,26 +59,36 @@ class StoredEvent:
     def event(self) -> Any:
         """The user's class rebuilt through the registry (``oxbus.register_event``; automatic
         for ``DomainEvent`` subclasses), else the data dict."""
-        from oxbus.registry import lookup, rebuild  # the registry imports the event classes
+        return _rebuilt(
+            self.position, self.event_type, self.data, self.metadata, self.event_id,
+            self.occurred_at,
+        )
 
-        cls = lookup(self.event_type)
-        if cls is None:
-            return self.data
-        try:
-            obj: Any = rebuild(cls, self.data)
-        except Exception as e:  # fields the class does not take and no upcaster fixed
-            raise UndecodableEvent(
-                self.position, self.event_type, f"{cls.__qualname__} refuses its data: {type(e).__name__}: {e}"
-            ) from e
-        d = getattr(obj, "__dict__", None)
-        if d is not None and getattr(cls, "__oxbus_domain_event__", False):
-            d["event_id"] = self.event_id
-            if self.occurred_at is not None:
-                d["occurred_at"] = self.occurred_at
-            for k in ("correlation_id", "causation_id"):
-                if self.metadata.get(k) is not None:
-                    d[k] = self.metadata[k]
-        return obj
+
+def _rebuilt(
+    position: int, event_type: str, data: dict[str, Any], metadata: dict[str, Any],
+    event_id: str, occurred_at: datetime | None,
+) -> Any:
+    """A stored event's object: its class rebuilt from ``data`` with its identity (id, time,
+    correlation, causation) restored, or ``data`` when no class is registered for the type."""
+    cls = registry.lookup(event_type)
+    if cls is None:
+        return data
+    try:
+        obj: Any = registry.rebuild(cls, data)
+    except Exception as e:  # fields the class does not take and no upcaster fixed
+        raise UndecodableEvent(
+            position, event_type, f"{cls.__qualname__} refuses its data: {type(e).__name__}: {e}"
+        ) from e
+    d = getattr(obj, "__dict__", None)
+    if d is not None and getattr(cls, "__oxbus_domain_event__", False):
+        d["event_id"] = event_id
+        if occurred_at is not None:
+            d["occurred_at"] = occurred_at
+        for k in ("correlation_id", "causation_id"):
+            if metadata.get(k) is not None:
+                d[k] = metadata[k]
+    return obj
 
 
 @dataclass(frozen=True)
@@ -193,19 +204,35 @@ class SqliteEventStore:
             raise ConfigurationError(f"an upcaster for {event_type} v{from_version} is already registered")
         self._upcasters[key] = fn
 
-    def _row(self, r: tuple[Any, ...]) -> StoredEvent:
-        position, stream_id, version, event_type, event_version, data, meta, event_id, occ, rec = r
+    def _decoded(
+        self, position: int, event_type: str, event_version: int, data: str, meta: str,
+        occ: str | None,
+    ) -> tuple[Any, int, dict[str, Any], datetime | None]:
+        """A row's data (upcast to the latest version), that version, its metadata and
+        when it occurred."""
         try:
             body = decode_json(data)
-            while (event_type, event_version) in self._upcasters:
-                body = self._upcasters[(event_type, event_version)](body)
+            upcasters = self._upcasters
+            while (event_type, event_version) in upcasters:
+                body = upcasters[(event_type, event_version)](body)
                 event_version += 1
-            return StoredEvent(
-                position, stream_id, version, event_type, event_version, body, decode_json(meta),
-                event_id, _parse_time(occ), datetime.fromisoformat(rec), self,
-            )
+            return body, event_version, decode_json(meta), _parse_time(occ)
         except Exception as e:
             raise UndecodableEvent(position, event_type, f"{type(e).__name__}: {e}") from e
+
+    def _row(self, r: tuple[Any, ...]) -> StoredEvent:
+        position, stream_id, version, event_type, event_version, data, meta, event_id, occ, rec = r
+        body, event_version, metadata, occurred = self._decoded(
+            position, event_type, event_version, data, meta, occ
+        )
+        try:
+            recorded = datetime.fromisoformat(rec)
+        except Exception as e:
+            raise UndecodableEvent(position, event_type, f"{type(e).__name__}: {e}") from e
+        return StoredEvent(
+            position, stream_id, version, event_type, event_version, body, metadata,
+            event_id, occurred, recorded, self,
+        )
 
     def _event_or_none(self, row: tuple[Any, ...] | None) -> Any:
         """The event of a row rebuilt, or None when there is no row or it cannot be decoded."""
@@ -218,29 +245,35 @@ class SqliteEventStore:
 
     async def _undelivered(
         self, subscription: str, start_after: int, target: Any
-    ) -> list[tuple[StoredEvent, Any]]:
-        """A durable subscription's committed events it has not finished, as (row, event).
+    ) -> list[tuple[int, Any, Any, Any]]:
+        """A durable subscription's committed events it has not finished, as (position,
+        event, correlation id, causation id): only what redelivery needs is decoded (no
+        ``StoredEvent``, no times but the event's own).
 
         A row that cannot be decoded never stops the others: when the subscription's target
         takes its type it becomes a dead letter of the subscription (its position, the error
         type ``oxbus.errors.UndecodableEvent`` and the reason), and either way it is recorded
         as finished, so the next start does not trip on it again.
         """
-        from oxbus.registry import matches
-
-        out: list[tuple[StoredEvent, Any]] = []
+        out: list[tuple[int, Any, Any, Any]] = []
         for row in await self._core.undelivered(subscription, start_after):
+            position, _, _, event_type, event_version, data, meta, event_id, occ, _ = row
             try:
-                stored = self._row(row)
-                out.append((stored, stored.event))
+                body, _, metadata, occurred = self._decoded(
+                    position, event_type, event_version, data, meta, occ
+                )
+                event = _rebuilt(position, event_type, body, metadata, event_id, occurred)
+                out.append(
+                    (position, event, metadata.get("correlation_id"), metadata.get("causation_id"))
+                )
             except UndecodableEvent as e:
-                if target is not None and matches(target, row[3]):
+                if target is not None and registry.matches(target, event_type):
                     now = datetime.now(timezone.utc).isoformat()
                     await self._core.add_dead_letter(
-                        row[0], subscription, 0, now, now, "oxbus.errors.UndecodableEvent",
+                        position, subscription, 0, now, now, "oxbus.errors.UndecodableEvent",
                         str(e), "",
                     )
-                self._core.mark_done(subscription, row[0])
+                self._core.mark_done(subscription, position)
         return out
 
     async def read(self, stream_id: str, after_version: int = 0) -> list[StoredEvent]:

@@ -15,6 +15,7 @@ import enum
 import json
 import logging
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -1270,6 +1271,29 @@ class OwnIds(DomainEvent):
     @property
     def causation_id(self) -> str:  # type: ignore[override]
         return "cause-y"
+
+
+async def test_a_logged_creation_time_is_the_one_the_event_shows_to_the_microsecond(
+    store: Any,
+) -> None:
+    # The log writes a fresh DomainEvent's occurred_at from its creation timestamp in Rust;
+    # the event makes its datetime from the same timestamp in Python when read afterwards.
+    # Rounding edges (halves of a microsecond, whole seconds, a carry into the next second)
+    # and random times must come out the same.
+    rng = random.Random(7)
+    stamps = [0.0000005, 0.0000015, 1.5, 1.9999999, 1_700_000_000.0, 1_733_400_000.1234565]
+    stamps += [rng.uniform(0, 4_000_000_000) for _ in range(300)]
+    events = []
+    for ts in stamps:
+        e = Tick(0)
+        e.__dict__["_oxbus_ts"] = ts
+        events.append(e)
+    await store.append("times", events)
+    rows = await store.read("times")
+    raw = [r[8] for r in await store._core.read("times", 0)]
+    for row, text, event, ts in zip(rows, raw, events, stamps):
+        assert row.occurred_at == event.occurred_at, ts
+        assert text == event.occurred_at.isoformat(), ts
 
 
 async def test_logged_identity_is_what_the_event_shows_before_and_after_publishing(

@@ -40,6 +40,36 @@ pub fn iso_of(secs: i64, micros: u32) -> String {
     )
 }
 
+/// A POSIX timestamp (`time.time()`) as `datetime.fromtimestamp(ts, timezone.utc).isoformat()`
+/// writes it: the microseconds rounded half to even as CPython rounds them, and left out when
+/// zero. None for what that datetime cannot hold (not finite, or outside the years 1-9999).
+pub fn iso_of_timestamp(ts: f64) -> Option<String> {
+    if !ts.is_finite() {
+        return None;
+    }
+    // CPython's _PyTime_DoubleToDenominator: split, scale, round half even, carry.
+    let mut secs = ts.trunc();
+    let mut micros = ((ts - secs) * 1e6).round_ties_even();
+    if micros >= 1e6 {
+        micros -= 1e6;
+        secs += 1.0;
+    } else if micros < 0.0 {
+        micros += 1e6;
+        secs -= 1.0;
+    }
+    // Years 1..=9999 (0001-01-01 and 10000-01-01 in seconds since 1970).
+    if !(-62_135_596_800.0..253_402_300_800.0).contains(&secs) {
+        return None;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let (secs, micros) = (secs as i64, micros as u32);
+    let mut out = iso_of(secs, micros);
+    if micros == 0 {
+        out.replace_range(19..26, ""); // ".000000"
+    }
+    Some(out)
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's method).
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
@@ -64,5 +94,25 @@ mod tests {
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
         assert!(now_iso().ends_with("+00:00"));
         assert_eq!(iso_of(86_400 + 61, 5), "1970-01-02T00:01:01.000005+00:00");
+    }
+
+    #[test]
+    fn timestamps_round_and_print_as_python_does() {
+        // Values checked against datetime.fromtimestamp(ts, timezone.utc).isoformat().
+        let cases = [
+            (0.0, "1970-01-01T00:00:00+00:00"),
+            (1.5, "1970-01-01T00:00:01.500000+00:00"),
+            (1_733_400_000.123_456, "2024-12-05T12:00:00.123456+00:00"),
+            (0.000_000_5, "1970-01-01T00:00:00+00:00"), // half: to even (0)
+            (0.000_001_5, "1970-01-01T00:00:00.000002+00:00"), // half: to even (2)
+            (-0.5, "1969-12-31T23:59:59.500000+00:00"),
+            (1.999_999_9, "1970-01-01T00:00:02+00:00"), // rounds up into the next second
+        ];
+        for (ts, want) in cases {
+            assert_eq!(iso_of_timestamp(ts).as_deref(), Some(want), "{ts}");
+        }
+        assert_eq!(iso_of_timestamp(f64::NAN), None);
+        assert_eq!(iso_of_timestamp(1e12), None); // year 33658
+        assert_eq!(iso_of_timestamp(-7e10), None); // before year 1
     }
 }

@@ -10,6 +10,7 @@ use crate::python::envelope::{self, new_event_id};
 use crate::python::json::records::Metadata;
 use crate::python::{errors, events, json};
 use crate::store::log::NewEvent;
+use crate::store::record::iso_of_timestamp;
 
 /// An attribute of an event (an item of a dict event), None when missing or None.
 fn lookup<'py>(
@@ -166,7 +167,8 @@ pub fn record_of<'py>(
 }
 
 /// A `DomainEvent`'s `occurred_at` default, as its descriptor makes it (the creation time in
-/// UTC, kept on the instance), in ISO 8601.
+/// UTC), in ISO 8601. Written from the creation timestamp in Rust when it is a float (the
+/// descriptor makes the same `datetime` from it when read), else through Python.
 fn default_occurred_at(
     event: &Bound<'_, PyAny>,
     dict: Option<&Bound<'_, PyDict>>,
@@ -175,6 +177,13 @@ fn default_occurred_at(
     let d = dict.expect("lazy attributes come with a __dict__");
     let at = match d.get_item(intern!(py, "_oxbus_ts"))? {
         Some(ts) if ts.is_truthy()? => {
+            if let Some(iso) = ts
+                .cast_exact::<pyo3::types::PyFloat>()
+                .ok()
+                .and_then(|f| iso_of_timestamp(f.value()))
+            {
+                return Ok(Some(iso));
+            }
             let utc = pyo3::types::PyTzInfo::utc(py)?;
             let at = pyo3::types::PyDateTime::from_timestamp(py, ts.extract()?, Some(&utc))?;
             d.set_item(intern!(py, "occurred_at"), &at)?;

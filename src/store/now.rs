@@ -20,9 +20,10 @@ use crate::store::{Result, StoreError};
 /// The busy timeout the connection has otherwise (see `Log::open`).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One transaction of `items`, with the finished-delivery marks waiting for the writer: a
-/// busy bus records its progress with its publishes, as when the writer thread committed
-/// them (a kill then repeats only the last few deliveries). None when SQLite is busy or the
+/// One transaction of `items`, with the finished-delivery marks waiting for the writer once
+/// they have waited half of `MARKS_LINGER` (see `Marks`): a busy bus records its progress with its
+/// publishes, as when the writer thread committed them (a kill then repeats only the last few
+/// milliseconds of deliveries). None when SQLite is busy or the
 /// marks cannot be written (nothing written; the marks stay for the writer).
 fn commit_group(
     log: &mut Log,
@@ -39,7 +40,7 @@ fn commit_group(
             return Some(Err(e));
         }
     };
-    let marked = marks.take(&mut known.new_types);
+    let marked = marks.take_due(&mut known.new_types);
     // With the (subscription, type) pairs the skipped events among the marks add: a failure
     // puts them back with the marks, for the writer's next transaction.
     let types = known.new_types.clone();

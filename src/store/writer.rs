@@ -11,6 +11,7 @@
 //! WAL watch in `wal`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -207,40 +208,82 @@ enum Msg {
 type Skip = (i64, Arc<str>, Arc<[Arc<str>]>);
 
 /// Finished deliveries, `(subscription, position)`, and skipped events waiting for the next
-/// transaction. Workers and the bus push here without a request, a future or the GIL; the
-/// first push after the writer emptied the buffer wakes the writer once.
+/// transaction. Workers and the bus push here without a request, a future or the GIL. The
+/// writer is woken once for them (`woken`): it lingers `MARKS_LINGER` for company, then takes
+/// what is still waiting. A commit on the asyncio thread (`Writer::log_now`) takes them too,
+/// once they have waited half as long: a busy bus writes its progress a few hundred times a
+/// second, not with every event (a page more per commit), and the writer thread is not woken
+/// per event to commit marks of its own beside the asyncio thread's commits.
 #[derive(Default)]
-pub(crate) struct Marks(Mutex<Waiting>);
+pub(crate) struct Marks {
+    waiting: Mutex<Waiting>,
+    /// A `Wake` was sent that the writer has not taken the marks for yet: pushes send no other.
+    woken: AtomicBool,
+}
 
-/// Finished deliveries and skipped events.
-type Waiting = (Vec<(Arc<str>, i64)>, Vec<Skip>);
+/// Finished deliveries and skipped events, and when the oldest of them came.
+#[derive(Default)]
+struct Waiting {
+    done: Vec<(Arc<str>, i64)>,
+    skips: Vec<Skip>,
+    since: Option<std::time::Instant>,
+}
 
 impl Marks {
     /// Everything waiting, skips turned into marks; the (subscription, type) pairs skipped go
     /// to `types`.
     pub(crate) fn take(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
-        let (mut marks, skips) = std::mem::take(&mut *self.0.lock());
+        let Waiting {
+            mut done, skips, ..
+        } = std::mem::take(&mut *self.waiting.lock());
         for (position, event_type, subs) in skips {
             for sub in subs.iter() {
-                marks.push((Arc::clone(sub), position));
+                done.push((Arc::clone(sub), position));
                 types.push((Arc::clone(sub), Arc::clone(&event_type)));
             }
         }
-        marks
+        done
     }
 
-    /// Adds with `f`; true when the buffer was empty (the writer must be woken).
+    /// What the writer thread commits with its batch: everything; later pushes wake it again.
+    fn take_all(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
+        self.woken.store(false, SeqCst);
+        self.take(types)
+    }
+
+    /// Everything waiting once the oldest has waited half of `MARKS_LINGER`, else nothing:
+    /// the asyncio thread's commits take the marks before the writer's linger ends.
+    pub(crate) fn take_due(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
+        let due = self
+            .waiting
+            .lock()
+            .since
+            .is_some_and(|t| t.elapsed() >= MARKS_LINGER / 2);
+        if due {
+            self.take(types)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Adds with `f`; true when the writer must be woken (no `Wake` on its way).
     fn push(&self, f: impl FnOnce(&mut Waiting)) -> bool {
-        let mut m = self.0.lock();
-        let was_empty = m.0.is_empty() && m.1.is_empty();
-        f(&mut m);
-        was_empty
+        {
+            let mut m = self.waiting.lock();
+            if m.since.is_none() {
+                m.since = Some(std::time::Instant::now());
+            }
+            f(&mut m);
+        }
+        !self.woken.swap(true, SeqCst)
     }
 
     /// Puts back marks taken for a transaction that did not commit: the writer commits them
     /// with its next one.
     pub(crate) fn restore(&self, marks: Vec<(Arc<str>, i64)>) {
-        self.0.lock().0.extend(marks);
+        let mut m = self.waiting.lock();
+        m.since.get_or_insert_with(std::time::Instant::now);
+        m.done.extend(marks);
     }
 }
 
@@ -408,7 +451,7 @@ impl Writer {
     /// Records that `subscription` finished the event at `position`: committed with the next
     /// transaction (at the latest when the writer closes), never answered.
     pub fn mark_done(&self, subscription: Arc<str>, position: i64) -> Result<()> {
-        if self.marks.push(|m| m.0.push((subscription, position))) {
+        if self.marks.push(|m| m.done.push((subscription, position))) {
             self.wake()?;
         }
         Ok(())
@@ -421,7 +464,10 @@ impl Writer {
         if subs.is_empty() {
             return Ok(());
         }
-        if self.marks.push(|m| m.1.push((position, event_type, subs))) {
+        if self
+            .marks
+            .push(|m| m.skips.push((position, event_type, subs)))
+        {
             self.wake()?;
         }
         Ok(())

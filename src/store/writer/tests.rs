@@ -183,7 +183,7 @@ fn marks_are_committed_by_close_without_any_request() {
 }
 
 #[test]
-fn a_commit_on_the_calling_thread_carries_the_marks_waiting_before_it() {
+fn a_commit_on_the_calling_thread_carries_the_marks_that_waited_half_the_linger() {
     let dir = std::env::temp_dir().join(format!("oxbus-now-marks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("n.db").to_string_lossy().into_owned();
@@ -196,6 +196,9 @@ fn a_commit_on_the_calling_thread_carries_the_marks_waiting_before_it() {
     let reader = Log::open(&path, Synchronous::Normal).unwrap();
     for round in 1..=20_i64 {
         w.mark_done("sub".into(), round).unwrap();
+        // Younger marks wait for company (the writer's linger, or a later commit): age this
+        // one past half the linger, the time the policy itself reads (sleep-ok).
+        std::thread::sleep(super::MARKS_LINGER / 2 + std::time::Duration::from_millis(1));
         // The writer thread may hold the connection for a moment: then nothing is written
         // here and the caller would queue the request for it instead.
         let logged = loop {
@@ -212,6 +215,51 @@ fn a_commit_on_the_calling_thread_carries_the_marks_waiting_before_it() {
             "SELECT COALESCE(SUM(last - first + 1), 0) FROM progress_ranges",
         );
         assert_eq!(covered, round, "round {round}");
+    }
+    w.close();
+    drop(reader);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn marks_alone_are_committed_by_the_writer_each_time_one_comes() {
+    // One wake at a time is sent for marks (pushes while one is on its way send none): after
+    // the writer took them, the next mark must wake it again, with or without commits from
+    // the calling thread between them.
+    let dir = std::env::temp_dir().join(format!("oxbus-marks-alone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("m.db").to_string_lossy().into_owned();
+    let w = Writer::open(
+        &path,
+        Synchronous::Normal,
+        Arc::new(Collect(Mutex::new(mpsc::channel().0))),
+    )
+    .unwrap();
+    let reader = Log::open(&path, Synchronous::Normal).unwrap();
+    let covered = || {
+        log_count(
+            &reader,
+            "SELECT COALESCE(SUM(last - first + 1), 0) FROM progress_ranges",
+        )
+    };
+    for round in 1..=5_i64 {
+        w.mark_done("sub".into(), 2 * round - 1).unwrap();
+        if round % 2 == 0 {
+            // A young mark is left for the writer by a commit on this thread.
+            while w
+                .log_now(&[("s".into(), ev(&format!("e{round}")))])
+                .is_none()
+            {
+                std::thread::yield_now();
+            }
+        }
+        w.mark_done("sub".into(), 2 * round).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while covered() < 2 * round && std::time::Instant::now() < deadline {
+            // sleep-ok: polls the file for the writer's own commit
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(covered(), 2 * round, "round {round}");
     }
     w.close();
     drop(reader);

@@ -52,8 +52,9 @@ pub(super) fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sin
                 // bus commits its progress a few hundred times a second, not per event.
                 let until = std::time::Instant::now() + MARKS_LINGER;
                 while deferred.is_empty() && std::time::Instant::now() < until {
-                    if let Ok(m) = rx.recv_deadline(until) {
-                        deferred.push_back(m);
+                    match rx.recv_deadline(until) {
+                        Ok(Msg::Wake) | Err(_) => {} // more marks: they wait too
+                        Ok(m) => deferred.push_back(m),
                     }
                 }
             }
@@ -83,7 +84,7 @@ pub(super) fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sin
         let Some(Core { log, known, guard }) = &mut *c else {
             break;
         };
-        let mut marked = marks.take(&mut known.new_types);
+        let mut marked = marks.take_all(&mut known.new_types);
         let mut refused = Vec::new();
         if guard.detached {
             // The file is no longer safe to write from here: only reads are answered.

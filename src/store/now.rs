@@ -4,21 +4,16 @@
 //! fsync (WAL with synchronous=NORMAL, or an in-memory database) ~20 µs. So the asyncio thread
 //! may commit a small bus-log group itself (with the GIL released by its caller), but only when
 //! it can do so at once: the connection free (the writer thread is between batches), SQLite's
-//! write lock free (no busy wait: the busy timeout is zero meanwhile), and never a checkpoint
+//! write lock free (no busy wait: no busy handler meanwhile), and never a checkpoint
 //! (the WAL hook only wakes the checkpoint thread). When any of these fails, nothing is written
 //! and the caller queues the request for the writer thread as before. After the commit, the WAL
 //! must still be the one the writer opened (see `WalGuard`); if it is not, the positions are
 //! acknowledged only once the writer thread has saved it (`Logged::Unconfirmed`). Nothing here
 //! fsyncs, waits on a lock, or sleeps.
 
-use std::time::Duration;
-
 use crate::store::log::{now_iso, Log, NewEvent};
 use crate::store::writer::{log_events, write_marks, Known, Marks, Writer};
 use crate::store::{Result, StoreError};
-
-/// The busy timeout the connection has otherwise (see `Log::open`).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One transaction of `items`, with the finished-delivery marks waiting for the writer once
 /// they have waited half of `MARKS_LINGER` (see `Marks`): a busy bus records its progress with its
@@ -93,11 +88,11 @@ impl Writer {
             return None; // only reads from here on
         }
         let (log, known) = (&mut core.log, &mut core.known);
-        if log.checkpoint_overdue() || log.conn().busy_timeout(Duration::ZERO).is_err() {
+        if log.checkpoint_overdue() || log.wait_when_busy(false).is_err() {
             return None; // an overdue checkpoint is the writer thread's, before more commits
         }
         let outcome = commit_group(log, known, &self.marks, items);
-        let _ = log.conn().busy_timeout(BUSY_TIMEOUT);
+        let _ = log.wait_when_busy(true);
         let positions = match outcome? {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),

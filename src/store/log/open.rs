@@ -137,11 +137,9 @@ impl Log {
                 true,
             )
             .map_err(|e| log.err(e))?;
-        // The busy timeout first: switching to WAL and creating the schema take locks that
+        // The busy handler first: switching to WAL and creating the schema take locks that
         // another process or thread opening the same new file may hold for a moment.
-        log.conn
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|e| log.err(e))?;
+        log.wait_when_busy(true)?;
         // Switching a brand-new file to WAL can report SQLITE_BUSY at once, without waiting
         // for the busy timeout, while another opener does the same: retry for a while.
         let pragmas = format!(
@@ -253,9 +251,7 @@ impl Log {
                 conn,
                 path: path.to_owned(),
             };
-            log.conn
-                .busy_timeout(std::time::Duration::from_secs(5))
-                .map_err(|e| log.err(e))?;
+            log.wait_when_busy(true)?;
             let names: Vec<String> = (|| {
                 log.conn
                     .prepare("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")?

@@ -266,6 +266,28 @@ fn marks_alone_are_committed_by_the_writer_each_time_one_comes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn the_wal_guard_sees_its_wal_deleted() {
+    let dir = std::env::temp_dir().join(format!("oxbus-wal-guard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("g.db").to_string_lossy().into_owned();
+    let wal = format!("{path}-wal");
+    let log = Log::open(&path, Synchronous::Normal).unwrap();
+    log.conn()
+        .execute_batch("CREATE TABLE IF NOT EXISTS t (x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    assert!(std::path::Path::new(&wal).exists());
+    let guard = super::WalGuard::new(&log, true);
+    assert!(guard.still_ours());
+    std::fs::remove_file(&wal).unwrap(); // what another SQLite copy in the process does
+    assert!(!guard.still_ours());
+    std::fs::write(&wal, b"").unwrap(); // and a new file at the path is not ours either
+    assert!(!guard.still_ours());
+    assert!(super::WalGuard::new(&log, false).still_ours()); // nothing watched
+    drop(log);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn log_count(log: &Log, sql: &str) -> i64 {
     log.conn().query_row(sql, [], |r| r.get(0)).unwrap()
 }

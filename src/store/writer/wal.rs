@@ -11,12 +11,15 @@ use crate::store::{Result, StoreError};
 /// POSIX lock bookkeeping: when it closes the file, the process's locks on it are gone, so it
 /// (or the next process to open the file) takes itself for the last user and deletes the WAL
 /// while this writer still appends to it, and whatever is committed there afterwards vanishes
-/// with the process. After every commit the writer compares the WAL's inode with the one it
-/// opened; when it changed or the file is gone, it checkpoints what its own WAL holds into the
-/// database file (so what it acknowledges is on disk) and refuses every later write.
+/// with the process. The guard holds the WAL it first saw open; after every commit it checks
+/// that file still has a name (a deleted or replaced WAL has none left: a link count of 0, read
+/// from the open descriptor, cheaper than looking the path up). When it has none, the writer
+/// checkpoints what its own WAL holds into the database file (so what it acknowledges is on
+/// disk) and refuses every later write. (SQLite keeps no lock on the WAL file itself, so
+/// closing this descriptor releases none of its locks.)
 pub(crate) struct WalGuard {
     wal: Option<std::path::PathBuf>,
-    id: Option<(u64, u64)>,
+    file: Option<std::fs::File>,
     pub(crate) detached: bool,
 }
 
@@ -24,35 +27,36 @@ impl WalGuard {
     pub(super) fn new(log: &Log, watch: bool) -> Self {
         let wal = (watch && !crate::store::log::in_memory(log.path()))
             .then(|| std::path::PathBuf::from(format!("{}-wal", log.path())));
-        let id = wal.as_deref().and_then(Self::file_id);
+        let file = wal.as_deref().and_then(|p| std::fs::File::open(p).ok());
         Self {
             wal,
-            id,
+            file,
             detached: false,
         }
     }
 
+    /// Whether the WAL held open still has a name.
     #[cfg(unix)]
-    fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    fn linked(file: &std::fs::File) -> bool {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+        file.metadata().is_ok_and(|m| m.nlink() > 0)
     }
 
     #[cfg(not(unix))]
-    fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
-        std::fs::metadata(path).ok().map(|_| (0, 0))
+    fn linked(_: &std::fs::File) -> bool {
+        true
     }
 
     /// Whether the WAL is still the one the writer opened (or there is none to watch), and
-    /// no replacement was seen before: what a commit on another thread checks before and
-    /// after it commits.
+    /// no replacement was seen before: what a commit on another thread checks after it
+    /// commits.
     pub(crate) fn still_ours(&self) -> bool {
         if self.detached {
             return false;
         }
-        match (&self.wal, self.id) {
+        match (&self.wal, &self.file) {
             (None, _) => true,
-            (Some(wal), Some(id)) => Self::file_id(wal) == Some(id),
+            (Some(_), Some(file)) => Self::linked(file),
             (Some(_), None) => false, // not seen yet: the writer records it first
         }
     }
@@ -71,13 +75,17 @@ impl WalGuard {
         let Some(wal) = &self.wal else {
             return results;
         };
-        if self.detached || self.id.is_none() || Self::file_id(wal) == self.id {
-            if self.id.is_none() {
-                self.id = Self::file_id(wal);
+        match &self.file {
+            None => {
+                self.file = std::fs::File::open(wal).ok();
+                return results;
             }
-            return results;
+            Some(file) if self.detached || Self::linked(file) => return results,
+            Some(_) => {}
         }
         self.detached = true;
+        // Its space goes back once SQLite closes it too.
+        self.file = None;
         // Our WAL is unlinked but still open: copy every frame it holds into the database.
         let mut saved = false;
         for _ in 0..500 {

@@ -205,9 +205,6 @@ impl Log {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 /// How a connection waits for a lock another connection holds: SQLite's own busy timeout
 /// sleeps 1, 2, 5, 10 ms... between tries, so a writer held up for a moment by the checkpoint
 /// thread (its RESTART pass holds the write lock through an fsync, ~0.5 ms here) waited 3 or
@@ -246,3 +243,6 @@ pub(crate) fn wait_when_busy(conn: &Connection, on: bool) -> rusqlite::Result<()
         ))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -184,15 +184,7 @@ fn marks_are_committed_by_close_without_any_request() {
 
 #[test]
 fn a_commit_on_the_calling_thread_carries_the_marks_that_waited_half_the_linger() {
-    let dir = std::env::temp_dir().join(format!("oxbus-now-marks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("n.db").to_string_lossy().into_owned();
-    let w = Writer::open(
-        &path,
-        Synchronous::Normal,
-        Arc::new(Collect(Mutex::new(mpsc::channel().0))),
-    )
-    .unwrap();
+    let (dir, path, w, _rx) = on_file("now-marks");
     let reader = Log::open(&path, Synchronous::Normal).unwrap();
     for round in 1..=20_i64 {
         w.mark_done("sub".into(), round).unwrap();
@@ -210,11 +202,7 @@ fn a_commit_on_the_calling_thread_carries_the_marks_that_waited_half_the_linger(
         assert!(matches!(logged, crate::store::now::Logged::Positions(_)));
         // Every mark pushed before the commit is committed by now: taken by this commit,
         // or by the writer thread's before it (which holds the connection meanwhile).
-        let covered = log_count(
-            &reader,
-            "SELECT COALESCE(SUM(last - first + 1), 0) FROM progress_ranges",
-        );
-        assert_eq!(covered, round, "round {round}");
+        assert_eq!(covered_positions(&reader), round, "round {round}");
     }
     w.close();
     drop(reader);
@@ -226,22 +214,9 @@ fn marks_alone_are_committed_by_the_writer_each_time_one_comes() {
     // One wake at a time is sent for marks (pushes while one is on its way send none): after
     // the writer took them, the next mark must wake it again, with or without commits from
     // the calling thread between them.
-    let dir = std::env::temp_dir().join(format!("oxbus-marks-alone-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("m.db").to_string_lossy().into_owned();
-    let w = Writer::open(
-        &path,
-        Synchronous::Normal,
-        Arc::new(Collect(Mutex::new(mpsc::channel().0))),
-    )
-    .unwrap();
+    let (dir, path, w, _rx) = on_file("marks-alone");
     let reader = Log::open(&path, Synchronous::Normal).unwrap();
-    let covered = || {
-        log_count(
-            &reader,
-            "SELECT COALESCE(SUM(last - first + 1), 0) FROM progress_ranges",
-        )
-    };
+    let covered = || covered_positions(&reader);
     for round in 1..=5_i64 {
         w.mark_done("sub".into(), 2 * round - 1).unwrap();
         if round % 2 == 0 {
@@ -286,6 +261,14 @@ fn the_wal_guard_sees_its_wal_deleted() {
     assert!(super::WalGuard::new(&log, false).still_ours()); // nothing watched
     drop(log);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Positions the progress ranges cover, all subscriptions together.
+fn covered_positions(log: &Log) -> i64 {
+    log_count(
+        log,
+        "SELECT COALESCE(SUM(last - first + 1), 0) FROM progress_ranges",
+    )
 }
 
 fn log_count(log: &Log, sql: &str) -> i64 {

@@ -10,7 +10,7 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::StreamId;
 use redis::Client;
 
-use super::consume::entry_of;
+use super::consume::{dead_xadd, entry_of};
 use super::{connect, Shared};
 use crate::transport::leases::{self, Table};
 use crate::transport::{Message, Sink};
@@ -150,20 +150,8 @@ async fn dead_letter_pending(
         .first()
         .map(|e| entry_of(stream, e, 0).payload)
         .unwrap_or_default();
-    redis::pipe()
-        .cmd("XADD")
-        .arg(&cfg.dead_stream)
-        .arg("*")
-        .arg("d")
-        .arg(payload)
-        .arg("stream")
-        .arg(stream)
-        .arg("id")
-        .arg(id)
-        .arg("group")
-        .arg(&cfg.group)
-        .arg("deliveries")
-        .arg(deliveries)
+    let mut pipe = redis::pipe();
+    dead_xadd(&mut pipe, cfg, payload, stream, id, deliveries)
         .arg("error")
         .arg(format!(
             "delivered {deliveries} times without being acknowledged"

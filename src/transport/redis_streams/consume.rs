@@ -10,7 +10,7 @@ use redis::streams::{StreamId, StreamReadReply};
 use redis::{Client, Value};
 use tokio::sync::mpsc;
 
-use super::{backoff, connect, Settle, Shared};
+use super::{backoff, connect, Config, Settle, Shared};
 use crate::transport::{Message, Sink};
 
 /// Creates the group if missing, at `start`: "$" (from now) when the bus starts, "0" (all
@@ -69,20 +69,7 @@ pub(super) async fn acker(
                 let mut pipe = redis::pipe();
                 for (s, id, (payload, failures)) in &dead {
                     for failure in failures {
-                        let xadd = pipe
-                            .cmd("XADD")
-                            .arg(&cfg.dead_stream)
-                            .arg("*")
-                            .arg("d")
-                            .arg(payload)
-                            .arg("stream")
-                            .arg(&cfg.streams[*s])
-                            .arg("id")
-                            .arg(id)
-                            .arg("group")
-                            .arg(&cfg.group)
-                            .arg("deliveries")
-                            .arg(1);
+                        let xadd = dead_xadd(&mut pipe, cfg, payload, &cfg.streams[*s], id, 1);
                         for (name, value) in failure.fields() {
                             xadd.arg(name).arg(value);
                         }
@@ -143,6 +130,31 @@ pub(super) async fn acker(
         shared.acks_queued.fetch_sub(n, Ordering::AcqRel);
         shared.room.notify_waiters();
     }
+}
+
+/// Adds to `pipe` the XADD of a dead letter to the group's dead-letter stream: the entry's
+/// payload, where it came from and how often it was delivered; the caller adds why.
+pub(super) fn dead_xadd<'p>(
+    pipe: &'p mut redis::Pipeline,
+    cfg: &Config,
+    payload: impl redis::ToRedisArgs,
+    stream: &str,
+    id: &str,
+    deliveries: u64,
+) -> &'p mut redis::Pipeline {
+    pipe.cmd("XADD")
+        .arg(&cfg.dead_stream)
+        .arg("*")
+        .arg("d")
+        .arg(payload)
+        .arg("stream")
+        .arg(stream)
+        .arg("id")
+        .arg(id)
+        .arg("group")
+        .arg(&cfg.group)
+        .arg("deliveries")
+        .arg(deliveries)
 }
 
 pub(super) fn entry_of(stream: &str, sid: &StreamId, deliveries: u32) -> Message {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::{in_memory, Log, Synchronous};
 use crate::store::{Result, StoreError};
@@ -113,17 +113,22 @@ fn uri_path(path: &str) -> String {
 }
 
 impl Log {
-    /// Opens (creating if needed) the log at `path` (`":memory:"` for a private in-memory one).
-    pub fn open(path: &str, sync: Synchronous) -> Result<Self> {
-        let conn = Connection::open(path).map_err(|e| StoreError::Sqlite {
+    /// A connection to `target` (the file, or a URI naming it) as the log at `path`.
+    fn connect(target: &str, path: &str, flags: OpenFlags) -> Result<Self> {
+        let conn = Connection::open_with_flags(target, flags).map_err(|e| StoreError::Sqlite {
             path: path.to_owned(),
             source: e,
         })?;
-        let log = Self {
+        Ok(Self {
             overdue: Arc::default(),
             conn,
             path: path.to_owned(),
-        };
+        })
+    }
+
+    /// Opens (creating if needed) the log at `path` (`":memory:"` for a private in-memory one).
+    pub fn open(path: &str, sync: Synchronous) -> Result<Self> {
+        let log = Self::connect(path, path, OpenFlags::default())?;
         let sync_sql = match sync {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
@@ -241,16 +246,7 @@ impl Log {
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let open = |target: &str, flags: OpenFlags| -> Result<(Self, Vec<String>)> {
-            let conn =
-                Connection::open_with_flags(target, flags).map_err(|e| StoreError::Sqlite {
-                    path: path.to_owned(),
-                    source: e,
-                })?;
-            let log = Self {
-                overdue: Arc::default(),
-                conn,
-                path: path.to_owned(),
-            };
+            let log = Self::connect(target, path, flags)?;
             log.wait_when_busy(true)?;
             let names: Vec<String> = (|| {
                 log.conn

@@ -233,9 +233,14 @@ impl Marks {
     /// Everything waiting, skips turned into marks; the (subscription, type) pairs skipped go
     /// to `types`.
     pub(crate) fn take(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
+        Self::marks_of(std::mem::take(&mut *self.waiting.lock()), types)
+    }
+
+    /// Finished deliveries and skips as marks (see `take`).
+    fn marks_of(waiting: Waiting, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
         let Waiting {
             mut done, skips, ..
-        } = std::mem::take(&mut *self.waiting.lock());
+        } = waiting;
         for (position, event_type, subs) in skips {
             for sub in subs.iter() {
                 done.push((Arc::clone(sub), position));
@@ -254,16 +259,14 @@ impl Marks {
     /// Everything waiting once the oldest has waited half of `MARKS_LINGER`, else nothing:
     /// the asyncio thread's commits take the marks before the writer's linger ends.
     pub(crate) fn take_due(&self, types: &mut Vec<(Arc<str>, Arc<str>)>) -> Vec<(Arc<str>, i64)> {
-        let due = self
-            .waiting
-            .lock()
-            .since
-            .is_some_and(|t| t.elapsed() >= MARKS_LINGER / 2);
-        if due {
-            self.take(types)
-        } else {
-            Vec::new()
-        }
+        let waiting = {
+            let mut m = self.waiting.lock();
+            if !m.since.is_some_and(|t| t.elapsed() >= MARKS_LINGER / 2) {
+                return Vec::new();
+            }
+            std::mem::take(&mut *m)
+        };
+        Self::marks_of(waiting, types)
     }
 
     /// Adds with `f`; true when the writer must be woken (no `Wake` on its way).
@@ -275,7 +278,8 @@ impl Marks {
             }
             f(&mut m);
         }
-        !self.woken.swap(true, SeqCst)
+        // A read first: while a wake is on its way (the common case) the flag is not written.
+        !self.woken.load(SeqCst) && !self.woken.swap(true, SeqCst)
     }
 
     /// Puts back marks taken for a transaction that did not commit: the writer commits them

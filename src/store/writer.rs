@@ -209,11 +209,11 @@ type Skip = (i64, Arc<str>, Arc<[Arc<str>]>);
 
 /// Finished deliveries, `(subscription, position)`, and skipped events waiting for the next
 /// transaction. Workers and the bus push here without a request, a future or the GIL. The
-/// writer is woken once for them (`woken`): it lingers `MARKS_LINGER` for company, then takes
-/// what is still waiting. A commit on the asyncio thread (`Writer::log_now`) takes them too,
-/// once they have waited half as long: a busy bus writes its progress a few hundred times a
-/// second, not with every event (a page more per commit), and the writer thread is not woken
-/// per event to commit marks of its own beside the asyncio thread's commits.
+/// writer is woken once for them (`woken`) and commits them alone once the oldest waited
+/// `MARKS_LINGER`; any commit (the writer's batches, `Writer::log_now` on the asyncio thread)
+/// takes them once they waited half as long. So a bus writes its progress a few hundred times
+/// a second at most, not with every event (a page more per commit: at synchronous=FULL, more
+/// to sync), and the writer thread is not woken per event to commit marks of its own.
 #[derive(Default)]
 pub(crate) struct Marks {
     waiting: Mutex<Waiting>,
@@ -267,6 +267,20 @@ impl Marks {
             std::mem::take(&mut *m)
         };
         Self::marks_of(waiting, types)
+    }
+
+    /// When the writer thread commits what waits by itself: once the oldest mark has waited
+    /// all of `MARKS_LINGER`. None when nothing waits, and then the next push wakes the writer
+    /// (the flag is cleared under the lock a push takes first, so no push is missed).
+    pub(super) fn due_at(&self) -> Option<std::time::Instant> {
+        let m = self.waiting.lock();
+        match m.since {
+            Some(t) => Some(t + MARKS_LINGER),
+            None => {
+                self.woken.store(false, SeqCst);
+                None
+            }
+        }
     }
 
     /// Adds with `f`; true when the writer must be woken (no `Wake` on its way).
@@ -326,6 +340,28 @@ const RESTART_AT: i32 = 4_000;
 const CHECKPOINT_INLINE: i32 = 8_000;
 
 use crate::store::log::in_memory;
+
+/// When the checkpoint thread is woken: once the WAL holds `next` pages, and then not again
+/// until it has grown by another `CHECKPOINT_AT` (or started over). Without the step, every
+/// commit past `CHECKPOINT_AT` woke it: while a writer keeps committing, a passive pass never
+/// copies the whole WAL (frames arrive meanwhile), so the WAL cannot start over, and the
+/// thread ran pass after pass, each with its syncs of the WAL and the database file, until
+/// `RESTART_AT` (at synchronous=FULL, two syncs of its own per commit of the writer's).
+/// Returns the threshold after a commit left the WAL at `pages` (`wake` is called when it is
+/// reached, and says whether the thread took the wake-up).
+fn next_wake(next: i32, pages: i32, wake: impl FnOnce() -> bool) -> i32 {
+    // Below the last wake-up's level, the WAL started over since.
+    let next = if pages < next - CHECKPOINT_AT {
+        CHECKPOINT_AT
+    } else {
+        next
+    };
+    if pages >= next && wake() {
+        pages + CHECKPOINT_AT
+    } else {
+        next
+    }
+}
 
 /// A bus-log group sent in parts as it is encoded, written in one transaction: the writer
 /// inserts the first parts while the sender encodes the rest. `end` commits it; dropping it
@@ -411,10 +447,9 @@ impl Writer {
                 .map_err(|e| {
                     StoreError::Invalid(format!("cannot start the SQLite checkpoint thread: {e}"))
                 })?;
+            let mut next = CHECKPOINT_AT;
             log.delegate_checkpoints(CHECKPOINT_INLINE, move |pages| {
-                if pages >= CHECKPOINT_AT {
-                    let _ = wake.try_send(pages);
-                }
+                next = next_wake(next, pages, || wake.try_send(pages).is_ok());
             })?;
             Some(handle)
         };

@@ -242,6 +242,46 @@ fn marks_alone_are_committed_by_the_writer_each_time_one_comes() {
 }
 
 #[test]
+fn the_writers_requests_leave_young_marks_to_be_committed_alone_after_the_linger() {
+    // A mark committed with every request would add a page to each commit (at FULL, to each
+    // sync); the writer takes marks with a request only once they waited half the linger.
+    let (dir, path, w, rx) = on_file("young-marks");
+    let reader = Log::open(&path, Synchronous::Normal).unwrap();
+    let mut checked = 0;
+    for round in 1..=10_u64 {
+        let pushed = std::time::Instant::now();
+        w.mark_done("sub".into(), i64::try_from(round).unwrap())
+            .unwrap();
+        w.submit(round, padded(round, "x")).unwrap();
+        assert!(rx.recv().unwrap().iter().all(|(_, r)| r.is_ok()));
+        if pushed.elapsed() < super::MARKS_LINGER / 2 {
+            checked += 1;
+            assert_eq!(
+                covered_positions(&reader),
+                i64::try_from(round).unwrap() - 1,
+                "round {round}"
+            );
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while covered_positions(&reader) < i64::try_from(round).unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the mark was never committed"
+            );
+            // sleep-ok: polls the file for the writer's own commit
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    assert!(
+        checked > 0,
+        "no request was answered within half the linger"
+    );
+    w.close();
+    drop(reader);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_wal_guard_sees_its_wal_deleted() {
     let dir = std::env::temp_dir().join(format!("oxbus-wal-guard-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -550,4 +590,24 @@ fn opening_a_directory_fails_with_the_path() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("SQLite error on /"), "{err}");
+}
+
+#[test]
+fn the_checkpoint_thread_is_woken_once_per_thousand_pages_not_per_commit() {
+    let mut next = CHECKPOINT_AT;
+    let mut wakes = Vec::new();
+    // A WAL growing by 5 pages a commit that never starts over (the passes never catch up).
+    for pages in (5..=3_000).step_by(5) {
+        next = next_wake(next, pages, || {
+            wakes.push(pages);
+            true
+        });
+    }
+    assert_eq!(wakes, vec![1_000, 2_000, 3_000]);
+    // A wake-up the thread did not take (it was busy) is tried again with the next commit.
+    let busy = next_wake(CHECKPOINT_AT, 1_000, || false);
+    assert_eq!(busy, CHECKPOINT_AT);
+    // The WAL started over: the next wake-up is at `CHECKPOINT_AT` pages again.
+    let after_restart = next_wake(4_000, 7, || unreachable!("7 pages wake nothing"));
+    assert_eq!(after_restart, CHECKPOINT_AT);
 }

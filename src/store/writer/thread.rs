@@ -3,12 +3,10 @@
 
 use std::collections::VecDeque;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 
-use super::{
-    apply, log_events, Core, Known, Marks, Msg, Reply, Sink, WalGuard, MARKS_LINGER, MAX_BATCH,
-};
+use super::{apply, log_events, Core, Known, Marks, Msg, Reply, Sink, WalGuard, MAX_BATCH};
 use crate::store::log::{Log, NewEvent};
 use crate::store::{Result, StoreError};
 
@@ -23,13 +21,26 @@ pub(super) fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sin
     // Messages that arrived while a large log group held the transaction.
     let mut deferred: VecDeque<Msg> = VecDeque::new();
     while !closing {
+        // A `Wake` only says marks wait: they are committed with the first batch after they
+        // waited half of `MARKS_LINGER`, or alone once they waited all of it (`Msg::Wake`
+        // below), so an idle bus records its progress once per linger, not per event.
         let first = match deferred.pop_front() {
+            Some(Msg::Wake) => continue,
             Some(m) => m,
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            },
+            None => {
+                let got = match marks.due_at() {
+                    Some(at) => rx.recv_deadline(at),
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                };
+                match got {
+                    Ok(Msg::Wake) => continue,
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => Msg::Wake,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
         };
+        let every_mark = matches!(first, Msg::Wake);
         let mut batch = Vec::new();
         match first {
             Msg::Close => closing = true,
@@ -47,17 +58,7 @@ pub(super) fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sin
                 continue;
             }
             Msg::LogAbort(_) => continue,
-            Msg::Wake => {
-                // Only marks: let more gather (or a request come) for a moment, so a busy
-                // bus commits its progress a few hundred times a second, not per event.
-                let until = std::time::Instant::now() + MARKS_LINGER;
-                while deferred.is_empty() && std::time::Instant::now() < until {
-                    match rx.recv_deadline(until) {
-                        Ok(Msg::Wake) | Err(_) => {} // more marks: they wait too
-                        Ok(m) => deferred.push_back(m),
-                    }
-                }
-            }
+            Msg::Wake => {} // marks due: committed alone, or with what is queued meanwhile
         }
         while !closing && batch.len() < MAX_BATCH {
             let m = match deferred.pop_front() {
@@ -84,7 +85,11 @@ pub(super) fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sin
         let Some(Core { log, known, guard }) = &mut *c else {
             break;
         };
-        let mut marked = marks.take_all(&mut known.new_types);
+        let mut marked = if every_mark || closing {
+            marks.take_all(&mut known.new_types)
+        } else {
+            marks.take_due(&mut known.new_types)
+        };
         let mut refused = Vec::new();
         if guard.detached {
             // The file is no longer safe to write from here: only reads are answered.

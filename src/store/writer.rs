@@ -274,13 +274,10 @@ impl Marks {
     /// (the flag is cleared under the lock a push takes first, so no push is missed).
     pub(super) fn due_at(&self) -> Option<std::time::Instant> {
         let m = self.waiting.lock();
-        match m.since {
-            Some(t) => Some(t + MARKS_LINGER),
-            None => {
-                self.woken.store(false, SeqCst);
-                None
-            }
+        if m.since.is_none() {
+            self.woken.store(false, SeqCst);
         }
+        m.since.map(|t| t + MARKS_LINGER)
     }
 
     /// Adds with `f`; true when the writer must be woken (no `Wake` on its way).

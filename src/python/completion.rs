@@ -3,10 +3,12 @@
 //! A request registers a future (on the running loop) under a token and hands the token to a
 //! background thread. The thread later completes a whole batch: it takes each finished
 //! request's future out of `pending`, groups them by the loop they belong to, and hands each
-//! loop its own group with one `call_soon_threadsafe` — one GIL acquisition per batch and one
-//! wake-up per loop involved, never per request, and nothing at all once the interpreter is
-//! exiting (`runtime::attach`). A future is only ever resolved on its own loop's thread, so a
-//! store shared by several loops (threads each running `asyncio.run`) wakes every one of them.
+//! loop its own group — through the loop's wake-up (`wake`: a queue and one byte on a socket
+//! the loop watches, no GIL at all), or, for a loop that cannot watch one, with one
+//! `call_soon_threadsafe` (one GIL acquisition per batch, nothing once the interpreter is
+//! exiting: `runtime::attach`). One wake-up per loop involved, never per request. A future is
+//! only ever resolved on its own loop's thread, so a store shared by several loops (threads
+//! each running `asyncio.run`) wakes every one of them.
 //!
 //! Why not pyo3-async-runtimes' `future_into_py` (used for the one-off awaits in `runtime`):
 //! measured in the same run (`benches/bench_awaits.py`, release build, 2 loaded cores), one
@@ -22,14 +24,28 @@ use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
 
+use crate::python::wake::{self, LoopWake};
+
 /// Builds a request's result (or error) on the loop thread.
 pub type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 
-/// A request's future and the loop it belongs to.
-type Waiting = (Py<PyAny>, Py<PyAny>);
+/// A request's future, the address of its loop, and how the loop is woken.
+struct Waiting {
+    fut: Py<PyAny>,
+    loop_id: usize,
+    via: Via,
+}
+
+/// How a loop gets its finished futures.
+enum Via {
+    /// Its own wake-up (`wake`): no GIL on the finishing thread.
+    Wake(Arc<LoopWake>),
+    /// `call_soon_threadsafe` on the loop (held alive by the group while it is handed over).
+    Loop(Py<PyAny>),
+}
 
 /// Finished futures with their outcomes.
-type Finished = Vec<(Py<PyAny>, Outcome)>;
+pub type Finished = Vec<(Py<PyAny>, Outcome)>;
 
 /// Pending futures of one store or transport.
 #[derive(Default)]
@@ -45,9 +61,16 @@ impl Completions {
         let loop_ = Self::running_loop(py)?;
         let fut = loop_.call_method0(intern!(py, "create_future"))?;
         let token = self.next.fetch_add(1, Relaxed) + 1;
-        self.pending
-            .lock()
-            .insert(token, (fut.clone().unbind(), loop_.clone().unbind()));
+        let via = match wake::of(&loop_) {
+            Some(w) => Via::Wake(w),
+            None => Via::Loop(loop_.clone().unbind()),
+        };
+        let waiting = Waiting {
+            fut: fut.clone().unbind(),
+            loop_id: loop_.as_ptr() as usize,
+            via,
+        };
+        self.pending.lock().insert(token, waiting);
         Ok((token, fut.unbind(), loop_))
     }
 
@@ -59,7 +82,7 @@ impl Completions {
     /// Fails a registered future at once (on the loop thread).
     pub fn fail_now(&self, py: Python<'_>, token: u64, err: &PyErr) {
         let found = self.pending.lock().remove(&token);
-        if let Some((fut, _)) = found {
+        if let Some(Waiting { fut, .. }) = found {
             let _ = fut
                 .bind(py)
                 .call_method1(intern!(py, "set_exception"), (err.value(py),));
@@ -70,19 +93,18 @@ impl Completions {
     /// the writer thread (`Writer::log_now`).
     pub fn resolve_now(&self, py: Python<'_>, token: u64, value: &Bound<'_, PyAny>) {
         let found = self.pending.lock().remove(&token);
-        if let Some((fut, _)) = found {
+        if let Some(Waiting { fut, .. }) = found {
             crate::python::futures::resolve(py, &fut, value);
         }
     }
 
     /// Whether every one of `tokens` is pending on `loop_` (so can be resolved from its thread).
     pub fn all_on(&self, tokens: &[u64], loop_: &Bound<'_, PyAny>) -> bool {
+        let id = loop_.as_ptr() as usize;
         let pending = self.pending.lock();
-        tokens.iter().all(|t| {
-            pending
-                .get(t)
-                .is_some_and(|(_, l)| l.as_ptr() == loop_.as_ptr())
-        })
+        tokens
+            .iter()
+            .all(|t| pending.get(t).is_some_and(|w| w.loop_id == id))
     }
 
     /// The running loop.
@@ -95,31 +117,33 @@ impl Completions {
     }
 
     /// Called from any thread: hands each loop involved the outcomes of its own futures, with
-    /// one `call_soon_threadsafe` per loop.
+    /// one wake-up per loop.
     pub fn complete(&self, resolver: &Py<PyResolver>, outcomes: Vec<(u64, Outcome)>) {
-        // Grouped by loop (compared by address: each group holds its loop alive) under the
-        // lock, without touching Python; the GIL is taken after.
-        let mut groups: Vec<(Py<PyAny>, Finished)> = Vec::new();
+        // Grouped by loop (compared by address) under the lock, without touching Python.
+        let mut woken: Vec<(Arc<LoopWake>, Finished)> = Vec::new();
+        let mut called: Vec<(Py<PyAny>, Finished)> = Vec::new();
         {
             let mut pending = self.pending.lock();
             for (token, outcome) in outcomes {
-                let Some((fut, loop_)) = pending.remove(&token) else {
+                let Some(Waiting { fut, via, .. }) = pending.remove(&token) else {
                     continue; // token 0, or a request forgotten or failed already
                 };
-                match groups
-                    .iter_mut()
-                    .find(|(l, _)| l.as_ptr() == loop_.as_ptr())
-                {
-                    Some((_, items)) => items.push((fut, outcome)),
-                    None => groups.push((loop_, vec![(fut, outcome)])),
+                match via {
+                    Via::Wake(w) => group(&mut woken, w, (fut, outcome), Arc::ptr_eq),
+                    Via::Loop(l) => group(&mut called, l, (fut, outcome), |a, b| {
+                        a.as_ptr() == b.as_ptr()
+                    }),
                 }
             }
         }
-        if groups.is_empty() {
+        for (wake, items) in woken {
+            wake.hand(items);
+        }
+        if called.is_empty() {
             return;
         }
         let _ = crate::python::runtime::attach(|py| {
-            for (loop_, items) in groups {
+            for (loop_, items) in called {
                 let Ok(batch) = Py::new(py, PyBatch(Mutex::new(items))) else {
                     continue;
                 };
@@ -131,6 +155,43 @@ impl Completions {
             }
         });
     }
+}
+
+/// Adds `item` to the group of `key` (a new group when none matches).
+fn group<K>(
+    groups: &mut Vec<(K, Finished)>,
+    key: K,
+    item: (Py<PyAny>, Outcome),
+    same: impl Fn(&K, &K) -> bool,
+) {
+    match groups.iter_mut().find(|(k, _)| same(k, &key)) {
+        Some((_, items)) => items.push(item),
+        None => groups.push((key, vec![item])),
+    }
+}
+
+/// Resolves finished futures on their loop's thread: each with its outcome, unless its awaiter
+/// cancelled it meanwhile. Every one is tried; the first error (a broken future) is raised
+/// after.
+pub fn resolve_all(py: Python<'_>, items: Finished) -> PyResult<()> {
+    let mut first = None;
+    for (fut, outcome) in items {
+        if let Err(e) = resolve_one(py, fut.bind(py), outcome) {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+fn resolve_one(py: Python<'_>, fut: &Bound<'_, PyAny>, outcome: Outcome) -> PyResult<()> {
+    if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
+        return Ok(()); // cancelled by its awaiter
+    }
+    match outcome(py) {
+        Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,))?,
+        Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.value(py),))?,
+    };
+    Ok(())
 }
 
 /// The finished futures of one loop and their outcomes, handed to that loop's thread.
@@ -154,18 +215,7 @@ impl PyResolver {
 impl PyResolver {
     #[allow(clippy::unused_self)] // a callable object: the loop calls it with the batch
     fn __call__(&self, py: Python<'_>, batch: &Bound<'_, PyBatch>) -> PyResult<()> {
-        let items = std::mem::take(&mut *batch.get().0.lock());
-        for (fut, outcome) in items {
-            let fut = fut.bind(py);
-            if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
-                continue; // cancelled by its awaiter
-            }
-            match outcome(py) {
-                Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,))?,
-                Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.value(py),))?,
-            };
-        }
-        Ok(())
+        resolve_all(py, std::mem::take(&mut *batch.get().0.lock()))
     }
 }
 

@@ -16,6 +16,7 @@ mod runtime;
 mod store;
 mod sync;
 mod transport;
+mod wake;
 mod worker;
 
 use pyo3::prelude::*;

@@ -2,8 +2,9 @@
 same run (issue 12 item 5; DESIGN.md "Costs that shape the design"):
 
 - ``batched``: oxbus's batched resolver (``src/python/completion.rs``): the runtime completes a
-  whole batch of loop futures with one ``call_soon_threadsafe`` — what store commits and Redis
-  publish confirms use;
+  whole batch of loop futures with one wake-up of the loop (a byte on the socket the loop
+  watches, ``src/python/wake.rs``; no GIL on the runtime's thread) — what store commits and
+  Redis publish confirms use;
 - ``future_into_py``: pyo3-async-runtimes' bridge (``src/python/runtime.rs``), one round trip
   per awaitable — what the one-off awaits (connect, stop) use.
 

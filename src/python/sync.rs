@@ -81,6 +81,22 @@ impl<T: Send> GilMutex<T> {
     pub fn get_mut(&mut self) -> &mut T {
         self.value.get_mut()
     }
+
+    /// The value while nobody holds the lock, for the garbage collector's `__traverse__`,
+    /// which runs with the GIL held but gets no token: None while the lock is held (the
+    /// holder may be changing the value on a thread that released the GIL).
+    ///
+    /// # Safety
+    ///
+    /// The calling thread holds the GIL and runs no Python and takes no lock while it uses the
+    /// reference (so no other thread can take the lock meanwhile: `lock` needs the GIL).
+    pub unsafe fn peek(&self) -> Option<&T> {
+        if self.held.get() {
+            return None;
+        }
+        // SAFETY: free, and (the caller's contract) nobody can take it while this is used.
+        Some(unsafe { &*self.value.get() })
+    }
 }
 
 /// The holder of a [`GilMutex`]: neither `Send` nor `Sync`, and no longer than the GIL token

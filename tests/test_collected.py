@@ -80,3 +80,30 @@ def test_a_stopped_bus_and_its_loop_are_collected(
     assert (alive_buses, alive_loops) == (0, 0), (
         f"{alive_buses} of 3 buses and {alive_loops} of 3 loops still alive after they ended"
     )
+
+
+def test_a_bus_left_running_when_its_loop_ended_is_collected() -> None:
+    # Its worker tasks (cancelled by asyncio.run at the end) hold the workers, which hold the
+    # core, whose handler refers back to the bus, which holds the tasks.
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    buses: list[weakref.ref[EventBus]] = []
+
+    async def run() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        bus = EventBus(workers=2)
+        buses.append(weakref.ref(bus))
+
+        async def handler(e: Happened) -> None:
+            if e.n == 0:
+                await bus.publish(Happened(1))
+
+        bus.subscribe(Happened, handler)
+        await bus.start()
+        await bus.publish(Happened(0))
+        await bus.drain()
+
+    for _ in range(3):
+        asyncio.run(run())
+    gc.collect()
+    alive = (sum(b() is not None for b in buses), sum(lp() is not None for lp in loops))
+    assert alive == (0, 0), f"buses and loops still alive: {alive}"

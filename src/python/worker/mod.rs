@@ -16,6 +16,7 @@ use pyo3::exceptions::PyException;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::core::dispatch::{Delivery, Next};
 use crate::python::bus::{Inner, PyBusCore};
@@ -449,6 +450,20 @@ impl PyWorker {
 
 #[pymethods]
 impl PyWorker {
+    /// What the garbage collector follows from a worker (its task holds it): its bus core,
+    /// its context and the awaitable it waits on. So a bus left running when its loop ended
+    /// (task -> worker -> core -> a handler -> the bus -> its tasks) is collected too. The
+    /// envelope of the event in hand is not followed: it only delays a collection.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.core)?;
+        visit.call(&self.context)?;
+        // SAFETY: the collector runs with the GIL held; only `visit` runs meanwhile.
+        if let Some(st) = unsafe { self.st.peek() } {
+            visit.call(st.awaiting.as_ref().map(|(a, _)| a))?;
+        }
+        Ok(())
+    }
+
     /// Worker `index` of `core`, to run as an asyncio task.
     #[new]
     #[pyo3(signature = (core, index, context=None))]

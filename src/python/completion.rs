@@ -24,10 +24,8 @@ use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
 
+use crate::python::futures::{settle_all, Finished, Outcome};
 use crate::python::wake::{self, LoopWake};
-
-/// Builds a request's result (or error) on the loop thread.
-pub type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 
 /// A request's future, the address of its loop, and how the loop is woken.
 struct Waiting {
@@ -43,9 +41,6 @@ enum Via {
     /// `call_soon_threadsafe` on the loop (held alive by the group while it is handed over).
     Loop(Py<PyAny>),
 }
-
-/// Finished futures with their outcomes.
-pub type Finished = Vec<(Py<PyAny>, Outcome)>;
 
 /// Pending futures of one store or transport.
 #[derive(Default)]
@@ -170,30 +165,6 @@ fn group<K>(
     }
 }
 
-/// Resolves finished futures on their loop's thread: each with its outcome, unless its awaiter
-/// cancelled it meanwhile. Every one is tried; the first error (a broken future) is raised
-/// after.
-pub fn resolve_all(py: Python<'_>, items: Finished) -> PyResult<()> {
-    let mut first = None;
-    for (fut, outcome) in items {
-        if let Err(e) = resolve_one(py, fut.bind(py), outcome) {
-            first.get_or_insert(e);
-        }
-    }
-    first.map_or(Ok(()), Err)
-}
-
-fn resolve_one(py: Python<'_>, fut: &Bound<'_, PyAny>, outcome: Outcome) -> PyResult<()> {
-    if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
-        return Ok(()); // cancelled by its awaiter
-    }
-    match outcome(py) {
-        Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,))?,
-        Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.value(py),))?,
-    };
-    Ok(())
-}
-
 /// The finished futures of one loop and their outcomes, handed to that loop's thread.
 #[pyclass(frozen, name = "CompletionBatch", module = "oxbus._oxbus")]
 pub struct PyBatch(Mutex<Finished>);
@@ -214,8 +185,8 @@ impl PyResolver {
 #[pymethods]
 impl PyResolver {
     #[allow(clippy::unused_self)] // a callable object: the loop calls it with the batch
-    fn __call__(&self, py: Python<'_>, batch: &Bound<'_, PyBatch>) -> PyResult<()> {
-        resolve_all(py, std::mem::take(&mut *batch.get().0.lock()))
+    fn __call__(&self, py: Python<'_>, batch: &Bound<'_, PyBatch>) {
+        settle_all(py, std::mem::take(&mut *batch.get().0.lock()));
     }
 }
 

@@ -37,6 +37,26 @@ fn settle(py: Python<'_>, fut: &Py<PyAny>, method: &Bound<'_, PyString>, value: 
     }
 }
 
+/// A request's result (or error), built on its loop's thread.
+pub type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
+
+/// Finished futures with their outcomes.
+pub type Finished = Vec<(Py<PyAny>, Outcome)>;
+
+/// Settles each future with its outcome, on its loop's thread, unless it is done (cancelled by
+/// its awaiter): every one is tried, and an error is reported, never raised.
+pub fn settle_all(py: Python<'_>, items: Finished) {
+    for (fut, outcome) in items {
+        if is_done(py, &fut) {
+            continue;
+        }
+        match outcome(py) {
+            Ok(v) => resolve(py, &fut, v.bind(py)),
+            Err(e) => fail(py, &fut, &e),
+        }
+    }
+}
+
 /// Resolves each future with None.
 pub fn resolve_all(py: Python<'_>, futs: Vec<Py<PyAny>>) {
     let none = py.None().into_bound(py);

@@ -25,7 +25,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use rustc_hash::FxHashMap;
 
-use crate::python::completion::Finished;
+use crate::python::futures::{settle_all, Finished};
 
 /// The wake-up of one loop: the socket pair and the finished futures waiting for the loop.
 pub struct LoopWake {
@@ -167,7 +167,7 @@ pub struct PyWakeReader(Arc<LoopWake>);
 
 #[pymethods]
 impl PyWakeReader {
-    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
-        crate::python::completion::resolve_all(py, self.0.take())
+    fn __call__(&self, py: Python<'_>) {
+        settle_all(py, self.0.take());
     }
 }

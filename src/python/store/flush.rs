@@ -10,8 +10,9 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::completion::{Completions, PyResolver};
 use crate::python::errors::to_py;
+use crate::python::futures::Outcome;
 use crate::store::now::Logged;
 use crate::store::pacing::Pacing;
 use crate::store::writer::{Op, Reply, Sink, Writer};

@@ -25,9 +25,10 @@ pub use bridge::PyBridgeCore;
 use inbox::Inbox;
 
 use crate::python::bus::PyBusCore;
-use crate::python::completion::{Completions, Outcome, PyResolver};
+use crate::python::completion::{Completions, PyResolver};
 use crate::python::envelope::{Ack, Settle};
 use crate::python::errors::to_py;
+use crate::python::futures::Outcome;
 use crate::python::store::record_of;
 use crate::python::{errors, events, json, runtime};
 use crate::transport::{

@@ -43,39 +43,16 @@ impl PyBusCore {
     /// What the garbage collector follows from a bus core: the Python objects it holds (the
     /// loop, hooks, handlers, waiting futures), so a cycle through it (a handler or hook that
     /// refers back to the bus: `DeadLetters` does) is collected with the rest. Without it
-    /// every stopped bus kept itself and its loop alive for ever. Not followed: queued events
-    /// and cached routes (classes); they only keep such a cycle alive longer, never free
-    /// anything early. Nothing at all while the engine's lock is held.
+    /// every stopped bus kept itself and its loop alive for ever. What is visited:
+    /// `Inner::traverse`; nothing of it while the engine's lock is held.
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.executor)?;
         // SAFETY: the collector runs with the GIL held; only `visit` runs meanwhile (no
         // Python code, no lock).
-        let Some(inner) = (unsafe { self.inner.peek() }) else {
-            return Ok(());
-        };
-        for hook in [
-            &inner.loop_,
-            &inner.after_call,
-            &inner.sleep,
-            &inner.now,
-            &inner.wrap_timeout,
-        ] {
-            visit.call(hook)?;
+        match unsafe { self.inner.peek() } {
+            Some(inner) => inner.traverse(visit),
+            None => Ok(()),
         }
-        for fut in inner.held.values() {
-            visit.call(fut)?;
-        }
-        for w in &inner.waiters {
-            visit.call(&w.predicate)?;
-            visit.call(&w.fut)?;
-        }
-        for sub in inner.engine.router.iter() {
-            let h = &sub.payload;
-            visit.call(&h.callable)?;
-            visit.call(&h.target)?;
-            visit.call(&h.retry_on)?;
-        }
-        Ok(())
     }
 
     #[new]

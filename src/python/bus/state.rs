@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
+use pyo3::{PyTraverseError, PyVisit};
 use rustc_hash::FxHashMap;
 
 use crate::core::bus::{Engine, Settings};
@@ -75,6 +76,35 @@ pub struct PyBusCore {
 }
 
 impl Inner {
+    /// Visits the Python objects held here for the garbage collector (`BusCore.__traverse__`):
+    /// the loop, hooks, held and waiting futures, and the handlers. Queued events and cached
+    /// routes are not visited: they can only delay a collection, never free anything early.
+    pub(super) fn traverse(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for hook in [
+            &self.loop_,
+            &self.after_call,
+            &self.sleep,
+            &self.now,
+            &self.wrap_timeout,
+        ] {
+            visit.call(hook)?;
+        }
+        for fut in self.held.values() {
+            visit.call(fut)?;
+        }
+        for w in &self.waiters {
+            visit.call(&w.predicate)?;
+            visit.call(&w.fut)?;
+        }
+        for sub in self.engine.router.iter() {
+            let h = &sub.payload;
+            visit.call(&h.callable)?;
+            visit.call(&h.target)?;
+            visit.call(&h.retry_on)?;
+        }
+        Ok(())
+    }
+
     /// The state of a bus not started yet.
     fn new(settings: Settings) -> Self {
         Self {

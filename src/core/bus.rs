@@ -27,7 +27,17 @@ use crate::core::errors::{CoreError, Result};
 use crate::core::health::{Readings, Thresholds};
 use crate::core::lanes::Lanes;
 use crate::core::routing::{Matcher, Router, Subscription};
-use crate::core::stats::Stats;
+use crate::core::stats::{bump, Stats, TypeCounters};
+
+/// What becomes of a failed handler call (`Engine::call_failed`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Failed {
+    /// It is retried, after a backoff.
+    Retry,
+    /// Its (event, subscription) pair goes to the dead letters; with the hash of its key,
+    /// later events of that key wait behind it for that subscription.
+    DeadLetter { park: Option<u64> },
+}
 
 /// Where the bus is in its life.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -469,6 +479,40 @@ impl<E, W, H> Engine<E, W, H> {
         if let Some(p) = park {
             self.parked.insert(p);
         }
+    }
+
+    /// A handler call of `sub` on an event of `type_key` raised after `ns` nanoseconds: counted
+    /// in the bus's totals and call histogram, the failures by (type, subscription), the
+    /// type's and the subscription's counters; then its verdict: a retry, or a dead letter
+    /// (which, with a key to park, parks that key for `sub`).
+    pub fn call_failed(
+        &mut self,
+        ns: u64,
+        type_key: &str,
+        type_counters: &TypeCounters,
+        sub: &Subscription<H>,
+        verdict: Failed,
+    ) {
+        self.record_call(ns, false);
+        self.stats.call_failed(type_key, &sub.name);
+        bump(&type_counters.failed, 1);
+        bump(&sub.counters.failed, 1);
+        match verdict {
+            Failed::Retry => {
+                self.retry_decided();
+                bump(&sub.counters.retried, 1);
+            }
+            Failed::DeadLetter { park } => {
+                self.dead_lettered(park.map(|h| (sub.id, h)));
+                bump(&sub.counters.dead_lettered, 1);
+            }
+        }
+    }
+
+    /// An event of a key parked for `sub` joins the dead letters behind it, without a call.
+    pub fn parked_behind(&mut self, sub: &Subscription<H>) {
+        self.dead_lettered(None);
+        bump(&sub.counters.dead_lettered, 1);
     }
 
     /// A worker was interrupted by its own cancellation (shutdown).

@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod errors;
 pub mod health;
 pub mod lanes;
+pub mod plan;
 pub mod report;
 pub mod retry;
 pub mod routing;

@@ -1,13 +1,14 @@
 //! What an event reaches: its subscriptions' handlers, resolved once per event class.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 
 use crate::core::breaker::Breaker;
+use crate::core::plan::Plan;
 use crate::core::retry::RetryPolicy;
 use crate::core::routing::Subscription;
-use crate::core::stats::TypeCounters;
 use crate::python::events::KeyRead;
 
 /// What a subscription runs.
@@ -30,20 +31,31 @@ pub struct Handler {
 
 pub type Sub = Subscription<Handler>;
 
-/// Subscription names, shared.
-pub type Names = Arc<[Arc<str>]>;
-
-/// The subscriptions one kind of event reaches, resolved once and cached.
+/// The subscriptions one kind of event reaches (the engine's `Plan`), with what only Python
+/// knows of it: its class and how its key is read. Resolved once and cached.
 pub struct Route {
+    pub plan: Plan<Handler>,
     /// The event class (keeps it alive while its id is a cache key).
     pub class: Py<PyAny>,
-    pub subs: Vec<Arc<Sub>>,
-    /// On a durable bus: the type key and the subscriptions this route leaves out, whose
-    /// progress moves past an event of it (`Writer::skip`).
-    pub skip: Option<(Arc<str>, Names)>,
-    pub type_key: String,
-    pub mro: Vec<usize>,
     /// How its `aggregate_id` is read.
     pub key_read: KeyRead,
-    pub counters: Arc<TypeCounters>,
+}
+
+impl Deref for Route {
+    type Target = Plan<Handler>;
+
+    fn deref(&self) -> &Plan<Handler> {
+        &self.plan
+    }
+}
+
+impl Route {
+    /// The same kind of event, reaching `subs` only (see `Plan::narrowed`).
+    pub fn narrowed(&self, py: Python<'_>, subs: Vec<Arc<Sub>>) -> Self {
+        Self {
+            plan: self.plan.narrowed(subs),
+            class: self.class.clone_ref(py),
+            key_read: self.key_read.clone_ref(py),
+        }
+    }
 }

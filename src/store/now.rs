@@ -12,7 +12,7 @@
 //! fsyncs, waits on a lock, or sleeps.
 
 use crate::store::log::{now_iso, Log, NewEvent};
-use crate::store::writer::{log_events, write_marks, Known, Marks, Writer};
+use crate::store::writer::{log_events, write_marks, Known, Marks, Op, Writer};
 use crate::store::{Result, StoreError};
 
 /// One transaction of `items`, with the finished-delivery marks waiting for the writer once
@@ -102,5 +102,156 @@ impl Writer {
         } else {
             Logged::Unconfirmed(positions)
         }))
+    }
+}
+
+/// The bus-log requests of one loop turn, merged into one group for `Writer::log_now`, then
+/// split back into their own answers, or into requests for the writer thread.
+pub struct LogBatch {
+    /// Each request's token and number of events, in order.
+    parts: Vec<(u64, usize)>,
+    /// Every request's events, in order.
+    pub items: Vec<(String, NewEvent)>,
+}
+
+impl LogBatch {
+    /// Merges `ops` when each is a bus-log request with a future (a nonzero token); hands
+    /// them back as they were otherwise (other requests in them, or none).
+    pub fn merge(ops: Vec<(u64, Op)>) -> std::result::Result<Self, Vec<(u64, Op)>> {
+        let mergeable = !ops.is_empty()
+            && ops
+                .iter()
+                .all(|(t, op)| *t != 0 && matches!(op, Op::Log { .. }));
+        if !mergeable {
+            return Err(ops);
+        }
+        let mut parts = Vec::with_capacity(ops.len());
+        let mut items = Vec::new();
+        for (token, op) in ops {
+            if let Op::Log { items: mut part } = op {
+                parts.push((token, part.len()));
+                items.append(&mut part);
+            }
+        }
+        Ok(Self { parts, items })
+    }
+
+    /// How many requests it merged.
+    pub fn requests(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The requests' tokens, in order.
+    pub fn tokens(&self) -> Vec<u64> {
+        self.parts.iter().map(|(t, _)| *t).collect()
+    }
+
+    /// Each request's positions, by token, from the group's `positions` (in order).
+    pub fn split(&self, positions: Vec<i64>) -> Vec<(u64, Vec<i64>)> {
+        let mut rest = positions.into_iter();
+        self.parts
+            .iter()
+            .map(|&(t, n)| (t, rest.by_ref().take(n).collect()))
+            .collect()
+    }
+
+    /// The requests again, for the writer thread: with the `positions` of a commit whose WAL
+    /// the writer must save before they are acknowledged (`Logged::Unconfirmed`), to confirm;
+    /// without (nothing was written), to log.
+    pub fn unmerge(self, positions: Option<Vec<i64>>) -> Vec<(u64, Op)> {
+        if let Some(p) = positions {
+            return self
+                .split(p)
+                .into_iter()
+                .map(|(t, part)| (t, Op::Confirm(part)))
+                .collect();
+        }
+        let mut rest = self.items.into_iter();
+        self.parts
+            .into_iter()
+            .map(|(t, n)| {
+                let items = rest.by_ref().take(n).collect();
+                (t, Op::Log { items })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> (String, NewEvent) {
+        (
+            "s".to_owned(),
+            NewEvent {
+                event_type: "T".into(),
+                event_version: 1,
+                event_id: id.into(),
+                data: "{}".into(),
+                metadata: "{}".into(),
+                occurred_at: None,
+            },
+        )
+    }
+
+    fn log(ids: &[&str]) -> Op {
+        Op::Log {
+            items: ids.iter().map(|id| event(id)).collect(),
+        }
+    }
+
+    fn ids(op: &Op) -> Vec<&str> {
+        match op {
+            Op::Log { items } => items.iter().map(|(_, e)| e.event_id.as_str()).collect(),
+            _ => panic!("a log request"),
+        }
+    }
+
+    #[test]
+    fn a_batch_merges_bus_log_requests_and_splits_their_positions_back() {
+        let b = LogBatch::merge(vec![(7, log(&["a", "b"])), (9, log(&["c"]))])
+            .ok()
+            .unwrap();
+        assert_eq!(
+            (b.requests(), b.tokens(), b.items.len()),
+            (2, vec![7, 9], 3)
+        );
+        assert_eq!(
+            b.split(vec![10, 11, 12]),
+            vec![(7, vec![10, 11]), (9, vec![12])]
+        );
+    }
+
+    #[test]
+    fn a_batch_unmerges_into_confirms_after_an_unconfirmed_commit_else_into_logs() {
+        let b = LogBatch::merge(vec![(7, log(&["a", "b"])), (9, log(&["c"]))])
+            .ok()
+            .unwrap();
+        let back = b.unmerge(Some(vec![10, 11, 12]));
+        assert!(
+            matches!(&back[..], [(7, Op::Confirm(p)), (9, Op::Confirm(q))] if *p == [10, 11] && *q == [12])
+        );
+        let b = LogBatch::merge(vec![(7, log(&["a", "b"])), (9, log(&["c"]))])
+            .ok()
+            .unwrap();
+        let back = b.unmerge(None);
+        assert_eq!(
+            back.iter().map(|(t, op)| (*t, ids(op))).collect::<Vec<_>>(),
+            vec![(7, vec!["a", "b"]), (9, vec!["c"])]
+        );
+    }
+
+    #[test]
+    fn requests_without_a_future_or_of_another_kind_are_handed_back_as_they_were() {
+        for ops in [
+            vec![(7, log(&["a"])), (0, log(&["b"]))],
+            vec![(7, log(&["a"])), (8, Op::Confirm(vec![1]))],
+            vec![],
+        ] {
+            let n = ops.len();
+            let back = LogBatch::merge(ops).err().expect("not merged");
+            assert_eq!(back.len(), n);
+        }
     }
 }

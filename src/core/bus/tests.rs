@@ -607,6 +607,38 @@ fn a_dead_letter_with_park_parks_its_key_for_its_subscription_only() {
 }
 
 #[test]
+fn a_failed_call_is_counted_everywhere_then_as_its_verdict() {
+    let mut e = idle(1, 0);
+    let sub = e.subscribe(Matcher::for_str("Paid").unwrap(), 0, "billing", ());
+    let paid = e.stats.type_counters("Paid");
+    e.call_failed(2_000_000, "Paid", &paid, &sub, Failed::Retry);
+    e.call_failed(
+        4_000_000,
+        "Paid",
+        &paid,
+        &sub,
+        Failed::DeadLetter { park: Some(42) },
+    );
+    e.parked_behind(&sub);
+    let s = &e.stats;
+    assert_eq!((s.failed, s.retried, s.dead_lettered), (2, 1, 2));
+    assert_eq!(s.latency.count(), 2, "both calls are timed");
+    assert_eq!(
+        s.failures_by_pair(),
+        vec![("Paid".to_owned(), "billing".to_owned(), 2)]
+    );
+    assert_eq!(paid.failed.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let c = &sub.counters;
+    let read = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (read(&c.failed), read(&c.retried), read(&c.dead_lettered)),
+        (2, 1, 2)
+    );
+    assert!(e.is_parked(sub.id, 42));
+    assert!(!e.is_parked(sub.id, 43));
+}
+
+#[test]
 fn a_dead_letter_without_park_parks_nothing() {
     let mut e = idle(1, 0);
     e.dead_lettered(None);

@@ -31,7 +31,7 @@ use crate::python::errors;
 use crate::python::events;
 use crate::python::futures::{fail, resolve_all};
 use crate::python::retry::PyRetryPolicy;
-use crate::python::route::{Handler, Route};
+use crate::python::route::Handler;
 use crate::python::store::PyStoreCore;
 
 use intake::current_thread;
@@ -185,15 +185,7 @@ impl PyBusCore {
             }
             return Ok(false);
         }
-        let route = Route {
-            class: full.class.clone_ref(py),
-            subs: vec![sub],
-            skip: None,
-            type_key: full.type_key.clone(),
-            mro: full.mro.clone(),
-            key_read: full.key_read.clone_ref(py),
-            counters: Arc::clone(&full.counters),
-        };
+        let route = full.narrowed(py, vec![sub]);
         let env = Arc::clone(&item.item);
         let origin = match (correlation_id, causation_id) {
             (Some(c), Some(cause)) => Origin::Child(c, cause),

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use rustc_hash::FxHashMap;
 
 use crate::core::health;
 use crate::python::envelope::{self, EnvData, Origin};
 use crate::python::errors;
 use crate::python::events;
-use crate::python::route::{Names, Route};
+use crate::python::route::Route;
 
 use super::state::{PyBusCore, Queued};
 
@@ -38,8 +37,9 @@ impl PyBusCore {
         let by_key = {
             let inner = self.inner.lock(py);
             let by_key = inner.engine.router.needs_type_key();
-            if !by_key && !is_dict && inner.routes_gen == inner.engine.router.generation() {
-                if let Some(r) = inner.routes.get(&(ty_id, None)).map(Arc::clone) {
+            if !by_key && !is_dict {
+                let generation = inner.engine.router.generation();
+                if let Some(r) = inner.routes.get(&(ty_id, None), generation).map(Arc::clone) {
                     drop(inner);
                     // The subscriptions cannot change meanwhile: that takes the GIL.
                     drop(self.last_route.replace(py, Some((ty_id, Arc::clone(&r)))));
@@ -56,10 +56,11 @@ impl PyBusCore {
         let cache_key = (ty_id, type_key);
         if cache_key.1.is_some() {
             let inner = self.inner.lock(py);
-            if inner.routes_gen == inner.engine.router.generation() {
-                if let Some(r) = inner.routes.get(&cache_key) {
-                    return Ok(Arc::clone(r));
-                }
+            if let Some(r) = inner
+                .routes
+                .get(&cache_key, inner.engine.router.generation())
+            {
+                return Ok(Arc::clone(r));
             }
         }
         // Miss: read the class outside the lock (Python code may run), then resolve under it.
@@ -72,33 +73,14 @@ impl PyBusCore {
         let mut inner = self.inner.lock(py);
         // Stale routes are dropped once the lock is released: the last reference to an
         // unsubscribed handler may go with them, and its finalizer is Python code.
-        let mut stale = FxHashMap::default();
-        if inner.routes_gen != inner.engine.router.generation() {
-            std::mem::swap(&mut inner.routes, &mut stale);
-            inner.routes_gen = inner.engine.router.generation();
-        }
-        let subs = inner.engine.router.resolve(&key_name, &mro);
-        inner
+        let generation = inner.engine.router.generation();
+        let stale = inner.routes.renew(generation);
+        let plan = inner
             .engine
-            .stats
-            .routed(&key_name, subs.iter().map(|s| &s.name));
-        let skip = self.progress.get().map(|_| {
-            let out: Names = inner
-                .engine
-                .router
-                .iter()
-                .filter(|s| !subs.iter().any(|m| m.id == s.id))
-                .map(|s| Arc::clone(&s.name))
-                .collect();
-            (Arc::from(key_name.as_str()), out)
-        });
+            .plan(key_name, mro, self.progress.get().is_some());
         let route = Arc::new(Route {
+            plan,
             class: ty.into_any().unbind(),
-            subs,
-            skip: skip.filter(|(_, out)| !out.is_empty()),
-            counters: inner.engine.stats.type_counters(&key_name),
-            type_key: key_name,
-            mro,
             key_read,
         });
         inner.routes.insert(cache_key, Arc::clone(&route));
@@ -190,15 +172,7 @@ impl PyBusCore {
                 full.type_key
             )));
         }
-        Ok(Route {
-            class: full.class.clone_ref(py),
-            subs,
-            skip: None,
-            type_key: full.type_key.clone(),
-            mro: full.mro.clone(),
-            key_read: full.key_read.clone_ref(py),
-            counters: Arc::clone(&full.counters),
-        })
+        Ok(full.narrowed(py, subs))
     }
 }
 

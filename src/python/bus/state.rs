@@ -11,6 +11,7 @@ use rustc_hash::FxHashMap;
 
 use crate::core::bus::{Engine, Settings};
 use crate::core::health::Probe;
+use crate::core::plan::Cache;
 use crate::core::retry::RetryPolicy;
 use crate::core::routing::Matcher;
 use crate::python::envelope::EnvData;
@@ -36,8 +37,7 @@ pub(super) struct Waiter {
 pub struct Inner {
     /// Run state, admission, lanes, idle workers, drain waiters, parking, counters.
     pub engine: BusEngine,
-    pub(super) routes: FxHashMap<(usize, Option<String>), Arc<Route>>,
-    pub(super) routes_gen: u64,
+    pub(super) routes: Cache<Route>,
     pub(super) waiters: Vec<Waiter>,
     pub(super) next_waiter: u64,
     /// The futures of publishers given room, by token (see `admit_blocked`).
@@ -109,8 +109,7 @@ impl Inner {
     fn new(settings: Settings) -> Self {
         Self {
             engine: Engine::new(settings),
-            routes: FxHashMap::default(),
-            routes_gen: 0,
+            routes: Cache::default(),
             waiters: Vec::new(),
             next_waiter: 1,
             held: FxHashMap::default(),

@@ -13,7 +13,7 @@ use pyo3::types::PyList;
 use crate::python::completion::{Completions, PyResolver};
 use crate::python::errors::to_py;
 use crate::python::futures::Outcome;
-use crate::store::now::Logged;
+use crate::store::now::{LogBatch, Logged};
 use crate::store::pacing::Pacing;
 use crate::store::writer::{Op, Reply, Sink, Writer};
 
@@ -90,57 +90,23 @@ impl PyFlusher {
     /// requests in it, earlier bus-log requests still unsettled, futures of another loop, the
     /// writer busy, or an error (the writer thread then runs it, isolating the failing
     /// request).
-    fn commit_now(&self, py: Python<'_>, mut ops: Vec<(u64, Op)>) -> Result<(), Vec<(u64, Op)>> {
-        let all_logs = !ops.is_empty()
-            && ops
-                .iter()
-                .all(|(t, op)| *t != 0 && matches!(op, Op::Log { .. }));
-        if !all_logs || self.pacing.waiting.load(Relaxed) != ops.len() {
-            return Err(ops);
-        }
-        let Ok(loop_) = Completions::running_loop(py) else {
-            return Err(ops);
-        };
-        let tokens: Vec<u64> = ops.iter().map(|(t, _)| *t).collect();
-        if !self.completions.all_on(&tokens, &loop_) {
-            return Err(ops);
-        }
-        let mut counts = Vec::with_capacity(ops.len());
-        let mut items = Vec::new();
-        for (_, op) in &mut ops {
-            if let Op::Log { items: part } = op {
-                counts.push(part.len());
-                items.append(part);
-            }
+    fn commit_now(&self, py: Python<'_>, ops: Vec<(u64, Op)>) -> Result<(), Vec<(u64, Op)>> {
+        let batch = LogBatch::merge(ops)?;
+        let tokens = batch.tokens();
+        let mine = self.pacing.waiting.load(Relaxed) == batch.requests()
+            && Completions::running_loop(py)
+                .is_ok_and(|loop_| self.completions.all_on(&tokens, &loop_));
+        if !mine {
+            return Err(batch.unmerge(None));
         }
         let writer = &self.writer;
-        let logged = py.detach(|| writer.log_now(&items));
-        let positions = match logged {
+        let positions = match py.detach(|| writer.log_now(&batch.items)) {
             Some(Ok(Logged::Positions(p))) => p,
-            Some(Ok(Logged::Unconfirmed(p))) => {
-                // The writer thread checks (and saves) the WAL before they are acknowledged.
-                let mut rest = p.into_iter();
-                return Err(tokens
-                    .into_iter()
-                    .zip(counts)
-                    .map(|(t, n)| (t, Op::Confirm(rest.by_ref().take(n).collect())))
-                    .collect());
-            }
-            Some(Err(_)) | None => {
-                let mut rest = items.into_iter();
-                return Err(tokens
-                    .into_iter()
-                    .zip(counts)
-                    .map(|(t, n)| {
-                        let items = rest.by_ref().take(n).collect();
-                        (t, Op::Log { items })
-                    })
-                    .collect());
-            }
+            // The writer thread checks (and saves) the WAL before they are acknowledged.
+            Some(Ok(Logged::Unconfirmed(p))) => return Err(batch.unmerge(Some(p))),
+            Some(Err(_)) | None => return Err(batch.unmerge(None)),
         };
-        let mut rest = positions.into_iter();
-        for (t, n) in tokens.into_iter().zip(counts) {
-            let part: Vec<i64> = rest.by_ref().take(n).collect();
+        for (t, part) in batch.split(positions) {
             match PyList::new(py, part) {
                 Ok(list) => self.completions.resolve_now(py, t, list.as_any()),
                 Err(e) => self.completions.fail_now(py, t, &e),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 
 use super::{is_cancelled_error, Current, Finished, Kind, PyWorker, State};
+use crate::core::bus::Failed;
 use crate::core::dispatch::Verdict;
 use crate::core::stats::bump;
 use crate::python::envelope::PyEnvelope;
@@ -104,17 +105,14 @@ impl PyWorker {
         } else {
             let mut inner = core.inner.lock(py);
             st.pending.flush(&mut inner);
-            inner.engine.record_call(ns, false);
-            inner.engine.stats.call_failed(&route.type_key, &sub.name);
-            bump(&route.counters.failed, 1);
-            bump(&sub.counters.failed, 1);
-            if retry {
-                inner.engine.retry_decided();
-                bump(&sub.counters.retried, 1);
+            let verdict = if retry {
+                Failed::Retry
             } else {
-                inner.engine.dead_lettered(park_key.map(|h| (sub.id, h)));
-                bump(&sub.counters.dead_lettered, 1);
-            }
+                Failed::DeadLetter { park: park_key }
+            };
+            inner
+                .engine
+                .call_failed(ns, &route.type_key, &route.counters, sub, verdict);
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
         if let Some(hook) = hook {
@@ -200,10 +198,9 @@ impl PyWorker {
         let cur = st.cur.as_mut().expect("an event is current");
         let route = Arc::clone(cur.env.route());
         let sub = &route.subs[cur.delivery.sub()];
-        bump(&sub.counters.dead_lettered, 1);
         let hook = {
             let mut inner = self.core().inner.lock(py);
-            inner.engine.dead_lettered(None);
+            inner.engine.parked_behind(sub);
             inner.after_call.as_ref().map(|h| h.clone_ref(py))
         };
         cur.delivery.skipped();

@@ -295,9 +295,12 @@ def test_seed_6_health_reports_memory_and_cpu_without_psutil() -> None:
     assert cpu == pytest.approx(measured, abs=12.0)
 
 
-def _wakeups(threads: set[str] | None = None) -> dict[str, int]:
-    """Context switches so far of this process's threads (or of ``threads``), by thread id:
-    a thread that sleeps on a future or a queue adds none; one that polls adds one per poll."""
+def _threads(threads: set[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Per thread of this process (or of ``threads``), by thread id: its voluntary context
+    switches so far (a thread that sleeps on a future or a queue adds none while it sleeps; one
+    that polls adds one per poll) and its CPU time in clock ticks (one that spins burns it).
+    Switches forced by the scheduler are not counted: on a busy machine they come with any
+    thread that runs at all, idle bus or not."""
     out = {}
     for tid in os.listdir("/proc/self/task"):
         if threads is not None and tid not in threads:
@@ -305,9 +308,12 @@ def _wakeups(threads: set[str] | None = None) -> dict[str, int]:
         try:
             with open(f"/proc/self/task/{tid}/status") as f:
                 fields = dict(line.split(":\t", 1) for line in f if ":\t" in line)
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
         except FileNotFoundError:  # the thread ended meanwhile
             continue
-        out[tid] = int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+        # stat after the command: state is field 3, utime and stime fields 14 and 15.
+        out[tid] = (int(fields["voluntary_ctxt_switches"]), int(stat[11]) + int(stat[12]))
     return out
 
 
@@ -319,7 +325,7 @@ async def test_seed_8_idle_bus_uses_almost_no_cpu(options: dict[str, Any]) -> No
     # every 50 ms, would wake up ten times or more.
     if not os.path.isdir("/proc/self/task"):
         unavailable("counting thread wake-ups needs Linux's /proc/self/task")
-    before_bus = set(_wakeups())
+    before_bus = set(_threads())
     bus = EventBus(**options)
 
     async def handler(event: SampleEvent) -> None:
@@ -335,7 +341,7 @@ async def test_seed_8_idle_bus_uses_almost_no_cpu(options: dict[str, Any]) -> No
         await bus.publish(SampleEvent())  # workers have run once and gone idle
         await bus.drain()
         loop_thread = str(threading.get_native_id())
-        watched = (set(_wakeups()) - before_bus) | {loop_thread}
+        watched = (set(_threads()) - before_bus) | {loop_thread}
         if options.get("sync_handlers") == "thread":
             assert len(watched) >= 2, "the thread pool's thread was not found"
         # A task that spins (yields to the loop at once) makes the loop turn without the
@@ -350,15 +356,19 @@ async def test_seed_8_idle_bus_uses_almost_no_cpu(options: dict[str, Any]) -> No
             return select(timeout)
 
         selector.select = counted_select
-        start = _wakeups(watched)
+        start = _threads(watched)
         try:
             await asyncio.sleep(0.5)  # sleep-ok: a deliberate idle period to count wake-ups over
         finally:
-            end = _wakeups(watched)
+            end = _threads(watched)
             del selector.select
     finally:
         await bus.stop()
-    woke = {tid: end[tid] - n for tid, n in start.items() if tid in end}
+    woke = {tid: end[tid][0] - n for tid, (n, _) in start.items() if tid in end}
+    ticks = {tid: end[tid][1] - t for tid, (_, t) in start.items() if tid in end}
     # The loop turns and wakes once for the sleep above; allow one more of each.
     assert turns <= 2, f"the loop turned {turns} times over an idle 0.5 s"
     assert sum(woke.values()) <= 2, f"wake-ups per thread over an idle 0.5 s: {woke}"
+    # A thread spinning without sleeping would burn the whole 0.5 s (~50 ticks of 10 ms).
+    tick = os.sysconf("SC_CLK_TCK")
+    assert sum(ticks.values()) <= tick // 20, f"CPU ticks (1/{tick} s) per thread over an idle 0.5 s: {ticks}"

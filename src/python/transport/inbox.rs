@@ -1,8 +1,15 @@
 //! Items received on a transport thread, handed to the asyncio loop a batch at a time.
+//!
+//! The target (the loop and its owner's callback, a bound method of the Python object that
+//! holds the core owning this inbox) closes a cycle until `stop()` forgets it: the core that
+//! owns the inbox shows it to the garbage collector (`traverse`) and forgets it when told, or
+//! when the core goes (`clear`). The transport's tasks share the inbox and may outlive the
+//! core for a while: without the `clear` on drop they would keep the loop alive meanwhile.
 
 use parking_lot::Mutex;
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::python::runtime;
 
@@ -61,5 +68,25 @@ impl<T> Inbox<T> {
         // The old target is dropped after the lock is released: a drop may run Python.
         let old = std::mem::replace(&mut *self.target.lock(), target);
         drop(old);
+    }
+
+    /// Visits the target's loop and callback, for the `__traverse__` of the core that owns
+    /// this inbox. Every holder of the lock holds the GIL (which the collector holds now) and
+    /// runs no Python under it, so it is free; were it not, nothing is visited, which only
+    /// delays a collection. `visit` runs no Python code.
+    pub fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(target) = self.target.try_lock() {
+            if let Some((loop_, callback)) = target.as_ref() {
+                visit.call(loop_)?;
+                visit.call(callback)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the target, for the `__clear__` and the drop of the core that owns this inbox:
+    /// items that arrive later wait here, scheduled nowhere.
+    pub fn clear(&self) {
+        self.set_target(None);
     }
 }

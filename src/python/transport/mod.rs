@@ -19,6 +19,7 @@ use std::sync::Arc;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
+use pyo3::{PyTraverseError, PyVisit};
 
 pub use amqp_bridge::PyAmqpBridgeCore;
 pub use bridge::PyBridgeCore;
@@ -172,6 +173,13 @@ pub struct PyTransportCore {
     inbox: Arc<Inbox<Message>>,
 }
 
+impl Drop for PyTransportCore {
+    /// The transport's tasks hold the inbox until they end: the loop and the callback go now.
+    fn drop(&mut self) {
+        self.inbox.clear();
+    }
+}
+
 /// An event to publish: encoded, with its key's canonical text (refused here, before anything
 /// is sent, if a consumer could not read the key back).
 fn outgoing(
@@ -227,6 +235,21 @@ impl PyTransportCore {
 
 #[pymethods]
 impl PyTransportCore {
+    /// What the garbage collector follows from a transport's core: the loop and the callback
+    /// its deliveries are handed to (a method of the bus's broker backend, which holds this
+    /// core). Until `stop()` forgets them they close a cycle, so a bus left running when its
+    /// loop ended kept itself, its loop and its connection alive for ever.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.inbox.traverse(&visit)
+    }
+
+    /// Breaks that cycle: the callback is forgotten (the collector found the bus unreachable,
+    /// so nothing could await its transport any more; the transport stops once this core is
+    /// dropped).
+    fn __clear__(&self) {
+        self.inbox.clear();
+    }
+
     /// Redis Streams with `settings` (`oxbus.RedisStreams.native()`) -> awaitable of a
     /// connected `TransportCore`.
     #[staticmethod]

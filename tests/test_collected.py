@@ -4,10 +4,10 @@ one of them, their handlers and their loops for ever. The engine's core holds Py
 the garbage collector must see (src/python/bus/mod.rs `__traverse__`): its loop, its hooks
 (one of them refers back to the bus), its handlers (which often refer to the bus).
 
-The same holds of a bus on a broker (Redis Streams, RabbitMQ), stopped or left running when
-its loop ended: its transport's core holds the loop and the callback its messages go to (a
-method of the object that holds that core) until `stop()`, so it shows them to the collector
-and lets go of them when cleared or dropped
+The same holds of a bus on a broker (Redis Streams, RabbitMQ) and of a bridge (Redis Pub/Sub,
+AMQP), stopped or left running when their loop ended: their transport's core holds the loop
+and the callback its messages go to (a method of the object that holds that core) until
+`stop()`, so it shows them to the collector and lets go of them when cleared or dropped
 (src/python/transport/inbox.rs). And of a store used without a bus (its core holds the futures
 of its requests and, through them, their loop). The broker cases talk to the Redis on
 127.0.0.1:6379 and the RabbitMQ on 127.0.0.1:5672: skipped when unreachable, except under
@@ -28,7 +28,7 @@ import pytest
 from _env import unavailable
 from _redis import URL as REDIS_URL
 from _redis import Resp, redis_ping
-from oxbus import DomainEvent, EventBus, SqliteEventStore
+from oxbus import AmqpBridge, DomainEvent, EventBus, RedisPubSubBridge, SqliteEventStore
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
 
@@ -134,8 +134,8 @@ class Relayed(DomainEvent):
 
 
 def _collected_after(run: Callable[[], Any]) -> tuple[int, int]:
-    """Runs ``run()`` (a coroutine function making one bus or store) in three loops one after
-    the other -> how many of what it made and of the loops are alive after a collection."""
+    """Runs ``run()`` (a coroutine function making one bus, bridge or store) in three loops one
+    after the other -> how many of what it made and of the loops are alive after a collection."""
     loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
     made: list[weakref.ref[Any]] = []
 
@@ -230,6 +230,44 @@ def test_a_bus_on_rabbitmq_and_its_loop_are_collected(stop: bool) -> None:
     finally:
         asyncio.run(_delete_rabbit(exchanges, "g"))
     assert alive == (0, 0), f"buses and loops still alive after they ended: {alive}"
+
+
+def _reachable(port: int, what: str) -> None:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError as e:
+        unavailable(f"{what} at 127.0.0.1:{port} is unreachable ({e})")
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["stopped", "left_running"])
+@pytest.mark.parametrize("kind", ["redis_pubsub", "amqp"])
+def test_a_bridge_its_bus_and_their_loop_are_collected(kind: str, stop: bool) -> None:
+    # The bridge's core holds its message callback (-> the bridge -> that core) until
+    # stop(): left running, kept for ever before the core showed it to the collector.
+    _reachable(6379 if kind == "redis_pubsub" else 5672, kind)
+    tag = uuid.uuid4().hex[:12]
+
+    async def use() -> Any:
+        bus = EventBus()
+        bridge: Any
+        if kind == "redis_pubsub":
+            bridge = RedisPubSubBridge(bus, REDIS_URL)
+            bridge.subscribe_channel(f"oxbus-test-in:{tag}", to=None)
+            bridge.publish_to(f"oxbus-test-out:{tag}", Happened)
+        else:
+            bridge = AmqpBridge(bus, RABBIT_URL)  # the default exchange drops unroutable ones
+            bridge.publish_to("", f"oxbus-test-nowhere.{tag}", Happened)
+        await bus.start()
+        await bridge.start()
+        await bus.publish(Happened(0))  # out through the bridge
+        await bus.drain(10)
+        if stop:
+            await bridge.stop()
+            await bus.stop(timeout=10)
+        return bridge
+
+    alive = _collected_after(use)
+    assert alive == (0, 0), f"bridges and loops still alive after they ended: {alive}"
 
 
 def test_a_closed_store_used_without_a_bus_and_its_loop_are_collected(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use pyo3::{PyTraverseError, PyVisit};
 
 use super::inbox::Inbox;
 use super::PySink;
@@ -33,8 +34,29 @@ fn seconds(name: &str, v: f64) -> PyResult<Duration> {
     }
 }
 
+impl Drop for PyAmqpBridgeCore {
+    /// The bridge's tasks hold the inbox until they end: the loop and the callback go now.
+    fn drop(&mut self) {
+        self.inbox.clear();
+    }
+}
+
 #[pymethods]
 impl PyAmqpBridgeCore {
+    /// What the garbage collector follows from a bridge's core: the loop and the callback its
+    /// messages are handed to (a method of the `oxbus.AmqpBridge` holding this core).
+    /// Until `stop()` forgets them they close a cycle, so a bridge left running when its loop
+    /// ended kept itself, its bus and its loop alive for ever.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.inbox.traverse(&visit)
+    }
+
+    /// Breaks that cycle: the callback is forgotten (the bridge stops once this core is
+    /// dropped).
+    fn __clear__(&self) {
+        self.inbox.clear();
+    }
+
     /// Connects, checks that `queues` exist and consumes them (on the shared runtime) ->
     /// awaitable of a running `AmqpBridgeCore`.
     #[staticmethod]

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use pyo3::prelude::*;
+use pyo3::{PyTraverseError, PyVisit};
 
 use super::inbox::Inbox;
 use crate::python::errors::to_py;
@@ -25,8 +26,29 @@ pub struct PyBridgeCore {
     inbox: Arc<Inbox<(String, String)>>,
 }
 
+impl Drop for PyBridgeCore {
+    /// The bridge's tasks hold the inbox until they end: the loop and the callback go now.
+    fn drop(&mut self) {
+        self.inbox.clear();
+    }
+}
+
 #[pymethods]
 impl PyBridgeCore {
+    /// What the garbage collector follows from a bridge's core: the loop and the callback its
+    /// messages are handed to (a method of the `oxbus.RedisPubSubBridge` holding this core).
+    /// Until `stop()` forgets them they close a cycle, so a bridge left running when its loop
+    /// ended kept itself, its bus and its loop alive for ever.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.inbox.traverse(&visit)
+    }
+
+    /// Breaks that cycle: the callback is forgotten (the bridge stops once this core is
+    /// dropped).
+    fn __clear__(&self) {
+        self.inbox.clear();
+    }
+
     /// Connects and subscribes (on the shared runtime) -> awaitable of a running `BridgeCore`.
     #[staticmethod]
     fn connect(py: Python<'_>, url: String, channels: Vec<String>) -> PyResult<Bound<'_, PyAny>> {

@@ -89,6 +89,7 @@ pub(super) fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sin
                 }
             }
         }
+        let working = Instant::now();
         let mut c = core.lock();
         let Some(Core { log, known, guard }) = &mut *c else {
             break;
@@ -117,7 +118,7 @@ pub(super) fn run(core: &Mutex<Option<Core>>, rx: &Receiver<Msg>, sink: &dyn Sin
         results.extend(refused);
         if !results.is_empty() {
             sink.deliver(results);
-            spin.answered();
+            spin.answered(working.elapsed());
         }
         // After the results: they never wait for it. Under the core's lock, so no commit on
         // the asyncio thread (`log_now`, which only ever tries the lock) lands meanwhile.
@@ -232,32 +233,36 @@ fn log_group(
     }
 }
 
-/// How long the writer looks for the next request after answering a batch, before it sleeps.
+/// The longest the writer looks for the next request after answering a batch.
 const SPIN: Duration = Duration::from_micros(500);
 
-/// Whether the writer looks for the next request before it sleeps. Publishers whose commits
-/// were just answered usually send the next within a loop turn; looking for it (yielding the
-/// CPU between looks) spares the writer the wake-up from a sleep, a futex wake and a
-/// reschedule of tens of µs per commit here (`synchronous="full"`, 8 tasks: +16%, one task
-/// +5%, `bench_durable.py`). It looks only while that pays: after a batch, when the last
-/// request came within `SPIN` of the answer before it; a bus with requests further apart
-/// (or idle) never spins.
+/// Whether, and how long, the writer looks for the next request before it sleeps. Publishers
+/// whose commits were just answered usually send the next within a loop turn; looking for it
+/// (yielding the CPU between looks) spares the writer the wake-up from a sleep, a futex wake
+/// and a reschedule of tens of µs per commit here (`synchronous="full"`, 8 tasks: +9-16%, one
+/// task +4-5%, `bench_durable.py`). It looks only while that pays (the last request came
+/// within the look of the answer before it), and never longer than the answered batch took
+/// to write (nor `SPIN`): looking costs at most as much CPU as the writing it speeds up, and
+/// a bus with requests further apart, or idle, never spins.
 #[derive(Default)]
 struct Spin {
     /// When the last batch was answered (None once a request came after it).
     answered: Option<Instant>,
-    /// The last request came within `SPIN` of the answer before it.
+    /// How long to look after that answer: what the batch took to write, at most `SPIN`.
+    window: Duration,
+    /// The last request came within the look of the answer before it.
     pays: bool,
 }
 
 impl Spin {
-    /// A batch was answered.
-    fn answered(&mut self) {
+    /// A batch that took `work` to write was answered.
+    fn answered(&mut self, work: Duration) {
         self.answered = Some(Instant::now());
+        self.window = work.min(SPIN);
     }
 
-    /// The next request, when it comes within `SPIN` of the last answer and looking pays;
-    /// None (after looking or not) otherwise: the caller then sleeps on the channel.
+    /// The next request, when looking pays and it comes within the window; None (after
+    /// looking or not) otherwise: the caller then sleeps on the channel.
     fn next(&mut self, rx: &Receiver<Msg>) -> Option<Msg> {
         let answered = self.answered.filter(|_| self.pays)?;
         loop {
@@ -265,7 +270,7 @@ impl Spin {
                 self.answered = None;
                 return Some(m);
             }
-            if answered.elapsed() >= SPIN {
+            if answered.elapsed() >= self.window {
                 self.pays = false;
                 return None;
             }
@@ -274,10 +279,10 @@ impl Spin {
     }
 
     /// The writer woke from a sleep on the channel: looking would have paid if that came
-    /// within `SPIN` of the last answer.
+    /// within the window of the last answer.
     fn woke(&mut self) {
         if let Some(answered) = self.answered.take() {
-            self.pays = answered.elapsed() < SPIN;
+            self.pays = answered.elapsed() < self.window;
         }
     }
 }
@@ -294,25 +299,33 @@ mod tests {
         assert!(spin.next(&rx).is_none());
         // Answered, and the next request came soon after, while the writer slept: looking
         // pays from now on.
-        spin.answered();
+        spin.answered(SPIN);
         tx.send(Msg::Wake).unwrap();
         assert!(spin.next(&rx).is_none(), "not before it is known to pay");
         assert!(matches!(rx.try_recv(), Ok(Msg::Wake))); // what the sleep would take
         spin.woke();
         assert!(spin.pays);
         // Answered again: the next request is taken without a sleep.
-        spin.answered();
+        spin.answered(SPIN);
         tx.send(Msg::Close).unwrap();
         assert!(matches!(spin.next(&rx), Some(Msg::Close)));
         assert!(spin.pays);
         // Answered, and nothing comes: it gives up after `SPIN` and stops looking.
-        spin.answered();
+        spin.answered(SPIN);
         let started = Instant::now();
         assert!(spin.next(&rx).is_none());
         assert!(started.elapsed() >= SPIN);
         assert!(!spin.pays);
-        spin.answered();
+        spin.answered(SPIN);
         assert!(spin.next(&rx).is_none(), "no looking once it did not pay");
+        // A batch written quickly is looked after only as long as it took.
+        spin.pays = true;
+        spin.answered(Duration::from_micros(20));
+        assert_eq!(spin.window, Duration::from_micros(20));
+        assert!(spin.next(&rx).is_none());
+        assert!(!spin.pays);
+        spin.answered(SPIN * 4);
+        assert_eq!(spin.window, SPIN, "never longer than SPIN");
         // A request long after the answer keeps it off.
         std::thread::sleep(SPIN * 2);
         tx.send(Msg::Wake).unwrap();

@@ -200,6 +200,13 @@ def test_a_bus_on_redis_streams_and_its_loop_are_collected(stop: bool) -> None:
     assert alive == (0, 0), f"buses and loops still alive after they ended: {alive}"
 
 
+def _reachable(port: int, what: str) -> None:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError as e:
+        unavailable(f"{what} at 127.0.0.1:{port} is unreachable ({e})")
+
+
 async def _delete_rabbit(exchanges: list[str], group: str) -> None:
     aio_pika = pytest.importorskip("aio_pika", reason="aio-pika (a test dependency) is missing")
     conn = await aio_pika.connect(RABBIT_URL)
@@ -214,10 +221,7 @@ async def _delete_rabbit(exchanges: list[str], group: str) -> None:
 
 @pytest.mark.parametrize("stop", [True, False], ids=["stopped", "left_running"])
 def test_a_bus_on_rabbitmq_and_its_loop_are_collected(stop: bool) -> None:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
-    except OSError as e:
-        unavailable(f"RabbitMQ at 127.0.0.1:5672 is unreachable ({e})")
+    _reachable(5672, "RabbitMQ")
     exchanges: list[str] = []
 
     def make() -> EventBus:
@@ -230,13 +234,6 @@ def test_a_bus_on_rabbitmq_and_its_loop_are_collected(stop: bool) -> None:
     finally:
         asyncio.run(_delete_rabbit(exchanges, "g"))
     assert alive == (0, 0), f"buses and loops still alive after they ended: {alive}"
-
-
-def _reachable(port: int, what: str) -> None:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except OSError as e:
-        unavailable(f"{what} at 127.0.0.1:{port} is unreachable ({e})")
 
 
 @pytest.mark.parametrize("stop", [True, False], ids=["stopped", "left_running"])

@@ -16,5 +16,6 @@ pub mod report;
 pub mod retry;
 pub mod routing;
 pub mod stats;
+pub mod watch;
 
 pub use errors::{CoreError, Result};

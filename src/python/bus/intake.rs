@@ -95,27 +95,26 @@ impl PyBusCore {
             return;
         }
         let route = Arc::clone(env.route());
-        let waiters = std::mem::take(&mut self.inner.lock(py).waiters);
-        let mut keep = Vec::with_capacity(waiters.len());
+        let hit = self
+            .inner
+            .lock(py)
+            .waiters
+            .take_matching(&route.type_key, &route.mro);
+        let mut declined = Vec::new();
         let event = env.event_ref().bind(py);
-        for w in waiters {
-            if !w.matcher.matches(&route.type_key, &route.mro) {
-                keep.push(w);
-                continue;
-            }
-            let hit = match &w.predicate {
+        for w in hit {
+            let hit = match &w.payload.predicate {
                 None => Ok(true),
                 Some(p) => p.bind(py).call1((event,)).and_then(|r| r.is_truthy()),
             };
             match hit {
-                Ok(true) => resolve(py, &w.fut, event),
-                Ok(false) => keep.push(w),
-                Err(e) => fail(py, &w.fut, &e),
+                Ok(true) => resolve(py, &w.payload.fut, event),
+                Ok(false) => declined.push(w),
+                Err(e) => fail(py, &w.payload.fut, &e),
             }
         }
         let mut inner = self.inner.lock(py);
-        keep.append(&mut inner.waiters);
-        inner.waiters = keep;
+        inner.waiters.put_back(declined);
         self.waiter_count.store(inner.waiters.len(), Relaxed);
     }
 

@@ -35,7 +35,7 @@ use crate::python::route::Handler;
 use crate::python::store::PyStoreCore;
 
 use intake::current_thread;
-use state::{BusEngine, Waiter};
+use state::{BusEngine, Waiting};
 pub use state::{Inner, PyBusCore};
 
 #[pymethods]
@@ -482,14 +482,7 @@ impl PyBusCore {
     ) -> PyResult<u64> {
         let matcher = events::matcher_for(target)?;
         let mut inner = self.inner.lock(py);
-        let id = inner.next_waiter;
-        inner.next_waiter += 1;
-        inner.waiters.push(Waiter {
-            id,
-            matcher,
-            predicate,
-            fut,
-        });
+        let id = inner.waiters.add(matcher, Waiting { predicate, fut });
         self.waiter_count.store(inner.waiters.len(), Relaxed);
         Ok(id)
     }
@@ -497,13 +490,10 @@ impl PyBusCore {
     /// Forgets a `wait_for` (after it resolved or timed out).
     fn remove_waiter(&self, py: Python<'_>, id: u64) {
         let mut inner = self.inner.lock(py);
-        // Its predicate and future are dropped after the lock (a finalizer is Python code).
-        let (gone, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut inner.waiters)
-            .into_iter()
-            .partition(|w| w.id == id);
-        inner.waiters = kept;
+        let gone = inner.waiters.remove(id);
         self.waiter_count.store(inner.waiters.len(), Relaxed);
         drop(inner);
+        // Its predicate and future are dropped after the lock (a finalizer is Python code).
         drop(gone);
     }
 

@@ -13,7 +13,7 @@ use crate::core::bus::{Engine, Settings};
 use crate::core::health::Probe;
 use crate::core::plan::Cache;
 use crate::core::retry::RetryPolicy;
-use crate::core::routing::Matcher;
+use crate::core::watch::Watches;
 use crate::python::envelope::EnvData;
 use crate::python::route::{Handler, Route};
 use crate::python::sync::{GilCell, GilMutex};
@@ -25,10 +25,8 @@ pub type Queued = crate::core::bus::Queued<Arc<EnvData>>;
 /// The engine of a bus, with the glue's payloads: envelopes, loop futures, handlers.
 pub type BusEngine = Engine<Arc<EnvData>, Py<PyAny>, Handler>;
 
-/// A `wait_for` call: `fut` gets the first accepted event its matcher and predicate accept.
-pub(super) struct Waiter {
-    pub(super) id: u64,
-    pub(super) matcher: Matcher,
+/// What the glue keeps with a `wait_for` call: its predicate and the future it resolves.
+pub(super) struct Waiting {
     pub(super) predicate: Option<Py<PyAny>>,
     pub(super) fut: Py<PyAny>,
 }
@@ -38,8 +36,8 @@ pub struct Inner {
     /// Run state, admission, lanes, idle workers, drain waiters, parking, counters.
     pub engine: BusEngine,
     pub(super) routes: Cache<Route>,
-    pub(super) waiters: Vec<Waiter>,
-    pub(super) next_waiter: u64,
+    /// The `wait_for` calls.
+    pub(super) waiters: Watches<Waiting>,
     /// The futures of publishers given room, by token (see `admit_blocked`).
     pub(super) held: FxHashMap<u64, Py<PyAny>>,
     pub loop_: Option<Py<PyAny>>,
@@ -92,9 +90,9 @@ impl Inner {
         for fut in self.held.values() {
             visit.call(fut)?;
         }
-        for w in &self.waiters {
-            visit.call(&w.predicate)?;
-            visit.call(&w.fut)?;
+        for w in self.waiters.iter() {
+            visit.call(&w.payload.predicate)?;
+            visit.call(&w.payload.fut)?;
         }
         for sub in self.engine.router.iter() {
             let h = &sub.payload;
@@ -110,8 +108,7 @@ impl Inner {
         Self {
             engine: Engine::new(settings),
             routes: Cache::default(),
-            waiters: Vec::new(),
-            next_waiter: 1,
+            waiters: Watches::default(),
             held: FxHashMap::default(),
             loop_: None,
             after_call: None,
